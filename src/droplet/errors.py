@@ -1,0 +1,89 @@
+"""Droplet's exception tree.
+
+Every error a user sees from a public API is one of these; lower-level errors
+(socket errors, ``trio.BrokenResourceError``, exception groups) are translated
+at the boundary with the original kept as ``__cause__``.
+
+The classes live in this public module (not a private one) because they are
+pickled across the wire: their ``__module__`` must import on every peer.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectionError",
+    "DagError",
+    "DropletError",
+    "FunctionError",
+    "ProtocolError",
+    "RegistrationError",
+    "TimeoutError",
+]
+
+
+class DropletError(Exception):
+    """Base class of every error Droplet raises on purpose."""
+
+
+class ConnectionError(DropletError, builtins.ConnectionError):  # noqa: A001
+    """No node answers at an address, or a connection broke mid-request."""
+
+
+class AuthenticationError(DropletError):
+    """The peer refused our credentials, or we refused the peer's."""
+
+
+class RegistrationError(DropletError):
+    """A function could not be registered, loaded or found."""
+
+
+class DagError(DropletError):
+    """A DAG definition or DAG call is invalid (unknown function, cycle, ...)."""
+
+
+class FunctionError(DropletError):
+    """A user function raised.
+
+    Attributes:
+        type_name: qualified name of the original exception type.
+        remote_message: ``str()`` of the original exception.
+        remote_traceback: the traceback text formatted on the executor.
+        function: name of the function that raised (when known).
+    """
+
+    def __init__(
+        self,
+        type_name: str,
+        remote_message: str,
+        remote_traceback: str = "",
+        function: str = "",
+    ) -> None:
+        where = f" in function {function!r}" if function else ""
+        super().__init__(f"{type_name}{where}: {remote_message}")
+        self.type_name = type_name
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        self.function = function
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            type(self),
+            (self.type_name, self.remote_message, self.remote_traceback, self.function),
+        )
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+
+class TimeoutError(DropletError, builtins.TimeoutError):  # noqa: A001
+    """A deadline passed before the result arrived."""
+
+
+class ProtocolError(DropletError):
+    """The peer sent bytes that are not a valid Droplet message."""

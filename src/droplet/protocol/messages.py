@@ -1,0 +1,467 @@
+"""Droplet's messages and their wire encoding.
+
+A message is a frozen attrs class registered under a one-byte tag. On the wire
+(inside one frame)::
+
+    u8 tag | u8 flags | u32 request id | u32 header length | header | blobs
+
+The header is a JSON array of the message's non-``bytes`` fields in order
+(C-accelerated in both directions, which matters on every hop); ``bytes``
+fields travel after it as ``u32 length | raw`` blobs, so pickled arguments and
+lattice frames are never base64'd or copied through a parser. A
+``list[bytes]`` field puts its element count in the header.
+
+Decoding validates every field's type against the class's annotations, so a
+well-formed frame with wrong field types is a ProtocolError here and never
+reaches a service.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+
+from ..errors import ProtocolError
+
+__all__ = ["FLAG_REPLY", "MESSAGES", "decode", "encode"]
+
+FLAG_REPLY = 0x01
+_ENVELOPE = struct.Struct(">BBII")
+_U32 = struct.Struct(">I")
+_json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_json_decode = json.JSONDecoder().decode
+
+MESSAGES: dict[int, type[Any]] = {}
+T = TypeVar("T")
+
+# Per field kind: (is_blob, validator returning the value to store or raising).
+_BLOB_KINDS = {"bytes", "bytes | None", "list[bytes]"}
+
+
+def _is_str_list(v: Any) -> bool:
+    return type(v) is list and all(type(x) is str for x in v)
+
+
+def _check(kind: str) -> Callable[[Any], bool]:
+    return {
+        "str": lambda v: type(v) is str,
+        "int": lambda v: type(v) is int,
+        "bool": lambda v: type(v) is bool,
+        "float": lambda v: type(v) in (float, int),
+        "str | None": lambda v: v is None or type(v) is str,
+        "int | None": lambda v: v is None or type(v) is int,
+        "float | None": lambda v: v is None or type(v) in (float, int),
+        "list[str]": _is_str_list,
+        "list[int]": lambda v: type(v) is list and all(type(x) is int for x in v),
+        "list[list[str]]": lambda v: type(v) is list and all(_is_str_list(x) for x in v),
+        "dict[str, int]": lambda v: type(v) is dict
+        and all(type(x) is int for x in v.values()),
+    }[kind]
+
+
+class _Schema:
+    __slots__ = ("blob_fields", "checks", "cls", "names", "kinds", "header_fields", "tag")
+
+    def __init__(self, cls: type[Any], tag: int) -> None:
+        self.cls = cls
+        self.tag = tag
+        fields = attrs.fields(cls)
+        self.names = [f.name for f in fields]
+        self.kinds = [str(f.type) for f in fields]
+        self.header_fields = [
+            (i, f.name, _check(str(f.type)))
+            for i, f in enumerate(fields)
+            if str(f.type) not in _BLOB_KINDS
+        ]
+        self.blob_fields = [(i, f.name, str(f.type)) for i, f in enumerate(fields)
+                            if str(f.type) in _BLOB_KINDS]
+
+
+def message(tag: int) -> Callable[[type[T]], type[T]]:
+    """Register a frozen attrs class as the message with wire tag ``tag``."""
+
+    def register(cls: type[T]) -> type[T]:
+        if tag in MESSAGES:
+            raise ValueError(f"message tag {tag} already used by {MESSAGES[tag].__name__}")
+        schema = _Schema(cls, tag)
+        cls._schema = schema  # type: ignore[attr-defined]
+        MESSAGES[tag] = cls
+        return cls
+
+    return register
+
+
+def encode(msg: Any, request_id: int = 0, reply: bool = False) -> bytes:
+    """Encode a message into one frame payload (without the length prefix)."""
+    schema: _Schema = msg._schema
+    values = [getattr(msg, name) for name in schema.names]
+    header: list[Any] = []
+    blobs: list[bytes] = []
+    if schema.blob_fields:
+        blob_at = {i: kind for i, _, kind in schema.blob_fields}
+        for i, value in enumerate(values):
+            kind = blob_at.get(i)
+            if kind is None:
+                header.append(value)
+            elif kind == "list[bytes]":
+                header.append(len(value))
+                blobs.extend(value)
+            elif value is None:
+                header.append(None)
+            else:
+                header.append(0)
+                blobs.append(value)
+    else:
+        header = values
+    head = _json_encode(header).encode("utf-8")
+    parts = [_ENVELOPE.pack(schema.tag, FLAG_REPLY if reply else 0, request_id, len(head)), head]
+    for blob in blobs:
+        parts.append(_U32.pack(len(blob)))
+        parts.append(blob)
+    return b"".join(parts)
+
+
+def decode(payload: bytes) -> tuple[Any, int, bool]:
+    """Decode one frame payload into ``(message, request_id, is_reply)``.
+
+    Anything that is not a valid message raises ProtocolError naming the problem.
+    """
+    size = len(payload)
+    if size < _ENVELOPE.size:
+        raise ProtocolError(f"frame of {size} bytes is too short for a message envelope")
+    tag, flags, request_id, head_len = _ENVELOPE.unpack_from(payload)
+    cls = MESSAGES.get(tag)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {tag}")
+    schema: _Schema = cls._schema
+    pos = _ENVELOPE.size
+    end = pos + head_len
+    if end > size:
+        raise ProtocolError(f"{cls.__name__}: header length {head_len} exceeds the frame")
+    try:
+        header = _json_decode(payload[pos:end].decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{cls.__name__}: header is not valid JSON ({exc})") from None
+    if type(header) is not list or len(header) != len(schema.names):
+        raise ProtocolError(
+            f"{cls.__name__}: header must be a list of {len(schema.names)} fields"
+        )
+    for i, name, check in schema.header_fields:
+        if not check(header[i]):
+            raise ProtocolError(
+                f"{cls.__name__}.{name} must be {schema.kinds[i]}, "
+                f"got {type(header[i]).__name__}"
+            )
+    pos = end
+    for i, name, kind in schema.blob_fields:
+        marker = header[i]
+        if kind == "list[bytes]":
+            if type(marker) is not int or marker < 0 or marker > size:
+                raise ProtocolError(f"{cls.__name__}.{name}: bad blob count {marker!r}")
+            items = []
+            for _ in range(marker):
+                blob, pos = _take_blob(payload, pos, cls, name)
+                items.append(blob)
+            header[i] = items
+        elif marker is None and kind == "bytes | None":
+            continue
+        elif marker == 0 and type(marker) is int:
+            header[i], pos = _take_blob(payload, pos, cls, name)
+        else:
+            raise ProtocolError(f"{cls.__name__}.{name} must be {kind}")
+    if pos != size:
+        raise ProtocolError(f"{cls.__name__}: {size - pos} trailing bytes")
+    return cls(*header), request_id, bool(flags & FLAG_REPLY)
+
+
+def _take_blob(payload: bytes, pos: int, cls: type[Any], name: str) -> tuple[bytes, int]:
+    if pos + 4 > len(payload):
+        raise ProtocolError(f"{cls.__name__}.{name}: truncated blob length")
+    (n,) = _U32.unpack_from(payload, pos)
+    pos += 4
+    if pos + n > len(payload):
+        raise ProtocolError(f"{cls.__name__}.{name}: blob of {n} bytes exceeds the frame")
+    return payload[pos : pos + n], pos + n
+
+
+# --------------------------------------------------------------------------- generic
+
+
+@message(1)
+@attrs.frozen
+class Ok:
+    """Empty success reply."""
+
+
+@message(2)
+@attrs.frozen
+class ErrorReply:
+    """A request failed; ``kind`` names a ``droplet.errors`` class."""
+
+    kind: str
+    message: str
+    traceback: str = ""
+
+
+@message(3)
+@attrs.frozen
+class Hello:
+    """First request of a client or node: who am I; answered by ClusterInfo."""
+
+    role: str
+    node_id: str
+    url: str | None = None
+
+
+@message(4)
+@attrs.frozen
+class ClusterInfo:
+    kvs: str
+    scheduler: str
+    node_id: str
+
+
+@message(5)
+@attrs.frozen
+class AuthChallenge:
+    """Server -> client, first frame on every connection (see handshake.py)."""
+
+    version: int
+    nonce: bytes
+    required: bool
+
+
+@message(6)
+@attrs.frozen
+class AuthResponse:
+    """Client -> server: proof of the token, and the client's own challenge."""
+
+    mac: bytes
+    nonce: bytes
+
+
+@message(7)
+@attrs.frozen
+class AuthResult:
+    """Server -> client: accepted (with the server's proof) or refused (with why)."""
+
+    ok: bool
+    mac: bytes
+    message: str
+
+
+@message(8)
+@attrs.frozen
+class BoolReply:
+    value: bool
+
+
+@message(9)
+@attrs.frozen
+class Names:
+    names: list[str]
+
+
+# --------------------------------------------------------------------------- KVS
+
+
+@message(10)
+@attrs.frozen
+class KvsGet:
+    """Read ``key``. ``wait`` > 0 blocks up to that many seconds until it exists.
+
+    ``subscribe`` asks the store to push later updates of the key (cache coherence).
+    """
+
+    key: str
+    wait: float | None = None
+    subscribe: bool = False
+
+
+@message(11)
+@attrs.frozen
+class KvsValue:
+    key: str
+    lattice: bytes | None
+
+
+@message(12)
+@attrs.frozen
+class KvsPut:
+    key: str
+    lattice: bytes
+    subscribe: bool = False
+
+
+@message(13)
+@attrs.frozen
+class KvsStored:
+    """Reply to KvsPut: the key's stored lattice type after the merge."""
+
+    type_name: str
+
+
+@message(14)
+@attrs.frozen
+class KvsUpdate:
+    """Store -> subscribed cache: the key's merged value changed."""
+
+    key: str
+    lattice: bytes
+
+
+@message(15)
+@attrs.frozen
+class KvsUnsubscribe:
+    key: str
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+@message(20)
+@attrs.frozen
+class RegisterFunction:
+    name: str
+    code: bytes
+
+
+@message(21)
+@attrs.frozen
+class ListFunctions:
+    prefix: str | None = None
+
+
+@message(22)
+@attrs.frozen
+class FunctionExists:
+    name: str
+
+
+@message(23)
+@attrs.frozen
+class RegisterDag:
+    name: str
+    functions: list[str]
+    connections: list[list[str]]
+    colocated: list[str]
+
+
+@message(24)
+@attrs.frozen
+class DeleteDag:
+    name: str
+
+
+@message(25)
+@attrs.frozen
+class CallDag:
+    """Run a DAG (or, with ``is_function``, one function as a one-node DAG)."""
+
+    target: str
+    is_function: bool
+    arg_fns: list[str]
+    arg_blobs: list[bytes]
+    consistency: str = "NORMAL"
+    output_key: str | None = None
+    client_id: str | None = None
+    direct: bool = False
+    timeout: float | None = None
+
+
+@message(26)
+@attrs.frozen
+class CallAccepted:
+    run_id: str
+    result_key: str
+
+
+@message(27)
+@attrs.frozen
+class DagResult:
+    """The sink's outcome: a pickled value, or a pickled FunctionError when failed."""
+
+    run_id: str
+    value: bytes
+    failed: bool
+
+
+@message(28)
+@attrs.frozen
+class RunDone:
+    """Executor -> scheduler, one-way: a run's sink finished.
+
+    Carries the result only for direct-response runs (the scheduler holds the
+    caller's request open and answers it with this value).
+    """
+
+    run_id: str
+    value: bytes | None
+    failed: bool
+
+
+@message(29)
+@attrs.frozen
+class ExecutorJoin:
+    """Executor -> scheduler: I serve triggers at ``url``; keep this link open."""
+
+    url: str
+    node_id: str
+    workers: int
+
+
+@message(30)
+@attrs.frozen
+class ExecutorLoad:
+    """Executor -> scheduler, one-way: invocations currently running there."""
+
+    running: int
+
+
+# --------------------------------------------------------------------------- executor
+
+
+@message(40)
+@attrs.frozen
+class Trigger:
+    """Run ``function`` of a scheduled DAG run (one-way).
+
+    The schedule travels with every trigger, so an executor needs no state from
+    the scheduler: ``placement[i]`` is the executor URL of ``functions[i]``, and
+    ``arg_fns``/``arg_blobs`` carry the callers' pickled arguments. ``source``
+    names the upstream function whose pickled ``result`` this is (None for a
+    source function).
+    """
+
+    run_id: str
+    function: str
+    functions: list[str]
+    versions: list[str]
+    placement: list[str]
+    edges: list[list[str]]
+    arg_fns: list[str]
+    arg_blobs: list[bytes]
+    source: str | None
+    result: bytes | None
+    failed: bool
+    result_key: str
+    output_key: str | None
+    direct: bool
+    consistency: str
+    client_id: str | None
+    deadline: float | None
+    scheduler: str
+
+
+@message(41)
+@attrs.frozen
+class Mail:
+    """Invocation-to-invocation message (user library ``send``)."""
+
+    dest: str
+    sender: str
+    data: bytes

@@ -1,0 +1,101 @@
+"""The transport contract: message-oriented connections addressed by URL.
+
+Every transport (``inproc://``, ``tcp://``, ``ws://``, their TLS variants)
+implements these two small ABCs; services and clients see nothing else, so a
+transport can be swapped, mocked or simulated without touching them.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..protocol.framing import DEFAULT_MAX_FRAME_SIZE
+
+__all__ = ["Connection", "ConnectionHandler", "Transport", "TransportOptions"]
+
+
+class Connection(abc.ABC):
+    """A bidirectional, ordered, reliable stream of whole frames (``bytes``).
+
+    Contract:
+    - ``send`` may be called from many tasks at once; frames never interleave.
+      A ``send`` cancelled midway leaves the connection closed, never half-written.
+    - ``receive`` is called by one task at a time (the connection's reader). It
+      returns one whole frame, or raises ``trio.EndOfChannel`` on a clean close
+      by the peer, ``trio.BrokenResourceError`` when the connection broke, or
+      ``droplet.ProtocolError`` when the peer sent bytes that are not frames.
+    - ``aclose`` is idempotent and always leaves the connection closed.
+    """
+
+    #: URL of the other end, for logs and error messages.
+    remote_address: str = ""
+
+    @abc.abstractmethod
+    async def send(self, frame: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def receive(self) -> bytes: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+ConnectionHandler = Callable[[Connection], Awaitable[None]]
+
+
+class TransportOptions:
+    """Limits and TLS settings shared by all transports.
+
+    Attributes:
+        max_frame_size: largest frame accepted or sent, checked before allocation.
+        read_timeout: seconds a peer may take to finish a frame it started.
+        ssl_context: server-side context for ``tls://`` / ``wss://`` listeners,
+            client-side context for connecting to them.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        read_timeout: float = 30.0,
+        ssl_context: object | None = None,
+    ) -> None:
+        self.max_frame_size = max_frame_size
+        self.read_timeout = read_timeout
+        self.ssl_context = ssl_context
+
+
+class Transport(abc.ABC):
+    """One URL scheme's way to listen and connect."""
+
+    #: URL schemes this transport serves, e.g. ``("tcp",)``.
+    schemes: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    async def serve(
+        self,
+        url: str,
+        handler: ConnectionHandler,
+        options: TransportOptions,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections at ``url`` forever, running ``handler(conn)`` for each.
+
+        Reports the bound URL through ``task_status.started`` (so
+        ``tcp://127.0.0.1:0`` yields the real port). The handler's connection is
+        closed when the handler returns. Cancel to stop.
+        """
+
+    @abc.abstractmethod
+    async def connect(self, url: str, options: TransportOptions) -> Connection:
+        """Open a connection to a listener at ``url``."""

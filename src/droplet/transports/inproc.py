@@ -1,0 +1,118 @@
+"""``inproc://NAME``: connections between tasks of one Trio run, no sockets.
+
+Frames cross as the same encoded ``bytes`` the socket transports send, so an
+embedded cluster exercises exactly the codec the network does (STYLE.md,
+"same bytes everywhere"); only the kernel is skipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import trio
+
+from ..errors import ConnectionError, ProtocolError
+from .base import Connection, ConnectionHandler, Transport, TransportOptions
+
+__all__ = ["InprocConnection", "InprocTransport"]
+
+# Frames a sender may queue before it waits for the receiver (backpressure).
+QUEUE_FRAMES = 1024
+
+_listeners: dict[str, tuple[trio.lowlevel.TrioToken, trio.MemorySendChannel[InprocConnection]]] = {}
+_names = itertools.count(1)
+
+
+class InprocConnection(Connection):
+    def __init__(
+        self,
+        send_channel: trio.MemorySendChannel[bytes],
+        receive_channel: trio.MemoryReceiveChannel[bytes],
+        remote_address: str,
+        max_frame_size: int,
+    ) -> None:
+        self._send = send_channel
+        self._recv = receive_channel
+        self.remote_address = remote_address
+        self._max = max_frame_size
+
+    async def send(self, frame: bytes) -> None:
+        if len(frame) > self._max:
+            raise ValueError(f"frame of {len(frame)} bytes exceeds max_frame_size={self._max}")
+        try:
+            await self._send.send(frame)
+        except trio.ClosedResourceError:
+            raise
+        except trio.BrokenResourceError:
+            raise trio.BrokenResourceError(f"{self.remote_address} went away") from None
+
+    async def receive(self) -> bytes:
+        frame = await self._recv.receive()  # EndOfChannel when the peer closed
+        if len(frame) > self._max:
+            raise ProtocolError(f"{len(frame)}-byte frame exceeds the limit {self._max}")
+        return frame
+
+    async def aclose(self) -> None:
+        self._send.close()
+        self._recv.close()
+        await trio.lowlevel.checkpoint()
+
+
+def _pair(server_url: str, max_frame_size: int) -> tuple[InprocConnection, InprocConnection]:
+    a_send, b_recv = trio.open_memory_channel[bytes](QUEUE_FRAMES)
+    b_send, a_recv = trio.open_memory_channel[bytes](QUEUE_FRAMES)
+    client = InprocConnection(a_send, a_recv, server_url, max_frame_size)
+    server = InprocConnection(b_send, b_recv, "inproc://client", max_frame_size)
+    return client, server
+
+
+class InprocTransport(Transport):
+    schemes = ("inproc",)
+
+    async def serve(
+        self,
+        url: str,
+        handler: ConnectionHandler,
+        options: TransportOptions,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        name = url.split("://", 1)[1].rstrip("/") or f"anon-{next(_names)}"
+        if name in _listeners:
+            raise OSError(f"inproc://{name} is already in use")
+        incoming_send, incoming_recv = trio.open_memory_channel[InprocConnection](math.inf)
+        _listeners[name] = (trio.lowlevel.current_trio_token(), incoming_send)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started(f"inproc://{name}")
+                async for conn in incoming_recv:
+                    nursery.start_soon(_run_handler, handler, conn)
+        finally:
+            if _listeners.get(name, (None, None))[1] is incoming_send:
+                del _listeners[name]
+            incoming_send.close()
+
+    async def connect(self, url: str, options: TransportOptions) -> Connection:
+        name = url.split("://", 1)[1].rstrip("/")
+        entry = _listeners.get(name)
+        if entry is None:
+            raise ConnectionError(f"nothing listens at inproc://{name}")
+        token, incoming = entry
+        if token is not trio.lowlevel.current_trio_token():
+            raise ConnectionError(
+                f"inproc://{name} belongs to another Trio run; inproc connections only work "
+                "between tasks of the same run (use tcp:// across threads or processes)"
+            )
+        client, server = _pair(f"inproc://{name}", options.max_frame_size)
+        try:
+            incoming.send_nowait(server)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ConnectionError(f"inproc://{name} stopped listening") from None
+        await trio.lowlevel.checkpoint()
+        return client
+
+
+async def _run_handler(handler: ConnectionHandler, conn: Connection) -> None:
+    async with conn:
+        await handler(conn)

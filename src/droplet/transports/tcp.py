@@ -1,0 +1,168 @@
+"""``tcp://HOST:PORT`` (and ``tls://`` with the standard ``ssl`` module).
+
+One length-prefixed byte stream per connection. ``receive`` owns the
+:class:`~droplet.protocol.framing.FrameDecoder`; because ``receive_some`` either
+returns bytes or is cancelled with none consumed, a cancelled ``receive`` loses
+nothing and the decoder keeps any partial frame. A cancelled ``send`` may have
+written half a frame, so it closes the connection.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import trio
+
+from ..errors import ConnectionError, ProtocolError
+from ..protocol.framing import FrameDecoder, frame
+from .base import Connection, ConnectionHandler, Transport, TransportOptions
+from .registry import parse_address
+
+__all__ = ["StreamConnection", "TcpTransport"]
+
+RECEIVE_SIZE = 256 * 1024
+
+
+class StreamConnection(Connection):
+    """Frames over any ``trio.abc.Stream`` (TCP socket, TLS stream)."""
+
+    def __init__(self, stream: trio.abc.Stream, remote_address: str, options: TransportOptions):
+        self._stream = stream
+        self.remote_address = remote_address
+        self._decoder = FrameDecoder(options.max_frame_size)
+        self._read_timeout = options.read_timeout
+        self._send_lock = trio.Lock()
+        self._closed = False
+
+    async def send(self, data: bytes) -> None:
+        payload = frame(data, self._decoder.max_frame_size)
+        async with self._send_lock:
+            if self._closed:
+                raise trio.ClosedResourceError("connection is closed")
+            try:
+                await self._stream.send_all(payload)
+            except BaseException:
+                # Half a frame may be on the wire: this connection is unusable.
+                await self._abort()
+                raise
+
+    async def receive(self) -> bytes:
+        decoder = self._decoder
+        while True:
+            payload = decoder.next_frame()
+            if payload is not None:
+                return payload
+            if decoder.mid_frame:
+                # A peer that starts a frame must finish it in time (slowloris).
+                with trio.move_on_after(self._read_timeout) as scope:
+                    data = await self._stream.receive_some(RECEIVE_SIZE)
+                if scope.cancelled_caught:
+                    await self._abort()
+                    raise ProtocolError(
+                        f"{self.remote_address} left a frame unfinished for "
+                        f"{self._read_timeout:g} s"
+                    )
+            else:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                if decoder.mid_frame:
+                    raise ProtocolError(f"{self.remote_address} closed the connection mid-frame")
+                raise trio.EndOfChannel
+            decoder.feed(data)
+
+    async def _abort(self) -> None:
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self._stream)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            try:
+                await self._stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+
+def _peer_url(scheme: str, stream: trio.abc.Stream) -> str:
+    sock_stream: Any = stream
+    while not isinstance(sock_stream, trio.SocketStream):
+        sock_stream = getattr(sock_stream, "transport_stream", None)
+        if sock_stream is None:
+            return f"{scheme}://?"
+    try:
+        host, port = sock_stream.socket.getpeername()[:2]
+    except OSError:
+        return f"{scheme}://?"
+    return f"{scheme}://{host}:{port}"
+
+
+class TcpTransport(Transport):
+    schemes = ("tcp", "tls")
+
+    async def serve(
+        self,
+        url: str,
+        handler: ConnectionHandler,
+        options: TransportOptions,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        scheme, host, port = parse_address(url)
+        assert port is not None
+        ctx = options.ssl_context
+        if scheme == "tls" and not isinstance(ctx, ssl.SSLContext):
+            raise ValueError(f"{url}: tls:// needs a certificate and key (tls_cert/tls_key)")
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        if scheme == "tls":
+            assert isinstance(ctx, ssl.SSLContext)
+            stream_listeners: list[trio.abc.Listener[Any]] = [
+                trio.SSLListener(lst, ctx, https_compatible=False) for lst in listeners
+            ]
+        else:
+            stream_listeners = list(listeners)
+        bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+
+        async def on_stream(stream: trio.abc.Stream) -> None:
+            conn = StreamConnection(stream, _peer_url(scheme, stream), options)
+            try:
+                if isinstance(stream, trio.SSLStream):
+                    with trio.fail_after(options.read_timeout):
+                        await stream.do_handshake()
+                await handler(conn)
+            except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError):
+                pass  # the peer went away or never finished its TLS handshake
+            finally:
+                await conn.aclose()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, on_stream, stream_listeners)
+            task_status.started(f"{scheme}://{shown}:{bound_port}")
+
+    async def connect(self, url: str, options: TransportOptions) -> Connection:
+        scheme, host, port = parse_address(url)
+        assert port is not None
+        try:
+            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise ConnectionError(
+                f"no Droplet node at {url} ({exc.strerror or exc}); "
+                "start one with `python -m droplet.node`"
+            ) from exc
+        if scheme == "tls":
+            ctx = options.ssl_context
+            if not isinstance(ctx, ssl.SSLContext):
+                ctx = ssl.create_default_context()
+            ssl_stream = trio.SSLStream(stream, ctx, server_hostname=host)
+            try:
+                await ssl_stream.do_handshake()
+            except (trio.BrokenResourceError, ssl.SSLError) as exc:
+                await trio.aclose_forcefully(ssl_stream)
+                raise ConnectionError(f"TLS handshake with {url} failed: {exc}") from exc
+            stream = ssl_stream
+        return StreamConnection(stream, url, options)
