@@ -1,12 +1,54 @@
-"""Droplet: low-latency stateful serverless functions on Trio and lattices."""
+"""Droplet: low-latency stateful serverless functions on Trio and lattices.
 
+The public API (see API.md and the docs' reference pages) is re-exported here.
+"""
+
+from .client.aio import CAUSAL as CAUSAL
+from .client.aio import NORMAL as NORMAL
+from .client.aio import REPEATABLE_READ as REPEATABLE_READ
+from .client.aio import AsyncDropletClient as AsyncDropletClient
+from .client.aio import AsyncDropletFunction as AsyncDropletFunction
+from .client.aio import AsyncDropletFuture as AsyncDropletFuture
+from .client.aio import open_client as open_client
+from .client.client import DropletConnection as DropletConnection
+from .client.client import DropletFunction as DropletFunction
+from .client.client import DropletFuture as DropletFuture
+from .cluster import LocalCluster as LocalCluster
+from .cluster import open_local_cluster as open_local_cluster
 from .errors import AuthenticationError as AuthenticationError
 from .errors import ConnectionError as ConnectionError
 from .errors import DagError as DagError
 from .errors import DropletError as DropletError
 from .errors import FunctionError as FunctionError
+from .errors import LatticeTypeError as LatticeTypeError
 from .errors import ProtocolError as ProtocolError
 from .errors import RegistrationError as RegistrationError
 from .errors import TimeoutError as TimeoutError
+from .references import DropletReference as DropletReference
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CAUSAL",
+    "NORMAL",
+    "REPEATABLE_READ",
+    "AsyncDropletClient",
+    "AsyncDropletFunction",
+    "AsyncDropletFuture",
+    "AuthenticationError",
+    "ConnectionError",
+    "DagError",
+    "DropletConnection",
+    "DropletError",
+    "DropletFunction",
+    "DropletFuture",
+    "DropletReference",
+    "FunctionError",
+    "LatticeTypeError",
+    "LocalCluster",
+    "ProtocolError",
+    "RegistrationError",
+    "TimeoutError",
+    "open_client",
+    "open_local_cluster",
+]

@@ -18,6 +18,7 @@ __all__ = [
     "DagError",
     "DropletError",
     "FunctionError",
+    "LatticeTypeError",
     "ProtocolError",
     "RegistrationError",
     "TimeoutError",
@@ -52,6 +53,7 @@ class FunctionError(DropletError):
         remote_message: ``str()`` of the original exception.
         remote_traceback: the traceback text formatted on the executor.
         function: name of the function that raised (when known).
+        cause_pickle: the original exception, pickled, or None.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class FunctionError(DropletError):
         remote_message: str,
         remote_traceback: str = "",
         function: str = "",
+        cause_pickle: bytes | None = None,
     ) -> None:
         where = f" in function {function!r}" if function else ""
         super().__init__(f"{type_name}{where}: {remote_message}")
@@ -67,11 +70,14 @@ class FunctionError(DropletError):
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
         self.function = function
+        #: the original exception, pickled, when it can be rebuilt on the client.
+        self.cause_pickle = cause_pickle
 
     def __reduce__(self) -> tuple[object, ...]:
         return (
             type(self),
-            (self.type_name, self.remote_message, self.remote_traceback, self.function),
+            (self.type_name, self.remote_message, self.remote_traceback, self.function,
+             self.cause_pickle),
         )
 
     def __str__(self) -> str:
@@ -81,9 +87,30 @@ class FunctionError(DropletError):
         return text
 
 
+class LatticeTypeError(DropletError, TypeError):
+    """A put tried to merge a lattice of one type into a key holding another."""
+
+
 class TimeoutError(DropletError, builtins.TimeoutError):  # noqa: A001
     """A deadline passed before the result arrived."""
 
 
 class ProtocolError(DropletError):
     """The peer sent bytes that are not a valid Droplet message."""
+
+
+class _Failure:
+    """Marks a stored call result that is an error rather than a value.
+
+    The sink of a run pickles ``_Failure(FunctionError(...))`` into the result
+    key; a future that reads it raises the wrapped error. Private: users never
+    construct one, so no user value can be mistaken for a failure.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: DropletError) -> None:
+        self.error = error
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_Failure, (self.error,))

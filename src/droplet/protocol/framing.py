@@ -35,7 +35,7 @@ class FrameDecoder:
     >>> d.feed(frame(b"hello") + frame(b"wor")[:5])
     >>> d.next_frame(), d.next_frame()
     (b'hello', None)
-    >>> d.feed(b"r"); d.next_frame()
+    >>> d.feed(b"or"); d.next_frame()
     b'wor'
     """
 
@@ -54,7 +54,7 @@ class FrameDecoder:
         """True when part of a frame has arrived (used for read timeouts and EOF)."""
         return self.buffered > 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0

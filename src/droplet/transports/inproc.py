@@ -20,7 +20,10 @@ __all__ = ["InprocConnection", "InprocTransport"]
 # Frames a sender may queue before it waits for the receiver (backpressure).
 QUEUE_FRAMES = 1024
 
-_listeners: dict[str, tuple[trio.lowlevel.TrioToken, trio.MemorySendChannel[InprocConnection]]] = {}
+# name -> (owning run, channel of incoming connections, listener's max_frame_size)
+_listeners: dict[
+    str, tuple[trio.lowlevel.TrioToken, trio.MemorySendChannel[InprocConnection], int]
+] = {}
 _names = itertools.count(1)
 
 
@@ -59,11 +62,13 @@ class InprocConnection(Connection):
         await trio.lowlevel.checkpoint()
 
 
-def _pair(server_url: str, max_frame_size: int) -> tuple[InprocConnection, InprocConnection]:
+def _pair(
+    server_url: str, client_max: int, server_max: int
+) -> tuple[InprocConnection, InprocConnection]:
     a_send, b_recv = trio.open_memory_channel[bytes](QUEUE_FRAMES)
     b_send, a_recv = trio.open_memory_channel[bytes](QUEUE_FRAMES)
-    client = InprocConnection(a_send, a_recv, server_url, max_frame_size)
-    server = InprocConnection(b_send, b_recv, "inproc://client", max_frame_size)
+    client = InprocConnection(a_send, a_recv, server_url, client_max)
+    server = InprocConnection(b_send, b_recv, "inproc://client", server_max)
     return client, server
 
 
@@ -82,14 +87,19 @@ class InprocTransport(Transport):
         if name in _listeners:
             raise OSError(f"inproc://{name} is already in use")
         incoming_send, incoming_recv = trio.open_memory_channel[InprocConnection](math.inf)
-        _listeners[name] = (trio.lowlevel.current_trio_token(), incoming_send)
+        _listeners[name] = (
+            trio.lowlevel.current_trio_token(),
+            incoming_send,
+            options.max_frame_size,
+        )
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started(f"inproc://{name}")
                 async for conn in incoming_recv:
                     nursery.start_soon(_run_handler, handler, conn)
         finally:
-            if _listeners.get(name, (None, None))[1] is incoming_send:
+            entry = _listeners.get(name)
+            if entry is not None and entry[1] is incoming_send:
                 del _listeners[name]
             incoming_send.close()
 
@@ -98,13 +108,13 @@ class InprocTransport(Transport):
         entry = _listeners.get(name)
         if entry is None:
             raise ConnectionError(f"nothing listens at inproc://{name}")
-        token, incoming = entry
+        token, incoming, server_max = entry
         if token is not trio.lowlevel.current_trio_token():
             raise ConnectionError(
                 f"inproc://{name} belongs to another Trio run; inproc connections only work "
                 "between tasks of the same run (use tcp:// across threads or processes)"
             )
-        client, server = _pair(f"inproc://{name}", options.max_frame_size)
+        client, server = _pair(f"inproc://{name}", options.max_frame_size, server_max)
         try:
             incoming.send_nowait(server)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -115,4 +125,7 @@ class InprocTransport(Transport):
 
 async def _run_handler(handler: ConnectionHandler, conn: Connection) -> None:
     async with conn:
-        await handler(conn)
+        try:
+            await handler(conn)
+        except trio.BrokenResourceError:
+            pass  # the peer went away (as tcp:// and ws:// listeners tolerate)

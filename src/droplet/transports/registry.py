@@ -55,7 +55,7 @@ def parse_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, 
     Traceback (most recent call last):
       ...
     ValueError: unknown address scheme 'udp' in 'udp://x:1'; known schemes: inproc, tcp, tls, ws, wss
-    """
+    """  # noqa: E501 (a doctest's expected output cannot be wrapped)
     if not isinstance(address, str) or not address:
         raise ValueError(f"address must be a non-empty string, not {address!r}")
     if "://" in address:

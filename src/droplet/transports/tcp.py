@@ -9,6 +9,7 @@ written half a frame, so it closes the connection.
 
 from __future__ import annotations
 
+import math
 import ssl
 from typing import Any
 
@@ -34,6 +35,8 @@ class StreamConnection(Connection):
         self._read_timeout = options.read_timeout
         self._send_lock = trio.Lock()
         self._closed = False
+        # When the frame under way must be complete (set on the first wait for it).
+        self._frame_deadline = math.inf
 
     async def send(self, data: bytes) -> None:
         payload = frame(data, self._decoder.max_frame_size)
@@ -52,10 +55,14 @@ class StreamConnection(Connection):
         while True:
             payload = decoder.next_frame()
             if payload is not None:
+                self._frame_deadline = math.inf
                 return payload
             if decoder.mid_frame:
-                # A peer that starts a frame must finish it in time (slowloris).
-                with trio.move_on_after(self._read_timeout) as scope:
+                # A peer that starts a frame must finish it in time (slowloris);
+                # the deadline covers the whole frame, not each read.
+                if self._frame_deadline == math.inf:
+                    self._frame_deadline = trio.current_time() + self._read_timeout
+                with trio.move_on_at(self._frame_deadline) as scope:
                     data = await self._stream.receive_some(RECEIVE_SIZE)
                 if scope.cancelled_caught:
                     await self._abort()

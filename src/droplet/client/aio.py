@@ -1,0 +1,303 @@
+"""``AsyncDropletClient``: the whole client API as ``async def``, for Trio code.
+
+>>> async def main():                                       # doctest: +SKIP
+...     async with droplet.open_client("tcp://127.0.0.1:5000") as cloud:
+...         square = await cloud.register(lambda _, x: x * x, "square")
+...         print(await (await square(3)).get())
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ..errors import FunctionError, RegistrationError, TimeoutError, _Failure
+from ..executor.user_library import as_lattice, reveal_stored
+from ..lattices import encode_lattice
+from ..protocol.messages import (
+    BoolReply,
+    CallAccepted,
+    CallDag,
+    ClusterInfo,
+    DagResult,
+    DeleteDag,
+    FunctionExists,
+    Hello,
+    KvsGet,
+    KvsPut,
+    KvsValue,
+    ListFunctions,
+    Names,
+    RegisterDag,
+    RegisterFunction,
+)
+from ..rpc import Peer, connect_peer
+from ..serialization import dumps, loads
+from ..transports.base import TransportOptions
+from ..transports.registry import normalize_address
+
+__all__ = [
+    "CAUSAL",
+    "NORMAL",
+    "REPEATABLE_READ",
+    "AsyncDropletClient",
+    "AsyncDropletFunction",
+    "AsyncDropletFuture",
+    "open_client",
+    "unwrap_result",
+]
+
+NORMAL = "NORMAL"
+REPEATABLE_READ = "REPEATABLE_READ"
+CAUSAL = "CAUSAL"
+DEFAULT_TIMEOUT = 30.0
+
+
+def unwrap_result(blob: bytes) -> Any:
+    """A stored result value, raising the error if the call failed."""
+    value = loads(blob)
+    if isinstance(value, _Failure):
+        error = value.error
+        if isinstance(error, FunctionError) and error.cause_pickle:
+            try:
+                cause = loads(error.cause_pickle)
+            except Exception:
+                cause = None
+            if isinstance(cause, BaseException):
+                raise error from cause
+        raise error
+    return value
+
+
+class AsyncDropletFuture:
+    """The pending result of a call, stored in the KVS under ``obj_id``."""
+
+    def __init__(self, obj_id: str, client: AsyncDropletClient, timeout: float) -> None:
+        self.obj_id = obj_id
+        self._client = client
+        self._timeout = timeout
+        self._blob: bytes | None = None
+
+    async def get(self, timeout: float | None = None) -> Any:
+        """Wait for the result (``timeout`` seconds, default the call's or client's).
+
+        Raises:
+            FunctionError: the function (or one upstream of it) raised.
+            TimeoutError: no result within the timeout.
+        """
+        if self._blob is None:
+            wait = self._timeout if timeout is None else timeout
+            reply: KvsValue = await self._client._kvs.request(
+                KvsGet(self.obj_id, wait), timeout=wait + self._client.timeout)
+            if reply.lattice is None:
+                raise TimeoutError(
+                    f"no result for {self.obj_id} within {wait:g} s "
+                    "(pass a larger timeout to get() if the function is slow)")
+            self._blob = _result_blob(reply.lattice)
+        return unwrap_result(self._blob)
+
+    async def done(self) -> bool:
+        """Whether the result is ready (does not wait)."""
+        if self._blob is None:
+            reply: KvsValue = await self._client._kvs.request(KvsGet(self.obj_id))
+            if reply.lattice is not None:
+                self._blob = _result_blob(reply.lattice)
+        return self._blob is not None
+
+    def __await__(self) -> Any:
+        return self.get().__await__()
+
+    def __repr__(self) -> str:
+        return f"<AsyncDropletFuture {self.obj_id}>"
+
+
+def _result_blob(lattice: bytes) -> bytes:
+    from ..lattices import RAW, decode_lattice
+
+    value = decode_lattice(lattice, load=RAW).reveal()
+    assert isinstance(value, bytes)
+    return value
+
+
+class AsyncDropletFunction:
+    """A registered function; calling it returns an awaitable future."""
+
+    def __init__(self, name: str, client: AsyncDropletClient) -> None:
+        self.name = name
+        self._client = client
+
+    async def __call__(self, *args: Any) -> AsyncDropletFuture:
+        return await self._client.exec_func(self.name, list(args))
+
+    def __repr__(self) -> str:
+        return f"<AsyncDropletFunction {self.name!r}>"
+
+
+class AsyncDropletClient:
+    """A connection to a Droplet cluster (scheduler plus KVS) from Trio code.
+
+    Create one with :func:`open_client` (which owns its background tasks), or
+    with :meth:`connect` giving a nursery you own.
+    """
+
+    def __init__(self, scheduler: Peer, kvs: Peer, address: str, timeout: float) -> None:
+        self._scheduler = scheduler
+        self._kvs = kvs
+        self.address = address
+        self.timeout = timeout
+
+    @classmethod
+    async def connect(
+        cls,
+        address: str,
+        nursery: trio.Nursery,
+        *,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        options: TransportOptions | None = None,
+    ) -> AsyncDropletClient:
+        url = normalize_address(address)
+        token = token if token is not None else os.environ.get("DROPLET_TOKEN") or None
+        scheduler = await connect_peer(url, nursery, token=token, options=options,
+                                       timeout=timeout)
+        info: ClusterInfo = await scheduler.request(
+            Hello("client", uuid.uuid4().hex[:12]), timeout)
+        if info.kvs == url:
+            kvs = scheduler
+        else:
+            kvs = await connect_peer(info.kvs, nursery, token=token, options=options,
+                                     timeout=timeout)
+        return cls(scheduler, kvs, url, timeout)
+
+    async def aclose(self) -> None:
+        await self._scheduler.aclose()
+        await self._kvs.aclose()
+
+    async def __aenter__(self) -> AsyncDropletClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ functions
+
+    async def register(self, function: Callable[..., Any] | tuple[type, Sequence[Any]],
+                       name: str) -> AsyncDropletFunction:
+        if not isinstance(name, str) or not name:
+            raise RegistrationError(f"function name must be a non-empty string, not {name!r}")
+        if isinstance(function, tuple):
+            if len(function) != 2 or not isinstance(function[0], type):
+                raise RegistrationError(
+                    f"register({name!r}): a tuple must be (cls, init_args)")
+            function = (function[0], tuple(function[1]))
+        elif not callable(function):
+            raise RegistrationError(
+                f"register({name!r}): {type(function).__name__} is not callable")
+        try:
+            code = dumps(function)
+        except TypeError as exc:
+            raise RegistrationError(f"register({name!r}): {exc}") from exc
+        await self._scheduler.request(RegisterFunction(name, code), self.timeout)
+        return AsyncDropletFunction(name, self)
+
+    async def get_function(self, name: str) -> AsyncDropletFunction | None:
+        reply: BoolReply = await self._scheduler.request(FunctionExists(name), self.timeout)
+        return AsyncDropletFunction(name, self) if reply.value else None
+
+    async def list(self, prefix: str | None = None) -> list[str]:
+        reply: Names = await self._scheduler.request(ListFunctions(prefix), self.timeout)
+        return reply.names
+
+    async def exec_func(self, name: str, args: Iterable[Any] = ()) -> AsyncDropletFuture:
+        reply: CallAccepted = await self._scheduler.request(
+            CallDag(name, True, [name], [dumps(list(args))]), self.timeout)
+        return AsyncDropletFuture(reply.result_key, self, self.timeout)
+
+    # ------------------------------------------------------------------ DAGs
+
+    async def register_dag(self, name: str, functions: Sequence[str],
+                           connections: Iterable[Sequence[str]],
+                           colocated: Iterable[str] = ()) -> bool:
+        await self._scheduler.request(RegisterDag(
+            name, list(functions), [list(edge) for edge in connections], list(colocated)),
+            self.timeout)
+        return True
+
+    async def delete_dag(self, name: str) -> bool:
+        await self._scheduler.request(DeleteDag(name), self.timeout)
+        return True
+
+    async def call_dag(
+        self,
+        name: str,
+        arg_map: dict[str, Any],
+        direct_response: bool = False,
+        consistency: str = NORMAL,
+        output_key: str | None = None,
+        client_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run a DAG. Returns a future, or the result itself with ``direct_response``."""
+        if not isinstance(arg_map, dict):
+            raise TypeError(f"arg_map must be a dict of function name -> arguments, "
+                            f"not {type(arg_map).__name__}")
+        fns = list(arg_map)
+        blobs = [dumps(a if isinstance(a, list) else [a]) for a in arg_map.values()]
+        wait = self.timeout if timeout is None else timeout
+        msg = CallDag(name, False, fns, blobs, str(consistency), output_key, client_id,
+                      direct_response, timeout)
+        if direct_response:
+            try:
+                result: DagResult = await self._scheduler.request(msg, wait)
+            except TimeoutError as exc:
+                raise TimeoutError(f"DAG {name!r} gave no result within {wait:g} s") from exc
+            return unwrap_result(result.value)
+        accepted: CallAccepted = await self._scheduler.request(msg, self.timeout)
+        return AsyncDropletFuture(accepted.result_key, self, wait)
+
+    # ------------------------------------------------------------------ KVS
+
+    async def put_object(self, key: str, value: Any) -> bool:
+        """Store a value (wrapped in a last-writer-wins lattice) or merge a lattice."""
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"key must be a non-empty string, not {key!r}")
+        await self._kvs.request(KvsPut(key, encode_lattice(as_lattice(value))), self.timeout)
+        return True
+
+    async def get_object(self, key: str) -> Any:
+        """The value at ``key`` (a plain value, or the lattice), or None."""
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"key must be a non-empty string, not {key!r}")
+        reply: KvsValue = await self._kvs.request(KvsGet(key), self.timeout)
+        return reveal_stored(reply.lattice)
+
+
+@asynccontextmanager
+async def open_client(
+    address: str = "127.0.0.1",
+    *,
+    token: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    options: TransportOptions | None = None,
+) -> AsyncIterator[AsyncDropletClient]:
+    """Connect to a cluster for the duration of an ``async with`` block."""
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        client = await AsyncDropletClient.connect(
+            address, nursery, token=token, timeout=timeout, options=options)
+        try:
+            yield client
+        except BaseException as exc:  # re-raised below, outside our nursery: no group
+            failure = exc
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+

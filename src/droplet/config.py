@@ -1,0 +1,114 @@
+"""Node configuration: defaults < TOML file < environment < command-line flags."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tomllib
+from typing import Any
+
+import attrs
+
+from .scheduler.placement import POLICIES
+from .transports.base import TransportOptions
+from .transports.registry import normalize_address, parse_address
+
+__all__ = ["ROLES", "Config", "is_loopback"]
+
+ROLES = ("all", "kvs", "scheduler", "executor")
+DEFAULT_LISTEN = "tcp://127.0.0.1:5000"
+
+
+def _url(_: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        parse_address(value)  # raises ValueError naming the address
+
+
+def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, not {value!r}")
+
+
+def is_loopback(address: str) -> bool:
+    scheme, host, _ = parse_address(address)
+    return scheme == "inproc" or host in ("localhost", "::1") or host.startswith("127.")
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Everything a node needs. Attribute names are the TOML keys."""
+
+    role: str = attrs.field(default="all", validator=attrs.validators.in_(ROLES))
+    listen: str | None = attrs.field(default=None, validator=_url)
+    scheduler: str | None = attrs.field(default=None, validator=_url)
+    kvs: str | None = attrs.field(default=None, validator=_url)
+    executors: int = attrs.field(default=2, validator=attrs.validators.ge(0))
+    threads: int = attrs.field(default=32, validator=attrs.validators.ge(1))
+    placement: str = attrs.field(default="locality", validator=attrs.validators.in_(POLICIES))
+    token: str | None = None
+    insecure: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    max_frame_size: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    read_timeout: float = attrs.field(default=30.0, validator=_positive)
+    max_inflight: int = attrs.field(default=10_000, validator=_positive)
+    log_level: str = "INFO"
+
+    @property
+    def listen_url(self) -> str:
+        """Where this node listens: executors pick a free port unless told."""
+        if self.listen:
+            return normalize_address(self.listen)
+        return "tcp://127.0.0.1:0" if self.role == "executor" else DEFAULT_LISTEN
+
+    @classmethod
+    def from_toml(cls, path: str) -> dict[str, Any]:
+        """The settings in a TOML file; unknown keys are refused by name."""
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        data = data.get("droplet", data)
+        known = {a.name for a in attrs.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}")
+        return dict(data)
+
+    @classmethod
+    def load(cls, flags: dict[str, Any], config_file: str | None = None,
+             environ: dict[str, str] | None = None) -> Config:
+        """Merge the layers: file, then environment, then the flags the user gave."""
+        settings: dict[str, Any] = cls.from_toml(config_file) if config_file else {}
+        env = os.environ if environ is None else environ
+        if env.get("DROPLET_TOKEN"):
+            settings["token"] = env["DROPLET_TOKEN"]
+        settings.update({k: v for k, v in flags.items() if v is not None})
+        return cls(**settings)
+
+    def check_exposure(self) -> None:
+        """Refuse to listen beyond loopback without a token, unless --insecure."""
+        if not is_loopback(self.listen_url) and not self.token and not self.insecure:
+            raise ValueError(
+                f"refusing to listen on {self.listen_url} without a cluster token: anyone who "
+                "can reach it could run code on this machine. Pass --token (or set "
+                "DROPLET_TOKEN), or --insecure if the network is trusted.")
+
+    def server_options(self) -> TransportOptions:
+        ctx = None
+        scheme = parse_address(self.listen_url)[0]
+        if scheme in ("tls", "wss"):
+            if not (self.tls_cert and self.tls_key):
+                raise ValueError(f"{self.listen_url} needs tls_cert and tls_key")
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        return TransportOptions(max_frame_size=self.max_frame_size,
+                                read_timeout=self.read_timeout, ssl_context=ctx)
+
+    def client_options(self) -> TransportOptions:
+        ctx = None
+        if self.tls_ca:
+            ctx = ssl.create_default_context(cafile=self.tls_ca)
+        return TransportOptions(max_frame_size=self.max_frame_size,
+                                read_timeout=self.read_timeout, ssl_context=ctx)

@@ -1,0 +1,80 @@
+"""The executor's co-located cache of KVS values.
+
+Reads go to the KVS on a miss with ``subscribe=True``; the store then pushes
+every later change of the key (``KvsUpdate``), so a cached value is as fresh
+as the last push the cache received: NORMAL consistency's "the latest value
+the cache knows". Values are kept in raw (still-pickled) form and decoded by
+the reader, so a cached object cannot be mutated by one invocation under
+another's feet.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import attrs
+
+from ..lattices import RAW, Lattice, decode_lattice, encode_lattice
+from ..protocol.messages import KvsGet, KvsPut, KvsStored, KvsUnsubscribe, KvsValue
+from ..rpc import Peer
+
+__all__ = ["Cache", "CacheStatistics"]
+
+
+@attrs.frozen
+class CacheStatistics:
+    entries: int
+    hits: int
+    misses: int
+
+
+class Cache:
+    def __init__(self, kvs: Peer, *, capacity: int = 100_000) -> None:
+        self._kvs = kvs
+        self._capacity = capacity
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def statistics(self) -> CacheStatistics:
+        return CacheStatistics(len(self._entries), self.hits, self.misses)
+
+    def peek(self, key: str) -> bytes | None:
+        """The cached encoding of ``key`` without any I/O (safe from worker threads)."""
+        return self._entries.get(key)
+
+    async def get(self, key: str) -> bytes | None:
+        """The encoded lattice at ``key``: from the cache, else from the KVS."""
+        data = self._entries.get(key)
+        if data is not None:
+            self.hits += 1
+            return data
+        self.misses += 1
+        reply: KvsValue = await self._kvs.request(KvsGet(key, None, True))
+        if reply.lattice is not None:
+            await self._store(key, reply.lattice)
+        return reply.lattice
+
+    async def put(self, key: str, lattice: Lattice) -> str:
+        """Merge a lattice into the KVS (and, via the pushed update, into this cache)."""
+        stored: KvsStored = await self._kvs.request(
+            KvsPut(key, encode_lattice(lattice), True))
+        return stored.type_name
+
+    async def update(self, key: str, data: bytes) -> None:
+        """A pushed change from the KVS: merge it into what the cache holds."""
+        await self._store(key, data)
+
+    async def _store(self, key: str, data: bytes) -> None:
+        old = self._entries.get(key)
+        if old is not None and old != data:
+            merged = decode_lattice(old, load=RAW).merge(decode_lattice(data, load=RAW))
+            data = encode_lattice(merged, dump=RAW)
+        self._entries[key] = data
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._capacity:
+            evicted, _ = self._entries.popitem(last=False)
+            try:
+                await self._kvs.send(KvsUnsubscribe(evicted))
+            except Exception:
+                pass

@@ -1,0 +1,347 @@
+"""The executor: runs functions, resolves references, moves results along a DAG.
+
+A trigger names one function of a run and carries the whole schedule, so the
+executor needs nothing from the scheduler beyond the trigger: it waits for the
+function's upstream inputs (fan-in, kept in ``connections`` order), runs it,
+and sends the result straight to each downstream function's executor. The
+sink writes the result to the KVS (or hands it to the scheduler for a direct
+response). A function that raises becomes a FunctionError that flows down the
+DAG to the caller; the executor itself carries on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import pickle
+import time
+import traceback
+import uuid
+from typing import Any
+
+import attrs
+import trio
+
+from ..errors import DropletError, FunctionError, RegistrationError, _Failure
+from ..lattices import RAW, LWWLattice, decode_lattice, encode_lattice
+from ..protocol.messages import (
+    ClusterInfo,
+    ExecutorJoin,
+    KvsPut,
+    KvsUpdate,
+    Mail,
+    RunDone,
+    Trigger,
+)
+from ..references import DropletReference
+from ..rpc import Peer, PeerPool
+from ..scheduler.service import function_key
+from ..serialization import dumps
+from .cache import Cache
+from .user_library import UserLibrary, reveal_stored
+
+__all__ = ["ExecutorService", "ExecutorStatistics"]
+
+log = logging.getLogger("droplet.executor")
+
+#: Fan-in state for runs whose other inputs never came is dropped after this.
+FANIN_TTL = 600.0
+
+
+@attrs.frozen
+class ExecutorStatistics:
+    url: str
+    invocations: int
+    failures: int
+    running: int
+    functions_loaded: int
+    cache_hits: int
+    cache_misses: int
+
+
+@attrs.define
+class _Loaded:
+    version: str
+    obj: Any
+    instance: Any = None  # for (cls, init_args) registrations: built once
+
+
+class ExecutorService:
+    MESSAGES = (Trigger, Mail, KvsUpdate)
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        url: str,
+        scheduler: Peer,
+        kvs: Peer,
+        peers: PeerPool,
+        threads: int = 32,
+    ) -> None:
+        self._nursery = nursery
+        self.url = url
+        self._scheduler = scheduler
+        self._kvs = kvs
+        self._peers = peers
+        self.cache = Cache(kvs)
+        self.trio_token = trio.lowlevel.current_trio_token()
+        self._limiter = trio.CapacityLimiter(threads)
+        self._functions: dict[str, _Loaded] = {}
+        self._load_locks: dict[str, trio.Lock] = {}
+        self._fanin: dict[tuple[str, str], tuple[float, dict[str, tuple[Any, bool]]]] = {}
+        self._libraries: dict[str, UserLibrary] = {}
+        self._next_id = 0
+        self._invocations = 0
+        self._failures = 0
+        self._running = 0
+
+    def statistics(self) -> ExecutorStatistics:
+        cache = self.cache.statistics()
+        return ExecutorStatistics(
+            self.url, self._invocations, self._failures, self._running,
+            len(self._functions), cache.hits, cache.misses)
+
+    @classmethod
+    async def join(
+        cls, nursery: trio.Nursery, *, url: str, scheduler_url: str, workers: int,
+        token: str | None, options: Any = None, threads: int = 32,
+    ) -> ExecutorService:
+        """Connect to the scheduler and KVS, announce ``url``, return the ready service."""
+        from ..rpc import connect_peer
+
+        holder: list[ExecutorService] = []
+
+        async def handle(peer: Peer, msg: Any, request_id: int) -> Any:
+            return await holder[0].handle(peer, msg, request_id)
+
+        scheduler = await connect_peer(scheduler_url, nursery, token=token, handler=handle,
+                                       options=options)
+        node_id = uuid.uuid4().hex[:12]
+        info: ClusterInfo = await scheduler.request(ExecutorJoin(url, node_id, workers), 30)
+        if info.kvs == scheduler_url:
+            kvs = scheduler
+        else:
+            kvs = await connect_peer(info.kvs, nursery, token=token, handler=handle,
+                                     options=options)
+        peers = PeerPool(nursery, token=token, options=options, handler=handle)
+        service = cls(nursery, url=url, scheduler=scheduler, kvs=kvs, peers=peers,
+                      threads=threads)
+        holder.append(service)
+        peers.add(scheduler_url, scheduler)
+        return service
+
+    # ------------------------------------------------------------------ messages
+
+    async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        kind = type(msg)
+        if kind is Trigger:
+            self._on_trigger(msg)
+        elif kind is KvsUpdate:
+            await self.cache.update(msg.key, msg.lattice)
+        elif kind is Mail:
+            self._deliver(msg)
+        else:
+            raise TypeError(f"executor cannot handle {kind.__name__}")
+        return None
+
+    def _on_trigger(self, t: Trigger) -> None:
+        if t.function not in t.functions or len(t.placement) != len(t.functions):
+            raise DropletError(f"malformed trigger for {t.function!r}")
+        if t.source is None:
+            self._nursery.start_soon(self._invoke, t, [])
+            return
+        try:
+            value = pickle.loads(t.result) if t.result is not None else None
+            failed = t.failed
+        except Exception as exc:
+            value, failed = _Failure(_function_error(exc, t.source)), True
+        self._input(t, t.source, value, failed)
+
+    def _input(self, t: Trigger, source: str, value: Any, failed: bool) -> None:
+        """Record one upstream result; run the function once all have arrived."""
+        upstream = [src for src, dst in t.edges if dst == t.function]
+        if len(upstream) == 1:
+            self._nursery.start_soon(self._invoke, t, [(value, failed)])
+            return
+        key = (t.run_id, t.function)
+        started, got = self._fanin.setdefault(key, (time.monotonic(), {}))
+        got[source] = (value, failed)
+        if len(got) == len(upstream):
+            del self._fanin[key]
+            self._nursery.start_soon(self._invoke, t, [got[src] for src in upstream])
+        elif len(self._fanin) > 1000:
+            self._sweep_fanin()
+
+    def _sweep_fanin(self) -> None:
+        cutoff = time.monotonic() - FANIN_TTL
+        for key in [k for k, (t0, _) in self._fanin.items() if t0 < cutoff]:
+            del self._fanin[key]
+
+    def _deliver(self, msg: Mail) -> None:
+        lib = self._libraries.get(msg.dest)
+        if lib is None:
+            log.debug("dropping message for finished or unknown invocation %s", msg.dest)
+        else:
+            lib.deliver(msg.sender, msg.data)
+
+    async def send_mail(self, dest: str, sender: str, data: bytes) -> None:
+        url, _, local = dest.rpartition("/")
+        if not url or not local:
+            raise ValueError(f"{dest!r} is not an invocation id (from getid())")
+        if url == self.url:
+            self._deliver(Mail(dest, sender, data))
+            return
+        peer = await self._peers.get(url)
+        await peer.send(Mail(dest, sender, data))
+
+    # ------------------------------------------------------------------ running
+
+    async def _invoke(self, t: Trigger, inputs: list[tuple[Any, bool]]) -> None:
+        self._next_id += 1
+        invocation_id = f"{self.url}/{self._next_id}"
+        lib = UserLibrary(self, invocation_id)
+        self._libraries[invocation_id] = lib
+        self._running += 1
+        self._invocations += 1
+        try:
+            result, failed = await self._run(t, lib, inputs)
+        finally:
+            self._running -= 1
+            del self._libraries[invocation_id]
+        if failed:
+            self._failures += 1
+        try:
+            await self._forward(t, result, failed)
+        except Exception as exc:
+            log.warning("run %s: could not deliver result of %s: %s",
+                        t.run_id, t.function, exc)
+
+    async def _run(
+        self, t: Trigger, lib: UserLibrary, inputs: list[tuple[Any, bool]]
+    ) -> tuple[Any, bool]:
+        """Returns ``(value, failed)``; a failed value is a ``_Failure``."""
+        for value, failed in inputs:
+            if failed:  # an upstream function raised: pass its error on, do not run
+                return value, True
+        try:
+            loaded = await self._load(t.function, t.versions[t.functions.index(t.function)])
+            args = await self._arguments(t, inputs)
+            return await self._call(loaded, lib, args), False
+        except Exception as exc:
+            return _Failure(_function_error(exc, t.function)), True
+
+    async def _arguments(self, t: Trigger, inputs: list[tuple[Any, bool]]) -> list[Any]:
+        args: list[Any] = []
+        if t.function in t.arg_fns:
+            given = pickle.loads(t.arg_blobs[t.arg_fns.index(t.function)])
+            for arg in given:
+                if isinstance(arg, DropletReference):
+                    arg = reveal_stored(await self.cache.get(arg.key), arg.deserialize)
+                args.append(arg)
+        args.extend(value for value, _ in inputs)
+        return args
+
+    async def _call(self, loaded: _Loaded, lib: UserLibrary, args: list[Any]) -> Any:
+        target = loaded.obj
+        if isinstance(target, tuple):  # (cls, init_args): one instance per executor
+            if loaded.instance is None:
+                cls, init_args = target
+                loaded.instance = await self._in_thread(cls, lib, *init_args)
+            target = loaded.instance.run
+        if inspect.iscoroutinefunction(target):
+            return await target(lib, *args)
+        result = await self._in_thread(target, lib, *args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(lambda: fn(*args), limiter=self._limiter)
+
+    async def _load(self, name: str, version: str) -> _Loaded:
+        loaded = self._functions.get(name)
+        if loaded is not None and loaded.version == version:
+            return loaded
+        async with self._load_locks.setdefault(name, trio.Lock()):
+            loaded = self._functions.get(name)
+            if loaded is not None and loaded.version == version:
+                return loaded
+            from ..protocol.messages import KvsGet, KvsValue
+
+            reply: KvsValue = await self._kvs.request(KvsGet(function_key(name)))
+            if reply.lattice is None:
+                raise RegistrationError(f"function {name!r} is not registered")
+            code = decode_lattice(reply.lattice, load=RAW).reveal()
+            obj = pickle.loads(code)
+            if isinstance(obj, tuple) and not (
+                len(obj) == 2 and isinstance(obj[0], type) and hasattr(obj[0], "run")
+            ):
+                raise RegistrationError(
+                    f"function {name!r}: a tuple registration must be (cls, init_args) "
+                    "with a class that has a run(user_library, *args) method")
+            if isinstance(obj, tuple):
+                obj = (obj[0], tuple(obj[1]))
+            elif not callable(obj):
+                raise RegistrationError(f"{name!r} is registered as a non-callable "
+                                        f"{type(obj).__name__}")
+            loaded = _Loaded(version, obj)
+            self._functions[name] = loaded
+            return loaded
+
+    # ------------------------------------------------------------------ results
+
+    async def _forward(self, t: Trigger, result: Any, failed: bool) -> None:
+        downstream = [dst for src, dst in t.edges if src == t.function]
+        blob: bytes | None = None
+        for dst in downstream:
+            url = t.placement[t.functions.index(dst)]
+            if url == self.url:  # same executor: no serialization, no socket
+                self._input(attrs.evolve(t, function=dst, source=t.function,
+                                         result=None, failed=failed), t.function,
+                            result, failed)
+                continue
+            if blob is None:
+                blob = _pickle_result(result)
+            await (await self._peers.get(url)).send(
+                attrs.evolve(t, function=dst, source=t.function, result=blob, failed=failed))
+        if downstream:
+            return
+        blob = _pickle_result(result)
+        if t.output_key and not failed:
+            await self._kvs.request(KvsPut(t.output_key, _lww(blob)))
+        if t.direct:
+            done = RunDone(t.run_id, blob, failed)
+        else:
+            await self._kvs.request(KvsPut(t.result_key, _lww(blob)))
+            done = RunDone(t.run_id, None, failed)
+        scheduler = (self._scheduler if t.scheduler in ("", self._scheduler.remote)
+                     else await self._peers.get(t.scheduler))
+        await scheduler.send(done)
+
+
+def _lww(blob: bytes) -> bytes:
+    return encode_lattice(LWWLattice.now(blob), dump=RAW)
+
+
+def _pickle_result(result: Any) -> bytes:
+    try:
+        return dumps(result)
+    except TypeError as exc:
+        return dumps(_Failure(FunctionError(
+            "TypeError", f"the function's result cannot be serialized: {exc}")))
+
+
+def _function_error(exc: BaseException, function: str) -> FunctionError:
+    if isinstance(exc, FunctionError):
+        return exc
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    kind = type(exc)
+    type_name = kind.__qualname__ if kind.__module__ == "builtins" else (
+        f"{kind.__module__}.{kind.__qualname__}")
+    try:
+        cause: bytes | None = dumps(exc)
+        pickle.loads(cause)  # only keep a cause the client can rebuild
+    except Exception:
+        cause = None
+    return FunctionError(type_name, str(exc), tb, function, cause)

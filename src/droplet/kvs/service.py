@@ -1,0 +1,133 @@
+"""The storage service: a :class:`~droplet.kvs.store.Store` behind the RPC layer.
+
+Besides get/put it offers two things Droplet's other services lean on:
+
+- *waiting reads*: ``KvsGet(wait=s)`` answers as soon as the key exists, which
+  is how a future's ``get()`` learns its result without polling;
+- *subscriptions*: caches that read a key with ``subscribe=True`` are pushed
+  each later change (``KvsUpdate``), keeping executor caches fresh.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import attrs
+import trio
+
+from ..protocol.messages import KvsGet, KvsPut, KvsStored, KvsUnsubscribe, KvsUpdate, KvsValue
+from ..rpc import DEFERRED, Peer
+from .store import Store
+
+__all__ = ["KvsService", "KvsStatistics"]
+
+log = logging.getLogger("droplet.kvs")
+
+MAX_WAIT = 3600.0
+
+
+@attrs.frozen
+class KvsStatistics:
+    keys: int
+    gets: int
+    puts: int
+    subscriptions: int
+
+
+class KvsService:
+    """Serves KVS messages; plug ``handle`` into a node's router."""
+
+    MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe)
+
+    def __init__(self, nursery: trio.Nursery, store: Store | None = None) -> None:
+        self.store = store or Store()
+        self._nursery = nursery
+        self._waiters: dict[str, trio.Event] = {}
+        self._subscribers: defaultdict[str, set[Peer]] = defaultdict(set)
+        self._gets = 0
+        self._puts = 0
+
+    def statistics(self) -> KvsStatistics:
+        return KvsStatistics(
+            keys=len(self.store),
+            gets=self._gets,
+            puts=self._puts,
+            subscriptions=sum(len(s) for s in self._subscribers.values()),
+        )
+
+    async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        kind = type(msg)
+        if kind is KvsGet:
+            return self._get(peer, msg, request_id)
+        if kind is KvsPut:
+            return await self._put(peer, msg)
+        if kind is KvsUnsubscribe:
+            self._subscribers.get(msg.key, set()).discard(peer)
+            return None
+        raise TypeError(f"KVS cannot handle {kind.__name__}")
+
+    def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
+        self._gets += 1
+        if msg.subscribe:
+            self._subscribe(peer, msg.key)
+        value = self.store.get(msg.key)
+        if value is not None or not msg.wait or msg.wait <= 0:
+            return KvsValue(msg.key, value)
+        # Register before yielding, so a put that lands before the task starts wakes it.
+        event = self._waiters.get(msg.key)
+        if event is None:
+            event = self._waiters[msg.key] = trio.Event()
+        self._nursery.start_soon(self._wait_and_reply, peer, msg, request_id, event)
+        return DEFERRED
+
+    async def _wait_and_reply(
+        self, peer: Peer, msg: KvsGet, request_id: int, event: trio.Event
+    ) -> None:
+        with trio.move_on_after(min(float(msg.wait or 0), MAX_WAIT)):
+            await event.wait()
+        try:
+            await peer.reply(request_id, KvsValue(msg.key, self.store.get(msg.key)))
+        except Exception as exc:  # the waiter went away; nothing to tell
+            log.debug("could not answer waiting get of %r: %s", msg.key, exc)
+
+    def _subscribe(self, peer: Peer, key: str) -> None:
+        subs = self._subscribers[key]
+        if peer not in subs:
+            subs.add(peer)
+            if "kvs_subscriptions" not in peer.state:
+                peer.state["kvs_subscriptions"] = set()
+                peer.on_close.append(self._forget_peer)
+            peer.state["kvs_subscriptions"].add(key)
+
+    def _forget_peer(self, peer: Peer) -> None:
+        for key in peer.state.get("kvs_subscriptions", ()):
+            subs = self._subscribers.get(key)
+            if subs is not None:
+                subs.discard(peer)
+                if not subs:
+                    del self._subscribers[key]
+
+    async def _put(self, peer: Peer, msg: KvsPut) -> KvsStored:
+        self._puts += 1
+        type_name, changed = self.store.put(msg.key, msg.lattice)
+        if msg.subscribe:
+            self._subscribe(peer, msg.key)
+        if changed is not None:
+            event = self._waiters.pop(msg.key, None)
+            if event is not None:
+                event.set()
+            subs = self._subscribers.get(msg.key)
+            if subs:
+                update = KvsUpdate(msg.key, changed)
+                for sub in list(subs):
+                    await self._push(sub, update)
+        return KvsStored(type_name)
+
+    async def _push(self, sub: Peer, update: KvsUpdate) -> None:
+        try:
+            await sub.send(update)
+        except Exception as exc:
+            log.debug("dropping subscriber %s: %s", sub.remote, exc)
+            self._subscribers.get(update.key, set()).discard(sub)

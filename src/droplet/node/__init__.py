@@ -1,0 +1,190 @@
+"""Compose Droplet's services into a node, by role.
+
+- ``all``: KVS and scheduler behind one address, plus executor workers as
+  child processes (so CPU-bound functions use every core).
+- ``kvs``, ``scheduler``, ``executor``: one service per process, for a real
+  cluster. Executors join a scheduler; the scheduler tells everyone where the
+  KVS is.
+
+:func:`serve_node` is the single entry point; ``python -m droplet.node``
+(:mod:`droplet.node._main`) and :class:`droplet.LocalCluster` both use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from ..config import Config
+from ..executor.service import ExecutorService
+from ..kvs.service import KvsService
+from ..protocol.messages import ClusterInfo, Hello
+from ..rpc import Limits, Peer, connect_peer, serve_peers
+from ..scheduler.service import SchedulerService
+
+__all__ = ["Node", "Router", "serve_node"]
+
+log = logging.getLogger("droplet.node")
+
+EXECUTOR_JOIN_TIMEOUT = 60.0
+
+
+class Router:
+    """One listener, several services: dispatch each message by its class."""
+
+    def __init__(self) -> None:
+        self._routes: dict[type[Any], Callable[[Peer, Any, int], Awaitable[Any]]] = {}
+
+    def add(self, service: Any) -> None:
+        for cls in service.MESSAGES:
+            self._routes[cls] = service.handle
+
+    async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        route = self._routes.get(type(msg))
+        if route is None:
+            raise TypeError(f"this node does not serve {type(msg).__name__} messages")
+        return await route(peer, msg, request_id)
+
+
+@attrs.define
+class Node:
+    """What a running node offers to its owner (tests, LocalCluster, the CLI)."""
+
+    url: str
+    role: str
+    kvs: KvsService | None = None
+    scheduler: SchedulerService | None = None
+    executors: list[ExecutorService] = attrs.Factory(list)
+
+
+async def serve_node(
+    config: Config,
+    *,
+    in_process_executors: bool = False,
+    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one node until cancelled; ``task_status.started`` gets the ready :class:`Node`.
+
+    With ``in_process_executors`` the ``all`` role runs its executors as tasks
+    of this process instead of child processes (the embedded LocalCluster).
+    """
+    server_opts = config.server_options()
+    client_opts = config.client_options()
+    limits = Limits(max_inflight=config.max_inflight)
+    token = config.token
+    async with trio.open_nursery() as nursery:
+        router = Router()
+        if config.role == "executor":
+            node = await _start_executor(nursery, config, config.listen_url, token,
+                                         server_opts, client_opts, limits)
+            task_status.started(node)
+            return
+
+        url: str = await nursery.start(_serve, config.listen_url, router, token,
+                                       server_opts, limits)
+        node = Node(url, config.role)
+        if config.role in ("all", "kvs"):
+            node.kvs = KvsService(nursery)
+            router.add(node.kvs)
+        if config.role in ("all", "scheduler"):
+            if config.role == "all":
+                internal = await nursery.start(_serve, f"inproc://node-{uuid.uuid4().hex}",
+                                               router, token, server_opts, limits)
+                kvs_peer = await connect_peer(internal, nursery, token=token)
+                kvs_url = url
+            else:
+                if not config.kvs:
+                    raise ValueError("--role scheduler needs --kvs URL (the storage node)")
+                kvs_url = config.kvs
+                kvs_peer = await connect_peer(kvs_url, nursery, token=token,
+                                              options=client_opts)
+            node.scheduler = SchedulerService(nursery, kvs=kvs_peer, kvs_url=kvs_url, url=url,
+                                              placement=config.placement)
+            router.add(node.scheduler)
+        if config.role == "all" and config.executors:
+            await _start_workers(nursery, node, config, router, token, server_opts, limits,
+                                 in_process_executors)
+        task_status.started(node)
+
+
+async def _serve(url: str, router: Router, token: str | None, options: Any, limits: Limits,
+                 *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    await serve_peers(url, router.handle, token=token, options=options, limits=limits,
+                      task_status=task_status)
+
+
+async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
+                          token: str | None, server_opts: Any, client_opts: Any,
+                          limits: Limits) -> Node:
+    if not config.scheduler:
+        raise ValueError("--role executor needs --scheduler URL")
+    router = Router()
+    url: str = await nursery.start(_serve, listen, router, token, server_opts, limits)
+    executor = await ExecutorService.join(
+        nursery, url=url, scheduler_url=config.scheduler, workers=config.threads,
+        token=token, options=client_opts, threads=config.threads)
+    router.add(executor)
+    return Node(url, "executor", executors=[executor])
+
+
+async def _start_workers(nursery: trio.Nursery, node: Node, config: Config, router: Router,
+                         token: str | None, server_opts: Any, limits: Limits,
+                         in_process: bool) -> None:
+    scheduler = node.scheduler
+    assert scheduler is not None
+    if in_process:
+        for i in range(config.executors):
+            listen = f"{node.url}-executor-{i}" if node.url.startswith("inproc://") \
+                else "inproc://"
+            ex_config = attrs.evolve(config, role="executor", scheduler=node.url)
+            worker = await _start_executor(nursery, ex_config, listen, token, server_opts,
+                                           None, limits)
+            node.executors.extend(worker.executors)
+        return
+    # Child processes join over a loopback TCP listener of their own, whatever
+    # scheme (ws, TLS) the public address uses.
+    workers_url: str = await nursery.start(_serve, "tcp://127.0.0.1:0", router, token,
+                                           None, limits)
+    for i in range(config.executors):
+        nursery.start_soon(_supervise_worker, i, workers_url, config)
+    with trio.move_on_after(EXECUTOR_JOIN_TIMEOUT):
+        while len(scheduler.executor_urls) < config.executors:
+            await scheduler.executors_changed.wait()
+    if len(scheduler.executor_urls) < config.executors:
+        raise RuntimeError(
+            f"only {len(scheduler.executor_urls)} of {config.executors} executor workers "
+            f"joined within {EXECUTOR_JOIN_TIMEOUT:g} s; see the log above")
+
+
+async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> None:
+    """Run executor worker ``index`` as a child process, restarting it if it dies."""
+    cmd = [sys.executable, "-m", "droplet.node", "--role", "executor",
+           "--scheduler", scheduler_url, "--threads", str(config.threads),
+           "--log-level", config.log_level]
+    env = dict(os.environ)
+    if config.token:
+        env["DROPLET_TOKEN"] = config.token  # never on the command line (visible in ps)
+    while True:
+        result = await trio.run_process(cmd, check=False, env=env)
+        log.warning("executor worker %d exited with status %s; restarting it",
+                    index, result.returncode)
+        await trio.sleep(1.0)
+
+
+async def cluster_info(url: str, token: str | None = None) -> ClusterInfo:
+    """Ask the node at ``url`` for its cluster addresses (used by health checks)."""
+    async with trio.open_nursery() as nursery:
+        peer = await connect_peer(url, nursery, token=token)
+        try:
+            info: ClusterInfo = await peer.request(Hello("probe", "probe"), 10)
+            return info
+        finally:
+            await peer.aclose()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,95 @@
+"""``python -m droplet.node``: run one Droplet node in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ..config import ROLES, Config
+from ..scheduler.placement import POLICIES
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("droplet.node")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m droplet.node",
+        description="Run a Droplet node. With no flags: storage, scheduler and two "
+        "executor workers on tcp://127.0.0.1:5000.",
+    )
+    p.add_argument("--role", choices=ROLES, default=None,
+                   help="which service(s) to run (default: all)")
+    p.add_argument("--listen", metavar="URL",
+                   help="address to listen on (default: tcp://127.0.0.1:5000; "
+                   "executors: tcp://127.0.0.1:0)")
+    p.add_argument("--scheduler", metavar="URL",
+                   help="scheduler to join (role executor)")
+    p.add_argument("--kvs", metavar="URL", help="storage node to use (role scheduler)")
+    p.add_argument("--executors", type=int, metavar="N",
+                   help="executor worker processes of the all-in-one node (default: 2)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads per executor for sync functions (default: 32)")
+    p.add_argument("--placement", choices=POLICIES,
+                   help="scheduling policy (default: locality)")
+    p.add_argument("--token", metavar="SECRET",
+                   help="cluster token required of every connection (or DROPLET_TOKEN)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow listening beyond loopback without a token")
+    p.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (tls:// and wss://)")
+    p.add_argument("--tls-key", metavar="FILE", help="TLS private key")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA bundle to verify TLS peers")
+    p.add_argument("--max-frame-size", type=int, metavar="BYTES",
+                   help="largest message accepted (default: 64 MiB)")
+    p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags win)")
+    p.add_argument("--log-level", metavar="LEVEL",
+                   help="DEBUG, INFO (default), WARNING or ERROR")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        config = Config.load(flags, args.config)
+        config.check_exposure()
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"droplet.node: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s {config.role}[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return trio.run(_run, config)
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _run(config: Config) -> int:
+    from . import serve_node
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                node = await nursery.start(serve_node, config)
+            except (OSError, ValueError, RuntimeError) as exc:
+                log.error("could not start: %s", exc)
+                nursery.cancel_scope.cancel()
+                return 1
+            workers = config.executors if config.role == "all" else 0
+            extra = f" with {workers} executor workers" if workers else ""
+            log.info("Droplet %s node ready at %s%s", config.role, node.url, extra)
+            print(f"droplet {config.role} node listening on {node.url}", flush=True)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0

@@ -1,0 +1,382 @@
+"""Requests, replies and one-way messages over one transport Connection.
+
+A :class:`Peer` owns one connection: its reader task (``run``) decodes every
+frame, hands replies to the task waiting for them and passes everything else to
+the service's handler. Handlers run inline in the reader, which gives natural
+backpressure; a handler that must wait (a blocking read, a direct-response
+call) returns :data:`DEFERRED` and answers later with :meth:`Peer.reply`.
+
+Every connection starts with the handshake of ``protocol/handshake.py``; no
+other message is decoded before it succeeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from . import errors
+from .errors import AuthenticationError, ConnectionError, DropletError, ProtocolError
+from .protocol import handshake
+from .protocol.messages import AuthChallenge, AuthResponse, AuthResult, ErrorReply, Ok
+from .protocol.messages import decode as decode_message
+from .protocol.messages import encode as encode_message
+from .transports.base import Connection, TransportOptions
+from .transports.registry import get_transport
+
+__all__ = ["DEFERRED", "Handler", "Limits", "Peer", "connect_peer", "serve_peers"]
+
+log = logging.getLogger("droplet.rpc")
+
+#: Returned by a handler that will answer later with ``peer.reply(request_id, msg)``.
+DEFERRED: Any = object()
+
+Handler = Callable[["Peer", Any, int], Awaitable[Any]]
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class Limits:
+    """Per-connection resource limits (see the Security docs page).
+
+    Attributes:
+        max_inflight: requests from one peer being served at once; the reader
+            stops reading (TCP backpressure) while the peer is at the limit.
+    """
+
+    def __init__(self, *, max_inflight: int = 10_000) -> None:
+        self.max_inflight = max_inflight
+
+
+class _Slot:
+    __slots__ = ("event", "value", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class Peer:
+    """One end of a Droplet connection."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        handler: Handler | None = None,
+        *,
+        limits: Limits | None = None,
+        name: str = "",
+    ) -> None:
+        self.conn = conn
+        self.remote = conn.remote_address
+        self.name = name or self.remote
+        self._handler = handler
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Slot] = {}
+        self._closed = False
+        self._inflight = trio.Semaphore((limits or Limits()).max_inflight)
+        self.on_close: list[Callable[[Peer], None]] = []
+        #: Free-form per-connection state for services (e.g. an executor's id).
+        self.state: dict[str, Any] = {}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def send(self, msg: Any) -> None:
+        """Send a one-way message."""
+        await self._send(encode_message(msg))
+
+    async def reply(self, request_id: int, msg: Any) -> None:
+        """Answer request ``request_id`` (used by handlers that returned DEFERRED)."""
+        try:
+            await self._send(encode_message(msg, request_id, reply=True))
+        finally:
+            self._inflight.release()
+
+    async def reply_error(self, request_id: int, exc: BaseException) -> None:
+        await self.reply(request_id, _error_reply(exc))
+
+    async def _send(self, frame: bytes) -> None:
+        if self._closed:
+            raise ConnectionError(f"connection to {self.remote} is closed")
+        try:
+            await self.conn.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await self.aclose()
+            raise ConnectionError(f"connection to {self.remote} broke: {exc}") from exc
+
+    async def request(self, msg: Any, timeout: float | None = None) -> Any:
+        """Send a request and wait for its reply; an ErrorReply is raised as its error."""
+        request_id = next(self._ids)
+        slot = _Slot()
+        self._pending[request_id] = slot
+        try:
+            await self._send(encode_message(msg, request_id))
+            if timeout is None:
+                await slot.event.wait()
+            else:
+                with trio.move_on_after(timeout):
+                    await slot.event.wait()
+                if not slot.event.is_set():
+                    raise errors.TimeoutError(
+                        f"{type(msg).__name__} to {self.remote} got no reply in {timeout:g} s"
+                    )
+        finally:
+            self._pending.pop(request_id, None)
+        if slot.error is not None:
+            raise slot.error
+        return slot.value
+
+    async def run(self) -> None:
+        """The reader loop; returns when the connection closes."""
+        try:
+            await self._read_loop()
+        finally:
+            await self.aclose()
+
+    async def _read_loop(self) -> None:
+        conn, pending = self.conn, self._pending
+        while True:
+            try:
+                frame = await conn.receive()
+            except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            except ProtocolError as exc:
+                log.warning("closing connection from %s: %s", self.remote, exc)
+                return
+            try:
+                msg, request_id, is_reply = decode_message(frame)
+            except ProtocolError as exc:
+                log.warning("closing connection from %s: %s", self.remote, exc)
+                await self._say_goodbye(exc)
+                return
+            if is_reply:
+                slot = pending.get(request_id)
+                if slot is not None:
+                    if type(msg) is ErrorReply:
+                        slot.error = _error_from_reply(msg, self.remote)
+                    else:
+                        slot.value = msg
+                    slot.event.set()
+                continue
+            if self._handler is None:
+                log.warning("%s sent %s, which this endpoint does not serve",
+                            self.remote, type(msg).__name__)
+                if request_id:
+                    await self._send(encode_message(
+                        ErrorReply("ProtocolError", f"unexpected {type(msg).__name__}"),
+                        request_id, reply=True))
+                continue
+            if request_id:
+                await self._inflight.acquire()
+            try:
+                result = await self._handler(self, msg, request_id)
+            except Exception as exc:  # a bad request never takes the node down
+                if self._closed:
+                    return
+                if not isinstance(exc, DropletError):
+                    log.exception("error handling %s from %s", type(msg).__name__, self.remote)
+                if request_id:
+                    await self.reply(request_id, _error_reply(exc))
+                continue
+            if request_id and result is not DEFERRED:
+                await self.reply(request_id, Ok() if result is None else result)
+
+    async def _say_goodbye(self, exc: BaseException) -> None:
+        with trio.move_on_after(1):
+            try:
+                await self.conn.send(encode_message(_error_reply(exc), 0, reply=True))
+            except Exception:
+                pass
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for slot in self._pending.values():
+            slot.error = ConnectionError(f"connection to {self.remote} closed before the reply")
+            slot.event.set()
+        with trio.CancelScope(shield=True):
+            await self.conn.aclose()
+        for callback in self.on_close:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("on_close callback failed")
+
+
+def _error_reply(exc: BaseException) -> ErrorReply:
+    if isinstance(exc, DropletError):
+        return ErrorReply(type(exc).__name__, str(exc))
+    if isinstance(exc, ValueError | TypeError | KeyError):
+        return ErrorReply("DropletError", f"bad request: {exc}")
+    return ErrorReply(
+        "DropletError", f"internal error: {type(exc).__name__}: {exc}", traceback.format_exc()
+    )
+
+
+def _error_from_reply(msg: ErrorReply, remote: str) -> DropletError:
+    cls = getattr(errors, msg.kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, DropletError)) or cls is errors.FunctionError:
+        cls = DropletError
+    return cls(msg.message)
+
+
+# --------------------------------------------------------------------------- connecting
+
+
+async def connect_peer(
+    url: str,
+    nursery: trio.Nursery,
+    *,
+    token: str | None = None,
+    handler: Handler | None = None,
+    options: TransportOptions | None = None,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> Peer:
+    """Connect, authenticate and start the reader in ``nursery``."""
+    options = options or TransportOptions()
+    transport = get_transport(url)
+    with trio.move_on_after(timeout) as scope:
+        conn = await transport.connect(url, options)
+        try:
+            await _client_handshake(conn, url, token)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+            raise
+    if scope.cancelled_caught:
+        raise ConnectionError(
+            f"no answer from a Droplet node at {url} within {timeout:g} s; "
+            "is a node running there? start one with `python -m droplet.node`"
+        )
+    peer = Peer(conn, handler, name=url)
+    peer.remote = url
+    nursery.start_soon(peer.run)
+    return peer
+
+
+async def _client_handshake(conn: Connection, url: str, token: str | None) -> None:
+    try:
+        challenge, _, _ = decode_message(await conn.receive())
+        if type(challenge) is not AuthChallenge:
+            raise ProtocolError(f"{url} did not start with a Droplet handshake")
+        if challenge.version != handshake.VERSION:
+            raise ProtocolError(f"{url} speaks handshake version {challenge.version}")
+        nonce = handshake.new_nonce()
+        mac = handshake.client_mac(token, challenge.nonce, nonce) if token else b""
+        await conn.send(encode_message(AuthResponse(mac, nonce)))
+        result, _, _ = decode_message(await conn.receive())
+    except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
+        raise ConnectionError(f"{url} closed the connection during the handshake") from exc
+    if type(result) is not AuthResult:
+        raise ProtocolError(f"{url} sent {type(result).__name__} instead of AuthResult")
+    if not result.ok:
+        raise AuthenticationError(f"{url} refused the connection: {result.message}")
+    if token and challenge.required:
+        expected = handshake.server_mac(token, challenge.nonce, nonce)
+        if not handshake.verify(expected, result.mac):
+            raise AuthenticationError(
+                f"{url} could not prove it holds the cluster token; refusing to talk to it"
+            )
+
+
+async def _server_handshake(conn: Connection, token: str | None) -> bool:
+    nonce = handshake.new_nonce()
+    await conn.send(encode_message(AuthChallenge(handshake.VERSION, nonce, bool(token))))
+    response, _, _ = decode_message(await conn.receive())
+    if type(response) is not AuthResponse:
+        raise ProtocolError(f"expected AuthResponse, got {type(response).__name__}")
+    if not token:
+        await conn.send(encode_message(AuthResult(True, b"", "")))
+        return True
+    if not response.mac:
+        reason = "this node requires the cluster token (pass token= or set DROPLET_TOKEN)"
+    elif not handshake.verify(handshake.client_mac(token, nonce, response.nonce), response.mac):
+        reason = "wrong cluster token"
+    else:
+        mac = handshake.server_mac(token, nonce, response.nonce)
+        await conn.send(encode_message(AuthResult(True, mac, "")))
+        return True
+    log.warning("refused connection from %s: %s", conn.remote_address, reason)
+    await conn.send(encode_message(AuthResult(False, b"", reason)))
+    return False
+
+
+async def serve_peers(
+    url: str,
+    handler: Handler,
+    *,
+    token: str | None = None,
+    options: TransportOptions | None = None,
+    limits: Limits | None = None,
+    on_connect: Callable[[Peer], None] | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen at ``url``; authenticate each connection, then serve it with ``handler``."""
+    options = options or TransportOptions()
+
+    async def on_connection(conn: Connection) -> None:
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if not await _server_handshake(conn, token):
+                    return
+        except (trio.TooSlowError, trio.EndOfChannel, trio.BrokenResourceError,
+                trio.ClosedResourceError, ProtocolError) as exc:
+            log.warning("dropped connection from %s during handshake: %s",
+                        conn.remote_address, exc or type(exc).__name__)
+            return
+        peer = Peer(conn, handler, limits=limits)
+        if on_connect is not None:
+            on_connect(peer)
+        await peer.run()
+
+    await get_transport(url).serve(url, on_connection, options, task_status=task_status)
+
+
+class PeerPool:
+    """Outgoing connections by URL, opened on first use and reused."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        token: str | None = None,
+        options: TransportOptions | None = None,
+        handler: Handler | None = None,
+    ) -> None:
+        self._nursery = nursery
+        self._token = token
+        self._options = options
+        self._handler = handler
+        self._peers: dict[str, Peer] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def get(self, url: str) -> Peer:
+        peer = self._peers.get(url)
+        if peer is not None and not peer.closed:
+            return peer
+        lock = self._locks.setdefault(url, trio.Lock())
+        async with lock:
+            peer = self._peers.get(url)
+            if peer is None or peer.closed:
+                peer = await connect_peer(url, self._nursery, token=self._token,
+                                          options=self._options, handler=self._handler)
+                self._peers[url] = peer
+            return peer
+
+    def add(self, url: str, peer: Peer) -> None:
+        self._peers[url] = peer
+
+    async def aclose(self) -> None:
+        for peer in list(self._peers.values()):
+            await peer.aclose()
+        self._peers.clear()
+

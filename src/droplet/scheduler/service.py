@@ -1,0 +1,284 @@
+"""The scheduler: function and DAG registry, placement, run bookkeeping.
+
+It is on the path of a call only once: it places the run's functions and
+triggers the sources. Results flow executor to executor and from the sink to
+the KVS (or, for direct responses, back through here to the waiting caller).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import time
+import uuid
+from typing import Any
+
+import attrs
+import trio
+
+from ..errors import DagError, DropletError, RegistrationError, _Failure
+from ..lattices import RAW, LWWLattice, encode_lattice
+from ..protocol.messages import (
+    BoolReply,
+    CallAccepted,
+    CallDag,
+    ClusterInfo,
+    DagResult,
+    DeleteDag,
+    ExecutorJoin,
+    ExecutorLoad,
+    FunctionExists,
+    Hello,
+    KvsPut,
+    ListFunctions,
+    Names,
+    RegisterDag,
+    RegisterFunction,
+    RunDone,
+    Trigger,
+)
+from ..rpc import DEFERRED, Peer
+from .dags import Dag, build_dag
+from .placement import Placement
+
+__all__ = ["FUNCTION_PREFIX", "SchedulerService", "SchedulerStatistics", "function_key"]
+
+log = logging.getLogger("droplet.scheduler")
+
+FUNCTION_PREFIX = "__droplet/functions/"
+CONSISTENCY_LEVELS = ("NORMAL", "REPEATABLE_READ", "CAUSAL")
+
+
+def function_key(name: str) -> str:
+    return FUNCTION_PREFIX + name
+
+
+@attrs.frozen
+class SchedulerStatistics:
+    functions: int
+    dags: int
+    executors: int
+    runs_in_flight: int
+    runs_started: int
+
+
+@attrs.define
+class _Run:
+    executors: list[str]
+    result_key: str
+    caller: tuple[Peer, int] | None  # direct response: who is waiting, request id
+
+
+@attrs.define
+class _Executor:
+    url: str
+    peer: Peer
+    running: int = 0
+
+
+class SchedulerService:
+    MESSAGES = (
+        Hello, ExecutorJoin, ExecutorLoad, RegisterFunction, ListFunctions, FunctionExists,
+        RegisterDag, DeleteDag, CallDag, RunDone,
+    )
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        *,
+        kvs: Peer,
+        kvs_url: str,
+        url: str,
+        node_id: str = "",
+        placement: str = "locality",
+    ) -> None:
+        self._nursery = nursery
+        self._kvs = kvs
+        self.kvs_url = kvs_url
+        self.url = url
+        self.node_id = node_id or uuid.uuid4().hex[:12]
+        self._placement = Placement(placement)
+        self._functions: dict[str, str] = {}  # name -> version
+        self._dags: dict[str, Dag] = {}
+        self._executors: dict[str, _Executor] = {}
+        self._runs: dict[str, _Run] = {}
+        self._runs_started = 0
+        self.executors_changed = trio.Event()
+
+    def statistics(self) -> SchedulerStatistics:
+        return SchedulerStatistics(
+            functions=len(self._functions),
+            dags=len(self._dags),
+            executors=len(self._executors),
+            runs_in_flight=len(self._runs),
+            runs_started=self._runs_started,
+        )
+
+    @property
+    def executor_urls(self) -> list[str]:
+        return list(self._executors)
+
+    async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        kind = type(msg)
+        if kind is CallDag:
+            return await self._call(peer, msg, request_id)
+        if kind is RunDone:
+            await self._run_done(msg)
+            return None
+        if kind is Hello:
+            return ClusterInfo(self.kvs_url, self.url, self.node_id)
+        if kind is RegisterFunction:
+            return await self._register_function(msg)
+        if kind is ListFunctions:
+            names = sorted(n for n in self._functions if n.startswith(msg.prefix or ""))
+            return Names(names)
+        if kind is FunctionExists:
+            return BoolReply(msg.name in self._functions)
+        if kind is RegisterDag:
+            return self._register_dag(msg)
+        if kind is DeleteDag:
+            if self._dags.pop(msg.name, None) is None:
+                raise DagError(f"no DAG named {msg.name!r}")
+            return None
+        if kind is ExecutorJoin:
+            return self._join(peer, msg)
+        if kind is ExecutorLoad:
+            return None
+        raise TypeError(f"scheduler cannot handle {kind.__name__}")
+
+    # ------------------------------------------------------------------ registry
+
+    async def _register_function(self, msg: RegisterFunction) -> None:
+        if not msg.name or "/" in msg.name:
+            raise RegistrationError(
+                f"function name must be a non-empty string without '/', not {msg.name!r}")
+        if not msg.code:
+            raise RegistrationError(f"function {msg.name!r}: empty code")
+        version = hashlib.blake2b(msg.code, digest_size=8).hexdigest()
+        lattice = LWWLattice.now(msg.code)
+        await self._kvs.request(
+            KvsPut(function_key(msg.name), encode_lattice(lattice, dump=RAW)))
+        self._functions[msg.name] = version
+
+    def _register_dag(self, msg: RegisterDag) -> None:
+        dag = build_dag(msg.name, msg.functions, msg.connections, msg.colocated,
+                        self._functions)
+        old = self._dags.get(msg.name)
+        if old is not None and not old.same_shape(dag):
+            raise DagError(
+                f"a different DAG named {msg.name!r} is already registered; "
+                "delete it first (delete_dag) or pick another name"
+            )
+        self._dags[msg.name] = dag
+
+    # ------------------------------------------------------------------ executors
+
+    def _join(self, peer: Peer, msg: ExecutorJoin) -> ClusterInfo:
+        self._executors[msg.url] = _Executor(msg.url, peer)
+        peer.state["executor_url"] = msg.url
+        peer.on_close.append(self._executor_left)
+        log.info("executor %s joined", msg.url)
+        self.executors_changed.set()
+        self.executors_changed = trio.Event()
+        return ClusterInfo(self.kvs_url, self.url, self.node_id)
+
+    def _executor_left(self, peer: Peer) -> None:
+        url = peer.state.get("executor_url")
+        ex = self._executors.get(url) if url else None
+        if ex is None or ex.peer is not peer:
+            return
+        del self._executors[url]
+        log.warning("executor %s disappeared", url)
+        self.executors_changed.set()
+        self.executors_changed = trio.Event()
+        lost = [run_id for run_id, run in self._runs.items() if url in run.executors]
+        for run_id in lost:
+            self._nursery.start_soon(self._fail_run, run_id, DropletError(
+                f"executor {url} disappeared while running this call; it was not completed"))
+
+    async def _fail_run(self, run_id: str, error: DropletError) -> None:
+        value = pickle.dumps(_Failure(error))
+        run = self._runs.get(run_id)
+        if run is None:
+            return
+        if run.caller is None:
+            try:
+                await self._kvs.request(
+                    KvsPut(run.result_key,
+                           encode_lattice(LWWLattice.now(value), dump=RAW)))
+            except DropletError as exc:
+                log.warning("could not record failure of run %s: %s", run_id, exc)
+        await self._run_done(RunDone(run_id, value if run.caller else None, True))
+
+    # ------------------------------------------------------------------ calls
+
+    async def _call(self, peer: Peer, msg: CallDag, request_id: int) -> Any:
+        if msg.consistency not in CONSISTENCY_LEVELS:
+            raise DagError(
+                f"unknown consistency level {msg.consistency!r}; "
+                f"use one of {', '.join(CONSISTENCY_LEVELS)}")
+        if msg.is_function:
+            if msg.target not in self._functions:
+                raise RegistrationError(f"no function named {msg.target!r} is registered")
+            dag = Dag(msg.target, (msg.target,), (), (), msg.target, (msg.target,))
+        else:
+            found = self._dags.get(msg.target)
+            if found is None:
+                raise DagError(f"no DAG named {msg.target!r} is registered")
+            dag = found
+        for fn in msg.arg_fns:
+            if fn not in dag.functions:
+                raise DagError(f"arguments given for {fn!r}, which is not in DAG {dag.name!r}")
+        versions = []
+        for fn in dag.functions:
+            version = self._functions.get(fn)
+            if version is None:
+                raise DagError(f"DAG {dag.name!r} uses {fn!r}, which is no longer registered")
+            versions.append(version)
+        running = {url: ex.running for url, ex in self._executors.items()}
+        where = self._placement.place(dag, list(self._executors), running)
+        run_id = uuid.uuid4().hex
+        result_key = f"__droplet/results/{run_id}"
+        deadline = time.time() + msg.timeout if msg.timeout else None
+        placed = [where[fn] for fn in dag.functions]
+        for url in placed:
+            self._executors[url].running += 1
+        caller = (peer, request_id) if msg.direct else None
+        self._runs[run_id] = _Run(placed, result_key, caller)
+        self._runs_started += 1
+        edges = [list(e) for e in dag.connections]
+        for fn in dag.sources:
+            trigger = Trigger(
+                run_id, fn, list(dag.functions), versions, placed, edges,
+                msg.arg_fns, msg.arg_blobs, None, None, False, result_key, msg.output_key,
+                msg.direct, msg.consistency, msg.client_id, deadline, self.url,
+            )
+            try:
+                await self._executors[where[fn]].peer.send(trigger)
+            except (DropletError, KeyError) as exc:
+                self._runs.pop(run_id, None)
+                self._release(placed)
+                raise DropletError(f"could not reach executor {where[fn]}: {exc}") from exc
+        if msg.direct:
+            return DEFERRED
+        return CallAccepted(run_id, result_key)
+
+    def _release(self, placed: list[str]) -> None:
+        for url in placed:
+            ex = self._executors.get(url)
+            if ex is not None and ex.running > 0:
+                ex.running -= 1
+
+    async def _run_done(self, msg: RunDone) -> None:
+        run = self._runs.pop(msg.run_id, None)
+        if run is None:
+            return
+        self._release(run.executors)
+        if run.caller is not None:
+            peer, request_id = run.caller
+            value = msg.value if msg.value is not None else pickle.dumps(None)
+            try:
+                await peer.reply(request_id, DagResult(msg.run_id, value, msg.failed))
+            except DropletError:
+                log.debug("caller of run %s went away", msg.run_id)

@@ -1,0 +1,25 @@
+"""How user objects become bytes: cloudpickle out, pickle in.
+
+Only authenticated peers' bytes are ever unpickled (see the Security page):
+the wire layer itself never unpickles; user values travel as opaque blobs.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["dumps", "loads"]
+
+
+def dumps(obj: Any) -> bytes:
+    """Serialize a user object (functions, closures, values) with cloudpickle."""
+    try:
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise TypeError(f"cannot serialize {type(obj).__name__} object: {exc}") from exc
+
+
+loads = pickle.loads
