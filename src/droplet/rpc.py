@@ -263,6 +263,36 @@ async def connect_peer(
     return peer
 
 
+async def one_request(
+    url: str,
+    msg: Any,
+    *,
+    token: str | None = None,
+    options: TransportOptions | None = None,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> Any:
+    """Connect, send one request, return its reply, close. No background task."""
+    options = options or TransportOptions()
+    with trio.move_on_after(timeout):
+        conn = await get_transport(url).connect(url, options)
+        try:
+            await _client_handshake(conn, url, token)
+            await conn.send(encode_message(msg, 1))
+            while True:
+                reply, request_id, is_reply = decode_message(await conn.receive())
+                if is_reply and request_id == 1:
+                    break
+        except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
+            raise ConnectionError(f"{url} closed the connection") from exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+        if type(reply) is ErrorReply:
+            raise _error_from_reply(reply, url)
+        return reply
+    raise ConnectionError(f"no answer from a Droplet node at {url} within {timeout:g} s")
+
+
 async def _client_handshake(conn: Connection, url: str, token: str | None) -> None:
     try:
         challenge, _, _ = decode_message(await conn.receive())

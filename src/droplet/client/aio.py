@@ -167,7 +167,7 @@ class AsyncDropletClient:
                                        timeout=timeout)
         info: ClusterInfo = await scheduler.request(
             Hello("client", uuid.uuid4().hex[:12]), timeout)
-        if info.kvs == url:
+        if info.kvs in ("", url):
             kvs = scheduler
         else:
             kvs = await connect_peer(info.kvs, nursery, token=token, options=options,

@@ -119,7 +119,7 @@ class ExecutorService:
                                        options=options)
         node_id = uuid.uuid4().hex[:12]
         info: ClusterInfo = await scheduler.request(ExecutorJoin(url, node_id, workers), 30)
-        if info.kvs == scheduler_url:
+        if info.kvs in ("", scheduler_url):
             kvs = scheduler
         else:
             kvs = await connect_peer(info.kvs, nursery, token=token, handler=handle,
@@ -315,8 +315,7 @@ class ExecutorService:
         else:
             await self._kvs.request(KvsPut(t.result_key, _lww(blob)))
             done = RunDone(t.run_id, None, failed)
-        scheduler = (self._scheduler if t.scheduler in ("", self._scheduler.remote)
-                     else await self._peers.get(t.scheduler))
+        scheduler = self._scheduler if not t.scheduler else await self._peers.get(t.scheduler)
         await scheduler.send(done)
 
 

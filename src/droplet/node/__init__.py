@@ -26,7 +26,7 @@ from ..config import Config
 from ..executor.service import ExecutorService
 from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, Hello
-from ..rpc import Limits, Peer, connect_peer, serve_peers
+from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
 from ..scheduler.service import SchedulerService
 
 __all__ = ["Node", "Router", "serve_node"]
@@ -87,9 +87,8 @@ async def serve_node(
             task_status.started(node)
             return
 
-        url: str = await nursery.start(_serve, config.listen_url, router, token,
-                                       server_opts, limits)
-        node = Node(url, config.role)
+        # The public address opens last, once the node can serve calls.
+        node = Node("", config.role)
         if config.role in ("all", "kvs"):
             node.kvs = KvsService(nursery)
             router.add(node.kvs)
@@ -98,19 +97,22 @@ async def serve_node(
                 internal = await nursery.start(_serve, f"inproc://node-{uuid.uuid4().hex}",
                                                router, token, server_opts, limits)
                 kvs_peer = await connect_peer(internal, nursery, token=token)
-                kvs_url = url
+                kvs_url = ""  # "the address you reached me at"
             else:
                 if not config.kvs:
                     raise ValueError("--role scheduler needs --kvs URL (the storage node)")
                 kvs_url = config.kvs
                 kvs_peer = await connect_peer(kvs_url, nursery, token=token,
                                               options=client_opts)
-            node.scheduler = SchedulerService(nursery, kvs=kvs_peer, kvs_url=kvs_url, url=url,
+            node.scheduler = SchedulerService(nursery, kvs=kvs_peer, kvs_url=kvs_url,
                                               placement=config.placement)
             router.add(node.scheduler)
         if config.role == "all" and config.executors:
-            await _start_workers(nursery, node, config, router, token, server_opts, limits,
-                                 in_process_executors)
+            node.url = await _start_workers(nursery, config, node, router, token, server_opts,
+                                            limits, in_process_executors)
+        else:
+            node.url = await nursery.start(_serve, config.listen_url, router, token,
+                                           server_opts, limits)
         task_status.started(node)
 
 
@@ -134,24 +136,27 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
     return Node(url, "executor", executors=[executor])
 
 
-async def _start_workers(nursery: trio.Nursery, node: Node, config: Config, router: Router,
+async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, router: Router,
                          token: str | None, server_opts: Any, limits: Limits,
-                         in_process: bool) -> None:
+                         in_process: bool) -> str:
+    """Start the executors, wait until they joined, then open the public address."""
     scheduler = node.scheduler
     assert scheduler is not None
     if in_process:
+        base = config.listen_url
+        workers_url: str = await nursery.start(_serve, f"{base}-workers", router, token,
+                                               None, limits)
         for i in range(config.executors):
-            listen = f"{node.url}-executor-{i}" if node.url.startswith("inproc://") \
-                else "inproc://"
-            ex_config = attrs.evolve(config, role="executor", scheduler=node.url)
-            worker = await _start_executor(nursery, ex_config, listen, token, server_opts,
-                                           None, limits)
+            ex_config = attrs.evolve(config, role="executor", scheduler=workers_url)
+            worker = await _start_executor(nursery, ex_config, f"{base}-executor-{i}", token,
+                                           None, None, limits)
             node.executors.extend(worker.executors)
-        return
+        return await nursery.start(_serve, config.listen_url, router, token, server_opts,
+                                   limits)
     # Child processes join over a loopback TCP listener of their own, whatever
     # scheme (ws, TLS) the public address uses.
-    workers_url: str = await nursery.start(_serve, "tcp://127.0.0.1:0", router, token,
-                                           None, limits)
+    workers_url = await nursery.start(_serve, "tcp://127.0.0.1:0", router, token,
+                                      None, limits)
     for i in range(config.executors):
         nursery.start_soon(_supervise_worker, i, workers_url, config)
     with trio.move_on_after(EXECUTOR_JOIN_TIMEOUT):
@@ -161,6 +166,7 @@ async def _start_workers(nursery: trio.Nursery, node: Node, config: Config, rout
         raise RuntimeError(
             f"only {len(scheduler.executor_urls)} of {config.executors} executor workers "
             f"joined within {EXECUTOR_JOIN_TIMEOUT:g} s; see the log above")
+    return await nursery.start(_serve, config.listen_url, router, token, server_opts, limits)
 
 
 async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> None:
@@ -178,13 +184,9 @@ async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> N
         await trio.sleep(1.0)
 
 
-async def cluster_info(url: str, token: str | None = None) -> ClusterInfo:
+async def cluster_info(url: str, token: str | None = None,
+                       timeout: float = 10.0) -> ClusterInfo:
     """Ask the node at ``url`` for its cluster addresses (used by health checks)."""
-    async with trio.open_nursery() as nursery:
-        peer = await connect_peer(url, nursery, token=token)
-        try:
-            info: ClusterInfo = await peer.request(Hello("probe", "probe"), 10)
-            return info
-        finally:
-            await peer.aclose()
-            nursery.cancel_scope.cancel()
+    info: ClusterInfo = await one_request(url, Hello("probe", "probe"), token=token,
+                                          timeout=timeout)
+    return info

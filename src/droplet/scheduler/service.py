@@ -89,14 +89,13 @@ class SchedulerService:
         *,
         kvs: Peer,
         kvs_url: str,
-        url: str,
         node_id: str = "",
         placement: str = "locality",
     ) -> None:
         self._nursery = nursery
         self._kvs = kvs
+        #: where clients find the KVS; "" means "at the address you reached me at".
         self.kvs_url = kvs_url
-        self.url = url
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self._placement = Placement(placement)
         self._functions: dict[str, str] = {}  # name -> version
@@ -127,7 +126,7 @@ class SchedulerService:
             await self._run_done(msg)
             return None
         if kind is Hello:
-            return ClusterInfo(self.kvs_url, self.url, self.node_id)
+            return ClusterInfo(self.kvs_url, "", self.node_id)
         if kind is RegisterFunction:
             return await self._register_function(msg)
         if kind is ListFunctions:
@@ -181,7 +180,7 @@ class SchedulerService:
         log.info("executor %s joined", msg.url)
         self.executors_changed.set()
         self.executors_changed = trio.Event()
-        return ClusterInfo(self.kvs_url, self.url, self.node_id)
+        return ClusterInfo(self.kvs_url, "", self.node_id)
 
     def _executor_left(self, peer: Peer) -> None:
         url = peer.state.get("executor_url")
@@ -189,10 +188,13 @@ class SchedulerService:
         if ex is None or ex.peer is not peer:
             return
         del self._executors[url]
-        log.warning("executor %s disappeared", url)
         self.executors_changed.set()
         self.executors_changed = trio.Event()
         lost = [run_id for run_id, run in self._runs.items() if url in run.executors]
+        if lost:
+            log.warning("executor %s disappeared; failing %d runs placed on it", url, len(lost))
+        else:
+            log.info("executor %s disconnected", url)
         for run_id in lost:
             self._nursery.start_soon(self._fail_run, run_id, DropletError(
                 f"executor {url} disappeared while running this call; it was not completed"))
@@ -252,7 +254,7 @@ class SchedulerService:
             trigger = Trigger(
                 run_id, fn, list(dag.functions), versions, placed, edges,
                 msg.arg_fns, msg.arg_blobs, None, None, False, result_key, msg.output_key,
-                msg.direct, msg.consistency, msg.client_id, deadline, self.url,
+                msg.direct, msg.consistency, msg.client_id, deadline, "",
             )
             try:
                 await self._executors[where[fn]].peer.send(trigger)

@@ -1,0 +1,143 @@
+"""The ``droplet`` console command: run a node in the background and stop it.
+
+``droplet start-local`` starts ``python -m droplet.node`` detached, with a pid
+file and a log file, and returns once the node answers a handshake;
+``droplet stop-local`` sends it SIGTERM and waits for it to exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from .errors import DropletError
+from .transports.registry import normalize_address
+
+__all__ = ["main"]
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5000"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+
+
+def _home() -> Path:
+    return Path(os.environ.get("DROPLET_HOME", Path.home() / ".droplet"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="droplet", description="Droplet command-line tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start-local", help="start an all-in-one node in the background")
+    start.add_argument("--listen", default=DEFAULT_ADDRESS, metavar="URL")
+    start.add_argument("--executors", type=int, default=2, metavar="N")
+    start.add_argument("--pid-file", type=Path, default=None, metavar="FILE",
+                       help="default: $DROPLET_HOME/node.pid (~/.droplet)")
+    start.add_argument("--log-file", type=Path, default=None, metavar="FILE",
+                       help="default: $DROPLET_HOME/node.log")
+    stop = sub.add_parser("stop-local", help="stop the node started by start-local")
+    stop.add_argument("--pid-file", type=Path, default=None, metavar="FILE")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    pid_file: Path = args.pid_file or _home() / "node.pid"
+    if args.command == "start-local":
+        return start_local(args.listen, args.executors, pid_file,
+                           args.log_file or _home() / "node.log")
+    return stop_local(pid_file)
+
+
+def _running_pid(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+def start_local(listen: str, executors: int, pid_file: Path, log_file: Path) -> int:
+    url = normalize_address(listen)
+    pid = _running_pid(pid_file)
+    if pid is not None:
+        print(f"a Droplet node is already running (pid {pid}, {pid_file}); "
+              "`droplet stop-local` stops it", file=sys.stderr)
+        return 1
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "droplet.node", "--listen", url,
+             "--executors", str(executors)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    pid_file.write_text(f"{proc.pid}\n{url}\n")
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pid_file.unlink(missing_ok=True)
+            print(f"the node exited with status {proc.returncode}; see {log_file}",
+                  file=sys.stderr)
+            return 1
+        if _answers(url) and _log_says_ready(log_file, proc.pid):
+            print(f"Droplet node running at {url} (pid {proc.pid}, log {log_file})")
+            return 0
+        time.sleep(0.1)
+    proc.terminate()
+    pid_file.unlink(missing_ok=True)
+    print(f"the node did not become ready within {START_TIMEOUT:g} s; see {log_file}",
+          file=sys.stderr)
+    return 1
+
+
+def _log_says_ready(log_file: Path, pid: int) -> bool:
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return False
+    return f"all[{pid}] INFO droplet.node: Droplet all node ready" in text
+
+
+def _answers(url: str) -> bool:
+    from .node import cluster_info
+
+    try:
+        trio.run(cluster_info, url, os.environ.get("DROPLET_TOKEN") or None)
+    except (DropletError, OSError):
+        return False
+    return True
+
+
+def stop_local(pid_file: Path) -> int:
+    pid = _running_pid(pid_file)
+    if pid is None:
+        print(f"no Droplet node is running (no live pid in {pid_file})", file=sys.stderr)
+        pid_file.unlink(missing_ok=True)
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    print(f"stopped Droplet node (pid {pid})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
