@@ -15,7 +15,20 @@ __all__ = ["dumps", "loads"]
 
 
 def dumps(obj: Any) -> bytes:
-    """Serialize a user object (functions, closures, values) with cloudpickle."""
+    """Serialize a user object (functions, closures, values).
+
+    Plain data goes through the C pickler (about 8x faster than cloudpickle's
+    Python subclass, and it is on every call's path); anything it refuses, or
+    that refers to ``__main__`` (which the executor cannot import), goes
+    through cloudpickle, which pickles such code by value.
+    """
+    try:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
+    else:
+        if b"__main__" not in data:
+            return data
     try:
         return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:

@@ -9,19 +9,20 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import trio
 
-from ..errors import FunctionError, RegistrationError, TimeoutError, _Failure
+from ..errors import DropletError, FunctionError, RegistrationError, TimeoutError, _Failure
 from ..executor.user_library import as_lattice, reveal_stored
 from ..lattices import encode_lattice
 from ..protocol.messages import (
     BoolReply,
-    CallAccepted,
     CallDag,
     ClusterInfo,
     DagResult,
@@ -37,6 +38,7 @@ from ..protocol.messages import (
     RegisterFunction,
 )
 from ..rpc import Peer, connect_peer
+from ..scheduler.service import RESULT_PREFIX
 from ..serialization import dumps, loads
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address
@@ -75,13 +77,49 @@ def unwrap_result(blob: bytes) -> Any:
 
 
 class AsyncDropletFuture:
-    """The pending result of a call, stored in the KVS under ``obj_id``."""
+    """The pending result of a call, stored in the KVS under ``obj_id``.
+
+    The client starts waiting for the result (a blocking KVS read) as soon as
+    the call is sent, so ``get()`` costs no extra round trip.
+    """
 
     def __init__(self, obj_id: str, client: AsyncDropletClient, timeout: float) -> None:
         self.obj_id = obj_id
         self._client = client
         self._timeout = timeout
         self._blob: bytes | None = None
+        self._error: BaseException | None = None
+        self._arrived = trio.Event()
+        #: set with ``_arrived``, for the sync facade to wait on without the event loop.
+        self.arrived_threadsafe = threading.Event()
+        self._fetching = False
+
+    def _start_fetch(self, nursery: trio.Nursery) -> None:
+        self._fetching = True
+        nursery.start_soon(self._fetch, self._timeout)
+
+    async def _fetch(self, wait: float) -> None:
+        try:
+            reply: KvsValue = await self._client._kvs.request(
+                KvsGet(self.obj_id, wait), timeout=wait + self._client.timeout)
+            if reply.lattice is not None:
+                self._blob = _result_blob(reply.lattice)
+        except DropletError as exc:
+            self._error = exc
+        finally:
+            self._fetching = False
+            self._arrived.set()
+            self.arrived_threadsafe.set()
+
+    def result_ready(self) -> Any:
+        """The result if it has arrived (raising the call's error), else TimeoutError."""
+        if self._blob is not None:
+            return unwrap_result(self._blob)
+        if self._error is not None:
+            raise self._error
+        raise TimeoutError(
+            f"no result for {self.obj_id} yet "
+            "(pass a larger timeout to get() if the function is slow)")
 
     async def get(self, timeout: float | None = None) -> Any:
         """Wait for the result (``timeout`` seconds, default the call's or client's).
@@ -90,24 +128,24 @@ class AsyncDropletFuture:
             FunctionError: the function (or one upstream of it) raised.
             TimeoutError: no result within the timeout.
         """
-        if self._blob is None:
-            wait = self._timeout if timeout is None else timeout
-            reply: KvsValue = await self._client._kvs.request(
-                KvsGet(self.obj_id, wait), timeout=wait + self._client.timeout)
-            if reply.lattice is None:
+        wait = self._timeout if timeout is None else timeout
+        if self._blob is None and self._error is None:
+            if not self._fetching:  # the first wait expired; wait again
+                self._arrived = trio.Event()
+                self.arrived_threadsafe.clear()
+                self._start_fetch(self._client._nursery)
+            with trio.move_on_after(wait):
+                await self._arrived.wait()
+            if self._blob is None and self._error is None:
                 raise TimeoutError(
                     f"no result for {self.obj_id} within {wait:g} s "
                     "(pass a larger timeout to get() if the function is slow)")
-            self._blob = _result_blob(reply.lattice)
-        return unwrap_result(self._blob)
+        return self.result_ready()
 
     async def done(self) -> bool:
         """Whether the result is ready (does not wait)."""
-        if self._blob is None:
-            reply: KvsValue = await self._client._kvs.request(KvsGet(self.obj_id))
-            if reply.lattice is not None:
-                self._blob = _result_blob(reply.lattice)
-        return self._blob is not None
+        await trio.lowlevel.checkpoint()
+        return self._blob is not None or self._error is not None
 
     def __await__(self) -> Any:
         return self.get().__await__()
@@ -145,7 +183,9 @@ class AsyncDropletClient:
     with :meth:`connect` giving a nursery you own.
     """
 
-    def __init__(self, scheduler: Peer, kvs: Peer, address: str, timeout: float) -> None:
+    def __init__(self, scheduler: Peer, kvs: Peer, address: str, timeout: float,
+                 nursery: trio.Nursery) -> None:
+        self._nursery = nursery
         self._scheduler = scheduler
         self._kvs = kvs
         self.address = address
@@ -172,7 +212,7 @@ class AsyncDropletClient:
         else:
             kvs = await connect_peer(info.kvs, nursery, token=token, options=options,
                                      timeout=timeout)
-        return cls(scheduler, kvs, url, timeout)
+        return cls(scheduler, kvs, url, timeout, nursery)
 
     async def aclose(self) -> None:
         await self._scheduler.aclose()
@@ -214,9 +254,16 @@ class AsyncDropletClient:
         return reply.names
 
     async def exec_func(self, name: str, args: Iterable[Any] = ()) -> AsyncDropletFuture:
-        reply: CallAccepted = await self._scheduler.request(
+        return await self._submit(
             CallDag(name, True, [name], [dumps(list(args))]), self.timeout)
-        return AsyncDropletFuture(reply.result_key, self, self.timeout)
+
+    async def _submit(self, msg: CallDag, wait: float) -> AsyncDropletFuture:
+        """Send a call and start waiting for its result at once (one round trip)."""
+        future = AsyncDropletFuture(f"{RESULT_PREFIX}{uuid.uuid4().hex}", self, wait)
+        future._start_fetch(self._nursery)
+        await self._scheduler.request(attrs.evolve(msg, result_key=future.obj_id),
+                                      self.timeout)
+        return future
 
     # ------------------------------------------------------------------ DAGs
 
@@ -257,8 +304,7 @@ class AsyncDropletClient:
             except TimeoutError as exc:
                 raise TimeoutError(f"DAG {name!r} gave no result within {wait:g} s") from exc
             return unwrap_result(result.value)
-        accepted: CallAccepted = await self._scheduler.request(msg, self.timeout)
-        return AsyncDropletFuture(accepted.result_key, self, wait)
+        return await self._submit(msg, wait)
 
     # ------------------------------------------------------------------ KVS
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ..errors import TimeoutError
 from ..transports.base import TransportOptions
 from ._portal import Portal
 from .aio import (
@@ -45,7 +46,18 @@ class DropletFuture:
 
     def get(self, timeout: float | None = None) -> Any:
         """Block for the result; see :meth:`AsyncDropletFuture.get`."""
-        return self._portal.run(self._inner.get, timeout)
+        inner = self._inner
+        # Fast path: wait here for the fetch the client started with the call,
+        # without a round trip through the event loop's thread.
+        if inner.arrived_threadsafe.wait(inner._timeout if timeout is None else timeout):
+            try:
+                return inner.result_ready()
+            except TimeoutError:
+                pass  # the fetch's own wait expired: let the loop fetch again
+            return self._portal.run(inner.get, timeout)
+        raise TimeoutError(f"no result for {self.obj_id} within "
+                           f"{inner._timeout if timeout is None else timeout:g} s "
+                           "(pass a larger timeout to get() if the function is slow)")
 
     def done(self) -> bool:
         return self._portal.run(self._inner.done)

@@ -38,6 +38,7 @@ from ..rpc import Peer, PeerPool
 from ..scheduler.service import function_key
 from ..serialization import dumps
 from .cache import Cache
+from .threads import WorkerThreads
 from .user_library import UserLibrary, reveal_stored
 
 __all__ = ["ExecutorService", "ExecutorStatistics"]
@@ -57,6 +58,29 @@ class ExecutorStatistics:
     functions_loaded: int
     cache_hits: int
     cache_misses: int
+
+
+@attrs.define
+class _Step:
+    """One function of a segment, ready to call."""
+
+    function: str
+    target: Any
+    is_async: bool
+    args: list[Any]
+    lib: UserLibrary
+
+
+def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
+    """In a worker thread: run consecutive sync steps, each fed the previous result."""
+    value: Any = None
+    for step in steps:
+        try:
+            value = step.target(step.lib, *step.args, *carried)
+        except Exception as exc:
+            return _Failure(_function_error(exc, step.function)), True
+        carried = [value]
+    return value, False
 
 
 @attrs.define
@@ -86,7 +110,7 @@ class ExecutorService:
         self._peers = peers
         self.cache = Cache(kvs)
         self.trio_token = trio.lowlevel.current_trio_token()
-        self._limiter = trio.CapacityLimiter(threads)
+        self._threads = WorkerThreads(threads)
         self._functions: dict[str, _Loaded] = {}
         self._load_locks: dict[str, trio.Lock] = {}
         self._fanin: dict[tuple[str, str], tuple[float, dict[str, tuple[Any, bool]]]] = {}
@@ -198,66 +222,108 @@ class ExecutorService:
     # ------------------------------------------------------------------ running
 
     async def _invoke(self, t: Trigger, inputs: list[tuple[Any, bool]]) -> None:
-        self._next_id += 1
-        invocation_id = f"{self.url}/{self._next_id}"
-        lib = UserLibrary(self, invocation_id)
-        self._libraries[invocation_id] = lib
-        self._running += 1
-        self._invocations += 1
+        """Run ``t.function`` (and the local pipeline after it), then pass the result on."""
+        segment = self._segment(t)
+        self._running += len(segment)
+        self._invocations += len(segment)
+        libs: list[UserLibrary] = []
         try:
-            result, failed = await self._run(t, lib, inputs)
+            upstream_failure = next((v for v, failed in inputs if failed), None)
+            if upstream_failure is not None:  # pass the upstream error on; do not run
+                result, failed = upstream_failure, True
+            else:
+                result, failed = await self._run_segment(t, segment, inputs, libs)
         finally:
-            self._running -= 1
-            del self._libraries[invocation_id]
+            self._running -= len(segment)
+            for lib in libs:
+                self._libraries.pop(lib.getid(), None)
         if failed:
             self._failures += 1
+        last = segment[-1]
         try:
-            await self._forward(t, result, failed)
+            await self._forward(t if last == t.function else attrs.evolve(t, function=last),
+                                result, failed)
         except Exception as exc:
-            log.warning("run %s: could not deliver result of %s: %s",
-                        t.run_id, t.function, exc)
+            log.warning("run %s: could not deliver result of %s: %s", t.run_id, last, exc)
 
-    async def _run(
-        self, t: Trigger, lib: UserLibrary, inputs: list[tuple[Any, bool]]
+    def _segment(self, t: Trigger) -> list[str]:
+        """``t.function`` plus the pipeline steps after it that run here.
+
+        A step joins when it is this executor's, has exactly one input (the
+        previous step), which feeds nothing else, and takes no references (they
+        must be read when the step runs). A pipeline of sync functions then
+        costs one thread handoff instead of one per function.
+        """
+        segment = [t.function]
+        while True:
+            downstream = [dst for src, dst in t.edges if src == segment[-1]]
+            if len(downstream) != 1:
+                return segment
+            nxt = downstream[0]
+            if (t.placement[t.functions.index(nxt)] != self.url
+                    or sum(1 for _, dst in t.edges if dst == nxt) != 1
+                    or self._has_references(t, nxt)):
+                return segment
+            segment.append(nxt)
+
+    @staticmethod
+    def _has_references(t: Trigger, function: str) -> bool:
+        if function not in t.arg_fns:
+            return False
+        blob = t.arg_blobs[t.arg_fns.index(function)]
+        return b"DropletReference" in blob  # cheap, conservative pre-check
+
+    async def _run_segment(
+        self, t: Trigger, segment: list[str], inputs: list[tuple[Any, bool]],
+        libs: list[UserLibrary],
     ) -> tuple[Any, bool]:
-        """Returns ``(value, failed)``; a failed value is a ``_Failure``."""
-        for value, failed in inputs:
-            if failed:  # an upstream function raised: pass its error on, do not run
-                return value, True
-        try:
-            loaded = await self._load(t.function, t.versions[t.functions.index(t.function)])
-            args = await self._arguments(t, inputs)
-            return await self._call(loaded, lib, args), False
-        except Exception as exc:
-            return _Failure(_function_error(exc, t.function)), True
+        """Run the segment's functions in order; returns ``(value, failed)``."""
+        steps: list[_Step] = []
+        for fn in segment:
+            try:
+                steps.append(await self._prepare(t, fn, libs))
+            except Exception as exc:
+                return _Failure(_function_error(exc, fn)), True
+        carried = [value for value, _ in inputs]
+        i = 0
+        while i < len(steps):
+            step = steps[i]
+            if step.is_async:
+                try:
+                    value = await step.target(step.lib, *step.args, *carried)
+                except Exception as exc:
+                    return _Failure(_function_error(exc, step.function)), True
+                i += 1
+            else:
+                j = i
+                while j < len(steps) and not steps[j].is_async:
+                    j += 1
+                value, failed = await self._threads.run(_run_sync_steps, steps[i:j], carried)
+                if failed:
+                    return value, True
+                i = j
+            carried = [value]
+        return carried[0], False
 
-    async def _arguments(self, t: Trigger, inputs: list[tuple[Any, bool]]) -> list[Any]:
+    async def _prepare(self, t: Trigger, function: str, libs: list[UserLibrary]) -> _Step:
+        loaded = await self._load(function, t.versions[t.functions.index(function)])
+        self._next_id += 1
+        lib = UserLibrary(self, f"{self.url}/{self._next_id}")
+        self._libraries[lib.getid()] = lib
+        libs.append(lib)
         args: list[Any] = []
-        if t.function in t.arg_fns:
-            given = pickle.loads(t.arg_blobs[t.arg_fns.index(t.function)])
-            for arg in given:
+        if function in t.arg_fns:
+            for arg in pickle.loads(t.arg_blobs[t.arg_fns.index(function)]):
                 if isinstance(arg, DropletReference):
                     arg = reveal_stored(await self.cache.get(arg.key), arg.deserialize)
                 args.append(arg)
-        args.extend(value for value, _ in inputs)
-        return args
-
-    async def _call(self, loaded: _Loaded, lib: UserLibrary, args: list[Any]) -> Any:
         target = loaded.obj
         if isinstance(target, tuple):  # (cls, init_args): one instance per executor
             if loaded.instance is None:
                 cls, init_args = target
-                loaded.instance = await self._in_thread(cls, lib, *init_args)
+                loaded.instance = await self._threads.run(lambda: cls(lib, *init_args))
             target = loaded.instance.run
-        if inspect.iscoroutinefunction(target):
-            return await target(lib, *args)
-        result = await self._in_thread(target, lib, *args)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
-
-    async def _in_thread(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(lambda: fn(*args), limiter=self._limiter)
+        return _Step(function, target, inspect.iscoroutinefunction(target), args, lib)
 
     async def _load(self, name: str, version: str) -> _Loaded:
         loaded = self._functions.get(name)

@@ -143,7 +143,12 @@ def decode(payload: bytes) -> tuple[Any, int, bool]:
     if end > size:
         raise ProtocolError(f"{cls.__name__}: header length {head_len} exceeds the frame")
     try:
-        header = _json_decode(payload[pos:end].decode("utf-8"))
+        text = payload[pos:end].decode("utf-8")
+        header = _json_decode(text)
+        if "\\u" in text:
+            # A "\udXXX" escape can smuggle a lone surrogate into a str, which no
+            # reply could carry back (encode would raise): refuse it here.
+            _json_encode(header).encode("utf-8")
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"{cls.__name__}: header is not valid JSON ({exc})") from None
     if type(header) is not list or len(header) != len(schema.names):
@@ -371,6 +376,9 @@ class CallDag:
     client_id: str | None = None
     direct: bool = False
     timeout: float | None = None
+    #: chosen by the client so it can wait for the result while the call is
+    #: still being scheduled (saves a round trip); generated when None.
+    result_key: str | None = None
 
 
 @message(26)

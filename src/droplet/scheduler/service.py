@@ -47,6 +47,7 @@ __all__ = ["FUNCTION_PREFIX", "SchedulerService", "SchedulerStatistics", "functi
 log = logging.getLogger("droplet.scheduler")
 
 FUNCTION_PREFIX = "__droplet/functions/"
+RESULT_PREFIX = "__droplet/results/"
 CONSISTENCY_LEVELS = ("NORMAL", "REPEATABLE_READ", "CAUSAL")
 
 
@@ -188,6 +189,8 @@ class SchedulerService:
         if ex is None or ex.peer is not peer:
             return
         del self._executors[url]
+        if trio.current_effective_deadline() == float("-inf"):
+            return  # this node is shutting down; nobody is left to tell
         self.executors_changed.set()
         self.executors_changed = trio.Event()
         lost = [run_id for run_id, run in self._runs.items() if url in run.executors]
@@ -241,7 +244,7 @@ class SchedulerService:
         running = {url: ex.running for url, ex in self._executors.items()}
         where = self._placement.place(dag, list(self._executors), running)
         run_id = uuid.uuid4().hex
-        result_key = f"__droplet/results/{run_id}"
+        result_key = msg.result_key or f"{RESULT_PREFIX}{run_id}"
         deadline = time.time() + msg.timeout if msg.timeout else None
         placed = [where[fn] for fn in dag.functions]
         for url in placed:

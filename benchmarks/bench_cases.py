@@ -1,0 +1,208 @@
+"""The benchmark cases: a registry of (name, setup, call).
+
+Two kinds of case:
+
+- **latency** (:func:`latency_case`): ``setup(conn, ctx)`` gets a synchronous
+  :class:`droplet.DropletConnection`, registers what it needs and returns the
+  zero-argument *call* to time. The runner calls it ``warmup`` times (checking
+  the first result against ``expect``), then times ``samples`` sequential calls
+  with ``time.perf_counter_ns``.
+- **throughput** (:func:`throughput_case`): ``async run(client, ctx)`` gets an
+  :class:`droplet.AsyncDropletClient` inside one ``trio.run`` and returns a
+  :class:`Measured` (per-call latencies plus the total wall time).
+
+Adding a row is one decorated function. Example, a DAG reading two keys under
+REPEATABLE_READ (the consistency rows)::
+
+    @latency_case("dag2-rr", "square -> increment, REPEATABLE_READ, 2 key reads each",
+                  expect=...)
+    def dag2_rr(conn, ctx):
+        conn.put_object("bench-k1", 1); conn.put_object("bench-k2", 2)
+        return dag_chain(conn, "bench-dag2-rr", [square_reading, inc_reading],
+                         arg=3, consistency=droplet.REPEATABLE_READ)
+
+Names must be unique; ``--only`` selects cases by name or glob (``dag*``). Each
+target is a fresh cluster, but ``--target-url`` may reuse a node, so register
+functions and DAGs under ``bench-`` names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+import droplet
+
+__all__ = ["CASES", "Case", "Context", "Measured", "dag_chain", "latency_case",
+           "throughput_case"]
+
+_MISSING: Any = object()
+
+
+@dataclasses.dataclass
+class Context:
+    """Run settings a case may read (sizes come from the command line)."""
+
+    samples: int
+    warmup: int
+    concurrent_calls: int
+    target: Any  # bench_targets.Target
+
+
+@dataclasses.dataclass
+class Measured:
+    """What a throughput case returns."""
+
+    latencies_ns: list[int]
+    total_ns: int
+    calls: int
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    description: str
+    kind: str  # "latency" or "throughput"
+    setup: Callable[[droplet.DropletConnection, Context], Callable[[], Any]] | None = None
+    run: Callable[[droplet.AsyncDropletClient, Context], Awaitable[Measured]] | None = None
+    expect: Any = _MISSING
+    #: Target names this case runs on (None: all).
+    targets: frozenset[str] | None = None
+
+    def applies_to(self, target_name: str) -> bool:
+        return self.targets is None or target_name in self.targets
+
+
+#: Every case, in table order.
+CASES: dict[str, Case] = {}
+
+
+def _add(case: Case) -> None:
+    if case.name in CASES:
+        raise ValueError(f"duplicate benchmark case {case.name!r}")
+    CASES[case.name] = case
+
+
+def latency_case(name: str, description: str, *, expect: Any = _MISSING,
+                 targets: Sequence[str] | None = None) -> Callable[..., Any]:
+    """Register ``setup(conn, ctx) -> call`` as a latency row."""
+    def deco(setup: Callable[[droplet.DropletConnection, Context], Callable[[], Any]]) -> Any:
+        _add(Case(name, description, "latency", setup=setup, expect=expect,
+                  targets=frozenset(targets) if targets else None))
+        return setup
+    return deco
+
+
+def throughput_case(name: str, description: str, *,
+                    targets: Sequence[str] | None = None) -> Callable[..., Any]:
+    """Register ``async run(client, ctx) -> Measured`` as a throughput row."""
+    def deco(run: Callable[[droplet.AsyncDropletClient, Context], Awaitable[Measured]]) -> Any:
+        _add(Case(name, description, "throughput", run=run,
+                  targets=frozenset(targets) if targets else None))
+        return run
+    return deco
+
+
+# --------------------------------------------------------------------------- helpers
+
+def noop(_: Any, x: Any) -> Any:
+    return x
+
+
+def square(_: Any, x: Any) -> Any:
+    return x * x
+
+
+def increment(_: Any, x: Any) -> Any:
+    return x + 1
+
+
+def dag_chain(conn: droplet.DropletConnection, name: str,
+              functions: Sequence[Callable[..., Any]], arg: Any, *,
+              direct_response: bool = False, consistency: str = droplet.NORMAL,
+              client_id: str | None = None) -> Callable[[], Any]:
+    """Register ``functions`` as ``name-0 -> name-1 -> ...`` and DAG ``name``.
+
+    Returns the call: ``call_dag(name, {first: arg}).get()`` (or the direct
+    response's value with ``direct_response=True``).
+    """
+    names = [f"{name}-{i}" for i in range(len(functions))]
+    for fn, fn_name in zip(functions, names, strict=True):
+        conn.register(fn, fn_name)
+    conn.register_dag(name, names, list(zip(names, names[1:])))
+    arg_map = {names[0]: arg}
+    if direct_response:
+        return lambda: conn.call_dag(name, arg_map, direct_response=True,
+                                     consistency=consistency, client_id=client_id)
+    return lambda: conn.call_dag(name, arg_map, consistency=consistency,
+                                 client_id=client_id).get()
+
+
+# --------------------------------------------------------------------------- rows
+
+@latency_case("noop", "one no-op function call: f(1).get(), f = lambda _, x: x", expect=1)
+def noop_call(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+    f = conn.register(noop, "bench-noop")
+    return lambda: f(1).get()
+
+
+@latency_case("dag2", "2-function DAG square -> increment: call_dag(..., {square: 3}).get()",
+              expect=10)
+def dag2(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+    return dag_chain(conn, "bench-dag2", [square, increment], 3)
+
+
+@latency_case("dag2-direct", "the same 2-function DAG with direct_response=True", expect=10)
+def dag2_direct(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+    return dag_chain(conn, "bench-dag2", [square, increment], 3, direct_response=True)
+
+
+@latency_case("chain10", "10-function chain of increments: call_dag(..., {inc0: 0}).get()",
+              expect=10)
+def chain10(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+    return dag_chain(conn, "bench-chain10", [increment] * 10, 0)
+
+
+@throughput_case("throughput",
+                 "N concurrent no-op calls (async API): issue all exec_func, then get all")
+async def throughput(client: droplet.AsyncDropletClient, ctx: Context) -> Measured:
+    f = await client.register(noop, "bench-noop")
+    for _ in range(ctx.warmup):
+        await (await f(1)).get()
+    n = ctx.concurrent_calls
+    futures: list[Any] = [None] * n
+    started = [0] * n
+    latencies = [0] * n
+    errors: list[BaseException] = []
+
+    async def issue(i: int) -> None:
+        started[i] = time.perf_counter_ns()
+        futures[i] = await client.exec_func("bench-noop", [i])
+
+    async def collect(i: int) -> None:
+        try:
+            value = await futures[i].get()
+        except droplet.DropletError as exc:
+            errors.append(exc)
+            return
+        latencies[i] = time.perf_counter_ns() - started[i]
+        if value != i:
+            errors.append(AssertionError(f"call {i} returned {value!r}"))
+
+    t0 = time.perf_counter_ns()
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(issue, i)
+    issued = time.perf_counter_ns()
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(collect, i)
+    total = time.perf_counter_ns() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} calls failed; first: {errors[0]!r}")
+    return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")

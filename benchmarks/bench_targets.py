@@ -1,0 +1,326 @@
+"""What a benchmark runs against: an embedded cluster, a node subprocess, or a URL.
+
+A target gives the cases two things:
+
+- ``connect()``: a synchronous :class:`droplet.DropletConnection` (latency rows),
+  created on first use and shared by all latency cases of that target;
+- ``async_client()``: an async context manager yielding an
+  :class:`droplet.AsyncDropletClient`, used inside one ``trio.run`` (throughput
+  rows).
+
+Targets are built by name from :data:`TARGETS` (``--targets embedded,tcp``). To
+add one, register a factory, e.g. for a WebSocket node::
+
+    TARGETS["ws"] = lambda opts: NodeTarget("ws", scheme="ws", opts=opts)
+
+and for TLS, pass ``node_args=["--tls-cert", cert, "--tls-key", key]`` and
+``client_options=TransportOptions(ssl_context=...)`` (e.g. from ``trustme``).
+Besides the registry, ``node:SCHEME`` starts a node listening on that scheme with
+no extra setup, and ``--target-url URL`` measures a node someone else started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+import droplet
+from droplet.node import cluster_info
+
+__all__ = ["TARGETS", "EmbeddedTarget", "NodeTarget", "Target", "TargetOptions", "UrlTarget",
+           "make_target"]
+
+START_TIMEOUT = 60.0  # node start: executor workers are child processes
+STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL of the node's whole process group
+
+
+@dataclasses.dataclass
+class TargetOptions:
+    """Settings from the command line that targets may use."""
+
+    executors: int = 2
+    node_args: list[str] = dataclasses.field(default_factory=list)
+    token: str | None = None
+    verbose: bool = False
+
+
+class Target:
+    """Base class: lifetime (a context manager) plus the two kinds of client."""
+
+    name = "?"
+    #: Transport scheme of the client's connection ("inproc", "tcp", "ws", ...).
+    scheme = "?"
+
+    def __init__(self) -> None:
+        self._conn: droplet.DropletConnection | None = None
+
+    def connect(self) -> droplet.DropletConnection:
+        """The shared synchronous connection (opened on first use)."""
+        if self._conn is None:
+            self._conn = self._open_connection()
+        return self._conn
+
+    def _open_connection(self) -> droplet.DropletConnection:
+        raise NotImplementedError
+
+    def async_client(self) -> Any:
+        """``async with target.async_client() as client`` inside ``trio.run``."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EmbeddedTarget(Target):
+    """``droplet.LocalCluster`` in this process (inproc transport, no sockets).
+
+    The sync connection uses a ``LocalCluster`` (its own background Trio thread);
+    async rows start a fresh ``droplet.open_local_cluster`` inside their own
+    ``trio.run``, since inproc connections live in one Trio loop.
+    """
+
+    name = "embedded"
+    scheme = "inproc"
+
+    def __init__(self, opts: TargetOptions) -> None:
+        super().__init__()
+        self._opts = opts
+        self._cluster: droplet.LocalCluster | None = None
+
+    def _open_connection(self) -> droplet.DropletConnection:
+        if self._cluster is None:
+            self._cluster = droplet.LocalCluster(executors=self._opts.executors,
+                                                 token=self._opts.token)
+        return self._cluster.connect()
+
+    @asynccontextmanager
+    async def async_client(self) -> AsyncIterator[droplet.AsyncDropletClient]:
+        async with droplet.open_local_cluster(executors=self._opts.executors,
+                                              token=self._opts.token) as cluster:
+            async with cluster.client() as client:
+                yield client
+
+    def describe(self) -> str:
+        return f"embedded: droplet.LocalCluster(executors={self._opts.executors})"
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._cluster is not None:
+                cluster, self._cluster = self._cluster, None
+                cluster.close()
+
+
+class UrlTarget(Target):
+    """A node already running at ``url`` (not started or stopped here)."""
+
+    def __init__(self, url: str, opts: TargetOptions, *, name: str = "url",
+                 client_options: Any = None) -> None:
+        super().__init__()
+        self.url = url
+        self.name = name
+        self.scheme = url.split("://", 1)[0] if "://" in url else "tcp"
+        self._opts = opts
+        self.client_options = client_options
+
+    def _open_connection(self) -> droplet.DropletConnection:
+        return droplet.DropletConnection(self.url, token=self._opts.token,
+                                         options=self.client_options)
+
+    @asynccontextmanager
+    async def async_client(self) -> AsyncIterator[droplet.AsyncDropletClient]:
+        async with droplet.open_client(self.url, token=self._opts.token,
+                                       options=self.client_options) as client:
+            yield client
+
+    def describe(self) -> str:
+        return f"{self.name}: node at {self.url}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class NodeTarget(UrlTarget):
+    """A real all-in-one node: ``python -m droplet.node --listen SCHEME://127.0.0.1:PORT``.
+
+    Started on a free loopback port when the target is created, ready once
+    ``droplet.node.cluster_info`` answers (the node opens its public address only
+    after its executor workers joined). ``close()`` always stops it: SIGTERM,
+    wait, then SIGKILL of its process group (the node and its executor workers).
+    The node's output goes to a temporary log file, shown if it fails to start.
+    """
+
+    def __init__(self, name: str, opts: TargetOptions, *, scheme: str = "tcp",
+                 node_args: Sequence[str] = (), client_options: Any = None) -> None:
+        super().__init__("", opts, name=name, client_options=client_options)
+        self.scheme = scheme
+        self._extra = [*node_args, *opts.node_args]
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix=f"droplet-bench-{name}-",
+                                                suffix=".log", delete=False)
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _command(self, url: str) -> list[str]:
+        return [sys.executable, "-m", "droplet.node", "--listen", url,
+                "--executors", str(self._opts.executors), *self._extra]
+
+    def _start(self) -> None:
+        for attempt in range(3):  # a free port can be taken before the node binds it
+            self.url = f"{self.scheme}://127.0.0.1:{free_port()}"
+            env = dict(os.environ)
+            if self._opts.token:
+                env["DROPLET_TOKEN"] = self._opts.token
+            self._proc = subprocess.Popen(
+                self._command(self.url), stdin=subprocess.DEVNULL, stdout=self._log,
+                stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # its own process group: we stop it, not Ctrl-C
+            )
+            if self._wait_ready():
+                return
+            code = self._proc.poll()
+            self._stop()
+            tail = self._log_tail()
+            if code is not None and attempt < 2 and "already in use" in tail.lower():
+                continue
+            why = (f"did not answer within {START_TIMEOUT:g} s" if code is None
+                   else f"exited with status {code}")
+            raise RuntimeError(
+                f"{self.name}: the node at {self.url} {why}; "
+                f"command: {shlex.join(self._command(self.url))}\n"
+                f"--- {self._log.name} (tail) ---\n{tail}")
+
+    def _wait_ready(self) -> bool:
+        assert self._proc is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                return False
+            try:
+                trio.run(self._probe)
+                return True
+            except (droplet.DropletError, OSError):
+                time.sleep(0.05)
+        return False
+
+    async def _probe(self) -> None:
+        await cluster_info(self.url, self._opts.token, timeout=2.0)
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self._log.name, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        pgid = proc.pid  # start_new_session: the node leads its own process group
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                print(f"[bench] {self.name}: node {proc.pid} ignored SIGTERM for "
+                      f"{STOP_TIMEOUT:g} s; killing it", file=sys.stderr)
+            except KeyboardInterrupt:  # second Ctrl-C: stop waiting, kill below
+                pass
+        # Anything of the node's group still alive (the node after a SIGTERM
+        # timeout, or an executor worker it did not take down): kill it, so that
+        # nothing is left behind.
+        deadline = time.monotonic() + 1.0
+        while _group_exists(pgid) and time.monotonic() < deadline and proc.poll() is not None:
+            time.sleep(0.02)  # orphaned workers still exiting on their own
+        if _group_exists(pgid):
+            if proc.poll() is not None:
+                print(f"[bench] {self.name}: processes of the node's group {pgid} outlived "
+                      "it; killing them", file=sys.stderr)
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.wait(STOP_TIMEOUT)
+
+    def describe(self) -> str:
+        pid = self._proc.pid if self._proc is not None else "?"
+        return f"{self.name}: {shlex.join(self._command(self.url))} (pid {pid})"
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            try:
+                self._stop()
+            finally:
+                self._log.close()
+                if self._opts.verbose:
+                    print(f"[bench] {self.name}: node log kept at {self._log.name}",
+                          file=sys.stderr)
+                else:
+                    try:
+                        os.unlink(self._log.name)
+                    except OSError:
+                        pass
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+TargetFactory = Callable[[TargetOptions], Target]
+
+#: Targets by name, for ``--targets``. Add ws/tls/wss nodes here when they exist.
+TARGETS: dict[str, TargetFactory] = {
+    "embedded": EmbeddedTarget,
+    "tcp": lambda opts: NodeTarget("tcp", opts, scheme="tcp"),
+}
+
+
+def make_target(spec: str, opts: TargetOptions) -> Target:
+    """A target from a ``--targets`` item: a registered name, or ``node:SCHEME``."""
+    if spec in TARGETS:
+        return TARGETS[spec](opts)
+    if spec.startswith("node:"):
+        scheme = spec.split(":", 1)[1]
+        return NodeTarget(scheme, opts, scheme=scheme)
+    raise ValueError(f"unknown target {spec!r}; known: {', '.join(TARGETS)}, node:SCHEME")

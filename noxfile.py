@@ -1,0 +1,70 @@
+"""Developer tasks: ``python3 -m pip install nox && python3 -m nox -s <session>``.
+
+Sessions: ``tests``, ``lint``, ``docs``, ``bench`` and ``demo`` (a local node
+plus ``examples/quickstart.py``). Each runs in its own virtualenv under
+``.nox/``, reused between runs; it needs only ``python3`` and ``pip``.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["tests", "lint", "docs"]
+# A session whose interpreter is missing fails instead of being skipped, so
+# `nox -s tests` can never "pass" without running a test.
+nox.options.error_on_missing_interpreters = True
+
+# Python 3.11 (the oldest supported, what CI pins) when it is installed;
+# otherwise the interpreter running nox (any Python >= 3.11 works, and pip
+# refuses older ones by name when it installs the package).
+PYTHON = "3.11" if shutil.which("python3.11") else None
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The whole test suite, slow tests included: ``nox -s tests -- -x -m "not slow"``."""
+    session.install(".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff and mypy (strict on src/droplet; the configuration is in pyproject.toml)."""
+    session.install(".[lint]")
+    session.run("ruff", "check", "src", "tests", "benchmarks")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the HTML docs into docs/_build/html; any warning is an error."""
+    session.install(".[docs]")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html",
+                *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Latency benchmarks (benchmarks/run.py); arguments after ``--`` go to it."""
+    session.install(".")
+    session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Start a local node, run examples/quickstart.py against it, stop the node.
+
+    The node's pid and log files go to this session's temporary directory
+    (``DROPLET_HOME``), never to ``~/.droplet``.
+    """
+    session.install(".")
+    env = {"DROPLET_HOME": session.create_tmp()}
+    session.run("droplet", "start-local", env=env)
+    try:
+        session.run("python", "examples/quickstart.py", *session.posargs, env=env)
+    finally:
+        session.run("droplet", "stop-local", env=env)
