@@ -18,6 +18,8 @@ from typing import Any
 import attrs
 import trio
 
+from ..consistency import CAUSAL, NORMAL, REPEATABLE_READ, CausalContext, SessionResult
+from ..consistency import check_level
 from ..errors import DropletError, FunctionError, RegistrationError, TimeoutError, _Failure
 from ..executor.user_library import as_lattice, reveal_stored
 from ..lattices import encode_lattice
@@ -54,9 +56,6 @@ __all__ = [
     "unwrap_result",
 ]
 
-NORMAL = "NORMAL"
-REPEATABLE_READ = "REPEATABLE_READ"
-CAUSAL = "CAUSAL"
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -83,9 +82,11 @@ class AsyncDropletFuture:
     the call is sent, so ``get()`` costs no extra round trip.
     """
 
-    def __init__(self, obj_id: str, client: AsyncDropletClient, timeout: float) -> None:
+    def __init__(self, obj_id: str, client: AsyncDropletClient, timeout: float,
+                 session: str | None = None) -> None:
         self.obj_id = obj_id
         self._client = client
+        self._session = session
         self._timeout = timeout
         self._blob: bytes | None = None
         self._error: BaseException | None = None
@@ -114,7 +115,7 @@ class AsyncDropletFuture:
     def result_ready(self) -> Any:
         """The result if it has arrived (raising the call's error), else TimeoutError."""
         if self._blob is not None:
-            return unwrap_result(self._blob)
+            return self._client._finish(unwrap_result(self._blob), self._session)
         if self._error is not None:
             raise self._error
         raise TimeoutError(
@@ -186,6 +187,8 @@ class AsyncDropletClient:
     def __init__(self, scheduler: Peer, kvs: Peer, address: str, timeout: float,
                  nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        #: CAUSAL sessions by client_id: what each session has read and written.
+        self._sessions: dict[str, CausalContext] = {}
         self._scheduler = scheduler
         self._kvs = kvs
         self.address = address
@@ -259,7 +262,8 @@ class AsyncDropletClient:
 
     async def _submit(self, msg: CallDag, wait: float) -> AsyncDropletFuture:
         """Send a call and start waiting for its result at once (one round trip)."""
-        future = AsyncDropletFuture(f"{RESULT_PREFIX}{uuid.uuid4().hex}", self, wait)
+        future = AsyncDropletFuture(f"{RESULT_PREFIX}{uuid.uuid4().hex}", self, wait,
+                                    msg.client_id if msg.consistency == CAUSAL else None)
         future._start_fetch(self._nursery)
         await self._scheduler.request(attrs.evolve(msg, result_key=future.obj_id),
                                       self.timeout)
@@ -293,18 +297,33 @@ class AsyncDropletClient:
         if not isinstance(arg_map, dict):
             raise TypeError(f"arg_map must be a dict of function name -> arguments, "
                             f"not {type(arg_map).__name__}")
+        check_level(str(consistency))
         fns = list(arg_map)
         blobs = [dumps(a if isinstance(a, list) else [a]) for a in arg_map.values()]
         wait = self.timeout if timeout is None else timeout
+        causal = None
+        if consistency == CAUSAL and client_id is not None and client_id in self._sessions:
+            causal = self._sessions[client_id].encode()
         msg = CallDag(name, False, fns, blobs, str(consistency), output_key, client_id,
-                      direct_response, timeout)
+                      direct_response, timeout, None, causal)
         if direct_response:
             try:
                 result: DagResult = await self._scheduler.request(msg, wait)
             except TimeoutError as exc:
                 raise TimeoutError(f"DAG {name!r} gave no result within {wait:g} s") from exc
-            return unwrap_result(result.value)
+            return self._finish(unwrap_result(result.value),
+                                client_id if consistency == CAUSAL else None)
         return await self._submit(msg, wait)
+
+    def _finish(self, value: Any, session: str | None) -> Any:
+        """Unwrap a CAUSAL result, advancing the client session it belongs to."""
+        if isinstance(value, SessionResult):
+            if session is not None:
+                seen = CausalContext.decode(value.causal)
+                old = self._sessions.get(session)
+                self._sessions[session] = seen if old is None else old.merge(seen)
+            return value.value
+        return value
 
     # ------------------------------------------------------------------ KVS
 

@@ -55,6 +55,13 @@ class Cache:
             await self._store(key, reply.lattice)
         return reply.lattice
 
+    async def refresh(self, key: str) -> bytes | None:
+        """Read ``key`` from the KVS even if cached (a read that must not be stale)."""
+        reply: KvsValue = await self._kvs.request(KvsGet(key, None, True))
+        if reply.lattice is not None:
+            await self._store(key, reply.lattice)
+        return self._entries.get(key)
+
     async def put(self, key: str, lattice: Lattice) -> str:
         """Merge a lattice into the KVS (and, via the pushed update, into this cache)."""
         stored: KvsStored = await self._kvs.request(

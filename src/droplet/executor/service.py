@@ -23,12 +23,14 @@ import attrs
 import trio
 
 from ..errors import DropletError, FunctionError, RegistrationError, _Failure
-from ..lattices import RAW, LWWLattice, decode_lattice, encode_lattice
+from ..lattices import RAW, Lattice, LWWLattice, decode_lattice, encode_lattice
 from ..protocol.messages import (
     ClusterInfo,
     ExecutorJoin,
+    KvsGet,
     KvsPut,
     KvsUpdate,
+    KvsValue,
     Mail,
     RunDone,
     Trigger,
@@ -37,9 +39,11 @@ from ..references import DropletReference
 from ..rpc import Peer, PeerPool
 from ..scheduler.service import function_key
 from ..serialization import dumps
+from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext
+from ..consistency import SessionResult
 from .cache import Cache
 from .threads import WorkerThreads
-from .user_library import UserLibrary, reveal_stored
+from .user_library import UserLibrary, as_lattice, reveal_stored
 
 __all__ = ["ExecutorService", "ExecutorStatistics"]
 
@@ -58,6 +62,26 @@ class ExecutorStatistics:
     functions_loaded: int
     cache_hits: int
     cache_misses: int
+
+
+@attrs.frozen
+class _Input:
+    """One upstream result: the value (or a ``_Failure``) and the run's causal context."""
+
+    value: Any
+    failed: bool
+    causal: bytes | None
+
+
+@attrs.define
+class RunContext:
+    """What one DAG run's functions on this executor share: its consistency state."""
+
+    run_id: str
+    consistency: str
+    writer: str  # vector-clock node id for CAUSAL writes: the session or the run
+    causal: CausalContext | None = None
+    pins: dict[str, bytes | None] = attrs.Factory(dict)
 
 
 @attrs.define
@@ -172,6 +196,8 @@ class ExecutorService:
     def _on_trigger(self, t: Trigger) -> None:
         if t.function not in t.functions or len(t.placement) != len(t.functions):
             raise DropletError(f"malformed trigger for {t.function!r}")
+        if t.consistency not in CONSISTENCY_LEVELS:
+            raise DropletError(f"unknown consistency level {t.consistency!r}")
         if t.source is None:
             self._nursery.start_soon(self._invoke, t, [])
             return
@@ -180,17 +206,17 @@ class ExecutorService:
             failed = t.failed
         except Exception as exc:
             value, failed = _Failure(_function_error(exc, t.source)), True
-        self._input(t, t.source, value, failed)
+        self._input(t, t.source, _Input(value, failed, t.causal))
 
-    def _input(self, t: Trigger, source: str, value: Any, failed: bool) -> None:
+    def _input(self, t: Trigger, source: str, given: _Input) -> None:
         """Record one upstream result; run the function once all have arrived."""
         upstream = [src for src, dst in t.edges if dst == t.function]
         if len(upstream) == 1:
-            self._nursery.start_soon(self._invoke, t, [(value, failed)])
+            self._nursery.start_soon(self._invoke, t, [given])
             return
         key = (t.run_id, t.function)
         started, got = self._fanin.setdefault(key, (time.monotonic(), {}))
-        got[source] = (value, failed)
+        got[source] = given
         if len(got) == len(upstream):
             del self._fanin[key]
             self._nursery.start_soon(self._invoke, t, [got[src] for src in upstream])
@@ -221,18 +247,23 @@ class ExecutorService:
 
     # ------------------------------------------------------------------ running
 
-    async def _invoke(self, t: Trigger, inputs: list[tuple[Any, bool]]) -> None:
+    async def _invoke(self, t: Trigger, inputs: list[_Input]) -> None:
         """Run ``t.function`` (and the local pipeline after it), then pass the result on."""
         segment = self._segment(t)
         self._running += len(segment)
         self._invocations += len(segment)
         libs: list[UserLibrary] = []
+        run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
         try:
-            upstream_failure = next((v for v, failed in inputs if failed), None)
+            upstream_failure = next((i.value for i in inputs if i.failed), None)
             if upstream_failure is not None:  # pass the upstream error on; do not run
                 result, failed = upstream_failure, True
             else:
-                result, failed = await self._run_segment(t, segment, inputs, libs)
+                if t.consistency == CAUSAL:
+                    run.causal = CausalContext.merge_all(
+                        CausalContext.decode(c)
+                        for c in ([i.causal for i in inputs] if inputs else [t.causal]))
+                result, failed = await self._run_segment(t, segment, inputs, libs, run)
         finally:
             self._running -= len(segment)
             for lib in libs:
@@ -242,7 +273,7 @@ class ExecutorService:
         last = segment[-1]
         try:
             await self._forward(t if last == t.function else attrs.evolve(t, function=last),
-                                result, failed)
+                                result, failed, run)
         except Exception as exc:
             log.warning("run %s: could not deliver result of %s: %s", t.run_id, last, exc)
 
@@ -274,17 +305,17 @@ class ExecutorService:
         return b"DropletReference" in blob  # cheap, conservative pre-check
 
     async def _run_segment(
-        self, t: Trigger, segment: list[str], inputs: list[tuple[Any, bool]],
-        libs: list[UserLibrary],
+        self, t: Trigger, segment: list[str], inputs: list[_Input],
+        libs: list[UserLibrary], run: RunContext,
     ) -> tuple[Any, bool]:
         """Run the segment's functions in order; returns ``(value, failed)``."""
         steps: list[_Step] = []
         for fn in segment:
             try:
-                steps.append(await self._prepare(t, fn, libs))
+                steps.append(await self._prepare(t, fn, libs, run))
             except Exception as exc:
                 return _Failure(_function_error(exc, fn)), True
-        carried = [value for value, _ in inputs]
+        carried = [i.value for i in inputs]
         i = 0
         while i < len(steps):
             step = steps[i]
@@ -305,17 +336,18 @@ class ExecutorService:
             carried = [value]
         return carried[0], False
 
-    async def _prepare(self, t: Trigger, function: str, libs: list[UserLibrary]) -> _Step:
+    async def _prepare(self, t: Trigger, function: str, libs: list[UserLibrary],
+                       run: RunContext) -> _Step:
         loaded = await self._load(function, t.versions[t.functions.index(function)])
         self._next_id += 1
-        lib = UserLibrary(self, f"{self.url}/{self._next_id}")
+        lib = UserLibrary(self, f"{self.url}/{self._next_id}", run)
         self._libraries[lib.getid()] = lib
         libs.append(lib)
         args: list[Any] = []
         if function in t.arg_fns:
             for arg in pickle.loads(t.arg_blobs[t.arg_fns.index(function)]):
                 if isinstance(arg, DropletReference):
-                    arg = reveal_stored(await self.cache.get(arg.key), arg.deserialize)
+                    arg = reveal_stored(await self.read(arg.key, run), arg.deserialize)
                 args.append(arg)
         target = loaded.obj
         if isinstance(target, tuple):  # (cls, init_args): one instance per executor
@@ -333,8 +365,6 @@ class ExecutorService:
             loaded = self._functions.get(name)
             if loaded is not None and loaded.version == version:
                 return loaded
-            from ..protocol.messages import KvsGet, KvsValue
-
             reply: KvsValue = await self._kvs.request(KvsGet(function_key(name)))
             if reply.lattice is None:
                 raise RegistrationError(f"function {name!r} is not registered")
@@ -355,27 +385,58 @@ class ExecutorService:
             self._functions[name] = loaded
             return loaded
 
+    # ------------------------------------------------------------------ state
+
+    async def read(self, key: str, run: RunContext) -> bytes | None:
+        """The encoded value of ``key`` as the run's consistency level allows."""
+        if run.consistency == REPEATABLE_READ:
+            if key not in run.pins:
+                reply: KvsValue = await self._kvs.request(KvsGet(key, pin=run.run_id))
+                run.pins[key] = reply.lattice
+            return run.pins[key]
+        data = await self.cache.get(key)
+        if run.causal is not None:
+            lattice = decode_lattice(data, load=RAW) if data is not None else None
+            if not run.causal.fresh_enough(key, lattice):
+                # The cache is behind what this run or session has already seen.
+                data = await self.cache.refresh(key)
+                lattice = decode_lattice(data, load=RAW) if data is not None else None
+            run.causal.observe(key, lattice)
+        return data
+
+    async def write(self, key: str, value: Any, run: RunContext) -> str:
+        """Merge ``value`` into ``key``; under CAUSAL, as a write that saw the run's reads."""
+        if run.causal is not None and not isinstance(value, Lattice):
+            lattice: Lattice = run.causal.stamp(key, run.writer, value)
+            type_name = await self.cache.put(key, lattice)
+            run.causal.observe(key, lattice)
+            return type_name
+        return await self.cache.put(key, as_lattice(value))
+
     # ------------------------------------------------------------------ results
 
-    async def _forward(self, t: Trigger, result: Any, failed: bool) -> None:
+    async def _forward(self, t: Trigger, result: Any, failed: bool, run: RunContext) -> None:
         downstream = [dst for src, dst in t.edges if src == t.function]
+        causal = run.causal.encode() if run.causal is not None else None
         blob: bytes | None = None
         for dst in downstream:
             url = t.placement[t.functions.index(dst)]
             if url == self.url:  # same executor: no serialization, no socket
-                self._input(attrs.evolve(t, function=dst, source=t.function,
-                                         result=None, failed=failed), t.function,
-                            result, failed)
+                self._input(attrs.evolve(t, function=dst, source=t.function, result=None,
+                                         failed=failed, causal=causal), t.function,
+                            _Input(result, failed, causal))
                 continue
             if blob is None:
                 blob = _pickle_result(result)
-            await (await self._peers.get(url)).send(
-                attrs.evolve(t, function=dst, source=t.function, result=blob, failed=failed))
+            await (await self._peers.get(url)).send(attrs.evolve(
+                t, function=dst, source=t.function, result=blob, failed=failed, causal=causal))
         if downstream:
             return
-        blob = _pickle_result(result)
         if t.output_key and not failed:
-            await self._kvs.request(KvsPut(t.output_key, _lww(blob)))
+            await self._kvs.request(KvsPut(t.output_key, _lww(_pickle_result(result))))
+        if causal is not None and not failed:
+            result = SessionResult(result, causal)
+        blob = _pickle_result(result)
         if t.direct:
             done = RunDone(t.run_id, blob, failed)
         else:

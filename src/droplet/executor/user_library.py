@@ -15,11 +15,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from ..lattices import Lattice, LWWLattice, decode_lattice
+from ..lattices import (
+    Lattice,
+    LWWLattice,
+    MultiKeyCausalLattice,
+    SingleKeyCausalLattice,
+    decode_lattice,
+)
 from ..references import DropletReference
 
 if TYPE_CHECKING:
-    from .service import ExecutorService
+    from .service import ExecutorService, RunContext
 
 __all__ = ["UserLibrary", "reveal_stored"]
 
@@ -27,11 +33,17 @@ T = TypeVar("T")
 
 
 def reveal_stored(data: bytes | None, deserialize: bool = True) -> Any:
-    """What ``get`` returns for a stored encoding: plain values for LWW, else the lattice."""
+    """What ``get`` returns for a stored encoding.
+
+    Plain values come back plain: an LWW value, or a causal value (a frozenset
+    of the concurrent values when there are several). Other lattices come
+    back as lattices; ``deserialize=False`` returns the stored lattice as is.
+    """
     if data is None:
         return None
     lattice = decode_lattice(data, load=pickle.loads)
-    if deserialize and isinstance(lattice, LWWLattice):
+    if deserialize and isinstance(
+            lattice, LWWLattice | SingleKeyCausalLattice | MultiKeyCausalLattice):
         return lattice.reveal()
     return lattice
 
@@ -54,9 +66,10 @@ def as_lattice(value: Any) -> Lattice:
 class UserLibrary:
     """KVS access and messaging for one function invocation."""
 
-    def __init__(self, executor: ExecutorService, invocation_id: str) -> None:
+    def __init__(self, executor: ExecutorService, invocation_id: str, run: RunContext) -> None:
         self._executor = executor
         self._id = invocation_id
+        self._run = run
         self._mailbox: list[tuple[str, bytes]] = []
 
     # ---------------------------------------------------------------- identity
@@ -68,11 +81,15 @@ class UserLibrary:
 
     # ---------------------------------------------------------------- sync API
     def get(self, key: str | DropletReference) -> Any:
-        """Read a value through this executor's cache (None when absent)."""
+        """Read a value through this executor's cache (None when absent).
+
+        Under CAUSAL, concurrent versions come back together as a frozenset.
+        """
         k = _key(key)
-        cached = self._executor.cache.peek(k)
-        if cached is not None:
-            return reveal_stored(cached)
+        if self._run.consistency == "NORMAL":
+            cached = self._executor.cache.peek(k)
+            if cached is not None:
+                return reveal_stored(cached)
         return self._in_trio(self.aget, k)
 
     get_object = get
@@ -94,10 +111,10 @@ class UserLibrary:
 
     # ---------------------------------------------------------------- async API
     async def aget(self, key: str | DropletReference) -> Any:
-        return reveal_stored(await self._executor.cache.get(_key(key)))
+        return reveal_stored(await self._executor.read(_key(key), self._run))
 
     async def aput(self, key: str, value: Any) -> str:
-        return await self._executor.cache.put(_key(key), as_lattice(value))
+        return await self._executor.write(_key(key), value, self._run)
 
     async def asend(self, dest_id: str, data: bytes) -> None:
         if not isinstance(data, bytes | bytearray):

@@ -17,7 +17,15 @@ from typing import Any
 import attrs
 import trio
 
-from ..protocol.messages import KvsGet, KvsPut, KvsStored, KvsUnsubscribe, KvsUpdate, KvsValue
+from ..protocol.messages import (
+    KvsGet,
+    KvsPut,
+    KvsRelease,
+    KvsStored,
+    KvsUnsubscribe,
+    KvsUpdate,
+    KvsValue,
+)
 from ..rpc import DEFERRED, Peer
 from .store import Store
 
@@ -26,6 +34,9 @@ __all__ = ["KvsService", "KvsStatistics"]
 log = logging.getLogger("droplet.kvs")
 
 MAX_WAIT = 3600.0
+#: Pinned versions of runs whose release never came (a lost scheduler) expire.
+PIN_TTL = 600.0
+PIN_SWEEP_EVERY = 1000
 
 
 @attrs.frozen
@@ -34,12 +45,13 @@ class KvsStatistics:
     gets: int
     puts: int
     subscriptions: int
+    pinned_runs: int
 
 
 class KvsService:
     """Serves KVS messages; plug ``handle`` into a node's router."""
 
-    MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe)
+    MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe, KvsRelease)
 
     def __init__(self, nursery: trio.Nursery, store: Store | None = None) -> None:
         self.store = store or Store()
@@ -48,6 +60,8 @@ class KvsService:
         self._subscribers: defaultdict[str, set[Peer]] = defaultdict(set)
         self._gets = 0
         self._puts = 0
+        # REPEATABLE_READ version store: run id -> (created, key -> pinned encoding)
+        self._pins: dict[str, tuple[float, dict[str, bytes | None]]] = {}
 
     def statistics(self) -> KvsStatistics:
         return KvsStatistics(
@@ -55,6 +69,7 @@ class KvsService:
             gets=self._gets,
             puts=self._puts,
             subscriptions=sum(len(s) for s in self._subscribers.values()),
+            pinned_runs=len(self._pins),
         )
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
@@ -66,12 +81,17 @@ class KvsService:
         if kind is KvsUnsubscribe:
             self._subscribers.get(msg.key, set()).discard(peer)
             return None
+        if kind is KvsRelease:
+            self._pins.pop(msg.run_id, None)
+            return None
         raise TypeError(f"KVS cannot handle {kind.__name__}")
 
     def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1
         if msg.subscribe:
             self._subscribe(peer, msg.key)
+        if msg.pin is not None:
+            return KvsValue(msg.key, self._pinned(msg.pin, msg.key))
         value = self.store.get(msg.key)
         if value is not None or not msg.wait or msg.wait <= 0:
             return KvsValue(msg.key, value)
@@ -81,6 +101,20 @@ class KvsService:
             event = self._waiters[msg.key] = trio.Event()
         self._nursery.start_soon(self._wait_and_reply, peer, msg, request_id, event)
         return DEFERRED
+
+    def _pinned(self, run_id: str, key: str) -> bytes | None:
+        """The run's version of ``key``: pinned now on its first read, the same after."""
+        entry = self._pins.get(run_id)
+        if entry is None:
+            if len(self._pins) % PIN_SWEEP_EVERY == PIN_SWEEP_EVERY - 1:
+                cutoff = trio.current_time() - PIN_TTL
+                for old in [r for r, (t0, _) in self._pins.items() if t0 < cutoff]:
+                    del self._pins[old]
+            entry = self._pins[run_id] = (trio.current_time(), {})
+        versions = entry[1]
+        if key not in versions:
+            versions[key] = self.store.get(key)
+        return versions[key]
 
     async def _wait_and_reply(
         self, peer: Peer, msg: KvsGet, request_id: int, event: trio.Event

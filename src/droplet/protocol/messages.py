@@ -285,6 +285,9 @@ class KvsGet:
     key: str
     wait: float | None = None
     subscribe: bool = False
+    #: REPEATABLE_READ: the run id whose pinned version of the key to return
+    #: (pinning the current version on the run's first read of it).
+    pin: str | None = None
 
 
 @message(11)
@@ -323,6 +326,14 @@ class KvsUpdate:
 @attrs.frozen
 class KvsUnsubscribe:
     key: str
+
+
+@message(16)
+@attrs.frozen
+class KvsRelease:
+    """Scheduler -> store, one-way: a run ended; drop the versions pinned for it."""
+
+    run_id: str
 
 
 # --------------------------------------------------------------------------- scheduler
@@ -379,6 +390,8 @@ class CallDag:
     #: chosen by the client so it can wait for the result while the call is
     #: still being scheduled (saves a round trip); generated when None.
     result_key: str | None = None
+    #: CAUSAL: the client session's causal context (consistency.CausalContext).
+    causal: bytes | None = None
 
 
 @message(26)
@@ -463,6 +476,8 @@ class Trigger:
     client_id: str | None
     deadline: float | None
     scheduler: str
+    #: CAUSAL: the causal context of the run so far.
+    causal: bytes | None = None
 
 
 @message(41)

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..consistency import CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, RegistrationError, _Failure
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
@@ -31,6 +32,7 @@ from ..protocol.messages import (
     FunctionExists,
     Hello,
     KvsPut,
+    KvsRelease,
     ListFunctions,
     Names,
     RegisterDag,
@@ -48,7 +50,6 @@ log = logging.getLogger("droplet.scheduler")
 
 FUNCTION_PREFIX = "__droplet/functions/"
 RESULT_PREFIX = "__droplet/results/"
-CONSISTENCY_LEVELS = ("NORMAL", "REPEATABLE_READ", "CAUSAL")
 
 
 def function_key(name: str) -> str:
@@ -69,6 +70,7 @@ class _Run:
     executors: list[str]
     result_key: str
     caller: tuple[Peer, int] | None  # direct response: who is waiting, request id
+    consistency: str = "NORMAL"
 
 
 @attrs.define
@@ -250,14 +252,14 @@ class SchedulerService:
         for url in placed:
             self._executors[url].running += 1
         caller = (peer, request_id) if msg.direct else None
-        self._runs[run_id] = _Run(placed, result_key, caller)
+        self._runs[run_id] = _Run(placed, result_key, caller, msg.consistency)
         self._runs_started += 1
         edges = [list(e) for e in dag.connections]
         for fn in dag.sources:
             trigger = Trigger(
                 run_id, fn, list(dag.functions), versions, placed, edges,
                 msg.arg_fns, msg.arg_blobs, None, None, False, result_key, msg.output_key,
-                msg.direct, msg.consistency, msg.client_id, deadline, "",
+                msg.direct, msg.consistency, msg.client_id, deadline, "", msg.causal,
             )
             try:
                 await self._executors[where[fn]].peer.send(trigger)
@@ -280,6 +282,11 @@ class SchedulerService:
         if run is None:
             return
         self._release(run.executors)
+        if run.consistency == "REPEATABLE_READ":
+            try:
+                await self._kvs.send(KvsRelease(msg.run_id))
+            except DropletError as exc:
+                log.warning("could not release versions pinned by run %s: %s", msg.run_id, exc)
         if run.caller is not None:
             peer, request_id = run.caller
             value = msg.value if msg.value is not None else pickle.dumps(None)

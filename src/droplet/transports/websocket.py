@@ -191,6 +191,11 @@ class WebSocketConnection(Connection):
         except trio.BrokenResourceError:
             await self._abort(f"the connection to {self.remote_address} broke")
             raise
+        except trio.ClosedResourceError:
+            if self._end is None or self._closed:
+                raise  # closed by aclose()
+            # A failed send in another task closed the stream under us.
+            raise trio.BrokenResourceError(self._end[1]) from None
         await self._fail(
             _POLICY_VIOLATION,
             f"{self.remote_address} left a frame unfinished for {self._read_timeout:g} s",
@@ -212,22 +217,22 @@ class WebSocketConnection(Connection):
                 event.code,
                 f"{self.remote_address} sent an invalid WebSocket frame: {event.reason}",
             )
-        # The peer closed: answer its close frame (RFC 6455 5.5.1), then hang up.
-        await self._hang_up(event.response())
         if event.code in _CLEAN_CODES:
             self._end = (trio.EndOfChannel, "")
-            raise trio.EndOfChannel
-        why = f" ({event.reason})" if event.reason else ""
-        self._end = (
-            trio.BrokenResourceError,
-            f"{self.remote_address} closed the connection with code {event.code}{why}",
-        )
-        raise trio.BrokenResourceError(self._end[1])
+        else:
+            why = f" ({event.reason})" if event.reason else ""
+            self._end = (
+                trio.BrokenResourceError,
+                f"{self.remote_address} closed the connection with code {event.code}{why}",
+            )
+        # Answer the peer's close frame (RFC 6455 5.5.1), then hang up.
+        await self._hang_up(event.response())
+        raise self._end[0](self._end[1])
 
     async def _fail(self, code: int, message: str) -> NoReturn:
         """The peer broke the protocol: tell it why, hang up, raise ProtocolError."""
-        await self._hang_up(CloseConnection(code=code, reason=message[:120]))
         self._end = (trio.BrokenResourceError, message)
+        await self._hang_up(CloseConnection(code=code, reason=message[:120]))
         raise ProtocolError(message)
 
     async def _hang_up(self, goodbye: CloseConnection) -> None:
@@ -240,9 +245,7 @@ class WebSocketConnection(Connection):
             with trio.move_on_after(CLOSE_TIMEOUT):
                 async with self._send_lock:
                     state = self._ws.state
-                    if self._end is None and (
-                        state is ConnectionState.OPEN or state is ConnectionState.REMOTE_CLOSING
-                    ):
+                    if state is ConnectionState.OPEN or state is ConnectionState.REMOTE_CLOSING:
                         try:
                             await self._stream.send_all(self._ws.send(goodbye))
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
