@@ -24,8 +24,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .errors import ProtocolError
-from .lattices import Lattice, MapLattice, MultiKeyCausalLattice, SingleKeyCausalLattice
-from .lattices import VectorClock
+from .lattices import (
+    Lattice,
+    MapLattice,
+    MultiKeyCausalLattice,
+    SingleKeyCausalLattice,
+    VectorClock,
+)
 from .protocol import values
 
 __all__ = ["CONSISTENCY_LEVELS", "CausalContext", "SessionResult", "check_level"]

@@ -30,9 +30,11 @@ def dumps(obj: Any) -> bytes:
         if b"__main__" not in data:
             return data
     try:
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise TypeError(f"cannot serialize {type(obj).__name__} object: {exc}") from exc
+    assert isinstance(data, bytes)
+    return data
 
 
 loads = pickle.loads

@@ -18,8 +18,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..consistency import CAUSAL, NORMAL, REPEATABLE_READ, CausalContext, SessionResult
-from ..consistency import check_level
+from ..consistency import CAUSAL, NORMAL, REPEATABLE_READ, CausalContext, SessionResult, check_level
 from ..errors import DropletError, FunctionError, RegistrationError, TimeoutError, _Failure
 from ..executor.user_library import as_lattice, reveal_stored
 from ..lattices import encode_lattice

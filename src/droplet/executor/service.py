@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext, SessionResult
 from ..errors import DropletError, FunctionError, RegistrationError, _Failure
 from ..lattices import RAW, Lattice, LWWLattice, decode_lattice, encode_lattice
 from ..protocol.messages import (
@@ -39,8 +40,6 @@ from ..references import DropletReference
 from ..rpc import Peer, PeerPool
 from ..scheduler.service import function_key
 from ..serialization import dumps
-from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext
-from ..consistency import SessionResult
 from .cache import Cache
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
@@ -137,7 +136,7 @@ class ExecutorService:
         self._threads = WorkerThreads(threads)
         self._functions: dict[str, _Loaded] = {}
         self._load_locks: dict[str, trio.Lock] = {}
-        self._fanin: dict[tuple[str, str], tuple[float, dict[str, tuple[Any, bool]]]] = {}
+        self._fanin: dict[tuple[str, str], tuple[float, dict[str, _Input]]] = {}
         self._libraries: dict[str, UserLibrary] = {}
         self._next_id = 0
         self._invocations = 0
@@ -465,8 +464,9 @@ def _function_error(exc: BaseException, function: str) -> FunctionError:
     kind = type(exc)
     type_name = kind.__qualname__ if kind.__module__ == "builtins" else (
         f"{kind.__module__}.{kind.__qualname__}")
+    cause: bytes | None
     try:
-        cause: bytes | None = dumps(exc)
+        cause = dumps(exc)
         pickle.loads(cause)  # only keep a cause the client can rebuild
     except Exception:
         cause = None

@@ -13,7 +13,7 @@ import abc
 import math
 from typing import Any, ClassVar, Self
 
-import cloudpickle  # type: ignore[import-untyped]
+import cloudpickle
 
 from ..errors import LatticeTypeError
 

@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import cloudpickle  # type: ignore[import-untyped]
+import cloudpickle
 
 from ..errors import ProtocolError
 from ..protocol import values

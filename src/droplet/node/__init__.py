@@ -151,8 +151,9 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
             worker = await _start_executor(nursery, ex_config, f"{base}-executor-{i}", token,
                                            None, None, limits)
             node.executors.extend(worker.executors)
-        return await nursery.start(_serve, config.listen_url, router, token, server_opts,
-                                   limits)
+        public: str = await nursery.start(_serve, config.listen_url, router, token,
+                                          server_opts, limits)
+        return public
     # Child processes join over a loopback TCP listener of their own, whatever
     # scheme (ws, TLS) the public address uses.
     workers_url = await nursery.start(_serve, "tcp://127.0.0.1:0", router, token,
@@ -166,7 +167,9 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
         raise RuntimeError(
             f"only {len(scheduler.executor_urls)} of {config.executors} executor workers "
             f"joined within {EXECUTOR_JOIN_TIMEOUT:g} s; see the log above")
-    return await nursery.start(_serve, config.listen_url, router, token, server_opts, limits)
+    public_url: str = await nursery.start(_serve, config.listen_url, router, token,
+                                          server_opts, limits)
+    return public_url
 
 
 async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> None:

@@ -186,9 +186,9 @@ class SchedulerService:
         return ClusterInfo(self.kvs_url, "", self.node_id)
 
     def _executor_left(self, peer: Peer) -> None:
-        url = peer.state.get("executor_url")
+        url: str | None = peer.state.get("executor_url")
         ex = self._executors.get(url) if url else None
-        if ex is None or ex.peer is not peer:
+        if url is None or ex is None or ex.peer is not peer:
             return
         del self._executors[url]
         if trio.current_effective_deadline() == float("-inf"):

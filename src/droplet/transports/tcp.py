@@ -23,6 +23,8 @@ from .registry import parse_address
 __all__ = ["StreamConnection", "TcpTransport"]
 
 RECEIVE_SIZE = 256 * 1024
+#: Seconds ``aclose`` may spend on TLS's close_notify before it just hangs up.
+CLOSE_TIMEOUT = 1.0
 
 
 class StreamConnection(Connection):
@@ -89,10 +91,14 @@ class StreamConnection(Connection):
             return
         self._closed = True
         with trio.CancelScope(shield=True):
-            try:
-                await self._stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+            # Bounded: TLS sends close_notify, which a peer that stopped reading
+            # would otherwise make us wait for forever (and shielded at that).
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                try:
+                    await self._stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            await trio.aclose_forcefully(self._stream)
 
 
 def _peer_url(scheme: str, stream: trio.abc.Stream) -> str:
