@@ -38,14 +38,19 @@ async def open_local_cluster(
     """Run an embedded cluster for the duration of an ``async with`` block."""
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        cluster = await nursery.start(_serve_cluster, executors, placement, token, threads,
-                                      settings)
         try:
-            yield cluster
-        except BaseException as exc:  # re-raised outside our nursery: no ExceptionGroup
+            cluster = await nursery.start(_serve_cluster, executors, placement, token,
+                                          threads, settings)
+        except Exception as exc:  # could not start: re-raised below, not as a group
             failure = exc
-        finally:
             nursery.cancel_scope.cancel()
+        else:
+            try:
+                yield cluster
+            except BaseException as exc:  # re-raised outside our nursery: no ExceptionGroup
+                failure = exc
+            finally:
+                nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
 

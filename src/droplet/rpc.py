@@ -80,6 +80,7 @@ class Peer:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
         self._closed = False
+        self._close_reason: DropletError | None = None
         self._inflight = trio.Semaphore((limits or Limits()).max_inflight)
         self.on_close: list[Callable[[Peer], None]] = []
         #: Free-form per-connection state for services (e.g. an executor's id).
@@ -150,6 +151,7 @@ class Peer:
                 return
             except ProtocolError as exc:
                 log.warning("closing connection from %s: %s", self.remote, exc)
+                await self._say_goodbye(exc)
                 return
             try:
                 msg, request_id, is_reply = decode_message(frame)
@@ -158,6 +160,11 @@ class Peer:
                 await self._say_goodbye(exc)
                 return
             if is_reply:
+                if request_id == 0 and type(msg) is ErrorReply:
+                    # The peer is hanging up on us and says why (e.g. ProtocolError).
+                    self._close_reason = _error_from_reply(msg, self.remote)
+                    log.warning("%s closed the connection: %s", self.remote, msg.message)
+                    return
                 slot = pending.get(request_id)
                 if slot is not None:
                     if type(msg) is ErrorReply:
@@ -201,7 +208,8 @@ class Peer:
             return
         self._closed = True
         for slot in self._pending.values():
-            slot.error = ConnectionError(f"connection to {self.remote} closed before the reply")
+            slot.error = self._close_reason or ConnectionError(
+                f"connection to {self.remote} closed before the reply")
             slot.event.set()
         with trio.CancelScope(shield=True):
             await self.conn.aclose()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -202,8 +203,20 @@ class AsyncDropletClient:
         token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         options: TransportOptions | None = None,
+        tls_ca: str | None = None,
     ) -> AsyncDropletClient:
+        """Connect to the scheduler at ``address`` (and the KVS it names).
+
+        Args:
+            token: the cluster token (default: ``$DROPLET_TOKEN``).
+            timeout: seconds to connect, and the default wait for replies and results.
+            tls_ca: CA certificate file to verify a ``tls://``/``wss://`` node.
+        """
         url = normalize_address(address)
+        if tls_ca is not None:
+            options = TransportOptions(
+                max_frame_size=(options or TransportOptions()).max_frame_size,
+                ssl_context=ssl.create_default_context(cafile=tls_ca))
         token = token if token is not None else os.environ.get("DROPLET_TOKEN") or None
         scheduler = await connect_peer(url, nursery, token=token, options=options,
                                        timeout=timeout)
@@ -352,15 +365,20 @@ async def open_client(
     """Connect to a cluster for the duration of an ``async with`` block."""
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        client = await AsyncDropletClient.connect(
-            address, nursery, token=token, timeout=timeout, options=options)
         try:
-            yield client
-        except BaseException as exc:  # re-raised below, outside our nursery: no group
+            client = await AsyncDropletClient.connect(
+                address, nursery, token=token, timeout=timeout, options=options)
+        except Exception as exc:  # connecting failed: re-raised below, not as a group
             failure = exc
-        finally:
-            await client.aclose()
             nursery.cancel_scope.cancel()
+        else:
+            try:
+                yield client
+            except BaseException as exc:  # re-raised below, outside our nursery: no group
+                failure = exc
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
 

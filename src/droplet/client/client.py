@@ -89,6 +89,7 @@ class DropletConnection:
         ip, tid, local: accepted for compatibility with Cloudburst's client; unused.
         token: the cluster token (default: ``$DROPLET_TOKEN``).
         timeout: seconds to connect, and the default wait for requests and results.
+        tls_ca: CA certificate file to verify a ``tls://`` or ``wss://`` node.
     """
 
     def __init__(
@@ -101,13 +102,14 @@ class DropletConnection:
         token: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         options: TransportOptions | None = None,
+        tls_ca: str | None = None,
         _portal: Portal | None = None,
     ) -> None:
         self._owns_portal = _portal is None
         self._portal = _portal or Portal("droplet-client")
         try:
-            self._client: AsyncDropletClient = self._portal.run(self._connect, func_addr,
-                                                                token, timeout, options)
+            self._client: AsyncDropletClient = self._portal.run(
+                self._connect, func_addr, token, timeout, options, tls_ca)
         except BaseException:
             if self._owns_portal:
                 self._portal.close()
@@ -115,9 +117,11 @@ class DropletConnection:
         self.address = self._client.address
 
     async def _connect(self, addr: str, token: str | None, timeout: float,
-                       options: TransportOptions | None) -> AsyncDropletClient:
+                       options: TransportOptions | None,
+                       tls_ca: str | None) -> AsyncDropletClient:
         return await AsyncDropletClient.connect(
-            addr, self._portal.nursery, token=token, timeout=timeout, options=options)
+            addr, self._portal.nursery, token=token, timeout=timeout, options=options,
+            tls_ca=tls_ca)
 
     # context manager / lifetime
     def close(self) -> None:

@@ -111,6 +111,7 @@ class _Loaded:
     version: str
     obj: Any
     instance: Any = None  # for (cls, init_args) registrations: built once
+    init_lock: trio.Lock = attrs.Factory(trio.Lock)
 
 
 class ExecutorService:
@@ -351,8 +352,11 @@ class ExecutorService:
         target = loaded.obj
         if isinstance(target, tuple):  # (cls, init_args): one instance per executor
             if loaded.instance is None:
-                cls, init_args = target
-                loaded.instance = await self._threads.run(lambda: cls(lib, *init_args))
+                async with loaded.init_lock:  # concurrent first calls build it once
+                    if loaded.instance is None:
+                        cls, init_args = target
+                        loaded.instance = await self._threads.run(
+                            lambda: cls(lib, *init_args))
             target = loaded.instance.run
         return _Step(function, target, inspect.iscoroutinefunction(target), args, lib)
 

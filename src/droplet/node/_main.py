@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level.upper(),
         format=f"%(asctime)s {config.role}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    if config.insecure and not config.token:
+        log.warning("--insecure: accepting unauthenticated connections on %s; anyone who "
+                    "can reach it can run code on this machine", config.listen_url)
     try:
         return trio.run(_run, config)
     except KeyboardInterrupt:
