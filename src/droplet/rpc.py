@@ -190,6 +190,8 @@ class Peer:
                     return
                 if not isinstance(exc, DropletError):
                     log.exception("error handling %s from %s", type(msg).__name__, self.remote)
+                elif not request_id:  # nobody to tell but the log
+                    log.warning("dropped %s from %s: %s", type(msg).__name__, self.remote, exc)
                 if request_id:
                     await self.reply(request_id, _error_reply(exc))
                 continue

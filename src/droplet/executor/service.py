@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext, SessionResult
-from ..errors import DropletError, FunctionError, RegistrationError, _Failure
+from ..errors import DropletError, FunctionError, RegistrationError, TimeoutError, _Failure
 from ..lattices import RAW, Lattice, LWWLattice, decode_lattice, encode_lattice
 from ..protocol.messages import (
     ClusterInfo,
@@ -258,6 +258,9 @@ class ExecutorService:
             upstream_failure = next((i.value for i in inputs if i.failed), None)
             if upstream_failure is not None:  # pass the upstream error on; do not run
                 result, failed = upstream_failure, True
+            elif t.deadline is not None and time.time() > t.deadline:
+                result, failed = _Failure(TimeoutError(
+                    f"the call's deadline passed before {t.function!r} could run")), True
             else:
                 if t.consistency == CAUSAL:
                     run.causal = CausalContext.merge_all(
