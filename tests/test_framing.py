@@ -23,7 +23,7 @@ LEN = struct.Struct(">I")
 # Deterministic (STYLE.md 12), no example database left in the tree, and sized
 # so the whole module runs in a few seconds (a few thousand examples in all).
 fuzz = settings(
-    max_examples=400,
+    max_examples=300,
     derandomize=True,
     database=None,
     deadline=None,
@@ -312,7 +312,7 @@ def test_message_decode_mutated(payload: bytes) -> None:
     _decode_or_protocol_error(payload)
 
 
-@fuzz
+@settings(fuzz, max_examples=200)
 @given(
     tag=st.sampled_from(sorted(messages.MESSAGES)),
     header=st.recursive(

@@ -10,6 +10,7 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 
 from droplet.errors import ConnectionError, ProtocolError
 from droplet.testing.transport_checks import CHECKS, check_transport
@@ -81,8 +82,13 @@ async def raw_connect(url: str) -> trio.SocketStream:
 
 
 async def assert_still_serves(url: str, options: TransportOptions) -> None:
-    """Every hostile-input test ends with a normal call that must succeed."""
-    async with await get_transport(url).connect(url, options) as conn:
+    """Every hostile-input test ends with a normal call that must succeed.
+
+    The client keeps the default read_timeout: only the listener is on a short fuse.
+    """
+    client = TransportOptions(max_frame_size=options.max_frame_size,
+                              ssl_context=options.ssl_context)
+    async with await get_transport(url).connect(url, client) as conn:
         await conn.send(b"still there?")
         assert await conn.receive() == b"still there?"
 
@@ -175,7 +181,7 @@ async def test_tcp_frames_split_across_writes_reassemble() -> None:
                 wire = LEN.pack(5) + b"hello" + LEN.pack(0) + LEN.pack(3) + b"abc"
                 for i in range(len(wire)):
                     await raw.send_all(wire[i : i + 1])
-                    await trio.sleep(0)
+                    await trio.sleep(0.001)  # separate reads, most likely
                 assert [await outcomes.receive() for _ in range(3)] == [b"hello", b"", b"abc"]
                 echoed = b""
                 while len(echoed) < len(wire):  # read the echoes: no RST on close
@@ -193,7 +199,8 @@ async def test_tcp_client_receives_protocol_error_from_garbage_server() -> None:
                     await stream.send_all(b"\xff\xff\xff\xff")
                     await trio.sleep_forever()
 
-            listeners = await nursery.start(partial(trio.serve_tcp, garbage_server, 0, host="127.0.0.1"))
+            serve = partial(trio.serve_tcp, garbage_server, 0, host="127.0.0.1")
+            listeners = await nursery.start(serve)
             port = listeners[0].socket.getsockname()[1]
             url = f"tcp://127.0.0.1:{port}"
             async with await get_transport(url).connect(url, TCP_OPTIONS) as conn:
@@ -223,6 +230,59 @@ async def test_tls_client_refuses_untrusted_certificate(
         async with recording_server("tls://127.0.0.1:0", server_options) as (url, _):
             with pytest.raises(ConnectionError, match="TLS handshake"):
                 await get_transport(url).connect(url, untrusting)
+
+
+async def _tls_pair_over(
+    a: trio.abc.Stream,
+    b: trio.abc.Stream,
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+) -> tuple[trio.SSLStream[trio.abc.Stream], trio.SSLStream[trio.abc.Stream]]:
+    server = trio.SSLStream(a, server_ctx, server_side=True)
+    client = trio.SSLStream(b, client_ctx, server_hostname="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    return server, client
+
+
+async def test_tls_aclose_does_not_wait_for_a_peer_that_stopped_reading(
+    autojump_clock: trio.testing.MockClock,
+    tls_server_context: ssl.SSLContext,
+    tls_client_context: ssl.SSLContext,
+) -> None:
+    """close_notify cannot be delivered to a peer that never reads; aclose gives up.
+
+    In memory (a lockstep stream: every send waits for the peer's receive), so
+    virtual time is safe here.
+    """
+    from droplet.transports.tcp import StreamConnection
+
+    a, b = trio.testing.lockstep_stream_pair()
+    server, client = await _tls_pair_over(a, b, tls_server_context, tls_client_context)
+    conn = StreamConnection(server, "tls://peer", TransportOptions())
+    with trio.fail_after(60):  # virtual seconds; aclose used to hang here, shielded
+        await conn.aclose()
+    await trio.aclose_forcefully(client)
+
+
+async def test_ws_aclose_does_not_wait_for_a_peer_that_stopped_reading(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from droplet.transports.websocket import (
+        WebSocketConnection,
+        _accept_upgrade,
+        _request_upgrade,
+    )
+
+    a, b = trio.testing.lockstep_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_request_upgrade, b, "ws://peer:1", "peer:1")
+        server_ws = await _accept_upgrade(a)
+    conn = WebSocketConnection(a, server_ws, "ws://peer:1", TransportOptions())
+    with trio.fail_after(60):  # virtual seconds
+        await conn.aclose()  # the close frame cannot be delivered: give up, hang up
+    await trio.aclose_forcefully(b)
 
 
 # --------------------------------------------------------------------------- hostile ws peers
@@ -469,3 +529,17 @@ def test_websocket_transport_is_registered_lazily() -> None:
 
     assert isinstance(get_transport("ws://h:1"), WebSocketTransport)
     assert get_transport("wss://h:1") is not None
+
+
+def test_websocket_code_loads_only_for_ws_addresses() -> None:
+    """STYLE.md 2: importing droplet (and using tcp://) never loads the WebSocket stack."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, droplet, droplet.transports as t; t.get_transport('tcp://h:1'); "
+        "assert 'wsproto' not in sys.modules, 'wsproto imported eagerly'; "
+        "assert 'droplet.transports.websocket' not in sys.modules; "
+        "t.get_transport('ws://h:1'); assert 'wsproto' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

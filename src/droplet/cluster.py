@@ -33,14 +33,24 @@ _names = itertools.count(1)
 @asynccontextmanager
 async def open_local_cluster(
     executors: int = 2, *, placement: str = "locality", token: str | None = None,
-    threads: int = 32, **settings: Any,
+    threads: int = 32, listen: str | None = None, **settings: Any,
 ) -> AsyncIterator[RunningCluster]:
-    """Run an embedded cluster for the duration of an ``async with`` block."""
+    """Run an embedded cluster for the duration of an ``async with`` block.
+
+    Args:
+        executors: executors (each with its own cache), as tasks of this process.
+        placement: scheduling policy, ``"locality"`` or ``"spread"``.
+        token: cluster token clients must present (default: none).
+        threads: worker threads per executor for sync functions.
+        listen: the cluster's public address (default: a fresh ``inproc://`` name;
+            e.g. ``tcp://127.0.0.1:0`` to reach it from other processes).
+        settings: any other :class:`~droplet.config.Config` field.
+    """
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         try:
             cluster = await nursery.start(_serve_cluster, executors, placement, token,
-                                          threads, settings)
+                                          threads, dict(settings, listen=listen))
         except Exception as exc:  # could not start: re-raised below, not as a group
             failure = exc
             nursery.cancel_scope.cancel()
@@ -58,9 +68,10 @@ async def open_local_cluster(
 async def _serve_cluster(executors: int, placement: str, token: str | None, threads: int,
                          settings: dict[str, Any], *,
                          task_status: trio.TaskStatus[RunningCluster]) -> None:
-    config = Config(role="all", listen=f"inproc://droplet-{next(_names)}",
-                    executors=executors, placement=placement, token=token,
-                    threads=threads, **settings)
+    settings = dict(settings)
+    listen = settings.pop("listen", None) or f"inproc://droplet-{next(_names)}"
+    config = Config(role="all", listen=listen, executors=executors, placement=placement,
+                    token=token, threads=threads, **settings)
     async with trio.open_nursery() as nursery:
         node: Node = await nursery.start(
             functools.partial(serve_node, config, in_process_executors=True))
@@ -89,17 +100,20 @@ class LocalCluster:
     Args:
         executors: number of executors (each with its own cache).
         placement: scheduling policy, ``"locality"`` or ``"spread"``.
-        token: require this cluster token of clients (default: none; inproc only).
+        token: require this cluster token of clients (default: none).
+        listen: public address (default: a fresh ``inproc://`` name).
     """
 
     def __init__(self, executors: int = 2, *, placement: str = "locality",
-                 token: str | None = None, threads: int = 32, **settings: Any) -> None:
+                 token: str | None = None, threads: int = 32, listen: str | None = None,
+                 **settings: Any) -> None:
         self._portal = Portal("droplet-local-cluster")
         self._token = token
         self._connections: list[DropletConnection] = []
         try:
             self._cluster: RunningCluster = self._portal.run(
-                self._start, executors, placement, token, threads, settings)
+                self._start, executors, placement, token, threads,
+                dict(settings, listen=listen))
         except BaseException:
             self._portal.close()
             raise

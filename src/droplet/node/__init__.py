@@ -143,7 +143,9 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
     scheduler = node.scheduler
     assert scheduler is not None
     if in_process:
-        base = config.listen_url
+        # Executors and their links to the scheduler stay in-process (inproc://),
+        # whatever scheme the public address uses.
+        base = f"inproc://node-{uuid.uuid4().hex[:12]}"
         workers_url: str = await nursery.start(_serve, f"{base}-workers", router, token,
                                                None, limits)
         for i in range(config.executors):
