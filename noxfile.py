@@ -33,9 +33,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff and mypy (strict on src/droplet; the configuration is in pyproject.toml)."""
+    """ruff (code, tests, benchmarks, examples) and mypy (strict on src/droplet; see pyproject)."""
     session.install(".[lint]")
-    session.run("ruff", "check", "src", "tests", "benchmarks")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
     session.run("mypy")
 
 
@@ -63,6 +63,8 @@ def demo(session: nox.Session) -> None:
     """
     session.install(".")
     env = {"DROPLET_HOME": session.create_tmp()}
+    # A node left behind by an interrupted run would hold the port: stop it first.
+    session.run("droplet", "stop-local", env=env, success_codes=[0, 1], silent=True)
     session.run("droplet", "start-local", env=env)
     try:
         session.run("python", "examples/quickstart.py", *session.posargs, env=env)

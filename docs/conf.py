@@ -32,10 +32,9 @@ html_theme_options = {
     "fixed_sidebar": True,
 }
 
-# autodoc: document in source order, show type hints in the description, and
-# keep the private plumbing out.
+# autodoc: document in source order, type hints in the signatures.
 autodoc_member_order = "bysource"
-autodoc_typehints = "description"
+autodoc_typehints = "signature"
 autodoc_default_options = {"show-inheritance": True}
 
 # Google-style docstrings (STYLE.md 15). Attributes become :ivar: fields so a
