@@ -127,16 +127,36 @@ def stop_local(pid_file: Path) -> int:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
+        if _exited(pid):
             break
         time.sleep(0.05)
     else:
         os.kill(pid, signal.SIGKILL)
+        _exited(pid)
     pid_file.unlink(missing_ok=True)
     print(f"stopped Droplet node (pid {pid})")
     return 0
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` is gone, reaping it if it is our own child.
+
+    When start-local ran in this process (``main()`` called in-process, as
+    tests do), the node is our child: after it exits it stays a zombie, which
+    ``kill(pid, 0)`` still finds, until we reap it.
+    """
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: someone else reaps it
+        pass
+    else:
+        if reaped == pid:
+            return True
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return True
+    return False
 
 
 if __name__ == "__main__":

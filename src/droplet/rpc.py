@@ -29,7 +29,7 @@ from .protocol.messages import encode as encode_message
 from .transports.base import Connection, TransportOptions
 from .transports.registry import get_transport
 
-__all__ = ["DEFERRED", "Handler", "Limits", "Peer", "connect_peer", "serve_peers"]
+__all__ = ["DEFERRED", "Handler", "Limits", "Peer", "Slot", "connect_peer", "serve_peers"]
 
 log = logging.getLogger("droplet.rpc")
 
@@ -53,13 +53,28 @@ class Limits:
         self.max_inflight = max_inflight
 
 
-class _Slot:
-    __slots__ = ("event", "value", "error")
+class Slot:
+    """A sent request's pending reply (see :meth:`Peer.submit`)."""
+
+    __slots__ = ("error", "event", "on_done", "value")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.value: Any = None
         self.error: BaseException | None = None
+        #: called (in the event loop) once the reply or an error is in.
+        self.on_done: Callable[[], None] | None = None
+
+    def _finish(self) -> None:
+        self.event.set()
+        if self.on_done is not None:
+            self.on_done()
+
+    def result(self) -> Any:
+        """The reply; raises the request's error. Only valid once ``event`` is set."""
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class Peer:
@@ -78,7 +93,7 @@ class Peer:
         self.name = name or self.remote
         self._handler = handler
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Slot] = {}
+        self._pending: dict[int, Slot] = {}
         self._closed = False
         self._close_reason: DropletError | None = None
         self._inflight = trio.Semaphore((limits or Limits()).max_inflight)
@@ -116,7 +131,7 @@ class Peer:
     async def request(self, msg: Any, timeout: float | None = None) -> Any:
         """Send a request and wait for its reply; an ErrorReply is raised as its error."""
         request_id = next(self._ids)
-        slot = _Slot()
+        slot = Slot()
         self._pending[request_id] = slot
         try:
             await self._send(encode_message(msg, request_id))
@@ -131,9 +146,24 @@ class Peer:
                     )
         finally:
             self._pending.pop(request_id, None)
-        if slot.error is not None:
-            raise slot.error
-        return slot.value
+        return slot.result()
+
+    async def submit(self, msg: Any) -> Slot:
+        """Send a request without waiting: the reply lands in the returned slot.
+
+        Saves a task when the caller only needs the reply later (a future's
+        result). The slot stays registered until the reply or the connection's
+        end; a reply that never comes is the caller's to time out.
+        """
+        request_id = next(self._ids)
+        slot = Slot()
+        self._pending[request_id] = slot
+        try:
+            await self._send(encode_message(msg, request_id))
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
+        return slot
 
     async def run(self) -> None:
         """The reader loop; returns when the connection closes."""
@@ -165,13 +195,13 @@ class Peer:
                     self._close_reason = _error_from_reply(msg, self.remote)
                     log.warning("%s closed the connection: %s", self.remote, msg.message)
                     return
-                slot = pending.get(request_id)
+                slot = pending.pop(request_id, None)
                 if slot is not None:
                     if type(msg) is ErrorReply:
                         slot.error = _error_from_reply(msg, self.remote)
                     else:
                         slot.value = msg
-                    slot.event.set()
+                    slot._finish()
                 continue
             if self._handler is None:
                 log.warning("%s sent %s, which this endpoint does not serve",
@@ -209,10 +239,11 @@ class Peer:
         if self._closed:
             return
         self._closed = True
-        for slot in self._pending.values():
+        pending, self._pending = self._pending, {}
+        for slot in pending.values():
             slot.error = self._close_reason or ConnectionError(
                 f"connection to {self.remote} closed before the reply")
-            slot.event.set()
+            slot._finish()
         with trio.CancelScope(shield=True):
             await self.conn.aclose()
         for callback in self.on_close:

@@ -95,22 +95,27 @@ class AsyncDropletFuture:
         self.arrived_threadsafe = threading.Event()
         self._fetching = False
 
-    def _start_fetch(self, nursery: trio.Nursery) -> None:
+    async def _start_fetch(self) -> None:
+        """Ask the KVS for the result, waiting there up to the call's timeout."""
         self._fetching = True
-        nursery.start_soon(self._fetch, self._timeout)
-
-    async def _fetch(self, wait: float) -> None:
         try:
-            reply: KvsValue = await self._client._kvs.request(
-                KvsGet(self.obj_id, wait), timeout=wait + self._client.timeout)
-            if reply.lattice is not None:
-                self._blob = _result_blob(reply.lattice)
+            slot = await self._client._kvs.submit(KvsGet(self.obj_id, self._timeout))
         except DropletError as exc:
-            self._error = exc
-        finally:
-            self._fetching = False
-            self._arrived.set()
-            self.arrived_threadsafe.set()
+            self._fetched(None, exc)
+            return
+        slot.on_done = lambda: self._fetched(slot.value, slot.error)
+
+    def _fetched(self, reply: KvsValue | None, error: BaseException | None) -> None:
+        if error is not None:
+            self._error = error
+        elif reply is not None and reply.lattice is not None:
+            try:
+                self._blob = _result_blob(reply.lattice)
+            except DropletError as exc:
+                self._error = exc
+        self._fetching = False
+        self._arrived.set()
+        self.arrived_threadsafe.set()
 
     def result_ready(self) -> Any:
         """The result if it has arrived (raising the call's error), else TimeoutError."""
@@ -134,7 +139,7 @@ class AsyncDropletFuture:
             if not self._fetching:  # the first wait expired; wait again
                 self._arrived = trio.Event()
                 self.arrived_threadsafe.clear()
-                self._start_fetch(self._client._nursery)
+                await self._start_fetch()
             with trio.move_on_after(wait):
                 await self._arrived.wait()
             if self._blob is None and self._error is None:
@@ -276,7 +281,7 @@ class AsyncDropletClient:
         """Send a call and start waiting for its result at once (one round trip)."""
         future = AsyncDropletFuture(f"{RESULT_PREFIX}{uuid.uuid4().hex}", self, wait,
                                     msg.client_id if msg.consistency == CAUSAL else None)
-        future._start_fetch(self._nursery)
+        await future._start_fetch()
         await self._scheduler.request(attrs.evolve(msg, result_key=future.obj_id),
                                       self.timeout)
         return future

@@ -446,7 +446,8 @@ class ExecutorService:
         if t.direct:
             done = RunDone(t.run_id, blob, failed)
         else:
-            await self._kvs.request(KvsPut(t.result_key, _lww(blob)))
+            # One-way: the caller learns of the result from the store itself.
+            await self._kvs.send(KvsPut(t.result_key, _lww(blob)))
             done = RunDone(t.run_id, None, failed)
         scheduler = self._scheduler if not t.scheduler else await self._peers.get(t.scheduler)
         await scheduler.send(done)
