@@ -91,7 +91,11 @@ class CausalContext:
         self.clocks[key] = clock if old is None else old.merge(clock)
 
     def stamp(self, key: str, writer: str, value: Any) -> MultiKeyCausalLattice:
-        """A write of ``value`` that supersedes every version of ``key`` seen so far."""
+        """A write of ``value`` that supersedes every version of ``key`` seen so far.
+
+        The executor passes the value already pickled (``bytes``), so values
+        need not be hashable; see :func:`droplet.executor.user_library.reveal_stored`.
+        """
         clock = self.required(key).increment(writer)
         deps = MapLattice({k: c for k, c in self.clocks.items() if k != key})
         return MultiKeyCausalLattice(clock, deps, [value])

@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from ..consistency import CAUSAL, NORMAL, REPEATABLE_READ, CausalContext, SessionResult, check_level
-from ..errors import DropletError, FunctionError, RegistrationError, TimeoutError, _Failure
+from ..errors import DagError, DropletError, FunctionError, RegistrationError, TimeoutError, _Failure
 from ..executor.user_library import as_lattice, reveal_stored
 from ..lattices import encode_lattice
 from ..protocol.messages import (
@@ -314,7 +314,10 @@ class AsyncDropletClient:
         if not isinstance(arg_map, dict):
             raise TypeError(f"arg_map must be a dict of function name -> arguments, "
                             f"not {type(arg_map).__name__}")
-        check_level(str(consistency))
+        try:
+            check_level(str(consistency))
+        except ValueError as exc:
+            raise DagError(f"call_dag({name!r}): {exc}") from None
         fns = list(arg_map)
         blobs = [dumps(a if isinstance(a, list) else [a]) for a in arg_map.values()]
         wait = self.timeout if timeout is None else timeout

@@ -62,10 +62,13 @@ class Cache:
             await self._store(key, reply.lattice)
         return self._entries.get(key)
 
-    async def put(self, key: str, lattice: Lattice) -> str:
-        """Merge a lattice into the KVS (and, via the pushed update, into this cache)."""
-        stored: KvsStored = await self._kvs.request(
-            KvsPut(key, encode_lattice(lattice), True))
+    async def put(self, key: str, lattice: Lattice, *, raw: bool = False) -> str:
+        """Merge a lattice into the KVS (and, via the pushed update, into this cache).
+
+        ``raw`` means the lattice's user values are already pickled bytes.
+        """
+        data = encode_lattice(lattice, dump=RAW) if raw else encode_lattice(lattice)
+        stored: KvsStored = await self._kvs.request(KvsPut(key, data, True))
         return stored.type_name
 
     async def update(self, key: str, data: bytes) -> None:

@@ -413,8 +413,9 @@ class ExecutorService:
     async def write(self, key: str, value: Any, run: RunContext) -> str:
         """Merge ``value`` into ``key``; under CAUSAL, as a write that saw the run's reads."""
         if run.causal is not None and not isinstance(value, Lattice):
-            lattice: Lattice = run.causal.stamp(key, run.writer, value)
-            type_name = await self.cache.put(key, lattice)
+            # Pickled before stamping, so any picklable value works (hashable or not).
+            lattice: Lattice = run.causal.stamp(key, run.writer, dumps(value))
+            type_name = await self.cache.put(key, lattice, raw=True)
             run.causal.observe(key, lattice)
             return type_name
         return await self.cache.put(key, as_lattice(value))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from ..lattices import (
+    RAW,
     Lattice,
     LWWLattice,
     MultiKeyCausalLattice,
@@ -35,17 +36,26 @@ T = TypeVar("T")
 def reveal_stored(data: bytes | None, deserialize: bool = True) -> Any:
     """What ``get`` returns for a stored encoding.
 
-    Plain values come back plain: an LWW value, or a causal value (a frozenset
-    of the concurrent values when there are several). Other lattices come
-    back as lattices; ``deserialize=False`` returns the stored lattice as is.
+    Plain values come back plain: an LWW value, or a causal value. Concurrent
+    causal values come back together, as a ``frozenset`` when they are all
+    hashable and otherwise as a list (in a deterministic order). Other
+    lattices come back as lattices; ``deserialize=False`` returns the stored
+    lattice as is.
     """
     if data is None:
         return None
-    lattice = decode_lattice(data, load=pickle.loads)
-    if deserialize and isinstance(
-            lattice, LWWLattice | SingleKeyCausalLattice | MultiKeyCausalLattice):
-        return lattice.reveal()
-    return lattice
+    raw = decode_lattice(data, load=RAW)
+    if deserialize and isinstance(raw, LWWLattice):
+        return pickle.loads(raw.value)
+    if deserialize and isinstance(raw, SingleKeyCausalLattice | MultiKeyCausalLattice):
+        found = [pickle.loads(blob) for blob in sorted(raw.values)]
+        if len(found) == 1:
+            return found[0]
+        try:
+            return frozenset(found)
+        except TypeError:
+            return found
+    return decode_lattice(data, load=pickle.loads)
 
 
 def _key(key: str | DropletReference) -> str:
