@@ -20,7 +20,14 @@ import attrs
 import trio
 
 from ..consistency import CAUSAL, NORMAL, REPEATABLE_READ, CausalContext, SessionResult, check_level
-from ..errors import DagError, DropletError, FunctionError, RegistrationError, TimeoutError, _Failure
+from ..errors import (
+    DagError,
+    DropletError,
+    FunctionError,
+    RegistrationError,
+    TimeoutError,
+    _Failure,
+)
 from ..executor.user_library import as_lattice, reveal_stored
 from ..lattices import encode_lattice
 from ..protocol.messages import (
