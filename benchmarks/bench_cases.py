@@ -11,19 +11,22 @@ Two kinds of case:
   :class:`droplet.AsyncDropletClient` inside one ``trio.run`` and returns a
   :class:`Measured` (per-call latencies plus the total wall time).
 
-Adding a row is one decorated function. Example, a DAG reading two keys under
-REPEATABLE_READ (the consistency rows)::
+Adding a row is one decorated function (see README.md, "Adding rows"), e.g.
+the consistency rows::
 
     @latency_case("dag2-rr", "square -> increment, REPEATABLE_READ, 2 key reads each",
-                  expect=...)
+                  expect=16)
     def dag2_rr(conn, ctx):
-        conn.put_object("bench-k1", 1); conn.put_object("bench-k2", 2)
-        return dag_chain(conn, "bench-dag2-rr", [square_reading, inc_reading],
-                         arg=3, consistency=droplet.REPEATABLE_READ)
+        conn.put_object("bench-k1", 1)
+        conn.put_object("bench-k2", 2)
+        return dag_chain(conn, "bench-dag2-rr", [square_reading, inc_reading], 3,
+                         consistency=droplet.REPEATABLE_READ)
 
-Names must be unique; ``--only`` selects cases by name or glob (``dag*``). Each
-target is a fresh cluster, but ``--target-url`` may reuse a node, so register
-functions and DAGs under ``bench-`` names.
+where ``square_reading``/``inc_reading`` are nested functions (see
+``_remote_functions``) that also ``lib.get`` both keys. Names must be unique;
+``--only`` selects cases by name or glob (``dag*``). Each target is a fresh
+cluster, but ``--target-url`` may reuse a node, so register functions and DAGs
+under ``bench-`` names.
 """
 
 from __future__ import annotations
@@ -110,16 +113,23 @@ def throughput_case(name: str, description: str, *,
 
 # --------------------------------------------------------------------------- helpers
 
-def noop(_: Any, x: Any) -> Any:
-    return x
+def _remote_functions() -> tuple[Callable[..., Any], ...]:
+    # Defined inside a function on purpose: executors of a node subprocess cannot
+    # import this module, and Droplet pickles module-level functions by reference
+    # (plain pickle first); nested functions are shipped by value (cloudpickle).
+    def noop(_: Any, x: Any) -> Any:
+        return x
+
+    def square(_: Any, x: Any) -> Any:
+        return x * x
+
+    def increment(_: Any, x: Any) -> Any:
+        return x + 1
+
+    return noop, square, increment
 
 
-def square(_: Any, x: Any) -> Any:
-    return x * x
-
-
-def increment(_: Any, x: Any) -> Any:
-    return x + 1
+noop, square, increment = _remote_functions()
 
 
 def dag_chain(conn: droplet.DropletConnection, name: str,
@@ -134,7 +144,7 @@ def dag_chain(conn: droplet.DropletConnection, name: str,
     names = [f"{name}-{i}" for i in range(len(functions))]
     for fn, fn_name in zip(functions, names, strict=True):
         conn.register(fn, fn_name)
-    conn.register_dag(name, names, list(zip(names, names[1:])))
+    conn.register_dag(name, names, list(zip(names[:-1], names[1:], strict=True)))
     arg_map = {names[0]: arg}
     if direct_response:
         return lambda: conn.call_dag(name, arg_map, direct_response=True,

@@ -82,6 +82,10 @@ class Target:
     def describe(self) -> str:
         return self.name
 
+    def diagnose(self) -> str | None:
+        """After a failed case: what is wrong with the target, if known."""
+        return None
+
     def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
@@ -184,6 +188,7 @@ class NodeTarget(UrlTarget):
         self.scheme = scheme
         self._extra = [*node_args, *opts.node_args]
         self._proc: subprocess.Popen[bytes] | None = None
+        self.keep_log = opts.verbose
         self._log = tempfile.NamedTemporaryFile(prefix=f"droplet-bench-{name}-",
                                                 suffix=".log", delete=False)
         try:
@@ -275,6 +280,16 @@ class NodeTarget(UrlTarget):
         if proc.poll() is None:
             proc.wait(STOP_TIMEOUT)
 
+    def diagnose(self) -> str | None:
+        self.keep_log = True
+        proc = self._proc
+        if proc is None or proc.poll() is None:
+            return f"node log: {self._log.name}"
+        code = proc.returncode
+        how = (f"killed by {signal.Signals(-code).name}" if code < 0
+               else f"exited with status {code}")
+        return f"the node (pid {proc.pid}) {how}; node log: {self._log.name}"
+
     def describe(self) -> str:
         pid = self._proc.pid if self._proc is not None else "?"
         return f"{self.name}: {shlex.join(self._command(self.url))} (pid {pid})"
@@ -287,7 +302,7 @@ class NodeTarget(UrlTarget):
                 self._stop()
             finally:
                 self._log.close()
-                if self._opts.verbose:
+                if self.keep_log:
                     print(f"[bench] {self.name}: node log kept at {self._log.name}",
                           file=sys.stderr)
                 else:

@@ -25,7 +25,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trio  # noqa: E402
-
 from bench_cases import _MISSING, CASES, Case, Context  # noqa: E402
 from bench_report import Result, environment_line, format_table, summarize  # noqa: E402
 from bench_targets import TARGETS, Target, TargetOptions, UrlTarget, make_target  # noqa: E402
@@ -120,7 +119,15 @@ def run_throughput(case: Case, target: Target, ctx: Context) -> Result:
             return await run(client, ctx)
 
     gc.collect()
-    m = trio.run(main)
+    try:
+        m = trio.run(main)
+    except BaseExceptionGroup as group:
+        # Ctrl-C inside a nursery arrives wrapped; unwrap it so it stops the run.
+        if group.subgroup(KeyboardInterrupt) is not None:
+            raise KeyboardInterrupt from group
+        if group.subgroup(SystemExit) is not None:
+            raise SystemExit(1) from group
+        raise
     return summarize(case.name, target.name, m.latencies_ns, m.total_ns, m.calls, m.note)
 
 
@@ -140,13 +147,20 @@ def run_cases(cases: Sequence[Case], target: Target, args: argparse.Namespace,
         except Exception as exc:
             if args.verbose:
                 traceback.print_exc()
-            result = Result(case.name, target.name, error=f"{type(exc).__name__}: {exc}")
+            first_line = (str(exc).splitlines() or [""])[0]
+            result = Result(case.name, target.name,
+                            error=f"{type(exc).__name__}: {first_line}")
+            problem = target.diagnose()
+            print(f"{case.name} on {target.name} failed: {type(exc).__name__}: {exc}"
+                  + (f"\n  ({problem})" if problem else ""), file=sys.stderr, flush=True)
         results.append(result)
         _log(args.verbose, f"  {result}")
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    # As if Ctrl-C: trio.run (when running) turns SIGINT into KeyboardInterrupt at
+    # a safe point; raising here directly could abandon a Trio run half-way.
+    signal.raise_signal(signal.SIGINT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          token=args.token, verbose=args.verbose)
 
     # SIGTERM unwinds like Ctrl-C, so the `finally` below stops every node.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started with `&`
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
 
     print(environment_line())

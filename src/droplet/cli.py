@@ -27,6 +27,11 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5000"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 
+#: Nodes started by this process (``main()`` called in-process, as tests do). The
+#: node is then our child: once it exits it lingers as a zombie that ``kill(pid, 0)``
+#: still finds, until its Popen reaps it (which also spares Popen's ResourceWarning).
+_started: dict[int, subprocess.Popen[bytes]] = {}
+
 
 def _home() -> Path:
     return Path(os.environ.get("DROPLET_HOME", Path.home() / ".droplet"))
@@ -81,6 +86,7 @@ def start_local(listen: str, executors: int, pid_file: Path, log_file: Path) -> 
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    _started[proc.pid] = proc
     pid_file.write_text(f"{proc.pid}\n{url}\n")
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -132,26 +138,22 @@ def stop_local(pid_file: Path) -> int:
         time.sleep(0.05)
     else:
         os.kill(pid, signal.SIGKILL)
-        _exited(pid)
+        ours = _started.pop(pid, None)
+        if ours is not None:
+            ours.wait()
     pid_file.unlink(missing_ok=True)
     print(f"stopped Droplet node (pid {pid})")
     return 0
 
 
 def _exited(pid: int) -> bool:
-    """Whether ``pid`` is gone, reaping it if it is our own child.
-
-    When start-local ran in this process (``main()`` called in-process, as
-    tests do), the node is our child: after it exits it stays a zombie, which
-    ``kill(pid, 0)`` still finds, until we reap it.
-    """
-    try:
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # not our child: someone else reaps it
-        pass
-    else:
-        if reaped == pid:
-            return True
+    """Whether the node ``pid`` is gone (reaping it if this process started it)."""
+    proc = _started.get(pid)
+    if proc is not None:
+        if proc.poll() is None:
+            return False
+        del _started[pid]
+        return True
     try:
         os.kill(pid, 0)
     except OSError:

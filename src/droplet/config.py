@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
 import tomllib
@@ -30,8 +31,23 @@ def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
 
 
 def is_loopback(address: str) -> bool:
+    """Whether only this machine can reach ``address``.
+
+    A host name other than ``localhost`` counts as reachable from outside: it
+    may resolve to any interface (``127.evil.example`` is not 127.0.0.1).
+
+    >>> is_loopback("tcp://127.0.0.2:5000"), is_loopback("ws://[::1]:80")
+    (True, True)
+    >>> is_loopback("tcp://0.0.0.0:5000"), is_loopback("tcp://127.example.com:1")
+    (False, False)
+    """
     scheme, host, _ = parse_address(address)
-    return scheme == "inproc" or host in ("localhost", "::1") or host.startswith("127.")
+    if scheme == "inproc" or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @attrs.frozen(kw_only=True)

@@ -112,7 +112,14 @@ class Peer:
     async def reply(self, request_id: int, msg: Any) -> None:
         """Answer request ``request_id`` (used by handlers that returned DEFERRED)."""
         try:
-            await self._send(encode_message(msg, request_id, reply=True))
+            try:
+                await self._send(encode_message(msg, request_id, reply=True))
+            except ValueError as exc:
+                # The reply is over max_frame_size (checked before anything is
+                # written): tell the caller why instead of leaving it waiting.
+                await self._send(encode_message(
+                    ErrorReply("DropletError", f"{type(msg).__name__} reply too large: {exc}"),
+                    request_id, reply=True))
         finally:
             self._inflight.release()
 
@@ -169,6 +176,13 @@ class Peer:
         """The reader loop; returns when the connection closes."""
         try:
             await self._read_loop()
+        except ConnectionError as exc:
+            # A reply could not be sent because the peer hung up while we served
+            # its request (``_send`` closed the connection before raising): that
+            # ends this connection, never the service running the reader.
+            if not self._closed:
+                raise
+            log.info("%s went away before its reply: %s", self.remote, exc)
         finally:
             await self.aclose()
 
@@ -407,7 +421,13 @@ async def serve_peers(
         peer = Peer(conn, handler, limits=limits)
         if on_connect is not None:
             on_connect(peer)
-        await peer.run()
+        try:
+            await peer.run()
+        except Exception:
+            # One connection's failure must never take down the listener (and
+            # with it the node): log it and drop only this connection.
+            log.exception("closed connection from %s after an unexpected error",
+                          conn.remote_address)
 
     await get_transport(url).serve(url, on_connection, options, task_status=task_status)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["dumps", "loads"]
+__all__ = ["dumps", "dumps_code", "loads"]
 
 
 def dumps(obj: Any) -> bytes:
@@ -22,13 +22,23 @@ def dumps(obj: Any) -> bytes:
     that refers to ``__main__`` (which the executor cannot import), goes
     through cloudpickle, which pickles such code by value.
     """
-    try:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        pass
-    else:
-        if b"__main__" not in data:
-            return data
+    if not callable(obj):
+        try:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pass
+        else:
+            if b"__main__" not in data:
+                return data
+    return dumps_code(obj)
+
+
+def dumps_code(obj: Any) -> bytes:
+    """Serialize with cloudpickle only: for functions and classes being registered.
+
+    Code always takes this path so that cloudpickle decides by-value versus
+    by-reference (``cloudpickle.register_pickle_by_value`` is honoured).
+    """
     try:
         data = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:

@@ -48,7 +48,7 @@ from ..protocol.messages import (
 )
 from ..rpc import Peer, connect_peer
 from ..scheduler.service import RESULT_PREFIX
-from ..serialization import dumps, loads
+from ..serialization import dumps, dumps_code, loads
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address
 
@@ -266,7 +266,7 @@ class AsyncDropletClient:
             raise RegistrationError(
                 f"register({name!r}): {type(function).__name__} is not callable")
         try:
-            code = dumps(function)
+            code = dumps_code(function)
         except TypeError as exc:
             raise RegistrationError(f"register({name!r}): {exc}") from exc
         await self._scheduler.request(RegisterFunction(name, code), self.timeout)

@@ -12,6 +12,7 @@ from typing import Any
 import trio
 
 from ..config import ROLES, Config
+from ..errors import DropletError
 from ..scheduler.placement import POLICIES
 
 __all__ = ["build_parser", "main"]
@@ -76,6 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _startup_failure(exc: BaseException) -> BaseException | None:
+    """The error that kept the node from starting, when it deserves one line, not a traceback.
+
+    ``serve_node`` fails inside its nursery, so the error arrives wrapped in
+    (single-exception) groups: a missing flag (ValueError), a port in use
+    (OSError), a scheduler refusing our token (AuthenticationError), ...
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError | ValueError | RuntimeError | DropletError) else None
+
+
 async def _run(config: Config) -> int:
     from . import serve_node
 
@@ -83,8 +96,11 @@ async def _run(config: Config) -> int:
         async with trio.open_nursery() as nursery:
             try:
                 node = await nursery.start(serve_node, config)
-            except (OSError, ValueError, RuntimeError) as exc:
-                log.error("could not start: %s", exc)
+            except BaseException as exc:
+                reason = _startup_failure(exc)
+                if reason is None:
+                    raise
+                log.error("could not start: %s", reason)
                 nursery.cancel_scope.cancel()
                 return 1
             workers = config.executors if config.role == "all" else 0
