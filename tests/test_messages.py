@@ -16,7 +16,7 @@ import pytest
 from droplet.errors import ProtocolError
 from droplet.protocol import messages as m
 from droplet.protocol import values
-from droplet.protocol.messages import FLAG_REPLY, MESSAGES, decode, encode
+from droplet.protocol.messages import MESSAGES, decode, encode
 
 ENVELOPE = struct.Struct(">BBII")
 
@@ -76,7 +76,34 @@ SAMPLES: list[Any] = [
     ),
     m.Mail("tcp://e1/3", "tcp://e2/1", b"hello"),
     m.Mail("inproc://x/1", "inproc://x/2", b""),
+    m.KvsGet("k", 1.0, True, "run-1"),
+    m.KvsRelease("run-1"),
+    m.CallDag("dag", False, ["a"], [b"x"], "CAUSAL", None, "c", False, None, "rk", b"ctx"),
+    m.Trigger(
+        "run-3", "a", ["a"], ["v1"], ["tcp://e"], [], [], [], None, None, False,
+        "rk", None, False, "CAUSAL", "client", None, "", b"causal-context",
+    ),
 ]
+
+# Field values by declared kind: every field set, then every optional field None.
+FILLED = {
+    "str": "s☃", "int": 2**40, "bool": True, "float": 0.25, "str | None": "opt",
+    "int | None": -3, "float | None": 1e-3, "list[str]": ["x", ""], "list[int]": [0, -1],
+    "list[list[str]]": [["a", "b"], []], "dict[str, int]": {"n": 1},
+    "bytes": b"\x00blob", "bytes | None": b"", "list[bytes]": [b"one", b"", b"\xff"],
+}
+
+
+def generated_samples() -> list[Any]:
+    samples = []
+    for cls in MESSAGES.values():
+        kinds = [str(f.type) for f in attrs.fields(cls)]
+        samples.append(cls(*[FILLED[k] for k in kinds]))
+        samples.append(cls(*[None if k.endswith("| None") else FILLED[k] for k in kinds]))
+    return samples
+
+
+SAMPLES += generated_samples()
 
 
 def test_every_message_class_has_a_sample() -> None:
@@ -125,7 +152,7 @@ def join(tag: int, flags: int, request_id: int, header: Any, tail: bytes = b"") 
     return ENVELOPE.pack(tag, flags, request_id, len(head)) + head + tail
 
 
-WRONG_VALUES = {
+WRONG_VALUES: dict[str, list[Any]] = {
     "str": [5, None, ["x"], True],
     "int": ["1", 1.5, True, None],
     "bool": [1, 0, "true", None],
@@ -227,9 +254,15 @@ def test_header_not_json(head: bytes) -> None:
         decode(frame)
 
 
-@pytest.mark.parametrize("header", [{}, "k", ["k"], ["k", None, False, 1], None])
+KVSGET_FIELDS = len(attrs.fields(m.KvsGet))
+
+
+@pytest.mark.parametrize("header", [
+    {}, "k", None, ["k"] * (KVSGET_FIELDS - 1), ["k"] * (KVSGET_FIELDS + 1),
+], ids=["dict", "str", "null", "short", "long"])
 def test_header_wrong_shape(header: Any) -> None:
-    with pytest.raises(ProtocolError, match=r"KvsGet: header must be a list of 3 fields"):
+    with pytest.raises(ProtocolError,
+                       match=rf"KvsGet: header must be a list of {KVSGET_FIELDS} fields"):
         decode(join(10, 0, 0, header))
 
 

@@ -207,7 +207,8 @@ class Peer:
                 if request_id == 0 and type(msg) is ErrorReply:
                     # The peer is hanging up on us and says why (e.g. ProtocolError).
                     self._close_reason = _error_from_reply(msg, self.remote)
-                    log.warning("%s closed the connection: %s", self.remote, msg.message)
+                    # %r: the peer's text, escaped, cannot forge log lines.
+                    log.warning("%s closed the connection: %r", self.remote, msg.message)
                     return
                 slot = pending.pop(request_id, None)
                 if slot is not None:

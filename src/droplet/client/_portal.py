@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from ..errors import ConnectionError
+
 __all__ = ["Portal"]
 
 T = TypeVar("T")
@@ -53,7 +55,7 @@ class Portal:
     def run(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``await afn(*args)`` in the portal's loop and return its result."""
         if self.closed:
-            raise RuntimeError("this Droplet connection is closed")
+            raise ConnectionError("this Droplet connection is closed")
         return trio.from_thread.run(afn, *args, trio_token=self._token)
 
     def close(self) -> None:

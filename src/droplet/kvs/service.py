@@ -48,6 +48,17 @@ class KvsStatistics:
     pinned_runs: int
 
 
+def _bounded_wait(wait: float | None) -> float:
+    """A peer's requested wait as seconds in [0, MAX_WAIT] (NaN and junk mean 0)."""
+    try:
+        seconds = float(wait or 0)
+    except OverflowError:  # an int past float range: as long as we allow
+        return MAX_WAIT
+    if not seconds > 0:  # also catches NaN
+        return 0.0
+    return min(seconds, MAX_WAIT)
+
+
 class KvsService:
     """Serves KVS messages; plug ``handle`` into a node's router."""
 
@@ -93,13 +104,14 @@ class KvsService:
         if msg.pin is not None:
             return KvsValue(msg.key, self._pinned(msg.pin, msg.key))
         value = self.store.get(msg.key)
-        if value is not None or not msg.wait or msg.wait <= 0:
+        wait = _bounded_wait(msg.wait)
+        if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
         # Register before yielding, so a put that lands before the task starts wakes it.
         event = self._waiters.get(msg.key)
         if event is None:
             event = self._waiters[msg.key] = trio.Event()
-        self._nursery.start_soon(self._wait_and_reply, peer, msg, request_id, event)
+        self._nursery.start_soon(self._wait_and_reply, peer, msg, request_id, event, wait)
         return DEFERRED
 
     def _pinned(self, run_id: str, key: str) -> bytes | None:
@@ -117,9 +129,9 @@ class KvsService:
         return versions[key]
 
     async def _wait_and_reply(
-        self, peer: Peer, msg: KvsGet, request_id: int, event: trio.Event
+        self, peer: Peer, msg: KvsGet, request_id: int, event: trio.Event, wait: float
     ) -> None:
-        with trio.move_on_after(min(float(msg.wait or 0), MAX_WAIT)):
+        with trio.move_on_after(wait):
             await event.wait()
         try:
             await peer.reply(request_id, KvsValue(msg.key, self.store.get(msg.key)))

@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from ..config import Config
+from ..errors import ProtocolError
 from ..executor.service import ExecutorService
 from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, Hello
@@ -49,7 +50,9 @@ class Router:
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         route = self._routes.get(type(msg))
         if route is None:
-            raise TypeError(f"this node does not serve {type(msg).__name__} messages")
+            # The peer's mistake, not ours: a ProtocolError reply (and, for a
+            # one-way message, one log line rather than a traceback).
+            raise ProtocolError(f"this node does not serve {type(msg).__name__} messages")
         return await route(peer, msg, request_id)
 
 

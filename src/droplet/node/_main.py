@@ -62,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.load(flags, args.config)
         config.check_exposure()
     except (ValueError, TypeError, OSError) as exc:
-        print(f"droplet.node: {exc}", file=sys.stderr)
+        # attrs validators put the readable message first, then internals.
+        message = exc.args[0] if isinstance(exc, ValueError | TypeError) and exc.args else exc
+        print(f"droplet.node: {message}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=config.log_level.upper(),
