@@ -108,7 +108,9 @@ async def _run(config: Config) -> int:
             workers = config.executors if config.role == "all" else 0
             extra = f" with {workers} executor workers" if workers else ""
             log.info("Droplet %s node ready at %s%s", config.role, node.url, extra)
-            print(f"droplet {config.role} node listening on {node.url}", flush=True)
+            # One write, so worker processes sharing this stream cannot split the line.
+            sys.stdout.write(f"droplet {config.role} node listening on {node.url}\n")
+            sys.stdout.flush()
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
