@@ -61,7 +61,7 @@ class Config:
     executors: int = attrs.field(default=2, validator=attrs.validators.ge(0))
     threads: int = attrs.field(default=32, validator=attrs.validators.ge(1))
     placement: str = attrs.field(default="locality", validator=attrs.validators.in_(POLICIES))
-    token: str | None = None
+    token: str | None = attrs.field(default=None, repr=False)  # reprs reach logs
     insecure: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None

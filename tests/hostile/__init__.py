@@ -1,0 +1,1 @@
+"""Hostile peers, wrong tokens and TLS against real Droplet nodes."""
