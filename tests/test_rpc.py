@@ -268,9 +268,12 @@ async def test_right_token() -> None:
             await one_request(url, ListFunctions("u"))
 
 
-async def test_client_with_token_against_open_server() -> None:
+async def test_client_with_token_refuses_open_server() -> None:
+    """An open server cannot prove it is our cluster: no silent downgrade."""
     async with serving(echo) as url, trio.open_nursery() as nursery:
-        peer = await connect_peer(url, nursery, token="whatever")
+        with pytest.raises(droplet.AuthenticationError, match="cannot prove"):
+            await connect_peer(url, nursery, token="whatever")
+        peer = await connect_peer(url, nursery, token="")  # an explicit "no token" works
         assert await peer.request(ListFunctions("o")) == Names(["o", "echo"])
         await peer.aclose()
 

@@ -88,10 +88,10 @@ class RunningCluster:
 
     def client(self) -> Any:
         """``async with cluster.client() as cloud:`` an AsyncDropletClient."""
-        return open_client(self.address, token=self.token)
+        return open_client(self.address, token=self.token or "")
 
     async def connect(self, nursery: trio.Nursery) -> AsyncDropletClient:
-        return await AsyncDropletClient.connect(self.address, nursery, token=self.token)
+        return await AsyncDropletClient.connect(self.address, nursery, token=self.token or "")
 
 
 class LocalCluster:
@@ -129,7 +129,7 @@ class LocalCluster:
 
     def connect(self, *, timeout: float = 30.0) -> DropletConnection:
         """A client connection to this cluster (closed with the cluster)."""
-        conn = DropletConnection(self.address, token=self._token, timeout=timeout,
+        conn = DropletConnection(self.address, token=self._token or "", timeout=timeout,
                                  _portal=self._portal)
         self._connections.append(conn)
         return conn

@@ -366,7 +366,13 @@ async def _client_handshake(conn: Connection, url: str, token: str | None) -> No
         raise ProtocolError(f"{url} sent {type(result).__name__} instead of AuthResult")
     if not result.ok:
         raise AuthenticationError(f"{url} refused the connection: {result.message}")
-    if token and challenge.required:
+    if token and not challenge.required:
+        # It cannot prove it knows the token, so it may be an impostor whose
+        # "results" we would unpickle: refuse rather than downgrade.
+        raise AuthenticationError(
+            f"{url} does not ask for a cluster token, so it cannot prove it is your "
+            "cluster; connect without a token (token='') if it is an open node you trust")
+    if token:
         expected = handshake.server_mac(token, challenge.nonce, nonce)
         if not handshake.verify(expected, result.mac):
             raise AuthenticationError(

@@ -301,14 +301,6 @@ async def test_client_refuses_a_server_proof_for_other_nonces() -> None:
     assert isinstance(error, droplet.AuthenticationError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP (rpc._client_handshake): a client holding a token skips the server's proof "
-    "when the server says no token is required, so an impostor (no TLS) downgrades the "
-    "mutual authentication and the client then unpickles whatever it sends. "
-    "tests/test_rpc.py::test_client_with_token_against_open_server expects this today: "
-    "a design decision, see docs/discussion/security.rst.",
-)
 async def test_client_with_a_token_refuses_a_server_that_requires_none() -> None:
     _, _, error = await _handshake_with(lambda s, c: AuthResult(True, b"", ""), required=False)
     assert isinstance(error, droplet.AuthenticationError)

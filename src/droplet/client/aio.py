@@ -226,8 +226,9 @@ class AsyncDropletClient:
         """
         url = normalize_address(address)
         if tls_ca is not None:
+            base = options or TransportOptions()
             options = TransportOptions(
-                max_frame_size=(options or TransportOptions()).max_frame_size,
+                max_frame_size=base.max_frame_size, read_timeout=base.read_timeout,
                 ssl_context=ssl.create_default_context(cafile=tls_ca))
         token = token if token is not None else os.environ.get("DROPLET_TOKEN") or None
         scheduler = await connect_peer(url, nursery, token=token, options=options,
@@ -366,7 +367,10 @@ class AsyncDropletClient:
         if not isinstance(key, str) or not key:
             raise TypeError(f"key must be a non-empty string, not {key!r}")
         reply: KvsValue = await self._kvs.request(KvsGet(key), self.timeout)
-        return reveal_stored(reply.lattice)
+        value = reveal_stored(reply.lattice)
+        if isinstance(value, _Failure):  # the result key of a call that failed
+            raise value.error
+        return value
 
 
 @asynccontextmanager
@@ -376,13 +380,18 @@ async def open_client(
     token: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     options: TransportOptions | None = None,
+    tls_ca: str | None = None,
 ) -> AsyncIterator[AsyncDropletClient]:
-    """Connect to a cluster for the duration of an ``async with`` block."""
+    """Connect to a cluster for the duration of an ``async with`` block.
+
+    Arguments as for :meth:`AsyncDropletClient.connect`.
+    """
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         try:
             client = await AsyncDropletClient.connect(
-                address, nursery, token=token, timeout=timeout, options=options)
+                address, nursery, token=token, timeout=timeout, options=options,
+                tls_ca=tls_ca)
         except Exception as exc:  # connecting failed: re-raised below, not as a group
             failure = exc
             nursery.cancel_scope.cancel()

@@ -274,9 +274,14 @@ class ExecutorService:
         if failed:
             self._failures += 1
         last = segment[-1]
+        sink = t if last == t.function else attrs.evolve(t, function=last)
         try:
-            await self._forward(t if last == t.function else attrs.evolve(t, function=last),
-                                result, failed, run)
+            try:
+                await self._forward(sink, result, failed, run)
+            except ValueError as exc:  # the result is too big for one frame
+                too_big = _Failure(DropletError(
+                    f"the result of {last!r} is too large to send: {exc}"))
+                await self._forward(sink, too_big, True, run)
         except Exception as exc:
             log.warning("run %s: could not deliver result of %s: %s", t.run_id, last, exc)
 

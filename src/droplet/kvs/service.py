@@ -48,6 +48,11 @@ class KvsStatistics:
     pinned_runs: int
 
 
+def _cancel_waits(peer: Peer) -> None:
+    for scope in peer.state.get("kvs_waits", ()):
+        scope.cancel()
+
+
 def _bounded_wait(wait: float | None) -> float:
     """A peer's requested wait as seconds in [0, MAX_WAIT] (NaN and junk mean 0)."""
     try:
@@ -131,8 +136,21 @@ class KvsService:
     async def _wait_and_reply(
         self, peer: Peer, msg: KvsGet, request_id: int, event: trio.Event, wait: float
     ) -> None:
-        with trio.move_on_after(wait):
-            await event.wait()
+        if peer.closed:
+            return
+        waits: set[trio.CancelScope] | None = peer.state.get("kvs_waits")
+        if waits is None:
+            # A waiter that hangs up takes its waiting reads with it.
+            waits = peer.state["kvs_waits"] = set()
+            peer.on_close.append(_cancel_waits)
+        with trio.move_on_after(wait) as scope:
+            waits.add(scope)
+            try:
+                await event.wait()
+            finally:
+                waits.discard(scope)
+        if peer.closed:
+            return
         try:
             await peer.reply(request_id, KvsValue(msg.key, self.store.get(msg.key)))
         except Exception as exc:  # the waiter went away; nothing to tell

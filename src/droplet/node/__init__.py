@@ -181,7 +181,7 @@ async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> N
     """Run executor worker ``index`` as a child process, restarting it if it dies."""
     cmd = [sys.executable, "-m", "droplet.node", "--role", "executor",
            "--scheduler", scheduler_url, "--threads", str(config.threads),
-           "--log-level", config.log_level]
+           "--max-frame-size", str(config.max_frame_size), "--log-level", config.log_level]
     env = dict(os.environ)
     if config.token:
         env["DROPLET_TOKEN"] = config.token  # never on the command line (visible in ps)
