@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 import ssl
-from typing import Any
 
 import trio
 
 from ..errors import ConnectionError, ProtocolError
 from ..protocol.framing import FrameDecoder, frame
+from ._sockets import dial, open_listeners, peer_url
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 from .registry import parse_address
 
@@ -101,19 +101,6 @@ class StreamConnection(Connection):
             await trio.aclose_forcefully(self._stream)
 
 
-def _peer_url(scheme: str, stream: trio.abc.Stream) -> str:
-    sock_stream: Any = stream
-    while not isinstance(sock_stream, trio.SocketStream):
-        sock_stream = getattr(sock_stream, "transport_stream", None)
-        if sock_stream is None:
-            return f"{scheme}://?"
-    try:
-        host, port = sock_stream.socket.getpeername()[:2]
-    except OSError:
-        return f"{scheme}://?"
-    return f"{scheme}://{host}:{port}"
-
-
 class TcpTransport(Transport):
     schemes = ("tcp", "tls")
 
@@ -125,24 +112,11 @@ class TcpTransport(Transport):
         *,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        scheme, host, port = parse_address(url)
-        assert port is not None
-        ctx = options.ssl_context
-        if scheme == "tls" and not isinstance(ctx, ssl.SSLContext):
-            raise ValueError(f"{url}: tls:// needs a certificate and key (tls_cert/tls_key)")
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        if scheme == "tls":
-            assert isinstance(ctx, ssl.SSLContext)
-            stream_listeners: list[trio.abc.Listener[Any]] = [
-                trio.SSLListener(lst, ctx, https_compatible=False) for lst in listeners
-            ]
-        else:
-            stream_listeners = list(listeners)
-        bound_host, bound_port = listeners[0].socket.getsockname()[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        scheme = parse_address(url)[0]
+        stream_listeners, bound = await open_listeners(url, options, tls=scheme == "tls")
 
         async def on_stream(stream: trio.abc.Stream) -> None:
-            conn = StreamConnection(stream, _peer_url(scheme, stream), options)
+            conn = StreamConnection(stream, peer_url(scheme, stream), options)
             try:
                 if isinstance(stream, trio.SSLStream):
                     with trio.fail_after(options.read_timeout):
@@ -155,18 +129,12 @@ class TcpTransport(Transport):
 
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, on_stream, stream_listeners)
-            task_status.started(f"{scheme}://{shown}:{bound_port}")
+            task_status.started(bound)
 
     async def connect(self, url: str, options: TransportOptions) -> Connection:
-        scheme, host, port = parse_address(url)
-        assert port is not None
-        try:
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        except OSError as exc:
-            raise ConnectionError(
-                f"no Droplet node at {url} ({exc.strerror or exc}); "
-                "start one with `python -m droplet.node`"
-            ) from exc
+        scheme = parse_address(url)[0]
+        socket_stream, host, _ = await dial(url)
+        stream: trio.abc.Stream = socket_stream
         if scheme == "tls":
             ctx = options.ssl_context
             if not isinstance(ctx, ssl.SSLContext):

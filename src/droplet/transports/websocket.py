@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import ssl
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import h11
 import trio
@@ -44,6 +44,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ..errors import ConnectionError, ProtocolError
+from ._sockets import dial, open_listeners, peer_url
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 from .registry import parse_address
 
@@ -311,18 +312,6 @@ async def _accept_upgrade(stream: trio.abc.Stream) -> WSConnection:
                 return ws
 
 
-def _peer_url(scheme: str, stream: trio.abc.Stream) -> str:
-    sock_stream: Any = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if not isinstance(sock_stream, trio.SocketStream):
-        return f"{scheme}://?"
-    try:
-        host, port = sock_stream.socket.getpeername()[:2]
-    except OSError:
-        return f"{scheme}://?"
-    shown = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{shown}:{port}"
-
-
 class WebSocketTransport(Transport):
     schemes = ("ws", "wss")
 
@@ -334,25 +323,10 @@ class WebSocketTransport(Transport):
         *,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        scheme, host, port = parse_address(url)
-        assert port is not None
-        ctx = options.ssl_context
-        if scheme == "wss" and not isinstance(ctx, ssl.SSLContext):
-            raise ValueError(
-                f"{url}: wss:// needs options.ssl_context, an ssl.SSLContext with the "
-                "server's certificate chain loaded (tls_cert/tls_key)"
-            )
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        if scheme == "wss":
-            assert isinstance(ctx, ssl.SSLContext)
-            # https_compatible: WebSocket peers (browsers, proxies) often skip close_notify.
-            stream_listeners: list[trio.abc.Listener[Any]] = [
-                trio.SSLListener(lst, ctx, https_compatible=True) for lst in listeners
-            ]
-        else:
-            stream_listeners = list(listeners)
-        bound_host, bound_port = listeners[0].socket.getsockname()[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        scheme = parse_address(url)[0]
+        # https_compatible: WebSocket peers (browsers, proxies) often skip close_notify.
+        stream_listeners, bound = await open_listeners(
+            url, options, tls=scheme == "wss", https_compatible=True)
 
         async def on_stream(stream: trio.abc.Stream) -> None:
             try:
@@ -366,7 +340,7 @@ class WebSocketTransport(Transport):
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
-            conn = WebSocketConnection(stream, ws, _peer_url(scheme, stream), options)
+            conn = WebSocketConnection(stream, ws, peer_url(scheme, stream), options)
             try:
                 await handler(conn)
             except trio.BrokenResourceError:
@@ -376,18 +350,11 @@ class WebSocketTransport(Transport):
 
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, on_stream, stream_listeners)
-            task_status.started(f"{scheme}://{shown}:{bound_port}")
+            task_status.started(bound)
 
     async def connect(self, url: str, options: TransportOptions) -> Connection:
-        scheme, host, port = parse_address(url)
-        assert port is not None
-        try:
-            tcp_stream = await trio.open_tcp_stream(host, port)
-        except OSError as exc:
-            raise ConnectionError(
-                f"no Droplet node at {url} ({exc.strerror or exc}); "
-                "start one with `python -m droplet.node`"
-            ) from exc
+        scheme = parse_address(url)[0]
+        tcp_stream, host, port = await dial(url)
         stream: trio.abc.Stream = tcp_stream
         try:
             with trio.fail_after(options.read_timeout):
