@@ -50,7 +50,8 @@ def docs(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Latency benchmarks (benchmarks/run.py); arguments after ``--`` go to it."""
-    session.install(".")
+    # trustme: the tls/wss targets make a throw-away CA and node certificate.
+    session.install(".", "trustme")
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 

@@ -12,21 +12,19 @@ Two kinds of case:
   :class:`Measured` (per-call latencies plus the total wall time).
 
 Adding a row is one decorated function (see README.md, "Adding rows"), e.g.
-the consistency rows::
+one of the consistency rows below::
 
-    @latency_case("dag2-rr", "square -> increment, REPEATABLE_READ, 2 key reads each",
-                  expect=16)
-    def dag2_rr(conn, ctx):
-        conn.put_object("bench-k1", 1)
-        conn.put_object("bench-k2", 2)
-        return dag_chain(conn, "bench-dag2-rr", [square_reading, inc_reading], 3,
+    @latency_case("dag2-keys-rr", "...", expect=16)
+    def dag2_keys_rr(conn, ctx):
+        square_reading, inc_reading = _put_lww_keys(conn)
+        return dag_chain(conn, "bench-dag2-keys-rr", [square_reading, inc_reading], 3,
                          consistency=droplet.REPEATABLE_READ)
 
 where ``square_reading``/``inc_reading`` are nested functions (see
-``_remote_functions``) that also ``lib.get`` both keys. Names must be unique;
-``--only`` selects cases by name or glob (``dag*``). Each target is a fresh
-cluster, but ``--target-url`` may reuse a node, so register functions and DAGs
-under ``bench-`` names.
+``_remote_functions``, ``_key_reading_functions``) that also ``lib.get`` both
+keys. Names must be unique; ``--only`` selects cases by name or glob (``dag*``).
+Each target is a fresh cluster, but ``--target-url`` may reuse a node, so
+register functions, DAGs and keys under ``bench-`` names.
 """
 
 from __future__ import annotations
@@ -131,6 +129,70 @@ def _remote_functions() -> tuple[Callable[..., Any], ...]:
 
 noop, square, increment = _remote_functions()
 
+#: Keys read by the consistency rows. NORMAL and REPEATABLE_READ rows read
+#: last-writer-wins values stored with ``put_object``; CAUSAL rows read causal
+#: values written by a CAUSAL DAG run (a key keeps the lattice type of its first
+#: write, so the two kinds need their own keys).
+LWW_KEYS = ("bench-keys-k1", "bench-keys-k2")
+CAUSAL_KEYS = ("bench-causal-k1", "bench-causal-k2")
+KEY_VALUES = (1, 2)
+CAUSAL_SESSION = "bench-session"
+
+
+def _key_reading_functions(k1: str, k2: str) -> tuple[Callable[..., Any], ...]:
+    """``square``/``increment`` that also read keys ``k1`` and ``k2`` (``lib.get``).
+
+    Each adds both values to its result: with 1 and 2 stored, the 2-function
+    DAG gives 3*3 + 3 = 12, then 12 + 1 + 3 = 16; a chain of 10 gives 10 * 4.
+    Nested (closures over the key names), so they are shipped by value.
+    """
+    def square_reading(lib: Any, x: Any) -> Any:
+        return x * x + lib.get(k1) + lib.get(k2)
+
+    def inc_reading(lib: Any, x: Any) -> Any:
+        return x + 1 + lib.get(k1) + lib.get(k2)
+
+    return square_reading, inc_reading
+
+
+def _causal_writer() -> Callable[..., Any]:
+    def write_keys(lib: Any, pairs: Any) -> Any:
+        # Read before writing: the write then supersedes every version read (also
+        # concurrent ones a previous run on a reused node may have left), so each
+        # key holds one version and reads back as a plain value.
+        for key, value in pairs:
+            lib.get(key)
+            lib.put(key, value)
+        return len(pairs)
+
+    return write_keys
+
+
+def _put_lww_keys(conn: droplet.DropletConnection) -> tuple[Callable[..., Any], ...]:
+    """Store the LWW keys (``put_object``); the functions that read them."""
+    for key, value in zip(LWW_KEYS, KEY_VALUES, strict=True):
+        conn.put_object(key, value)
+    return _key_reading_functions(*LWW_KEYS)
+
+
+def _write_causal_keys(conn: droplet.DropletConnection) -> tuple[Callable[..., Any], ...]:
+    """Write the causal keys through a CAUSAL DAG run in session ``CAUSAL_SESSION``.
+
+    The session's context then holds the keys' vector clocks (and the second
+    key's dependency on the first), so every timed CAUSAL read compares the
+    cached version's clock against it: the clock-checking path, not just the
+    CAUSAL bookkeeping around LWW values. Returns the functions that read them.
+    """
+    name = "bench-causal-writer"
+    conn.register(_causal_writer(), name)
+    conn.register_dag(name, [name], [])
+    pairs = list(zip(CAUSAL_KEYS, KEY_VALUES, strict=True))
+    written = conn.call_dag(name, {name: [pairs]}, consistency=droplet.CAUSAL,
+                            client_id=CAUSAL_SESSION).get()
+    if written != len(pairs):
+        raise AssertionError(f"causal writer returned {written!r}")
+    return _key_reading_functions(*CAUSAL_KEYS)
+
 
 def dag_chain(conn: droplet.DropletConnection, name: str,
               functions: Sequence[Callable[..., Any]], arg: Any, *,
@@ -176,6 +238,37 @@ def dag2_direct(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], A
               expect=10)
 def chain10(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
     return dag_chain(conn, "bench-chain10", [increment] * 10, 0)
+
+
+# Consistency overhead: the same DAG under NORMAL, REPEATABLE_READ and CAUSAL,
+# every function reading 2 keys.
+
+def _consistency_rows(prefix: str, description: str, length: int, arg: int,
+                      expect: int) -> None:
+    def shape(square_reading: Callable[..., Any], inc_reading: Callable[..., Any]
+              ) -> list[Callable[..., Any]]:
+        return [square_reading, inc_reading] if length == 2 else [inc_reading] * length
+
+    @latency_case(f"{prefix}-keys-normal", f"{description}, NORMAL: each function "
+                  "lib.get()s 2 keys stored with put_object", expect=expect)
+    def normal(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+        return dag_chain(conn, f"bench-{prefix}-keys-normal", shape(*_put_lww_keys(conn)), arg)
+
+    @latency_case(f"{prefix}-keys-rr", "the same, REPEATABLE_READ (reads pinned per run)",
+                  expect=expect)
+    def rr(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+        return dag_chain(conn, f"bench-{prefix}-keys-rr", shape(*_put_lww_keys(conn)), arg,
+                         consistency=droplet.REPEATABLE_READ)
+
+    @latency_case(f"{prefix}-keys-causal", "the same, CAUSAL, client_id session; the 2 keys "
+                  "written by a CAUSAL DAG run", expect=expect)
+    def causal(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+        return dag_chain(conn, f"bench-{prefix}-keys-causal", shape(*_write_causal_keys(conn)),
+                         arg, consistency=droplet.CAUSAL, client_id=CAUSAL_SESSION)
+
+
+_consistency_rows("dag2", "2-function DAG square -> increment", 2, 3, expect=16)
+_consistency_rows("chain10", "10-function chain of increments", 10, 0, expect=40)
 
 
 @throughput_case("throughput",

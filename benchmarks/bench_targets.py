@@ -8,15 +8,18 @@ A target gives the cases two things:
   :class:`droplet.AsyncDropletClient`, used inside one ``trio.run`` (throughput
   rows).
 
-Targets are built by name from :data:`TARGETS` (``--targets embedded,tcp``). To
-add one, register a factory, e.g. for a WebSocket node::
+Targets are built by name from :data:`TARGETS` (``--targets embedded,tcp``):
+``embedded``, and nodes on ``tcp``, ``ws``, ``tls`` and ``wss``. A plain node is
+one line::
 
-    TARGETS["ws"] = lambda opts: NodeTarget("ws", scheme="ws", opts=opts)
+    TARGETS["ws"] = lambda opts: NodeTarget("ws", opts, scheme="ws")
 
-and for TLS, pass ``node_args=["--tls-cert", cert, "--tls-key", key]`` and
-``client_options=TransportOptions(ssl_context=...)`` (e.g. from ``trustme``).
-Besides the registry, ``node:SCHEME`` starts a node listening on that scheme with
-no extra setup, and ``--target-url URL`` measures a node someone else started.
+The TLS nodes (:class:`TlsNodeTarget`) get a throw-away CA and a certificate for
+127.0.0.1 from ``trustme``, made in a temporary directory when the target starts.
+:data:`DEFAULT_CASES` limits what a target runs when ``--only`` is not given (the
+ws/tls/wss nodes: the transport rows ``dag2`` and ``dag2-direct``). Besides the
+registry, ``node:SCHEME`` starts a node listening on that scheme with no extra
+setup (all rows), and ``--target-url URL`` measures a node someone else started.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -38,9 +42,10 @@ import trio
 
 import droplet
 from droplet.node import cluster_info
+from droplet.transports import TransportOptions
 
-__all__ = ["TARGETS", "EmbeddedTarget", "NodeTarget", "Target", "TargetOptions", "UrlTarget",
-           "make_target"]
+__all__ = ["DEFAULT_CASES", "DEFAULT_TARGETS", "TARGETS", "EmbeddedTarget", "NodeTarget",
+           "Target", "TargetOptions", "TlsNodeTarget", "UrlTarget", "make_target"]
 
 START_TIMEOUT = 60.0  # node start: executor workers are child processes
 STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL of the node's whole process group
@@ -312,6 +317,66 @@ class NodeTarget(UrlTarget):
                         pass
 
 
+class TlsNodeTarget(NodeTarget):
+    """A node on ``tls://`` or ``wss://`` with a certificate from a throw-away CA.
+
+    At start, ``trustme`` makes a CA and a certificate for 127.0.0.1 (and
+    localhost) in a temporary directory (removed by ``close()``); the node gets
+    ``--tls-cert``/``--tls-key``, clients trust only that CA: the sync
+    connection through ``DropletConnection(url, tls_ca=CA_FILE)``, async
+    clients and the readiness probe through ``TransportOptions(ssl_context=...)``
+    (``open_client`` and ``cluster_info`` take no ``tls_ca``).
+    """
+
+    def __init__(self, name: str, opts: TargetOptions, *, scheme: str) -> None:
+        try:
+            import trustme
+        except ImportError as exc:
+            raise RuntimeError(f"the {name} target needs trustme (pip install trustme) "
+                               "to make its test certificate") from exc
+        self._certs: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
+            prefix=f"droplet-bench-{name}-certs-")
+        try:
+            ca = trustme.CA()
+            server = ca.issue_cert("127.0.0.1", "localhost")
+            self.ca_file = os.path.join(self._certs.name, "ca.pem")
+            cert_file = os.path.join(self._certs.name, "server.pem")
+            key_file = os.path.join(self._certs.name, "server.key")
+            ca.cert_pem.write_to_path(self.ca_file)
+            for i, blob in enumerate(server.cert_chain_pems):  # leaf first
+                blob.write_to_path(cert_file, append=i > 0)
+            server.private_key_pem.write_to_path(key_file)
+            client_options = TransportOptions(
+                ssl_context=ssl.create_default_context(cafile=self.ca_file))
+        except BaseException:
+            self._remove_certs()
+            raise
+        # NodeTarget starts the node (and calls close() if that fails).
+        super().__init__(name, opts, scheme=scheme, client_options=client_options,
+                         node_args=["--tls-cert", cert_file, "--tls-key", key_file])
+
+    def _open_connection(self) -> droplet.DropletConnection:
+        return droplet.DropletConnection(self.url, token=self._opts.token, tls_ca=self.ca_file)
+
+    async def _probe(self) -> None:
+        # cluster_info() has no TLS options; the same one request, trusting our CA.
+        from droplet.protocol.messages import Hello
+        from droplet.rpc import one_request
+        await one_request(self.url, Hello("probe", "probe"), token=self._opts.token,
+                          options=self.client_options, timeout=2.0)
+
+    def _remove_certs(self) -> None:
+        certs, self._certs = self._certs, None
+        if certs is not None:
+            certs.cleanup()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._remove_certs()
+
+
 def _group_exists(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -324,10 +389,27 @@ def _group_exists(pgid: int) -> bool:
 
 TargetFactory = Callable[[TargetOptions], Target]
 
-#: Targets by name, for ``--targets``. Add ws/tls/wss nodes here when they exist.
+#: Targets by name, for ``--targets``.
 TARGETS: dict[str, TargetFactory] = {
     "embedded": EmbeddedTarget,
     "tcp": lambda opts: NodeTarget("tcp", opts, scheme="tcp"),
+    "ws": lambda opts: NodeTarget("ws", opts, scheme="ws"),
+    "tls": lambda opts: TlsNodeTarget("tls", opts, scheme="tls"),
+    "wss": lambda opts: TlsNodeTarget("wss", opts, scheme="wss"),
+}
+
+#: What ``python benchmarks/run.py`` measures without ``--targets``.
+DEFAULT_TARGETS = "embedded,tcp,ws,tls,wss"
+
+#: The cases (names or globs) a target runs when ``--only`` is not given; a
+#: target not listed runs every case. The other transports only need the
+#: transport comparison, the 2-function composition beside tcp; ``--only``
+#: (e.g. ``--only '*' --targets ws``) runs any case on them.
+TRANSPORT_CASES = ("dag2", "dag2-direct")
+DEFAULT_CASES: dict[str, tuple[str, ...]] = {
+    "ws": TRANSPORT_CASES,
+    "tls": TRANSPORT_CASES,
+    "wss": TRANSPORT_CASES,
 }
 
 

@@ -1,6 +1,6 @@
 """Droplet latency and throughput benchmarks.
 
-    python benchmarks/run.py [--quick] [--only NAMES] [--targets embedded,tcp]
+    python benchmarks/run.py [--quick] [--only NAMES] [--targets embedded,tcp,ws,tls,wss]
 
 Prints an environment line and a table: for each case (see bench_cases.py) on
 each target (see bench_targets.py), latency p50/p99/mean in milliseconds and
@@ -27,13 +27,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trio  # noqa: E402
 from bench_cases import _MISSING, CASES, Case, Context  # noqa: E402
 from bench_report import Result, environment_line, format_table, summarize  # noqa: E402
-from bench_targets import TARGETS, Target, TargetOptions, UrlTarget, make_target  # noqa: E402
+from bench_targets import (  # noqa: E402
+    DEFAULT_CASES,
+    DEFAULT_TARGETS,
+    TARGETS,
+    Target,
+    TargetOptions,
+    UrlTarget,
+    make_target,
+)
 
 DEFAULT_SAMPLES = 2000
 QUICK_SAMPLES = 300
 DEFAULT_WARMUP = 200
 QUICK_WARMUP = 50
 DEFAULT_CONCURRENT = 5000
+
+
+def _default_cases_help() -> str:
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for target, names in DEFAULT_CASES.items():
+        groups.setdefault(names, []).append(target)
+    return "; ".join(f"{'/'.join(ts)} run only {', '.join(names)}"
+                     for names, ts in groups.items())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,10 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"concurrent calls of the throughput row (default {DEFAULT_CONCURRENT})")
     p.add_argument("--only", metavar="NAMES",
                    help="comma-separated case names or globs (e.g. 'noop,dag*')")
-    p.add_argument("--targets", default="embedded,tcp", metavar="LIST",
+    p.add_argument("--targets", default=DEFAULT_TARGETS, metavar="LIST",
                    help="comma-separated targets: " + ", ".join(TARGETS)
                    + ", or node:SCHEME for a node listening on SCHEME://127.0.0.1:PORT "
-                   "(default: embedded,tcp)")
+                   f"(default: {DEFAULT_TARGETS}; without --only, {_default_cases_help()})")
     p.add_argument("--target-url", action="append", default=[], metavar="URL",
                    help="also measure the node already running at URL (repeatable); "
                    "it is neither started nor stopped")
@@ -82,6 +98,16 @@ def select_cases(only: str | None) -> list[Case]:
         raise SystemExit(f"run.py: no case matches {', '.join(unknown)}; "
                          f"cases: {', '.join(CASES)}")
     return [c for c in CASES.values() if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+
+
+def cases_for(spec: str, target_name: str, cases: Sequence[Case],
+              only: str | None) -> list[Case]:
+    """The cases to run on a target: the cases' ``targets=`` filter, and without
+    ``--only`` the default cases of the ``--targets`` item ``spec``
+    (``bench_targets.DEFAULT_CASES``; ``node:ws`` is not ``ws``: it runs all)."""
+    default = None if only else DEFAULT_CASES.get(spec)
+    return [c for c in cases if c.applies_to(target_name)
+            and (default is None or any(fnmatch.fnmatchcase(c.name, p) for p in default))]
 
 
 def _log(verbose: bool, message: str) -> None:
@@ -131,11 +157,9 @@ def run_throughput(case: Case, target: Target, ctx: Context) -> Result:
     return summarize(case.name, target.name, m.latencies_ns, m.total_ns, m.calls, m.note)
 
 
-def run_cases(cases: Sequence[Case], target: Target, args: argparse.Namespace,
+def run_cases(spec: str, cases: Sequence[Case], target: Target, args: argparse.Namespace,
               results: list[Result]) -> None:
-    for case in cases:
-        if not case.applies_to(target.name):
-            continue
+    for case in cases_for(spec, target.name, cases, args.only):
         ctx = Context(samples=args.samples, warmup=args.warmup,
                       concurrent_calls=args.calls, target=target)
         _log(args.verbose, f"{case.name} on {target.name} ...")
@@ -167,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list:
         for case in CASES.values():
-            print(f"{case.name:14} {case.kind:10} {case.description}")
+            print(f"{case.name:20} {case.kind:10} {case.description}")
         return 0
     if args.samples is None:
         args.samples = QUICK_SAMPLES if args.quick else DEFAULT_SAMPLES
@@ -209,11 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 status = 1
                 print(f"target {spec} could not start: {exc}", file=sys.stderr)
                 results.extend(Result(c.name, spec, error="target did not start")
-                               for c in cases if c.applies_to(spec))
+                               for c in cases_for(spec, spec, cases, args.only))
                 continue
             with target:
                 descriptions.append(target.describe())
-                run_cases(cases, target, args, results)
+                run_cases(spec, cases, target, args, results)
     except KeyboardInterrupt:
         print("\ninterrupted; partial results:", file=sys.stderr)
         status = 130

@@ -192,9 +192,12 @@ async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> N
         await trio.sleep(1.0)
 
 
-async def cluster_info(url: str, token: str | None = None,
-                       timeout: float = 10.0) -> ClusterInfo:
-    """Ask the node at ``url`` for its cluster addresses (used by health checks)."""
+async def cluster_info(url: str, token: str | None = None, timeout: float = 10.0,
+                       options: Any = None) -> ClusterInfo:
+    """Ask the node at ``url`` for its cluster addresses (used by health checks).
+
+    ``options`` (a TransportOptions) carries e.g. the SSL context for tls:// and wss://.
+    """
     info: ClusterInfo = await one_request(url, Hello("probe", "probe"), token=token,
-                                          timeout=timeout)
+                                          timeout=timeout, options=options)
     return info
