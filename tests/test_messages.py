@@ -64,7 +64,6 @@ SAMPLES: list[Any] = [
     m.RunDone("run-1", None, False),
     m.RunDone("run-1", b"v", True),
     m.ExecutorJoin("tcp://127.0.0.1:7001", "n1", 32),
-    m.ExecutorLoad(7),
     m.Trigger(
         "run-1", "b", ["a", "b"], ["v1", "v2"], ["tcp://e1", "tcp://e2"], [["a", "b"]],
         ["a"], [b"args"], "a", b"result", False, "__droplet/results/run-1", "out", True,

@@ -435,14 +435,6 @@ class ExecutorJoin:
     workers: int
 
 
-@message(30)
-@attrs.frozen
-class ExecutorLoad:
-    """Executor -> scheduler, one-way: invocations currently running there."""
-
-    running: int
-
-
 # --------------------------------------------------------------------------- executor
 
 

@@ -28,7 +28,6 @@ from ..protocol.messages import (
     DagResult,
     DeleteDag,
     ExecutorJoin,
-    ExecutorLoad,
     FunctionExists,
     Hello,
     KvsPut,
@@ -82,7 +81,7 @@ class _Executor:
 
 class SchedulerService:
     MESSAGES = (
-        Hello, ExecutorJoin, ExecutorLoad, RegisterFunction, ListFunctions, FunctionExists,
+        Hello, ExecutorJoin, RegisterFunction, ListFunctions, FunctionExists,
         RegisterDag, DeleteDag, CallDag, RunDone,
     )
 
@@ -145,8 +144,6 @@ class SchedulerService:
             return None
         if kind is ExecutorJoin:
             return self._join(peer, msg)
-        if kind is ExecutorLoad:
-            return None
         raise TypeError(f"scheduler cannot handle {kind.__name__}")
 
     # ------------------------------------------------------------------ registry
