@@ -74,7 +74,7 @@ class _Input:
 
 @attrs.define
 class RunContext:
-    """What one DAG run's functions on this executor share: its consistency state."""
+    """Consistency state shared by the functions of one run that execute together here."""
 
     run_id: str
     consistency: str
