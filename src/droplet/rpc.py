@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -109,6 +109,10 @@ class Peer:
         """Send a one-way message."""
         await self._send(encode_message(msg))
 
+    async def send_many(self, msgs: Sequence[Any]) -> None:
+        """Send several one-way messages in one write."""
+        await self._send_many([encode_message(msg) for msg in msgs])
+
     async def reply(self, request_id: int, msg: Any) -> None:
         """Answer request ``request_id`` (used by handlers that returned DEFERRED)."""
         try:
@@ -127,10 +131,16 @@ class Peer:
         await self.reply(request_id, _error_reply(exc))
 
     async def _send(self, frame: bytes) -> None:
+        await self._send_many((frame,))
+
+    async def _send_many(self, frames: Sequence[bytes]) -> None:
         if self._closed:
             raise ConnectionError(f"connection to {self.remote} is closed")
         try:
-            await self.conn.send(frame)
+            if len(frames) == 1:
+                await self.conn.send(frames[0])
+            else:
+                await self.conn.send_many(frames)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await self.aclose()
             raise ConnectionError(f"connection to {self.remote} broke: {exc}") from exc
@@ -155,22 +165,33 @@ class Peer:
             self._pending.pop(request_id, None)
         return slot.result()
 
-    async def submit(self, msg: Any) -> Slot:
-        """Send a request without waiting: the reply lands in the returned slot.
+    async def submit(self, *msgs: Any) -> list[Slot]:
+        """Send requests (in one write) without waiting: replies land in the slots.
 
-        Saves a task when the caller only needs the reply later (a future's
-        result). The slot stays registered until the reply or the connection's
-        end; a reply that never comes is the caller's to time out.
+        Saves a task when the caller only needs a reply later (a future's
+        result), and a system call per extra request. A slot stays registered
+        until its reply or the connection's end; a reply that never comes is
+        the caller's to time out (see :meth:`wait`).
         """
-        request_id = next(self._ids)
-        slot = Slot()
-        self._pending[request_id] = slot
+        ids = [next(self._ids) for _ in msgs]
+        slots = [Slot() for _ in msgs]
+        frames = [encode_message(m, i) for m, i in zip(msgs, ids, strict=True)]
+        self._pending.update(zip(ids, slots, strict=True))
         try:
-            await self._send(encode_message(msg, request_id))
+            await self._send_many(frames)
         except BaseException:
-            self._pending.pop(request_id, None)
+            for request_id in ids:
+                self._pending.pop(request_id, None)
             raise
-        return slot
+        return slots
+
+    async def wait(self, slot: Slot, timeout: float, what: str) -> Any:
+        """The reply in ``slot`` within ``timeout`` seconds, else TimeoutError naming ``what``."""
+        with trio.move_on_after(timeout):
+            await slot.event.wait()
+        if not slot.event.is_set():
+            raise errors.TimeoutError(f"{what} to {self.remote} got no reply in {timeout:g} s")
+        return slot.result()
 
     async def run(self) -> None:
         """The reader loop; returns when the connection closes."""

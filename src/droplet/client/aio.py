@@ -46,7 +46,7 @@ from ..protocol.messages import (
     RegisterDag,
     RegisterFunction,
 )
-from ..rpc import Peer, connect_peer
+from ..rpc import Peer, Slot, connect_peer
 from ..scheduler.service import RESULT_PREFIX
 from ..serialization import dumps, dumps_code, loads
 from ..transports.base import TransportOptions
@@ -102,15 +102,21 @@ class AsyncDropletFuture:
         self.arrived_threadsafe = threading.Event()
         self._fetching = False
 
-    async def _start_fetch(self) -> None:
-        """Ask the KVS for the result, waiting there up to the call's timeout."""
+    def fetch_request(self) -> KvsGet:
+        """The read of the result: it waits in the KVS up to the call's timeout."""
+        return KvsGet(self.obj_id, self._timeout)
+
+    def _watch(self, slot: Slot) -> None:
         self._fetching = True
+        slot.on_done = lambda: self._fetched(slot.value, slot.error)
+
+    async def _start_fetch(self) -> None:
         try:
-            slot = await self._client._kvs.submit(KvsGet(self.obj_id, self._timeout))
+            (slot,) = await self._client._kvs.submit(self.fetch_request())
         except DropletError as exc:
             self._fetched(None, exc)
             return
-        slot.on_done = lambda: self._fetched(slot.value, slot.error)
+        self._watch(slot)
 
     def _fetched(self, reply: KvsValue | None, error: BaseException | None) -> None:
         if error is not None:
@@ -289,9 +295,14 @@ class AsyncDropletClient:
         """Send a call and start waiting for its result at once (one round trip)."""
         future = AsyncDropletFuture(f"{RESULT_PREFIX}{uuid.uuid4().hex}", self, wait,
                                     msg.client_id if msg.consistency == CAUSAL else None)
-        await future._start_fetch()
-        await self._scheduler.request(attrs.evolve(msg, result_key=future.obj_id),
-                                      self.timeout)
+        call = attrs.evolve(msg, result_key=future.obj_id)
+        if self._kvs is self._scheduler:  # one node: call and result read in one write
+            call_slot, fetch_slot = await self._scheduler.submit(call, future.fetch_request())
+        else:
+            (call_slot,) = await self._scheduler.submit(call)
+            (fetch_slot,) = await self._kvs.submit(future.fetch_request())
+        future._watch(fetch_slot)
+        await self._scheduler.wait(call_slot, self.timeout, "CallDag")
         return future
 
     # ------------------------------------------------------------------ DAGs

@@ -449,14 +449,18 @@ class ExecutorService:
         if causal is not None and not failed:
             result = SessionResult(result, causal)
         blob = _pickle_result(result)
-        if t.direct:
-            done = RunDone(t.run_id, blob, failed)
-        else:
-            # One-way: the caller learns of the result from the store itself.
-            await self._kvs.send(KvsPut(t.result_key, _lww(blob)))
-            done = RunDone(t.run_id, None, failed)
         scheduler = self._scheduler if not t.scheduler else await self._peers.get(t.scheduler)
-        await scheduler.send(done)
+        if t.direct:
+            await scheduler.send(RunDone(t.run_id, blob, failed))
+            return
+        # One-way: the caller learns of the result from the store itself.
+        put = KvsPut(t.result_key, _lww(blob))
+        done = RunDone(t.run_id, None, failed)
+        if scheduler is self._kvs:  # one node: both in one write
+            await scheduler.send_many([put, done])
+        else:
+            await self._kvs.send(put)
+            await scheduler.send(done)
 
 
 def _lww(blob: bytes) -> bytes:

@@ -8,7 +8,7 @@ transport can be swapped, mocked or simulated without touching them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -35,6 +35,16 @@ class Connection(abc.ABC):
 
     @abc.abstractmethod
     async def send(self, frame: bytes) -> None: ...
+
+    async def send_many(self, frames: Sequence[bytes]) -> None:
+        """Send several frames in order, as one write where the transport can.
+
+        Socket transports override this: one system call instead of one per
+        frame matters on every hop (a call sends its request and the read of
+        its result together).
+        """
+        for frame in frames:
+            await self.send(frame)
 
     @abc.abstractmethod
     async def receive(self) -> bytes: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import ssl
+from collections.abc import Sequence
 
 import trio
 
@@ -41,7 +42,13 @@ class StreamConnection(Connection):
         self._frame_deadline = math.inf
 
     async def send(self, data: bytes) -> None:
-        payload = frame(data, self._decoder.max_frame_size)
+        await self._write(frame(data, self._decoder.max_frame_size))
+
+    async def send_many(self, frames: Sequence[bytes]) -> None:
+        limit = self._decoder.max_frame_size
+        await self._write(b"".join([frame(f, limit) for f in frames]))
+
+    async def _write(self, payload: bytes) -> None:
         async with self._send_lock:
             if self._closed:
                 raise trio.ClosedResourceError("connection is closed")

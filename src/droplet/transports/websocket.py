@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import ssl
+from collections.abc import Sequence
 from typing import NoReturn
 
 import h11
@@ -92,17 +93,21 @@ class WebSocketConnection(Connection):
         self._end: _End | None = None  # how receive/send fail once the connection ended
 
     async def send(self, frame: bytes) -> None:
-        if len(frame) > self.max_frame_size:
-            raise ValueError(
-                f"frame of {len(frame)} bytes exceeds max_frame_size={self.max_frame_size}"
-            )
+        await self.send_many((frame,))
+
+    async def send_many(self, frames: Sequence[bytes]) -> None:
+        for frame in frames:
+            if len(frame) > self.max_frame_size:
+                raise ValueError(
+                    f"frame of {len(frame)} bytes exceeds max_frame_size={self.max_frame_size}"
+                )
         async with self._send_lock:
             if self._closed:
                 raise trio.ClosedResourceError("connection is closed")
             if self._end is not None:
                 raise trio.BrokenResourceError(self._end[1] or self._gone())
             try:
-                data = self._ws.send(BytesMessage(data=frame))
+                data = b"".join([self._ws.send(BytesMessage(data=f)) for f in frames])
             except LocalProtocolError:
                 # The peer's close frame was parsed; the reader is answering it.
                 raise trio.BrokenResourceError(self._gone()) from None
