@@ -209,6 +209,27 @@ async def check_order(
         await _round_trip(client, server, frames)
 
 
+async def check_send_many(
+    base_url: str, options_server: TransportOptions, options_client: TransportOptions
+) -> None:
+    """``send_many`` delivers its frames whole, in order, interleaved with ``send``."""
+    batches = [[_pattern(0, 3 * i + j, (i * 53 + j) % 2000) for j in range(3)]
+               for i in range(50)]
+    expected = [f for batch in batches for f in batch]
+    async with _connected(base_url, options_server, options_client) as (client, server):
+        async def send_all() -> None:
+            for i, batch in enumerate(batches):
+                if i % 2:
+                    await client.send_many(batch)
+                else:
+                    for frame in batch:
+                        await client.send(frame)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all)
+            await _expect_frames(server, expected, "client->server (send_many)")
+
+
 async def check_big_frames(
     base_url: str, options_server: TransportOptions, options_client: TransportOptions
 ) -> None:
@@ -432,6 +453,7 @@ async def check_handler_peer_gone(
 
 CHECKS: dict[str, Check] = {
     "order": check_order,
+    "send_many": check_send_many,
     "big_frames": check_big_frames,
     "empty_frame": check_empty_frame,
     "clean_close": check_clean_close,
