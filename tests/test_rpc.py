@@ -72,6 +72,23 @@ async def test_request_reply() -> None:
         await peer.aclose()
 
 
+async def test_submit_pipelines_requests_and_slots_report_late_watchers() -> None:
+    """submit() sends several requests in one write; a watcher added after the
+    reply landed (submit yields after sending) is still told (regression: a
+    future's result was lost that way)."""
+    async with serving(echo) as url, trio.open_nursery() as nursery:
+        peer = await connect_peer(url, nursery)
+        first, second = await peer.submit(ListFunctions("a"), FunctionExists("b"))
+        with trio.fail_after(5):
+            await first.event.wait()
+            await second.event.wait()
+        seen: list[Any] = []
+        second.when_done(lambda: seen.append(second.result()))
+        assert seen == [BoolReply(False)]
+        assert await peer.wait(first, 5, "ListFunctions") == Names(["a", "echo"])
+        await peer.aclose()
+
+
 async def test_concurrent_requests_on_one_connection_get_their_own_replies(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

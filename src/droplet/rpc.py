@@ -65,6 +65,13 @@ class Slot:
         #: called (in the event loop) once the reply or an error is in.
         self.on_done: Callable[[], None] | None = None
 
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the reply is in: now, if it already is."""
+        if self.event.is_set():
+            callback()
+        else:
+            self.on_done = callback
+
     def _finish(self) -> None:
         self.event.set()
         if self.on_done is not None:

@@ -107,8 +107,9 @@ class AsyncDropletFuture:
         return KvsGet(self.obj_id, self._timeout)
 
     def _watch(self, slot: Slot) -> None:
+        # The reply may already be in: submit() yields after sending.
         self._fetching = True
-        slot.on_done = lambda: self._fetched(slot.value, slot.error)
+        slot.when_done(lambda: self._fetched(slot.value, slot.error))
 
     async def _start_fetch(self) -> None:
         try:
