@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from . import errors
-from .errors import AuthenticationError, ConnectionError, DropletError, ProtocolError
+from .errors import ConnectionError, DropletError, ProtocolError
 from .protocol import handshake
 from .protocol.messages import AuthChallenge, AuthResponse, AuthResult, ErrorReply, Ok
 from .protocol.messages import decode as decode_message
@@ -378,34 +378,14 @@ async def one_request(
 
 
 async def _client_handshake(conn: Connection, url: str, token: str | None) -> None:
+    hs = handshake.ClientHandshake(url, token)
     try:
         challenge, _, _ = decode_message(await conn.receive())
-        if type(challenge) is not AuthChallenge:
-            raise ProtocolError(f"{url} did not start with a Droplet handshake")
-        if challenge.version != handshake.VERSION:
-            raise ProtocolError(f"{url} speaks handshake version {challenge.version}")
-        nonce = handshake.new_nonce()
-        mac = handshake.client_mac(token, challenge.nonce, nonce) if token else b""
-        await conn.send(encode_message(AuthResponse(mac, nonce)))
+        await conn.send(encode_message(hs.on_challenge(challenge)))
         result, _, _ = decode_message(await conn.receive())
     except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
         raise ConnectionError(f"{url} closed the connection during the handshake") from exc
-    if type(result) is not AuthResult:
-        raise ProtocolError(f"{url} sent {type(result).__name__} instead of AuthResult")
-    if not result.ok:
-        raise AuthenticationError(f"{url} refused the connection: {result.message}")
-    if token and not challenge.required:
-        # It cannot prove it knows the token, so it may be an impostor whose
-        # "results" we would unpickle: refuse rather than downgrade.
-        raise AuthenticationError(
-            f"{url} does not ask for a cluster token, so it cannot prove it is your "
-            "cluster; connect without a token (token='') if it is an open node you trust")
-    if token:
-        expected = handshake.server_mac(token, challenge.nonce, nonce)
-        if not handshake.verify(expected, result.mac):
-            raise AuthenticationError(
-                f"{url} could not prove it holds the cluster token; refusing to talk to it"
-            )
+    hs.on_result(result)
 
 
 async def _server_handshake(conn: Connection, token: str | None) -> bool:
