@@ -16,20 +16,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import attrs
 import trio
 
-from ..consistency import CAUSAL, NORMAL, REPEATABLE_READ, CausalContext, SessionResult, check_level
+from ..consistency import CAUSAL, NORMAL, REPEATABLE_READ
 from ..errors import (
-    DagError,
     DropletError,
-    FunctionError,
-    RegistrationError,
     TimeoutError,
-    _Failure,
 )
-from ..executor.user_library import as_lattice, reveal_stored
-from ..lattices import encode_lattice
 from ..protocol.messages import (
     BoolReply,
     CallDag,
@@ -39,18 +32,14 @@ from ..protocol.messages import (
     FunctionExists,
     Hello,
     KvsGet,
-    KvsPut,
     KvsValue,
     ListFunctions,
     Names,
-    RegisterDag,
-    RegisterFunction,
 )
 from ..rpc import Peer, Slot, connect_peer
-from ..scheduler.service import RESULT_PREFIX
-from ..serialization import dumps, dumps_code, loads
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address
+from ._core import ClientCore, check_key, result_blob, unwrap_result
 
 __all__ = [
     "CAUSAL",
@@ -64,22 +53,6 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 30.0
-
-
-def unwrap_result(blob: bytes) -> Any:
-    """A stored result value, raising the error if the call failed."""
-    value = loads(blob)
-    if isinstance(value, _Failure):
-        error = value.error
-        if isinstance(error, FunctionError) and error.cause_pickle:
-            try:
-                cause = loads(error.cause_pickle)
-            except Exception:
-                cause = None
-            if isinstance(cause, BaseException):
-                raise error from cause
-        raise error
-    return value
 
 
 class AsyncDropletFuture:
@@ -124,7 +97,7 @@ class AsyncDropletFuture:
             self._error = error
         elif reply is not None and reply.lattice is not None:
             try:
-                self._blob = _result_blob(reply.lattice)
+                self._blob = result_blob(reply.lattice)
             except DropletError as exc:
                 self._error = exc
         self._fetching = False
@@ -134,7 +107,7 @@ class AsyncDropletFuture:
     def result_ready(self) -> Any:
         """The result if it has arrived (raising the call's error), else TimeoutError."""
         if self._blob is not None:
-            return self._client._finish(unwrap_result(self._blob), self._session)
+            return self._client._core.finish(unwrap_result(self._blob), self._session)
         if self._error is not None:
             raise self._error
         raise TimeoutError(
@@ -174,14 +147,6 @@ class AsyncDropletFuture:
         return f"<AsyncDropletFuture {self.obj_id}>"
 
 
-def _result_blob(lattice: bytes) -> bytes:
-    from ..lattices import RAW, decode_lattice
-
-    value = decode_lattice(lattice, load=RAW).reveal()
-    assert isinstance(value, bytes)
-    return value
-
-
 class AsyncDropletFunction:
     """A registered function; calling it returns an awaitable future."""
 
@@ -206,8 +171,7 @@ class AsyncDropletClient:
     def __init__(self, scheduler: Peer, kvs: Peer, address: str, timeout: float,
                  nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        #: CAUSAL sessions by client_id: what each session has read and written.
-        self._sessions: dict[str, CausalContext] = {}
+        self._core = ClientCore()
         self._scheduler = scheduler
         self._kvs = kvs
         self.address = address
@@ -263,21 +227,7 @@ class AsyncDropletClient:
 
     async def register(self, function: Callable[..., Any] | tuple[type, Sequence[Any]],
                        name: str) -> AsyncDropletFunction:
-        if not isinstance(name, str) or not name:
-            raise RegistrationError(f"function name must be a non-empty string, not {name!r}")
-        if isinstance(function, tuple):
-            if len(function) != 2 or not isinstance(function[0], type):
-                raise RegistrationError(
-                    f"register({name!r}): a tuple must be (cls, init_args)")
-            function = (function[0], tuple(function[1]))
-        elif not callable(function):
-            raise RegistrationError(
-                f"register({name!r}): {type(function).__name__} is not callable")
-        try:
-            code = dumps_code(function)
-        except TypeError as exc:
-            raise RegistrationError(f"register({name!r}): {exc}") from exc
-        await self._scheduler.request(RegisterFunction(name, code), self.timeout)
+        await self._scheduler.request(ClientCore.register_request(function, name), self.timeout)
         return AsyncDropletFunction(name, self)
 
     async def get_function(self, name: str) -> AsyncDropletFunction | None:
@@ -289,14 +239,12 @@ class AsyncDropletClient:
         return reply.names
 
     async def exec_func(self, name: str, args: Iterable[Any] = ()) -> AsyncDropletFuture:
-        return await self._submit(
-            CallDag(name, True, [name], [dumps(list(args))]), self.timeout)
+        return await self._submit(ClientCore.function_call(name, args), self.timeout)
 
-    async def _submit(self, msg: CallDag, wait: float) -> AsyncDropletFuture:
+    async def _submit(self, call: CallDag, wait: float) -> AsyncDropletFuture:
         """Send a call and start waiting for its result at once (one round trip)."""
-        future = AsyncDropletFuture(f"{RESULT_PREFIX}{uuid.uuid4().hex}", self, wait,
-                                    msg.client_id if msg.consistency == CAUSAL else None)
-        call = attrs.evolve(msg, result_key=future.obj_id)
+        assert call.result_key is not None
+        future = AsyncDropletFuture(call.result_key, self, wait, ClientCore.session_of(call))
         if self._kvs is self._scheduler:  # one node: call and result read in one write
             call_slot, fetch_slot = await self._scheduler.submit(call, future.fetch_request())
         else:
@@ -311,8 +259,8 @@ class AsyncDropletClient:
     async def register_dag(self, name: str, functions: Sequence[str],
                            connections: Iterable[Sequence[str]],
                            colocated: Iterable[str] = ()) -> bool:
-        await self._scheduler.request(RegisterDag(
-            name, list(functions), [list(edge) for edge in connections], list(colocated)),
+        await self._scheduler.request(
+            ClientCore.register_dag_request(name, functions, connections, colocated),
             self.timeout)
         return True
 
@@ -331,58 +279,28 @@ class AsyncDropletClient:
         timeout: float | None = None,
     ) -> Any:
         """Run a DAG. Returns a future, or the result itself with ``direct_response``."""
-        if not isinstance(arg_map, dict):
-            raise TypeError(f"arg_map must be a dict of function name -> arguments, "
-                            f"not {type(arg_map).__name__}")
-        try:
-            check_level(str(consistency))
-        except ValueError as exc:
-            raise DagError(f"call_dag({name!r}): {exc}") from None
-        fns = list(arg_map)
-        blobs = [dumps(a if isinstance(a, list) else [a]) for a in arg_map.values()]
+        call = self._core.dag_call(name, arg_map, direct_response, consistency, output_key,
+                                   client_id, timeout)
         wait = self.timeout if timeout is None else timeout
-        causal = None
-        if consistency == CAUSAL and client_id is not None and client_id in self._sessions:
-            causal = self._sessions[client_id].encode()
-        msg = CallDag(name, False, fns, blobs, str(consistency), output_key, client_id,
-                      direct_response, timeout, None, causal)
-        if direct_response:
-            try:
-                result: DagResult = await self._scheduler.request(msg, wait)
-            except TimeoutError as exc:
-                raise TimeoutError(f"DAG {name!r} gave no result within {wait:g} s") from exc
-            return self._finish(unwrap_result(result.value),
-                                client_id if consistency == CAUSAL else None)
-        return await self._submit(msg, wait)
-
-    def _finish(self, value: Any, session: str | None) -> Any:
-        """Unwrap a CAUSAL result, advancing the client session it belongs to."""
-        if isinstance(value, SessionResult):
-            if session is not None:
-                seen = CausalContext.decode(value.causal)
-                old = self._sessions.get(session)
-                self._sessions[session] = seen if old is None else old.merge(seen)
-            return value.value
-        return value
+        if not direct_response:
+            return await self._submit(call, wait)
+        try:
+            result: DagResult = await self._scheduler.request(call, wait)
+        except TimeoutError as exc:
+            raise TimeoutError(f"DAG {name!r} gave no result within {wait:g} s") from exc
+        return self._core.finish(unwrap_result(result.value), ClientCore.session_of(call))
 
     # ------------------------------------------------------------------ KVS
 
     async def put_object(self, key: str, value: Any) -> bool:
         """Store a value (wrapped in a last-writer-wins lattice) or merge a lattice."""
-        if not isinstance(key, str) or not key:
-            raise TypeError(f"key must be a non-empty string, not {key!r}")
-        await self._kvs.request(KvsPut(key, encode_lattice(as_lattice(value))), self.timeout)
+        await self._kvs.request(ClientCore.put_request(key, value), self.timeout)
         return True
 
     async def get_object(self, key: str) -> Any:
         """The value at ``key`` (a plain value, or the lattice), or None."""
-        if not isinstance(key, str) or not key:
-            raise TypeError(f"key must be a non-empty string, not {key!r}")
-        reply: KvsValue = await self._kvs.request(KvsGet(key), self.timeout)
-        value = reveal_stored(reply.lattice)
-        if isinstance(value, _Failure):  # the result key of a call that failed
-            raise value.error
-        return value
+        reply: KvsValue = await self._kvs.request(KvsGet(check_key(key)), self.timeout)
+        return ClientCore.stored_object(reply)
 
 
 @asynccontextmanager

@@ -1,0 +1,136 @@
+"""What every client shares, without I/O: building requests, reading replies, sessions.
+
+:class:`~droplet.client.aio.AsyncDropletClient` (Trio) and the blocking-socket
+client behind :class:`~droplet.client.client.DropletConnection` send these
+messages their own way; the rules (validation, pickling, CAUSAL sessions,
+unwrapping results) live here once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from ..consistency import CAUSAL, CausalContext, SessionResult, check_level
+from ..errors import DagError, FunctionError, RegistrationError, _Failure
+from ..executor.user_library import as_lattice, reveal_stored
+from ..lattices import RAW, decode_lattice, encode_lattice
+from ..protocol.messages import CallDag, KvsPut, KvsValue, RegisterDag, RegisterFunction
+from ..scheduler.service import RESULT_PREFIX
+from ..serialization import dumps, dumps_code, loads
+
+__all__ = ["ClientCore", "result_blob", "unwrap_result"]
+
+
+def unwrap_result(blob: bytes) -> Any:
+    """A stored result value, raising the error if the call failed."""
+    value = loads(blob)
+    if isinstance(value, _Failure):
+        error = value.error
+        if isinstance(error, FunctionError) and error.cause_pickle:
+            try:
+                cause = loads(error.cause_pickle)
+            except Exception:
+                cause = None
+            if isinstance(cause, BaseException):
+                raise error from cause
+        raise error
+    return value
+
+
+def result_blob(lattice: bytes) -> bytes:
+    """The pickled result inside a stored result lattice (an LWW of bytes)."""
+    value = decode_lattice(lattice, load=RAW).reveal()
+    assert isinstance(value, bytes)
+    return value
+
+
+def new_result_key() -> str:
+    """Clients pick the result key, so they can wait for it while the call is scheduled."""
+    return f"{RESULT_PREFIX}{uuid.uuid4().hex}"
+
+
+def check_key(key: Any) -> str:
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"key must be a non-empty string, not {key!r}")
+    return key
+
+
+class ClientCore:
+    """A client's state (CAUSAL sessions) and its request/reply rules."""
+
+    def __init__(self) -> None:
+        #: CAUSAL sessions by client_id: what each session has read and written.
+        self.sessions: dict[str, CausalContext] = {}
+
+    @staticmethod
+    def register_request(function: Callable[..., Any] | tuple[type, Sequence[Any]],
+                         name: str) -> RegisterFunction:
+        if not isinstance(name, str) or not name:
+            raise RegistrationError(f"function name must be a non-empty string, not {name!r}")
+        if isinstance(function, tuple):
+            if len(function) != 2 or not isinstance(function[0], type):
+                raise RegistrationError(f"register({name!r}): a tuple must be (cls, init_args)")
+            function = (function[0], tuple(function[1]))
+        elif not callable(function):
+            raise RegistrationError(
+                f"register({name!r}): {type(function).__name__} is not callable")
+        try:
+            return RegisterFunction(name, dumps_code(function))
+        except TypeError as exc:
+            raise RegistrationError(f"register({name!r}): {exc}") from exc
+
+    @staticmethod
+    def function_call(name: str, args: Iterable[Any]) -> CallDag:
+        return CallDag(name, True, [name], [dumps(list(args))], result_key=new_result_key())
+
+    @staticmethod
+    def register_dag_request(name: str, functions: Sequence[str],
+                             connections: Iterable[Sequence[str]],
+                             colocated: Iterable[str]) -> RegisterDag:
+        return RegisterDag(name, list(functions), [list(edge) for edge in connections],
+                           list(colocated))
+
+    def dag_call(self, name: str, arg_map: dict[str, Any], direct_response: bool,
+                 consistency: str, output_key: str | None, client_id: str | None,
+                 timeout: float | None) -> CallDag:
+        if not isinstance(arg_map, dict):
+            raise TypeError(f"arg_map must be a dict of function name -> arguments, "
+                            f"not {type(arg_map).__name__}")
+        try:
+            check_level(str(consistency))
+        except ValueError as exc:
+            raise DagError(f"call_dag({name!r}): {exc}") from None
+        blobs = [dumps(a if isinstance(a, list) else [a]) for a in arg_map.values()]
+        causal = None
+        if consistency == CAUSAL and client_id is not None and client_id in self.sessions:
+            causal = self.sessions[client_id].encode()
+        return CallDag(name, False, list(arg_map), blobs, str(consistency), output_key,
+                       client_id, direct_response, timeout,
+                       None if direct_response else new_result_key(), causal)
+
+    @staticmethod
+    def session_of(call: CallDag) -> str | None:
+        return call.client_id if call.consistency == CAUSAL else None
+
+    def finish(self, value: Any, session: str | None) -> Any:
+        """Unwrap a CAUSAL result, advancing the client session it belongs to."""
+        if isinstance(value, SessionResult):
+            if session is not None:
+                seen = CausalContext.decode(value.causal)
+                old = self.sessions.get(session)
+                self.sessions[session] = seen if old is None else old.merge(seen)
+            return value.value
+        return value
+
+    @staticmethod
+    def put_request(key: str, value: Any) -> KvsPut:
+        return KvsPut(check_key(key), encode_lattice(as_lattice(value)))
+
+    @staticmethod
+    def stored_object(reply: KvsValue) -> Any:
+        value = reveal_stored(reply.lattice)
+        if isinstance(value, _Failure):  # the result key of a call that failed
+            raise value.error
+        return value
