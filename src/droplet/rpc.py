@@ -234,14 +234,14 @@ class Peer:
             if is_reply:
                 if request_id == 0 and type(msg) is ErrorReply:
                     # The peer is hanging up on us and says why (e.g. ProtocolError).
-                    self._close_reason = _error_from_reply(msg, self.remote)
+                    self._close_reason = error_from_reply(msg, self.remote)
                     # %r: the peer's text, escaped, cannot forge log lines.
                     log.warning("%s closed the connection: %r", self.remote, msg.message)
                     return
                 slot = pending.pop(request_id, None)
                 if slot is not None:
                     if type(msg) is ErrorReply:
-                        slot.error = _error_from_reply(msg, self.remote)
+                        slot.error = error_from_reply(msg, self.remote)
                     else:
                         slot.value = msg
                     slot._finish()
@@ -306,7 +306,8 @@ def _error_reply(exc: BaseException) -> ErrorReply:
     )
 
 
-def _error_from_reply(msg: ErrorReply, remote: str) -> DropletError:
+def error_from_reply(msg: ErrorReply, remote: str) -> DropletError:
+    """The error a peer's ErrorReply stands for (its kind, never a FunctionError)."""
     cls = getattr(errors, msg.kind, None)
     if not (isinstance(cls, type) and issubclass(cls, DropletError)) or cls is errors.FunctionError:
         cls = DropletError
@@ -372,7 +373,7 @@ async def one_request(
             with trio.CancelScope(shield=True):
                 await conn.aclose()
         if type(reply) is ErrorReply:
-            raise _error_from_reply(reply, url)
+            raise error_from_reply(reply, url)
         return reply
     raise ConnectionError(f"no answer from a Droplet node at {url} within {timeout:g} s")
 

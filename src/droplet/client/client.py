@@ -6,18 +6,26 @@
 >>> square(2).get()
 4
 
-It drives an :class:`~droplet.client.aio.AsyncDropletClient` in a background
-Trio thread (:class:`~droplet.client._portal.Portal`); every method is safe to
-call from many threads at once.
+Every method is safe to call from many threads at once, over one connection.
+Two backends stand behind it:
+
+- ``tcp://`` and ``tls://``: blocking sockets driven by the calling threads
+  (:mod:`droplet.client._blocking`), with no event loop in between;
+- ``inproc://`` (a :class:`~droplet.LocalCluster`), ``ws://`` and ``wss://``: an
+  :class:`~droplet.client.aio.AsyncDropletClient` in a background Trio thread
+  (:class:`~droplet.client._portal.Portal`).
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import TimeoutError
 from ..transports.base import TransportOptions
+from ..transports.registry import normalize_address, parse_address
+from ._blocking import BlockingClient
 from ._portal import Portal
 from .aio import (
     CAUSAL,
@@ -25,7 +33,6 @@ from .aio import (
     NORMAL,
     REPEATABLE_READ,
     AsyncDropletClient,
-    AsyncDropletFunction,
     AsyncDropletFuture,
 )
 
@@ -33,34 +40,36 @@ __all__ = ["CAUSAL", "NORMAL", "REPEATABLE_READ", "DropletConnection", "DropletF
            "DropletFuture"]
 
 
+class _Future(Protocol):
+    obj_id: str
+
+    def get(self, timeout: float | None = None) -> Any: ...
+
+    def done(self) -> bool: ...
+
+
 class DropletFuture:
     """A call's pending result. ``obj_id`` is the KVS key where it will be stored."""
 
-    def __init__(self, inner: AsyncDropletFuture, portal: Portal) -> None:
+    def __init__(self, inner: _Future) -> None:
         self._inner = inner
-        self._portal = portal
 
     @property
     def obj_id(self) -> str:
         return self._inner.obj_id
 
     def get(self, timeout: float | None = None) -> Any:
-        """Block for the result; see :meth:`AsyncDropletFuture.get`."""
-        inner = self._inner
-        # Fast path: wait here for the fetch the client started with the call,
-        # without a round trip through the event loop's thread.
-        if inner.arrived_threadsafe.wait(inner._timeout if timeout is None else timeout):
-            try:
-                return inner.result_ready()
-            except TimeoutError:
-                pass  # the fetch's own wait expired: let the loop fetch again
-            return self._portal.run(inner.get, timeout)
-        raise TimeoutError(f"no result for {self.obj_id} within "
-                           f"{inner._timeout if timeout is None else timeout:g} s "
-                           "(pass a larger timeout to get() if the function is slow)")
+        """Block for the result: ``timeout`` seconds, default the call's or connection's.
+
+        Raises:
+            FunctionError: the function (or one upstream of it) raised.
+            TimeoutError: no result within the timeout.
+        """
+        return self._inner.get(timeout)
 
     def done(self) -> bool:
-        return self._portal.run(self._inner.done)
+        """Whether the result (or the call's error) has arrived."""
+        return self._inner.done()
 
     def __repr__(self) -> str:
         return f"<DropletFuture {self.obj_id}>"
@@ -69,16 +78,87 @@ class DropletFuture:
 class DropletFunction:
     """A registered function; calling it returns a :class:`DropletFuture`."""
 
-    def __init__(self, inner: AsyncDropletFunction, conn: DropletConnection) -> None:
-        self._inner = inner
+    def __init__(self, name: str, conn: DropletConnection) -> None:
+        self.name = name
         self._conn = conn
-        self.name = inner.name
 
     def __call__(self, *args: Any) -> DropletFuture:
         return self._conn.exec_func(self.name, list(args))
 
     def __repr__(self) -> str:
         return f"<DropletFunction {self.name!r}>"
+
+
+class _PortalFuture:
+    """An AsyncDropletFuture seen from another thread."""
+
+    def __init__(self, inner: AsyncDropletFuture, portal: Portal) -> None:
+        self._inner = inner
+        self._portal = portal
+        self.obj_id = inner.obj_id
+
+    def get(self, timeout: float | None = None) -> Any:
+        inner = self._inner
+        wait = inner._timeout if timeout is None else timeout
+        # Wait here for the read the client sent with the call, not in the loop's thread.
+        if inner.arrived_threadsafe.wait(wait):
+            try:
+                return inner.result_ready()
+            except TimeoutError:
+                pass  # the store's own wait expired: let the loop read again
+            return self._portal.run(inner.get, timeout)
+        raise TimeoutError(f"no result for {self.obj_id} within {wait:g} s "
+                           "(pass a larger timeout to get() if the function is slow)")
+
+    def done(self) -> bool:
+        return self._portal.run(self._inner.done)
+
+
+class _PortalClient:
+    """The blocking client interface, served by an AsyncDropletClient in a portal."""
+
+    def __init__(self, portal: Portal, client: AsyncDropletClient) -> None:
+        self._portal = portal
+        self._client = client
+
+    def register(self, function: Any, name: str) -> None:
+        self._portal.run(self._client.register, function, name)
+
+    def function_exists(self, name: str) -> bool:
+        return self._portal.run(self._client.get_function, name) is not None
+
+    def list(self, prefix: str | None) -> list[str]:
+        return self._portal.run(self._client.list, prefix)
+
+    def exec_func(self, name: str, args: Iterable[Any]) -> _PortalFuture:
+        return _PortalFuture(self._portal.run(self._client.exec_func, name, list(args)),
+                             self._portal)
+
+    def register_dag(self, name: str, functions: Sequence[str],
+                     connections: Iterable[Sequence[str]], colocated: Iterable[str]) -> bool:
+        return self._portal.run(self._client.register_dag, name, list(functions),
+                                list(connections), list(colocated))
+
+    def delete_dag(self, name: str) -> bool:
+        return self._portal.run(self._client.delete_dag, name)
+
+    def call_dag(self, *args: Any) -> Any:
+        result = self._portal.run(self._call_dag, *args)
+        if isinstance(result, AsyncDropletFuture):
+            return _PortalFuture(result, self._portal)
+        return result
+
+    async def _call_dag(self, *args: Any) -> Any:
+        return await self._client.call_dag(*args)
+
+    def put_object(self, key: str, value: Any) -> bool:
+        return self._portal.run(self._client.put_object, key, value)
+
+    def get_object(self, key: str) -> Any:
+        return self._portal.run(self._client.get_object, key)
+
+    def close(self) -> None:
+        self._portal.run(self._client.aclose)
 
 
 class DropletConnection:
@@ -105,33 +185,49 @@ class DropletConnection:
         tls_ca: str | None = None,
         _portal: Portal | None = None,
     ) -> None:
+        url = normalize_address(func_addr)
+        self.address = url
+        self._portal: Portal | None = None
+        self._owns_portal = False
+        self._closed = False
+        if _portal is None and parse_address(url)[0] in ("tcp", "tls"):
+            ctx = options.ssl_context if options is not None else None
+            if tls_ca is not None:
+                ctx = ssl.create_default_context(cafile=tls_ca)
+            self._backend: Any = BlockingClient(
+                url, token=token, timeout=timeout,
+                ssl_context=ctx if isinstance(ctx, ssl.SSLContext) else None,
+                max_frame_size=(options or TransportOptions()).max_frame_size)
+            return
         self._owns_portal = _portal is None
         self._portal = _portal or Portal("droplet-client")
         try:
-            self._client: AsyncDropletClient = self._portal.run(
-                self._connect, func_addr, token, timeout, options, tls_ca)
+            client: AsyncDropletClient = self._portal.run(
+                self._connect, url, token, timeout, options, tls_ca)
         except BaseException:
             if self._owns_portal:
                 self._portal.close()
             raise
-        self.address = self._client.address
+        self._backend = _PortalClient(self._portal, client)
 
     async def _connect(self, addr: str, token: str | None, timeout: float,
                        options: TransportOptions | None,
                        tls_ca: str | None) -> AsyncDropletClient:
+        assert self._portal is not None
         return await AsyncDropletClient.connect(
             addr, self._portal.nursery, token=token, timeout=timeout, options=options,
             tls_ca=tls_ca)
 
     # context manager / lifetime
     def close(self) -> None:
-        """Close the connection and its background thread (idempotent)."""
-        if self._portal.closed:
+        """Close the connection (and its background thread, if any); idempotent."""
+        if self._closed or (self._portal is not None and self._portal.closed):
             return
+        self._closed = True
         try:
-            self._portal.run(self._client.aclose)
+            self._backend.close()
         finally:
-            if self._owns_portal:
+            if self._owns_portal and self._portal is not None:
                 self._portal.close()
 
     def __enter__(self) -> DropletConnection:
@@ -140,49 +236,57 @@ class DropletConnection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _live(self) -> Any:
+        if self._closed:
+            from ..errors import ConnectionError
+
+            raise ConnectionError("this Droplet connection is closed")
+        return self._backend
+
     # functions
     def register(self, function: Callable[..., Any] | tuple[type, Sequence[Any]],
                  name: str) -> DropletFunction:
-        return DropletFunction(self._portal.run(self._client.register, function, name), self)
+        """Store ``function`` under ``name`` (replacing any earlier one); see API.md."""
+        self._live().register(function, name)
+        return DropletFunction(name, self)
 
     def get_function(self, name: str) -> DropletFunction | None:
-        inner = self._portal.run(self._client.get_function, name)
-        return None if inner is None else DropletFunction(inner, self)
+        """The registered function ``name``, or None."""
+        return DropletFunction(name, self) if self._live().function_exists(name) else None
 
     def list(self, prefix: str | None = None) -> list[str]:
-        return self._portal.run(self._client.list, prefix)
+        """Sorted names of the registered functions (those starting with ``prefix``)."""
+        return self._live().list(prefix)  # type: ignore[no-any-return]
 
     def exec_func(self, name: str, args: Iterable[Any] = ()) -> DropletFuture:
-        return DropletFuture(self._portal.run(self._client.exec_func, name, list(args)),
-                             self._portal)
+        """Call function ``name`` with the list ``args``."""
+        return DropletFuture(self._live().exec_func(name, list(args)))
 
     # DAGs
     def register_dag(self, name: str, functions: Sequence[str],
                      connections: Iterable[Sequence[str]],
                      colocated: Iterable[str] = ()) -> bool:
-        return self._portal.run(self._client.register_dag, name, functions,
-                                list(connections), list(colocated))
+        """Register a DAG of registered functions; ``DagError`` names what is wrong."""
+        return self._live().register_dag(  # type: ignore[no-any-return]
+            name, functions, list(connections), list(colocated))
 
     def call_dag(self, name: str, arg_map: dict[str, Any], direct_response: bool = False,
                  consistency: str = NORMAL, output_key: str | None = None,
                  client_id: str | None = None, timeout: float | None = None) -> Any:
-        result = self._portal.run(self._call_dag, name, arg_map, direct_response,
-                                  consistency, output_key, client_id, timeout)
-        if isinstance(result, AsyncDropletFuture):
-            return DropletFuture(result, self._portal)
-        return result
-
-    async def _call_dag(self, *args: Any) -> Any:
-        return await self._client.call_dag(*args)
+        """Run a DAG: a :class:`DropletFuture`, or the result with ``direct_response``."""
+        result = self._live().call_dag(name, arg_map, direct_response, consistency,
+                                       output_key, client_id, timeout)
+        return result if direct_response else DropletFuture(result)
 
     def delete_dag(self, name: str) -> bool:
-        return self._portal.run(self._client.delete_dag, name)
+        """Remove a DAG; ``DagError`` if there is none of that name."""
+        return self._live().delete_dag(name)  # type: ignore[no-any-return]
 
     # KVS
     def put_object(self, key: str, value: Any) -> bool:
-        return self._portal.run(self._client.put_object, key, value)
+        """Store a value (last-writer-wins) or merge a lattice into ``key``."""
+        return self._live().put_object(key, value)  # type: ignore[no-any-return]
 
     def get_object(self, key: str) -> Any:
-        return self._portal.run(self._client.get_object, key)
-
-
+        """The value at ``key`` (plain, or the lattice), or None."""
+        return self._live().get_object(key)
