@@ -398,6 +398,28 @@ class ExecutorService:
 
     # ------------------------------------------------------------------ state
 
+    def read_local(self, key: str, run: RunContext) -> tuple[bool, bytes | None]:
+        """``read`` without I/O, when what this executor holds is enough.
+
+        Returns ``(True, data)`` when the answer is known here (a version the run
+        pinned, or a cached value fresh enough for the run), else ``(False, None)``.
+        Pure and callable from a worker thread: a segment's functions run one at
+        a time, so nothing else touches ``run`` meanwhile.
+        """
+        if run.consistency == REPEATABLE_READ:
+            if key in run.pins:
+                return True, run.pins[key]
+            return False, None
+        data = self.cache.peek(key)
+        if data is None:
+            return False, None
+        if run.causal is not None:
+            lattice = decode_lattice(data, load=RAW)
+            if not run.causal.fresh_enough(key, lattice):
+                return False, None
+            run.causal.observe(key, lattice)
+        return True, data
+
     async def read(self, key: str, run: RunContext) -> bytes | None:
         """The encoded value of ``key`` as the run's consistency level allows."""
         if run.consistency == REPEATABLE_READ:

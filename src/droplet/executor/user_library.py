@@ -96,10 +96,9 @@ class UserLibrary:
         Under CAUSAL, concurrent versions come back together as a frozenset.
         """
         k = _key(key)
-        if self._run.consistency == "NORMAL":
-            cached = self._executor.cache.peek(k)
-            if cached is not None:
-                return reveal_stored(cached)
+        known, data = self._executor.read_local(k, self._run)
+        if known:  # no I/O needed: skip the hop into the event loop's thread
+            return reveal_stored(data)
         return self._in_trio(self.aget, k)
 
     get_object = get
