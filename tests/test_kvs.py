@@ -319,3 +319,27 @@ async def test_unsubscribe_unknown_key_is_fine() -> None:
         peer = await connect_peer(url, nursery)
         assert await peer.request(KvsUnsubscribe("nothing")) == Ok()
         await peer.aclose()
+
+
+async def test_call_results_expire_after_result_ttl(autojump_clock: trio.testing.MockClock
+                                                    ) -> None:
+    """Results (futures' obj_ids) are dropped once past result_ttl; user keys stay."""
+    from droplet.kvs.keys import RESULT_PREFIX
+
+    async with trio.open_nursery() as nursery:
+        kvs = KvsService(nursery, result_ttl=60)
+
+        async def put(key: str) -> None:
+            peer: Any = None  # a put answered inline needs no peer
+            await kvs.handle(peer, KvsPut(key, encode_lattice(LWWLattice.now(1))), 0)
+
+        await put(RESULT_PREFIX + "old")
+        await put("user-key")
+        await trio.sleep(30)
+        await put(RESULT_PREFIX + "newer")
+        await trio.sleep(31)  # "old" is 61 s old, "newer" 31 s
+        await put(RESULT_PREFIX + "newest")
+        assert RESULT_PREFIX + "old" not in kvs.store
+        assert RESULT_PREFIX + "newer" in kvs.store
+        assert "user-key" in kvs.store
+        nursery.cancel_scope.cancel()

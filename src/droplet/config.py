@@ -69,6 +69,7 @@ class Config:
     max_frame_size: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
     read_timeout: float = attrs.field(default=30.0, validator=_positive)
     max_inflight: int = attrs.field(default=10_000, validator=_positive)
+    result_ttl: float = attrs.field(default=600.0, validator=_positive)
     log_level: str = "INFO"
 
     @property

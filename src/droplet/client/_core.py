@@ -15,9 +15,9 @@ from typing import Any
 from ..consistency import CAUSAL, CausalContext, SessionResult, check_level
 from ..errors import DagError, FunctionError, RegistrationError, _Failure
 from ..executor.user_library import as_lattice, reveal_stored
+from ..kvs.keys import RESULT_PREFIX
 from ..lattices import RAW, decode_lattice, encode_lattice
 from ..protocol.messages import CallDag, KvsPut, KvsValue, RegisterDag, RegisterFunction
-from ..scheduler.service import RESULT_PREFIX
 from ..serialization import dumps, dumps_code, loads
 
 __all__ = ["ClientCore", "result_blob", "unwrap_result"]

@@ -24,6 +24,7 @@ import trio
 
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext, SessionResult
 from ..errors import DropletError, FunctionError, RegistrationError, TimeoutError, _Failure
+from ..kvs.keys import function_key
 from ..lattices import RAW, Lattice, LWWLattice, decode_lattice, encode_lattice
 from ..protocol.messages import (
     ClusterInfo,
@@ -38,7 +39,6 @@ from ..protocol.messages import (
 )
 from ..references import DropletReference
 from ..rpc import Peer, PeerPool
-from ..scheduler.service import function_key
 from ..serialization import dumps
 from .cache import Cache
 from .threads import WorkerThreads

@@ -11,7 +11,7 @@ Besides get/put it offers two things Droplet's other services lean on:
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 import attrs
@@ -27,6 +27,7 @@ from ..protocol.messages import (
     KvsValue,
 )
 from ..rpc import DEFERRED, Peer
+from .keys import is_result_key
 from .store import Store
 
 __all__ = ["KvsService", "KvsStatistics"]
@@ -36,6 +37,9 @@ log = logging.getLogger("droplet.kvs")
 MAX_WAIT = 3600.0
 #: Pinned versions of runs whose release never came (a lost scheduler) expire.
 PIN_TTL = 600.0
+#: How long call results stay readable (futures read them at once; ``get_object``
+#: of a future's ``obj_id`` works until then). ``output_key`` copies stay.
+DEFAULT_RESULT_TTL = 600.0
 PIN_SWEEP_EVERY = 1000
 
 
@@ -69,8 +73,12 @@ class KvsService:
 
     MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe, KvsRelease)
 
-    def __init__(self, nursery: trio.Nursery, store: Store | None = None) -> None:
+    def __init__(self, nursery: trio.Nursery, store: Store | None = None, *,
+                 result_ttl: float = DEFAULT_RESULT_TTL) -> None:
         self.store = store or Store()
+        self.result_ttl = result_ttl
+        # Call results by expiry time (one TTL for all, so insertion order is expiry order).
+        self._results: OrderedDict[str, float] = OrderedDict()
         self._nursery = nursery
         self._waiters: dict[str, trio.Event] = {}
         self._subscribers: defaultdict[str, set[Peer]] = defaultdict(set)
@@ -176,6 +184,8 @@ class KvsService:
     async def _put(self, peer: Peer, msg: KvsPut) -> KvsStored:
         self._puts += 1
         type_name, changed = self.store.put(msg.key, msg.lattice)
+        if is_result_key(msg.key):
+            self._expire_results(msg.key)
         if msg.subscribe:
             self._subscribe(peer, msg.key)
         if changed is not None:
@@ -188,6 +198,19 @@ class KvsService:
                 for sub in list(subs):
                     await self._push(sub, update)
         return KvsStored(type_name)
+
+    def _expire_results(self, stored: str) -> None:
+        """Note a stored result and drop those past their time (cheap: oldest first)."""
+        now = trio.current_time()
+        results = self._results
+        results[stored] = now + self.result_ttl
+        results.move_to_end(stored)
+        while results:
+            key, expiry = next(iter(results.items()))
+            if expiry > now:
+                break
+            del results[key]
+            self.store.delete(key)
 
     async def _push(self, sub: Peer, update: KvsUpdate) -> None:
         try:

@@ -93,7 +93,7 @@ async def serve_node(
         # The public address opens last, once the node can serve calls.
         node = Node("", config.role)
         if config.role in ("all", "kvs"):
-            node.kvs = KvsService(nursery)
+            node.kvs = KvsService(nursery, result_ttl=config.result_ttl)
             router.add(node.kvs)
         if config.role in ("all", "scheduler"):
             if config.role == "all":

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", metavar="FILE", help="CA bundle to verify TLS peers")
     p.add_argument("--max-frame-size", type=int, metavar="BYTES",
                    help="largest message accepted (default: 64 MiB)")
+    p.add_argument("--result-ttl", type=float, metavar="SECONDS",
+                   help="how long call results stay in the store (default: 600)")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags win)")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING or ERROR")

@@ -19,6 +19,7 @@ import trio
 
 from ..consistency import CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, RegistrationError, _Failure
+from ..kvs.keys import RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
     BoolReply,
@@ -43,16 +44,14 @@ from ..rpc import DEFERRED, Peer
 from .dags import Dag, build_dag
 from .placement import Placement
 
-__all__ = ["FUNCTION_PREFIX", "SchedulerService", "SchedulerStatistics", "function_key"]
+__all__ = ["SchedulerService", "SchedulerStatistics"]
 
 log = logging.getLogger("droplet.scheduler")
 
-FUNCTION_PREFIX = "__droplet/functions/"
-RESULT_PREFIX = "__droplet/results/"
+#: A run still unfinished after this long is forgotten (checked every SWEEP_EVERY calls).
+RUN_TTL = 3600.0
+SWEEP_EVERY = 1024
 
-
-def function_key(name: str) -> str:
-    return FUNCTION_PREFIX + name
 
 
 @attrs.frozen
@@ -70,6 +69,7 @@ class _Run:
     result_key: str
     caller: tuple[Peer, int] | None  # direct response: who is waiting, request id
     consistency: str = "NORMAL"
+    started: float = 0.0
 
 
 @attrs.define
@@ -249,8 +249,11 @@ class SchedulerService:
         for url in placed:
             self._executors[url].running += 1
         caller = (peer, request_id) if msg.direct else None
-        self._runs[run_id] = _Run(placed, result_key, caller, msg.consistency)
+        self._runs[run_id] = _Run(placed, result_key, caller, msg.consistency,
+                                  trio.current_time())
         self._runs_started += 1
+        if self._runs_started % SWEEP_EVERY == 0:
+            self._forget_stale_runs()
         edges = [list(e) for e in dag.connections]
         for fn in dag.sources:
             trigger = Trigger(
@@ -267,6 +270,15 @@ class SchedulerService:
         if msg.direct:
             return DEFERRED
         return CallAccepted(run_id, result_key)
+
+    def _forget_stale_runs(self) -> None:
+        """Drop runs whose sink never reported (a hung function), so they cannot pile up."""
+        cutoff = trio.current_time() - RUN_TTL
+        stale = [run_id for run_id, run in self._runs.items() if run.started < cutoff]
+        for run_id in stale:
+            self._release(self._runs.pop(run_id).executors)
+        if stale:
+            log.warning("forgot %d runs still unfinished after %g s", len(stale), RUN_TTL)
 
     def _release(self, placed: list[str]) -> None:
         for url in placed:

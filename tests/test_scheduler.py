@@ -1,0 +1,70 @@
+"""SchedulerService bookkeeping with fake peers (no sockets, virtual time)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from droplet.protocol.messages import CallAccepted, CallDag, RunDone, Trigger
+from droplet.scheduler import service as scheduler_service
+from droplet.scheduler.service import SchedulerService
+
+
+class FakePeer:
+    """Records what the scheduler sends an executor."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.state: dict[str, Any] = {}
+        self.on_close: list[Any] = []
+        self.closed = False
+        self.remote = "fake://executor"
+
+    async def send(self, msg: Any) -> None:
+        self.sent.append(msg)
+
+
+def make_scheduler(nursery: trio.Nursery) -> tuple[SchedulerService, FakePeer]:
+    kvs: Any = FakePeer()
+    scheduler = SchedulerService(nursery, kvs=kvs, kvs_url="")
+    executor = FakePeer()
+    scheduler._functions["f"] = "v1"
+    scheduler._executors["fake://executor"] = scheduler_service._Executor(
+        "fake://executor", executor)  # type: ignore[arg-type]
+    return scheduler, executor
+
+
+async def call(scheduler: SchedulerService) -> CallAccepted:
+    client: Any = FakePeer()
+    reply = await scheduler.handle(client, CallDag("f", True, ["f"], [b"\x80\x05]\x94."]), 1)
+    assert isinstance(reply, CallAccepted)
+    return reply
+
+
+async def test_a_finished_run_releases_its_executor() -> None:
+    async with trio.open_nursery() as nursery:
+        scheduler, executor = make_scheduler(nursery)
+        accepted = await call(scheduler)
+        (trigger,) = executor.sent
+        assert isinstance(trigger, Trigger) and trigger.run_id == accepted.run_id
+        assert scheduler.statistics().runs_in_flight == 1
+        assert scheduler._executors["fake://executor"].running == 1
+        await scheduler.handle(FakePeer(), RunDone(accepted.run_id, None, False), 0)  # type: ignore[arg-type]
+        assert scheduler.statistics().runs_in_flight == 0
+        assert scheduler._executors["fake://executor"].running == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_runs_that_never_finish_are_forgotten(autojump_clock: trio.testing.MockClock
+                                                    ) -> None:
+    async with trio.open_nursery() as nursery:
+        scheduler, _ = make_scheduler(nursery)
+        await call(scheduler)  # its sink never reports
+        await trio.sleep(scheduler_service.RUN_TTL + 1)
+        for _ in range(scheduler_service.SWEEP_EVERY - 1):  # the sweep comes with calls
+            await call(scheduler)
+        # Only the hung run was old enough to go; the fresh ones are still tracked.
+        assert scheduler.statistics().runs_in_flight == scheduler_service.SWEEP_EVERY - 1
+        nursery.cancel_scope.cancel()
