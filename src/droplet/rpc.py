@@ -39,6 +39,9 @@ DEFERRED: Any = object()
 Handler = Callable[["Peer", Any, int], Awaitable[Any]]
 
 HANDSHAKE_TIMEOUT = 10.0
+#: The largest frame a peer may send before it has authenticated (an
+#: AuthResponse is about 90 bytes).
+HANDSHAKE_MAX_FRAME = 4096
 
 
 class Limits:
@@ -390,6 +393,15 @@ async def _client_handshake(conn: Connection, url: str, token: str | None) -> No
 
 
 async def _server_handshake(conn: Connection, token: str | None) -> bool:
+    """Run the server side; until it succeeds, the peer may send only small frames."""
+    conn.limit_incoming(HANDSHAKE_MAX_FRAME)
+    try:
+        return await _server_handshake_steps(conn, token)
+    finally:
+        conn.limit_incoming(None)
+
+
+async def _server_handshake_steps(conn: Connection, token: str | None) -> bool:
     nonce = handshake.new_nonce()
     await conn.send(encode_message(AuthChallenge(handshake.VERSION, nonce, bool(token))))
     response, _, _ = decode_message(await conn.receive())

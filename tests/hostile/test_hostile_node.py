@@ -43,7 +43,7 @@ from droplet.protocol.messages import (
 )
 from droplet.protocol.messages import decode as decode_message
 from droplet.protocol.messages import encode as encode_message
-from droplet.rpc import HANDSHAKE_TIMEOUT, serve_peers
+from droplet.rpc import HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, serve_peers
 from droplet.testing.nodes import NodeProcess
 from droplet.transports import TransportOptions, get_transport
 
@@ -88,13 +88,15 @@ async def test_frame_over_the_size_limit(hostile_node: NodeProcess, authenticate
                 assert (await raw.handshake()).ok
             else:
                 await raw.challenge()
+            # Until it authenticates, a peer may only send handshake-sized frames.
+            limit = MAX_FRAME_SIZE if authenticated else HANDSHAKE_MAX_FRAME
             # Only the length and a few bytes: the node must refuse what is *declared*.
-            await raw.send_raw(LEN.pack(MAX_FRAME_SIZE + 1) + b"abc")
+            await raw.send_raw(LEN.pack(limit + 1) + b"abc")
             received = await raw.closed_by_peer()
             if authenticated:  # a peer that passed the handshake is told why
                 assert goodbye_kinds(received) == ["ProtocolError"]
             await wait_for_log(hostile_node, closed_pattern(
-                raw, rf"{MAX_FRAME_SIZE + 1}-byte frame; the limit is {MAX_FRAME_SIZE}"))
+                raw, rf"{limit + 1}-byte frame; the limit is {limit}"))
         await assert_serves(hostile_node.url)
 
 

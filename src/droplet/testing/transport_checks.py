@@ -357,6 +357,27 @@ async def check_oversize_frame(
         await _round_trip(client, server, [b"next peer", b"\3" * SMALL_LIMIT])
 
 
+async def check_limit_incoming(
+    base_url: str, options_server: TransportOptions, options_client: TransportOptions
+) -> None:
+    """``limit_incoming`` lowers the receive limit (the handshake's), None restores it."""
+    async with _listening(base_url, options_server) as listener:
+        client, server = await listener.pair(options_client)
+        server.limit_incoming(SMALL_LIMIT)
+        server.limit_incoming(None)  # back to max_frame_size: a big frame passes
+        await _round_trip(client, server, [b"\4" * (4 * SMALL_LIMIT)])
+        server.limit_incoming(SMALL_LIMIT)
+        async with trio.open_nursery() as nursery:
+
+            async def send_big() -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await client.send(b"\5" * (SMALL_LIMIT + 1))
+
+            nursery.start_soon(send_big)
+            await _expect_raises(ProtocolError, "receiving over a lowered limit", server.receive)
+        await server.aclose()
+
+
 async def check_aclose(
     base_url: str, options_server: TransportOptions, options_client: TransportOptions
 ) -> None:
@@ -460,6 +481,7 @@ CHECKS: dict[str, Check] = {
     "concurrent_senders": check_concurrent_senders,
     "vanished_peer": check_vanished_peer,
     "oversize_frame": check_oversize_frame,
+    "limit_incoming": check_limit_incoming,
     "aclose": check_aclose,
     "bound_url": check_bound_url,
     "connect_refused": check_connect_refused,

@@ -36,6 +36,15 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     async def send(self, frame: bytes) -> None: ...
 
+    @abc.abstractmethod
+    def limit_incoming(self, max_frame_size: int | None) -> None:
+        """Change the largest frame ``receive`` accepts from now on (None: back to
+        the connection's ``max_frame_size``).
+
+        The handshake runs under a small limit, so a peer that has not
+        authenticated cannot make us buffer a big frame.
+        """
+
     async def send_many(self, frames: Sequence[bytes]) -> None:
         """Send several frames in order, as one write where the transport can.
 

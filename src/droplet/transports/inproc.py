@@ -39,6 +39,7 @@ class InprocConnection(Connection):
         self._recv = receive_channel
         self.remote_address = remote_address
         self._max = max_frame_size
+        self._incoming_limit = max_frame_size
 
     async def send(self, frame: bytes) -> None:
         if len(frame) > self._max:
@@ -50,10 +51,14 @@ class InprocConnection(Connection):
         except trio.BrokenResourceError:
             raise trio.BrokenResourceError(f"{self.remote_address} went away") from None
 
+    def limit_incoming(self, max_frame_size: int | None) -> None:
+        self._incoming_limit = self._max if max_frame_size is None else max_frame_size
+
     async def receive(self) -> bytes:
         frame = await self._recv.receive()  # EndOfChannel when the peer closed
-        if len(frame) > self._max:
-            raise ProtocolError(f"{len(frame)}-byte frame exceeds the limit {self._max}")
+        if len(frame) > self._incoming_limit:
+            raise ProtocolError(
+                f"{len(frame)}-byte frame exceeds the limit {self._incoming_limit}")
         return frame
 
     async def aclose(self) -> None:

@@ -35,17 +35,22 @@ class StreamConnection(Connection):
         self._stream = stream
         self.remote_address = remote_address
         self._decoder = FrameDecoder(options.max_frame_size)
+        self._send_limit = options.max_frame_size
         self._read_timeout = options.read_timeout
         self._send_lock = trio.Lock()
         self._closed = False
         # When the frame under way must be complete (set on the first wait for it).
         self._frame_deadline = math.inf
 
+    def limit_incoming(self, max_frame_size: int | None) -> None:
+        self._decoder.max_frame_size = (
+            self._send_limit if max_frame_size is None else max_frame_size)
+
     async def send(self, data: bytes) -> None:
-        await self._write(frame(data, self._decoder.max_frame_size))
+        await self._write(frame(data, self._send_limit))
 
     async def send_many(self, frames: Sequence[bytes]) -> None:
-        limit = self._decoder.max_frame_size
+        limit = self._send_limit
         await self._write(b"".join([frame(f, limit) for f in frames]))
 
     async def _write(self, payload: bytes) -> None:

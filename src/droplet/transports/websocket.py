@@ -80,6 +80,7 @@ class WebSocketConnection(Connection):
         self._ws = ws
         self.remote_address = remote_address
         self.max_frame_size = options.max_frame_size
+        self._incoming_limit = options.max_frame_size
         self._read_timeout = options.read_timeout
         self._send_lock = trio.Lock()
         # Chunks of the message being received, and their total size.
@@ -91,6 +92,9 @@ class WebSocketConnection(Connection):
         self._deadline = math.inf
         self._closed = False  # aclose() was called
         self._end: _End | None = None  # how receive/send fail once the connection ended
+
+    def limit_incoming(self, max_frame_size: int | None) -> None:
+        self._incoming_limit = self.max_frame_size if max_frame_size is None else max_frame_size
 
     async def send(self, frame: bytes) -> None:
         await self.send_many((frame,))
@@ -128,11 +132,11 @@ class WebSocketConnection(Connection):
                 self._started = False
                 if isinstance(event, BytesMessage):
                     self._size += len(event.data)
-                    if self._size > self.max_frame_size:
+                    if self._size > self._incoming_limit:
                         await self._fail(
                             _MESSAGE_TOO_BIG,
                             f"{self.remote_address} sent a frame over "
-                            f"max_frame_size={self.max_frame_size}",
+                            f"max_frame_size={self._incoming_limit}",
                         )
                     if not event.message_finished:
                         self._parts.append(event.data)
