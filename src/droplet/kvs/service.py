@@ -52,6 +52,16 @@ class KvsStatistics:
     pinned_runs: int
 
 
+@attrs.define
+class _Waiter:
+    """A read waiting for its key: answered by the first put, or by its timer."""
+
+    peer: Peer
+    request_id: int
+    timer: trio.CancelScope
+    answered: bool = False
+
+
 def _cancel_waits(peer: Peer) -> None:
     for scope in peer.state.get("kvs_waits", ()):
         scope.cancel()
@@ -80,7 +90,7 @@ class KvsService:
         # Call results by expiry time (one TTL for all, so insertion order is expiry order).
         self._results: OrderedDict[str, float] = OrderedDict()
         self._nursery = nursery
-        self._waiters: dict[str, trio.Event] = {}
+        self._waiters: dict[str, list[_Waiter]] = {}
         self._subscribers: defaultdict[str, set[Peer]] = defaultdict(set)
         self._gets = 0
         self._puts = 0
@@ -120,11 +130,10 @@ class KvsService:
         wait = _bounded_wait(msg.wait)
         if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
-        # Register before yielding, so a put that lands before the task starts wakes it.
-        event = self._waiters.get(msg.key)
-        if event is None:
-            event = self._waiters[msg.key] = trio.Event()
-        self._nursery.start_soon(self._wait_and_reply, peer, msg, request_id, event, wait)
+        # Registered before yielding, so a put that lands before the timer starts finds it.
+        waiter = _Waiter(peer, request_id, trio.CancelScope())
+        self._waiters.setdefault(msg.key, []).append(waiter)
+        self._nursery.start_soon(self._expire_waiter, msg.key, waiter, wait)
         return DEFERRED
 
     def _pinned(self, run_id: str, key: str) -> bytes | None:
@@ -141,28 +150,37 @@ class KvsService:
             versions[key] = self.store.get(key)
         return versions[key]
 
-    async def _wait_and_reply(
-        self, peer: Peer, msg: KvsGet, request_id: int, event: trio.Event, wait: float
-    ) -> None:
-        if peer.closed:
-            return
-        waits: set[trio.CancelScope] | None = peer.state.get("kvs_waits")
-        if waits is None:
+    async def _expire_waiter(self, key: str, waiter: _Waiter, wait: float) -> None:
+        """Answer "absent" when the wait runs out (a put answers it first otherwise)."""
+        if "kvs_waits" not in waiter.peer.state:
             # A waiter that hangs up takes its waiting reads with it.
-            waits = peer.state["kvs_waits"] = set()
-            peer.on_close.append(_cancel_waits)
-        with trio.move_on_after(wait) as scope:
-            waits.add(scope)
-            try:
-                await event.wait()
-            finally:
-                waits.discard(scope)
-        if peer.closed:
-            return
+            waiter.peer.state["kvs_waits"] = set()
+            waiter.peer.on_close.append(_cancel_waits)
+        waits: set[trio.CancelScope] = waiter.peer.state["kvs_waits"]
+        waits.add(waiter.timer)
+        if waiter.peer.closed:  # it hung up before this task started
+            waiter.timer.cancel()
         try:
-            await peer.reply(request_id, KvsValue(msg.key, self.store.get(msg.key)))
+            with waiter.timer:
+                await trio.sleep(wait)
+        finally:
+            waits.discard(waiter.timer)
+        if waiter.answered:
+            return
+        waiter.answered = True
+        pending = self._waiters.get(key)
+        if pending is not None:
+            pending.remove(waiter)
+            if not pending:
+                del self._waiters[key]
+        if not waiter.peer.closed:
+            await self._answer(waiter, KvsValue(key, self.store.get(key)))
+
+    async def _answer(self, waiter: _Waiter, reply: KvsValue) -> None:
+        try:
+            await waiter.peer.reply(waiter.request_id, reply)
         except Exception as exc:  # the waiter went away; nothing to tell
-            log.debug("could not answer waiting get of %r: %s", msg.key, exc)
+            log.debug("could not answer waiting get of %r: %s", reply.key, exc)
 
     def _subscribe(self, peer: Peer, key: str) -> None:
         subs = self._subscribers[key]
@@ -189,9 +207,13 @@ class KvsService:
         if msg.subscribe:
             self._subscribe(peer, msg.key)
         if changed is not None:
-            event = self._waiters.pop(msg.key, None)
-            if event is not None:
-                event.set()
+            waiting = self._waiters.pop(msg.key, None)
+            if waiting:  # answer waiting reads now, in this task: no extra wakeup
+                reply = KvsValue(msg.key, changed)
+                for waiter in waiting:
+                    waiter.answered = True
+                    waiter.timer.cancel()
+                    await self._answer(waiter, reply)
             subs = self._subscribers.get(msg.key)
             if subs:
                 update = KvsUpdate(msg.key, changed)
