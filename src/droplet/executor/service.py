@@ -23,8 +23,7 @@ import attrs
 import trio
 
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext, SessionResult
-from ..errors import DropletError, FunctionError, RegistrationError, TimeoutError, _Failure
-from ..kvs.keys import function_key
+from ..errors import DropletError, FunctionError, TimeoutError, _Failure
 from ..lattices import RAW, Lattice, LWWLattice, decode_lattice, encode_lattice
 from ..protocol.messages import (
     ClusterInfo,
@@ -41,6 +40,9 @@ from ..references import DropletReference
 from ..rpc import Peer, PeerPool
 from ..serialization import dumps
 from .cache import Cache
+from .copies import private
+from .fanin import FanIn
+from .loader import FunctionLoader
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
@@ -50,6 +52,12 @@ log = logging.getLogger("droplet.executor")
 
 #: Fan-in state for runs whose other inputs never came is dropped after this.
 FANIN_TTL = 600.0
+#: Invocations started by triggers from the network at once; past it the
+#: executor stops reading triggers (backpressure on the sender's connection).
+MAX_INVOCATIONS = 10_000
+#: Seconds a result may take to be written to the next executor, the store or
+#: the scheduler before the send is abandoned (and that connection closed).
+SEND_TIMEOUT = 60.0
 
 
 @attrs.frozen
@@ -61,6 +69,14 @@ class ExecutorStatistics:
     functions_loaded: int
     cache_hits: int
     cache_misses: int
+    #: partial fan-ins waiting for inputs, and those dropped (expired or over the bound).
+    fanin_pending: int = 0
+    fanin_dropped: int = 0
+    #: invocations that can receive mail right now.
+    mailboxes: int = 0
+    cache_entries: int = 0
+    worker_threads: int = 0
+    abandoned_threads: int = 0
 
 
 @attrs.frozen
@@ -95,23 +111,19 @@ class _Step:
 
 
 def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
-    """In a worker thread: run consecutive sync steps, each fed the previous result."""
+    """In a worker thread: run consecutive sync steps, each fed the previous result.
+
+    Each step gets a private copy of its input, as it would on another executor.
+    """
     value: Any = None
-    for step in steps:
+    for n, step in enumerate(steps):
         try:
+            if n:
+                carried = [private(value)]
             value = step.target(step.lib, *step.args, *carried)
         except Exception as exc:
             return _Failure(_function_error(exc, step.function)), True
-        carried = [value]
     return value, False
-
-
-@attrs.define
-class _Loaded:
-    version: str
-    obj: Any
-    instance: Any = None  # for (cls, init_args) registrations: built once
-    init_lock: trio.Lock = attrs.Factory(trio.Lock)
 
 
 class ExecutorService:
@@ -135,9 +147,9 @@ class ExecutorService:
         self.cache = Cache(kvs)
         self.trio_token = trio.lowlevel.current_trio_token()
         self._threads = WorkerThreads(threads)
-        self._functions: dict[str, _Loaded] = {}
-        self._load_locks: dict[str, trio.Lock] = {}
-        self._fanin: dict[tuple[str, str], tuple[float, dict[str, _Input]]] = {}
+        self._loader = FunctionLoader(kvs)
+        self._fanin: FanIn[_Input] = FanIn(ttl=FANIN_TTL)
+        self._slots = trio.Semaphore(MAX_INVOCATIONS)
         self._libraries: dict[str, UserLibrary] = {}
         self._next_id = 0
         self._invocations = 0
@@ -148,7 +160,17 @@ class ExecutorService:
         cache = self.cache.statistics()
         return ExecutorStatistics(
             self.url, self._invocations, self._failures, self._running,
-            len(self._functions), cache.hits, cache.misses)
+            len(self._loader), cache.hits, cache.misses,
+            fanin_pending=len(self._fanin), fanin_dropped=self._fanin.dropped,
+            mailboxes=len(self._libraries), cache_entries=cache.entries,
+            worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned)
+
+    async def _serve(self) -> None:
+        """Own the worker threads: they exit when the service's nursery ends."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._threads.close()
 
     @classmethod
     async def join(
@@ -177,6 +199,7 @@ class ExecutorService:
                       threads=threads)
         holder.append(service)
         peers.add(scheduler_url, scheduler)
+        nursery.start_soon(service._serve)
         return service
 
     # ------------------------------------------------------------------ messages
@@ -184,7 +207,16 @@ class ExecutorService:
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
         if kind is Trigger:
-            self._on_trigger(msg)
+            # A bound on the invocations peers can start: at the limit this
+            # reader waits (and its peer with it) until one finishes.
+            await self._slots.acquire()
+            try:
+                started = self._on_trigger(msg)
+            except BaseException:
+                self._slots.release()
+                raise
+            if not started:
+                self._slots.release()
         elif kind is KvsUpdate:
             await self.cache.update(msg.key, msg.lattice)
         elif kind is Mail:
@@ -193,40 +225,40 @@ class ExecutorService:
             raise TypeError(f"executor cannot handle {kind.__name__}")
         return None
 
-    def _on_trigger(self, t: Trigger) -> None:
-        if t.function not in t.functions or len(t.placement) != len(t.functions):
-            raise DropletError(f"malformed trigger for {t.function!r}")
+    def _on_trigger(self, t: Trigger) -> bool:
+        """Start or feed the trigger's function; whether an invocation took a slot.
+
+        The decoder checked the trigger's shape (names, lengths, causal bytes).
+        """
         if t.consistency not in CONSISTENCY_LEVELS:
             raise DropletError(f"unknown consistency level {t.consistency!r}")
         if t.source is None:
-            self._nursery.start_soon(self._invoke, t, [])
-            return
+            self._nursery.start_soon(self._invoke, t, [], True)
+            return True
         try:
             value = pickle.loads(t.result) if t.result is not None else None
             failed = t.failed
         except Exception as exc:
             value, failed = _Failure(_function_error(exc, t.source)), True
-        self._input(t, t.source, _Input(value, failed, t.causal))
+        return self._input(t, t.source, _Input(value, failed, t.causal), slot=True)
 
-    def _input(self, t: Trigger, source: str, given: _Input) -> None:
-        """Record one upstream result; run the function once all have arrived."""
+    def _input(self, t: Trigger, source: str, given: _Input, *, slot: bool = False) -> bool:
+        """Record one upstream result; run the function once all have arrived.
+
+        Returns whether an invocation started (holding the caller's ``slot``).
+        """
         upstream = [src for src, dst in t.edges if dst == t.function]
+        if source not in upstream:
+            raise DropletError(f"trigger from {source!r}, which does not feed {t.function!r}")
         if len(upstream) == 1:
-            self._nursery.start_soon(self._invoke, t, [given])
-            return
-        key = (t.run_id, t.function)
-        started, got = self._fanin.setdefault(key, (time.monotonic(), {}))
-        got[source] = given
-        if len(got) == len(upstream):
-            del self._fanin[key]
-            self._nursery.start_soon(self._invoke, t, [got[src] for src in upstream])
-        elif len(self._fanin) > 1000:
-            self._sweep_fanin()
-
-    def _sweep_fanin(self) -> None:
-        cutoff = time.monotonic() - FANIN_TTL
-        for key in [k for k, (t0, _) in self._fanin.items() if t0 < cutoff]:
-            del self._fanin[key]
+            self._nursery.start_soon(self._invoke, t, [given], slot)
+            return True
+        inputs = self._fanin.add(t.run_id, t.function, source, given, upstream,
+                                 time.monotonic())
+        if inputs is None:
+            return False
+        self._nursery.start_soon(self._invoke, t, inputs, slot)
+        return True
 
     def _deliver(self, msg: Mail) -> None:
         lib = self._libraries.get(msg.dest)
@@ -247,8 +279,21 @@ class ExecutorService:
 
     # ------------------------------------------------------------------ running
 
-    async def _invoke(self, t: Trigger, inputs: list[_Input]) -> None:
-        """Run ``t.function`` (and the local pipeline after it), then pass the result on."""
+    async def _invoke(self, t: Trigger, inputs: list[_Input], slot: bool = False) -> None:
+        """Run ``t.function`` (and the local pipeline after it), then pass the result on.
+
+        Nothing raised here reaches the service's nursery: an executor outlives
+        whatever a peer or a function does.
+        """
+        try:
+            await self._invoke_segment(t, inputs)
+        except Exception:
+            log.exception("run %s: invoking %s failed", t.run_id, t.function)
+        finally:
+            if slot:
+                self._slots.release()
+
+    async def _invoke_segment(self, t: Trigger, inputs: list[_Input]) -> None:
         segment = self._segment(t)
         self._running += len(segment)
         self._invocations += len(segment)
@@ -276,13 +321,14 @@ class ExecutorService:
         last = segment[-1]
         sink = t if last == t.function else attrs.evolve(t, function=last)
         try:
-            try:
-                await self._forward(sink, result, failed, run)
-            except ValueError as exc:  # the result is too big for one frame
-                too_big = _Failure(DropletError(
-                    f"the result of {last!r} is too large to send: {exc}"))
-                await self._forward(sink, too_big, True, run)
-        except Exception as exc:
+            with trio.fail_after(SEND_TIMEOUT):
+                try:
+                    await self._forward(sink, result, failed, run)
+                except ValueError as exc:  # the result is too big for one frame
+                    too_big = _Failure(DropletError(
+                        f"the result of {last!r} is too large to send: {exc}"))
+                    await self._forward(sink, too_big, True, run)
+        except (Exception, trio.TooSlowError) as exc:
             log.warning("run %s: could not deliver result of %s: %s", t.run_id, last, exc)
 
     def _segment(self, t: Trigger) -> list[str]:
@@ -337,16 +383,21 @@ class ExecutorService:
                 j = i
                 while j < len(steps) and not steps[j].is_async:
                     j += 1
-                value, failed = await self._threads.run(_run_sync_steps, steps[i:j], carried)
+                value, failed = await self._threads.run(
+                    _run_sync_steps, steps[i:j], carried, label=step.function)
                 if failed:
                     return value, True
                 i = j
-            carried = [value]
-        return carried[0], False
+            if i < len(steps):
+                try:
+                    carried = [private(value)]
+                except Exception as exc:
+                    return _Failure(_function_error(exc, steps[i - 1].function)), True
+        return value, False
 
     async def _prepare(self, t: Trigger, function: str, libs: list[UserLibrary],
                        run: RunContext) -> _Step:
-        loaded = await self._load(function, t.versions[t.functions.index(function)])
+        loaded = await self._loader.load(function, t.versions[t.functions.index(function)])
         self._next_id += 1
         lib = UserLibrary(self, f"{self.url}/{self._next_id}", run)
         self._libraries[lib.getid()] = lib
@@ -367,34 +418,6 @@ class ExecutorService:
                             lambda: cls(lib, *init_args))
             target = loaded.instance.run
         return _Step(function, target, inspect.iscoroutinefunction(target), args, lib)
-
-    async def _load(self, name: str, version: str) -> _Loaded:
-        loaded = self._functions.get(name)
-        if loaded is not None and loaded.version == version:
-            return loaded
-        async with self._load_locks.setdefault(name, trio.Lock()):
-            loaded = self._functions.get(name)
-            if loaded is not None and loaded.version == version:
-                return loaded
-            reply: KvsValue = await self._kvs.request(KvsGet(function_key(name)))
-            if reply.lattice is None:
-                raise RegistrationError(f"function {name!r} is not registered")
-            code = decode_lattice(reply.lattice, load=RAW).reveal()
-            obj = pickle.loads(code)
-            if isinstance(obj, tuple) and not (
-                len(obj) == 2 and isinstance(obj[0], type) and hasattr(obj[0], "run")
-            ):
-                raise RegistrationError(
-                    f"function {name!r}: a tuple registration must be (cls, init_args) "
-                    "with a class that has a run(user_library, *args) method")
-            if isinstance(obj, tuple):
-                obj = (obj[0], tuple(obj[1]))
-            elif not callable(obj):
-                raise RegistrationError(f"{name!r} is registered as a non-callable "
-                                        f"{type(obj).__name__}")
-            loaded = _Loaded(version, obj)
-            self._functions[name] = loaded
-            return loaded
 
     # ------------------------------------------------------------------ state
 
@@ -455,10 +478,16 @@ class ExecutorService:
         blob: bytes | None = None
         for dst in downstream:
             url = t.placement[t.functions.index(dst)]
-            if url == self.url:  # same executor: no serialization, no socket
+            if url == self.url:  # same executor: no socket, but a private copy each
+                value, bad = result, failed
+                if not failed:
+                    try:
+                        value = private(result)
+                    except Exception as exc:
+                        value, bad = _Failure(_function_error(exc, t.function)), True
                 self._input(attrs.evolve(t, function=dst, source=t.function, result=None,
-                                         failed=failed, causal=causal), t.function,
-                            _Input(result, failed, causal))
+                                         failed=bad, causal=causal), t.function,
+                            _Input(value, bad, causal))
                 continue
             if blob is None:
                 blob = _pickle_result(result)

@@ -6,6 +6,12 @@ Besides get/put it offers two things Droplet's other services lean on:
   is how a future's ``get()`` learns its result without polling;
 - *subscriptions*: caches that read a key with ``subscribe=True`` are pushed
   each later change (``KvsUpdate``), keeping executor caches fresh.
+
+A put runs in the putting connection's reader, so it never writes to another
+peer there: waiting reads are answered and updates pushed through each peer's
+bounded outbox (:meth:`~droplet.rpc.Peer.post`). A subscriber or waiter whose
+outbox fills (it stopped reading) is disconnected, which drops its
+subscriptions and waiting reads; the putter and everyone else carry on.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..errors import DropletError
 from ..protocol.messages import (
     KvsGet,
     KvsPut,
@@ -41,6 +48,8 @@ PIN_TTL = 600.0
 #: of a future's ``obj_id`` works until then). ``output_key`` copies stay.
 DEFAULT_RESULT_TTL = 600.0
 PIN_SWEEP_EVERY = 1000
+#: Keys one connection may subscribe to (an executor's cache unsubscribes what it evicts).
+MAX_SUBSCRIPTIONS_PER_PEER = 200_000
 
 
 @attrs.frozen
@@ -50,6 +59,13 @@ class KvsStatistics:
     puts: int
     subscriptions: int
     pinned_runs: int
+    #: keys with at least one subscriber (no empty entries are kept).
+    subscribed_keys: int = 0
+    #: reads waiting for their key to be put, and the keys they wait on.
+    waiting_reads: int = 0
+    waited_keys: int = 0
+    #: call results tracked for expiry.
+    results: int = 0
 
 
 @attrs.define
@@ -104,6 +120,10 @@ class KvsService:
             puts=self._puts,
             subscriptions=sum(len(s) for s in self._subscribers.values()),
             pinned_runs=len(self._pins),
+            subscribed_keys=len(self._subscribers),
+            waiting_reads=sum(len(w) for w in self._waiters.values()),
+            waited_keys=len(self._waiters),
+            results=len(self._results),
         )
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
@@ -113,7 +133,7 @@ class KvsService:
         if kind is KvsPut:
             return await self._put(peer, msg)
         if kind is KvsUnsubscribe:
-            self._subscribers.get(msg.key, set()).discard(peer)
+            self._unsubscribe(peer, msg.key)
             return None
         if kind is KvsRelease:
             self._pins.pop(msg.run_id, None)
@@ -174,22 +194,37 @@ class KvsService:
             if not pending:
                 del self._waiters[key]
         if not waiter.peer.closed:
-            await self._answer(waiter, KvsValue(key, self.store.get(key)))
+            self._answer(waiter, KvsValue(key, self.store.get(key)))
 
-    async def _answer(self, waiter: _Waiter, reply: KvsValue) -> None:
+    def _answer(self, waiter: _Waiter, reply: KvsValue) -> None:
         try:
-            await waiter.peer.reply(waiter.request_id, reply)
-        except Exception as exc:  # the waiter went away; nothing to tell
+            waiter.peer.post_reply(waiter.request_id, reply)
+        except Exception as exc:  # the waiter went away or stopped reading
             log.debug("could not answer waiting get of %r: %s", reply.key, exc)
 
     def _subscribe(self, peer: Peer, key: str) -> None:
-        subs = self._subscribers[key]
-        if peer not in subs:
-            subs.add(peer)
-            if "kvs_subscriptions" not in peer.state:
-                peer.state["kvs_subscriptions"] = set()
-                peer.on_close.append(self._forget_peer)
-            peer.state["kvs_subscriptions"].add(key)
+        mine: set[str] | None = peer.state.get("kvs_subscriptions")
+        if mine is None:
+            mine = peer.state["kvs_subscriptions"] = set()
+            peer.on_close.append(self._forget_peer)
+        if key in mine:
+            return
+        if len(mine) >= MAX_SUBSCRIPTIONS_PER_PEER:
+            raise DropletError(
+                f"a connection may subscribe to at most {MAX_SUBSCRIPTIONS_PER_PEER} keys; "
+                "unsubscribe some first")
+        mine.add(key)
+        self._subscribers[key].add(peer)
+
+    def _unsubscribe(self, peer: Peer, key: str) -> None:
+        mine: set[str] | None = peer.state.get("kvs_subscriptions")
+        if mine is not None:
+            mine.discard(key)
+        subs = self._subscribers.get(key)
+        if subs is not None:
+            subs.discard(peer)
+            if not subs:
+                del self._subscribers[key]
 
     def _forget_peer(self, peer: Peer) -> None:
         for key in peer.state.get("kvs_subscriptions", ()):
@@ -208,17 +243,17 @@ class KvsService:
             self._subscribe(peer, msg.key)
         if changed is not None:
             waiting = self._waiters.pop(msg.key, None)
-            if waiting:  # answer waiting reads now, in this task: no extra wakeup
+            if waiting:  # answered through each waiter's outbox: never waits here
                 reply = KvsValue(msg.key, changed)
                 for waiter in waiting:
                     waiter.answered = True
                     waiter.timer.cancel()
-                    await self._answer(waiter, reply)
+                    self._answer(waiter, reply)
             subs = self._subscribers.get(msg.key)
             if subs:
                 update = KvsUpdate(msg.key, changed)
                 for sub in list(subs):
-                    await self._push(sub, update)
+                    await self._push(peer, sub, update)
         return KvsStored(type_name)
 
     def _expire_results(self, stored: str) -> None:
@@ -234,9 +269,14 @@ class KvsService:
             del results[key]
             self.store.delete(key)
 
-    async def _push(self, sub: Peer, update: KvsUpdate) -> None:
+    async def _push(self, putter: Peer, sub: Peer, update: KvsUpdate) -> None:
         try:
-            await sub.send(update)
+            if sub is putter:
+                # Inline, before the put's reply: the putter's cache must hold
+                # its own write when the put returns (read your writes).
+                await sub.send(update)
+            else:
+                sub.post(update)
         except Exception as exc:
             log.debug("dropping subscriber %s: %s", sub.remote, exc)
-            self._subscribers.get(update.key, set()).discard(sub)
+            self._unsubscribe(sub, update.key)

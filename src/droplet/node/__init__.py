@@ -78,6 +78,9 @@ async def serve_node(
     With ``in_process_executors`` the ``all`` role runs its executors as tasks
     of this process instead of child processes (the embedded LocalCluster).
     """
+    # The library refuses an exposed address without a token, as the CLI does:
+    # LocalCluster(listen="tcp://0.0.0.0:0") would otherwise run anyone's code.
+    config.check_exposure()
     server_opts = config.server_options()
     client_opts = config.client_options()
     limits = Limits(max_inflight=config.max_inflight)

@@ -3,6 +3,12 @@
 It is on the path of a call only once: it places the run's functions and
 triggers the sources. Results flow executor to executor and from the sink to
 the KVS (or, for direct responses, back through here to the waiting caller).
+
+Handlers run in the reader of the connection they serve, so messages for other
+peers (triggers for executors, direct results for callers) go through those
+peers' bounded outboxes (:meth:`~droplet.rpc.Peer.post`), and requests to the
+store carry a timeout: a stuck executor, caller or store cannot stall anyone
+else's connection.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ log = logging.getLogger("droplet.scheduler")
 #: A run still unfinished after this long is forgotten (checked every SWEEP_EVERY calls).
 RUN_TTL = 3600.0
 SWEEP_EVERY = 1024
+#: Seconds the scheduler waits for the store (registrations, recorded failures).
+KVS_TIMEOUT = 30.0
 
 
 
@@ -157,7 +165,7 @@ class SchedulerService:
         version = hashlib.blake2b(msg.code, digest_size=8).hexdigest()
         lattice = LWWLattice.now(msg.code)
         await self._kvs.request(
-            KvsPut(function_key(msg.name), encode_lattice(lattice, dump=RAW)))
+            KvsPut(function_key(msg.name), encode_lattice(lattice, dump=RAW)), KVS_TIMEOUT)
         self._functions[msg.name] = version
 
     def _register_dag(self, msg: RegisterDag) -> None:
@@ -210,7 +218,7 @@ class SchedulerService:
             try:
                 await self._kvs.request(
                     KvsPut(run.result_key,
-                           encode_lattice(LWWLattice.now(value), dump=RAW)))
+                           encode_lattice(LWWLattice.now(value), dump=RAW)), KVS_TIMEOUT)
             except DropletError as exc:
                 log.warning("could not record failure of run %s: %s", run_id, exc)
         await self._run_done(RunDone(run_id, value if run.caller else None, True))
@@ -262,7 +270,9 @@ class SchedulerService:
                 msg.direct, msg.consistency, msg.client_id, deadline, "", msg.causal,
             )
             try:
-                await self._executors[where[fn]].peer.send(trigger)
+                # Through the executor's outbox: a backed-up executor fails this
+                # call at once instead of stalling the caller's connection.
+                self._executors[where[fn]].peer.post(trigger, on_full="raise")
             except (DropletError, KeyError) as exc:
                 self._runs.pop(run_id, None)
                 self._release(placed)
@@ -293,13 +303,13 @@ class SchedulerService:
         self._release(run.executors)
         if run.consistency == "REPEATABLE_READ":
             try:
-                await self._kvs.send(KvsRelease(msg.run_id))
+                self._kvs.post(KvsRelease(msg.run_id), on_full="raise")
             except DropletError as exc:
                 log.warning("could not release versions pinned by run %s: %s", msg.run_id, exc)
         if run.caller is not None:
             peer, request_id = run.caller
             value = msg.value if msg.value is not None else pickle.dumps(None)
             try:
-                await peer.reply(request_id, DagResult(msg.run_id, value, msg.failed))
+                peer.post_reply(request_id, DagResult(msg.run_id, value, msg.failed))
             except DropletError:
                 log.debug("caller of run %s went away", msg.run_id)
