@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,12 +30,15 @@ from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, Hello
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
 from ..scheduler.service import SchedulerService
+from ._main import WATCH_PARENT_ENV
 
 __all__ = ["Node", "Router", "serve_node"]
 
 log = logging.getLogger("droplet.node")
 
 EXECUTOR_JOIN_TIMEOUT = 60.0
+#: Seconds a worker process gets to exit after SIGTERM before SIGKILL.
+WORKER_STOP_GRACE = 10.0
 
 
 class Router:
@@ -188,11 +192,32 @@ async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> N
     env = dict(os.environ)
     if config.token:
         env["DROPLET_TOKEN"] = config.token  # never on the command line (visible in ps)
+    # The worker exits when its stdin (a pipe from us) ends: when this node
+    # goes away, even by SIGKILL (see droplet.node._main.watch_parent).
+    env[WATCH_PARENT_ENV] = "stdin"
     while True:
-        result = await trio.run_process(cmd, check=False, env=env)
+        returncode = await _run_worker(cmd, env)
         log.warning("executor worker %d exited with status %s; restarting it",
-                    index, result.returncode)
+                    index, returncode)
         await trio.sleep(1.0)
+
+
+async def _run_worker(cmd: list[str], env: dict[str, str]) -> int:
+    """Run one worker process until it exits; on cancellation stop it (TERM, then KILL)."""
+    proc = await trio.lowlevel.open_process(cmd, env=env, stdin=subprocess.PIPE)
+    try:
+        return await proc.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.terminate()
+                with trio.move_on_after(WORKER_STOP_GRACE):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            if proc.stdin is not None:
+                await proc.stdin.aclose()
 
 
 async def cluster_info(url: str, token: str | None = None, timeout: float = 10.0,
