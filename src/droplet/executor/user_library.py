@@ -32,6 +32,10 @@ __all__ = ["UserLibrary", "reveal_stored"]
 
 T = TypeVar("T")
 
+#: Messages an invocation's mailbox holds; more are dropped (and counted) until
+#: ``recv()`` empties it.
+MAX_MAILBOX = 10_000
+
 
 def reveal_stored(data: bytes | None, deserialize: bool = True) -> Any:
     """What ``get`` returns for a stored encoding.
@@ -81,6 +85,8 @@ class UserLibrary:
         self._id = invocation_id
         self._run = run
         self._mailbox: list[tuple[str, bytes]] = []
+        #: messages dropped because the mailbox was full.
+        self.dropped = 0
 
     # ---------------------------------------------------------------- identity
     def getid(self) -> str:
@@ -132,6 +138,9 @@ class UserLibrary:
 
     # ---------------------------------------------------------------- plumbing
     def deliver(self, sender: str, data: bytes) -> None:
+        if len(self._mailbox) >= MAX_MAILBOX:
+            self.dropped += 1
+            return
         self._mailbox.append((sender, data))
 
     def _in_trio(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:

@@ -142,11 +142,13 @@ class KvsService:
 
     def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1
-        if msg.subscribe:
+        value = self.store.get(msg.key)
+        if msg.subscribe and value is not None:
+            # Only to a key that exists: a cache keeps no entry for an absent
+            # key, so it would never evict (and unsubscribe) it.
             self._subscribe(peer, msg.key)
         if msg.pin is not None:
             return KvsValue(msg.key, self._pinned(msg.pin, msg.key))
-        value = self.store.get(msg.key)
         wait = _bounded_wait(msg.wait)
         if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
