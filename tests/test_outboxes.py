@@ -11,13 +11,12 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from test_survival import raw_connection, reply_to
 
 import droplet
 from droplet.protocol.messages import KvsGet, KvsValue
 from droplet.protocol.messages import encode as encode_message
 from droplet.rpc import Limits, OutboxFull, Peer
-
-from test_survival import raw_connection, reply_to
 
 TIMEOUT = 60.0
 #: Past the in-memory transport's queue (1024 frames) plus a full outbox (64 MiB).

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 import droplet
 from droplet.protocol.messages import (
@@ -133,7 +134,7 @@ def _observe(_: Any, value: dict[str, list[int]]) -> list[int]:
 
 
 async def _observe_async(_: Any, value: dict[str, list[int]]) -> list[int]:
-    await trio.sleep(0)
+    await trio.lowlevel.checkpoint()
     return list(value["items"])
 
 
