@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext, SessionResult
-from ..errors import DropletError, FunctionError, TimeoutError, _Failure
+from ..errors import DropletError, FunctionError, ProtocolError, TimeoutError, _Failure
 from ..lattices import RAW, Lattice, LWWLattice, decode_lattice, encode_lattice
 from ..protocol.messages import (
     ClusterInfo,
@@ -222,7 +222,7 @@ class ExecutorService:
         elif kind is Mail:
             self._deliver(msg)
         else:
-            raise TypeError(f"executor cannot handle {kind.__name__}")
+            raise ProtocolError(f"an executor does not serve {kind.__name__} messages")
         return None
 
     def _on_trigger(self, t: Trigger) -> bool:

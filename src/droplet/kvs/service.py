@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..errors import DropletError
+from ..errors import DropletError, ProtocolError
 from ..protocol.messages import (
     KvsGet,
     KvsPut,
@@ -138,7 +138,7 @@ class KvsService:
         if kind is KvsRelease:
             self._pins.pop(msg.run_id, None)
             return None
-        raise TypeError(f"KVS cannot handle {kind.__name__}")
+        raise ProtocolError(f"the store does not serve {kind.__name__} messages")
 
     def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1

@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from ..consistency import CONSISTENCY_LEVELS
-from ..errors import DagError, DropletError, RegistrationError, _Failure
+from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _Failure
 from ..kvs.keys import RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
@@ -152,7 +152,7 @@ class SchedulerService:
             return None
         if kind is ExecutorJoin:
             return self._join(peer, msg)
-        raise TypeError(f"scheduler cannot handle {kind.__name__}")
+        raise ProtocolError(f"the scheduler does not serve {kind.__name__} messages")
 
     # ------------------------------------------------------------------ registry
 
