@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 import traceback
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ import trio
 
 from . import errors
 from .errors import ConnectionError, DropletError, ProtocolError
+from .outbox import OUTBOX_BYTES, OUTBOX_MESSAGES, Outbox
 from .protocol import handshake
 from .protocol.messages import (
     AuthChallenge,
@@ -59,11 +59,6 @@ HANDSHAKE_TIMEOUT = 10.0
 #: The largest frame a peer may send before it has authenticated (an
 #: AuthResponse is about 90 bytes).
 HANDSHAKE_MAX_FRAME = 4096
-
-
-#: Messages and bytes a peer's outbox holds before the peer counts as stuck.
-OUTBOX_MESSAGES = 10_000
-OUTBOX_BYTES = 64 * 1024 * 1024
 
 
 class Limits:
@@ -139,9 +134,7 @@ class Peer:
         self._close_reason: DropletError | None = None
         limits = limits or Limits()
         self._inflight = trio.Semaphore(limits.max_inflight)
-        self._outbox: deque[bytes] = deque()
-        self._outbox_bytes = 0
-        self._outbox_limits = (limits.outbox_messages, limits.outbox_bytes)
+        self._outbox = Outbox(limits.outbox_messages, limits.outbox_bytes)
         self._outbox_ready = trio.Event()
         self._run_scope: trio.CancelScope | None = None
         #: messages dropped, and whether this peer was cut off, for a full outbox.
@@ -204,9 +197,7 @@ class Peer:
     def _post(self, frame: bytes, on_full: str) -> None:
         if self._closed:
             raise ConnectionError(f"connection to {self.remote} is closed")
-        max_messages, max_bytes = self._outbox_limits
-        if self._outbox and (len(self._outbox) >= max_messages
-                             or self._outbox_bytes + len(frame) > max_bytes):
+        if not self._outbox.put(frame):
             if on_full == "raise":
                 raise OutboxFull(f"{self.remote} is not keeping up: {len(self._outbox)} "
                                  "messages are queued for it; try again later")
@@ -214,12 +205,10 @@ class Peer:
                 self.overflowed = True
                 log.warning("disconnecting %s: it is not reading (%d messages, %d bytes "
                             "queued for it)", self.remote, len(self._outbox),
-                            self._outbox_bytes)
+                            self._outbox.size_bytes)
                 if self._run_scope is not None:
                     self._run_scope.cancel()
             raise OutboxFull(f"{self.remote} is not reading; disconnected")
-        self._outbox.append(frame)
-        self._outbox_bytes += len(frame)
         self._outbox_ready.set()
 
     async def _write_outbox(self) -> None:
@@ -229,9 +218,7 @@ class Peer:
                 self._outbox_ready = trio.Event()
                 await self._outbox_ready.wait()
                 continue
-            frames = list(outbox)
-            outbox.clear()
-            self._outbox_bytes = 0
+            frames = outbox.take()
             try:
                 await self._send_many(frames)
             except ValueError:  # one of them is over max_frame_size: send the others
@@ -405,7 +392,6 @@ class Peer:
         if self._run_scope is not None:
             self._run_scope.cancel()
         self._outbox.clear()
-        self._outbox_bytes = 0
         pending, self._pending = self._pending, {}
         for slot in pending.values():
             slot.error = self._close_reason or ConnectionError(
