@@ -152,3 +152,21 @@ async def test_table_sizes_stay_bounded_over_many_calls(
             assert after["kvs.subscribed_keys"] > 0  # the calls did subscribe
             # The calls did run where the sizes were taken.
             assert sum(after[f"executor{n}.invocations"] for n in range(2)) > calls
+
+
+async def test_every_node_process_reports_its_table_sizes() -> None:
+    """GetStatistics: what the soak benchmark samples from each process."""
+    from droplet.protocol.messages import GetStatistics, Statistics
+    from droplet.rpc import one_request
+
+    with trio.fail_after(30):
+        async with droplet.open_local_cluster(1) as cluster:
+            reply = await one_request(cluster.address, GetStatistics())
+            assert type(reply) is Statistics
+            for name in ("kvs.subscribed_keys", "kvs.waiting_reads", "kvs.results",
+                         "scheduler.runs_in_flight", "executor0.fanin_pending",
+                         "executor0.mailboxes", "executor0.worker_threads"):
+                assert name in reply.values
+            alone = await one_request(cluster.node.executors[0].url, GetStatistics())
+            assert "executor0.cache_entries" in alone.values
+            assert not any(k.startswith("kvs.") for k in alone.values)

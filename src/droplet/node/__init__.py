@@ -27,7 +27,7 @@ from ..config import Config
 from ..errors import ProtocolError
 from ..executor.service import ExecutorService
 from ..kvs.service import KvsService
-from ..protocol.messages import ClusterInfo, Hello
+from ..protocol.messages import ClusterInfo, GetStatistics, Hello, Statistics
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
 from ..scheduler.service import SchedulerService
 from ._main import WATCH_PARENT_ENV
@@ -70,6 +70,31 @@ class Node:
     scheduler: SchedulerService | None = None
     executors: list[ExecutorService] = attrs.Factory(list)
 
+    def statistics(self) -> dict[str, int]:
+        """Every integer field of every service's ``statistics()``, as ``service.field``."""
+        found: dict[str, int] = {}
+        services: list[tuple[str, Any]] = [("kvs", self.kvs), ("scheduler", self.scheduler)]
+        services += [(f"executor{i}", ex) for i, ex in enumerate(self.executors)]
+        for prefix, service in services:
+            if service is None:
+                continue
+            for name, value in attrs.asdict(service.statistics()).items():
+                if type(value) is int:
+                    found[f"{prefix}.{name}"] = value
+        return found
+
+
+class _StatisticsService:
+    """Answers GetStatistics for the services of this process (soak tests, status)."""
+
+    MESSAGES = (GetStatistics,)
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        return Statistics(self.node.statistics())
+
 
 async def serve_node(
     config: Config,
@@ -99,6 +124,7 @@ async def serve_node(
 
         # The public address opens last, once the node can serve calls.
         node = Node("", config.role)
+        router.add(_StatisticsService(node))
         if config.role in ("all", "kvs"):
             node.kvs = KvsService(nursery, result_ttl=config.result_ttl)
             router.add(node.kvs)
@@ -143,7 +169,9 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
         nursery, url=url, scheduler_url=config.scheduler, workers=config.threads,
         token=token, options=client_opts, threads=config.threads)
     router.add(executor)
-    return Node(url, "executor", executors=[executor])
+    node = Node(url, "executor", executors=[executor])
+    router.add(_StatisticsService(node))
+    return node
 
 
 async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, router: Router,

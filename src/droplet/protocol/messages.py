@@ -306,6 +306,20 @@ class Names:
     names: list[str]
 
 
+@message(17)
+@attrs.frozen
+class GetStatistics:
+    """Ask a node process for the sizes and counters of its services."""
+
+
+@message(18)
+@attrs.frozen
+class Statistics:
+    """``service.field`` -> value, for every integer field of every ``statistics()``."""
+
+    values: dict[str, int]
+
+
 # --------------------------------------------------------------------------- KVS
 
 
