@@ -102,7 +102,8 @@ def _bounds(executors: int) -> dict[str, int]:
         "scheduler.runs_in_flight": 0,
     }
     for n in range(executors):
-        bounds.update({f"executor{n}.running": 0, f"executor{n}.fanin_pending": 0,
+        bounds.update({f"executor{n}.running": 0, f"executor{n}.tasks": 0,
+                       f"executor{n}.fanin_pending": 0,
                        f"executor{n}.mailboxes": 0, f"executor{n}.cache_entries": CACHE})
     return bounds
 
@@ -170,3 +171,34 @@ async def test_every_node_process_reports_its_table_sizes() -> None:
             alone = await one_request(cluster.node.executors[0].url, GetStatistics())
             assert "executor0.cache_entries" in alone.values
             assert not any(k.startswith("kvs.") for k in alone.values)
+
+
+_GATE: list[trio.Event] = []
+
+
+async def held(_: Any) -> str:
+    await _GATE[0].wait()
+    return "done"
+
+
+async def test_an_executor_at_its_invocation_limit_fails_new_calls_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triggers never pile up tasks without bound, and the reader never waits for a
+    slot (running functions need it for their store replies)."""
+    from droplet.executor import service as executor_service
+
+    monkeypatch.setattr(executor_service, "MAX_INVOCATIONS", 1)
+    _GATE[:] = [trio.Event()]
+    with trio.fail_after(30):
+        async with droplet.open_local_cluster(1) as cluster:
+            async with cluster.client() as cloud:
+                hold = await cloud.register(held, "held")
+                first = await hold()
+                executor = cluster.node.executors[0]
+                while executor.statistics().tasks < 1:
+                    await trio.sleep(0.01)
+                with pytest.raises(droplet.DropletError, match="overloaded"):
+                    await (await hold()).get()
+                _GATE[0].set()
+                assert await first.get() == "done"
+                assert await (await hold()).get() == "done"

@@ -589,17 +589,32 @@ class PeerPool:
         peer = self._peers.get(url)
         if peer is not None and not peer.closed:
             return peer
+        # One lock per URL being dialled, dropped afterwards: a peer naming
+        # many addresses (a hostile trigger's placement) leaves nothing behind.
         lock = self._locks.setdefault(url, trio.Lock())
-        async with lock:
-            peer = self._peers.get(url)
-            if peer is None or peer.closed:
-                peer = await connect_peer(url, self._nursery, token=self._token,
-                                          options=self._options, handler=self._handler)
-                self._peers[url] = peer
-            return peer
+        try:
+            async with lock:
+                peer = self._peers.get(url)
+                if peer is None or peer.closed:
+                    peer = await connect_peer(url, self._nursery, token=self._token,
+                                              options=self._options, handler=self._handler)
+                    self.add(url, peer)
+                return peer
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(url, None)
+
+    def __len__(self) -> int:
+        return len(self._peers)
 
     def add(self, url: str, peer: Peer) -> None:
         self._peers[url] = peer
+
+        def forget(closed: Peer) -> None:
+            if self._peers.get(url) is closed:
+                del self._peers[url]
+
+        peer.on_close.append(forget)
 
     async def aclose(self) -> None:
         for peer in list(self._peers.values()):

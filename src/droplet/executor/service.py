@@ -52,8 +52,10 @@ log = logging.getLogger("droplet.executor")
 
 #: Fan-in state for runs whose other inputs never came is dropped after this.
 FANIN_TTL = 600.0
-#: Invocations started by triggers from the network at once; past it the
-#: executor stops reading triggers (backpressure on the sender's connection).
+#: Invocations an executor runs at once. Past it, a triggered function does
+#: not run: its run fails at once with an "overloaded" error. (The reader
+#: cannot simply wait for a free slot: running functions need it to read
+#: their store replies.)
 MAX_INVOCATIONS = 10_000
 #: Seconds a result may take to be written to the next executor, the store or
 #: the scheduler before the send is abandoned (and that connection closed).
@@ -69,6 +71,8 @@ class ExecutorStatistics:
     functions_loaded: int
     cache_hits: int
     cache_misses: int
+    #: invocation tasks (running functions, or passing a result on).
+    tasks: int = 0
     #: partial fan-ins waiting for inputs, and those dropped (expired or over the bound).
     fanin_pending: int = 0
     fanin_dropped: int = 0
@@ -77,6 +81,8 @@ class ExecutorStatistics:
     cache_entries: int = 0
     worker_threads: int = 0
     abandoned_threads: int = 0
+    #: open connections to other executors and the scheduler.
+    peers: int = 0
 
 
 @attrs.frozen
@@ -149,7 +155,7 @@ class ExecutorService:
         self._threads = WorkerThreads(threads)
         self._loader = FunctionLoader(kvs)
         self._fanin: FanIn[_Input] = FanIn(ttl=FANIN_TTL)
-        self._slots = trio.Semaphore(MAX_INVOCATIONS)
+        self._active = 0  # invocation tasks started and not finished
         self._libraries: dict[str, UserLibrary] = {}
         self._next_id = 0
         self._invocations = 0
@@ -161,9 +167,10 @@ class ExecutorService:
         return ExecutorStatistics(
             self.url, self._invocations, self._failures, self._running,
             len(self._loader), cache.hits, cache.misses,
-            fanin_pending=len(self._fanin), fanin_dropped=self._fanin.dropped,
+            tasks=self._active, fanin_pending=len(self._fanin), fanin_dropped=self._fanin.dropped,
             mailboxes=len(self._libraries), cache_entries=cache.entries,
-            worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned)
+            worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
+            peers=len(self._peers))
 
     async def _serve(self) -> None:
         """Own the worker threads: they exit when the service's nursery ends."""
@@ -207,16 +214,7 @@ class ExecutorService:
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
         if kind is Trigger:
-            # A bound on the invocations peers can start: at the limit this
-            # reader waits (and its peer with it) until one finishes.
-            await self._slots.acquire()
-            try:
-                started = self._on_trigger(msg)
-            except BaseException:
-                self._slots.release()
-                raise
-            if not started:
-                self._slots.release()
+            self._on_trigger(msg)
         elif kind is KvsUpdate:
             await self.cache.update(msg.key, msg.lattice)
         elif kind is Mail:
@@ -225,40 +223,40 @@ class ExecutorService:
             raise ProtocolError(f"an executor does not serve {kind.__name__} messages")
         return None
 
-    def _on_trigger(self, t: Trigger) -> bool:
-        """Start or feed the trigger's function; whether an invocation took a slot.
+    def _on_trigger(self, t: Trigger) -> None:
+        """Start or feed the trigger's function.
 
         The decoder checked the trigger's shape (names, lengths, causal bytes).
         """
         if t.consistency not in CONSISTENCY_LEVELS:
             raise DropletError(f"unknown consistency level {t.consistency!r}")
         if t.source is None:
-            self._nursery.start_soon(self._invoke, t, [], True)
-            return True
+            self._start(t, [])
+            return
         try:
             value = pickle.loads(t.result) if t.result is not None else None
             failed = t.failed
         except Exception as exc:
             value, failed = _Failure(_function_error(exc, t.source)), True
-        return self._input(t, t.source, _Input(value, failed, t.causal), slot=True)
+        self._input(t, t.source, _Input(value, failed, t.causal))
 
-    def _input(self, t: Trigger, source: str, given: _Input, *, slot: bool = False) -> bool:
-        """Record one upstream result; run the function once all have arrived.
-
-        Returns whether an invocation started (holding the caller's ``slot``).
-        """
+    def _input(self, t: Trigger, source: str, given: _Input) -> None:
+        """Record one upstream result; run the function once all have arrived."""
         upstream = [src for src, dst in t.edges if dst == t.function]
         if source not in upstream:
             raise DropletError(f"trigger from {source!r}, which does not feed {t.function!r}")
         if len(upstream) == 1:
-            self._nursery.start_soon(self._invoke, t, [given], slot)
-            return True
+            self._start(t, [given])
+            return
         inputs = self._fanin.add(t.run_id, t.function, source, given, upstream,
                                  time.monotonic())
-        if inputs is None:
-            return False
-        self._nursery.start_soon(self._invoke, t, inputs, slot)
-        return True
+        if inputs is not None:
+            self._start(t, inputs)
+
+    def _start(self, t: Trigger, inputs: list[_Input]) -> None:
+        overloaded = self._active >= MAX_INVOCATIONS
+        self._active += 1
+        self._nursery.start_soon(self._invoke, t, inputs, overloaded)
 
     def _deliver(self, msg: Mail) -> None:
         lib = self._libraries.get(msg.dest)
@@ -279,21 +277,21 @@ class ExecutorService:
 
     # ------------------------------------------------------------------ running
 
-    async def _invoke(self, t: Trigger, inputs: list[_Input], slot: bool = False) -> None:
+    async def _invoke(self, t: Trigger, inputs: list[_Input], overloaded: bool) -> None:
         """Run ``t.function`` (and the local pipeline after it), then pass the result on.
 
         Nothing raised here reaches the service's nursery: an executor outlives
         whatever a peer or a function does.
         """
         try:
-            await self._invoke_segment(t, inputs)
+            await self._invoke_segment(t, inputs, overloaded)
         except Exception:
             log.exception("run %s: invoking %s failed", t.run_id, t.function)
         finally:
-            if slot:
-                self._slots.release()
+            self._active -= 1
 
-    async def _invoke_segment(self, t: Trigger, inputs: list[_Input]) -> None:
+    async def _invoke_segment(self, t: Trigger, inputs: list[_Input], overloaded: bool
+                              ) -> None:
         segment = self._segment(t)
         self._running += len(segment)
         self._invocations += len(segment)
@@ -303,6 +301,10 @@ class ExecutorService:
             upstream_failure = next((i.value for i in inputs if i.failed), None)
             if upstream_failure is not None:  # pass the upstream error on; do not run
                 result, failed = upstream_failure, True
+            elif overloaded:
+                result, failed = _Failure(DropletError(
+                    f"executor {self.url} is overloaded ({MAX_INVOCATIONS} invocations "
+                    f"running); {t.function!r} did not run; try again later")), True
             elif t.deadline is not None and time.time() > t.deadline:
                 result, failed = _Failure(TimeoutError(
                     f"the call's deadline passed before {t.function!r} could run")), True
