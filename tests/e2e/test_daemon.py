@@ -58,7 +58,7 @@ def test_issue_example(node: NodeProcess) -> None:
     try:
         square = cloud.register(lambda _, x: x * x, "square")
         assert square(2).get() == 4
-        assert cloud.register_dag("dag", ["square"], []) is True
+        assert cloud.register_dag("dag", ["square"], []) == (True, None)
         assert cloud.call_dag("dag", {"square": 2}).get() == 4
     finally:
         cloud.close()
@@ -248,7 +248,7 @@ def test_list_get_function_delete_and_replace(cloud: DropletConnection) -> None:
     assert everything == sorted(everything)
     assert cloud.get_function("adm_a") is not None
     cloud.register_dag("adm_dag", ["adm_a"], [])
-    assert cloud.delete_dag("adm_dag") is True
+    assert cloud.delete_dag("adm_dag") == (True, None)
     with pytest.raises(droplet.DagError):
         cloud.delete_dag("adm_dag")
     cloud.register(lambda _: 2, "adm_a")
