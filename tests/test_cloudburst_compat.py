@@ -16,7 +16,7 @@ from droplet.client.client import DropletConnection
 from droplet.config import Config
 from droplet.lattices import LWWLattice, SetLattice
 from droplet.node import Node, serve_node
-from droplet.protocol.messages import CallDag
+from droplet.protocol.messages import CallDag, RegisterDag
 
 GUARD = 20
 
@@ -340,6 +340,17 @@ async def test_multiexec_sink_and_source(cloud: AsyncDropletClient) -> None:
         await cloud.register_dag("solo", [("maybe", [0])], [])
 
 
+async def test_invalid_results_that_do_not_unpickle_fail_the_call_not_the_node(
+        cloud: AsyncDropletClient) -> None:
+    await cloud.register(maybe, "maybe")
+    # a hand-made request, as a client other than Droplet's could send
+    await cloud._scheduler.request(
+        RegisterDag("junk", ["maybe"], [], [], ["maybe"], [b"not a pickle"]), GUARD)
+    with pytest.raises(FunctionError, match="maybe"):
+        await run_dag(cloud, "junk", {"maybe": 1})
+    assert await call(cloud, "maybe", 5) == 5  # the executors carry on
+
+
 # --------------------------------------------------------------------------- batching
 
 
@@ -453,3 +464,19 @@ async def test_continuation_errors(cloud: AsyncDropletClient) -> None:
     with pytest.raises(DagError, match="no DAG named 'nope'"):
         await cloud.call_dag("first", {"incr": 1}, continuation=missing)
     assert await run_dag(cloud, "first", {"incr": 1}) == 2  # the client carries on
+
+
+def test_dry_run_and_continuation_on_blocking_connections(tcp_cluster: droplet.LocalCluster
+                                                          ) -> None:
+    with DropletConnection(tcp_cluster.address, timeout=10) as tcp, \
+            tcp_cluster.connect(timeout=10) as inproc:
+        for cloud in (tcp, inproc):
+            cloud.register(incr, "incr")
+            cloud.register(square, "square")
+            cloud.register_dag("first", ["incr"], [])
+            cloud.register_dag("second", ["square"], [])
+            then = cloud.call_dag("second", {}, dry_run=True)
+            assert isinstance(then, CallDag)
+            assert cloud.call_dag("first", {"incr": 4}, continuation=then).get() == 25
+            direct = cloud.call_dag("second", {}, True, dry_run=True)
+            assert cloud.call_dag("first", {"incr": 1}, True, continuation=direct) == 4

@@ -224,7 +224,12 @@ class ExecutorService:
         if t.source is None:
             inputs = []
             if t.carried is not None:  # a continuation: the previous DAG's result
-                inputs.append(_Input(pickle.loads(t.carried), False, t.causal, spread=False))
+                try:
+                    inputs.append(_Input(pickle.loads(t.carried), False, t.causal,
+                                         spread=False))
+                except Exception as exc:
+                    inputs.append(_Input(_Failure(_function_error(exc, t.function)), True,
+                                         t.causal))
             self._nursery.start_soon(self._invoke, t, inputs)
             return
         try:
@@ -303,7 +308,11 @@ class ExecutorService:
         if last in t.multiexec:
             expected = max(1, sum(1 for _, dst in t.edges if dst == last))
             invalid = t.invalid_results[t.multiexec.index(last)]
-            outcome = self._multi.outcome(t.run_id, last, expected, result, failed, invalid)
+            try:
+                outcome = self._multi.outcome(t.run_id, last, expected, result, failed,
+                                              invalid)
+            except Exception as exc:  # invalid results that do not unpickle here
+                outcome = _Failure(_function_error(exc, last)), True
             if outcome is None:  # invalid, a later duplicate, or an attempt still out
                 return
             result, failed = outcome
