@@ -309,3 +309,52 @@ async def throughput(client: droplet.AsyncDropletClient, ctx: Context) -> Measur
     if errors:
         raise RuntimeError(f"{len(errors)} of {n} calls failed; first: {errors[0]!r}")
     return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")
+
+
+def _model_functions() -> tuple[Callable[..., Any], ...]:
+    # A stand-in model whose cost is per *call* (a GPU kernel launch, a
+    # framework's per-call overhead): 2 ms, whether it serves one input or many.
+    def model_one(_: Any, x: Any) -> Any:
+        time.sleep(0.002)
+        return x
+
+    def model_batch(_: Any, xs: list[Any]) -> list[Any]:
+        time.sleep(0.002)
+        return list(xs)
+
+    return model_one, model_batch
+
+
+async def _model_dag(client: droplet.AsyncDropletClient, ctx: Context, batching: bool
+                     ) -> Measured:
+    model_one, model_batch = _model_functions()
+    name = "bench-model-batch" if batching else "bench-model-one"
+    await client.register(model_batch if batching else model_one, name)
+    await client.register_dag(name, [name], [],
+                              batching_functions=[name] if batching else [])
+    n = min(ctx.concurrent_calls, 1000)
+    started = [0] * n
+    latencies = [0] * n
+    futures: list[Any] = [None] * n
+    t0 = time.perf_counter_ns()
+    for i in range(n):
+        started[i] = time.perf_counter_ns()
+        futures[i] = await client.call_dag(name, {name: i})
+    for i in range(n):
+        value = await futures[i].get()
+        if value != i:
+            raise RuntimeError(f"call {i} returned {value!r}")
+        latencies[i] = time.perf_counter_ns() - started[i]
+    return Measured(latencies, time.perf_counter_ns() - t0, n)
+
+
+@throughput_case("model-batched",
+                 "min(N, 1000) concurrent calls of a 2 ms-per-call model in a DAG with "
+                 "batching_functions=[model] (one call serves up to --max-batch inputs)")
+async def model_batched(client: droplet.AsyncDropletClient, ctx: Context) -> Measured:
+    return await _model_dag(client, ctx, batching=True)
+
+
+@throughput_case("model-unbatched", "the same calls of the same model without batching")
+async def model_unbatched(client: droplet.AsyncDropletClient, ctx: Context) -> Measured:
+    return await _model_dag(client, ctx, batching=False)
