@@ -13,6 +13,7 @@ from types import ModuleType
 
 import pytest
 
+import droplet
 from droplet import DropletConnection
 from droplet.testing.nodes import NodeProcess, start_node
 
@@ -59,3 +60,17 @@ def test_the_runner_reports_each_program(node: NodeProcess,
     assert RUN_ALL.main([node.url, "composition", "user_library"]) == 0
     out = capsys.readouterr().out
     assert "ok   composition" in out and "ok   user_library" in out
+
+
+def test_gpu_functions_need_a_node_started_with_resources(
+        cloud: DropletConnection, tmp_path: Path) -> None:
+    cloud.register(lambda lib: lib.getid(), "gpu_where")
+    cloud.register_dag("gpu_dag", ["gpu_where"], [], gpu_functions=["gpu_where"])
+    with pytest.raises(droplet.DagError, match="--resources gpu=1"):
+        cloud.call_dag("gpu_dag", {}, direct_response=True)
+    with start_node("--executors", "1", "--resources", "gpu=1", "--max-batch", "4",
+                    log_path=tmp_path / "gpu.log") as gpu_node:
+        with DropletConnection(gpu_node.url, timeout=60) as gpu_cloud:
+            gpu_cloud.register(lambda lib: lib.getid(), "gpu_where")
+            gpu_cloud.register_dag("gpu_dag", ["gpu_where"], [], gpu_functions=["gpu_where"])
+            assert gpu_cloud.call_dag("gpu_dag", {}, direct_response=True).startswith("tcp://")
