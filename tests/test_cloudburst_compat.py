@@ -116,7 +116,15 @@ async def test_get_of_a_list_of_keys_returns_a_dict(cloud: AsyncDropletClient) -
     await cloud.register(read_many, "read_many")
     values, lattice = await call(cloud, "read_many", ["a", "b", "absent"])
     assert values == {"a": 1, "b": "two", "absent": None}
+    assert list(values) == ["a", "b", "absent"]
     assert isinstance(lattice, LWWLattice) and lattice.reveal() == 1
+    # cached and uncached keys, a repeated key and a reference, under each level
+    for level in (droplet.NORMAL, droplet.REPEATABLE_READ):
+        await cloud.register_dag(f"many-{level}", ["read_many"], [])
+        values, _ = await run_dag(cloud, f"many-{level}",
+                                  {"read_many": [["b", DropletReference("a"), "b", "c"]]},
+                                  consistency=level)
+        assert values == {"b": "two", "a": 1, "c": None}
 
 
 async def test_async_get_of_a_list_of_keys(cloud: AsyncDropletClient) -> None:

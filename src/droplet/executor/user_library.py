@@ -133,7 +133,18 @@ class UserLibrary:
         concurrent versions come back together as a frozenset.
         """
         if isinstance(key, list):
-            return {_key(k): self.get(k, deserialize) for k in key}
+            keys = [_key(k) for k in key]
+            found: dict[str, Any] = {}
+            missing = []
+            for k in keys:
+                known, data = self._executor.read_local(k, self._run)
+                if known:
+                    found[k] = reveal_stored(data, deserialize)
+                elif k not in missing:
+                    missing.append(k)
+            if missing:  # one hop into the event loop for all of them
+                found.update(self._in_trio(self.aget, missing, deserialize))
+            return {k: found[k] for k in keys}
         k = _key(key)
         known, data = self._executor.read_local(k, self._run)
         if known:  # no I/O needed: skip the hop into the event loop's thread
