@@ -471,6 +471,11 @@ async def test_continuation_errors(cloud: AsyncDropletClient) -> None:
     missing = await cloud.call_dag("nope", {}, dry_run=True)
     with pytest.raises(DagError, match="no DAG named 'nope'"):
         await cloud.call_dag("first", {"incr": 1}, continuation=missing)
+    chain = await cloud.call_dag("first", {}, dry_run=True)
+    for _ in range(40):
+        chain = await cloud.call_dag("first", {}, dry_run=True, continuation=chain)
+    with pytest.raises(DagError, match="more than 32 chained continuations"):
+        await cloud.call_dag("first", {"incr": 1}, continuation=chain)
     assert await run_dag(cloud, "first", {"incr": 1}) == 2  # the client carries on
 
 

@@ -52,6 +52,8 @@ log = logging.getLogger("droplet.scheduler")
 #: A run still unfinished after this long is forgotten (checked every SWEEP_EVERY calls).
 RUN_TTL = 3600.0
 SWEEP_EVERY = 1024
+#: Most DAG calls chained by continuations in one call.
+MAX_CONTINUATIONS = 32
 
 
 
@@ -247,10 +249,13 @@ class SchedulerService:
             raise DagError(f"no DAG named {msg.target!r} is registered")
         return found
 
-    def _continuation(self, msg: CallDag) -> CallDag | None:
+    def _continuation(self, msg: CallDag, depth: int = 0) -> CallDag | None:
         """The DAG call to run on ``msg``'s result, checked now so errors reach the caller."""
         if msg.continuation is None:
             return None
+        if depth >= MAX_CONTINUATIONS:
+            raise DagError(f"call_dag({msg.target!r}): more than {MAX_CONTINUATIONS} "
+                           "chained continuations")
         try:
             then = decode_message(msg.continuation)[0]
         except DropletError as exc:
@@ -260,7 +265,7 @@ class SchedulerService:
         if msg.consistency == CAUSAL or then.consistency == CAUSAL:
             raise DagError(f"call_dag({msg.target!r}): continuations do not run under CAUSAL")
         self._dag_for(then)
-        self._continuation(then)
+        self._continuation(then, depth + 1)
         return then
 
     async def _start(self, dag: Dag, msg: CallDag, caller: tuple[Peer, int] | None,
