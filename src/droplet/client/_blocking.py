@@ -383,8 +383,8 @@ class BlockingClient:
     def fetch_many(self, keys: builtins.list[str]) -> builtins.list[bytes | None]:
         """The stored encodings of ``keys``: all reads in one write."""
         slots = self.kvs.submit(*[KvsGet(k) for k in keys])
-        replies: builtins.list[KvsValue] = [self.kvs.wait(slot, self.timeout, "KvsGet")
-                                   for slot in slots]
+        replies: builtins.list[KvsValue] = [
+            self.kvs.wait(slot, self.timeout, "KvsGet") for slot in slots]
         return [r.lattice for r in replies]
 
     def store(self, key: str, data: bytes) -> None:
