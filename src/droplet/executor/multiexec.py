@@ -100,9 +100,10 @@ class MultiExec:
         if found is None:
             loaded = pickle.loads(blob)
             found = list(loaded) if isinstance(loaded, list | tuple) else [loaded]
-            if len(self._invalid) > 256:
-                self._invalid.clear()
-            self._invalid[blob] = found
+            if len(blob) <= 64 * 1024:  # keep small lists only: the cache stays small
+                if len(self._invalid) >= 256:
+                    self._invalid.clear()
+                self._invalid[blob] = found
         return found
 
     def _sweep(self) -> None:
