@@ -435,6 +435,12 @@ async def test_a_continuation_runs_on_the_first_dags_result(placed_cloud: AsyncD
     await cloud.register_dag("pairs", ["pair"], [])
     then = await cloud.call_dag("second", {}, dry_run=True)
     assert await run_dag(cloud, "first", {"incr": 2}, continuation=then) == 9
+    # each call's output_key keeps its own DAG's result
+    stored = await cloud.call_dag("second", {}, dry_run=True, output_key="cont-second")
+    assert await run_dag(cloud, "first", {"incr": 3}, continuation=stored,
+                         output_key="cont-first") == 16
+    assert await cloud.get_object("cont-first") == 4
+    assert await cloud.get_object("cont-second") == 16
     # the result comes after the continuation's own arguments
     own = await cloud.call_dag("with_own_args", {"add": [100]}, dry_run=True)
     assert await run_dag(cloud, "first", {"incr": 2}, continuation=own) == 103
