@@ -195,8 +195,8 @@ async def test_an_executor_at_its_invocation_limit_fails_new_calls_at_once(
                 hold = await cloud.register(held, "held")
                 first = await hold()
                 executor = cluster.node.executors[0]
-                while executor.statistics().tasks < 1:
-                    await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()
+                assert executor.statistics().tasks == 1
                 with pytest.raises(droplet.DropletError, match="overloaded"):
                     await (await hold()).get()
                 _GATE[0].set()

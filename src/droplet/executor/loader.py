@@ -73,8 +73,8 @@ class FunctionLoader:
             raise RegistrationError(
                 f"function {name!r}: a tuple registration must be (cls, init_args) "
                 "with a class that has a run(user_library, *args) method")
-        if isinstance(obj, tuple):
-            return (obj[0], tuple(obj[1]))
+        if isinstance(obj, tuple):  # as in Cloudburst: a non-tuple is one init argument
+            return (obj[0], obj[1] if type(obj[1]) is tuple else (obj[1],))
         if not callable(obj):
             raise RegistrationError(f"{name!r} is registered as a non-callable "
                                     f"{type(obj).__name__}")

@@ -39,10 +39,12 @@ from ..protocol.messages import (
 from ..references import DropletReference
 from ..rpc import Peer, PeerPool
 from ..serialization import dumps
+from .batching import DEFAULT_MAX_BATCH, Batcher
 from .cache import Cache
 from .copies import private
 from .fanin import FanIn
 from .loader import FunctionLoader
+from .multiexec import MultiExec, spread
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
@@ -76,6 +78,8 @@ class ExecutorStatistics:
     #: partial fan-ins waiting for inputs, and those dropped (expired or over the bound).
     fanin_pending: int = 0
     fanin_dropped: int = 0
+    #: multi-exec runs still collecting attempts.
+    multiexec_pending: int = 0
     #: invocations that can receive mail right now.
     mailboxes: int = 0
     cache_entries: int = 0
@@ -92,6 +96,9 @@ class _Input:
     value: Any
     failed: bool
     causal: bytes | None
+    #: a tuple value becomes several arguments (upstream results do; a
+    #: continuation's carried result is one argument, as in Cloudburst)
+    spread: bool = True
 
 
 @attrs.define
@@ -122,10 +129,12 @@ def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
     Each step gets a private copy of its input, as it would on another executor.
     """
     value: Any = None
-    for n, step in enumerate(steps):
+    for i, step in enumerate(steps):
         try:
-            if n:
-                carried = [private(value)]
+            if i:  # the previous step's result: a tuple splats, references resolve
+                carried = [step.lib.get(a.key, a.deserialize)
+                           if isinstance(a, DropletReference) else a
+                           for a in spread(private(value))]
             value = step.target(step.lib, *step.args, *carried)
         except Exception as exc:
             return _Failure(_function_error(exc, step.function)), True
@@ -144,6 +153,8 @@ class ExecutorService:
         kvs: Peer,
         peers: PeerPool,
         threads: int = 32,
+        resources: dict[str, int] | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self._nursery = nursery
         self.url = url
@@ -153,6 +164,9 @@ class ExecutorService:
         self.cache = Cache(kvs)
         self.trio_token = trio.lowlevel.current_trio_token()
         self._threads = WorkerThreads(threads)
+        self.resources = dict(resources or {})
+        self.batcher = Batcher(nursery, self._threads.run, _function_error, max_batch)
+        self._multi = MultiExec()
         self._loader = FunctionLoader(kvs)
         self._fanin: FanIn[_Input] = FanIn(ttl=FANIN_TTL)
         self._active = 0  # invocation tasks started and not finished
@@ -167,7 +181,8 @@ class ExecutorService:
         return ExecutorStatistics(
             self.url, self._invocations, self._failures, self._running,
             len(self._loader), cache.hits, cache.misses,
-            tasks=self._active, fanin_pending=len(self._fanin), fanin_dropped=self._fanin.dropped,
+            tasks=self._active, fanin_pending=len(self._fanin),
+            fanin_dropped=self._fanin.dropped, multiexec_pending=len(self._multi),
             mailboxes=len(self._libraries), cache_entries=cache.entries,
             worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
             peers=len(self._peers))
@@ -183,6 +198,7 @@ class ExecutorService:
     async def join(
         cls, nursery: trio.Nursery, *, url: str, scheduler_url: str, workers: int,
         token: str | None, options: Any = None, threads: int = 32,
+        resources: dict[str, int] | None = None, max_batch: int = DEFAULT_MAX_BATCH,
     ) -> ExecutorService:
         """Connect to the scheduler and KVS, announce ``url``, return the ready service."""
         from ..rpc import connect_peer
@@ -195,7 +211,8 @@ class ExecutorService:
         scheduler = await connect_peer(scheduler_url, nursery, token=token, handler=handle,
                                        options=options)
         node_id = uuid.uuid4().hex[:12]
-        info: ClusterInfo = await scheduler.request(ExecutorJoin(url, node_id, workers), 30)
+        info: ClusterInfo = await scheduler.request(
+            ExecutorJoin(url, node_id, workers, dict(resources or {})), 30)
         if info.kvs in ("", scheduler_url):
             kvs = scheduler
         else:
@@ -203,7 +220,7 @@ class ExecutorService:
                                      options=options)
         peers = PeerPool(nursery, token=token, options=options, handler=handle)
         service = cls(nursery, url=url, scheduler=scheduler, kvs=kvs, peers=peers,
-                      threads=threads)
+                      threads=threads, resources=resources, max_batch=max_batch)
         holder.append(service)
         peers.add(scheduler_url, scheduler)
         nursery.start_soon(service._serve)
@@ -230,8 +247,18 @@ class ExecutorService:
         """
         if t.consistency not in CONSISTENCY_LEVELS:
             raise DropletError(f"unknown consistency level {t.consistency!r}")
+        if len(t.multiexec) != len(t.invalid_results):
+            raise DropletError(f"malformed trigger for {t.function!r}: multi-exec lists differ")
         if t.source is None:
-            self._start(t, [])
+            inputs = []
+            if t.carried is not None:  # a continuation: the previous DAG's result
+                try:
+                    inputs.append(_Input(pickle.loads(t.carried), False, t.causal,
+                                         spread=False))
+                except Exception as exc:
+                    inputs.append(_Input(_Failure(_function_error(exc, t.function)), True,
+                                         t.causal))
+            self._start(t, inputs)
             return
         try:
             value = pickle.loads(t.result) if t.result is not None else None
@@ -245,7 +272,7 @@ class ExecutorService:
         upstream = [src for src, dst in t.edges if dst == t.function]
         if source not in upstream:
             raise DropletError(f"trigger from {source!r}, which does not feed {t.function!r}")
-        if len(upstream) == 1:
+        if len(upstream) == 1 or t.function in t.multiexec:  # multi-exec: once per input
             self._start(t, [given])
             return
         inputs = self._fanin.add(t.run_id, t.function, source, given, upstream,
@@ -321,6 +348,17 @@ class ExecutorService:
         if failed:
             self._failures += 1
         last = segment[-1]
+        if last in t.multiexec:
+            expected = max(1, sum(1 for _, dst in t.edges if dst == last))
+            invalid = t.invalid_results[t.multiexec.index(last)]
+            try:
+                outcome = self._multi.outcome(t.run_id, last, expected, result, failed,
+                                              invalid)
+            except Exception as exc:  # invalid results that do not unpickle here
+                outcome = _Failure(_function_error(exc, last)), True
+            if outcome is None:  # invalid, a later duplicate, or an attempt still out
+                return
+            result, failed = outcome
         sink = t if last == t.function else attrs.evolve(t, function=last)
         try:
             with trio.fail_after(SEND_TIMEOUT):
@@ -342,12 +380,15 @@ class ExecutorService:
         costs one thread handoff instead of one per function.
         """
         segment = [t.function]
+        special = set(t.multiexec) | set(t.batching)
+        if t.function in special:  # these run (and forward) one at a time
+            return segment
         while True:
             downstream = [dst for src, dst in t.edges if src == segment[-1]]
             if len(downstream) != 1:
                 return segment
             nxt = downstream[0]
-            if (t.placement[t.functions.index(nxt)] != self.url
+            if (nxt in special or t.placement[t.functions.index(nxt)] != self.url
                     or sum(1 for _, dst in t.edges if dst == nxt) != 1
                     or self._has_references(t, nxt)):
                 return segment
@@ -371,12 +412,24 @@ class ExecutorService:
                 steps.append(await self._prepare(t, fn, libs, run))
             except Exception as exc:
                 return _Failure(_function_error(exc, fn)), True
-        carried = [i.value for i in inputs]
+        try:
+            carried = await self._resolve(
+                [a for i in inputs for a in (spread(i.value) if i.spread else [i.value])], run)
+        except Exception as exc:
+            return _Failure(_function_error(exc, segment[0])), True
+        if segment[0] in t.batching:
+            step = steps[0]
+            return await self.batcher.call(
+                step.function, t.versions[t.functions.index(step.function)], step.target,
+                step.is_async, step.lib, [*step.args, *carried])
+        value: Any = None
         i = 0
         while i < len(steps):
             step = steps[i]
             if step.is_async:
                 try:
+                    if i:
+                        carried = await self._resolve(spread(private(value)), run)
                     value = await step.target(step.lib, *step.args, *carried)
                 except Exception as exc:
                     return _Failure(_function_error(exc, step.function)), True
@@ -385,17 +438,25 @@ class ExecutorService:
                 j = i
                 while j < len(steps) and not steps[j].is_async:
                     j += 1
+                if i:
+                    try:
+                        carried = await self._resolve(spread(private(value)), run)
+                    except Exception as exc:
+                        return _Failure(_function_error(exc, step.function)), True
+                # The thread resolves the results of steps it runs itself.
                 value, failed = await self._threads.run(
                     _run_sync_steps, steps[i:j], carried, label=step.function)
                 if failed:
                     return value, True
                 i = j
-            if i < len(steps):
-                try:
-                    carried = [private(value)]
-                except Exception as exc:
-                    return _Failure(_function_error(exc, steps[i - 1].function)), True
         return value, False
+
+    async def _resolve(self, args: list[Any], run: RunContext) -> list[Any]:
+        """Replace each DropletReference among ``args`` by the value it stands for."""
+        if not any(isinstance(a, DropletReference) for a in args):
+            return args
+        return [reveal_stored(await self.read(a.key, run), a.deserialize)
+                if isinstance(a, DropletReference) else a for a in args]
 
     async def _prepare(self, t: Trigger, function: str, libs: list[UserLibrary],
                        run: RunContext) -> _Step:
@@ -462,8 +523,13 @@ class ExecutorService:
             run.causal.observe(key, lattice)
         return data
 
-    async def write(self, key: str, value: Any, run: RunContext) -> str:
-        """Merge ``value`` into ``key``; under CAUSAL, as a write that saw the run's reads."""
+    async def write(self, key: str, value: Any, run: RunContext, *, raw: bool = False) -> str:
+        """Merge ``value`` into ``key``; under CAUSAL, as a write that saw the run's reads.
+
+        ``raw``: ``value`` is a lattice whose user values are already pickled.
+        """
+        if raw:
+            return await self.cache.put(key, value, raw=True)
         if run.causal is not None and not isinstance(value, Lattice):
             # Pickled before stamping, so any picklable value works (hashable or not).
             lattice: Lattice = run.causal.stamp(key, run.writer, dumps(value))
