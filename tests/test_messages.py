@@ -399,6 +399,7 @@ def _trigger(**changes: Any) -> m.Trigger:
     (m.CallDag("f", True, [], [], causal=b"\xff\x00"), "CallDag.causal"),
     (m.CallDag("f", True, [], [], timeout=-1.0), "CallDag.timeout"),
     (m.CallDag("f", True, [], [], timeout=1e300), "CallDag.timeout"),
+    (m.CallDag("f", True, [], [], timeout=10**400), "CallDag.timeout"),
     (m.KvsGet("k", math.nan), "NaN"),
 ], ids=lambda v: v if isinstance(v, str) else type(v).__name__)
 def test_field_values_that_do_not_fit_together_are_refused_at_decode(

@@ -39,7 +39,8 @@ STRINGS = [
     "NORMAL", "CAUSAL", "REPEATABLE_READ", "__droplet/results/x", "__droplet/functions/echo",
     "tcp://127.0.0.1:1/7", "\u2603",
 ]
-NUMBERS: list[Any] = [0, -1, 1, 2**31, 2**63, -(2**63), 10**30, 0.5, -0.0, 1e308, -1e308]
+NUMBERS: list[Any] = [0, -1, 1, 2**31, 2**63, -(2**63), 10**30, 10**400, -(10**400), 0.5,
+                      -0.0, 1e308, -1e308]
 WRONG_TYPES: list[Any] = [None, True, 7, -3.5, "str", [], {}, [1, "a"], {"k": []}, [[[]]]]
 _ENVELOPE = struct.Struct(">BBII")
 

@@ -188,6 +188,10 @@ def decode(payload: bytes) -> tuple[Any, int, bool]:
             validate(msg)
         except ProtocolError as exc:
             raise InvalidMessage(str(exc), request_id, bool(flags & FLAG_REPLY)) from None
+        except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+            # A check tripped over a value: still the peer's bad value, never a crash.
+            raise InvalidMessage(f"{cls.__name__}: {type(exc).__name__}: {exc}", request_id,
+                                 bool(flags & FLAG_REPLY)) from None
     return msg, request_id, bool(flags & FLAG_REPLY)
 
 
@@ -562,7 +566,8 @@ MAX_SECONDS = 86_400.0
 def _check_seconds(cls: str, name: str, value: float | None, *, absolute: bool = False) -> None:
     if value is None:
         return
-    if not math.isfinite(value) or (not absolute and not 0 <= value <= MAX_SECONDS):
+    finite = type(value) is int or math.isfinite(value)  # isfinite(10**400) overflows
+    if not finite or (not absolute and not 0 <= value <= MAX_SECONDS):
         raise ProtocolError(f"{cls}.{name} must be a finite number of seconds"
                             f"{'' if absolute else f' in [0, {MAX_SECONDS:g}]'}, not {value!r}")
 
