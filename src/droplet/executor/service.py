@@ -15,7 +15,6 @@ import inspect
 import logging
 import pickle
 import time
-import traceback
 import uuid
 from typing import Any
 
@@ -23,8 +22,8 @@ import attrs
 import trio
 
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext, SessionResult
-from ..errors import DropletError, FunctionError, ProtocolError, TimeoutError, _Failure
-from ..lattices import RAW, Lattice, LWWLattice, decode_lattice, encode_lattice
+from ..errors import DropletError, ProtocolError, TimeoutError, _Failure
+from ..lattices import RAW, Lattice, decode_lattice
 from ..protocol.messages import (
     ClusterInfo,
     ExecutorJoin,
@@ -45,6 +44,7 @@ from .copies import private
 from .fanin import FanIn
 from .loader import FunctionLoader
 from .multiexec import MultiExec, spread
+from .outcomes import function_error, lww, pickle_result
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
@@ -137,7 +137,7 @@ def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
                            for a in spread(private(value))]
             value = step.target(step.lib, *step.args, *carried)
         except Exception as exc:
-            return _Failure(_function_error(exc, step.function)), True
+            return _Failure(function_error(exc, step.function)), True
     return value, False
 
 
@@ -165,7 +165,7 @@ class ExecutorService:
         self.trio_token = trio.lowlevel.current_trio_token()
         self._threads = WorkerThreads(threads)
         self.resources = dict(resources or {})
-        self.batcher = Batcher(nursery, self._threads.run, _function_error, max_batch)
+        self.batcher = Batcher(nursery, self._threads.run, function_error, max_batch)
         self._multi = MultiExec()
         self._loader = FunctionLoader(kvs)
         self._fanin: FanIn[_Input] = FanIn(ttl=FANIN_TTL)
@@ -256,7 +256,7 @@ class ExecutorService:
                     inputs.append(_Input(pickle.loads(t.carried), False, t.causal,
                                          spread=False))
                 except Exception as exc:
-                    inputs.append(_Input(_Failure(_function_error(exc, t.function)), True,
+                    inputs.append(_Input(_Failure(function_error(exc, t.function)), True,
                                          t.causal))
             self._start(t, inputs)
             return
@@ -264,7 +264,7 @@ class ExecutorService:
             value = pickle.loads(t.result) if t.result is not None else None
             failed = t.failed
         except Exception as exc:
-            value, failed = _Failure(_function_error(exc, t.source)), True
+            value, failed = _Failure(function_error(exc, t.source)), True
         self._input(t, t.source, _Input(value, failed, t.causal))
 
     def _input(self, t: Trigger, source: str, given: _Input) -> None:
@@ -355,7 +355,7 @@ class ExecutorService:
                 outcome = self._multi.outcome(t.run_id, last, expected, result, failed,
                                               invalid)
             except Exception as exc:  # invalid results that do not unpickle here
-                outcome = _Failure(_function_error(exc, last)), True
+                outcome = _Failure(function_error(exc, last)), True
             if outcome is None:  # invalid, a later duplicate, or an attempt still out
                 return
             result, failed = outcome
@@ -411,12 +411,12 @@ class ExecutorService:
             try:
                 steps.append(await self._prepare(t, fn, libs, run))
             except Exception as exc:
-                return _Failure(_function_error(exc, fn)), True
+                return _Failure(function_error(exc, fn)), True
         try:
             carried = await self._resolve(
                 [a for i in inputs for a in (spread(i.value) if i.spread else [i.value])], run)
         except Exception as exc:
-            return _Failure(_function_error(exc, segment[0])), True
+            return _Failure(function_error(exc, segment[0])), True
         if segment[0] in t.batching:
             step = steps[0]
             return await self.batcher.call(
@@ -432,7 +432,7 @@ class ExecutorService:
                         carried = await self._resolve(spread(private(value)), run)
                     value = await step.target(step.lib, *step.args, *carried)
                 except Exception as exc:
-                    return _Failure(_function_error(exc, step.function)), True
+                    return _Failure(function_error(exc, step.function)), True
                 i += 1
             else:
                 j = i
@@ -442,7 +442,7 @@ class ExecutorService:
                     try:
                         carried = await self._resolve(spread(private(value)), run)
                     except Exception as exc:
-                        return _Failure(_function_error(exc, step.function)), True
+                        return _Failure(function_error(exc, step.function)), True
                 # The thread resolves the results of steps it runs itself.
                 value, failed = await self._threads.run(
                     _run_sync_steps, steps[i:j], carried, label=step.function)
@@ -552,59 +552,31 @@ class ExecutorService:
                     try:
                         value = private(result)
                     except Exception as exc:
-                        value, bad = _Failure(_function_error(exc, t.function)), True
+                        value, bad = _Failure(function_error(exc, t.function)), True
                 self._input(attrs.evolve(t, function=dst, source=t.function, result=None,
                                          failed=bad, causal=causal), t.function,
                             _Input(value, bad, causal))
                 continue
             if blob is None:
-                blob = _pickle_result(result)
+                blob = pickle_result(result)
             await (await self._peers.get(url)).send(attrs.evolve(
                 t, function=dst, source=t.function, result=blob, failed=failed, causal=causal))
         if downstream:
             return
         if t.output_key and not failed:
-            await self._kvs.request(KvsPut(t.output_key, _lww(_pickle_result(result))))
+            await self._kvs.request(KvsPut(t.output_key, lww(pickle_result(result))))
         if causal is not None and not failed:
             result = SessionResult(result, causal)
-        blob = _pickle_result(result)
+        blob = pickle_result(result)
         scheduler = self._scheduler if not t.scheduler else await self._peers.get(t.scheduler)
         if t.direct:
             await scheduler.send(RunDone(t.run_id, blob, failed))
             return
         # One-way: the caller learns of the result from the store itself.
-        put = KvsPut(t.result_key, _lww(blob))
+        put = KvsPut(t.result_key, lww(blob))
         done = RunDone(t.run_id, None, failed)
         if scheduler is self._kvs:  # one node: both in one write
             await scheduler.send_many([put, done])
         else:
             await self._kvs.send(put)
             await scheduler.send(done)
-
-
-def _lww(blob: bytes) -> bytes:
-    return encode_lattice(LWWLattice.now(blob), dump=RAW)
-
-
-def _pickle_result(result: Any) -> bytes:
-    try:
-        return dumps(result)
-    except TypeError as exc:
-        return dumps(_Failure(FunctionError(
-            "TypeError", f"the function's result cannot be serialized: {exc}")))
-
-
-def _function_error(exc: BaseException, function: str) -> FunctionError:
-    if isinstance(exc, FunctionError):
-        return exc
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    kind = type(exc)
-    type_name = kind.__qualname__ if kind.__module__ == "builtins" else (
-        f"{kind.__module__}.{kind.__qualname__}")
-    cause: bytes | None
-    try:
-        cause = dumps(exc)
-        pickle.loads(cause)  # only keep a cause the client can rebuild
-    except Exception:
-        cause = None
-    return FunctionError(type_name, str(exc), tb, function, cause)
