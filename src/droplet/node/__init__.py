@@ -26,6 +26,7 @@ from ..config import Config
 from ..errors import ProtocolError
 from ..executor.service import ExecutorService
 from ..kvs.backends import MemoryBackend, StorageBackend
+from ..kvs.backends.durable import DurableBackend
 from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, Hello
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
@@ -111,6 +112,7 @@ async def serve_node(
                                               options=client_opts)
             node.scheduler = SchedulerService(nursery, kvs=kvs_peer, kvs_url=kvs_url,
                                               placement=config.placement)
+            await node.scheduler.restore()  # what was registered before a restart
             router.add(node.scheduler)
         if config.role == "all" and config.executors:
             node.url = await _start_workers(nursery, config, node, router, token, server_opts,
@@ -122,8 +124,13 @@ async def serve_node(
 
 
 def open_backend(config: Config) -> StorageBackend:
-    """The storage backend the configuration asks for."""
-    return MemoryBackend()
+    """The storage backend the configuration asks for (memory, or durable in a data dir)."""
+    path = config.storage_dir
+    if path is None:
+        log.info("storage: in memory (nothing survives a restart; --data-dir DIR keeps it)")
+        return MemoryBackend()
+    log.info("storage: durable in %s (fsync=%s)", path, config.fsync)
+    return DurableBackend(path, fsync=config.fsync)
 
 
 async def _serve(url: str, router: Router, token: str | None, options: Any, limits: Limits,

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import trio
 
+from ...config import FSYNC_POLICIES
 from ...errors import StorageError
 from ..keys import RESULT_PREFIX
 from ..store import Store
@@ -49,7 +50,6 @@ __all__ = ["DEFAULT_COMPACT_BYTES", "FSYNC_POLICIES", "DurableBackend"]
 
 log = logging.getLogger("droplet.kvs.durable")
 
-FSYNC_POLICIES = ("always", "everysec", "no")
 #: log growth (bytes) that triggers writing a new snapshot
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
 
