@@ -115,7 +115,8 @@ async def test_compaction_writes_a_snapshot_and_drops_old_segments(tmp_path: Pat
         await backend.delete("k0")
         await backend.put("after-delete", lww(1, b"x"))
         await snapshot_written(backend)
-        assert (tmp_path / "snapshot").exists()
+        assert (tmp_path / "snapshot").stat().st_mode & 0o077 == 0  # the owner's only
+        assert all(seg.stat().st_mode & 0o077 == 0 for seg in segments(tmp_path))
         assert len(segments(tmp_path)) <= 2
         assert backend.statistics().log_bytes < 2000 + 1000
         expected = {f"k{k}": {str(i).encode() for i in range(300) if i % 50 == k}
