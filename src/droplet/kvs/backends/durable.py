@@ -121,9 +121,10 @@ class DurableBackend(StorageBackend):
 
     def put_pending(self, key: str, data: bytes) -> tuple[PutResult, int]:
         self._check_writable()
+        record = encode_record(PUT, key, data)  # before merging: nothing may fail after
         result = self.store.put(key, data)  # bad input raises here, before the log
         if result[1] is not None:
-            self._append(encode_record(PUT, key, data))
+            self._append(record)
         # Even a put that changed nothing waits: what it saw may not be safe yet.
         return result, self._appended
 
@@ -216,7 +217,13 @@ class DurableBackend(StorageBackend):
                 snapshot = self.store.copy()
             try:
                 if sync:
-                    await trio.to_thread.run_sync(write_and_sync, self._fd, batch, True)
+                    try:
+                        await trio.to_thread.run_sync(write_and_sync, self._fd, batch, True)
+                    except trio.Cancelled:
+                        # Cancelled before the thread ran (once it runs, it finishes):
+                        # the batch goes back, for _close to write.
+                        self._pending.insert(0, batch)
+                        raise
                 else:
                     write_all(self._fd, batch)  # to the OS only: quick, as Redis does
                     self._unsynced = True
