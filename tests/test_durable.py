@@ -217,7 +217,7 @@ def test_bad_options_are_refused(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- behind KvsService
 
 @asynccontextmanager
-async def durable_service(path: Path, **options: Any
+async def durable_service(path: Path, *, result_ttl: float = 600.0, **options: Any
                           ) -> AsyncIterator[tuple[Any, DurableBackend, Any, Any]]:
     """(service, backend, a peer, connect(handler) for more peers)"""
     from functools import partial
@@ -227,7 +227,7 @@ async def durable_service(path: Path, **options: Any
 
     backend = DurableBackend(path, **options)
     async with trio.open_nursery() as nursery:
-        service = KvsService(nursery, backend)
+        service = KvsService(nursery, backend, result_ttl=result_ttl)
         with trio.fail_after(20):
             await nursery.start(service.serve)
         url = await nursery.start(partial(serve_peers, f"inproc://durable-{path.name}",
@@ -329,3 +329,17 @@ async def test_a_crash_in_the_middle_of_a_compaction_recovers_the_same_state(
         assert again.recovery is not None and again.recovery.damaged == []
     assert not (tmp_path / "snapshot.tmp").exists()
     assert not any((tmp_path / name).exists() for name in old)
+
+
+async def test_logged_results_still_expire_and_their_deletion_is_logged(tmp_path: Path) -> None:
+    from droplet.protocol.messages import KvsPut
+
+    async with durable_service(tmp_path, result_ttl=0.01, volatile_prefixes=()) as (
+            _, backend, peer, _):
+        await peer.request(KvsPut(RESULT_PREFIX + "old", lww(1, b"1")))
+        await trio.sleep(0.05)  # past its ttl: the next result's put drops it
+        await peer.request(KvsPut(RESULT_PREFIX + "new", lww(1, b"2")))
+        assert backend.get_nowait(RESULT_PREFIX + "old") is None
+    async with running(tmp_path, volatile_prefixes=()) as again:
+        assert again.get_nowait(RESULT_PREFIX + "old") is None
+        assert revealed(again.get_nowait(RESULT_PREFIX + "new")) == b"2"
