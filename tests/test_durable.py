@@ -358,3 +358,30 @@ async def test_a_long_replayed_log_is_compacted_at_the_first_write(tmp_path: Pat
         assert again.statistics().log_bytes < 1000
     async with running(tmp_path) as third:
         assert third.recovery is not None and third.recovery.snapshot_keys == 101
+
+
+async def test_backup_by_copying_log_segments_then_the_snapshot(tmp_path: Path) -> None:
+    """The how-to's backup recipe, with a snapshot written between its two copies."""
+    import shutil
+
+    data, backup = tmp_path / "data", tmp_path / "backup"
+    backup.mkdir()
+    async with running(data, compact_bytes=500) as backend:
+        for i in range(20):
+            await backend.put(f"before-{i}", lww(1, b"v" * 20))
+        await snapshot_written(backend)
+        await backend.put("in-the-log", raw_set(b"a"))
+        for seg in segments(data):  # 1. the log segments
+            shutil.copy(seg, backup)
+        snapshots = backend.statistics().snapshots
+        for i in range(40):  # a new snapshot replaces the old one meanwhile
+            await backend.put(f"during-{i}", lww(1, b"v" * 20))
+        with trio.fail_after(10):
+            while backend.statistics().snapshots == snapshots or backend._compacting:
+                await backend.compaction_finished.wait()
+        shutil.copy(data / "snapshot", backup)  # 2. the snapshot
+    async with running(backup) as restored:
+        for i in range(20):
+            assert revealed(restored.get_nowait(f"before-{i}")) == b"v" * 20
+        assert revealed(restored.get_nowait("in-the-log")) == {b"a"}
+        assert restored.recovery is not None and restored.recovery.damaged == []

@@ -110,3 +110,15 @@ def test_data_dir_and_fsync_from_flags_and_toml(tmp_path: Path) -> None:
         Config(fsync="sometimes")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--fsync", "sometimes"])
+
+
+def test_a_node_whose_data_dir_is_unusable_says_so_and_exits_1(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from droplet.node._main import main as node_main
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    code = node_main(["--listen", "tcp://127.0.0.1:0", "--executors", "0",
+                      "--data-dir", str(not_a_dir / "data")])
+    assert code == 1
+    assert f"could not start: cannot use data directory {not_a_dir / 'data'}" in caplog.text
