@@ -161,7 +161,9 @@ class SchedulerService:
         reply = await self._kvs.request(KvsGet(REGISTRY_KEY))
         if reply.lattice is None:
             return
-        functions, dags = decode_registry(reply.lattice)
+        functions, dags, problems = decode_registry(reply.lattice)
+        for problem in problems:
+            log.error("registry key %s: skipping %s", REGISTRY_KEY, problem)
         self._functions.update(functions)
         for name, (fns, edges, colocated) in dags.items():
             try:
