@@ -127,6 +127,8 @@ class Config:
     fsync: str = attrs.field(default="always", validator=attrs.validators.in_(FSYNC_POLICIES))
     #: also log call results (they expire after result_ttl; by default memory only)
     log_results: bool = False
+    #: log bytes since the last snapshot that trigger a new one (if also past its size)
+    compact_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
     #: executor resource labels, e.g. ``"gpu=1"``: DAGs' gpu_functions run only there
     resources: str | None = attrs.field(default=None, converter=_resources)
     #: most queued calls of a batching function an executor serves in one call

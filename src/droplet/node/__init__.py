@@ -133,7 +133,8 @@ def open_backend(config: Config) -> StorageBackend:
     log.info("storage: durable in %s (fsync=%s%s)", path, config.fsync,
              ", call results too" if config.log_results else "")
     volatile = () if config.log_results else (RESULT_PREFIX,)
-    return DurableBackend(path, fsync=config.fsync, volatile_prefixes=volatile)
+    return DurableBackend(path, fsync=config.fsync, compact_bytes=config.compact_bytes,
+                          volatile_prefixes=volatile)
 
 
 async def _serve(url: str, router: Router, token: str | None, options: Any, limits: Limits,
