@@ -1,11 +1,20 @@
-"""Shared fixtures: a throwaway certificate authority for tls:// and wss:// tests."""
+"""Shared fixtures: a private data root for nodes; a throwaway CA for tls:// and wss://."""
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
 
 import pytest
 import trustme
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Nodes started with the default data directory keep it here, never in ~/.local/share."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+        yield
 
 
 @pytest.fixture(scope="session")

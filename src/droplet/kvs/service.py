@@ -1,4 +1,4 @@
-"""The storage service: a :class:`~droplet.kvs.store.Store` behind the RPC layer.
+"""The storage service: a storage backend (:mod:`droplet.kvs.backends`) behind the RPC layer.
 
 Besides get/put it offers two things Droplet's other services lean on:
 
@@ -17,13 +17,13 @@ subscriptions and waiting reads; the putter and everyone else carry on.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from typing import Any
 
 import attrs
 import trio
 
-from ..errors import DropletError, ProtocolError
+from ..errors import DropletError, ProtocolError, StorageError
 from ..protocol.messages import (
     KvsGet,
     KvsPut,
@@ -34,8 +34,9 @@ from ..protocol.messages import (
     KvsValue,
 )
 from ..rpc import DEFERRED, Peer
+from .backends.base import BackendStatistics, StorageBackend
+from .backends.memory import MemoryBackend
 from .keys import is_result_key
-from .store import Store
 
 __all__ = ["KvsService", "KvsStatistics"]
 
@@ -59,6 +60,7 @@ class KvsStatistics:
     puts: int
     subscriptions: int
     pinned_runs: int
+    storage: BackendStatistics
     #: keys with at least one subscriber (no empty entries are kept).
     subscribed_keys: int = 0
     #: reads waiting for their key to be put, and the keys they wait on.
@@ -66,6 +68,18 @@ class KvsStatistics:
     waited_keys: int = 0
     #: call results tracked for expiry.
     results: int = 0
+
+
+@attrs.frozen
+class _Ack:
+    """A put merged in memory whose reply waits until the backend says it is safe."""
+
+    ticket: int
+    peer: Peer
+    request_id: int
+    key: str
+    type_name: str
+    changed: bytes | None
 
 
 @attrs.define
@@ -99,9 +113,9 @@ class KvsService:
 
     MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe, KvsRelease)
 
-    def __init__(self, nursery: trio.Nursery, store: Store | None = None, *,
+    def __init__(self, nursery: trio.Nursery, backend: StorageBackend | None = None, *,
                  result_ttl: float = DEFAULT_RESULT_TTL) -> None:
-        self.store = store or Store()
+        self.backend: StorageBackend = MemoryBackend() if backend is None else backend
         self.result_ttl = result_ttl
         # Call results by expiry time (one TTL for all, so insertion order is expiry order).
         self._results: OrderedDict[str, float] = OrderedDict()
@@ -112,26 +126,50 @@ class KvsService:
         self._puts = 0
         # REPEATABLE_READ version store: run id -> (created, key -> pinned encoding)
         self._pins: dict[str, tuple[float, dict[str, bytes | None]]] = {}
+        # puts merged but not yet safe, in ticket order (see StorageBackend.put_pending)
+        self._acks: deque[_Ack] = deque()
+        self._acks_waiting = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Run the backend's background work (see :meth:`StorageBackend.run`) until cancelled.
+
+        A node starts it with ``await nursery.start(kvs.serve)`` before serving
+        requests; the in-memory backend has no background work, so a service
+        built on it also works without.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.backend.run, self._notify)
+            nursery.start_soon(self._send_acks)
+            task_status.started()
 
     def statistics(self) -> KvsStatistics:
+        storage = self.backend.statistics()
         return KvsStatistics(
-            keys=len(self.store),
+            keys=storage.keys if storage.keys is not None else -1,
             gets=self._gets,
             puts=self._puts,
             subscriptions=sum(len(s) for s in self._subscribers.values()),
             pinned_runs=len(self._pins),
+            storage=storage,
             subscribed_keys=len(self._subscribers),
             waiting_reads=sum(len(w) for w in self._waiters.values()),
             waited_keys=len(self._waiters),
             results=len(self._results),
         )
 
+    async def _read(self, key: str) -> bytes | None:
+        try:
+            return self.backend.get_nowait(key)  # no task switch when the backend can
+        except trio.WouldBlock:
+            return await self.backend.get(key)
+
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
         if kind is KvsGet:
-            return self._get(peer, msg, request_id)
+            return await self._get(peer, msg, request_id)
         if kind is KvsPut:
-            return await self._put(peer, msg)
+            return await self._put(peer, msg, request_id)
         if kind is KvsUnsubscribe:
             self._unsubscribe(peer, msg.key)
             return None
@@ -140,25 +178,51 @@ class KvsService:
             return None
         raise ProtocolError(f"the store does not serve {kind.__name__} messages")
 
-    def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
+    async def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1
-        value = self.store.get(msg.key)
-        if msg.subscribe and value is not None:
+        if msg.subscribe and await self._read(msg.key) is not None:
             # Only to a key that exists: a cache keeps no entry for an absent
             # key, so it would never evict (and unsubscribe) it.
             self._subscribe(peer, msg.key)
         if msg.pin is not None:
-            return KvsValue(msg.key, self._pinned(msg.pin, msg.key))
+            return KvsValue(msg.key, await self._pinned(msg.pin, msg.key))
         wait = _bounded_wait(msg.wait)
+        try:
+            value = self.backend.get_nowait(msg.key)
+        except trio.WouldBlock:
+            return await self._get_async(peer, msg.key, request_id, wait)
         if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
         # Registered before yielding, so a put that lands before the timer starts finds it.
-        waiter = _Waiter(peer, request_id, trio.CancelScope())
-        self._waiters.setdefault(msg.key, []).append(waiter)
-        self._nursery.start_soon(self._expire_waiter, msg.key, waiter, wait)
+        self._wait_for(peer, msg.key, request_id, wait)
         return DEFERRED
 
-    def _pinned(self, run_id: str, key: str) -> bytes | None:
+    def _wait_for(self, peer: Peer, key: str, request_id: int, wait: float) -> _Waiter:
+        waiter = _Waiter(peer, request_id, trio.CancelScope())
+        self._waiters.setdefault(key, []).append(waiter)
+        self._nursery.start_soon(self._expire_waiter, key, waiter, wait)
+        return waiter
+
+    async def _get_async(self, peer: Peer, key: str, request_id: int, wait: float) -> Any:
+        """A read from a backend that must wait: a put may land while we read."""
+        if wait <= 0:
+            return KvsValue(key, await self.backend.get(key))
+        waiter = self._wait_for(peer, key, request_id, wait)  # before reading, not after
+        value = await self.backend.get(key)
+        if waiter.answered:  # a put answered it while we read
+            return DEFERRED
+        if value is None:
+            return DEFERRED
+        waiter.answered = True
+        waiter.timer.cancel()
+        pending = self._waiters.get(key)
+        if pending is not None and waiter in pending:
+            pending.remove(waiter)
+            if not pending:
+                del self._waiters[key]
+        return KvsValue(key, value)
+
+    async def _pinned(self, run_id: str, key: str) -> bytes | None:
         """The run's version of ``key``: pinned now on its first read, the same after."""
         entry = self._pins.get(run_id)
         if entry is None:
@@ -169,7 +233,7 @@ class KvsService:
             entry = self._pins[run_id] = (trio.current_time(), {})
         versions = entry[1]
         if key not in versions:
-            versions[key] = self.store.get(key)
+            versions[key] = await self._read(key)
         return versions[key]
 
     async def _expire_waiter(self, key: str, waiter: _Waiter, wait: float) -> None:
@@ -196,7 +260,7 @@ class KvsService:
             if not pending:
                 del self._waiters[key]
         if not waiter.peer.closed:
-            self._answer(waiter, KvsValue(key, self.store.get(key)))
+            self._answer(waiter, KvsValue(key, await self._read(key)))
 
     def _answer(self, waiter: _Waiter, reply: KvsValue) -> None:
         try:
@@ -236,29 +300,92 @@ class KvsService:
                 if not subs:
                     del self._subscribers[key]
 
-    async def _put(self, peer: Peer, msg: KvsPut) -> KvsStored:
+    async def _put(self, peer: Peer, msg: KvsPut, request_id: int) -> Any:
         self._puts += 1
-        type_name, changed = self.store.put(msg.key, msg.lattice)
+        backend = self.backend
+        try:
+            type_name, changed = backend.put_nowait(msg.key, msg.lattice)
+        except trio.WouldBlock:
+            try:
+                (type_name, changed), ticket = backend.put_pending(msg.key, msg.lattice)
+            except trio.WouldBlock:
+                type_name, changed = await backend.put(msg.key, msg.lattice)
+            else:
+                # Merged now, in order; answered once safe, by _send_acks: this
+                # connection's next puts join the same log write meanwhile.
+                if is_result_key(msg.key):
+                    await self._expire_results(msg.key)
+                if msg.subscribe:
+                    self._subscribe(peer, msg.key)
+                self._acks.append(_Ack(ticket, peer, request_id, msg.key, type_name, changed))
+                self._acks_waiting.set()
+                return DEFERRED
         if is_result_key(msg.key):
-            self._expire_results(msg.key)
+            await self._expire_results(msg.key)
         if msg.subscribe:
             self._subscribe(peer, msg.key)
         if changed is not None:
-            waiting = self._waiters.pop(msg.key, None)
-            if waiting:  # answered through each waiter's outbox: never waits here
-                reply = KvsValue(msg.key, changed)
-                for waiter in waiting:
-                    waiter.answered = True
-                    waiter.timer.cancel()
-                    self._answer(waiter, reply)
-            subs = self._subscribers.get(msg.key)
-            if subs:
-                update = KvsUpdate(msg.key, changed)
-                for sub in list(subs):
-                    await self._push(peer, sub, update)
+            await self._notify(msg.key, changed, putter=peer)
         return KvsStored(type_name)
 
-    def _expire_results(self, stored: str) -> None:
+    async def _send_acks(self) -> None:
+        """Answer puts (and tell waiters and subscribers) as the backend makes them safe."""
+        acks = self._acks
+        while True:
+            if not acks:
+                await self._acks_waiting.wait()
+                self._acks_waiting = trio.Event()
+                continue
+            error: StorageError | None = None
+            try:
+                safe = await self.backend.wait_committed(acks[0].ticket)
+            except StorageError as exc:
+                error, safe = exc, acks[-1].ticket
+            while acks and acks[0].ticket <= safe:
+                ack = acks.popleft()
+                if error is not None:
+                    if ack.request_id:
+                        await self._answer_put(ack, error)
+                    continue
+                if ack.changed is not None:
+                    await self._notify(ack.key, ack.changed)
+                if ack.request_id:
+                    await self._answer_put(ack, KvsStored(ack.type_name))
+
+    async def _answer_put(self, ack: _Ack, reply: KvsStored | StorageError) -> None:
+        # Through the writer's outbox: one stuck writer never holds up the
+        # answers of the others, and the answer follows the writer's own
+        # KvsUpdate (posted by _notify just before), so it reads its write.
+        try:
+            if isinstance(reply, StorageError):
+                ack.peer.post_error(ack.request_id, reply)
+            else:
+                ack.peer.post_reply(ack.request_id, reply)
+        except Exception as exc:  # the writer went away or stopped reading
+            log.debug("could not answer put of %r: %s", ack.key, exc)
+
+    async def _notify(self, key: str, changed: bytes, putter: Peer | None = None) -> None:
+        """Tell waiting reads and subscribed caches that ``key`` is now ``changed``.
+
+        Called for puts through this node (``putter`` is the writer, told inline
+        before its reply), after a durable backend made puts safe (``putter``
+        None: everyone through their outboxes), and by the backend for changes
+        made through other storage nodes (a shared Redis).
+        """
+        waiting = self._waiters.pop(key, None)
+        if waiting:  # answered through each waiter's outbox: never waits here
+            reply = KvsValue(key, changed)
+            for waiter in waiting:
+                waiter.answered = True
+                waiter.timer.cancel()
+                self._answer(waiter, reply)
+        subs = self._subscribers.get(key)
+        if subs:
+            update = KvsUpdate(key, changed)
+            for sub in list(subs):
+                await self._push(putter, sub, update)
+
+    async def _expire_results(self, stored: str) -> None:
         """Note a stored result and drop those past their time (cheap: oldest first)."""
         now = trio.current_time()
         results = self._results
@@ -269,9 +396,12 @@ class KvsService:
             if expiry > now:
                 break
             del results[key]
-            self.store.delete(key)
+            try:
+                self.backend.delete_nowait(key)
+            except trio.WouldBlock:
+                await self.backend.delete(key)
 
-    async def _push(self, putter: Peer, sub: Peer, update: KvsUpdate) -> None:
+    async def _push(self, putter: Peer | None, sub: Peer, update: KvsUpdate) -> None:
         try:
             if sub is putter:
                 # Inline, before the put's reply: the putter's cache must hold

@@ -26,6 +26,9 @@ import trio
 from ..config import Config, parse_resources
 from ..errors import ProtocolError
 from ..executor.service import ExecutorService
+from ..kvs.backends import MemoryBackend, StorageBackend
+from ..kvs.backends.durable import DurableBackend
+from ..kvs.keys import RESULT_PREFIX
 from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, GetStatistics, Hello, Statistics
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
@@ -126,7 +129,8 @@ async def serve_node(
         node = Node("", config.role)
         router.add(_StatisticsService(node))
         if config.role in ("all", "kvs"):
-            node.kvs = KvsService(nursery, result_ttl=config.result_ttl)
+            node.kvs = KvsService(nursery, open_backend(config), result_ttl=config.result_ttl)
+            await nursery.start(node.kvs.serve)  # a durable backend replays its log first
             router.add(node.kvs)
         if config.role in ("all", "scheduler"):
             if config.role == "all":
@@ -142,6 +146,7 @@ async def serve_node(
                                               options=client_opts)
             node.scheduler = SchedulerService(nursery, kvs=kvs_peer, kvs_url=kvs_url,
                                               placement=config.placement)
+            await node.scheduler.restore()  # what was registered before a restart
             router.add(node.scheduler)
         if config.role == "all" and config.executors:
             node.url = await _start_workers(nursery, config, node, router, token, server_opts,
@@ -150,6 +155,19 @@ async def serve_node(
             node.url = await nursery.start(_serve, config.listen_url, router, token,
                                            server_opts, limits)
         task_status.started(node)
+
+
+def open_backend(config: Config) -> StorageBackend:
+    """The storage backend the configuration asks for (memory, or durable in a data dir)."""
+    path = config.storage_dir
+    if path is None:
+        log.info("storage: in memory (nothing survives a restart; --data-dir DIR keeps it)")
+        return MemoryBackend()
+    log.info("storage: durable in %s (fsync=%s%s)", path, config.fsync,
+             ", call results too" if config.log_results else "")
+    volatile = () if config.log_results else (RESULT_PREFIX,)
+    return DurableBackend(path, fsync=config.fsync, compact_bytes=config.compact_bytes,
+                          volatile_prefixes=volatile)
 
 
 async def _serve(url: str, router: Router, token: str | None, options: Any, limits: Limits,

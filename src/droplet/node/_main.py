@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from ..config import ROLES, Config
+from ..config import FSYNC_POLICIES, ROLES, Config
 from ..errors import DropletError
 from ..scheduler.placement import POLICIES
 
@@ -84,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest message accepted (default: 64 MiB)")
     p.add_argument("--result-ttl", type=float, metavar="SECONDS",
                    help="how long call results stay in the store (default: 600)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="where the store keeps its log and snapshot (default for the "
+                   "all-in-one node: $XDG_DATA_HOME/droplet/HOST-PORT, i.e. "
+                   "~/.local/share/droplet/127.0.0.1-5000); ':memory:' keeps nothing")
+    p.add_argument("--fsync", choices=FSYNC_POLICIES,
+                   help="when the log reaches the disk: always (default; before each "
+                   "acknowledgement), everysec, or no (when the OS decides)")
+    p.add_argument("--log-results", action="store_true", default=None,
+                   help="also log call results (by default they stay in memory: they "
+                   "expire after --result-ttl and a crash ends their runs anyway)")
     p.add_argument("--resources", metavar="NAME=COUNT[,...]",
                    help="resource labels of this node's executors, e.g. gpu=1 "
                    "(a DAG's gpu_functions run only on executors with gpu)")

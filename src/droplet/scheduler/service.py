@@ -25,7 +25,7 @@ import trio
 
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _Failure
-from ..kvs.keys import RESULT_PREFIX, function_key
+from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
     BoolReply,
@@ -37,6 +37,7 @@ from ..protocol.messages import (
     ExecutorJoin,
     FunctionExists,
     Hello,
+    KvsGet,
     KvsPut,
     KvsRelease,
     ListFunctions,
@@ -50,6 +51,7 @@ from ..protocol.messages import decode as decode_message
 from ..rpc import DEFERRED, Peer
 from .dags import Dag, build_dag
 from .placement import Placement
+from .registry import dag_entry, decode_registry, function_entry
 
 __all__ = ["SchedulerService", "SchedulerStatistics"]
 
@@ -151,16 +153,39 @@ class SchedulerService:
         if kind is FunctionExists:
             return BoolReply(msg.name in self._functions)
         if kind is RegisterDag:
-            return self._register_dag(msg)
+            return await self._register_dag(msg)
         if kind is DeleteDag:
             if self._dags.pop(msg.name, None) is None:
                 raise DagError(f"no DAG named {msg.name!r}")
+            await self._kvs.request(KvsPut(REGISTRY_KEY, dag_entry(msg.name, None)), KVS_TIMEOUT)
             return None
         if kind is ExecutorJoin:
             return self._join(peer, msg)
         raise ProtocolError(f"the scheduler does not serve {kind.__name__} messages")
 
     # ------------------------------------------------------------------ registry
+
+    async def restore(self) -> None:
+        """Load the functions and DAGs registered before this scheduler started.
+
+        They are in the KVS (:mod:`droplet.scheduler.registry`), so a restarted
+        node with a durable store, or a scheduler restarted beside a running
+        storage node, serves what was registered before.
+        """
+        reply = await self._kvs.request(KvsGet(REGISTRY_KEY), KVS_TIMEOUT)
+        if reply.lattice is None:
+            return
+        functions, dags, problems = decode_registry(reply.lattice)
+        for problem in problems:
+            log.error("registry key %s: skipping %s", REGISTRY_KEY, problem)
+        self._functions.update(functions)
+        for name, (fns, edges, colocated) in dags.items():
+            try:
+                self._dags[name] = build_dag(name, fns, edges, colocated, self._functions)
+            except DagError as exc:
+                log.warning("not restoring DAG %r: %s", name, exc)
+        log.info("restored %d function(s) and %d DAG(s) from the store",
+                 len(functions), len(self._dags))
 
     async def _register_function(self, msg: RegisterFunction) -> None:
         if not msg.name or "/" in msg.name:
@@ -172,9 +197,11 @@ class SchedulerService:
         lattice = LWWLattice.now(msg.code)
         await self._kvs.request(
             KvsPut(function_key(msg.name), encode_lattice(lattice, dump=RAW)), KVS_TIMEOUT)
+        await self._kvs.request(KvsPut(REGISTRY_KEY, function_entry(msg.name, version)),
+                                KVS_TIMEOUT)
         self._functions[msg.name] = version
 
-    def _register_dag(self, msg: RegisterDag) -> None:
+    async def _register_dag(self, msg: RegisterDag) -> None:
         dag = build_dag(msg.name, msg.functions, msg.connections, msg.colocated,
                         self._functions, multiexec=msg.multiexec,
                         invalid_results=msg.invalid_results, gpu_functions=msg.gpu_functions,
@@ -185,6 +212,8 @@ class SchedulerService:
                 f"a different DAG named {msg.name!r} is already registered; "
                 "delete it first (delete_dag) or pick another name"
             )
+        if old is None:
+            await self._kvs.request(KvsPut(REGISTRY_KEY, dag_entry(msg.name, dag)), KVS_TIMEOUT)
         self._dags[msg.name] = dag
 
     # ------------------------------------------------------------------ executors
