@@ -13,6 +13,13 @@ from .client.aio import open_client as open_client
 from .client.client import DropletConnection as DropletConnection
 from .client.client import DropletFunction as DropletFunction
 from .client.client import DropletFuture as DropletFuture
+from .client.waiting import ALL_COMPLETED as ALL_COMPLETED
+from .client.waiting import FIRST_COMPLETED as FIRST_COMPLETED
+from .client.waiting import FIRST_EXCEPTION as FIRST_EXCEPTION
+from .client.waiting import as_completed as as_completed
+from .client.waiting import as_completed_async as as_completed_async
+from .client.waiting import wait as wait
+from .client.waiting import wait_async as wait_async
 from .cluster import LocalCluster as LocalCluster
 from .cluster import open_local_cluster as open_local_cluster
 from .errors import AuthenticationError as AuthenticationError
@@ -30,7 +37,10 @@ from .references import DropletReference as DropletReference
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_COMPLETED",
     "CAUSAL",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "NORMAL",
     "REPEATABLE_READ",
     "AsyncDropletClient",
@@ -51,6 +61,10 @@ __all__ = [
     "RegistrationError",
     "StorageError",
     "TimeoutError",
+    "as_completed",
+    "as_completed_async",
     "open_client",
     "open_local_cluster",
+    "wait",
+    "wait_async",
 ]

@@ -60,13 +60,38 @@ HANDOFF_POLL = 0.05
 
 
 class _Slot:
-    __slots__ = ("done", "error", "value", "wake")
+    __slots__ = ("done", "error", "value", "wake", "watchers")
 
     def __init__(self) -> None:
         self.wake = threading.Event()  # set when done, or when asked to take over reading
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
+        #: threads waiting for any of several slots (``BlockingPeer.wait_any``).
+        self.watchers: list[_AnyOf] | None = None
+
+    def finish(self) -> None:
+        """Mark answered (value or error already set) and wake whoever waits for it."""
+        self.done = True
+        self.wake.set()
+        watchers = self.watchers
+        if watchers:
+            for watcher in list(watchers):
+                watcher.notify()
+
+
+class _AnyOf:
+    """A wait for the first of several slots: stands in for a slot in ``_waiting``."""
+
+    __slots__ = ("done", "wake")
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.done = False
+
+    def notify(self) -> None:
+        self.done = True
+        self.wake.set()
 
 
 class BlockingPeer:
@@ -98,7 +123,7 @@ class BlockingPeer:
         self._max = max_frame_size
         self._ids = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
-        self._waiting: set[_Slot] = set()
+        self._waiting: set[_Slot | _AnyOf] = set()
         self._state = threading.Lock()
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -163,34 +188,65 @@ class BlockingPeer:
 
     def wait(self, slot: _Slot, timeout: float, what: str) -> Any:
         """The reply in ``slot`` within ``timeout`` seconds (reading for others meanwhile)."""
-        deadline = time.monotonic() + timeout
-        while not slot.done:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{what} to {self.remote} got no reply in {timeout:g} s")
-            if self._read_lock.acquire(blocking=False):
-                try:
-                    self._lead(slot, deadline)
-                finally:
-                    self._read_lock.release()
-                    self._hand_off()
-            else:
-                with self._state:
-                    self._waiting.add(slot)
-                try:
-                    slot.wake.wait(min(HANDOFF_POLL, max(0.0, deadline - time.monotonic())))
-                    slot.wake.clear()
-                finally:
-                    with self._state:
-                        self._waiting.discard(slot)
+        if not self._await(slot, time.monotonic() + timeout):
+            raise TimeoutError(f"{what} to {self.remote} got no reply in {timeout:g} s")
         if slot.error is not None:
             raise slot.error
         return slot.value
+
+    def wait_any(self, slots: Iterable[_Slot], timeout: float) -> bool:
+        """Wait until one of ``slots`` is answered (reading for others meanwhile).
+
+        False when ``timeout`` seconds passed first. Sleeps while another
+        thread reads, like :meth:`wait`; never spins.
+        """
+        deadline = time.monotonic() + timeout
+        target = _AnyOf()
+        watched = []
+        for slot in slots:
+            if slot.watchers is None:
+                slot.watchers = []
+            slot.watchers.append(target)
+            watched.append(slot)
+            if slot.done:
+                target.done = True
+        try:
+            return target.done or self._await(target, deadline)
+        finally:
+            for slot in watched:
+                assert slot.watchers is not None
+                slot.watchers.remove(target)
+
+    def _await(self, target: _Slot | _AnyOf, deadline: float) -> bool:
+        """Lead (read) or follow (sleep) until ``target`` is done; False past the deadline."""
+        while not target.done:
+            if self._read_lock.acquire(blocking=False):
+                try:
+                    self._lead(target, deadline)
+                finally:
+                    self._read_lock.release()
+                    self._hand_off()
+                if target.done:
+                    break
+            if time.monotonic() >= deadline:
+                return False
+            with self._state:
+                if target.done:
+                    break
+                self._waiting.add(target)
+            try:
+                target.wake.wait(min(HANDOFF_POLL, max(0.0, deadline - time.monotonic())))
+                target.wake.clear()
+            finally:
+                with self._state:
+                    self._waiting.discard(target)
+        return True
 
     def request(self, msg: Any, timeout: float) -> Any:
         (slot,) = self.submit(msg)
         return self.wait(slot, timeout, type(msg).__name__)
 
-    def _lead(self, slot: _Slot, deadline: float) -> None:
+    def _lead(self, slot: _Slot | _AnyOf, deadline: float) -> None:
         """Read and dispatch frames until ``slot`` is answered or the deadline passes."""
         try:
             while not slot.done:
@@ -200,6 +256,9 @@ class BlockingPeer:
                         return
                     continue
                 self._dispatch(payload)
+            if type(slot) is _AnyOf:  # hand over the rest of what was read, in one go
+                while (payload := self._decoder.next_frame()) is not None:
+                    self._dispatch(payload)
         except DropletError as exc:  # ConnectionError, ProtocolError: the socket is done
             self._fail(exc)
 
@@ -217,8 +276,7 @@ class BlockingPeer:
             slot.error = error_from_reply(msg, self.remote)
         else:
             slot.value = msg
-        slot.done = True
-        slot.wake.set()
+        slot.finish()
 
     def _hand_off(self) -> None:
         """Ask one waiting thread to take over reading."""
@@ -235,8 +293,7 @@ class BlockingPeer:
             pending, self._pending = self._pending, {}
         for slot in pending.values():
             slot.error = error
-            slot.done = True
-            slot.wake.set()
+            slot.finish()
         self.close()
 
     def close(self) -> None:
@@ -286,6 +343,23 @@ class BlockingFuture:
                 self._blob = result_blob(reply.lattice)
         return self._blob is not None or self._slot.error is not None
 
+    def _settled(self) -> bool:
+        """Whether the result (or an error) is in, from what was read already (no I/O
+        unless the store's wait ran out, when the read is sent again)."""
+        if self._blob is not None:
+            return True
+        slot = self._slot
+        if not slot.done:
+            return False
+        if slot.error is not None:
+            return True
+        reply: KvsValue = slot.value
+        if reply.lattice is not None:
+            self._blob = result_blob(reply.lattice)
+            return True
+        (self._slot,) = self._client.kvs.submit(KvsGet(self.obj_id, self._wait))
+        return False
+
 
 class BlockingClient:
     """The client API over :class:`BlockingPeer` (scheduler, and KVS when separate)."""
@@ -329,6 +403,33 @@ class BlockingClient:
 
     def exec_func(self, name: str, args: Iterable[Any]) -> BlockingFuture:
         return self._submit(ClientCore.function_call(name, args), self.timeout)
+
+    def map(self, name: str, items: Iterable[Any],
+            chunksize: int) -> builtins.list[BlockingFuture]:
+        """One call of ``name`` per item, ``chunksize`` calls (and their result reads)
+        per write; every call is accepted (or the first refusal raised) before returning."""
+        calls = [ClientCore.function_call(name, [item]) for item in items]
+        keys = [c.result_key or "" for c in calls]
+        deadline = time.monotonic() + self.timeout
+        same = self.kvs is self.scheduler
+        accepted: builtins.list[_Slot] = []
+        futures: builtins.list[BlockingFuture] = []
+        for start in range(0, len(calls), chunksize):
+            chunk = calls[start:start + chunksize]
+            fetches = [KvsGet(key, self.timeout) for key in keys[start:start + chunksize]]
+            if same:  # calls and result reads interleaved, in one write
+                slots = self.scheduler.submit(
+                    *[m for pair in zip(chunk, fetches, strict=True) for m in pair])
+                call_slots, fetch_slots = slots[0::2], slots[1::2]
+            else:
+                call_slots = self.scheduler.submit(*chunk)
+                fetch_slots = self.kvs.submit(*fetches)
+            accepted += call_slots
+            futures += [BlockingFuture(f.key, self, slot, self.timeout, None)
+                        for f, slot in zip(fetches, fetch_slots, strict=True)]
+        for slot in accepted:  # the first refusal (say, no such function) raises
+            self.scheduler.wait(slot, max(0.0, deadline - time.monotonic()), "CallDag")
+        return futures
 
     def _submit(self, call: CallDag, wait: float) -> BlockingFuture:
         assert call.result_key is not None

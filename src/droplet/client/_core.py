@@ -53,6 +53,30 @@ def new_result_key() -> str:
     return f"{RESULT_PREFIX}{uuid.uuid4().hex}"
 
 
+#: Calls per message (write) for ``map`` when no ``chunksize`` is given.
+DEFAULT_CHUNKSIZE = 256
+
+
+def check_chunksize(chunksize: Any) -> int:
+    """``map``'s ``chunksize`` (default :data:`DEFAULT_CHUNKSIZE`); ValueError if not >= 1."""
+    if chunksize is None:
+        return DEFAULT_CHUNKSIZE
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+        raise ValueError(f"map: chunksize must be None or an int >= 1, not {chunksize!r}")
+    return chunksize
+
+
+def map_items(iterable: Any) -> list[Any]:
+    """``map``'s items as a list: each is one call's single argument."""
+    try:
+        return list(iterable)
+    except TypeError:
+        if not hasattr(iterable, "__iter__"):
+            raise TypeError(f"map: expected an iterable of arguments (one call each), "
+                            f"not {type(iterable).__name__}") from None
+        raise
+
+
 def check_key(key: Any) -> str:
     if not isinstance(key, str) or not key:
         raise TypeError(f"key must be a non-empty string, not {key!r}")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import ssl
 import threading
@@ -41,7 +42,7 @@ from ..protocol.messages import (
 from ..rpc import Peer, Slot, connect_peer
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address
-from ._core import ClientCore, check_key, result_blob, unwrap_result
+from ._core import ClientCore, check_chunksize, check_key, map_items, result_blob, unwrap_result
 from .kvs_client import AsyncKvsClient
 
 __all__ = [
@@ -77,6 +78,8 @@ class AsyncDropletFuture:
         #: set with ``_arrived``, for the sync facade to wait on without the event loop.
         self.arrived_threadsafe = threading.Event()
         self._fetching = False
+        #: called (in the loop) when a reply arrives: droplet.wait and as_completed.
+        self._wakers: list[Callable[[], None]] = []
 
     def fetch_request(self) -> KvsGet:
         """The read of the result: it waits in the KVS up to the call's timeout."""
@@ -106,6 +109,22 @@ class AsyncDropletFuture:
         self._fetching = False
         self._arrived.set()
         self.arrived_threadsafe.set()
+        for wake in list(self._wakers):
+            wake()
+
+    def _settled(self) -> bool:
+        """Whether the result or an error is in (no waiting, no I/O)."""
+        return self._blob is not None or self._error is not None
+
+    def _expired(self) -> bool:
+        """Whether the store's wait ran out with no result: the read must be sent again."""
+        return not self._settled() and not self._fetching and self._arrived.is_set()
+
+    async def _rearm(self) -> None:
+        """Send the result read again after the store's wait ran out."""
+        self._arrived = trio.Event()
+        self.arrived_threadsafe.clear()
+        await self._start_fetch()
 
     def result_ready(self) -> Any:
         """The result if it has arrived (raising the call's error), else TimeoutError."""
@@ -159,6 +178,11 @@ class AsyncDropletFunction:
 
     async def __call__(self, *args: Any) -> AsyncDropletFuture:
         return await self._client.exec_func(self.name, list(args))
+
+    async def map(self, iterable: Iterable[Any], *,
+                  chunksize: int | None = None) -> list[AsyncDropletFuture]:
+        """One call per item, many per message: see :meth:`AsyncDropletClient.map`."""
+        return await self._client.map(self.name, iterable, chunksize=chunksize)
 
     def __repr__(self) -> str:
         return f"<AsyncDropletFunction {self.name!r}>"
@@ -254,6 +278,41 @@ class AsyncDropletClient:
 
     async def exec_func(self, name: str, args: Iterable[Any] = ()) -> AsyncDropletFuture:
         return await self._submit(ClientCore.function_call(name, args), self.timeout)
+
+    async def map(self, name: str, iterable: Iterable[Any], *,
+                  chunksize: int | None = None) -> builtins.list[AsyncDropletFuture]:
+        """Call ``name`` once per item of ``iterable``: a list of futures, in order.
+
+        Each item is the call's single argument (a tuple item is one argument,
+        as in ``concurrent.futures.Executor.map`` with one iterable). Up to
+        ``chunksize`` calls (default 256) and their result reads go in one
+        write. Returns once the scheduler accepted every call; a refused call
+        (say, no such function) raises its error. A function that raises makes
+        only its own future's ``get()`` raise ``FunctionError``.
+        """
+        size = check_chunksize(chunksize)
+        calls = [ClientCore.function_call(name, [item]) for item in map_items(iterable)]
+        futures = [AsyncDropletFuture(c.result_key or "", self, self.timeout) for c in calls]
+        deadline = trio.current_time() + self.timeout
+        accepted: builtins.list[Slot] = []
+        for start in range(0, len(calls), size):
+            chunk = calls[start:start + size]
+            mine = futures[start:start + size]
+            fetches = [f.fetch_request() for f in mine]
+            if self._kvs is self._scheduler:  # calls and result reads, in one write
+                slots = await self._scheduler.submit(
+                    *[m for pair in zip(chunk, fetches, strict=True) for m in pair])
+                call_slots, fetch_slots = slots[0::2], slots[1::2]
+            else:
+                call_slots = await self._scheduler.submit(*chunk)
+                fetch_slots = await self._kvs.submit(*fetches)
+            for future, slot in zip(mine, fetch_slots, strict=True):
+                future._watch(slot)
+            accepted += call_slots
+        for slot in accepted:  # the first refusal (say, no such function) raises
+            await self._scheduler.wait(slot, max(0.0, deadline - trio.current_time()),
+                                       "CallDag")
+        return futures
 
     async def _submit(self, call: CallDag, wait: float) -> AsyncDropletFuture:
         """Send a call and start waiting for its result at once (one round trip)."""

@@ -28,6 +28,7 @@ from ..protocol.messages import CallDag
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address, parse_address
 from ._blocking import BlockingClient
+from ._core import check_chunksize, map_items
 from ._portal import Portal
 from .aio import (
     CAUSAL,
@@ -49,6 +50,8 @@ class _Future(Protocol):
     def get(self, timeout: float | None = None) -> Any: ...
 
     def done(self) -> bool: ...
+
+    def _settled(self) -> bool: ...
 
 
 class DropletFuture:
@@ -88,6 +91,11 @@ class DropletFunction:
     def __call__(self, *args: Any) -> DropletFuture:
         return self._conn.exec_func(self.name, list(args))
 
+    def map(self, iterable: Iterable[Any], *, chunksize: int | None = None
+            ) -> builtins.list[DropletFuture]:
+        """One call per item, many calls per message: see :meth:`DropletConnection.map`."""
+        return self._conn.map(self.name, iterable, chunksize=chunksize)
+
     def __repr__(self) -> str:
         return f"<DropletFunction {self.name!r}>"
 
@@ -116,6 +124,16 @@ class _PortalFuture:
     def done(self) -> bool:
         return self._portal.run(self._inner.done)
 
+    def _settled(self) -> bool:
+        """Whether the result or an error is in, without a trip through the loop
+        (unless the store's wait ran out: then the read is sent again)."""
+        inner = self._inner
+        if inner._settled():
+            return True
+        if inner._expired():
+            self._portal.run(inner._rearm)
+        return False
+
 
 class _PortalClient:
     """The blocking client interface, served by an AsyncDropletClient in a portal."""
@@ -136,6 +154,15 @@ class _PortalClient:
     def exec_func(self, name: str, args: Iterable[Any]) -> _PortalFuture:
         return _PortalFuture(self._portal.run(self._client.exec_func, name, list(args)),
                              self._portal)
+
+    def map(self, name: str, items: builtins.list[Any], chunksize: int
+            ) -> builtins.list[_PortalFuture]:
+        futures = self._portal.run(self._map, name, items, chunksize)
+        return [_PortalFuture(f, self._portal) for f in futures]
+
+    async def _map(self, name: str, items: builtins.list[Any], chunksize: int
+                   ) -> builtins.list[AsyncDropletFuture]:
+        return await self._client.map(name, items, chunksize=chunksize)
 
     def register_dag(self, name: str, functions: Sequence[Any], connections: Any,
                      colocated: Any, gpu_functions: Any = (),
@@ -277,6 +304,26 @@ class DropletConnection:
     def exec_func(self, name: str, args: Iterable[Any] = ()) -> DropletFuture:
         """Call function ``name`` with the list ``args``."""
         return DropletFuture(self._live().exec_func(name, list(args)))
+
+    def map(self, name: str, iterable: Iterable[Any], *, chunksize: int | None = None
+            ) -> builtins.list[DropletFuture]:
+        """Call function ``name`` once per item of ``iterable``: a list of futures, in order.
+
+        Each item is the call's single argument (a tuple item is one argument,
+        as in ``concurrent.futures.Executor.map`` with one iterable; use
+        ``exec_func`` for calls with several arguments). Up to ``chunksize``
+        calls (default 256), with the reads of their results, go to the node
+        in one write. Returns once the node accepted every call; a refused
+        call (say, no function of that name) raises its error. A function that
+        raises makes only its own future's ``get()`` raise ``FunctionError``.
+        Wait for the futures with :func:`droplet.wait` or
+        :func:`droplet.as_completed`.
+        """
+        size = check_chunksize(chunksize)
+        items = map_items(iterable)
+        if not items:
+            return []
+        return [DropletFuture(f) for f in self._live().map(name, items, size)]
 
     # DAGs
     def register_dag(self, name: str, functions: Sequence[Any],

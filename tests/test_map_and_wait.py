@@ -1,0 +1,275 @@
+"""``map`` (many calls per message), ``droplet.wait`` and ``droplet.as_completed``.
+
+The sync forms run on both backends of DropletConnection: blocking sockets
+(``tcp://``) and the event-loop portal (an embedded cluster, ``inproc://``).
+The async forms run over inproc with a MockClock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import droplet
+from droplet import DropletConnection
+from droplet.client._blocking import BlockingClient
+
+
+async def gated(lib: Any, key: str) -> str:
+    """Finishes once the KVS value at ``key`` is truthy."""
+    while not await lib.aget(key):  # noqa: ASYNC110 (polls the KVS, not a local flag)
+        await trio.sleep(0.01)
+    return "released"
+
+
+def fails_on_three(_: Any, x: int) -> int:
+    if x == 3:
+        raise ValueError("three is not allowed")
+    return x * 10
+
+
+@pytest.fixture(scope="module", params=["tcp", "inproc"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[droplet.LocalCluster]:
+    listen = "tcp://127.0.0.1:0" if request.param == "tcp" else None
+    with droplet.LocalCluster(executors=2, listen=listen) as running:
+        yield running
+
+
+@pytest.fixture
+def cloud(cluster: droplet.LocalCluster) -> Iterator[DropletConnection]:
+    if cluster.address.startswith("tcp://"):
+        with DropletConnection(cluster.address, timeout=30) as conn:
+            assert isinstance(conn._backend, BlockingClient)
+            yield conn
+    else:
+        with cluster.connect() as conn:
+            assert not isinstance(conn._backend, BlockingClient)
+            yield conn
+
+
+# --------------------------------------------------------------------------- map
+
+
+def test_map_gives_results_in_order(cloud: DropletConnection) -> None:
+    square = cloud.register(lambda _, x: x * x, "m_square")
+    futures = square.map(range(40), chunksize=7)
+    assert len(futures) == 40
+    assert all(isinstance(f, droplet.DropletFuture) for f in futures)
+    assert [f.get(timeout=30) for f in futures] == [x * x for x in range(40)]
+    again = cloud.map("m_square", iter([5, 6]))  # any iterable, by name
+    assert [f.get(timeout=30) for f in again] == [25, 36]
+
+
+def test_a_tuple_item_is_one_argument(cloud: DropletConnection) -> None:
+    describe = cloud.register(lambda _, x: f"{type(x).__name__}{len(x)}", "m_describe")
+    futures = describe.map([(1, 2), (3,), "abc"])
+    assert [f.get(timeout=30) for f in futures] == ["tuple2", "tuple1", "str3"]
+
+
+def test_map_errors_are_per_item(cloud: DropletConnection) -> None:
+    fn = cloud.register(fails_on_three, "m_fails")
+    futures = fn.map(range(6), chunksize=2)
+    for i, future in enumerate(futures):
+        if i == 3:
+            with pytest.raises(droplet.FunctionError, match="three is not allowed"):
+                future.get(timeout=30)
+        else:
+            assert future.get(timeout=30) == i * 10
+
+
+def test_map_sends_chunksize_calls_per_write(cloud: DropletConnection) -> None:
+    fn = cloud.register(lambda _, x: x + 1, "m_inc")
+    writes: list[list[str]] = []
+    backend: Any = cloud._backend
+    if isinstance(backend, BlockingClient):
+        peer: Any = backend.scheduler
+        submit = peer.submit
+
+        def counting(*msgs: Any) -> Any:
+            writes.append([type(m).__name__ for m in msgs])
+            return submit(*msgs)
+    else:  # the async client behind the portal
+        peer = backend._client._scheduler
+        asubmit = peer.submit
+
+        async def counting(*msgs: Any) -> Any:  # type: ignore[misc]
+            writes.append([type(m).__name__ for m in msgs])
+            return await asubmit(*msgs)
+
+    peer.submit = counting
+    try:
+        futures = fn.map(range(10), chunksize=4)
+        # one node: each call travels with the read of its result, 4 calls -> 8 messages
+        assert [len(w) for w in writes] == [8, 8, 4]
+        assert writes[0][:2] == ["CallDag", "KvsGet"]
+        assert [f.get(timeout=30) for f in futures] == list(range(1, 11))
+        writes.clear()
+        fn.map(range(300))  # the default chunk size is 256
+        assert [len(w) for w in writes] == [512, 88]
+    finally:
+        del peer.submit
+
+
+def test_map_bad_arguments(cloud: DropletConnection) -> None:
+    fn = cloud.register(lambda _, x: x, "m_echo")
+    assert fn.map([]) == []
+    with pytest.raises(ValueError, match="chunksize"):
+        fn.map([1], chunksize=0)
+    with pytest.raises(ValueError, match="chunksize"):
+        fn.map([1], chunksize=2.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="iterable"):
+        fn.map(5)  # type: ignore[arg-type]
+    with pytest.raises(droplet.DropletError, match="m_nope"):
+        cloud.map("m_nope", [1, 2])
+    assert [f.get(timeout=30) for f in fn.map([1])] == [1]  # the connection still works
+
+
+# --------------------------------------------------------------------------- wait
+
+
+def test_wait_all_completed(cloud: DropletConnection) -> None:
+    fn = cloud.register(lambda _, x: x, "w_echo")
+    futures = fn.map(range(20))
+    done, not_done = droplet.wait(futures, timeout=30)
+    assert done == set(futures) and not_done == set()
+    assert all(f.done() for f in futures)
+    done, not_done = droplet.wait(futures, return_when=droplet.ALL_COMPLETED)
+    assert done == set(futures)
+
+
+def test_wait_first_completed_and_timeout(cloud: DropletConnection) -> None:
+    cloud.register(gated, "w_gated")
+    cloud.register(lambda _, x: x, "w_fast")
+    cloud.put_object("w_gate", False)
+    slow = cloud.exec_func("w_gated", ["w_gate"])
+    fast = cloud.exec_func("w_fast", [1])
+    done, not_done = droplet.wait([slow, fast], timeout=30,
+                                  return_when=droplet.FIRST_COMPLETED)
+    assert done == {fast} and not_done == {slow}
+    done, not_done = droplet.wait([slow, fast], timeout=0.2)  # no error past the timeout
+    assert done == {fast} and not_done == {slow}
+    cloud.put_object("w_gate", True)
+    done, not_done = droplet.wait([slow], timeout=30)
+    assert done == {slow} and slow.get() == "released"
+
+
+def test_wait_first_exception(cloud: DropletConnection) -> None:
+    cloud.register(gated, "w_gated2")
+    fn = cloud.register(fails_on_three, "w_fails")
+    cloud.put_object("w_gate2", False)
+    slow = cloud.exec_func("w_gated2", ["w_gate2"])
+    ok, bad = fn.map([1, 3])
+    done, not_done = droplet.wait([slow, ok, bad], timeout=30,
+                                  return_when=droplet.FIRST_EXCEPTION)
+    assert bad in done and slow in not_done
+    # without a failure, FIRST_EXCEPTION waits for all
+    cloud.put_object("w_gate2", True)
+    done, not_done = droplet.wait([slow, ok], timeout=30,
+                                  return_when=droplet.FIRST_EXCEPTION)
+    assert done == {slow, ok} and not_done == set()
+
+
+def test_wait_bad_arguments(cloud: DropletConnection) -> None:
+    fn = cloud.register(lambda _, x: x, "w_echo2")
+    (future,) = fn.map([1])
+    with pytest.raises(ValueError, match="return_when"):
+        droplet.wait([future], return_when="SOMETIMES")
+    with pytest.raises(TypeError, match="DropletFuture"):
+        droplet.wait([future, 7])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="timeout"):
+        droplet.wait([future], timeout=-1)
+    assert droplet.wait([]) == (set(), set())
+
+
+# --------------------------------------------------------------------------- as_completed
+
+
+def test_as_completed_yields_in_finishing_order(cloud: DropletConnection) -> None:
+    cloud.register(gated, "a_gated")
+    fn = cloud.register(lambda _, x: x, "a_echo")
+    cloud.put_object("a_gate", False)
+    slow = cloud.exec_func("a_gated", ["a_gate"])
+    fast = fn.map(range(5))
+    seen = []
+    for future in droplet.as_completed([slow, *fast, fast[0]], timeout=30):
+        seen.append(future)
+        if len(seen) == 5:  # every fast one is out: now let the slow one finish
+            cloud.put_object("a_gate", True)
+    assert set(seen[:5]) == set(fast) and seen[5] is slow and len(seen) == 6
+
+
+def test_as_completed_times_out(cloud: DropletConnection) -> None:
+    cloud.register(gated, "a_gated2")
+    fn = cloud.register(lambda _, x: x, "a_echo2")
+    cloud.put_object("a_gate2", False)
+    slow = cloud.exec_func("a_gated2", ["a_gate2"])
+    (fast,) = fn.map([1])
+    it = droplet.as_completed([fast, slow], timeout=0.3)
+    assert next(it) is fast
+    with pytest.raises(droplet.TimeoutError, match="1 \\(of 2\\) futures unfinished"):
+        next(it)
+    cloud.put_object("a_gate2", True)
+    assert slow.get(timeout=30) == "released"
+
+
+# --------------------------------------------------------------------------- async forms
+
+
+async def forever(_: Any) -> None:
+    await trio.sleep_forever()
+
+
+async def atimes(_: Any, x: int) -> int:
+    if x == 3:
+        raise ValueError("three is not allowed")
+    await trio.sleep(x)  # finishes in (virtual) x seconds
+    return x * 10
+
+
+async def test_async_map_wait_and_as_completed(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # Only async functions: autojump must not fire while a worker thread runs.
+    async with droplet.open_local_cluster(executors=2) as running, \
+            running.client() as cloud:
+        fn = await cloud.register(atimes, "x_times")
+        futures = await fn.map([2, 0, 1], chunksize=2)
+        assert all(isinstance(f, droplet.AsyncDropletFuture) for f in futures)
+        order = [await f.get() async for f in droplet.as_completed_async(futures, timeout=60)]
+        assert order == [0, 10, 20]
+        assert [await f for f in futures] == [20, 0, 10]  # map keeps the input order
+
+        more = await cloud.map("x_times", [5, 3, 1])
+        done, not_done = await droplet.wait_async(
+            more, timeout=60, return_when=droplet.FIRST_COMPLETED)
+        assert done == {more[1]}  # the failing call is the first to finish
+        with pytest.raises(droplet.FunctionError, match="three"):
+            await more[1].get()
+        done, not_done = await droplet.wait_async(
+            more, timeout=60, return_when=droplet.FIRST_EXCEPTION)
+        assert more[1] in done and more[0] in not_done
+        done, not_done = await droplet.wait_async(more, timeout=60)
+        assert done == set(more) and not not_done
+
+
+async def test_async_timeouts(autojump_clock: trio.testing.MockClock) -> None:
+    async with droplet.open_local_cluster(executors=1) as running, \
+            running.client() as cloud:
+        await cloud.register(forever, "x_forever")
+        fn = await cloud.register(atimes, "x_times2")
+        stuck = await cloud.exec_func("x_forever")
+        (quick,) = await fn.map([0])
+        start = trio.current_time()
+        done, not_done = await droplet.wait_async([stuck, quick], timeout=5)
+        assert done == {quick} and not_done == {stuck}
+        assert trio.current_time() - start == pytest.approx(5)
+        seen = []
+        with pytest.raises(droplet.TimeoutError, match="1 \\(of 2\\)"):
+            async for future in droplet.as_completed_async([stuck, quick], timeout=4):
+                seen.append(future)
+        assert seen == [quick]
+        with pytest.raises(TypeError, match="AsyncDropletFuture"):
+            await droplet.wait_async([quick, "x"])  # type: ignore[list-item]
