@@ -425,6 +425,27 @@ def throughput_sync(conn: droplet.DropletConnection, ctx: Context) -> Measured:
     return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")
 
 
+@sync_throughput_case("map-throughput",
+                      "N no-op calls from one DropletConnection in one f.map(range(N)) "
+                      "(many calls per write), then get() each future")
+def map_throughput(conn: droplet.DropletConnection, ctx: Context) -> Measured:
+    f = conn.register(noop, "bench-noop")
+    for _ in range(ctx.warmup):
+        f(1).get()
+    n = ctx.concurrent_calls
+    t0 = time.perf_counter_ns()
+    futures = f.map(range(n))
+    issued = time.perf_counter_ns()
+    latencies = [0] * n
+    for i, future in enumerate(futures):
+        value = future.get()
+        latencies[i] = time.perf_counter_ns() - t0
+        if value != i:
+            raise AssertionError(f"call {i} returned {value!r}")
+    total = time.perf_counter_ns() - t0
+    return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")
+
+
 def _model_functions() -> tuple[Callable[..., Any], ...]:
     # A stand-in for a model on one accelerator per executor: calls run one at a
     # time (a process-wide lock) and cost 20 ms each, however many inputs they carry.

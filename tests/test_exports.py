@@ -22,6 +22,14 @@ API_NAMES = [
     ("droplet", "NORMAL"),
     ("droplet", "REPEATABLE_READ"),
     ("droplet", "CAUSAL"),
+    ("droplet", "wait"),
+    ("droplet", "as_completed"),
+    ("droplet", "wait_async"),
+    ("droplet", "as_completed_async"),
+    ("droplet", "FIRST_COMPLETED"),
+    ("droplet", "FIRST_EXCEPTION"),
+    ("droplet", "ALL_COMPLETED"),
+    ("droplet.client.waiting", "wait"),
     ("droplet.node", "cluster_info"),
     ("droplet.cli", "main"),
     *[
@@ -63,6 +71,20 @@ def test_sync_client_is_the_same_class_at_both_paths() -> None:
     from droplet.client.client import DropletConnection
 
     assert droplet.DropletConnection is DropletConnection
+
+
+def test_wait_constants_match_concurrent_futures() -> None:
+    import concurrent.futures as cf
+
+    assert droplet.FIRST_COMPLETED == cf.FIRST_COMPLETED
+    assert droplet.FIRST_EXCEPTION == cf.FIRST_EXCEPTION
+    assert droplet.ALL_COMPLETED == cf.ALL_COMPLETED
+
+
+def test_map_is_on_every_client() -> None:
+    for cls in (droplet.DropletConnection, droplet.DropletFunction,
+                droplet.AsyncDropletClient, droplet.AsyncDropletFunction):
+        assert callable(getattr(cls, "map", None)), cls
 
 
 def test_consistency_levels_are_distinct() -> None:
