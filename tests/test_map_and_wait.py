@@ -273,3 +273,30 @@ async def test_async_timeouts(autojump_clock: trio.testing.MockClock) -> None:
         assert seen == [quick]
         with pytest.raises(TypeError, match="AsyncDropletFuture"):
             await droplet.wait_async([quick, "x"])  # type: ignore[list-item]
+
+
+def test_waiting_threads_share_the_connection(cloud: DropletConnection) -> None:
+    """One thread waits on many futures while others call and get: every reply
+    reaches its thread, whoever happens to be reading the socket."""
+    import threading
+
+    fn = cloud.register(lambda _, x: x * 2, "t_double")
+    results: dict[str, Any] = {}
+
+    def waiter() -> None:
+        futures = fn.map(range(200), chunksize=16)
+        results["as_completed"] = sorted(
+            f.get() for f in droplet.as_completed(futures, timeout=60))
+
+    def caller(i: int) -> None:
+        results[f"call{i}"] = [fn(i * 100 + j).get(timeout=60) for j in range(20)]
+
+    threads = [threading.Thread(target=waiter)]
+    threads += [threading.Thread(target=caller, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results["as_completed"] == [2 * x for x in range(200)]
+    for i in range(3):
+        assert results[f"call{i}"] == [2 * (i * 100 + j) for j in range(20)]
