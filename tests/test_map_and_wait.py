@@ -141,6 +141,22 @@ def test_wait_all_completed(cloud: DropletConnection) -> None:
     assert done == set(futures)
 
 
+def test_wait_and_as_completed_without_timeout(cloud: DropletConnection) -> None:
+    import time
+
+    def slow(_: Any, x: int) -> int:
+        time.sleep(0.2)
+        return x
+
+    fn = cloud.register(slow, "w_slow")
+    futures = fn.map(range(3))
+    assert not any(f.done() for f in futures)  # still running: the waits below block
+    done, not_done = droplet.wait(futures)
+    assert done == set(futures) and not not_done
+    more = fn.map(range(3, 5))
+    assert sorted(f.get() for f in droplet.as_completed(more)) == [3, 4]
+
+
 def test_wait_first_completed_and_timeout(cloud: DropletConnection) -> None:
     cloud.register(gated, "w_gated")
     cloud.register(lambda _, x: x, "w_fast")

@@ -35,6 +35,8 @@ ALL_COMPLETED = "ALL_COMPLETED"
 _RETURN_WHEN = (FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED)
 #: A sync wait on futures of an event-loop backend re-checks this often (seconds).
 PORTAL_POLL = 0.5
+#: The longest single sleep of a sync wait (an infinite one cannot be passed to select()).
+MAX_BLOCK = 60.0
 
 F = TypeVar("F", DropletFuture, AsyncDropletFuture)
 
@@ -100,7 +102,7 @@ def _block(pending: Iterable[DropletFuture], deadline: float) -> None:
             groups.setdefault(inner._client.kvs, []).append(inner._slot)
         elif isinstance(inner, _PortalFuture):
             portal.append(inner)
-    remaining = max(0.0, deadline - time.monotonic())
+    remaining = min(max(0.0, deadline - time.monotonic()), MAX_BLOCK)
     if len(groups) == 1 and not portal:  # one connection: wait on its socket
         ((peer, slots),) = groups.items()
         peer.wait_any(slots, remaining)
