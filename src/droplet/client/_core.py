@@ -20,7 +20,7 @@ from ..lattices import RAW, decode_lattice, encode_lattice
 from ..protocol.messages import CallDag, KvsPut, KvsValue, RegisterDag, RegisterFunction
 from ..serialization import dumps, dumps_code, loads
 
-__all__ = ["ClientCore", "result_blob", "unwrap_result"]
+__all__ = ["ClientCore", "check_timeout", "result_blob", "unwrap_result"]
 
 
 def unwrap_result(blob: bytes) -> Any:
@@ -49,6 +49,15 @@ def result_blob(lattice: bytes) -> bytes:
 def new_result_key() -> str:
     """Clients pick the result key, so they can wait for it while the call is scheduled."""
     return f"{RESULT_PREFIX}{uuid.uuid4().hex}"
+
+
+def check_timeout(timeout: float | None, default: float) -> float:
+    """``timeout`` as seconds to wait (``default`` when None); a negative one is a ValueError."""
+    if timeout is None:
+        return default
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
+    return float(timeout)
 
 
 def check_key(key: Any) -> str:

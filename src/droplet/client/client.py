@@ -19,6 +19,7 @@ Two backends stand behind it:
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ from ..errors import TimeoutError
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address, parse_address
 from ._blocking import BlockingClient
+from ._core import check_timeout
 from ._portal import Portal
 from .aio import (
     CAUSAL,
@@ -41,7 +43,10 @@ __all__ = ["CAUSAL", "NORMAL", "REPEATABLE_READ", "DropletConnection", "DropletF
 
 
 class _Future(Protocol):
-    obj_id: str
+    _key: str  # obj_id without pinning the result
+
+    @property
+    def obj_id(self) -> str: ...
 
     def get(self, timeout: float | None = None) -> Any: ...
 
@@ -56,6 +61,12 @@ class DropletFuture:
 
     @property
     def obj_id(self) -> str:
+        """The KVS key of the result.
+
+        The result stays in the store while this future lives; once you read
+        ``obj_id`` (to hand the key to ``get_object`` or a
+        :class:`~droplet.DropletReference`), it stays until the connection closes.
+        """
         return self._inner.obj_id
 
     def get(self, timeout: float | None = None) -> Any:
@@ -72,7 +83,7 @@ class DropletFuture:
         return self._inner.done()
 
     def __repr__(self) -> str:
-        return f"<DropletFuture {self.obj_id}>"
+        return f"<DropletFuture {self._inner._key}>"
 
 
 class DropletFunction:
@@ -95,19 +106,26 @@ class _PortalFuture:
     def __init__(self, inner: AsyncDropletFuture, portal: Portal) -> None:
         self._inner = inner
         self._portal = portal
-        self.obj_id = inner.obj_id
+        self._key = inner._key
+
+    @property
+    def obj_id(self) -> str:
+        return self._inner.obj_id
 
     def get(self, timeout: float | None = None) -> Any:
         inner = self._inner
-        wait = inner._timeout if timeout is None else timeout
+        wait = check_timeout(timeout, inner._timeout)
+        deadline = time.monotonic() + wait
         # Wait here for the read the client sent with the call, not in the loop's thread.
         if inner.arrived_threadsafe.wait(wait):
             try:
                 return inner.result_ready()
             except TimeoutError:
-                pass  # the store's own wait expired: let the loop read again
-            return self._portal.run(inner.get, timeout)
-        raise TimeoutError(f"no result for {self.obj_id} within {wait:g} s "
+                pass  # the store's own wait expired: let the loop read again, in what is left
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                return self._portal.run(inner.get, remaining)
+        raise TimeoutError(f"no result for {inner._key} within {wait:g} s "
                            "(pass a larger timeout to get() if the function is slow)")
 
     def done(self) -> bool:

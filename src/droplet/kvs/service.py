@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from ..protocol.messages import (
+    KvsForget,
     KvsGet,
     KvsPut,
     KvsRelease,
@@ -37,8 +38,10 @@ log = logging.getLogger("droplet.kvs")
 MAX_WAIT = 3600.0
 #: Pinned versions of runs whose release never came (a lost scheduler) expire.
 PIN_TTL = 600.0
-#: How long call results stay readable (futures read them at once; ``get_object``
-#: of a future's ``obj_id`` works until then). ``output_key`` copies stay.
+#: The backstop for call results nobody released: a client releases a result
+#: (KvsForget) once its future is collected, or, when it handed out the
+#: ``obj_id``, when it closes; a client that vanishes leaves its results for
+#: this long. ``output_key`` copies stay.
 DEFAULT_RESULT_TTL = 600.0
 PIN_SWEEP_EVERY = 1000
 
@@ -81,7 +84,7 @@ def _bounded_wait(wait: float | None) -> float:
 class KvsService:
     """Serves KVS messages; plug ``handle`` into a node's router."""
 
-    MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe, KvsRelease)
+    MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe, KvsRelease, KvsForget)
 
     def __init__(self, nursery: trio.Nursery, store: Store | None = None, *,
                  result_ttl: float = DEFAULT_RESULT_TTL) -> None:
@@ -89,6 +92,8 @@ class KvsService:
         self.result_ttl = result_ttl
         # Call results by expiry time (one TTL for all, so insertion order is expiry order).
         self._results: OrderedDict[str, float] = OrderedDict()
+        # Results released before they were stored, by expiry time: dropped on arrival.
+        self._forgotten: OrderedDict[str, float] = OrderedDict()
         self._nursery = nursery
         self._waiters: dict[str, list[_Waiter]] = {}
         self._subscribers: defaultdict[str, set[Peer]] = defaultdict(set)
@@ -117,6 +122,9 @@ class KvsService:
             return None
         if kind is KvsRelease:
             self._pins.pop(msg.run_id, None)
+            return None
+        if kind is KvsForget:
+            self._forget(msg.keys)
             return None
         raise TypeError(f"KVS cannot handle {kind.__name__}")
 
@@ -202,8 +210,14 @@ class KvsService:
     async def _put(self, peer: Peer, msg: KvsPut) -> KvsStored:
         self._puts += 1
         type_name, changed = self.store.put(msg.key, msg.lattice)
+        forgotten = False
         if is_result_key(msg.key):
-            self._expire_results(msg.key)
+            forgotten = self._forgotten.pop(msg.key, None) is not None
+            if forgotten:  # released before it came: answer the waiters, keep nothing
+                self.store.delete(msg.key)
+                self._results.pop(msg.key, None)
+            else:
+                self._expire_results(msg.key)
         if msg.subscribe:
             self._subscribe(peer, msg.key)
         if changed is not None:
@@ -214,12 +228,30 @@ class KvsService:
                     waiter.answered = True
                     waiter.timer.cancel()
                     await self._answer(waiter, reply)
-            subs = self._subscribers.get(msg.key)
+            subs = None if forgotten else self._subscribers.get(msg.key)
             if subs:
                 update = KvsUpdate(msg.key, changed)
                 for sub in list(subs):
                     await self._push(sub, update)
         return KvsStored(type_name)
+
+    def _forget(self, keys: list[str]) -> None:
+        """Delete released call results; remember those not stored yet (until the TTL)."""
+        now = trio.current_time()
+        forgotten = self._forgotten
+        for key in keys:
+            if not is_result_key(key):
+                continue  # clients release call results only, never users' keys
+            if self.store.delete(key):
+                self._results.pop(key, None)
+            else:
+                forgotten[key] = now + self.result_ttl
+                forgotten.move_to_end(key)
+        while forgotten:
+            key, expiry = next(iter(forgotten.items()))
+            if expiry > now:
+                break
+            del forgotten[key]
 
     def _expire_results(self, stored: str) -> None:
         """Note a stored result and drop those past their time (cheap: oldest first)."""
