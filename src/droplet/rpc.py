@@ -77,8 +77,9 @@ class Slot:
 
     def _finish(self) -> None:
         self.event.set()
-        if self.on_done is not None:
-            self.on_done()
+        callback, self.on_done = self.on_done, None  # holds e.g. a future: let it go
+        if callback is not None:
+            callback()
 
     def result(self) -> Any:
         """The reply; raises the request's error. Only valid once ``event`` is set."""
