@@ -133,7 +133,7 @@ def test_nothing_listening_is_a_clear_error() -> None:
 
 
 def _in_thread(fn: Any, limit: float = 20.0) -> BaseException | Any:
-    """Run ``fn`` in a thread; its result or exception. Fails if it is still running at ``limit``."""
+    """Run ``fn`` in a thread: its result or exception; fail if it still runs at ``limit``."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:

@@ -53,6 +53,10 @@ class KvsStatistics:
     puts: int
     subscriptions: int
     pinned_runs: int
+    #: call results stored and not yet released (each expires after result_ttl).
+    results: int = 0
+    #: releases of results not stored yet (each forgotten after result_ttl).
+    early_releases: int = 0
 
 
 @attrs.define
@@ -109,6 +113,8 @@ class KvsService:
             puts=self._puts,
             subscriptions=sum(len(s) for s in self._subscribers.values()),
             pinned_runs=len(self._pins),
+            results=len(self._results),
+            early_releases=len(self._forgotten),
         )
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
