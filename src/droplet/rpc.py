@@ -315,7 +315,11 @@ def error_from_reply(msg: ErrorReply, remote: str) -> DropletError:
     cls = getattr(errors, msg.kind, None)
     if not (isinstance(cls, type) and issubclass(cls, DropletError)) or cls is errors.FunctionError:
         cls = DropletError
-    return cls(msg.message)
+    if not msg.traceback:
+        return cls(msg.message)
+    error = cls(f"{msg.message}\n\nRemote traceback (on {remote}):\n{msg.traceback.rstrip()}")
+    error.remote_traceback = msg.traceback
+    return error
 
 
 # --------------------------------------------------------------------------- connecting

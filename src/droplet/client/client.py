@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ..errors import TimeoutError
+import trio
+
+from ..errors import ConnectionError, TimeoutError
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address, parse_address
 from ._blocking import BlockingClient
@@ -37,6 +39,9 @@ from .aio import (
     AsyncDropletClient,
     AsyncDropletFuture,
 )
+
+#: While waiting for a result, check this often (seconds) that the loop still runs.
+CRASH_POLL = 0.5
 
 __all__ = ["CAUSAL", "NORMAL", "REPEATABLE_READ", "DropletConnection", "DropletFunction",
            "DropletFuture"]
@@ -117,7 +122,7 @@ class _PortalFuture:
         wait = check_timeout(timeout, inner._timeout)
         deadline = time.monotonic() + wait
         # Wait here for the read the client sent with the call, not in the loop's thread.
-        if inner.arrived_threadsafe.wait(wait):
+        if self._wait_arrival(deadline):
             try:
                 return inner.result_ready()
             except TimeoutError:
@@ -127,6 +132,16 @@ class _PortalFuture:
                 return self._portal.run(inner.get, remaining)
         raise TimeoutError(f"no result for {inner._key} within {wait:g} s "
                            "(pass a larger timeout to get() if the function is slow)")
+
+    def _wait_arrival(self, deadline: float) -> bool:
+        """Wait for the result's arrival until ``deadline``; a stopped loop raises."""
+        arrived = self._inner.arrived_threadsafe
+        while not arrived.wait(min(CRASH_POLL, max(0.0, deadline - time.monotonic()))):
+            if self._portal.crash is not None:
+                self._portal.run(trio.lowlevel.checkpoint)  # raises what stopped the loop
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     def done(self) -> bool:
         return self._portal.run(self._inner.done)
@@ -244,6 +259,11 @@ class DropletConnection:
         self._closed = True
         try:
             self._backend.close()
+        except ConnectionError:
+            # Its event loop is gone (the cluster or client crashed): nothing is
+            # left to close gracefully, and calls already said why.
+            if self._portal is None or self._portal.crash is None:
+                raise
         finally:
             if self._owns_portal and self._portal is not None:
                 self._portal.close()
@@ -256,8 +276,6 @@ class DropletConnection:
 
     def _live(self) -> Any:
         if self._closed:
-            from ..errors import ConnectionError
-
             raise ConnectionError("this Droplet connection is closed")
         return self._backend
 

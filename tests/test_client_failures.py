@@ -1,0 +1,89 @@
+"""What the client says when things go wrong behind it: crashed loops, node errors."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import trio
+
+import droplet
+from droplet.protocol.messages import ErrorReply
+from droplet.rpc import error_from_reply
+
+
+class Boom(RuntimeError):
+    pass
+
+
+async def _crash() -> None:
+    raise Boom("a background task failed")
+
+
+def _crash_cluster(local: droplet.LocalCluster) -> None:
+    portal = local._portal
+    trio.from_thread.run_sync(portal.nursery.start_soon, _crash, trio_token=portal._token)
+    portal._thread.join(20)
+    assert not portal._thread.is_alive()
+
+
+def _caused_by_boom(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup):
+        cause = cause.exceptions[0]
+    return isinstance(cause, Boom)
+
+
+def test_calls_after_a_background_crash_raise_a_droplet_error() -> None:
+    local = droplet.LocalCluster(executors=1)
+    cloud = local.connect()
+    fn = cloud.register(lambda _, x: x, "ident")
+    assert fn(1).get() == 1
+    _crash_cluster(local)
+    with pytest.raises(droplet.ConnectionError, match="Boom") as info:
+        fn(2)
+    assert not isinstance(info.value, trio.RunFinishedError)
+    assert _caused_by_boom(info.value)
+    with pytest.raises(droplet.ConnectionError, match="crashed") as info:
+        local.__exit__(None, None, None)
+    assert _caused_by_boom(info.value)
+    local.close()  # idempotent, and quiet the second time
+
+
+def test_a_future_waiting_when_the_loop_crashes_raises_promptly() -> None:
+    local = droplet.LocalCluster(executors=1)
+
+    async def forever(_: Any) -> None:
+        await trio.sleep_forever()
+
+    future = local.connect().register(forever, "forever")()
+    outcome: dict[str, Any] = {}
+
+    def wait() -> None:
+        try:
+            future.get(timeout=600)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    _crash_cluster(local)
+    waiter.join(20)
+    assert not waiter.is_alive()
+    assert isinstance(outcome["error"], droplet.ConnectionError)
+    with pytest.raises(droplet.ConnectionError):
+        local.close()
+
+
+def test_error_from_reply_keeps_the_remote_traceback() -> None:
+    trace = 'Traceback (most recent call last):\n  File "x.py", line 1\nKeyError: 1\n'
+    error = error_from_reply(ErrorReply("DropletError", "internal error: KeyError: 1", trace),
+                             "tcp://127.0.0.1:5000")
+    assert type(error) is droplet.DropletError
+    assert error.remote_traceback == trace
+    assert 'File "x.py", line 1' in str(error)
+    assert "tcp://127.0.0.1:5000" in str(error)
+    plain = error_from_reply(ErrorReply("DagError", "no DAG named 'x'"), "inproc://n")
+    assert isinstance(plain, droplet.DagError)
+    assert str(plain) == "no DAG named 'x'" and plain.remote_traceback == ""
