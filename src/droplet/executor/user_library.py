@@ -10,6 +10,7 @@ no I/O is needed (a cache hit, ``getid``, ``recv``).
 from __future__ import annotations
 
 import pickle
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -80,7 +81,9 @@ class UserLibrary:
         self._executor = executor
         self._id = invocation_id
         self._run = run
-        self._mailbox: list[tuple[str, bytes]] = []
+        # A deque: the loop thread appends while a worker thread pops, each
+        # step atomic, so no message slips between a read and a swap.
+        self._mailbox: deque[tuple[str, bytes]] = deque()
 
     # ---------------------------------------------------------------- identity
     def getid(self) -> str:
@@ -115,8 +118,13 @@ class UserLibrary:
 
     def recv(self) -> list[tuple[str, bytes]]:
         """Messages received so far (and not yet returned): ``[(sender_id, bytes)]``."""
-        messages, self._mailbox = self._mailbox, []
-        return messages
+        box = self._mailbox
+        messages: list[tuple[str, bytes]] = []
+        while True:
+            try:
+                messages.append(box.popleft())
+            except IndexError:
+                return messages
 
     # ---------------------------------------------------------------- async API
     async def aget(self, key: str | DropletReference) -> Any:
