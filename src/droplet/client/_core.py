@@ -18,6 +18,7 @@ from ..executor.user_library import as_lattice, reveal_stored
 from ..kvs.keys import RESULT_PREFIX
 from ..lattices import RAW, decode_lattice, encode_lattice
 from ..protocol.messages import CallDag, KvsPut, KvsValue, RegisterDag, RegisterFunction
+from ..registration import Registration, source_of
 from ..serialization import dumps, dumps_code, loads
 
 __all__ = ["ClientCore", "check_timeout", "result_blob", "unwrap_result"]
@@ -86,9 +87,14 @@ class ClientCore:
             raise RegistrationError(
                 f"register({name!r}): {type(function).__name__} is not callable")
         try:
-            return RegisterFunction(name, dumps_code(function))
+            # The source rides along, so tracebacks on the executor show the user's lines.
+            code = dumps_code(Registration(function, source_of(function)))
         except TypeError as exc:
-            raise RegistrationError(f"register({name!r}): {exc}") from exc
+            what = type(function[0] if isinstance(function, tuple) else function).__name__
+            raise RegistrationError(
+                f"register({name!r}): cannot serialize the {what}: "
+                f"{str(exc).split(': ', 1)[-1]}") from exc
+        return RegisterFunction(name, code)
 
     @staticmethod
     def function_call(name: str, args: Iterable[Any]) -> CallDag:

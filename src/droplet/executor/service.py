@@ -15,7 +15,6 @@ import inspect
 import logging
 import pickle
 import time
-import traceback
 import uuid
 from typing import Any
 
@@ -38,9 +37,11 @@ from ..protocol.messages import (
     Trigger,
 )
 from ..references import DropletReference
+from ..registration import install
 from ..rpc import Peer, PeerPool
 from ..serialization import dumps
 from .cache import Cache
+from .failures import function_error
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
@@ -101,7 +102,7 @@ def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
         try:
             value = step.target(step.lib, *step.args, *carried)
         except Exception as exc:
-            return _Failure(_function_error(exc, step.function)), True
+            return _Failure(function_error(exc, step.function)), True
         carried = [value]
     return value, False
 
@@ -205,7 +206,7 @@ class ExecutorService:
             value = pickle.loads(t.result) if t.result is not None else None
             failed = t.failed
         except Exception as exc:
-            value, failed = _Failure(_function_error(exc, t.source)), True
+            value, failed = _Failure(function_error(exc, t.source)), True
         self._input(t, t.source, _Input(value, failed, t.causal))
 
     def _input(self, t: Trigger, source: str, given: _Input) -> None:
@@ -322,7 +323,7 @@ class ExecutorService:
             try:
                 steps.append(await self._prepare(t, fn, libs, run))
             except Exception as exc:
-                return _Failure(_function_error(exc, fn)), True
+                return _Failure(function_error(exc, fn)), True
         carried = [i.value for i in inputs]
         i = 0
         while i < len(steps):
@@ -331,7 +332,7 @@ class ExecutorService:
                 try:
                     value = await step.target(step.lib, *step.args, *carried)
                 except Exception as exc:
-                    return _Failure(_function_error(exc, step.function)), True
+                    return _Failure(function_error(exc, step.function)), True
                 i += 1
             else:
                 j = i
@@ -380,7 +381,7 @@ class ExecutorService:
             if reply.lattice is None:
                 raise RegistrationError(f"function {name!r} is not registered")
             code = decode_lattice(reply.lattice, load=RAW).reveal()
-            obj = pickle.loads(code)
+            obj = install(pickle.loads(code))
             if isinstance(obj, tuple) and not (
                 len(obj) == 2 and isinstance(obj[0], type) and hasattr(obj[0], "run")
             ):
@@ -495,19 +496,3 @@ def _pickle_result(result: Any) -> bytes:
     except TypeError as exc:
         return dumps(_Failure(FunctionError(
             "TypeError", f"the function's result cannot be serialized: {exc}")))
-
-
-def _function_error(exc: BaseException, function: str) -> FunctionError:
-    if isinstance(exc, FunctionError):
-        return exc
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    kind = type(exc)
-    type_name = kind.__qualname__ if kind.__module__ == "builtins" else (
-        f"{kind.__module__}.{kind.__qualname__}")
-    cause: bytes | None
-    try:
-        cause = dumps(exc)
-        pickle.loads(cause)  # only keep a cause the client can rebuild
-    except Exception:
-        cause = None
-    return FunctionError(type_name, str(exc), tb, function, cause)

@@ -146,6 +146,10 @@ class UserLibrary:
         try:
             trio.lowlevel.current_trio_token()
         except RuntimeError:
+            in_loop = False
+        else:
+            in_loop = True
+        if not in_loop:  # outside the except block: errors chain no "not in async context"
             return trio.from_thread.run(afn, *args, trio_token=self._executor.trio_token)
         raise RuntimeError(
             f"{afn.__name__[1:]}() needs I/O here; in an async function use "
