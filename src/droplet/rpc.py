@@ -446,8 +446,12 @@ async def serve_peers(
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 if not await _server_handshake(conn, token):
                     return
-        except (trio.TooSlowError, trio.EndOfChannel, trio.BrokenResourceError,
-                trio.ClosedResourceError, ProtocolError) as exc:
+        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+            # Hung up before the handshake: a port probe or health check (connect,
+            # close), or a client that gave up. Nothing anyone needs to act on.
+            log.debug("%s closed the connection before the handshake", conn.remote_address)
+            return
+        except (trio.TooSlowError, ProtocolError) as exc:
             log.warning("dropped connection from %s during handshake: %s",
                         conn.remote_address, exc or type(exc).__name__)
             return
