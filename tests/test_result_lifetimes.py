@@ -79,6 +79,18 @@ async def test_a_result_released_before_it_arrives_is_dropped_on_arrival(
         nursery.cancel_scope.cancel()
 
 
+async def test_early_releases_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from droplet.kvs import service as kvs_service
+
+    monkeypatch.setattr(kvs_service, "MAX_EARLY_RELEASES", 10)
+    async with trio.open_nursery() as nursery:
+        kvs = KvsService(nursery)
+        peer: Any = None
+        await kvs.handle(peer, KvsForget([f"{RESULT_PREFIX}{i}" for i in range(25)]), 0)
+        assert kvs.statistics().early_releases == 10
+        nursery.cancel_scope.cancel()
+
+
 # --------------------------------------------------------------------------- clients
 
 

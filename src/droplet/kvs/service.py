@@ -44,6 +44,9 @@ PIN_TTL = 600.0
 #: this long. ``output_key`` copies stay.
 DEFAULT_RESULT_TTL = 600.0
 PIN_SWEEP_EVERY = 1000
+#: Releases of results not stored yet that the store remembers at most (oldest
+#: go first: such a result then lives until result_ttl, as if never released).
+MAX_EARLY_RELEASES = 100_000
 
 
 @attrs.frozen
@@ -253,6 +256,8 @@ class KvsService:
             else:
                 forgotten[key] = now + self.result_ttl
                 forgotten.move_to_end(key)
+        while len(forgotten) > MAX_EARLY_RELEASES:  # a bound, whatever peers send
+            forgotten.popitem(last=False)
         while forgotten:
             key, expiry = next(iter(forgotten.items()))
             if expiry > now:
