@@ -87,3 +87,29 @@ def test_error_from_reply_keeps_the_remote_traceback() -> None:
     plain = error_from_reply(ErrorReply("DagError", "no DAG named 'x'"), "inproc://n")
     assert isinstance(plain, droplet.DagError)
     assert str(plain) == "no DAG named 'x'" and plain.remote_traceback == ""
+
+
+def test_portal_future_waits_one_timeout_in_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the store's own wait runs out first, get() waits only what is left of its timeout."""
+    from droplet.client.aio import AsyncDropletFuture
+
+    asked: list[float | None] = []
+    original = AsyncDropletFuture.get
+
+    async def recording_get(self: AsyncDropletFuture, timeout: float | None = None) -> Any:
+        asked.append(timeout)
+        return await original(self, timeout)
+
+    monkeypatch.setattr(AsyncDropletFuture, "get", recording_get)
+
+    async def forever(_: Any) -> None:
+        await trio.sleep_forever()
+
+    with droplet.LocalCluster(executors=1) as local:
+        cloud = local.connect()
+        cloud.register(forever, "forever")
+        cloud.register_dag("never", ["forever"], [])
+        future = cloud.call_dag("never", {}, timeout=0.1)  # the store waits 0.1 s for it
+        with pytest.raises(droplet.TimeoutError):
+            future.get(timeout=0.5)
+    assert asked and all(t is not None and t < 0.5 for t in asked)
