@@ -161,6 +161,27 @@ def test_silent_listener_is_a_connection_error_within_the_timeout() -> None:
     assert "python -m droplet.node" in str(error)
 
 
+def test_another_service_is_a_connection_error_naming_the_address() -> None:
+    """A port whose service talks first, and not Droplet (an SSH banner)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+        def banner() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+                conn.recv(1024)
+
+        server = threading.Thread(target=banner, daemon=True)
+        server.start()
+        error = _in_thread(lambda: DropletConnection(url, timeout=5))
+        server.join(10)
+    assert isinstance(error, droplet.ConnectionError)
+    assert url in str(error)
+
+
 def _fake_node(listener: socket.socket, stop: threading.Event) -> None:
     """Accept one client, complete the handshake and Hello, then never read again."""
     conn, _ = listener.accept()

@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..errors import ConnectionError, DropletError, TimeoutError
+from ..errors import ConnectionError, DropletError, ProtocolError, TimeoutError
 from ..protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame
 from ..protocol.handshake import ClientHandshake
 from ..protocol.messages import (
@@ -155,6 +155,10 @@ class BlockingPeer:
                 f"no answer from a Droplet node at {self.remote} within {timeout:g} s; "
                 "is a Droplet node (of this scheme) running there? start one with "
                 "`python -m droplet.node`") from exc
+        except ProtocolError as exc:
+            raise ConnectionError(
+                f"{self.remote} does not speak Droplet's protocol ({exc}); is it another "
+                "service, or a node of another scheme (ws://, tls://)?") from exc
 
     def _next_message(self, deadline: float) -> Any:
         while (payload := self._decoder.next_frame()) is None:
