@@ -260,9 +260,12 @@ class AsyncDropletClient:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             try:
-                self._token.run_sync_soon(self._flush_wanted.set)
+                self._token.run_sync_soon(self._wake_flusher)
             except trio.RunFinishedError:
                 pass
+
+    def _wake_flusher(self) -> None:
+        self._flush_wanted.set()  # in the loop: whichever event the flusher waits on now
 
     async def _flush_releases(self) -> None:
         """Tell the store which results nobody can read any more, in batches."""
