@@ -14,7 +14,7 @@ from .scheduler.placement import POLICIES
 from .transports.base import TransportOptions
 from .transports.registry import normalize_address, parse_address
 
-__all__ = ["ROLES", "Config", "is_loopback"]
+__all__ = ["ROLES", "Config", "is_loopback", "parse_resources"]
 
 ROLES = ("all", "kvs", "scheduler", "executor")
 DEFAULT_LISTEN = "tcp://127.0.0.1:5000"
@@ -42,9 +42,51 @@ _KINDS: dict[str, tuple[str, Any]] = {
 }
 
 
+_KEY_KINDS: dict[str, tuple[str, Any]] = {
+    "resources": ('NAME=COUNT pairs, a string ("gpu=1") or a table ({gpu = 1})',
+                  lambda v: isinstance(v, str | dict)),
+}
+
+
 def _log_level(_: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+
+
+def parse_resources(text: str | None) -> dict[str, int]:
+    """An executor's resource labels, from ``--resources gpu=1,tpu=2``.
+
+    >>> parse_resources("gpu=1, tpu=2")
+    {'gpu': 1, 'tpu': 2}
+    >>> parse_resources("gpu")
+    {'gpu': 1}
+    """
+    found: dict[str, int] = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, eq, amount = part.partition("=")
+        name = name.strip()
+        try:
+            count = int(amount) if eq else 1
+        except ValueError:
+            count = -1
+        if not name.isidentifier() or count < 0:
+            raise ValueError(f"resources: {part!r} is not NAME=COUNT (e.g. gpu=1)")
+        found[name] = count
+    return found
+
+
+def _resources(value: Any) -> str | None:
+    """Accept ``"gpu=1"`` or a TOML table ``{gpu = 1}``; keep the canonical string."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = ",".join(f"{k}={v}" for k, v in value.items())
+    if not isinstance(value, str):
+        raise ValueError(f"resources must be NAME=COUNT pairs, not {value!r}")
+    return ",".join(f"{k}={v}" for k, v in parse_resources(value).items()) or None
 
 
 def is_loopback(address: str) -> bool:
@@ -87,6 +129,10 @@ class Config:
     read_timeout: float = attrs.field(default=30.0, validator=_positive)
     max_inflight: int = attrs.field(default=10_000, validator=_positive)
     result_ttl: float = attrs.field(default=600.0, validator=_positive)
+    #: executor resource labels, e.g. ``"gpu=1"``: DAGs' gpu_functions run only there
+    resources: str | None = attrs.field(default=None, converter=_resources)
+    #: most queued calls of a batching function an executor serves in one call
+    max_batch: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     log_level: str = attrs.field(default="INFO", validator=_log_level)
 
     @property
@@ -117,7 +163,7 @@ class Config:
                 f"{path}: unknown setting(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(kinds))}")
         for key, value in data.items():
-            expected, check = _KINDS[kinds[key]]
+            expected, check = _KEY_KINDS.get(key) or _KINDS[kinds[key]]
             if not check(value):
                 raise ValueError(f"{path}: {key} must be {expected}, "
                                  f"not {type(value).__name__} {value!r}")

@@ -61,6 +61,12 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-ttl", type=float, metavar="SECONDS",
                    help="backstop: seconds before a call result no client released "
                    "is dropped (default: 600)")
+    p.add_argument("--resources", metavar="NAME=COUNT[,...]",
+                   help="resource labels of this node's executors, e.g. gpu=1 "
+                   "(a DAG's gpu_functions run only on executors with gpu)")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="most queued calls of a batching function served in one call "
+                   "(default: 16)")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags win)")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING or ERROR")
