@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from typing import Any
@@ -42,7 +43,7 @@ def test_no_message_is_lost_between_deliver_and_recv() -> None:
     def deliver() -> None:
         delivering.set()
         for i in range(count):
-            lib.deliver("sender", bytes([i]))
+            lib.deliver("sender", pickle.dumps(i))
 
     thread = threading.Thread(target=deliver)
     thread.start()
@@ -51,4 +52,4 @@ def test_no_message_is_lost_between_deliver_and_recv() -> None:
         received.extend(list(lib.recv()))  # what recv returned, read at once
     thread.join()
     received.extend(list(lib.recv()))
-    assert sorted(data for _, data in received) == [bytes([i]) for i in range(count)]
+    assert sorted(data for _, data in received) == list(range(count))
