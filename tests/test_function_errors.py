@@ -81,3 +81,18 @@ def test_a_type_error_inside_the_function_gets_no_hint(
         cloud.register(inner_error, "inner_error")().get()
     assert "takes 0 positional arguments" in info.value.remote_message
     assert "user library" not in str(info.value)
+
+
+class NoLibrary:
+    def __init__(self, lib: Any) -> None:
+        pass
+
+    def run(self, x: int) -> int:  # forgot the user library
+        return x
+
+
+def test_a_class_whose_run_misses_the_user_library_gets_a_hint(
+        cloud: droplet.DropletConnection) -> None:
+    with pytest.raises(droplet.FunctionError) as info:
+        cloud.register((NoLibrary, ()), "no_lib_class")(5).get()
+    assert "user library as their first argument" in info.value.remote_message
