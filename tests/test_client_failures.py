@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -113,3 +114,21 @@ def test_portal_future_waits_one_timeout_in_all(monkeypatch: pytest.MonkeyPatch)
         with pytest.raises(droplet.TimeoutError):
             future.get(timeout=0.5)
     assert asked and all(t is not None and t < 0.5 for t in asked)
+
+
+async def test_async_client_to_another_service_is_a_connection_error() -> None:
+    """A port whose service talks first, and not Droplet (an SSH banner)."""
+    async def banner(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"SSH-2.0-OpenSSH_9.6\r\n" + b"x" * 64)
+        await stream.receive_some()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            (listener,) = await nursery.start(
+                functools.partial(trio.serve_tcp, banner, 0, host="127.0.0.1"))
+            url = f"tcp://127.0.0.1:{listener.socket.getsockname()[1]}"
+            with pytest.raises(droplet.ConnectionError) as info:
+                async with droplet.open_client(url, timeout=5):
+                    pass  # pragma: no cover
+            nursery.cancel_scope.cancel()
+    assert url in str(info.value)

@@ -341,9 +341,13 @@ async def connect_peer(
         conn = await transport.connect(url, options)
         try:
             await _client_handshake(conn, url, token)
-        except BaseException:
+        except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
+            if isinstance(exc, ProtocolError):
+                raise ConnectionError(
+                    f"{url} does not speak Droplet's protocol ({exc}); is it another "
+                    "service, or a node of another scheme (ws://, tls://)?") from exc
             raise
     if scope.cancelled_caught:
         raise ConnectionError(
