@@ -40,6 +40,10 @@ T = TypeVar("T")
 
 log = logging.getLogger("droplet.executor")
 
+#: Messages an invocation's mailbox holds; more are dropped (and counted) until
+#: ``recv()`` empties it.
+MAX_MAILBOX = 10_000
+
 
 def reveal_stored(data: bytes | None, deserialize: bool = True) -> Any:
     """What ``get`` returns for a stored encoding.
@@ -118,6 +122,8 @@ class UserLibrary:
         # A deque: the loop thread appends while a worker thread pops, each
         # step atomic, so no message slips between a read and a swap.
         self._mailbox: deque[tuple[str, Any]] = deque()
+        #: messages dropped because the mailbox was full.
+        self.dropped = 0
 
     # ---------------------------------------------------------------- identity
     def getid(self) -> str:
@@ -206,6 +212,9 @@ class UserLibrary:
     # ---------------------------------------------------------------- plumbing
     def deliver(self, sender: str, data: bytes) -> None:
         """A message arrived: unpickle it (a message that does not unpickle is dropped)."""
+        if len(self._mailbox) >= MAX_MAILBOX:
+            self.dropped += 1
+            return
         try:
             obj = pickle.loads(data)
         except Exception as exc:

@@ -6,6 +6,12 @@ Besides get/put it offers two things Droplet's other services lean on:
   is how a future's ``get()`` learns its result without polling;
 - *subscriptions*: caches that read a key with ``subscribe=True`` are pushed
   each later change (``KvsUpdate``), keeping executor caches fresh.
+
+A put runs in the putting connection's reader, so it never writes to another
+peer there: waiting reads are answered and updates pushed through each peer's
+bounded outbox (:meth:`~droplet.rpc.Peer.post`). A subscriber or waiter whose
+outbox fills (it stopped reading) is disconnected, which drops its
+subscriptions and waiting reads; the putter and everyone else carry on.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..errors import DropletError, ProtocolError
 from ..protocol.messages import (
     KvsForget,
     KvsGet,
@@ -47,6 +54,8 @@ PIN_SWEEP_EVERY = 1000
 #: Releases of results not stored yet that the store remembers at most (oldest
 #: go first: such a result then lives until result_ttl, as if never released).
 MAX_EARLY_RELEASES = 100_000
+#: Keys one connection may subscribe to (an executor's cache unsubscribes what it evicts).
+MAX_SUBSCRIPTIONS_PER_PEER = 200_000
 
 
 @attrs.frozen
@@ -56,7 +65,12 @@ class KvsStatistics:
     puts: int
     subscriptions: int
     pinned_runs: int
-    #: call results stored and not yet released (each expires after result_ttl).
+    #: keys with at least one subscriber (no empty entries are kept).
+    subscribed_keys: int = 0
+    #: reads waiting for their key to be put, and the keys they wait on.
+    waiting_reads: int = 0
+    waited_keys: int = 0
+    #: call results tracked for expiry.
     results: int = 0
     #: releases of results not stored yet (each forgotten after result_ttl).
     early_releases: int = 0
@@ -116,6 +130,9 @@ class KvsService:
             puts=self._puts,
             subscriptions=sum(len(s) for s in self._subscribers.values()),
             pinned_runs=len(self._pins),
+            subscribed_keys=len(self._subscribers),
+            waiting_reads=sum(len(w) for w in self._waiters.values()),
+            waited_keys=len(self._waiters),
             results=len(self._results),
             early_releases=len(self._forgotten),
         )
@@ -127,7 +144,7 @@ class KvsService:
         if kind is KvsPut:
             return await self._put(peer, msg)
         if kind is KvsUnsubscribe:
-            self._subscribers.get(msg.key, set()).discard(peer)
+            self._unsubscribe(peer, msg.key)
             return None
         if kind is KvsRelease:
             self._pins.pop(msg.run_id, None)
@@ -135,15 +152,17 @@ class KvsService:
         if kind is KvsForget:
             self._forget(msg.keys)
             return None
-        raise TypeError(f"KVS cannot handle {kind.__name__}")
+        raise ProtocolError(f"the store does not serve {kind.__name__} messages")
 
     def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1
-        if msg.subscribe:
+        value = self.store.get(msg.key)
+        if msg.subscribe and value is not None:
+            # Only to a key that exists: a cache keeps no entry for an absent
+            # key, so it would never evict (and unsubscribe) it.
             self._subscribe(peer, msg.key)
         if msg.pin is not None:
             return KvsValue(msg.key, self._pinned(msg.pin, msg.key))
-        value = self.store.get(msg.key)
         wait = _bounded_wait(msg.wait)
         if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
@@ -191,22 +210,37 @@ class KvsService:
             if not pending:
                 del self._waiters[key]
         if not waiter.peer.closed:
-            await self._answer(waiter, KvsValue(key, self.store.get(key)))
+            self._answer(waiter, KvsValue(key, self.store.get(key)))
 
-    async def _answer(self, waiter: _Waiter, reply: KvsValue) -> None:
+    def _answer(self, waiter: _Waiter, reply: KvsValue) -> None:
         try:
-            await waiter.peer.reply(waiter.request_id, reply)
-        except Exception as exc:  # the waiter went away; nothing to tell
+            waiter.peer.post_reply(waiter.request_id, reply)
+        except Exception as exc:  # the waiter went away or stopped reading
             log.debug("could not answer waiting get of %r: %s", reply.key, exc)
 
     def _subscribe(self, peer: Peer, key: str) -> None:
-        subs = self._subscribers[key]
-        if peer not in subs:
-            subs.add(peer)
-            if "kvs_subscriptions" not in peer.state:
-                peer.state["kvs_subscriptions"] = set()
-                peer.on_close.append(self._forget_peer)
-            peer.state["kvs_subscriptions"].add(key)
+        mine: set[str] | None = peer.state.get("kvs_subscriptions")
+        if mine is None:
+            mine = peer.state["kvs_subscriptions"] = set()
+            peer.on_close.append(self._forget_peer)
+        if key in mine:
+            return
+        if len(mine) >= MAX_SUBSCRIPTIONS_PER_PEER:
+            raise DropletError(
+                f"a connection may subscribe to at most {MAX_SUBSCRIPTIONS_PER_PEER} keys; "
+                "unsubscribe some first")
+        mine.add(key)
+        self._subscribers[key].add(peer)
+
+    def _unsubscribe(self, peer: Peer, key: str) -> None:
+        mine: set[str] | None = peer.state.get("kvs_subscriptions")
+        if mine is not None:
+            mine.discard(key)
+        subs = self._subscribers.get(key)
+        if subs is not None:
+            subs.discard(peer)
+            if not subs:
+                del self._subscribers[key]
 
     def _forget_peer(self, peer: Peer) -> None:
         for key in peer.state.get("kvs_subscriptions", ()):
@@ -231,17 +265,17 @@ class KvsService:
             self._subscribe(peer, msg.key)
         if changed is not None:
             waiting = self._waiters.pop(msg.key, None)
-            if waiting:  # answer waiting reads now, in this task: no extra wakeup
+            if waiting:  # answered through each waiter's outbox: never waits here
                 reply = KvsValue(msg.key, changed)
                 for waiter in waiting:
                     waiter.answered = True
                     waiter.timer.cancel()
-                    await self._answer(waiter, reply)
+                    self._answer(waiter, reply)
             subs = None if forgotten else self._subscribers.get(msg.key)
             if subs:
                 update = KvsUpdate(msg.key, changed)
                 for sub in list(subs):
-                    await self._push(sub, update)
+                    await self._push(peer, sub, update)
         return KvsStored(type_name)
 
     def _forget(self, keys: list[str]) -> None:
@@ -277,9 +311,14 @@ class KvsService:
             del results[key]
             self.store.delete(key)
 
-    async def _push(self, sub: Peer, update: KvsUpdate) -> None:
+    async def _push(self, putter: Peer, sub: Peer, update: KvsUpdate) -> None:
         try:
-            await sub.send(update)
+            if sub is putter:
+                # Inline, before the put's reply: the putter's cache must hold
+                # its own write when the put returns (read your writes).
+                await sub.send(update)
+            else:
+                sub.post(update)
         except Exception as exc:
             log.debug("dropping subscriber %s: %s", sub.remote, exc)
-            self._subscribers.get(update.key, set()).discard(sub)
+            self._unsubscribe(sub, update.key)

@@ -1,7 +1,13 @@
-"""A user function's exception, as the FunctionError its caller receives.
+"""What a function's outcome becomes: a result blob, or a FunctionError to send on.
+
+Pure helpers of the executor (no I/O): results are pickled once per hop, a
+result that cannot be pickled becomes a FunctionError instead of an internal
+error, and an exception keeps its traceback text and, when the client can
+rebuild it, the pickled exception itself as the cause.
 
 The traceback starts at the user's code (the executor's own frames that called
-it are left out), and a ``TypeError`` raised by the call itself, the classic
+it, and the frames of the hop from a worker thread into the event loop, are
+left out), and a ``TypeError`` raised by the call itself, the classic
 ``f() takes 1 positional argument but 2 were given``, says what is missing.
 """
 
@@ -12,14 +18,29 @@ import pickle
 import re
 import traceback
 from types import TracebackType
+from typing import Any
 
 import outcome
 import trio
 
-from ..errors import FunctionError
+from ..errors import FunctionError, _Failure
+from ..lattices import RAW, LWWLattice, encode_lattice
 from ..serialization import dumps
 
-__all__ = ["function_error"]
+__all__ = ["function_error", "lww", "pickle_result"]
+
+
+def lww(blob: bytes) -> bytes:
+    return encode_lattice(LWWLattice.now(blob), dump=RAW)
+
+
+def pickle_result(result: Any) -> bytes:
+    try:
+        return dumps(result)
+    except TypeError as exc:
+        return dumps(_Failure(FunctionError(
+            "TypeError", f"the function's result cannot be serialized: {exc}")))
+
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _PLUMBING = tuple(os.path.dirname(os.path.abspath(m.__file__ or "")) + os.sep
