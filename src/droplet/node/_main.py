@@ -13,7 +13,6 @@ from typing import Any
 
 import trio
 
-from .. import __version__
 from ..config import ROLES, Config
 from ..errors import DropletError
 from ..scheduler.placement import POLICIES
@@ -55,6 +54,7 @@ def watch_parent() -> threading.Thread:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__  # here: droplet/__init__ imports this module
     p = argparse.ArgumentParser(
         prog="python -m droplet.node",
         description="Run a Droplet node. With no flags: storage, scheduler and two "
