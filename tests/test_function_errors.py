@@ -96,3 +96,18 @@ def test_a_class_whose_run_misses_the_user_library_gets_a_hint(
     with pytest.raises(droplet.FunctionError) as info:
         cloud.register((NoLibrary, ()), "no_lib_class")(5).get()
     assert "user library as their first argument" in info.value.remote_message
+
+
+def test_odd_shipped_source_is_ignored() -> None:
+    """A registration's source is a hint: anything odd in it is skipped, never an error."""
+    from droplet.registration import Registration, SourceSpan, install
+
+    def f(lib: Any) -> int:
+        return 1
+
+    for span in [SourceSpan("/nonexistent/x.py", 10**9, ["x = 1\n"]),
+                 SourceSpan("/nonexistent/x.py", 1, [b"bytes"]),  # type: ignore[list-item]
+                 SourceSpan(7, 1, ["x\n"]),  # type: ignore[arg-type]
+                 "not a span"]:
+        assert install(Registration(f, span)) is f  # type: ignore[arg-type]
+    assert "/nonexistent/x.py" not in linecache.cache

@@ -22,6 +22,10 @@ __all__ = ["Registration", "SourceSpan", "install", "source_of"]
 
 #: Larger sources are not shipped (a registration travels in one message).
 MAX_SOURCE = 256 * 1024
+#: Line numbers past this are not filed (the cache holds every line up to the last).
+MAX_LINE = 200_000
+#: Source files an executor keeps lines for.
+MAX_FILES = 1000
 
 
 class SourceSpan:
@@ -80,14 +84,30 @@ def install(registration: Any) -> Any:
     if not isinstance(registration, Registration):
         return registration
     obj, span = registration.obj, registration.source
-    if span is None:
-        return obj
+    if not (isinstance(span, SourceSpan) and isinstance(span.filename, str)
+            and type(span.first_line) is int and span.first_line >= 1
+            and isinstance(span.lines, list)
+            and all(isinstance(line, str) for line in span.lines)
+            and sum(map(len, span.lines)) <= MAX_SOURCE
+            and span.first_line + len(span.lines) <= MAX_LINE):
+        return obj  # no source, or not one we can use: tracebacks just lack the lines
+    try:
+        _file(obj, span)
+    except Exception:  # odd code objects: the function still runs, without the lines
+        pass
+    return obj
+
+
+def _file(obj: Any, span: SourceSpan) -> None:
+    """File ``obj``'s code under ``span.filename`` and its lines in linecache."""
     target = obj[0] if isinstance(obj, tuple) else obj
     for function in _functions_of(target):
         function.__code__ = _refile(function.__code__, span.filename)
     if os.path.exists(span.filename):
-        return obj  # the file is here (an embedded cluster): linecache reads it
+        return  # the file is here (an embedded cluster): linecache reads it
     with _lock:
+        if span.filename not in _known and len(_known) >= MAX_FILES:
+            return  # bounded: past this many source files, tracebacks lack the lines
         known = _known.setdefault(span.filename, {})
         for offset, text in enumerate(span.lines):
             known[span.first_line + offset] = text
@@ -95,7 +115,6 @@ def install(registration: Any) -> Any:
         lines = [known.get(n, "\n") for n in range(1, last + 1)]
         # mtime None: linecache.checkcache leaves the entry alone (no file to check).
         linecache.cache[span.filename] = (sum(map(len, lines)), None, lines, span.filename)
-    return obj
 
 
 def _functions_of(target: Any) -> list[types.FunctionType]:
