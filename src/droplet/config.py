@@ -200,8 +200,9 @@ class Config:
         if not is_loopback(self.listen_url) and not self.token and not self.insecure:
             raise ValueError(
                 f"refusing to listen on {self.listen_url} without a cluster token: anyone who "
-                "can reach it could run code on this machine. Pass --token (or set "
-                "DROPLET_TOKEN), or --insecure if the network is trusted.")
+                "can reach it could run code on this machine. Pass --token (token= in "
+                "Python, or set DROPLET_TOKEN), or --insecure (insecure=True) if the "
+                "network is trusted.")
 
     def server_options(self) -> TransportOptions:
         ctx = None
