@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 import droplet
+from droplet.kvs.backends import MemoryBackend
 from droplet.kvs.service import KvsService
 from droplet.kvs.store import Store
 from droplet.lattices import (
@@ -327,7 +328,8 @@ async def test_call_results_expire_after_result_ttl(autojump_clock: trio.testing
     from droplet.kvs.keys import RESULT_PREFIX
 
     async with trio.open_nursery() as nursery:
-        kvs = KvsService(nursery, result_ttl=60)
+        backend = MemoryBackend()
+        kvs = KvsService(nursery, backend, result_ttl=60)
 
         async def put(key: str) -> None:
             peer: Any = None  # a put answered inline needs no peer
@@ -339,7 +341,8 @@ async def test_call_results_expire_after_result_ttl(autojump_clock: trio.testing
         await put(RESULT_PREFIX + "newer")
         await trio.sleep(31)  # "old" is 61 s old, "newer" 31 s
         await put(RESULT_PREFIX + "newest")
-        assert RESULT_PREFIX + "old" not in kvs.store
-        assert RESULT_PREFIX + "newer" in kvs.store
-        assert "user-key" in kvs.store
+        assert RESULT_PREFIX + "old" not in backend.store
+        assert RESULT_PREFIX + "newer" in backend.store
+        assert "user-key" in backend.store
+        assert kvs.statistics().storage.keys == 3
         nursery.cancel_scope.cancel()

@@ -1,4 +1,4 @@
-"""The storage service: a :class:`~droplet.kvs.store.Store` behind the RPC layer.
+"""The storage service: a storage backend (:mod:`droplet.kvs.backends`) behind the RPC layer.
 
 Besides get/put it offers two things Droplet's other services lean on:
 
@@ -27,8 +27,9 @@ from ..protocol.messages import (
     KvsValue,
 )
 from ..rpc import DEFERRED, Peer
+from .backends.base import BackendStatistics, StorageBackend
+from .backends.memory import MemoryBackend
 from .keys import is_result_key
-from .store import Store
 
 __all__ = ["KvsService", "KvsStatistics"]
 
@@ -50,6 +51,7 @@ class KvsStatistics:
     puts: int
     subscriptions: int
     pinned_runs: int
+    storage: BackendStatistics
 
 
 @attrs.define
@@ -83,9 +85,9 @@ class KvsService:
 
     MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe, KvsRelease)
 
-    def __init__(self, nursery: trio.Nursery, store: Store | None = None, *,
+    def __init__(self, nursery: trio.Nursery, backend: StorageBackend | None = None, *,
                  result_ttl: float = DEFAULT_RESULT_TTL) -> None:
-        self.store = store or Store()
+        self.backend: StorageBackend = MemoryBackend() if backend is None else backend
         self.result_ttl = result_ttl
         # Call results by expiry time (one TTL for all, so insertion order is expiry order).
         self._results: OrderedDict[str, float] = OrderedDict()
@@ -97,19 +99,37 @@ class KvsService:
         # REPEATABLE_READ version store: run id -> (created, key -> pinned encoding)
         self._pins: dict[str, tuple[float, dict[str, bytes | None]]] = {}
 
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Run the backend's background work (see :meth:`StorageBackend.run`) until cancelled.
+
+        A node starts it with ``await nursery.start(kvs.serve)`` before serving
+        requests; the in-memory backend has no background work, so a service
+        built on it also works without.
+        """
+        await self.backend.run(self._notify, task_status=task_status)
+
     def statistics(self) -> KvsStatistics:
+        storage = self.backend.statistics()
         return KvsStatistics(
-            keys=len(self.store),
+            keys=storage.keys if storage.keys is not None else -1,
             gets=self._gets,
             puts=self._puts,
             subscriptions=sum(len(s) for s in self._subscribers.values()),
             pinned_runs=len(self._pins),
+            storage=storage,
         )
+
+    async def _read(self, key: str) -> bytes | None:
+        try:
+            return self.backend.get_nowait(key)  # no task switch when the backend can
+        except trio.WouldBlock:
+            return await self.backend.get(key)
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
         if kind is KvsGet:
-            return self._get(peer, msg, request_id)
+            return await self._get(peer, msg, request_id)
         if kind is KvsPut:
             return await self._put(peer, msg)
         if kind is KvsUnsubscribe:
@@ -120,23 +140,49 @@ class KvsService:
             return None
         raise TypeError(f"KVS cannot handle {kind.__name__}")
 
-    def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
+    async def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1
         if msg.subscribe:
             self._subscribe(peer, msg.key)
         if msg.pin is not None:
-            return KvsValue(msg.key, self._pinned(msg.pin, msg.key))
-        value = self.store.get(msg.key)
+            return KvsValue(msg.key, await self._pinned(msg.pin, msg.key))
         wait = _bounded_wait(msg.wait)
+        try:
+            value = self.backend.get_nowait(msg.key)
+        except trio.WouldBlock:
+            return await self._get_async(peer, msg.key, request_id, wait)
         if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
         # Registered before yielding, so a put that lands before the timer starts finds it.
-        waiter = _Waiter(peer, request_id, trio.CancelScope())
-        self._waiters.setdefault(msg.key, []).append(waiter)
-        self._nursery.start_soon(self._expire_waiter, msg.key, waiter, wait)
+        self._wait_for(peer, msg.key, request_id, wait)
         return DEFERRED
 
-    def _pinned(self, run_id: str, key: str) -> bytes | None:
+    def _wait_for(self, peer: Peer, key: str, request_id: int, wait: float) -> _Waiter:
+        waiter = _Waiter(peer, request_id, trio.CancelScope())
+        self._waiters.setdefault(key, []).append(waiter)
+        self._nursery.start_soon(self._expire_waiter, key, waiter, wait)
+        return waiter
+
+    async def _get_async(self, peer: Peer, key: str, request_id: int, wait: float) -> Any:
+        """A read from a backend that must wait: a put may land while we read."""
+        if wait <= 0:
+            return KvsValue(key, await self.backend.get(key))
+        waiter = self._wait_for(peer, key, request_id, wait)  # before reading, not after
+        value = await self.backend.get(key)
+        if waiter.answered:  # a put answered it while we read
+            return DEFERRED
+        if value is None:
+            return DEFERRED
+        waiter.answered = True
+        waiter.timer.cancel()
+        pending = self._waiters.get(key)
+        if pending is not None and waiter in pending:
+            pending.remove(waiter)
+            if not pending:
+                del self._waiters[key]
+        return KvsValue(key, value)
+
+    async def _pinned(self, run_id: str, key: str) -> bytes | None:
         """The run's version of ``key``: pinned now on its first read, the same after."""
         entry = self._pins.get(run_id)
         if entry is None:
@@ -147,7 +193,7 @@ class KvsService:
             entry = self._pins[run_id] = (trio.current_time(), {})
         versions = entry[1]
         if key not in versions:
-            versions[key] = self.store.get(key)
+            versions[key] = await self._read(key)
         return versions[key]
 
     async def _expire_waiter(self, key: str, waiter: _Waiter, wait: float) -> None:
@@ -174,7 +220,7 @@ class KvsService:
             if not pending:
                 del self._waiters[key]
         if not waiter.peer.closed:
-            await self._answer(waiter, KvsValue(key, self.store.get(key)))
+            await self._answer(waiter, KvsValue(key, await self._read(key)))
 
     async def _answer(self, waiter: _Waiter, reply: KvsValue) -> None:
         try:
@@ -201,27 +247,39 @@ class KvsService:
 
     async def _put(self, peer: Peer, msg: KvsPut) -> KvsStored:
         self._puts += 1
-        type_name, changed = self.store.put(msg.key, msg.lattice)
+        try:
+            type_name, changed = self.backend.put_nowait(msg.key, msg.lattice)
+        except trio.WouldBlock:
+            # e.g. the durable backend: returns once the write is in its log
+            type_name, changed = await self.backend.put(msg.key, msg.lattice)
         if is_result_key(msg.key):
-            self._expire_results(msg.key)
+            await self._expire_results(msg.key)
         if msg.subscribe:
             self._subscribe(peer, msg.key)
         if changed is not None:
-            waiting = self._waiters.pop(msg.key, None)
-            if waiting:  # answer waiting reads now, in this task: no extra wakeup
-                reply = KvsValue(msg.key, changed)
-                for waiter in waiting:
-                    waiter.answered = True
-                    waiter.timer.cancel()
-                    await self._answer(waiter, reply)
-            subs = self._subscribers.get(msg.key)
-            if subs:
-                update = KvsUpdate(msg.key, changed)
-                for sub in list(subs):
-                    await self._push(sub, update)
+            await self._notify(msg.key, changed)
         return KvsStored(type_name)
 
-    def _expire_results(self, stored: str) -> None:
+    async def _notify(self, key: str, changed: bytes) -> None:
+        """Tell waiting reads and subscribed caches that ``key`` is now ``changed``.
+
+        Called for puts through this node, and by the backend for changes
+        made through other storage nodes (a shared Redis).
+        """
+        waiting = self._waiters.pop(key, None)
+        if waiting:  # answer waiting reads now, in this task: no extra wakeup
+            reply = KvsValue(key, changed)
+            for waiter in waiting:
+                waiter.answered = True
+                waiter.timer.cancel()
+                await self._answer(waiter, reply)
+        subs = self._subscribers.get(key)
+        if subs:
+            update = KvsUpdate(key, changed)
+            for sub in list(subs):
+                await self._push(sub, update)
+
+    async def _expire_results(self, stored: str) -> None:
         """Note a stored result and drop those past their time (cheap: oldest first)."""
         now = trio.current_time()
         results = self._results
@@ -232,7 +290,10 @@ class KvsService:
             if expiry > now:
                 break
             del results[key]
-            self.store.delete(key)
+            try:
+                self.backend.delete_nowait(key)
+            except trio.WouldBlock:
+                await self.backend.delete(key)
 
     async def _push(self, sub: Peer, update: KvsUpdate) -> None:
         try:

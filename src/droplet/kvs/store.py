@@ -13,7 +13,7 @@ __all__ = ["Store"]
 
 
 class Store:
-    """An in-memory lattice store (the backend seam for durable/Redis stores later)."""
+    """Keys mapped to lattices in a dict (the core of the memory and durable backends)."""
 
     def __init__(self) -> None:
         # key -> (decoded raw lattice, its canonical encoding)

@@ -25,6 +25,7 @@ import trio
 from ..config import Config
 from ..errors import ProtocolError
 from ..executor.service import ExecutorService
+from ..kvs.backends import MemoryBackend, StorageBackend
 from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, Hello
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
@@ -93,7 +94,8 @@ async def serve_node(
         # The public address opens last, once the node can serve calls.
         node = Node("", config.role)
         if config.role in ("all", "kvs"):
-            node.kvs = KvsService(nursery, result_ttl=config.result_ttl)
+            node.kvs = KvsService(nursery, open_backend(config), result_ttl=config.result_ttl)
+            await nursery.start(node.kvs.serve)  # a durable backend replays its log first
             router.add(node.kvs)
         if config.role in ("all", "scheduler"):
             if config.role == "all":
@@ -117,6 +119,11 @@ async def serve_node(
             node.url = await nursery.start(_serve, config.listen_url, router, token,
                                            server_opts, limits)
         task_status.started(node)
+
+
+def open_backend(config: Config) -> StorageBackend:
+    """The storage backend the configuration asks for."""
+    return MemoryBackend()
 
 
 async def _serve(url: str, router: Router, token: str | None, options: Any, limits: Limits,
