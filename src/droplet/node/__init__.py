@@ -123,6 +123,10 @@ async def serve_node(
 
 def open_backend(config: Config) -> StorageBackend:
     """The storage backend the configuration asks for."""
+    if config.storage and config.storage.startswith(("redis://", "rediss://")):
+        from ..kvs.backends.redis import RedisBackend
+
+        return RedisBackend(config.storage)
     return MemoryBackend()
 
 

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest message accepted (default: 64 MiB)")
     p.add_argument("--result-ttl", type=float, metavar="SECONDS",
                    help="how long call results stay in the store (default: 600)")
+    p.add_argument("--storage", metavar="URL",
+                   help="where the storage role keeps lattices: memory (default) or "
+                   "redis://HOST:PORT/DB, rediss://... (a Redis server or any node of a "
+                   "Redis Cluster)")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags win)")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING or ERROR")

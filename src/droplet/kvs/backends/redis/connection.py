@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -60,7 +60,7 @@ class RedisConnection:
     """A connection to one Redis server; use :func:`open_redis_connection`."""
 
     def __init__(self, stream: trio.abc.Stream, address: str,
-                 on_push: Callable[[Any], None] | None = None) -> None:
+                 on_push: Callable[[Any], Awaitable[None]] | None = None) -> None:
         self.address = address
         self._stream = stream
         self._reader = hiredis.Reader(replyError=RedisReplyError, notEnoughData=False)
@@ -68,6 +68,8 @@ class RedisConnection:
         self._send_lock = trio.Lock()
         self._on_push = on_push  # pub/sub mode: every reply goes here
         self.closed = False
+        #: set once the connection is closed or broken
+        self.closed_event = trio.Event()
         self._failure: BaseException | None = None
 
     async def execute(self, *args: Arg) -> Any:
@@ -118,13 +120,13 @@ class RedisConnection:
                 data = await self._stream.receive_some(READ_SIZE)
                 if not data:
                     raise StorageUnavailable(f"Redis at {self.address} closed the connection")
-                reader.feed(data)
+                reader.feed(data)  # type: ignore[arg-type]  # any bytes-like works
                 while True:
                     reply = reader.gets()
                     if reply is False:
                         break
                     if self._on_push is not None and not self._pending:
-                        self._on_push(reply)
+                        await self._on_push(reply)
                         continue
                     if not self._pending:
                         raise RedisError(f"unexpected reply from Redis at {self.address}")
@@ -144,6 +146,7 @@ class RedisConnection:
         if self._failure is None:
             self._failure = exc
         self.closed = True
+        self.closed_event.set()
         while self._pending:
             slot = self._pending.popleft()
             slot.reply = _LOST
@@ -186,7 +189,7 @@ def make_ssl_context(url: RedisUrl) -> ssl.SSLContext:
 async def open_redis_connection(
     nursery: trio.Nursery, url: RedisUrl, host: str | None = None, port: int | None = None,
     *, ssl_context: ssl.SSLContext | None = None, select_db: bool = True,
-    on_push: Callable[[Any], None] | None = None,
+    on_push: Callable[[Any], Awaitable[None]] | None = None,
 ) -> RedisConnection:
     """Connect (TCP, or TLS for ``rediss://``), AUTH and SELECT as the URL says.
 

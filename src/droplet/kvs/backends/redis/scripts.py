@@ -1,0 +1,211 @@
+"""The Lua scripts that merge lattices inside Redis, and the change notices they publish.
+
+Every Droplet key is one Redis string holding the lattice's canonical encoding
+(:mod:`droplet.lattices.codec`), so a read is one ``GET`` and returns exactly
+what the in-memory store would. A put runs :data:`MERGE` (``EVALSHA``), which
+joins the incoming encoding with the stored one atomically, inside Redis:
+
+- ``LWW``: the greater ``(timestamp, writer, value bytes)`` wins, Droplet's
+  tie-break order; the winner's encoding is kept whole.
+- ``Set`` and ``OrderedSet``: a merge-join of the two sorted element lists
+  (elements are compared bytewise, like Python compares ``bytes``), so the
+  result is the canonical encoding of the union.
+- ``Max``: the greater number; ``Priority``: the lower priority, ties broken by
+  the value's bytes.
+- anything else (``VectorClock``, ``Map``, the causal lattices) and the rare
+  cases Lua cannot compare exactly (integers beyond 64 bits, an ``int`` against
+  a ``float``) answer "fall back": the backend then merges in Python and writes
+  with :data:`COMPARE_AND_SET`, which stores only if the key still holds what
+  was read (an optimistic loop per key, retried on conflict).
+
+A script that changed the key also ``PUBLISH``es a change notice (see
+:func:`pack_notice`), so other storage nodes can update their waiting reads
+and subscribed caches. The merge result, the write and the notice are one
+atomic step, so notices of one key are published in the order of its changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import attrs
+
+__all__ = ["COMPARE_AND_SET", "MERGE", "Script", "pack_notice", "unpack_notice"]
+
+
+@attrs.frozen
+class Script:
+    name: str
+    source: str
+    sha: str = attrs.field(init=False)
+
+    @sha.default
+    def _sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+
+# Shared by both scripts: bytewise comparison and the change notice.
+_COMMON = r"""
+local byte, sub = string.byte, string.sub
+local function cmp(a, b)
+  if a == b then return 0 end
+  local n = #a
+  if #b < n then n = #b end
+  for i = 1, n do
+    local x, y = byte(a, i), byte(b, i)
+    if x ~= y then
+      if x < y then return -1 end
+      return 1
+    end
+  end
+  if #a < #b then return -1 end
+  return 1
+end
+local function notify(enc, channel, origin, limit, dkey)
+  if channel == '' then return end
+  local body = ''
+  if #enc <= tonumber(limit) then body = enc end
+  redis.call('PUBLISH', channel,
+    struct.pack('>I4', #origin) .. origin .. struct.pack('>I4', #dkey) .. dkey .. body)
+end
+"""
+
+MERGE = Script("merge", _COMMON + r"""
+-- KEYS[1]: the Redis key. ARGV: incoming canonical encoding, its type-header
+-- length, type name, channel, origin, inline notice limit, Droplet key.
+-- Returns {0} unchanged, {1, encoding} changed, {2} fall back to
+-- compare-and-set, {3, stored header} the key holds another type.
+local key, inc, hlen, tname = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local cur = redis.call('GET', key)
+local function store(enc)
+  redis.call('SET', key, enc)
+  notify(enc, ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+  return {1, enc}
+end
+if not cur then return store(inc) end
+if cur == inc then return {0} end
+if sub(cur, 1, hlen) ~= sub(inc, 1, hlen) then return {3, sub(cur, 1, 64)} end
+local p = hlen + 1
+
+-- a signed 64-bit big-endian integer after its tag, compared as a number
+local function cmp_i64(a, b)
+  if a == b then return 0 end
+  local x, y = (byte(a, 1) + 128) % 256, (byte(b, 1) + 128) % 256
+  if x ~= y then
+    if x < y then return -1 end
+    return 1
+  end
+  return cmp(sub(a, 2), sub(b, 2))
+end
+-- a number field at p: 'i' or 'f' plus 8 bytes; nil for big ints
+local function cmp_num(a, b, pos)
+  local ta, tb = sub(a, pos, pos), sub(b, pos, pos)
+  if ta ~= tb or (ta ~= 'i' and ta ~= 'f') then return nil end
+  local ra, rb = sub(a, pos + 1, pos + 8), sub(b, pos + 1, pos + 8)
+  if ta == 'i' then return cmp_i64(ra, rb) end
+  local fa, fb = struct.unpack('>d', ra), struct.unpack('>d', rb)
+  if fa == fb then return 0 end
+  if fa < fb then return -1 end
+  return 1
+end
+-- a length-prefixed field ('s' or 'b') at pos: its bytes and the next position
+local function field(s, pos)
+  local n = struct.unpack('>I4', s, pos + 1)
+  return sub(s, pos + 5, pos + 4 + n), pos + 5 + n
+end
+
+if tname == 'LWW' then
+  local c = cmp_num(inc, cur, p)
+  if c == nil then return {2} end
+  if c == 0 then
+    local wi, pi = field(inc, p + 9)
+    local wc, pc = field(cur, p + 9)
+    c = cmp(wi, wc)
+    if c == 0 then c = cmp(field(inc, pi), field(cur, pc)) end
+  end
+  if c > 0 then return store(inc) end
+  return {0}
+elseif tname == 'Max' then
+  local c = cmp_num(inc, cur, p)
+  if c == nil then return {2} end
+  if c > 0 then return store(inc) end
+  return {0}
+elseif tname == 'Priority' then
+  local c = cmp_num(inc, cur, p)
+  if c == nil then return {2} end
+  if c == 0 then c = cmp(field(inc, p + 9), field(cur, p + 9)) end
+  if c < 0 then return store(inc) end
+  return {0}
+elseif tname == 'Set' or tname == 'OrderedSet' then
+  local function elements(s)
+    local n = struct.unpack('>I4', s, p + 1)
+    local out, pos = {}, p + 5
+    for i = 1, n do
+      out[i], pos = field(s, pos)
+    end
+    return out
+  end
+  local a, b = elements(cur), elements(inc)
+  local out, i, j, na, nb = {}, 1, 1, #a, #b
+  while i <= na and j <= nb do
+    local c = cmp(a[i], b[j])
+    if c == 0 then
+      out[#out + 1] = a[i]; i = i + 1; j = j + 1
+    elseif c < 0 then
+      out[#out + 1] = a[i]; i = i + 1
+    else
+      out[#out + 1] = b[j]; j = j + 1
+    end
+  end
+  for k = i, na do out[#out + 1] = a[k] end
+  for k = j, nb do out[#out + 1] = b[k] end
+  if #out == na then return {0} end
+  local parts = {sub(cur, 1, hlen), 'l', struct.pack('>I4', #out)}
+  for k = 1, #out do
+    parts[#parts + 1] = 'b' .. struct.pack('>I4', #out[k]) .. out[k]
+  end
+  return store(table.concat(parts))
+end
+return {2}
+""")
+
+COMPARE_AND_SET = Script("compare-and-set", _COMMON + r"""
+-- KEYS[1]: the Redis key. ARGV: SHA-1 of the expected value ('' = absent),
+-- the new value, channel, origin, inline notice limit, Droplet key.
+-- Returns 1 when written, 0 when the key changed since it was read.
+local cur = redis.call('GET', KEYS[1])
+local seen = ''
+if cur then seen = redis.sha1hex(cur) end
+if seen ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+notify(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+return 1
+""")
+
+_U32 = struct.Struct(">I")
+
+
+def pack_notice(origin: bytes, key: bytes, encoding: bytes = b"") -> bytes:
+    """A change notice as the scripts publish it (the Python twin, for tests)."""
+    return _U32.pack(len(origin)) + origin + _U32.pack(len(key)) + key + encoding
+
+
+def unpack_notice(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """``(origin, droplet key, encoding or b"" when too large to inline)``.
+
+    Raises:
+        ValueError: not a notice.
+    """
+    if len(data) < 8:
+        raise ValueError("change notice too short")
+    (n,) = _U32.unpack_from(data, 0)
+    origin = data[4:4 + n]
+    pos = 4 + n
+    if len(origin) != n or pos + 4 > len(data):
+        raise ValueError("truncated change notice")
+    (m,) = _U32.unpack_from(data, pos)
+    key = data[pos + 4:pos + 4 + m]
+    if len(key) != m:
+        raise ValueError("truncated change notice")
+    return origin, key, data[pos + 4 + m:]
