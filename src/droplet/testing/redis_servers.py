@@ -92,7 +92,7 @@ class RedisServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} exited: "
                                    f"{self.log_text()[-2000:]}")
-            if self.cli("PING") == "PONG":
+            if self.cli("PING"):  # PONG, or NOAUTH from a server with a password
                 return
             time.sleep(0.05)
         raise RuntimeError(f"redis-server on port {self.port} did not answer PING")

@@ -1,0 +1,136 @@
+"""The Redis backend on a 3-master Redis Cluster (no replicas), started by the fixture.
+
+Keys spread over the masters by hash slot; a put through one Droplet storage
+node is read, and pushed to subscribers, through another node that was given a
+different Cluster node; a stale slot map is repaired by following ``MOVED``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from droplet.kvs.backends.redis import RedisBackend
+from droplet.kvs.backends.redis.resp import key_slot
+from droplet.kvs.service import KvsService
+from droplet.lattices import RAW, LWWLattice, SetLattice, decode_lattice, encode_lattice
+from droplet.protocol.messages import KvsGet, KvsPut, KvsUpdate
+from droplet.rpc import Peer, connect_peer, serve_peers
+from droplet.testing.redis_servers import RedisServer, redis_available, start_redis_cluster
+
+pytestmark = pytest.mark.slow  # starts redis-server processes
+
+GUARD = 15
+KEYS = 300
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[RedisServer]]:
+    if not redis_available():
+        pytest.skip("redis-server is not installed (apt-get install redis-server); "
+                    "CI installs it, so these tests run there")
+    with start_redis_cluster(3) as servers:
+        yield servers
+
+
+def enc(lattice: Any) -> bytes:
+    return encode_lattice(lattice, dump=RAW)
+
+
+@asynccontextmanager
+async def storage_nodes(urls: list[str]) -> AsyncIterator[list[tuple[KvsService, str]]]:
+    async with trio.open_nursery() as nursery:
+        nodes = []
+        for i, url in enumerate(urls):
+            service = KvsService(nursery, RedisBackend(url))
+            await nursery.start(service.serve)
+            address = await nursery.start(partial(serve_peers, f"inproc://cluster-kvs-{i}",
+                                                  service.handle))
+            nodes.append((service, address))
+        yield nodes
+        nursery.cancel_scope.cancel()
+
+
+async def test_keys_spread_over_the_masters_and_read_through_another_node(
+    cluster: list[RedisServer], record_property: Any,
+) -> None:
+    urls = [f"redis://127.0.0.1:{cluster[0].port}?prefix=spread:",
+            f"redis://127.0.0.1:{cluster[2].port}?prefix=spread:"]
+    async with storage_nodes(urls) as [(first, one), (_, two)], trio.open_nursery() as nursery:
+        writer, reader = await connect_peer(one, nursery), await connect_peer(two, nursery)
+        with trio.fail_after(GUARD):
+            for i in range(KEYS):
+                await writer.request(KvsPut(f"key-{i}", enc(LWWLattice(1, b"%d" % i, "w"))))
+            for i in range(KEYS):
+                reply = await reader.request(KvsGet(f"key-{i}"))
+                assert decode_lattice(reply.lattice, load=RAW).reveal() == b"%d" % i
+        backend = first.backend
+        assert isinstance(backend, RedisBackend)
+        # where the keys are, asked of each master itself
+        spread = {server.port: int(server.cli("EVAL", "return #redis.call('KEYS', "
+                                              "'spread:key-*')", "0"))
+                  for server in cluster}
+        record_property("key_spread", spread)
+        print(f"\n{KEYS} keys over 3 masters: {spread}")
+        assert sum(spread.values()) == KEYS
+        assert all(count > KEYS // 6 for count in spread.values()), spread
+        # the slot rule the client routes by agrees with the cluster's own
+        client = backend._client
+        assert client is not None
+        routed = Counter(client.node_for(b"spread:key-%d" % i)[1] for i in range(KEYS))
+        assert dict(routed) == spread
+        assert key_slot(b"spread:key-0") == int(cluster[0].cli("CLUSTER", "KEYSLOT",
+                                                                "spread:key-0"))
+        await writer.aclose()
+        await reader.aclose()
+
+
+async def test_a_write_through_one_node_is_pushed_to_a_cache_of_another(
+    cluster: list[RedisServer],
+) -> None:
+    urls = [f"redis://127.0.0.1:{server.port}?prefix=push:" for server in cluster[:2]]
+    async with storage_nodes(urls) as [(_, one), (_, two)], trio.open_nursery() as nursery:
+        send, receive = trio.open_memory_channel[KvsUpdate](10)
+
+        async def on_update(peer: Peer, msg: Any, request_id: int) -> None:
+            await send.send(msg)
+
+        cache = await connect_peer(two, nursery, handler=on_update)
+        writer = await connect_peer(one, nursery)
+        for i in range(5):  # keys on different masters
+            await cache.request(KvsGet(f"k{i}", None, True))
+            await writer.request(KvsPut(f"k{i}", enc(SetLattice({b"x"}))))
+            with trio.fail_after(GUARD):
+                update = await receive.receive()
+            assert update.key == f"k{i}"
+        await cache.aclose()
+        await writer.aclose()
+
+
+async def test_hash_tags_co_locate_and_a_stale_slot_map_follows_moved(
+    cluster: list[RedisServer],
+) -> None:
+    async def ignore(key: str, data: bytes) -> None:
+        pass
+
+    backend = RedisBackend(f"redis://127.0.0.1:{cluster[1].port}?prefix=moved:")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.run, ignore)
+        client = backend._client
+        assert client is not None and client.cluster and len(client.masters()) == 3
+        a, b = backend.redis_key("{user7}.cart"), backend.redis_key("{user7}.profile")
+        assert client.node_for(a) == client.node_for(b)
+        # point every slot at one master: the others answer MOVED
+        client._slots = [client.masters()[0]] * len(client._slots)
+        for i in range(20):
+            await backend.put(f"m{i}", enc(SetLattice({b"v"})))
+        assert len(set(client._slots)) == 3  # the map was re-read
+        for i in range(20):
+            assert await backend.get(f"m{i}") == enc(SetLattice({b"v"}))
+        nursery.cancel_scope.cancel()
