@@ -59,11 +59,13 @@ def bench(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """Start a local node, run examples/quickstart.py against it, stop the node.
 
-    The node's pid and log files go to this session's temporary directory
-    (``DROPLET_HOME``), never to ``~/.droplet``.
+    The node's pid and log files and its data directory go to this session's
+    temporary directory (``DROPLET_HOME``, ``XDG_DATA_HOME``), never to ``~/.droplet``
+    or ``~/.local/share/droplet``.
     """
     session.install(".")
-    env = {"DROPLET_HOME": session.create_tmp()}
+    tmp = session.create_tmp()
+    env = {"DROPLET_HOME": tmp, "XDG_DATA_HOME": tmp}
     # A node left behind by an interrupted run would hold the port: stop it first.
     session.run("droplet", "stop-local", env=env, success_codes=[0, 1], silent=True)
     session.run("droplet", "start-local", env=env)

@@ -1,5 +1,5 @@
-"""Shared fixtures: a throwaway certificate authority for tls:// and wss:// tests, and a
-throwaway redis-server for the Redis backend (``storage`` runs a cluster on each backend)."""
+"""Shared fixtures: a private data root for nodes; a throwaway CA for tls:// and wss://;
+a throwaway redis-server for the Redis backend (``storage`` runs a cluster on each backend)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ import pytest
 import trustme
 
 from droplet.testing.redis_servers import RedisServer, redis_available, start_redis
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Nodes started with the default data directory keep it here, never in ~/.local/share."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+        yield
 
 
 @pytest.fixture(scope="session")

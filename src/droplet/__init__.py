@@ -23,6 +23,7 @@ from .errors import FunctionError as FunctionError
 from .errors import LatticeTypeError as LatticeTypeError
 from .errors import ProtocolError as ProtocolError
 from .errors import RegistrationError as RegistrationError
+from .errors import StorageError as StorageError
 from .errors import TimeoutError as TimeoutError
 from .references import DropletReference as DropletReference
 
@@ -48,6 +49,7 @@ __all__ = [
     "LocalCluster",
     "ProtocolError",
     "RegistrationError",
+    "StorageError",
     "TimeoutError",
     "open_client",
     "open_local_cluster",

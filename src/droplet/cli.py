@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start-local", help="start an all-in-one node in the background")
     start.add_argument("--listen", default=DEFAULT_ADDRESS, metavar="URL")
     start.add_argument("--executors", type=int, default=2, metavar="N")
+    start.add_argument("--data-dir", metavar="DIR",
+                       help="where the node keeps its store (default: "
+                       "$XDG_DATA_HOME/droplet/HOST-PORT; ':memory:' keeps nothing)")
+    start.add_argument("--fsync", choices=("always", "everysec", "no"),
+                       help="log fsync policy (default: always)")
     start.add_argument("--pid-file", type=Path, default=None, metavar="FILE",
                        help="default: $DROPLET_HOME/node.pid (~/.droplet)")
     start.add_argument("--log-file", type=Path, default=None, metavar="FILE",
@@ -56,8 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     pid_file: Path = args.pid_file or _home() / "node.pid"
     if args.command == "start-local":
+        extra = []
+        if args.data_dir:
+            extra += ["--data-dir", args.data_dir]
+        if args.fsync:
+            extra += ["--fsync", args.fsync]
         return start_local(args.listen, args.executors, pid_file,
-                           args.log_file or _home() / "node.log")
+                           args.log_file or _home() / "node.log", extra)
     return stop_local(pid_file)
 
 
@@ -70,7 +80,8 @@ def _running_pid(pid_file: Path) -> int | None:
     return pid
 
 
-def start_local(listen: str, executors: int, pid_file: Path, log_file: Path) -> int:
+def start_local(listen: str, executors: int, pid_file: Path, log_file: Path,
+                extra: Sequence[str] = ()) -> int:
     url = normalize_address(listen)
     pid = _running_pid(pid_file)
     if pid is not None:
@@ -82,7 +93,7 @@ def start_local(listen: str, executors: int, pid_file: Path, log_file: Path) -> 
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "droplet.node", "--listen", url,
-             "--executors", str(executors)],
+             "--executors", str(executors), *extra],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

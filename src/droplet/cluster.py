@@ -22,7 +22,7 @@ import trio
 from .client._portal import Portal
 from .client.aio import AsyncDropletClient, open_client
 from .client.client import DropletConnection
-from .config import Config
+from .config import IN_MEMORY, Config
 from .node import Node, serve_node
 
 __all__ = ["LocalCluster", "open_local_cluster"]
@@ -44,7 +44,8 @@ async def open_local_cluster(
         threads: worker threads per executor for sync functions.
         listen: the cluster's public address (default: a fresh ``inproc://`` name;
             e.g. ``tcp://127.0.0.1:0`` to reach it from other processes).
-        settings: any other :class:`~droplet.config.Config` field.
+        settings: any other :class:`~droplet.config.Config` field, e.g.
+            ``data_dir="state"`` to keep the store on disk (default: in memory).
     """
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
@@ -70,6 +71,8 @@ async def _serve_cluster(executors: int, placement: str, token: str | None, thre
                          task_status: trio.TaskStatus[RunningCluster]) -> None:
     settings = dict(settings)
     listen = settings.pop("listen", None) or f"inproc://droplet-{next(_names)}"
+    if settings.get("data_dir") is None:
+        settings["data_dir"] = IN_MEMORY  # embedded clusters keep nothing unless asked
     config = Config(role="all", listen=listen, executors=executors, placement=placement,
                     token=token, threads=threads, **settings)
     async with trio.open_nursery() as nursery:

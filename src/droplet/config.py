@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import ssl
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -14,10 +16,24 @@ from .scheduler.placement import POLICIES
 from .transports.base import TransportOptions
 from .transports.registry import normalize_address, parse_address
 
-__all__ = ["ROLES", "Config", "is_loopback"]
+__all__ = ["FSYNC_POLICIES", "IN_MEMORY", "ROLES", "Config", "default_data_root",
+           "is_loopback"]
 
 ROLES = ("all", "kvs", "scheduler", "executor")
 DEFAULT_LISTEN = "tcp://127.0.0.1:5000"
+#: ``--data-dir :memory:``: keep the store in memory only (nothing survives a restart)
+IN_MEMORY = ":memory:"
+FSYNC_POLICIES = ("always", "everysec", "no")
+
+
+def default_data_root(environ: dict[str, str] | None = None) -> Path:
+    """Where nodes keep their data unless told: ``$XDG_DATA_HOME/droplet``.
+
+    (``~/.local/share/droplet`` when ``XDG_DATA_HOME`` is unset.)
+    """
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "droplet"
 
 
 def _url(_: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
@@ -85,6 +101,9 @@ class Config:
     #: where a storage node keeps lattices: None/"memory" (this process), or a
     #: redis:// / rediss:// URL (a Redis server or any node of a Redis Cluster)
     storage: str | None = attrs.field(default=None, validator=_storage, repr=False)
+    #: the durable store's directory; None: the default for the role (see storage_dir)
+    data_dir: str | None = None
+    fsync: str = attrs.field(default="always", validator=attrs.validators.in_(FSYNC_POLICIES))
     log_level: str = "INFO"
 
     @property
@@ -93,6 +112,34 @@ class Config:
         if self.listen:
             return normalize_address(self.listen)
         return "tcp://127.0.0.1:0" if self.role == "executor" else DEFAULT_LISTEN
+
+    @property
+    def storage_dir(self) -> Path | None:
+        """The data directory of this node's store, or None to keep it in memory.
+
+        An explicit ``data_dir`` wins (``:memory:`` opts out). Otherwise the
+        all-in-one node keeps its data under :func:`default_data_root`, in a
+        directory named after its address (``127.0.0.1-5000``), so nodes on
+        different ports keep separate state; a node on port 0 (a new address
+        each start) and every other role keep their store in memory.
+
+        >>> Config(data_dir="/srv/droplet").storage_dir
+        PosixPath('/srv/droplet')
+        >>> Config(data_dir=":memory:").storage_dir is None
+        True
+        >>> Config(listen="tcp://127.0.0.1:0").storage_dir is None
+        True
+        """
+        if self.data_dir == IN_MEMORY:
+            return None
+        if self.data_dir:
+            return Path(self.data_dir).expanduser()
+        if self.role != "all":
+            return None
+        scheme, host, port = parse_address(self.listen_url)
+        if scheme == "inproc" or not port:
+            return None
+        return default_data_root() / re.sub(r"[^A-Za-z0-9.-]", "_", f"{host}-{port}")
 
     @classmethod
     def from_toml(cls, path: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ __all__ = [
     "LatticeTypeError",
     "ProtocolError",
     "RegistrationError",
+    "StorageError",
     "TimeoutError",
 ]
 
@@ -97,6 +98,12 @@ class TimeoutError(DropletError, builtins.TimeoutError):  # noqa: A001
 
 class ProtocolError(DropletError):
     """The peer sent bytes that are not a valid Droplet message."""
+
+
+class StorageError(DropletError):
+    """The storage node cannot keep its promise: its data directory is in use by another
+    node, its snapshot is damaged, or its log could not be written (a write then fails
+    rather than being acknowledged without being safe)."""
 
 
 class _Failure:

@@ -6,6 +6,8 @@ user values stay opaque bytes and merges compare timestamps, clocks and bytes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from ..errors import LatticeTypeError
 from ..lattices import RAW, Lattice, decode_lattice, encode_lattice
 
@@ -65,3 +67,14 @@ class Store:
 
     def delete(self, key: str) -> bool:
         return self._data.pop(key, None) is not None
+
+    def copy(self) -> Store:
+        """A copy that later puts to either side do not change (entries are immutable)."""
+        clone = Store()
+        clone._data = dict(self._data)
+        return clone
+
+    def encodings(self) -> Iterator[tuple[str, bytes]]:
+        """Each key with its canonical encoding."""
+        for key, (_, encoded) in self._data.items():
+            yield key, encoded

@@ -22,10 +22,11 @@ from typing import Any
 import attrs
 import trio
 
-from ..config import Config
+from ..config import IN_MEMORY, Config
 from ..errors import ProtocolError
 from ..executor.service import ExecutorService
 from ..kvs.backends import MemoryBackend, StorageBackend
+from ..kvs.backends.durable import DurableBackend
 from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, Hello
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
@@ -111,6 +112,7 @@ async def serve_node(
                                               options=client_opts)
             node.scheduler = SchedulerService(nursery, kvs=kvs_peer, kvs_url=kvs_url,
                                               placement=config.placement)
+            await node.scheduler.restore()  # what was registered before a restart
             router.add(node.scheduler)
         if config.role == "all" and config.executors:
             node.url = await _start_workers(nursery, config, node, router, token, server_opts,
@@ -122,12 +124,22 @@ async def serve_node(
 
 
 def open_backend(config: Config) -> StorageBackend:
-    """The storage backend the configuration asks for."""
+    """The storage backend the configuration asks for: Redis, durable in a data dir, or memory."""
     if config.storage and config.storage.startswith(("redis://", "rediss://")):
         from ..kvs.backends.redis import RedisBackend
 
-        return RedisBackend(config.storage)
-    return MemoryBackend()
+        if config.data_dir and config.data_dir != IN_MEMORY:
+            raise ValueError("--storage redis://... keeps the data in Redis; "
+                             "drop --data-dir (or use one, not both)")
+        backend = RedisBackend(config.storage)
+        log.info("storage: Redis at %s", backend.url.redacted())
+        return backend
+    path = config.storage_dir
+    if path is None:
+        log.info("storage: in memory (nothing survives a restart; --data-dir DIR keeps it)")
+        return MemoryBackend()
+    log.info("storage: durable in %s (fsync=%s)", path, config.fsync)
+    return DurableBackend(path, fsync=config.fsync)
 
 
 async def _serve(url: str, router: Router, token: str | None, options: Any, limits: Limits,

@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from ..config import ROLES, Config
+from ..config import FSYNC_POLICIES, ROLES, Config
 from ..errors import DropletError
 from ..scheduler.placement import POLICIES
 
@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the storage role keeps lattices: memory (default) or "
                    "redis://HOST:PORT/DB, rediss://... (a Redis server or any node of a "
                    "Redis Cluster)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="where the store keeps its log and snapshot (default for the "
+                   "all-in-one node: $XDG_DATA_HOME/droplet/HOST-PORT, i.e. "
+                   "~/.local/share/droplet/127.0.0.1-5000); ':memory:' keeps nothing")
+    p.add_argument("--fsync", choices=FSYNC_POLICIES,
+                   help="when the log reaches the disk: always (default; before each "
+                   "acknowledgement), everysec, or no (when the OS decides)")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags win)")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING or ERROR")

@@ -19,7 +19,7 @@ import trio
 
 from ..consistency import CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, RegistrationError, _Failure
-from ..kvs.keys import RESULT_PREFIX, function_key
+from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
     BoolReply,
@@ -31,6 +31,7 @@ from ..protocol.messages import (
     ExecutorJoin,
     FunctionExists,
     Hello,
+    KvsGet,
     KvsPut,
     KvsRelease,
     ListFunctions,
@@ -43,6 +44,7 @@ from ..protocol.messages import (
 from ..rpc import DEFERRED, Peer
 from .dags import Dag, build_dag
 from .placement import Placement
+from .registry import dag_entry, decode_registry, function_entry
 
 __all__ = ["SchedulerService", "SchedulerStatistics"]
 
@@ -137,16 +139,37 @@ class SchedulerService:
         if kind is FunctionExists:
             return BoolReply(msg.name in self._functions)
         if kind is RegisterDag:
-            return self._register_dag(msg)
+            return await self._register_dag(msg)
         if kind is DeleteDag:
             if self._dags.pop(msg.name, None) is None:
                 raise DagError(f"no DAG named {msg.name!r}")
+            await self._kvs.request(KvsPut(REGISTRY_KEY, dag_entry(msg.name, None)))
             return None
         if kind is ExecutorJoin:
             return self._join(peer, msg)
         raise TypeError(f"scheduler cannot handle {kind.__name__}")
 
     # ------------------------------------------------------------------ registry
+
+    async def restore(self) -> None:
+        """Load the functions and DAGs registered before this scheduler started.
+
+        They are in the KVS (:mod:`droplet.scheduler.registry`), so a restarted
+        node with a durable store, or a scheduler restarted beside a running
+        storage node, serves what was registered before.
+        """
+        reply = await self._kvs.request(KvsGet(REGISTRY_KEY))
+        if reply.lattice is None:
+            return
+        functions, dags = decode_registry(reply.lattice)
+        self._functions.update(functions)
+        for name, (fns, edges, colocated) in dags.items():
+            try:
+                self._dags[name] = build_dag(name, fns, edges, colocated, self._functions)
+            except DagError as exc:
+                log.warning("not restoring DAG %r: %s", name, exc)
+        log.info("restored %d function(s) and %d DAG(s) from the store",
+                 len(functions), len(self._dags))
 
     async def _register_function(self, msg: RegisterFunction) -> None:
         if not msg.name or "/" in msg.name:
@@ -158,9 +181,10 @@ class SchedulerService:
         lattice = LWWLattice.now(msg.code)
         await self._kvs.request(
             KvsPut(function_key(msg.name), encode_lattice(lattice, dump=RAW)))
+        await self._kvs.request(KvsPut(REGISTRY_KEY, function_entry(msg.name, version)))
         self._functions[msg.name] = version
 
-    def _register_dag(self, msg: RegisterDag) -> None:
+    async def _register_dag(self, msg: RegisterDag) -> None:
         dag = build_dag(msg.name, msg.functions, msg.connections, msg.colocated,
                         self._functions)
         old = self._dags.get(msg.name)
@@ -169,6 +193,8 @@ class SchedulerService:
                 f"a different DAG named {msg.name!r} is already registered; "
                 "delete it first (delete_dag) or pick another name"
             )
+        if old is None:
+            await self._kvs.request(KvsPut(REGISTRY_KEY, dag_entry(msg.name, dag)))
         self._dags[msg.name] = dag
 
     # ------------------------------------------------------------------ executors

@@ -1,0 +1,212 @@
+"""The durable backend (kvs/backends/durable.py) over a real data directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import droplet
+from droplet.kvs.backends.durable import DurableBackend
+from droplet.kvs.backends.wal import LOG_MAGIC, PUT, decode_log, encode_record
+from droplet.kvs.keys import RESULT_PREFIX
+from droplet.lattices import RAW, LWWLattice, SetLattice, decode_lattice, encode_lattice
+
+
+def lww(ts: int, value: bytes) -> bytes:
+    return encode_lattice(LWWLattice(ts, value, "w"), dump=RAW)
+
+
+def raw_set(*elements: bytes) -> bytes:
+    return encode_lattice(SetLattice(elements), dump=RAW)
+
+
+def revealed(data: bytes | None) -> Any:
+    assert data is not None
+    return decode_lattice(data, load=RAW).reveal()
+
+
+async def _ignore(key: str, data: bytes) -> None:
+    raise AssertionError("a single durable node has no other writers")
+
+
+@asynccontextmanager
+async def running(path: Path, **options: Any) -> AsyncIterator[DurableBackend]:
+    backend = DurableBackend(path, **options)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(backend.run, _ignore)
+        yield backend
+        nursery.cancel_scope.cancel()
+
+
+async def snapshot_written(backend: DurableBackend) -> None:
+    with trio.fail_after(10):
+        while backend.statistics().snapshots == 0 or backend._compacting:
+            await backend.compaction_finished.wait()
+
+
+def segments(path: Path) -> list[Path]:
+    return sorted(path.glob("log.????????"))
+
+
+@pytest.mark.parametrize("fsync", ["always", "everysec", "no"])
+async def test_puts_survive_a_restart(tmp_path: Path, fsync: str) -> None:
+    async with running(tmp_path, fsync=fsync) as backend:
+        assert await backend.put("a", lww(1, b"one")) == ("LWW", lww(1, b"one"))
+        await backend.put("s", raw_set(b"x"))
+        await backend.put("s", raw_set(b"y"))
+        assert await backend.put("s", raw_set(b"x")) == ("Set", None)
+        await backend.put(RESULT_PREFIX + "r1", lww(1, b"result"))
+        assert backend.statistics().logged == 3  # changes only; results stay in memory
+    async with running(tmp_path, fsync=fsync) as again:
+        assert revealed(again.get_nowait("a")) == b"one"
+        assert revealed(await again.get("s")) == {b"x", b"y"}
+        assert again.get_nowait(RESULT_PREFIX + "r1") is None
+        assert again.recovery is not None and again.recovery.replayed_records == 3
+        assert again.statistics().keys == 2
+
+
+async def test_an_acknowledged_put_is_already_in_the_log(tmp_path: Path) -> None:
+    async with running(tmp_path) as backend:
+        with pytest.raises(trio.WouldBlock):
+            backend.put_nowait("k", lww(1, b"v"))  # durable keys always wait for the log
+        await backend.put("k", lww(1, b"v"))
+        replay = decode_log(segments(tmp_path)[-1].read_bytes())  # while still running
+        assert [(r.op, r.key, r.data) for r in replay.records] == [(PUT, "k", lww(1, b"v"))]
+        assert replay.damage is None
+
+
+async def test_concurrent_puts_share_commits(tmp_path: Path) -> None:
+    async with running(tmp_path) as backend:
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(backend.put, f"k{i}", lww(1, b"v"))
+        stats = backend.statistics()
+        assert stats.logged == 200
+        assert 1 <= stats.commits < 200  # group commit: fewer fsyncs than puts
+    async with running(tmp_path) as again:
+        assert again.statistics().keys == 200
+
+
+async def test_bad_input_is_refused_and_never_logged(tmp_path: Path) -> None:
+    async with running(tmp_path) as backend:
+        await backend.put("k", lww(1, b"v"))
+        with pytest.raises(droplet.ProtocolError):
+            await backend.put("k2", b"garbage")
+        with pytest.raises(droplet.LatticeTypeError):
+            await backend.put("k", raw_set(b"x"))
+        assert backend.statistics().logged == 1
+    async with running(tmp_path) as again:
+        assert again.statistics().keys == 1
+
+
+async def test_compaction_writes_a_snapshot_and_drops_old_segments(tmp_path: Path) -> None:
+    async with running(tmp_path, compact_bytes=2000, volatile_prefixes=()) as backend:
+        for i in range(300):
+            await backend.put(f"k{i % 50}", raw_set(str(i).encode()))
+        await backend.delete("k0")
+        await backend.put("after-delete", lww(1, b"x"))
+        await snapshot_written(backend)
+        assert (tmp_path / "snapshot").exists()
+        assert len(segments(tmp_path)) <= 2
+        assert backend.statistics().log_bytes < 2000 + 1000
+        expected = {f"k{k}": {str(i).encode() for i in range(300) if i % 50 == k}
+                    for k in range(1, 50)}
+    async with running(tmp_path) as again:
+        got = {k: revealed(again.get_nowait(k)) for k in expected}
+        assert got == expected
+        assert again.get_nowait("k0") is None  # the delete replays too
+        assert revealed(again.get_nowait("after-delete")) == b"x"
+        assert again.recovery is not None and again.recovery.snapshot_keys > 0
+
+
+async def test_torn_tail_is_cut_reported_and_kept(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    async with running(tmp_path) as backend:
+        for i in range(10):
+            await backend.put(f"k{i}", lww(1, b"v"))
+    last = segments(tmp_path)[-1]
+    whole = last.read_bytes()
+    record = encode_record(PUT, "torn", lww(1, b"never acknowledged"))
+    last.write_bytes(whole + record[:-3])  # the crash hit mid-write
+    caplog.set_level(logging.WARNING, "droplet.kvs.durable")
+    async with running(tmp_path) as again:
+        assert again.statistics().keys == 10
+        assert again.get_nowait("torn") is None
+        assert again.recovery is not None
+        [(name, damage)] = again.recovery.damaged
+        assert name == last.name
+        assert (damage.offset, damage.dropped_bytes) == (len(whole), len(record) - 3)
+        assert damage.records_after == 0
+    assert last.read_bytes() == whole  # cut back to the last good record
+    kept = tmp_path / f"{last.name}.damaged-{len(whole)}"
+    assert kept.read_bytes() == record[:-3]
+    assert f"dropped {len(record) - 3} bytes from offset {len(whole)}" in caplog.text
+    async with running(tmp_path) as third:  # once cut, the next start is clean
+        assert third.recovery is not None and third.recovery.damaged == []
+
+
+async def test_corruption_in_the_middle_is_reported_as_such(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with running(tmp_path) as backend:
+        for i in range(10):
+            await backend.put(f"k{i}", lww(1, b"v"))
+    last = segments(tmp_path)[-1]
+    data = bytearray(last.read_bytes())
+    size = len(encode_record(PUT, "k0", lww(1, b"v")))
+    data[len(LOG_MAGIC) + 4 * size + 10] ^= 0x01  # a bit of record 4 (k4)
+    last.write_bytes(bytes(data))
+    caplog.set_level(logging.WARNING, "droplet.kvs.durable")
+    async with running(tmp_path) as again:
+        assert sorted(again.store.encodings()) == sorted(
+            (f"k{i}", lww(1, b"v")) for i in range(4))
+        assert again.recovery is not None
+        [(_, damage)] = again.recovery.damaged
+        assert damage.reason == "checksum mismatch" and damage.records_after == 5
+    assert any(r.levelno == logging.ERROR and "5 well-formed record(s)" in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_damaged_snapshot_refuses_to_start(tmp_path: Path) -> None:
+    async with running(tmp_path, compact_bytes=100) as backend:
+        for i in range(20):
+            await backend.put(f"k{i}", lww(1, b"v"))
+        await snapshot_written(backend)
+    snapshot = tmp_path / "snapshot"
+    snapshot.write_bytes(snapshot.read_bytes()[:-5])
+    with pytest.raises(droplet.StorageError, match="snapshot .* is damaged.*backup"):
+        await DurableBackend(tmp_path).run(_ignore)  # raises before it is ready
+
+
+async def test_a_data_dir_serves_one_node_at_a_time(tmp_path: Path) -> None:
+    async with running(tmp_path):
+        with pytest.raises(droplet.StorageError, match=f"in use by another.*pid {os.getpid()}"):
+            await DurableBackend(tmp_path).run(_ignore)
+    async with running(tmp_path):  # released when the first one stopped
+        pass
+
+
+async def test_a_failed_log_write_refuses_writes_but_keeps_reads(tmp_path: Path) -> None:
+    async with running(tmp_path) as backend:
+        await backend.put("k", lww(1, b"v"))
+        os.close(backend._fd)
+        backend._fd = os.open(tmp_path / "LOCK", os.O_RDONLY)  # writes now fail (EBADF)
+        with pytest.raises(droplet.StorageError, match="could not be written"):
+            await backend.put("k2", lww(1, b"v"))
+        with pytest.raises(droplet.StorageError, match="refuses writes until it is restarted"):
+            await backend.put("k3", lww(1, b"v"))
+        assert revealed(backend.get_nowait("k")) == b"v"
+
+
+def test_bad_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fsync must be one of always, everysec, no"):
+        DurableBackend(tmp_path, fsync="sometimes")
+    with pytest.raises(ValueError, match="compact_bytes must be positive"):
+        DurableBackend(tmp_path, compact_bytes=0)
