@@ -30,7 +30,9 @@ register functions, DAGs and keys under ``bench-`` names.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -269,6 +271,44 @@ def _consistency_rows(prefix: str, description: str, length: int, arg: int,
 
 _consistency_rows("dag2", "2-function DAG square -> increment", 2, 3, expect=16)
 _consistency_rows("chain10", "10-function chain of increments", 10, 0, expect=40)
+
+
+# --------------------------------------------------------------------------- storage
+
+@latency_case("put", "put_object of a new key (an LWW value): acknowledged once stored")
+def put(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+    keys = itertools.count()
+    run = uuid.uuid4().hex[:8]
+    return lambda: conn.put_object(f"bench-put-{run}-{next(keys)}", 1)
+
+
+@latency_case("get", "get_object of an existing key", expect=1)
+def get(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+    conn.put_object("bench-get", 1)
+    return lambda: conn.get_object("bench-get")
+
+
+@throughput_case("put-throughput",
+                 "N concurrent put_object of distinct keys (async API): the store's "
+                 "group commit under load")
+async def put_throughput(client: droplet.AsyncDropletClient, ctx: Context) -> Measured:
+    run = uuid.uuid4().hex[:8]
+    for i in range(ctx.warmup):
+        await client.put_object(f"bench-warm-{run}-{i}", i)
+    n = ctx.concurrent_calls
+    latencies = [0] * n
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter_ns()
+        await client.put_object(f"bench-tput-{run}-{i}", i)
+        latencies[i] = time.perf_counter_ns() - t0
+
+    t0 = time.perf_counter_ns()
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(one, i)
+    total = time.perf_counter_ns() - t0
+    return Measured(latencies, total, n)
 
 
 @throughput_case("throughput",

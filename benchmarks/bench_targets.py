@@ -44,8 +44,8 @@ import droplet
 from droplet.node import cluster_info
 from droplet.transports import TransportOptions
 
-__all__ = ["DEFAULT_CASES", "DEFAULT_TARGETS", "TARGETS", "EmbeddedTarget", "NodeTarget",
-           "Target", "TargetOptions", "TlsNodeTarget", "UrlTarget", "make_target"]
+__all__ = ["DEFAULT_CASES", "DEFAULT_TARGETS", "TARGETS", "DurableNodeTarget", "EmbeddedTarget",
+           "NodeTarget", "Target", "TargetOptions", "TlsNodeTarget", "UrlTarget", "make_target"]
 
 START_TIMEOUT = 60.0  # node start: executor workers are child processes
 STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL of the node's whole process group
@@ -203,8 +203,11 @@ class NodeTarget(UrlTarget):
             raise
 
     def _command(self, url: str) -> list[str]:
+        # In memory unless the target says otherwise: a node on a fixed port would
+        # otherwise keep a durable store under ~/.local/share/droplet.
+        storage = [] if "--data-dir" in self._extra else ["--data-dir", ":memory:"]
         return [sys.executable, "-m", "droplet.node", "--listen", url,
-                "--executors", str(self._opts.executors), *self._extra]
+                "--executors", str(self._opts.executors), *storage, *self._extra]
 
     def _start(self) -> None:
         for attempt in range(3):  # a free port can be taken before the node binds it
@@ -377,6 +380,29 @@ class TlsNodeTarget(NodeTarget):
             self._remove_certs()
 
 
+class DurableNodeTarget(NodeTarget):
+    """A tcp node whose store is durable: ``--data-dir TMP --fsync POLICY``.
+
+    The data directory is a fresh temporary directory (on the file system of
+    ``$TMPDIR``), removed when the target stops.
+    """
+
+    def __init__(self, name: str, opts: TargetOptions, *, fsync: str) -> None:
+        self._data: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
+            prefix=f"droplet-bench-{name}-")
+        self.fsync = fsync
+        super().__init__(name, opts, scheme="tcp",
+                         node_args=["--data-dir", self._data.name, "--fsync", fsync])
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            data, self._data = self._data, None
+            if data is not None:
+                data.cleanup()
+
+
 def _group_exists(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -396,6 +422,10 @@ TARGETS: dict[str, TargetFactory] = {
     "ws": lambda opts: NodeTarget("ws", opts, scheme="ws"),
     "tls": lambda opts: TlsNodeTarget("tls", opts, scheme="tls"),
     "wss": lambda opts: TlsNodeTarget("wss", opts, scheme="wss"),
+    "durable-always": lambda opts: DurableNodeTarget("durable-always", opts, fsync="always"),
+    "durable-everysec": lambda opts: DurableNodeTarget("durable-everysec", opts,
+                                                       fsync="everysec"),
+    "durable-no": lambda opts: DurableNodeTarget("durable-no", opts, fsync="no"),
 }
 
 #: What ``python benchmarks/run.py`` measures without ``--targets``.
@@ -406,10 +436,16 @@ DEFAULT_TARGETS = "embedded,tcp,ws,tls,wss"
 #: transport comparison, the 2-function composition beside tcp; ``--only``
 #: (e.g. ``--only '*' --targets ws``) runs any case on them.
 TRANSPORT_CASES = ("dag2", "dag2-direct")
+#: The durable store's rows: the storage operations, and a call (whose result
+#: is kept in memory only) to show what durability costs a call.
+STORAGE_CASES = ("put", "get", "put-throughput", "noop")
 DEFAULT_CASES: dict[str, tuple[str, ...]] = {
     "ws": TRANSPORT_CASES,
     "tls": TRANSPORT_CASES,
     "wss": TRANSPORT_CASES,
+    "durable-always": STORAGE_CASES,
+    "durable-everysec": STORAGE_CASES,
+    "durable-no": STORAGE_CASES,
 }
 
 

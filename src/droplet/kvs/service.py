@@ -11,12 +11,13 @@ Besides get/put it offers two things Droplet's other services lean on:
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from typing import Any
 
 import attrs
 import trio
 
+from ..errors import StorageError
 from ..protocol.messages import (
     KvsGet,
     KvsPut,
@@ -52,6 +53,18 @@ class KvsStatistics:
     subscriptions: int
     pinned_runs: int
     storage: BackendStatistics
+
+
+@attrs.frozen
+class _Ack:
+    """A put merged in memory whose reply waits until the backend says it is safe."""
+
+    ticket: int
+    peer: Peer
+    request_id: int
+    key: str
+    type_name: str
+    changed: bytes | None
 
 
 @attrs.define
@@ -98,6 +111,9 @@ class KvsService:
         self._puts = 0
         # REPEATABLE_READ version store: run id -> (created, key -> pinned encoding)
         self._pins: dict[str, tuple[float, dict[str, bytes | None]]] = {}
+        # puts merged but not yet safe, in ticket order (see StorageBackend.put_pending)
+        self._acks: deque[_Ack] = deque()
+        self._acks_waiting = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -107,7 +123,10 @@ class KvsService:
         requests; the in-memory backend has no background work, so a service
         built on it also works without.
         """
-        await self.backend.run(self._notify, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.backend.run, self._notify)
+            nursery.start_soon(self._send_acks)
+            task_status.started()
 
     def statistics(self) -> KvsStatistics:
         storage = self.backend.statistics()
@@ -131,7 +150,7 @@ class KvsService:
         if kind is KvsGet:
             return await self._get(peer, msg, request_id)
         if kind is KvsPut:
-            return await self._put(peer, msg)
+            return await self._put(peer, msg, request_id)
         if kind is KvsUnsubscribe:
             self._subscribers.get(msg.key, set()).discard(peer)
             return None
@@ -245,13 +264,24 @@ class KvsService:
                 if not subs:
                     del self._subscribers[key]
 
-    async def _put(self, peer: Peer, msg: KvsPut) -> KvsStored:
+    async def _put(self, peer: Peer, msg: KvsPut, request_id: int) -> Any:
         self._puts += 1
+        backend = self.backend
         try:
-            type_name, changed = self.backend.put_nowait(msg.key, msg.lattice)
+            type_name, changed = backend.put_nowait(msg.key, msg.lattice)
         except trio.WouldBlock:
-            # e.g. the durable backend: returns once the write is in its log
-            type_name, changed = await self.backend.put(msg.key, msg.lattice)
+            try:
+                (type_name, changed), ticket = backend.put_pending(msg.key, msg.lattice)
+            except trio.WouldBlock:
+                type_name, changed = await backend.put(msg.key, msg.lattice)
+            else:
+                # Merged now, in order; answered once safe, by _send_acks: this
+                # connection's next puts join the same log write meanwhile.
+                if msg.subscribe:
+                    self._subscribe(peer, msg.key)
+                self._acks.append(_Ack(ticket, peer, request_id, msg.key, type_name, changed))
+                self._acks_waiting.set()
+                return DEFERRED
         if is_result_key(msg.key):
             await self._expire_results(msg.key)
         if msg.subscribe:
@@ -259,6 +289,39 @@ class KvsService:
         if changed is not None:
             await self._notify(msg.key, changed)
         return KvsStored(type_name)
+
+    async def _send_acks(self) -> None:
+        """Answer puts (and tell waiters and subscribers) as the backend makes them safe."""
+        acks = self._acks
+        while True:
+            if not acks:
+                await self._acks_waiting.wait()
+                self._acks_waiting = trio.Event()
+                continue
+            error: StorageError | None = None
+            try:
+                safe = await self.backend.wait_committed(acks[0].ticket)
+            except StorageError as exc:
+                error, safe = exc, acks[-1].ticket
+            while acks and acks[0].ticket <= safe:
+                ack = acks.popleft()
+                if error is not None:
+                    if ack.request_id:
+                        await self._answer_put(ack, error)
+                    continue
+                if ack.changed is not None:
+                    await self._notify(ack.key, ack.changed)
+                if ack.request_id:
+                    await self._answer_put(ack, KvsStored(ack.type_name))
+
+    async def _answer_put(self, ack: _Ack, reply: KvsStored | StorageError) -> None:
+        try:
+            if isinstance(reply, StorageError):
+                await ack.peer.reply_error(ack.request_id, reply)
+            else:
+                await ack.peer.reply(ack.request_id, reply)
+        except Exception as exc:  # the writer went away; nothing to tell
+            log.debug("could not answer put of %r: %s", ack.key, exc)
 
     async def _notify(self, key: str, changed: bytes) -> None:
         """Tell waiting reads and subscribed caches that ``key`` is now ``changed``.

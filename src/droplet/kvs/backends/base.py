@@ -78,6 +78,27 @@ class StorageBackend(abc.ABC):
         (before changing anything) when the merge needs waiting."""
         raise trio.WouldBlock
 
+    def put_pending(self, key: str, data: bytes) -> tuple[PutResult, int]:
+        """Merge now, in memory, and return ``(result, ticket)``: the write is safe once
+        :meth:`wait_committed` says the ticket is. Raises :class:`trio.WouldBlock`
+        (before changing anything) when the backend cannot merge at once.
+
+        The durable backend's fast path: the service answers the put later, so
+        a connection's next puts are merged while this one's log write is in
+        flight, and they share its fsync (group commit).
+        """
+        raise trio.WouldBlock
+
+    async def wait_committed(self, ticket: int) -> int:
+        """Wait until the write of ``ticket`` (from :meth:`put_pending`) is safe; return
+        the highest ticket that is safe now (every lower one is too).
+
+        Raises:
+            StorageError: the writes could not be made safe (they must not be
+                acknowledged).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no put_pending")
+
     def delete_nowait(self, key: str) -> bool:
         """Delete at once (True if the key existed), or raise :class:`trio.WouldBlock`."""
         raise trio.WouldBlock

@@ -115,13 +115,21 @@ class DurableBackend(StorageBackend):
     async def put(self, key: str, data: bytes) -> PutResult:
         if key.startswith(self._volatile):
             return self.store.put(key, data)
+        result, ticket = self.put_pending(key, data)
+        await self._wait_durable(ticket)
+        return result
+
+    def put_pending(self, key: str, data: bytes) -> tuple[PutResult, int]:
         self._check_writable()
         result = self.store.put(key, data)  # bad input raises here, before the log
         if result[1] is not None:
             self._append(encode_record(PUT, key, data))
         # Even a put that changed nothing waits: what it saw may not be safe yet.
-        await self._wait_durable(self._appended)
-        return result
+        return result, self._appended
+
+    async def wait_committed(self, ticket: int) -> int:
+        await self._wait_durable(ticket)
+        return self._durable
 
     def delete_nowait(self, key: str) -> bool:
         existed = self.store.delete(key)
