@@ -17,10 +17,6 @@ tasks issuing GETs at once (throughput). Needs ``redis-server`` on PATH and
 from __future__ import annotations
 
 import argparse
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
@@ -28,15 +24,9 @@ import trio
 
 from droplet.kvs.backends.redis.connection import open_redis_connection
 from droplet.kvs.backends.redis.resp import parse_redis_url
+from droplet.testing.redis_servers import start_redis
 
 CONCURRENT = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _pct(values: list[int], q: float) -> float:
@@ -68,45 +58,34 @@ async def _measure(name: str, get: Callable[[], Awaitable[object]], samples: int
     print(f"| {name:16} | {_pct(lat, 0.5):8.1f} | {_pct(lat, 0.99):8.1f} | {rate:10.0f} |")
 
 
-async def main(samples: int) -> None:
-    server = shutil.which("redis-server")
-    if server is None:
-        raise SystemExit("redis-server is not on PATH")
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no", "--dir", tmp],
-                                stdout=subprocess.DEVNULL)
-        try:
-            await trio.sleep(0.3)
-            url = parse_redis_url(f"redis://127.0.0.1:{port}/0")
-            print("| client           | p50 (µs) | p99 (µs) | GET/s (64 tasks) |")
-            print("|---|---|---|---|")
-            async with trio.open_nursery() as nursery:
-                conn = await open_redis_connection(nursery, url)
-                await conn.execute("SET", "bench", b"x" * 100)
-                await _measure("trio-hiredis", lambda: conn.execute("GET", "bench"), samples)
-                await conn.aclose()
-            try:
-                import redis
-            except ImportError:
-                print("| redis-py-thread  | (pip install redis to measure) |")
-                return
-            pool = redis.ConnectionPool(host="127.0.0.1", port=port, max_connections=CONCURRENT)
-            client = redis.Redis(connection_pool=pool)
-            limiter = trio.CapacityLimiter(CONCURRENT)
+async def main(url_text: str, samples: int) -> None:
+    url = parse_redis_url(url_text)
+    print("| client           | p50 (µs) | p99 (µs) | GET/s (64 tasks) |")
+    print("|---|---|---|---|")
+    async with trio.open_nursery() as nursery:
+        conn = await open_redis_connection(nursery, url)
+        await conn.execute("SET", "bench", b"x" * 100)
+        await _measure("trio-hiredis", lambda: conn.execute("GET", "bench"), samples)
+        await conn.aclose()
+    try:
+        import redis
+    except ImportError:
+        print("| redis-py-thread  | (pip install redis to measure) |")
+        return
+    pool = redis.ConnectionPool(host=url.host, port=url.port, max_connections=CONCURRENT)
+    client = redis.Redis(connection_pool=pool)
+    limiter = trio.CapacityLimiter(CONCURRENT)
 
-            async def threaded_get() -> object:
-                return await trio.to_thread.run_sync(client.get, "bench", limiter=limiter)
+    async def threaded_get() -> object:
+        return await trio.to_thread.run_sync(client.get, "bench", limiter=limiter)
 
-            await _measure("redis-py-thread", threaded_get, samples)
-            client.close()
-        finally:
-            proc.terminate()
-            proc.wait()
+    await _measure("redis-py-thread", threaded_get, samples)
+    client.close()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=2000)
-    trio.run(main, parser.parse_args().samples)
+    samples = parser.parse_args().samples
+    with start_redis() as server:
+        trio.run(main, server.url, samples)

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..errors import StorageError
+from ..errors import DropletError, StorageError
 from ..protocol.messages import (
     KvsGet,
     KvsPut,
@@ -147,6 +147,11 @@ class KvsService:
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
+        if self.backend.concurrent and request_id and (kind is KvsGet or kind is KvsPut):
+            # A remote backend (Redis): each request waits a network round trip, so
+            # a connection's requests overlap instead of queueing behind each other.
+            self._nursery.start_soon(self._answer_later, peer, msg, request_id)
+            return DEFERRED
         if kind is KvsGet:
             return await self._get(peer, msg, request_id)
         if kind is KvsPut:
@@ -158,6 +163,27 @@ class KvsService:
             self._pins.pop(msg.run_id, None)
             return None
         raise TypeError(f"KVS cannot handle {kind.__name__}")
+
+    async def _answer_later(self, peer: Peer, msg: KvsGet | KvsPut, request_id: int) -> None:
+        """Serve one get or put in a task of its own and reply (see ``concurrent``)."""
+        try:
+            if isinstance(msg, KvsGet):
+                result = await self._get(peer, msg, request_id)
+            else:
+                result = await self._put(peer, msg, request_id)
+        except Exception as exc:  # a bad request or a storage failure: tell the peer
+            if not isinstance(exc, DropletError):
+                log.exception("error handling %s from %s", type(msg).__name__, peer.remote)
+            result = exc
+        if result is DEFERRED or peer.closed:
+            return
+        try:
+            if isinstance(result, Exception):
+                await peer.reply_error(request_id, result)
+            else:
+                await peer.reply(request_id, result)
+        except Exception as exc:  # the peer went away meanwhile
+            log.debug("could not answer %s of %s: %s", type(msg).__name__, peer.remote, exc)
 
     async def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1

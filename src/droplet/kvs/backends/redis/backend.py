@@ -51,6 +51,7 @@ class RedisBackend(StorageBackend):
     """
 
     name = "redis"
+    concurrent = True
 
     def __init__(self, url: str | RedisUrl, *, inline_limit: int = INLINE_NOTICE_LIMIT) -> None:
         self.url = parse_redis_url(url) if isinstance(url, str) else url

@@ -1,8 +1,9 @@
 """A Trio-native, pipelined Redis connection on ``hiredis``'s sans-IO parser.
 
 One reader task per connection owns the receive side and the ``hiredis.Reader``;
-callers write their commands under a lock and wait for their replies in FIFO
-order, so many tasks share one connection with their commands pipelined. A
+callers queue their commands (coalesced into one write while another write is
+in flight) and wait for their replies in FIFO order, so many tasks share one
+connection with their commands pipelined. A
 caller cancelled after sending leaves its slot in the queue (the reply is read
 and dropped); a cancel in the middle of a write breaks the connection, which is
 then closed, never reused.
@@ -20,7 +21,7 @@ import hiredis
 import trio
 
 from ....errors import ConnectionError as DropletConnectionError
-from ....errors import DropletError
+from ....errors import StorageError
 from .resp import Arg, RedisUrl, pack_command, pack_commands
 
 __all__ = ["RedisConnection", "RedisError", "RedisReplyError", "StorageUnavailable",
@@ -32,8 +33,9 @@ CONNECT_TIMEOUT = 10.0
 READ_SIZE = 65536
 
 
-class RedisError(DropletError):
-    """Something went wrong talking to the Redis storage tier."""
+class RedisError(StorageError):
+    """Something went wrong talking to the Redis storage tier (a write then fails
+    rather than being acknowledged)."""
 
 
 class StorageUnavailable(RedisError, DropletConnectionError):
@@ -65,7 +67,8 @@ class RedisConnection:
         self._stream = stream
         self._reader = hiredis.Reader(replyError=RedisReplyError, notEnoughData=False)
         self._pending: collections.deque[_Slot] = collections.deque()
-        self._send_lock = trio.Lock()
+        self._outbox: list[bytes] = []
+        self._writing = False
         self._on_push = on_push  # pub/sub mode: every reply goes here
         self.closed = False
         #: set once the connection is closed or broken
@@ -97,20 +100,35 @@ class RedisConnection:
         await self._send(pack_command(*args), [])
 
     async def _send(self, data: bytes, slots: list[_Slot]) -> None:
+        """Queue ``data``; the task already writing sends it with its next write.
+
+        Commands that arrive while a write is in flight are coalesced into one
+        ``send_all``, so concurrent tasks pipeline without a writer task of
+        their own. A write that fails or is cancelled part-way leaves the
+        protocol state unknown: the connection is then closed, never reused,
+        and every command still waiting fails with :class:`StorageUnavailable`.
+        """
         if self.closed:
             raise StorageUnavailable(f"connection to Redis at {self.address} is closed"
                                      + (f": {self._failure}" if self._failure else ""))
-        async with self._send_lock:
-            self._pending.extend(slots)
-            try:
-                await self._stream.send_all(data)
-            except BaseException as exc:
-                # A partial write leaves the protocol state unknown: never reuse it.
-                self._fail(exc)
-                if isinstance(exc, trio.Cancelled | KeyboardInterrupt):
-                    raise
-                raise StorageUnavailable(
-                    f"cannot write to Redis at {self.address}: {exc}") from exc
+        self._pending.extend(slots)
+        self._outbox.append(data)
+        if self._writing:
+            return  # the writer takes it along
+        self._writing = True
+        try:
+            while self._outbox:
+                chunk = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
+                self._outbox.clear()
+                await self._stream.send_all(chunk)
+        except BaseException as exc:
+            self._fail(exc)
+            if isinstance(exc, trio.Cancelled | KeyboardInterrupt):
+                raise
+            raise StorageUnavailable(
+                f"cannot write to Redis at {self.address}: {exc}") from exc
+        finally:
+            self._writing = False
 
     async def run_reader(self) -> None:
         """Read replies until the connection closes (the connection's own task)."""
@@ -147,6 +165,7 @@ class RedisConnection:
             self._failure = exc
         self.closed = True
         self.closed_event.set()
+        self._outbox.clear()
         while self._pending:
             slot = self._pending.popleft()
             slot.reply = _LOST
