@@ -356,3 +356,43 @@ async def test_rediss_uses_tls(tmp_path: Any, tls_ca: trustme.CA) -> None:
         assert failed.group_contains(StorageUnavailable, match="cannot connect")
     finally:
         server_cm.__exit__(None, None, None)
+
+
+async def test_a_bad_put_through_a_redis_node_fails_alone(redis_url: str) -> None:
+    async with storage_nodes(redis_url, 1) as [(_, address)], trio.open_nursery() as nursery:
+        peer = await connect_peer(address, nursery)
+        await peer.request(KvsPut("k", enc(LWWLattice(1, b"v", "w"))))
+        with pytest.raises(droplet.LatticeTypeError):
+            await peer.request(KvsPut("k", enc(SetLattice({b"x"}))))
+        with pytest.raises(droplet.ProtocolError):
+            await peer.request(KvsPut("k", b"garbage"))
+        assert revealed((await peer.request(KvsGet("k"))).lattice) == b"v"
+        await peer.aclose()
+
+
+async def test_cancelled_commands_do_not_shift_replies(redis_url: str) -> None:
+    """A caller cancelled while its reply is in flight leaves its slot: later replies
+    still reach the right callers."""
+    from droplet.kvs.backends.redis.connection import open_redis_connection
+    from droplet.kvs.backends.redis.resp import parse_redis_url
+
+    async with trio.open_nursery() as nursery:
+        conn = await open_redis_connection(nursery, parse_redis_url(redis_url))
+        for i in range(50):
+            await conn.execute("SET", f"cancel-{i}", str(i))
+        async with trio.open_nursery() as callers:
+            for i in range(50):
+                callers.start_soon(conn.execute, "GET", f"cancel-{i}")
+            await trio.sleep(0)
+            callers.cancel_scope.cancel()  # some sent, none answered yet
+        results = []
+
+        async def get(i: int) -> None:
+            results.append((i, await conn.execute("GET", f"cancel-{i}")))
+
+        async with trio.open_nursery() as callers:
+            for i in range(50):
+                callers.start_soon(get, i)
+        assert sorted(results) == [(i, str(i).encode()) for i in range(50)]
+        await conn.aclose()
+        nursery.cancel_scope.cancel()

@@ -3,10 +3,10 @@
 One reader task per connection owns the receive side and the ``hiredis.Reader``;
 callers queue their commands (coalesced into one write while another write is
 in flight) and wait for their replies in FIFO order, so many tasks share one
-connection with their commands pipelined. A
-caller cancelled after sending leaves its slot in the queue (the reply is read
-and dropped); a cancel in the middle of a write breaks the connection, which is
-then closed, never reused.
+connection with their commands pipelined. A caller cancelled while it waits
+leaves its slot in the queue (the reply is read and dropped); writes are
+shielded from cancellation and bounded by a timeout, and a write that fails
+breaks the connection, which is then closed, never reused.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ log = logging.getLogger("droplet.kvs.redis")
 
 CONNECT_TIMEOUT = 10.0
 READ_SIZE = 65536
+#: A write Redis does not take within this long breaks the connection.
+WRITE_TIMEOUT = 30.0
 
 
 class RedisError(StorageError):
@@ -104,9 +106,11 @@ class RedisConnection:
 
         Commands that arrive while a write is in flight are coalesced into one
         ``send_all``, so concurrent tasks pipeline without a writer task of
-        their own. A write that fails or is cancelled part-way leaves the
-        protocol state unknown: the connection is then closed, never reused,
-        and every command still waiting fails with :class:`StorageUnavailable`.
+        their own. The write is shielded from the caller's cancellation (it
+        carries other callers' commands) and bounded by ``WRITE_TIMEOUT``; one
+        that fails leaves the protocol state unknown, so the connection is then
+        closed, never reused, and every command still waiting fails with
+        :class:`StorageUnavailable`.
         """
         if self.closed:
             raise StorageUnavailable(f"connection to Redis at {self.address} is closed"
@@ -117,10 +121,15 @@ class RedisConnection:
             return  # the writer takes it along
         self._writing = True
         try:
-            while self._outbox:
-                chunk = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
-                self._outbox.clear()
-                await self._stream.send_all(chunk)
+            # Shielded: the queue holds other tasks' commands too, and a cancelled
+            # write would break the connection under them. Bounded instead.
+            with trio.CancelScope(shield=True):
+                with trio.fail_after(WRITE_TIMEOUT):
+                    while self._outbox:
+                        chunk = (self._outbox[0] if len(self._outbox) == 1
+                                 else b"".join(self._outbox))
+                        self._outbox.clear()
+                        await self._stream.send_all(chunk)
         except BaseException as exc:
             self._fail(exc)
             if isinstance(exc, trio.Cancelled | KeyboardInterrupt):
