@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -383,7 +384,7 @@ async def test_cancelled_commands_do_not_shift_replies(redis_url: str) -> None:
         async with trio.open_nursery() as callers:
             for i in range(50):
                 callers.start_soon(conn.execute, "GET", f"cancel-{i}")
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             callers.cancel_scope.cancel()  # some sent, none answered yet
         results = []
 
