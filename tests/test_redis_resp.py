@@ -73,3 +73,21 @@ def test_storage_setting_and_flag() -> None:
             Config(storage=bad)
     args = build_parser().parse_args(["--role", "kvs", "--storage", "rediss://h:1/0"])
     assert args.storage == "rediss://h:1/0"
+
+
+def test_a_node_without_its_redis_fails_to_start_with_one_clear_line(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    from droplet.node._main import main
+    from droplet.testing.nodes import free_port
+
+    port = free_port()
+    status = main(["--role", "kvs", "--listen", "tcp://127.0.0.1:0",
+                   "--storage", f"redis://127.0.0.1:{port}/0"])
+    assert status == 1
+    assert f"cannot connect to Redis at 127.0.0.1:{port}" in caplog.text
+    assert "Traceback" not in caplog.text
+    status = main(["--storage", "redis://h/0", "--data-dir", "/tmp/x", "--listen",
+                   "tcp://127.0.0.1:0"])
+    assert status == 1
+    assert "drop --data-dir" in caplog.text
