@@ -389,12 +389,14 @@ class DurableNodeTarget(NodeTarget):
     ``$TMPDIR``), removed when the target stops.
     """
 
-    def __init__(self, name: str, opts: TargetOptions, *, fsync: str) -> None:
+    def __init__(self, name: str, opts: TargetOptions, *, fsync: str,
+                 log_results: bool = False) -> None:
         self._data: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory(
             prefix=f"droplet-bench-{name}-")
         self.fsync = fsync
+        extra = ["--log-results"] if log_results else []
         super().__init__(name, opts, scheme="tcp",
-                         node_args=["--data-dir", self._data.name, "--fsync", fsync])
+                         node_args=["--data-dir", self._data.name, "--fsync", fsync, *extra])
 
     def close(self) -> None:
         try:
@@ -458,6 +460,9 @@ TARGETS: dict[str, TargetFactory] = {
     "durable-everysec": lambda opts: DurableNodeTarget("durable-everysec", opts,
                                                        fsync="everysec"),
     "durable-no": lambda opts: DurableNodeTarget("durable-no", opts, fsync="no"),
+    # call results logged too: what keeping them in memory saves a call
+    "durable-results": lambda opts: DurableNodeTarget("durable-results", opts, fsync="always",
+                                                      log_results=True),
     "redis": lambda opts: RedisNodeTarget("redis", opts),
     "redis-cluster": lambda opts: RedisNodeTarget("redis-cluster", opts, cluster=True),
 }
@@ -480,6 +485,7 @@ DEFAULT_CASES: dict[str, tuple[str, ...]] = {
     "durable-always": STORAGE_CASES,
     "durable-everysec": STORAGE_CASES,
     "durable-no": STORAGE_CASES,
+    "durable-results": ("noop", "dag2", "throughput"),
     "redis": STORAGE_CASES,
     "redis-cluster": STORAGE_CASES,
 }

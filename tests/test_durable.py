@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import droplet
 from droplet.kvs.backends.durable import DurableBackend
@@ -114,7 +115,8 @@ async def test_compaction_writes_a_snapshot_and_drops_old_segments(tmp_path: Pat
         await backend.delete("k0")
         await backend.put("after-delete", lww(1, b"x"))
         await snapshot_written(backend)
-        assert (tmp_path / "snapshot").exists()
+        assert (tmp_path / "snapshot").stat().st_mode & 0o077 == 0  # the owner's only
+        assert all(seg.stat().st_mode & 0o077 == 0 for seg in segments(tmp_path))
         assert len(segments(tmp_path)) <= 2
         assert backend.statistics().log_bytes < 2000 + 1000
         expected = {f"k{k}": {str(i).encode() for i in range(300) if i % 50 == k}
@@ -210,3 +212,94 @@ def test_bad_options_are_refused(tmp_path: Path) -> None:
         DurableBackend(tmp_path, fsync="sometimes")
     with pytest.raises(ValueError, match="compact_bytes must be positive"):
         DurableBackend(tmp_path, compact_bytes=0)
+
+
+# --------------------------------------------------------------------------- behind KvsService
+
+@asynccontextmanager
+async def durable_service(path: Path, **options: Any
+                          ) -> AsyncIterator[tuple[Any, DurableBackend, Any, Any]]:
+    """(service, backend, a peer, connect(handler) for more peers)"""
+    from functools import partial
+
+    from droplet.kvs.service import KvsService
+    from droplet.rpc import connect_peer, serve_peers
+
+    backend = DurableBackend(path, **options)
+    async with trio.open_nursery() as nursery:
+        service = KvsService(nursery, backend)
+        with trio.fail_after(20):
+            await nursery.start(service.serve)
+        url = await nursery.start(partial(serve_peers, f"inproc://durable-{path.name}",
+                                          service.handle))
+        peer = await connect_peer(url, nursery)
+        yield service, backend, peer, partial(connect_peer, url, nursery)
+        await peer.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_connections_pipelined_puts_share_log_writes(tmp_path: Path) -> None:
+    from droplet.protocol.messages import KvsGet, KvsPut, KvsStored
+
+    async with durable_service(tmp_path) as (_, backend, peer, _):
+        replies: list[Any] = []
+
+        async def put(i: int) -> None:
+            replies.append(await peer.request(KvsPut(f"k{i}", lww(1, b"v"))))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(300):
+                nursery.start_soon(put, i)
+        assert replies == [KvsStored("LWW")] * 300
+        stats = backend.statistics()
+        assert stats.logged == 300 and stats.commits < 300
+        # acknowledged means logged: every one of them is in the log file already
+        logged = [r.key for seg in segments(tmp_path) for r in decode_log(seg.read_bytes()).records]
+        assert sorted(logged) == sorted(f"k{i}" for i in range(300))
+        assert revealed((await peer.request(KvsGet("k7"))).lattice) == b"v"
+
+
+async def test_waiters_and_subscribers_hear_of_a_durable_put(tmp_path: Path) -> None:
+    from droplet.protocol.messages import KvsGet, KvsPut, KvsUpdate
+
+    async with durable_service(tmp_path) as (service, _, peer, connect):
+        updates: list[KvsUpdate] = []
+        got: list[Any] = []
+
+        async def wait() -> None:
+            got.append(await peer.request(KvsGet("later", 30.0)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            await peer.request(KvsPut("later", raw_set(b"a"), True))  # and subscribe
+        assert revealed(got[0].lattice) == {b"a"}
+        send, receive = trio.open_memory_channel[KvsUpdate](10)
+
+        async def on_update(_: Any, msg: Any, request_id: int) -> None:
+            await send.send(msg)
+
+        cache = await connect(handler=on_update)
+        await cache.request(KvsGet("later", None, True))  # subscribe
+        await peer.request(KvsPut("later", raw_set(b"b")))
+        with trio.fail_after(5):
+            updates.append(await receive.receive())
+        assert updates[0].key == "later"
+        assert revealed(updates[-1].lattice) == {b"a", b"b"}
+        assert service.statistics().storage.backend == "durable"
+        await cache.aclose()
+
+
+async def test_a_failed_log_write_is_an_error_reply_and_the_node_keeps_serving(
+        tmp_path: Path) -> None:
+    from droplet.protocol.messages import KvsGet, KvsPut
+
+    async with durable_service(tmp_path) as (_, backend, peer, _):
+        await peer.request(KvsPut("k", lww(1, b"v")))
+        os.close(backend._fd)
+        backend._fd = os.open(tmp_path / "LOCK", os.O_RDONLY)
+        with pytest.raises(droplet.StorageError, match="could not be written"):
+            await peer.request(KvsPut("k2", lww(1, b"v")))
+        with pytest.raises(droplet.StorageError, match="refuses writes"):
+            await peer.request(KvsPut("k3", lww(1, b"v")))
+        assert revealed((await peer.request(KvsGet("k"))).lattice) == b"v"

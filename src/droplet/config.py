@@ -104,6 +104,8 @@ class Config:
     #: the durable store's directory; None: the default for the role (see storage_dir)
     data_dir: str | None = None
     fsync: str = attrs.field(default="always", validator=attrs.validators.in_(FSYNC_POLICIES))
+    #: also log call results (they expire after result_ttl; by default memory only)
+    log_results: bool = False
     log_level: str = "INFO"
 
     @property

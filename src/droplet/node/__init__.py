@@ -27,6 +27,7 @@ from ..errors import ProtocolError
 from ..executor.service import ExecutorService
 from ..kvs.backends import MemoryBackend, StorageBackend
 from ..kvs.backends.durable import DurableBackend
+from ..kvs.keys import RESULT_PREFIX
 from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, Hello
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
@@ -138,8 +139,10 @@ def open_backend(config: Config) -> StorageBackend:
     if path is None:
         log.info("storage: in memory (nothing survives a restart; --data-dir DIR keeps it)")
         return MemoryBackend()
-    log.info("storage: durable in %s (fsync=%s)", path, config.fsync)
-    return DurableBackend(path, fsync=config.fsync)
+    log.info("storage: durable in %s (fsync=%s%s)", path, config.fsync,
+             ", call results too" if config.log_results else "")
+    volatile = () if config.log_results else (RESULT_PREFIX,)
+    return DurableBackend(path, fsync=config.fsync, volatile_prefixes=volatile)
 
 
 async def _serve(url: str, router: Router, token: str | None, options: Any, limits: Limits,

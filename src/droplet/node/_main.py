@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", choices=FSYNC_POLICIES,
                    help="when the log reaches the disk: always (default; before each "
                    "acknowledgement), everysec, or no (when the OS decides)")
+    p.add_argument("--log-results", action="store_true", default=None,
+                   help="also log call results (by default they stay in memory: they "
+                   "expire after --result-ttl and a crash ends their runs anyway)")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags win)")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING or ERROR")

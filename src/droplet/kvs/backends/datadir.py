@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import attrs
 
@@ -47,6 +48,12 @@ class Recovery:
     #: (segment file name, damage) for every damaged log tail that was cut
     damaged: list[tuple[str, LogDamage]]
     log_bytes: int
+
+
+def _private(path: Path) -> BinaryIO:
+    """``path`` opened for writing (replaced if it exists), readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    return os.fdopen(fd, "wb", buffering=1 << 20)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -152,7 +159,8 @@ class DataDir:
     def _cut(self, path: Path, data: bytes, damage: LogDamage) -> None:
         """Keep the damaged bytes beside the log for inspection, then truncate it."""
         kept = path.with_name(f"{path.name}.damaged-{damage.offset}")
-        kept.write_bytes(data[damage.offset:])
+        with _private(kept) as f:
+            f.write(data[damage.offset:])
         with open(path, "r+b") as f:
             f.truncate(damage.offset)
             f.flush()
@@ -179,7 +187,7 @@ class DataDir:
         tmp = self.path / "snapshot.tmp"
         size = 0
         try:
-            with open(tmp, "wb", buffering=1 << 20) as f:
+            with _private(tmp) as f:
                 for chunk in encode_snapshot(next_segment, items):
                     f.write(chunk)
                     size += len(chunk)
