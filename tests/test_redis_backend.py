@@ -397,3 +397,23 @@ async def test_cancelled_commands_do_not_shift_replies(redis_url: str) -> None:
         assert sorted(results) == [(i, str(i).encode()) for i in range(50)]
         await conn.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_call_results_expire_in_redis_itself(redis_url: str,
+                                                   redis_server: RedisServer) -> None:
+    async def ignore(key: str, data: bytes) -> None:
+        pass
+
+    async with trio.open_nursery() as nursery:
+        backend = RedisBackend(redis_url, result_ttl=600)
+        await nursery.start(backend.run, ignore)
+        result, user = "__droplet/results/run-1", "user-key"
+        await backend.put(result, enc(LWWLattice(1, b"r", "w")))
+        await backend.put(user, enc(LWWLattice(1, b"u", "w")))
+        await backend.put(result + "c", enc(VectorClock({"n": 1})))  # compare-and-set path
+        await backend.put(result + "c", enc(VectorClock({"m": 1})))
+        ttl = int(redis_server.cli("PTTL", backend.redis_key(result).decode()))
+        assert 590_000 < ttl <= 600_000
+        assert 590_000 < int(redis_server.cli("PTTL", backend.redis_key(result + "c").decode()))
+        assert redis_server.cli("PTTL", backend.redis_key(user).decode()) == "-1"  # no expiry
+        nursery.cancel_scope.cancel()

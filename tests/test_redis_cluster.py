@@ -134,3 +134,38 @@ async def test_hash_tags_co_locate_and_a_stale_slot_map_follows_moved(
         for i in range(20):
             assert await backend.get(f"m{i}") == enc(SetLattice({b"v"}))
         nursery.cancel_scope.cancel()
+
+
+async def test_a_slot_being_migrated_is_followed_with_asking(
+    cluster: list[RedisServer],
+) -> None:
+    """Mid-migration the old owner answers ASK for keys it no longer has; the put goes
+    to the importing node after ASKING, then the migration completes."""
+    async def ignore(key: str, data: bytes) -> None:
+        pass
+
+    backend = RedisBackend(f"redis://127.0.0.1:{cluster[0].port}?prefix=ask:")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.run, ignore)
+        client = backend._client
+        assert client is not None
+        rkey = backend.redis_key("migrating")
+        slot = key_slot(rkey)
+        by_port = {server.port: server for server in cluster}
+        source = by_port[client.node_for(rkey)[1]]
+        target = next(server for server in cluster if server is not source)
+        source_id, target_id = (server.cli("CLUSTER", "MYID") for server in (source, target))
+        assert target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id) == "OK"
+        assert source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id) == "OK"
+        try:
+            await backend.put("migrating", enc(SetLattice({b"a"})))  # absent on the source: ASK
+            assert target.cli("-c", "GET", rkey.decode()) != ""
+        finally:
+            for server in cluster:  # finish the migration: the target owns the slot
+                server.cli("CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        assert target.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot)) == "1"
+        assert source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot)) == "0"
+        await backend.put("migrating", enc(SetLattice({b"b"})))  # MOVED to the new owner
+        assert decode_lattice(await backend.get("migrating") or b"",
+                              load=RAW).reveal() == {b"a", b"b"}
+        nursery.cancel_scope.cancel()

@@ -132,7 +132,7 @@ def open_backend(config: Config) -> StorageBackend:
         if config.data_dir and config.data_dir != IN_MEMORY:
             raise ValueError("--storage redis://... keeps the data in Redis; "
                              "drop --data-dir (or use one, not both)")
-        backend = RedisBackend(config.storage)
+        backend = RedisBackend(config.storage, result_ttl=config.result_ttl)
         log.info("storage: Redis at %s", backend.url.redacted())
         return backend
     path = config.storage_dir

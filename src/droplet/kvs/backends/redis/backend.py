@@ -24,6 +24,7 @@ import trio
 from ....errors import LatticeTypeError, ProtocolError
 from ....lattices import RAW, decode_lattice, encode_lattice
 from ....lattices.codec import lattice_type_name
+from ...keys import is_result_key
 from ..base import BackendStatistics, ChangeHandler, PutResult, StorageBackend
 from .client import RedisClient
 from .connection import RedisError, StorageUnavailable, open_redis_connection
@@ -48,16 +49,20 @@ class RedisBackend(StorageBackend):
         url: ``redis[s]://[[user]:password@]host[:port][/db][?prefix=...]``;
             any node of a Cluster will do.
         inline_limit: largest encoding sent inside a change notice.
+        result_ttl: seconds Redis keeps a call result (``__droplet/results/...``)
+            before it expires; None: until deleted.
     """
 
     name = "redis"
     concurrent = True
 
-    def __init__(self, url: str | RedisUrl, *, inline_limit: int = INLINE_NOTICE_LIMIT) -> None:
+    def __init__(self, url: str | RedisUrl, *, inline_limit: int = INLINE_NOTICE_LIMIT,
+                 result_ttl: float | None = None) -> None:
         self.url = parse_redis_url(url) if isinstance(url, str) else url
         self.origin = secrets.token_hex(8).encode()
         self.channel = f"{self.url.prefix}changes/{self.url.db}".encode()
         self.inline_limit = inline_limit
+        self._result_ttl_ms = max(1, int(result_ttl * 1000)) if result_ttl else 0
         self._prefix = self.url.prefix.encode("utf-8", "surrogatepass")
         self._client: RedisClient | None = None
         self._ready = trio.Event()
@@ -186,7 +191,8 @@ class RedisBackend(StorageBackend):
         client = await self._ready_client()
         rkey = self.redis_key(key)
         notice = (self.channel, self.origin, self.inline_limit,
-                  key.encode("utf-8", "surrogatepass"))
+                  key.encode("utf-8", "surrogatepass"),
+                  self._result_ttl_ms if is_result_key(key) else 0)
         reply = await client.run_script(MERGE, rkey, encoding, 10 + len(type_name), type_name,
                                         *notice)
         status = reply[0]
@@ -201,7 +207,8 @@ class RedisBackend(StorageBackend):
         return await self._put_cas(client, key, rkey, incoming, encoding, notice)
 
     async def _put_cas(self, client: RedisClient, key: str, rkey: bytes, incoming: Any,
-                       encoding: bytes, notice: tuple[bytes, bytes, int, bytes]) -> PutResult:
+                       encoding: bytes, notice: tuple[bytes, bytes, int, bytes, int]
+                       ) -> PutResult:
         """Merge in Python and write only if the key did not change meanwhile."""
         type_name: str = incoming.type_name
         for _ in range(MAX_CAS_ROUNDS):

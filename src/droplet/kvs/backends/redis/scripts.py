@@ -18,6 +18,10 @@ joins the incoming encoding with the stored one atomically, inside Redis:
   with :data:`COMPARE_AND_SET`, which stores only if the key still holds what
   was read (an optimistic loop per key, retried on conflict).
 
+Call results (``__droplet/results/...``) are written with an expiry
+(``SET ... PX``) of the node's ``result_ttl``, so Redis drops them even when
+the storage node that stored them stops before it deletes them.
+
 A script that changed the key also ``PUBLISH``es a change notice (see
 :func:`pack_notice`), so other storage nodes can update their waiting reads
 and subscribed caches. The merge result, the write and the notice are one
@@ -62,6 +66,13 @@ local function cmp(a, b)
   if #a < #b then return -1 end
   return 1
 end
+local function set(key, value, ttl)
+  if tonumber(ttl) > 0 then
+    redis.call('SET', key, value, 'PX', ttl)
+  else
+    redis.call('SET', key, value)
+  end
+end
 local function notify(enc, channel, origin, limit, dkey)
   if channel == '' then return end
   local body = ''
@@ -73,13 +84,14 @@ end
 
 MERGE = Script("merge", _COMMON + r"""
 -- KEYS[1]: the Redis key. ARGV: incoming canonical encoding, its type-header
--- length, type name, channel, origin, inline notice limit, Droplet key.
+-- length, type name, channel, origin, inline notice limit, Droplet key,
+-- expiry in ms (0: none).
 -- Returns {0} unchanged, {1, encoding} changed, {2} fall back to
 -- compare-and-set, {3, stored header} the key holds another type.
 local key, inc, hlen, tname = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local cur = redis.call('GET', key)
 local function store(enc)
-  redis.call('SET', key, enc)
+  set(key, enc, ARGV[8])
   notify(enc, ARGV[4], ARGV[5], ARGV[6], ARGV[7])
   return {1, enc}
 end
@@ -172,13 +184,14 @@ return {2}
 
 COMPARE_AND_SET = Script("compare-and-set", _COMMON + r"""
 -- KEYS[1]: the Redis key. ARGV: SHA-1 of the expected value ('' = absent),
--- the new value, channel, origin, inline notice limit, Droplet key.
+-- the new value, channel, origin, inline notice limit, Droplet key, expiry in
+-- ms (0: none).
 -- Returns 1 when written, 0 when the key changed since it was read.
 local cur = redis.call('GET', KEYS[1])
 local seen = ''
 if cur then seen = redis.sha1hex(cur) end
 if seen ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
+set(KEYS[1], ARGV[2], ARGV[7])
 notify(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 return 1
 """)
