@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from droplet.config import Config
@@ -91,3 +93,13 @@ def test_a_node_without_its_redis_fails_to_start_with_one_clear_line(
                    "tcp://127.0.0.1:0"])
     assert status == 1
     assert "drop --data-dir" in caplog.text
+
+
+def test_storage_in_the_configuration_file(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[droplet]\nrole = "kvs"\nstorage = "redis://:pw@10.0.0.9:7000/0"\n')
+    config = Config.load({}, str(path), environ={})
+    assert config.storage == "redis://:pw@10.0.0.9:7000/0"
+    path.write_text('storage = "postgres://db"\n')
+    with pytest.raises(ValueError, match="storage must be"):
+        Config.load({}, str(path), environ={})
