@@ -417,3 +417,37 @@ async def test_call_results_expire_in_redis_itself(redis_url: str,
         assert 590_000 < int(redis_server.cli("PTTL", backend.redis_key(result + "c").decode()))
         assert redis_server.cli("PTTL", backend.redis_key(user).decode()) == "-1"  # no expiry
         nursery.cancel_scope.cancel()
+
+
+async def test_storage_nodes_recover_when_redis_restarts() -> None:
+    """While Redis is down a put fails with a clear error (never acknowledged); once it
+    is back both the command connections and the change subscription reconnect."""
+    from droplet.testing.nodes import free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    send, receive = trio.open_memory_channel[tuple[str, bytes]](10)
+
+    async def changed(key: str, data: bytes) -> None:
+        await send.send((key, data))
+
+    with start_redis(port=port) as server:
+        async with trio.open_nursery() as nursery:
+            listener, writer = RedisBackend(url), RedisBackend(url)
+            await nursery.start(listener.run, changed)
+            await nursery.start(writer.run, changed)
+            await writer.put("k", enc(SetLattice({b"before"})))
+            with trio.fail_after(GUARD):
+                assert (await receive.receive())[0] == "k"
+            server.stop()
+            with pytest.raises(StorageUnavailable):
+                await writer.put("k", enc(SetLattice({b"while down"})))
+            with start_redis(port=port):
+                with trio.fail_after(GUARD):
+                    for i in range(1000):  # the subscription comes back within a second
+                        await writer.put("k", enc(SetLattice({b"after-%d" % i})))
+                        with trio.move_on_after(0.2):
+                            key, data = await receive.receive()
+                            break
+                assert key == "k" and b"after-0" in revealed(data)  # a fresh, empty Redis
+            nursery.cancel_scope.cancel()

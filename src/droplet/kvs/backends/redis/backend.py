@@ -121,16 +121,22 @@ class RedisBackend(StorageBackend):
 
         masters = client.masters()
         host, port = masters[self.origin[0] % len(masters)]  # spread listeners over masters
-        async with trio.open_nursery() as nursery:
-            conn = await open_redis_connection(nursery, self.url, host, port,
-                                               select_db=False, on_push=on_push)
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:  # for the connection's reader task
             try:
-                await conn.send_only("SUBSCRIBE", self.channel)
-                await conn.closed_event.wait()
-                raise StorageUnavailable(f"pub/sub connection to {host}:{port} closed")
-            finally:
-                with trio.CancelScope(shield=True):
-                    await conn.aclose()
+                conn = await open_redis_connection(nursery, self.url, host, port,
+                                                   select_db=False, on_push=on_push)
+                try:
+                    await conn.send_only("SUBSCRIBE", self.channel)
+                    await conn.closed_event.wait()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await conn.aclose()
+                failure = StorageUnavailable(f"pub/sub connection to {host}:{port} closed")
+            except (StorageUnavailable, RedisError, OSError) as exc:
+                failure = exc  # raised below, outside the nursery: not as a group
+            nursery.cancel_scope.cancel()
+        raise failure
 
     async def _on_notice(self, client: RedisClient, data: bytes,
                          changed: ChangeHandler) -> None:
