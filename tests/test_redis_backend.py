@@ -160,7 +160,7 @@ async def test_type_mismatch_and_garbage_are_refused_and_change_nothing(
         assert revealed(await backend.get("k")) == b"v"
         # a key someone else wrote is reported as such, not taken for a lattice
         redis_server.cli("SET", backend.redis_key("foreign").decode(), "hello")
-        with pytest.raises(RedisError, match="not a Droplet lattice"):
+        with pytest.raises(droplet.StorageError, match="not a Droplet lattice"):
             await backend.put("foreign", enc(SetLattice({b"x"})))
         assert await backend.delete("k") is True
         assert await backend.delete("k") is False
@@ -440,7 +440,7 @@ async def test_storage_nodes_recover_when_redis_restarts() -> None:
             with trio.fail_after(GUARD):
                 assert (await receive.receive())[0] == "k"
             server.stop()
-            with pytest.raises(StorageUnavailable):
+            with pytest.raises(droplet.StorageError, match="Redis at 127.0.0.1"):
                 await writer.put("k", enc(SetLattice({b"while down"})))
             with start_redis(port=port):
                 with trio.fail_after(GUARD):

@@ -14,14 +14,16 @@ What Droplet stores where (see docs/how-to/redis.rst):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
+from collections.abc import Iterator
 from typing import Any
 
 import trio
 
-from ....errors import LatticeTypeError, ProtocolError
+from ....errors import LatticeTypeError, ProtocolError, StorageError
 from ....lattices import RAW, decode_lattice, encode_lattice
 from ....lattices.codec import lattice_type_name
 from ...keys import is_result_key
@@ -179,18 +181,24 @@ class RedisBackend(StorageBackend):
         return self._prefix + key.encode("utf-8", "surrogatepass")
 
     async def get(self, key: str) -> bytes | None:
-        client = await self._ready_client()
-        rkey = self.redis_key(key)
-        value: bytes | None = await client.call(rkey, "GET", rkey)
-        return value
+        with _as_storage_error():
+            client = await self._ready_client()
+            rkey = self.redis_key(key)
+            value: bytes | None = await client.call(rkey, "GET", rkey)
+            return value
 
     async def delete(self, key: str) -> bool:
-        client = await self._ready_client()
-        rkey = self.redis_key(key)
-        removed: int = await client.call(rkey, "DEL", rkey)
-        return removed > 0
+        with _as_storage_error():
+            client = await self._ready_client()
+            rkey = self.redis_key(key)
+            removed: int = await client.call(rkey, "DEL", rkey)
+            return removed > 0
 
     async def put(self, key: str, data: bytes) -> PutResult:
+        with _as_storage_error():
+            return await self._put(key, data)
+
+    async def _put(self, key: str, data: bytes) -> PutResult:
         incoming = decode_lattice(data, load=RAW)  # ProtocolError for the sender
         encoding = encode_lattice(incoming, dump=RAW)
         type_name = incoming.type_name
@@ -253,3 +261,13 @@ class RedisBackend(StorageBackend):
 
     def statistics(self) -> BackendStatistics:
         return BackendStatistics(backend=self.name, keys=None)
+
+
+@contextlib.contextmanager
+def _as_storage_error() -> Iterator[None]:
+    """Redis failures leave the backend as :class:`~droplet.errors.StorageError` itself,
+    the type clients know (the wire carries an error's class name), cause kept."""
+    try:
+        yield
+    except RedisError as exc:
+        raise StorageError(str(exc)) from exc
