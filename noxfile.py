@@ -1,6 +1,6 @@
 """Developer tasks: ``python3 -m pip install nox && python3 -m nox -s <session>``.
 
-Sessions: ``tests``, ``lint``, ``docs``, ``bench`` and ``demo`` (a local node
+Sessions: ``tests``, ``lint``, ``docs``, ``bench``, ``bench-peers`` and ``demo`` (a local node
 plus ``examples/quickstart.py``). Each runs in its own virtualenv under
 ``.nox/``, reused between runs; it needs only ``python3`` and ``pip``.
 """
@@ -53,6 +53,13 @@ def bench(session: nox.Session) -> None:
     # trustme: the tls/wss targets make a throw-away CA and node certificate.
     session.install(".", "trustme")
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(name="bench-peers", python=PYTHON)
+def bench_peers(session: nox.Session) -> None:
+    """Droplet beside Ray and Dask distributed (benchmarks/peers.py); args after ``--``."""
+    session.install(".", "trustme", "ray==2.60.0", "dask[distributed]")
+    session.run("python", "benchmarks/peers.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -41,7 +41,7 @@ import trio
 import droplet
 
 __all__ = ["CASES", "Case", "Context", "Measured", "dag_chain", "latency_case",
-           "throughput_case"]
+           "sync_throughput_case", "throughput_case"]
 
 _MISSING: Any = object()
 
@@ -76,6 +76,10 @@ class Case:
     expect: Any = _MISSING
     #: Target names this case runs on (None: all).
     targets: frozenset[str] | None = None
+    #: At most this many timed (and warm-up) calls, for rows whose calls are slow.
+    max_samples: int | None = None
+    #: For "sync-throughput" cases: ``run(conn, ctx) -> Measured`` with the sync client.
+    sync_run: Callable[[droplet.DropletConnection, Context], Measured] | None = None
 
     def applies_to(self, target_name: str) -> bool:
         return self.targets is None or target_name in self.targets
@@ -92,12 +96,21 @@ def _add(case: Case) -> None:
 
 
 def latency_case(name: str, description: str, *, expect: Any = _MISSING,
-                 targets: Sequence[str] | None = None) -> Callable[..., Any]:
+                 targets: Sequence[str] | None = None,
+                 max_samples: int | None = None) -> Callable[..., Any]:
     """Register ``setup(conn, ctx) -> call`` as a latency row."""
     def deco(setup: Callable[[droplet.DropletConnection, Context], Callable[[], Any]]) -> Any:
         _add(Case(name, description, "latency", setup=setup, expect=expect,
-                  targets=frozenset(targets) if targets else None))
+                  targets=frozenset(targets) if targets else None, max_samples=max_samples))
         return setup
+    return deco
+
+
+def sync_throughput_case(name: str, description: str) -> Callable[..., Any]:
+    """Register ``run(conn, ctx) -> Measured`` (synchronous client) as a throughput row."""
+    def deco(run: Callable[[droplet.DropletConnection, Context], Measured]) -> Any:
+        _add(Case(name, description, "sync-throughput", sync_run=run))
+        return run
     return deco
 
 
@@ -130,6 +143,20 @@ def _remote_functions() -> tuple[Callable[..., Any], ...]:
 
 
 noop, square, increment = _remote_functions()
+
+
+def _fanin_and_size_functions() -> tuple[Callable[..., Any], ...]:
+    def add3(_: Any, a: Any, b: Any, c: Any) -> Any:
+        return a + b + c
+
+    def length(_: Any, data: Any) -> Any:
+        return len(data)
+
+    return add3, length
+
+
+add3, length = _fanin_and_size_functions()
+MIB = 1024 * 1024
 
 #: Keys read by the consistency rows. NORMAL and REPEATABLE_READ rows read
 #: last-writer-wins values stored with ``put_object``; CAUSAL rows read causal
@@ -242,6 +269,32 @@ def chain10(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
     return dag_chain(conn, "bench-chain10", [increment] * 10, 0)
 
 
+@latency_case("fanin3", "3->1 fan-in: three no-op sources feed add3(a, b, c): "
+              "call_dag(..., {s0: 1, s1: 2, s2: 3}).get()", expect=6)
+def fanin3(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+    sources = [f"bench-fanin3-s{i}" for i in range(3)]
+    for name in sources:
+        conn.register(noop, name)
+    conn.register(add3, "bench-fanin3-add3")
+    conn.register_dag("bench-fanin3", [*sources, "bench-fanin3-add3"],
+                      [(name, "bench-fanin3-add3") for name in sources])
+    arg_map = {name: i + 1 for i, name in enumerate(sources)}
+    return lambda: conn.call_dag("bench-fanin3", arg_map).get()
+
+
+def _bigarg_row(mib: int, max_samples: int) -> None:
+    @latency_case(f"bigarg{mib}", f"2-function DAG passing a {mib} MiB bytes argument: "
+                  "identity -> len", expect=mib * MIB, max_samples=max_samples)
+    def bigarg(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+        data = b"x" * (mib * MIB)
+        call = dag_chain(conn, f"bench-bigarg{mib}", [noop, length], data)
+        return call
+
+
+_bigarg_row(10, 100)
+_bigarg_row(50, 30)
+
+
 # Consistency overhead: the same DAG under NORMAL, REPEATABLE_READ and CAUSAL,
 # every function reading 2 keys.
 
@@ -348,4 +401,25 @@ async def throughput(client: droplet.AsyncDropletClient, ctx: Context) -> Measur
     total = time.perf_counter_ns() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} of {n} calls failed; first: {errors[0]!r}")
+    return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")
+
+
+@sync_throughput_case("throughput-sync",
+                      "N concurrent no-op calls from one DropletConnection: issue all "
+                      "f(i), then get() each future")
+def throughput_sync(conn: droplet.DropletConnection, ctx: Context) -> Measured:
+    f = conn.register(noop, "bench-noop")
+    for _ in range(ctx.warmup):
+        f(1).get()
+    n = ctx.concurrent_calls
+    t0 = time.perf_counter_ns()
+    futures = [f(i) for i in range(n)]
+    issued = time.perf_counter_ns()
+    latencies = [0] * n
+    for i, future in enumerate(futures):
+        value = future.get()
+        latencies[i] = time.perf_counter_ns() - t0
+        if value != i:
+            raise AssertionError(f"call {i} returned {value!r}")
+    total = time.perf_counter_ns() - t0
     return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")

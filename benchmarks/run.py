@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,25 +115,37 @@ def _log(verbose: bool, message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def run_latency(case: Case, target: Target, ctx: Context) -> Result:
-    assert case.setup is not None
-    conn = target.connect()
-    call = case.setup(conn, ctx)
+def time_calls(case: Case, target_name: str, call: Callable[[], Any], ctx: Context) -> Result:
+    """Check the first result, warm up, then time sequential calls (also used for peers)."""
+    n = min(ctx.samples, case.max_samples or ctx.samples)
+    warmup = min(ctx.warmup, case.max_samples or ctx.warmup)
     first = call()
     if case.expect is not _MISSING and first != case.expect:
         raise AssertionError(f"returned {first!r}, expected {case.expect!r}")
-    for _ in range(ctx.warmup - 1):
+    for _ in range(warmup - 1):
         call()
     gc.collect()
-    samples = [0] * ctx.samples
+    samples = [0] * n
     clock = time.perf_counter_ns
     t0 = clock()
-    for i in range(ctx.samples):
+    for i in range(n):
         start = clock()
         call()
         samples[i] = clock() - start
     total = clock() - t0
-    return summarize(case.name, target.name, samples, total)
+    return summarize(case.name, target_name, samples, total)
+
+
+def run_latency(case: Case, target: Target, ctx: Context) -> Result:
+    assert case.setup is not None
+    return time_calls(case, target.name, case.setup(target.connect(), ctx), ctx)
+
+
+def run_sync_throughput(case: Case, target: Target, ctx: Context) -> Result:
+    assert case.sync_run is not None
+    gc.collect()
+    m = case.sync_run(target.connect(), ctx)
+    return summarize(case.name, target.name, m.latencies_ns, m.total_ns, m.calls, m.note)
 
 
 def run_throughput(case: Case, target: Target, ctx: Context) -> Result:
@@ -166,6 +178,8 @@ def run_cases(spec: str, cases: Sequence[Case], target: Target, args: argparse.N
         try:
             if case.kind == "latency":
                 result = run_latency(case, target, ctx)
+            elif case.kind == "sync-throughput":
+                result = run_sync_throughput(case, target, ctx)
             else:
                 result = run_throughput(case, target, ctx)
         except Exception as exc:

@@ -303,6 +303,8 @@ class KvsService:
             else:
                 # Merged now, in order; answered once safe, by _send_acks: this
                 # connection's next puts join the same log write meanwhile.
+                if is_result_key(msg.key):
+                    await self._expire_results(msg.key)
                 if msg.subscribe:
                     self._subscribe(peer, msg.key)
                 self._acks.append(_Ack(ticket, peer, request_id, msg.key, type_name, changed))

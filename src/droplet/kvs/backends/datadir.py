@@ -43,6 +43,7 @@ class Recovery:
     """What a start found in the data directory."""
 
     snapshot_keys: int
+    snapshot_bytes: int
     replayed_records: int
     segments: int
     #: (segment file name, damage) for every damaged log tail that was cut
@@ -115,10 +116,13 @@ class DataDir:
         with contextlib.suppress(FileNotFoundError):
             (self.path / "snapshot.tmp").unlink()  # a compaction the crash interrupted
         first = 1
-        snapshot_keys = 0
+        snapshot_keys = snapshot_bytes = 0
         if self.snapshot_path.exists():
             try:
-                first, items = decode_snapshot(self.snapshot_path.read_bytes())
+                data = self.snapshot_path.read_bytes()
+                snapshot_bytes = len(data)
+                first, items = decode_snapshot(data)
+                del data
                 for key, value in items:
                     store.put(key, value)
             except DropletError as exc:
@@ -154,7 +158,8 @@ class DataDir:
                 damaged.append((path.name, replay.damage))
         next_segment = max([first - 1, *segments]) + 1
         live = [n for n in segments if n >= first]
-        return Recovery(snapshot_keys, replayed, len(live), damaged, log_bytes), next_segment
+        recovery = Recovery(snapshot_keys, snapshot_bytes, replayed, len(live), damaged, log_bytes)
+        return recovery, next_segment
 
     def _cut(self, path: Path, data: bytes, damage: LogDamage) -> None:
         """Keep the damaged bytes beside the log for inspection, then truncate it."""

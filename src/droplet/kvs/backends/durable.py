@@ -18,9 +18,11 @@ acknowledged when that batch is safe. Reads are answered from memory at once.
 - ``no``: written before acknowledgement, fsynced when the OS decides (and at
   snapshots and shutdown).
 
-When the log has grown by ``compact_bytes`` the writer switches to a new log
-segment and a worker thread writes every key's merged value to a new snapshot
-(atomic rename), then deletes the segments the snapshot covers.
+When the log since the last snapshot has grown past ``compact_bytes`` and past
+the snapshot's own size (so rewriting the snapshot costs at most as much as the
+log it replaces, as Redis's ``auto-aof-rewrite-percentage 100``), the writer
+switches to a new log segment and a worker thread writes every key's merged
+value to a new snapshot (atomic rename), then deletes the segments it covers.
 
 Call results (``__droplet/results/...`` keys, which expire after
 ``result_ttl`` anyway) are kept in memory only by default: a future that
@@ -121,9 +123,10 @@ class DurableBackend(StorageBackend):
 
     def put_pending(self, key: str, data: bytes) -> tuple[PutResult, int]:
         self._check_writable()
+        record = encode_record(PUT, key, data)  # before merging: nothing may fail after
         result = self.store.put(key, data)  # bad input raises here, before the log
         if result[1] is not None:
-            self._append(encode_record(PUT, key, data))
+            self._append(record)
         # Even a put that changed nothing waits: what it saw may not be safe yet.
         return result, self._appended
 
@@ -153,8 +156,8 @@ class DurableBackend(StorageBackend):
         try:
             r, self._segment = await trio.to_thread.run_sync(self.dir.recover, self.store)
             self.recovery = r
-            self._log_bytes = r.log_bytes
-            self._compact_at = self._log_bytes + self.compact_bytes
+            self._log_bytes = r.log_bytes  # a long replayed log is compacted at the first write
+            self._compact_at = max(self.compact_bytes, r.snapshot_bytes)
             self._fd = await trio.to_thread.run_sync(self.dir.create_segment, self._segment)
             self._ready = True
             log.info("data directory %s: %d keys from the snapshot, %d log records from %d "
@@ -216,7 +219,13 @@ class DurableBackend(StorageBackend):
                 snapshot = self.store.copy()
             try:
                 if sync:
-                    await trio.to_thread.run_sync(write_and_sync, self._fd, batch, True)
+                    try:
+                        await trio.to_thread.run_sync(write_and_sync, self._fd, batch, True)
+                    except trio.Cancelled:
+                        # Cancelled before the thread ran (once it runs, it finishes):
+                        # the batch goes back, for _close to write.
+                        self._pending.insert(0, batch)
+                        raise
                 else:
                     write_all(self._fd, batch)  # to the OS only: quick, as Redis does
                     self._unsynced = True
@@ -254,7 +263,7 @@ class DurableBackend(StorageBackend):
         else:
             self._snapshots += 1
             self._log_bytes -= covered
-            self._compact_at = self._log_bytes + self.compact_bytes
+            self._compact_at = max(self.compact_bytes, size)
             log.info("snapshot of %d keys (%d bytes) written in %.2f s; log segments before "
                      "%d removed", len(snapshot), size, time.monotonic() - started,
                      next_segment)
