@@ -169,3 +169,31 @@ async def test_a_slot_being_migrated_is_followed_with_asking(
         assert decode_lattice(await backend.get("migrating") or b"",
                               load=RAW).reveal() == {b"a", b"b"}
         nursery.cancel_scope.cancel()
+
+
+async def test_two_embedded_droplet_clusters_on_one_redis_cluster(
+    cluster: list[RedisServer],
+) -> None:
+    """Functions, DAGs, results and user keys of two Droplet deployments given different
+    Cluster nodes: what one writes, the other reads."""
+    import droplet
+
+    urls = [f"redis://127.0.0.1:{server.port}?prefix=e2e:" for server in (cluster[0],
+                                                                         cluster[2])]
+    async with droplet.open_local_cluster(executors=1, storage=urls[0]) as a, \
+            droplet.open_local_cluster(executors=1, storage=urls[1]) as b, \
+            a.client() as cloud_a, b.client() as cloud_b:
+        await cloud_a.register(lambda lib, k: lib.get(k) * 2, "double_key")
+        await cloud_a.register(lambda _, x: x + 1, "inc")
+        await cloud_a.register(lambda _, x: x * x, "square")
+        await cloud_a.register_dag("inc_square", ["inc", "square"], [("inc", "square")])
+        assert await (await cloud_a.call_dag("inc_square", {"inc": [2]})).get(GUARD) == 9
+        for i in range(20):
+            await cloud_b.put_object(f"n{i}", i)
+        for i in range(20):
+            future = await cloud_a.exec_func("double_key", [f"n{i}"])
+            assert await future.get(GUARD) == 2 * i
+        assert await cloud_a.get_object("n7") == 7
+        await cloud_b.put_object("tagged", SetLattice({1}))
+        await cloud_a.put_object("tagged", SetLattice({2}))
+        assert (await cloud_b.get_object("tagged")).reveal() == {1, 2}
