@@ -83,7 +83,7 @@ class RedisBackend(StorageBackend):
             try:
                 await client.start([MERGE, COMPARE_AND_SET])
                 subscribed = trio.Event()
-                nursery.start_soon(self._listen, nursery, client, changed, subscribed)
+                nursery.start_soon(self._listen, client, changed, subscribed)
                 await subscribed.wait()
                 self._client = client
                 self._ready.set()
@@ -97,8 +97,8 @@ class RedisBackend(StorageBackend):
                 with trio.CancelScope(shield=True):
                     await client.aclose()
 
-    async def _listen(self, nursery: trio.Nursery, client: RedisClient,
-                      changed: ChangeHandler, subscribed: trio.Event) -> None:
+    async def _listen(self, client: RedisClient, changed: ChangeHandler,
+                      subscribed: trio.Event) -> None:
         """Keep one pub/sub connection subscribed (any node: PUBLISH reaches all)."""
         while True:
             try:
@@ -151,8 +151,12 @@ class RedisBackend(StorageBackend):
             return  # our own put: the service already told its waiters
         self.notices += 1
         key = raw_key.decode("utf-8", "surrogatepass")
-        if not encoding:
-            value = await client.call(self._prefix + raw_key, "GET", self._prefix + raw_key)
+        if not encoding:  # too big for the notice: read it back
+            try:
+                value = await client.call(self._prefix + raw_key, "GET", self._prefix + raw_key)
+            except RedisError as exc:
+                log.warning("cannot read %r, changed through another storage node: %s", key, exc)
+                return
             if value is None:
                 return
             encoding = value
