@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                        "$XDG_DATA_HOME/droplet/HOST-PORT; ':memory:' keeps nothing)")
     start.add_argument("--fsync", choices=("always", "everysec", "no"),
                        help="log fsync policy (default: always)")
+    start.add_argument("--storage", metavar="URL",
+                       help="keep the store in Redis: redis://HOST:PORT/DB or rediss://... "
+                       "(instead of --data-dir)")
     start.add_argument("--pid-file", type=Path, default=None, metavar="FILE",
                        help="default: $DROPLET_HOME/node.pid (~/.droplet)")
     start.add_argument("--log-file", type=Path, default=None, metavar="FILE",
@@ -66,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra += ["--data-dir", args.data_dir]
         if args.fsync:
             extra += ["--fsync", args.fsync]
+        if args.storage:
+            extra += ["--storage", args.storage]
         return start_local(args.listen, args.executors, pid_file,
                            args.log_file or _home() / "node.log", extra)
     return stop_local(pid_file)

@@ -7,13 +7,15 @@ nodes' processes cannot import this module.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from droplet import DropletConnection
-from droplet.testing.nodes import start_node
+from droplet.testing.nodes import free_port, start_node
 from droplet.testing.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -55,3 +57,28 @@ def test_two_droplet_deployments_front_one_redis(tmp_path: Path, redis_url: str,
         for proc in (executor, scheduler, kvs, all_in_one):
             assert proc.stop() == 0, proc.log_text()
             assert "Traceback" not in proc.log_text(), proc.log_text()
+
+
+def test_start_local_on_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              redis_url: str, redis_server: RedisServer) -> None:
+    from droplet.cli import main as cli_main
+
+    monkeypatch.setenv("DROPLET_HOME", str(tmp_path))
+    monkeypatch.delenv("DROPLET_TOKEN", raising=False)
+    url = f"tcp://127.0.0.1:{free_port()}"
+    pid_file = tmp_path / "node.pid"
+    try:
+        assert cli_main(["start-local", "--listen", url, "--executors", "1",
+                         "--storage", redis_url]) == 0
+        with DropletConnection(url, timeout=TIMEOUT) as cloud:
+            cloud.put_object("kept-in-redis", 1)
+        prefix = redis_url.split("prefix=")[1]
+        assert redis_server.cli("EXISTS", f"{prefix}kept-in-redis") == "1"
+        assert cli_main(["stop-local"]) == 0
+        assert "Traceback" not in (tmp_path / "node.log").read_text()
+    finally:
+        if pid_file.exists():  # the test failed midway: leave nothing running
+            try:
+                os.killpg(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
