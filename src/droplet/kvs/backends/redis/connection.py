@@ -67,7 +67,7 @@ class RedisConnection:
                  on_push: Callable[[Any], Awaitable[None]] | None = None) -> None:
         self.address = address
         self._stream = stream
-        self._reader = hiredis.Reader(replyError=RedisReplyError, notEnoughData=False)
+        self._reader = hiredis.Reader(replyError=RedisReplyError)
         self._pending: collections.deque[_Slot] = collections.deque()
         self._outbox: list[bytes] = []
         self._writing = False
