@@ -201,6 +201,7 @@ async def test_concurrent_causal_versions_are_kept_side_by_side(redis_url: str) 
         stored = decode_lattice(await one.get("c") or b"", load=RAW)
         assert isinstance(stored, SingleKeyCausalLattice)
         assert len(stored.versions) == 40
+        assert one.cas_merges + two.cas_merges == 39  # the first put found no key
         assert stored.reveal() == {b"v%d" % i for i in range(40)}
 
 

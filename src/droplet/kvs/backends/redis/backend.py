@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import random
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +42,8 @@ log = logging.getLogger("droplet.kvs.redis")
 INLINE_NOTICE_LIMIT = 64 * 1024
 #: Compare-and-set rounds before a contended fallback merge gives up.
 MAX_CAS_ROUNDS = 64
+#: First backoff after a compare-and-set lost a race (seconds; doubles, capped at 64x).
+CAS_BACKOFF = 0.0005
 RESUBSCRIBE_BACKOFF = 0.5
 
 
@@ -71,6 +74,7 @@ class RedisBackend(StorageBackend):
         #: puts merged by a Lua script / by the compare-and-set fallback; notices taken in
         self.script_merges = 0
         self.cas_merges = 0
+        self.cas_conflicts = 0
         self.notices = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -229,7 +233,7 @@ class RedisBackend(StorageBackend):
                        ) -> PutResult:
         """Merge in Python and write only if the key did not change meanwhile."""
         type_name: str = incoming.type_name
-        for _ in range(MAX_CAS_ROUNDS):
+        for attempt in range(MAX_CAS_ROUNDS):
             current: bytes | None = await client.call(rkey, "GET", rkey)
             if current is None:
                 merged, seen = encoding, ""
@@ -249,7 +253,9 @@ class RedisBackend(StorageBackend):
             if await client.run_script(COMPARE_AND_SET, rkey, seen, merged, *notice):
                 self.cas_merges += 1
                 return type_name, merged
-            await trio.lowlevel.checkpoint()
+            self.cas_conflicts += 1
+            # Writers racing on one key: back off a random, growing while (capped).
+            await trio.sleep(random.uniform(0, CAS_BACKOFF * 2 ** min(attempt, 6)))
         raise RedisError(f"could not merge into {key!r}: it changed under {MAX_CAS_ROUNDS} "
                          "merges in a row")
 
