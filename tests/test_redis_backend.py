@@ -33,6 +33,9 @@ from droplet.kvs.store import Store
 from droplet.lattices import (
     RAW,
     LWWLattice,
+    MapLattice,
+    MaxLattice,
+    MultiKeyCausalLattice,
     SetLattice,
     SingleKeyCausalLattice,
     VectorClock,
@@ -133,17 +136,27 @@ async def test_lww_order_covers_the_whole_timestamp_range(
         assert await two.get("k") == enc(newer)
 
 
-async def test_simple_types_merge_in_lua_and_complex_ones_by_compare_and_set(
-    redis_url: str,
-) -> None:
+async def test_which_types_merge_in_lua_and_which_by_compare_and_set(redis_url: str) -> None:
     async with backends(redis_url, 1) as (backend,):
-        await backend.put("set", enc(SetLattice({b"a"})))
-        await backend.put("set", enc(SetLattice({b"b"})))
-        assert (backend.script_merges, backend.cas_merges) == (2, 0)
-        await backend.put("clock", enc(VectorClock({"n": 1})))
-        await backend.put("clock", enc(VectorClock({"m": 2})))
-        assert backend.cas_merges == 1  # the first put of a key is a plain script write
+        for key, first, second in [
+            ("set", SetLattice({b"a"}), SetLattice({b"b"})),
+            ("clock", VectorClock({"n": 1}), VectorClock({"m": 2})),
+            ("causal", SingleKeyCausalLattice(VectorClock({"n": 1}), {b"x"}),
+             SingleKeyCausalLattice(VectorClock({"m": 1}), {b"y"})),
+        ]:
+            await backend.put(key, enc(first))
+            await backend.put(key, enc(second))
+        assert (backend.script_merges, backend.cas_merges) == (6, 0)
         assert revealed(await backend.get("clock")) == {"n": 1, "m": 2}
+        assert revealed(await backend.get("causal")) == {b"x", b"y"}
+        # maps and multi-key causal lattices: read, merged here, written if unchanged
+        await backend.put("map", enc(MapLattice({"a": MaxLattice(1)})))
+        await backend.put("map", enc(MapLattice({"b": MaxLattice(2)})))
+        assert backend.cas_merges == 1  # the first put of a key is a plain script write
+        # a counter Lua cannot hold exactly (past 2**53) falls back too
+        await backend.put("clock", enc(VectorClock({"n": 2**60})))
+        assert backend.cas_merges == 2
+        assert revealed(await backend.get("clock")) == {"n": 2**60, "m": 2}
 
 
 async def test_type_mismatch_and_garbage_are_refused_and_change_nothing(
@@ -154,7 +167,7 @@ async def test_type_mismatch_and_garbage_are_refused_and_change_nothing(
         with pytest.raises(droplet.LatticeTypeError, match="holds a LWW lattice"):
             await backend.put("k", enc(SetLattice({b"x"})))
         with pytest.raises(droplet.LatticeTypeError, match="holds a LWW lattice"):
-            await backend.put("k", enc(VectorClock({"n": 1})))  # the fallback path checks too
+            await backend.put("k", enc(MapLattice({"a": MaxLattice(1)})))  # CAS path too
         with pytest.raises(droplet.ProtocolError):
             await backend.put("k", b"not a lattice")
         assert revealed(await backend.get("k")) == b"v"
@@ -188,21 +201,30 @@ async def test_concurrent_merges_into_one_set_key_through_two_storage_nodes(
             await peer.aclose()
 
 
-async def test_concurrent_causal_versions_are_kept_side_by_side(redis_url: str) -> None:
-    """Causal lattices merge by compare-and-set: no concurrent version may be lost."""
+@pytest.mark.parametrize("kind", ["SingleKeyCausal", "MultiKeyCausal"])
+async def test_concurrent_causal_versions_are_kept_side_by_side(redis_url: str,
+                                                                kind: str) -> None:
+    """Single-key causal lattices merge in Lua, multi-key ones by compare-and-set:
+    either way no concurrent version may be lost."""
     async with backends(redis_url) as (one, two):
         def version(i: int) -> bytes:
-            return enc(SingleKeyCausalLattice(VectorClock({f"w{i}": 1}), {b"v%d" % i}))
+            clock = VectorClock({f"w{i}": 1})
+            if kind == "SingleKeyCausal":
+                return enc(SingleKeyCausalLattice(clock, {b"v%d" % i}))
+            return enc(MultiKeyCausalLattice(clock, {"dep": VectorClock({"d": i})},
+                                             {b"v%d" % i}))
 
         with trio.fail_after(GUARD):
             async with trio.open_nursery() as writers:
                 for i in range(40):
                     writers.start_soon((one if i % 2 else two).put, "c", version(i))
         stored = decode_lattice(await one.get("c") or b"", load=RAW)
-        assert isinstance(stored, SingleKeyCausalLattice)
+        assert type(stored).__name__ == kind + "Lattice"
+        assert isinstance(stored, SingleKeyCausalLattice | MultiKeyCausalLattice)
         assert len(stored.versions) == 40
-        assert one.cas_merges + two.cas_merges == 39  # the first put found no key
         assert stored.reveal() == {b"v%d" % i for i in range(40)}
+        # the first put found no key; the other 39 merged in Lua or by compare-and-set
+        assert one.cas_merges + two.cas_merges == (39 if kind == "MultiKeyCausal" else 0)
 
 
 # --------------------------------------------------------------------------- freshness

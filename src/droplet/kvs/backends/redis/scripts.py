@@ -12,11 +12,17 @@ joins the incoming encoding with the stored one atomically, inside Redis:
   result is the canonical encoding of the union.
 - ``Max``: the greater number; ``Priority``: the lower priority, ties broken by
   the value's bytes.
-- anything else (``VectorClock``, ``Map``, the causal lattices) and the rare
-  cases Lua cannot compare exactly (integers beyond 64 bits, an ``int`` against
-  a ``float``) answer "fall back": the backend then merges in Python and writes
-  with :data:`COMPARE_AND_SET`, which stores only if the key still holds what
-  was read (an optimistic loop per key, retried on conflict).
+- ``VectorClock``: a merge-join of the two sorted clocks, keeping each node's
+  greater counter.
+- ``SingleKeyCausal``: the versions of both sides, values joined under equal
+  clocks, minus every version whose clock another one strictly dominates,
+  sorted in the canonical clock order.
+- ``Map`` and ``MultiKeyCausal`` (nested lattices under keys of mixed types),
+  and the rare cases Lua cannot compare exactly (integers beyond 64 bits, an
+  ``int`` against a ``float``, counters past 2**53) answer "fall back": the
+  backend then merges in Python and writes with :data:`COMPARE_AND_SET`, which
+  stores only if the key still holds what was read (an optimistic loop per
+  key, retried with backoff on conflict).
 
 Call results (``__droplet/results/...``) are written with an expiry
 (``SET ... PX``) of the node's ``result_ttl``, so Redis drops them even when
@@ -127,6 +133,62 @@ local function field(s, pos)
   return sub(s, pos + 5, pos + 4 + n), pos + 5 + n
 end
 
+-- a list of 'b'-tagged byte strings at pos: its items and the next position
+local function elements(s, pos)
+  local n = struct.unpack('>I4', s, pos + 1)
+  local out = {}
+  pos = pos + 5
+  for i = 1, n do
+    out[i], pos = field(s, pos)
+  end
+  return out, pos
+end
+local function encode_elements(list)
+  local parts = {'l', struct.pack('>I4', #list)}
+  for k = 1, #list do
+    parts[#parts + 1] = 'b' .. struct.pack('>I4', #list[k]) .. list[k]
+  end
+  return table.concat(parts)
+end
+-- the union of two sorted lists of distinct byte strings, sorted
+local function union(a, b)
+  local out, i, j, na, nb = {}, 1, 1, #a, #b
+  while i <= na and j <= nb do
+    local c = cmp(a[i], b[j])
+    if c == 0 then
+      out[#out + 1] = a[i]; i = i + 1; j = j + 1
+    elseif c < 0 then
+      out[#out + 1] = a[i]; i = i + 1
+    else
+      out[#out + 1] = b[j]; j = j + 1
+    end
+  end
+  for k = i, na do out[#out + 1] = a[k] end
+  for k = j, nb do out[#out + 1] = b[k] end
+  return out
+end
+-- a vector clock (a dict of node -> 'i' counter) at pos; nil when a counter is
+-- not a 64-bit int below 2^53 (Lua numbers are doubles)
+local function clock(s, pos)
+  if sub(s, pos, pos) ~= 'd' then return nil end
+  local n = struct.unpack('>I4', s, pos + 1)
+  local c = {nodes = {}, counts = {}, raw = {}, count = {}, total = 0}
+  local q = pos + 5
+  for i = 1, n do
+    local node
+    node, q = field(s, q)
+    if sub(s, q, q) ~= 'i' then return nil end
+    local hi, lo = struct.unpack('>I4', s, q + 1), struct.unpack('>I4', s, q + 5)
+    if hi >= 2097152 then return nil end
+    local count = hi * 4294967296 + lo
+    c.nodes[i], c.counts[i], c.raw[i], c.count[node] = node, count, sub(s, q, q + 8), count
+    c.total = c.total + count
+    q = q + 9
+  end
+  c.text, c.stop = sub(s, pos, q - 1), q
+  return c
+end
+
 if tname == 'LWW' then
   local c = cmp_num(inc, cur, p)
   if c == nil then return {2} end
@@ -150,34 +212,93 @@ elseif tname == 'Priority' then
   if c < 0 then return store(inc) end
   return {0}
 elseif tname == 'Set' or tname == 'OrderedSet' then
-  local function elements(s)
-    local n = struct.unpack('>I4', s, p + 1)
-    local out, pos = {}, p + 5
-    for i = 1, n do
-      out[i], pos = field(s, pos)
-    end
-    return out
-  end
-  local a, b = elements(cur), elements(inc)
-  local out, i, j, na, nb = {}, 1, 1, #a, #b
-  while i <= na and j <= nb do
-    local c = cmp(a[i], b[j])
+  local a, pa = elements(cur, p)
+  local b = elements(inc, p)
+  local out = union(a, b)
+  if #out == #a then return {0} end
+  return store(sub(cur, 1, hlen) .. encode_elements(out))
+elseif tname == 'VectorClock' then
+  local a = clock(cur, p)
+  local b = clock(inc, p)
+  if a == nil or b == nil then return {2} end
+  local out, i, j = {}, 1, 1
+  while i <= #a.nodes or j <= #b.nodes do
+    local c
+    if i > #a.nodes then c = 1 elseif j > #b.nodes then c = -1
+    else c = cmp(a.nodes[i], b.nodes[j]) end
     if c == 0 then
-      out[#out + 1] = a[i]; i = i + 1; j = j + 1
+      if b.counts[j] > a.counts[i] then out[#out + 1] = {b.nodes[j], b.raw[j]}
+      else out[#out + 1] = {a.nodes[i], a.raw[i]} end
+      i = i + 1; j = j + 1
     elseif c < 0 then
-      out[#out + 1] = a[i]; i = i + 1
+      out[#out + 1] = {a.nodes[i], a.raw[i]}; i = i + 1
     else
-      out[#out + 1] = b[j]; j = j + 1
+      out[#out + 1] = {b.nodes[j], b.raw[j]}; j = j + 1
     end
   end
-  for k = i, na do out[#out + 1] = a[k] end
-  for k = j, nb do out[#out + 1] = b[k] end
-  if #out == na then return {0} end
-  local parts = {sub(cur, 1, hlen), 'l', struct.pack('>I4', #out)}
+  local parts = {sub(cur, 1, hlen), 'd', struct.pack('>I4', #out)}
   for k = 1, #out do
-    parts[#parts + 1] = 'b' .. struct.pack('>I4', #out[k]) .. out[k]
+    parts[#parts + 1] = 's' .. struct.pack('>I4', #out[k][1]) .. out[k][1] .. out[k][2]
   end
-  return store(table.concat(parts))
+  local enc = table.concat(parts)
+  if enc == cur then return {0} end
+  return store(enc)
+elseif tname == 'SingleKeyCausal' then
+  -- versions: [[clock, [values]], ...]; equal clocks join their values, a version
+  -- goes only when another's clock strictly dominates it (see lattices/causal.py)
+  local byclock, order = {}, {}
+  for _, s in ipairs({cur, inc}) do
+    local n = struct.unpack('>I4', s, p + 1)
+    local pos = p + 5
+    for _ = 1, n do
+      local c = clock(s, pos + 5)
+      if c == nil then return {2} end
+      local vals
+      vals, pos = elements(s, c.stop)
+      local seen = byclock[c.text]
+      if seen == nil then
+        c.values = vals
+        byclock[c.text] = c
+        order[#order + 1] = c
+      else
+        seen.values = union(seen.values, vals)
+      end
+    end
+  end
+  table.sort(order, function(x, y)
+    if x.total ~= y.total then return x.total > y.total end
+    return cmp(x.text, y.text) < 0  -- any fixed order: ties cannot dominate each other
+  end)
+  local kept = {}
+  for _, v in ipairs(order) do
+    local dominated = false
+    for _, k in ipairs(kept) do
+      if k.total > v.total then
+        local covers = true
+        for idx, node in ipairs(v.nodes) do
+          if (k.count[node] or 0) < v.counts[idx] then covers = false; break end
+        end
+        if covers then dominated = true; break end
+      end
+    end
+    if not dominated then kept[#kept + 1] = v end
+  end
+  table.sort(kept, function(x, y)  -- clock_order: entries compared in turn
+    local n = math.min(#x.nodes, #y.nodes)
+    for idx = 1, n do
+      local c = cmp(x.nodes[idx], y.nodes[idx])
+      if c ~= 0 then return c < 0 end
+      if x.counts[idx] ~= y.counts[idx] then return x.counts[idx] < y.counts[idx] end
+    end
+    return #x.nodes < #y.nodes
+  end)
+  local parts = {sub(cur, 1, hlen), 'l', struct.pack('>I4', #kept)}
+  for _, v in ipairs(kept) do
+    parts[#parts + 1] = 'l' .. struct.pack('>I4', 2) .. v.text .. encode_elements(v.values)
+  end
+  local enc = table.concat(parts)
+  if enc == cur then return {0} end
+  return store(enc)
 end
 return {2}
 """)
