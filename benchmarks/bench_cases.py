@@ -423,3 +423,60 @@ def throughput_sync(conn: droplet.DropletConnection, ctx: Context) -> Measured:
             raise AssertionError(f"call {i} returned {value!r}")
     total = time.perf_counter_ns() - t0
     return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")
+
+
+def _model_functions() -> tuple[Callable[..., Any], ...]:
+    # A stand-in for a model on one accelerator per executor: calls run one at a
+    # time (a process-wide lock) and cost 20 ms each, however many inputs they carry.
+    def device() -> Any:
+        import sys
+        import threading
+
+        return sys.__dict__.setdefault("_droplet_bench_device", threading.Lock())
+
+    def model_one(_: Any, x: Any) -> Any:
+        with device():
+            time.sleep(0.020)
+        return x
+
+    def model_batch(_: Any, xs: list[Any]) -> list[Any]:
+        with device():
+            time.sleep(0.020)
+        return list(xs)
+
+    return model_one, model_batch
+
+
+async def _model_dag(client: droplet.AsyncDropletClient, ctx: Context, batching: bool
+                     ) -> Measured:
+    model_one, model_batch = _model_functions()
+    name = "bench-model-batch" if batching else "bench-model-one"
+    await client.register(model_batch if batching else model_one, name)
+    await client.register_dag(name, [name], [],
+                              batching_functions=[name] if batching else [])
+    n = min(ctx.concurrent_calls, 200)
+    started = [0] * n
+    latencies = [0] * n
+    futures: list[Any] = [None] * n
+    t0 = time.perf_counter_ns()
+    for i in range(n):
+        started[i] = time.perf_counter_ns()
+        futures[i] = await client.call_dag(name, {name: i})
+    for i in range(n):
+        value = await futures[i].get()
+        if value != i:
+            raise RuntimeError(f"call {i} returned {value!r}")
+        latencies[i] = time.perf_counter_ns() - started[i]
+    return Measured(latencies, time.perf_counter_ns() - t0, n)
+
+
+@throughput_case("model-batched",
+                 "min(N, 200) concurrent calls of a model that serves one call at a time, "
+                 "20 ms each, with batching_functions=[model] (a call serves <= 16 inputs)")
+async def model_batched(client: droplet.AsyncDropletClient, ctx: Context) -> Measured:
+    return await _model_dag(client, ctx, batching=True)
+
+
+@throughput_case("model-unbatched", "the same calls of the same model without batching")
+async def model_unbatched(client: droplet.AsyncDropletClient, ctx: Context) -> Measured:
+    return await _model_dag(client, ctx, batching=False)

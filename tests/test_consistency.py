@@ -102,9 +102,9 @@ def race_first(lib: Any, key: str, ready_key: str) -> tuple[Any, str]:
     return seen, lib.getid()
 
 
-def race_second(lib: Any, key: str, by_reference: Any, upstream: tuple[Any, str]
+def race_second(lib: Any, key: str, by_reference: Any, first_read: Any, first_id: str
                 ) -> dict[str, Any]:
-    first_read, first_id = upstream
+    # race_first's (seen, id) tuple arrives as two arguments
     return {"first": first_read, "first_id": first_id, "second": lib.get(key),
             "again": lib.get(key), "reference": by_reference, "second_id": lib.getid()}
 
@@ -130,8 +130,9 @@ def read_where(lib: Any, key: str) -> tuple[Any, str]:
     return lib.get(key), lib.getid()
 
 
-def read_where_after(lib: Any, key: str, upstream: tuple[Any, str]
-                     ) -> tuple[tuple[Any, str], tuple[Any, str]]:
+def read_where_after(lib: Any, key: str, *upstream: Any
+                     ) -> tuple[tuple[Any, ...], tuple[Any, str]]:
+    # read_where's (value, id) tuple arrives as two arguments
     return upstream, (lib.get(key), lib.getid())
 
 

@@ -108,7 +108,7 @@ def fails_custom(_: Any) -> None:
 async def test_issue_example(cloud: AsyncDropletClient) -> None:
     square_fn = await cloud.register(lambda _, x: x * x, "square")
     assert await (await square_fn(2)).get() == 4
-    assert await cloud.register_dag("dag", ["square"], []) is True
+    assert await cloud.register_dag("dag", ["square"], []) == (True, None)
     future = await cloud.call_dag("dag", {"square": 2})
     assert await future.get() == 4
 
@@ -123,7 +123,7 @@ def test_issue_example_sync_local_cluster() -> None:
         assert isinstance(future, droplet.DropletFuture)
         assert future.get() == 4
         assert future.done() is True
-        assert cloud.register_dag("dag", ["square"], []) is True
+        assert cloud.register_dag("dag", ["square"], []) == (True, None)
         assert cloud.call_dag("dag", {"square": 2}).get() == 4
         assert cloud.call_dag("dag", {"square": 3}, direct_response=True) == 9
 
@@ -177,13 +177,14 @@ async def test_fan_in_receives_upstream_results_in_connections_order(
     await cloud.register(tagged("a"), "a")
     await cloud.register(tagged("b"), "b")
     await cloud.register(collect, "d")
-    # b's edge is listed first, so d gets b's result first
+    # b's edge is listed first, so d gets b's result first; each upstream
+    # result is a tuple, so it becomes two arguments (as in Cloudburst)
     await cloud.register_dag("fanin", ["a", "b", "d"], [("b", "d"), ("a", "d")])
     result = await (await cloud.call_dag("fanin", {"a": 1, "b": 2})).get()
-    assert result == (("b", 2), ("a", 1))
+    assert result == ("b", 2, "a", 1)
     # the sink's own arg_map arguments come first
     result = await (await cloud.call_dag("fanin", {"a": 1, "b": 2, "d": ["own", 0]})).get()
-    assert result == ("own", 0, ("b", 2), ("a", 1))
+    assert result == ("own", 0, "b", 2, "a", 1)
 
 
 async def test_fan_in_order_is_independent_of_the_functions_list(
@@ -197,7 +198,7 @@ async def test_fan_in_order_is_independent_of_the_functions_list(
                              [("c", "sink"), ("a", "sink"), ("b", "sink")])
     for _ in range(3):
         result = await (await cloud.call_dag("fanin3", {"a": 1, "b": 2, "c": 3})).get()
-        assert result == (("c", 3), ("a", 1), ("b", 2))
+        assert result == ("c", 3, "a", 1, "b", 2)  # each upstream tuple splats
 
 
 async def test_fan_out_then_fan_in(placed_cloud: AsyncDropletClient) -> None:
@@ -239,7 +240,7 @@ async def test_many_concurrent_dag_runs_keep_their_results_apart(
     async with trio.open_nursery() as nursery:
         for i in range(50):
             nursery.start_soon(run, i)
-    assert results == {i: (("a", i), ("b", -i)) for i in range(50)}
+    assert results == {i: ("a", i, "b", -i) for i in range(50)}
 
 
 async def test_direct_response(cloud: AsyncDropletClient) -> None:
@@ -407,7 +408,7 @@ async def test_class_instance_built_once_per_executor_even_when_first_calls_race
     single_cloud: AsyncDropletClient,
 ) -> None:
     INSTANCES.clear()
-    fn = await single_cloud.register((Counter, [0]), "counter")
+    fn = await single_cloud.register((Counter, 0), "counter")  # one init arg, not a tuple
     futures = [await fn(1) for _ in range(8)]
     results = [await f.get() for f in futures]
     assert len(INSTANCES) == 1
@@ -435,7 +436,8 @@ async def test_async_class_run(single_cloud: AsyncDropletClient) -> None:
 async def test_class_in_a_dag(single_cloud: AsyncDropletClient) -> None:
     INSTANCES.clear()
     await single_cloud.register((Counter, (10,)), "counter")
-    await single_cloud.register(lambda _, pair: pair[1], "second")
+    # counter returns (id, count): a tuple result becomes two arguments downstream
+    await single_cloud.register(lambda _, ident, count: count, "second")
     await single_cloud.register_dag("cdag", ["counter", "second"], [("counter", "second")])
     assert await (await single_cloud.call_dag("cdag", {"counter": 5})).get() == 15
     assert await (await single_cloud.call_dag("cdag", {"counter": 5})).get() == 20
@@ -448,14 +450,15 @@ async def test_bad_class_registration(cloud: AsyncDropletClient) -> None:
         await cloud.register(("not a class", ()), "c2")  # type: ignore[arg-type]
 
 
-async def test_class_without_run_fails_at_call_time(cloud: AsyncDropletClient) -> None:
+async def test_class_without_run_is_refused_at_registration(cloud: AsyncDropletClient
+                                                             ) -> None:
     class NoRun:
         def __init__(self, lib: Any) -> None:
             pass
 
-    fn = await cloud.register((NoRun, ()), "norun")
-    with pytest.raises(droplet.FunctionError, match=r"run"):
-        await (await fn()).get()
+    with pytest.raises(droplet.RegistrationError, match=r"NoRun has no run"):
+        await cloud.register((NoRun, ()), "norun")
+    assert await cloud.get_function("norun") is None
 
 
 # --------------------------------------------------------------------------- user library
@@ -594,7 +597,7 @@ async def test_send_and_recv_between_functions_of_one_dag(
     for run in range(2):
         key = f"chat-{flavour}-{run}"  # one rendezvous key per run
         result = await (await cloud.call_dag("chat", {"receiver": key, "sender": key})).get()
-        (receiver_id, messages), sender_id = result
+        receiver_id, messages, sender_id = result  # the receiver's tuple splats
         assert isinstance(receiver_id, str) and isinstance(sender_id, str)
         assert receiver_id != sender_id
         assert messages == [(sender_id, b"hello from " + sender_id.encode())]
@@ -623,12 +626,19 @@ async def test_send_to_a_finished_invocation_is_dropped(cloud: AsyncDropletClien
     assert await (await fn(gone)).get() == "sent"
 
 
-async def test_send_requires_bytes_and_a_real_id(cloud: AsyncDropletClient) -> None:
-    fn = await cloud.register(lambda lib, dest, data: lib.send(dest, data), "send")
-    with pytest.raises(droplet.FunctionError, match=r"TypeError.*bytes"):
-        await (await fn("x/1", "text")).get()
+async def test_send_requires_a_picklable_object_and_a_real_id(cloud: AsyncDropletClient
+                                                              ) -> None:
+    def send_lock(lib: Any, dest: str) -> None:
+        lib.send(dest, threading.Lock())
+
+    fn = await cloud.register(send_lock, "send_lock")
+    with pytest.raises(droplet.FunctionError, match=r"TypeError.*serialize"):
+        await (await fn("x/1")).get()
+    send = await cloud.register(lambda lib, dest, data: lib.send(dest, data), "send")
     with pytest.raises(droplet.FunctionError, match=r"not an invocation id"):
-        await (await fn("nonsense", b"x")).get()
+        await (await send("nonsense", b"x")).get()
+    with pytest.raises(droplet.FunctionError, match=r"getid"):
+        await (await send(7, b"x")).get()
 
 
 # --------------------------------------------------------------------------- errors
@@ -797,7 +807,7 @@ async def test_delete_dag(cloud: AsyncDropletClient) -> None:
     await cloud.register(incr, "a")
     await cloud.register(square, "b")
     await cloud.register_dag("d", ["a", "b"], [("a", "b")])
-    assert await cloud.delete_dag("d") is True
+    assert await cloud.delete_dag("d") == (True, None)
     with pytest.raises(droplet.DagError, match=r"'d'"):
         await cloud.call_dag("d", {"a": 1})
     with pytest.raises(droplet.DagError, match=r"no DAG named 'd'"):

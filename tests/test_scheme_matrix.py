@@ -133,7 +133,7 @@ async def test_fan_in_receives_upstream_results_in_edge_order(cloud: AsyncDrople
                              [("b", "sink"), ("c", "sink"), ("a", "sink")])
     result = await (await cloud.call_dag(
         "fan_in", {"a": 1, "b": 2, "c": 3, "sink": ["own"]})).get()
-    assert result == ("own", ("b", 2), ("c", 3), ("a", 1))
+    assert result == ("own", "b", 2, "c", 3, "a", 1)  # each upstream tuple splats
 
 
 @guarded
@@ -145,7 +145,7 @@ async def test_droplet_reference(cloud: AsyncDropletClient) -> None:
 
 @guarded
 async def test_registered_class(cloud: AsyncDropletClient) -> None:
-    await cloud.register((Counter, [100]), "counter")
+    await cloud.register((Counter, 100), "counter")  # a lone init argument
     assert await call(cloud, "counter", 5) == 105
     assert await call(cloud, "counter", 6) == 106
 

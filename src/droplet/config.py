@@ -17,7 +17,7 @@ from .transports.base import TransportOptions
 from .transports.registry import normalize_address, parse_address
 
 __all__ = ["FSYNC_POLICIES", "IN_MEMORY", "ROLES", "Config", "default_data_root",
-           "is_loopback"]
+           "is_loopback", "parse_resources"]
 
 ROLES = ("all", "kvs", "scheduler", "executor")
 DEFAULT_LISTEN = "tcp://127.0.0.1:5000"
@@ -56,6 +56,42 @@ def _storage(_: Any, attribute: attrs.Attribute[Any], value: str | None) -> None
 def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive, not {value!r}")
+
+
+def parse_resources(text: str | None) -> dict[str, int]:
+    """An executor's resource labels, from ``--resources gpu=1,tpu=2``.
+
+    >>> parse_resources("gpu=1, tpu=2")
+    {'gpu': 1, 'tpu': 2}
+    >>> parse_resources("gpu")
+    {'gpu': 1}
+    """
+    found: dict[str, int] = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, eq, amount = part.partition("=")
+        name = name.strip()
+        try:
+            count = int(amount) if eq else 1
+        except ValueError:
+            count = -1
+        if not name.isidentifier() or count < 0:
+            raise ValueError(f"resources: {part!r} is not NAME=COUNT (e.g. gpu=1)")
+        found[name] = count
+    return found
+
+
+def _resources(value: Any) -> str | None:
+    """Accept ``"gpu=1"`` or a TOML table ``{gpu = 1}``; keep the canonical string."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = ",".join(f"{k}={v}" for k, v in value.items())
+    if not isinstance(value, str):
+        raise ValueError(f"resources must be NAME=COUNT pairs, not {value!r}")
+    return ",".join(f"{k}={v}" for k, v in parse_resources(value).items()) or None
 
 
 def is_loopback(address: str) -> bool:
@@ -106,6 +142,10 @@ class Config:
     fsync: str = attrs.field(default="always", validator=attrs.validators.in_(FSYNC_POLICIES))
     #: also log call results (they expire after result_ttl; by default memory only)
     log_results: bool = False
+    #: executor resource labels, e.g. ``"gpu=1"``: DAGs' gpu_functions run only there
+    resources: str | None = attrs.field(default=None, converter=_resources)
+    #: most queued calls of a batching function an executor serves in one call
+    max_batch: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     log_level: str = "INFO"
 
     @property

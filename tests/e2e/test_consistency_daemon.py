@@ -77,9 +77,9 @@ def test_overwrite_between_two_functions_of_one_run(
             time.sleep(0.005)
         raise RuntimeError("no go message arrived")
 
-    def second(lib: Any, key: str, by_reference: Any, upstream: tuple[Any, str]
+    def second(lib: Any, key: str, by_reference: Any, seen: Any, first_id: str
                ) -> tuple[Any, str, Any, Any, str]:
-        seen, first_id = upstream
+        # first's (seen, id) tuple arrives as two arguments
         return seen, first_id, lib.get(key), by_reference, lib.getid()
 
     def signal(lib: Any, dest: str) -> None:

@@ -58,7 +58,7 @@ def test_issue_example(node: NodeProcess) -> None:
     try:
         square = cloud.register(lambda _, x: x * x, "square")
         assert square(2).get() == 4
-        assert cloud.register_dag("dag", ["square"], []) is True
+        assert cloud.register_dag("dag", ["square"], []) == (True, None)
         assert cloud.call_dag("dag", {"square": 2}).get() == 4
     finally:
         cloud.close()
@@ -91,9 +91,10 @@ def test_fan_out_and_fan_in(cloud: DropletConnection) -> None:
     cloud.register_dag(
         "fanout", ["fo_src", "fo_a", "fo_b", "fo_sink"],
         [("fo_src", "fo_a"), ("fo_src", "fo_b"), ("fo_b", "fo_sink"), ("fo_a", "fo_sink")])
-    # the sink's own arguments first, then upstream results in connections order
+    # the sink's own arguments first, then upstream results in connections order;
+    # each upstream tuple becomes two arguments
     assert cloud.call_dag("fanout", {"fo_src": 1, "fo_sink": "own"}).get() == (
-        "own", ("b", 2), ("a", 2))
+        "own", "b", 2, "a", 2)
 
 
 def test_many_dag_runs_in_flight(cloud: DropletConnection) -> None:
@@ -103,7 +104,7 @@ def test_many_dag_runs_in_flight(cloud: DropletConnection) -> None:
     cloud.register_dag("par", ["par_left", "par_right", "par_join"],
                        [("par_left", "par_join"), ("par_right", "par_join")])
     futures = [cloud.call_dag("par", {"par_left": i, "par_right": -i}) for i in range(40)]
-    assert [f.get() for f in futures] == [(("l", i), ("r", -i)) for i in range(40)]
+    assert [f.get() for f in futures] == [("l", i, "r", -i) for i in range(40)]
 
 
 def test_references_and_kvs(cloud: DropletConnection) -> None:
@@ -248,7 +249,7 @@ def test_list_get_function_delete_and_replace(cloud: DropletConnection) -> None:
     assert everything == sorted(everything)
     assert cloud.get_function("adm_a") is not None
     cloud.register_dag("adm_dag", ["adm_a"], [])
-    assert cloud.delete_dag("adm_dag") is True
+    assert cloud.delete_dag("adm_dag") == (True, None)
     with pytest.raises(droplet.DagError):
         cloud.delete_dag("adm_dag")
     cloud.register(lambda _: 2, "adm_a")

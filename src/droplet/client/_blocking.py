@@ -16,6 +16,7 @@ The wire rules are the sans-IO ones everyone uses (framing, messages,
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import os
 import select
@@ -40,6 +41,7 @@ from ..protocol.messages import (
     FunctionExists,
     Hello,
     KvsGet,
+    KvsPut,
     KvsValue,
     ListFunctions,
     Names,
@@ -341,22 +343,25 @@ class BlockingClient:
                               ClientCore.session_of(call))
 
     # DAGs
-    def register_dag(self, name: str, functions: Sequence[str],
-                     connections: Iterable[Sequence[str]], colocated: Iterable[str]) -> bool:
+    def register_dag(self, name: str, functions: Sequence[Any], connections: Any,
+                     colocated: Any, gpu_functions: Any = (),
+                     batching_functions: Any = ()) -> None:
         self.scheduler.request(
-            ClientCore.register_dag_request(name, functions, connections, colocated),
+            ClientCore.register_dag_request(name, functions, connections, colocated,
+                                            gpu_functions, batching_functions),
             self.timeout)
-        return True
 
-    def delete_dag(self, name: str) -> bool:
+    def delete_dag(self, name: str) -> None:
         self.scheduler.request(DeleteDag(name), self.timeout)
-        return True
 
     def call_dag(self, name: str, arg_map: dict[str, Any], direct_response: bool,
                  consistency: str, output_key: str | None, client_id: str | None,
-                 timeout: float | None) -> Any:
+                 timeout: float | None, dry_run: bool = False,
+                 continuation: CallDag | None = None) -> Any:
         call = self.core.dag_call(name, arg_map, direct_response, consistency, output_key,
-                                  client_id, timeout)
+                                  client_id, timeout, continuation)
+        if dry_run:
+            return call
         wait = self.timeout if timeout is None else timeout
         if not direct_response:
             return self._submit(call, wait)
@@ -374,4 +379,14 @@ class BlockingClient:
     def get_object(self, key: str) -> Any:
         reply: KvsValue = self.kvs.request(KvsGet(check_key(key)), self.timeout)
         return ClientCore.stored_object(reply)
+
+    def fetch_many(self, keys: builtins.list[str]) -> builtins.list[bytes | None]:
+        """The stored encodings of ``keys``: all reads in one write."""
+        slots = self.kvs.submit(*[KvsGet(k) for k in keys])
+        replies: builtins.list[KvsValue] = [
+            self.kvs.wait(slot, self.timeout, "KvsGet") for slot in slots]
+        return [r.lattice for r in replies]
+
+    def store(self, key: str, data: bytes) -> None:
+        self.kvs.request(KvsPut(key, data), self.timeout)
 

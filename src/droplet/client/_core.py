@@ -18,6 +18,8 @@ from ..executor.user_library import as_lattice, reveal_stored
 from ..kvs.keys import RESULT_PREFIX
 from ..lattices import RAW, decode_lattice, encode_lattice
 from ..protocol.messages import CallDag, KvsPut, KvsValue, RegisterDag, RegisterFunction
+from ..protocol.messages import encode as encode_message
+from ..scheduler.dags import check_dag_arguments
 from ..serialization import dumps, dumps_code, loads
 
 __all__ = ["ClientCore", "result_blob", "unwrap_result"]
@@ -71,8 +73,17 @@ class ClientCore:
             raise RegistrationError(f"function name must be a non-empty string, not {name!r}")
         if isinstance(function, tuple):
             if len(function) != 2 or not isinstance(function[0], type):
-                raise RegistrationError(f"register({name!r}): a tuple must be (cls, init_args)")
-            function = (function[0], tuple(function[1]))
+                raise RegistrationError(
+                    f"register({name!r}): a tuple must be (cls, init_args) with a class "
+                    f"first, not a tuple of {len(function)} starting with "
+                    f"{type(function[0]).__name__ if function else 'nothing'}")
+            if not callable(getattr(function[0], "run", None)):
+                raise RegistrationError(
+                    f"register({name!r}): class {function[0].__name__} has no "
+                    "run(user_library, *args) method")
+            # As in Cloudburst: a tuple is the init arguments, anything else is one.
+            init = function[1]
+            function = (function[0], init if type(init) is tuple else (init,))
         elif not callable(function):
             raise RegistrationError(
                 f"register({name!r}): {type(function).__name__} is not callable")
@@ -86,18 +97,51 @@ class ClientCore:
         return CallDag(name, True, [name], [dumps(list(args))], result_key=new_result_key())
 
     @staticmethod
-    def register_dag_request(name: str, functions: Sequence[str],
-                             connections: Iterable[Sequence[str]],
-                             colocated: Iterable[str]) -> RegisterDag:
-        return RegisterDag(name, list(functions), [list(edge) for edge in connections],
-                           list(colocated))
+    def register_dag_request(name: str, functions: Any, connections: Any,
+                             colocated: Any = (), gpu_functions: Any = (),
+                             batching_functions: Any = ()) -> RegisterDag:
+        """The request for ``register_dag``; DagError for an argument of the wrong type."""
+        args = check_dag_arguments(name, functions, connections, colocated, gpu_functions,
+                                   batching_functions)
+        invalid = []
+        for fn, results in args.multiexec.items():
+            try:
+                invalid.append(dumps(results))
+            except TypeError as exc:
+                raise DagError(f"register_dag({name!r}): the invalid results of {fn!r} "
+                               f"cannot be serialized: {exc}") from None
+        return RegisterDag(args.name, args.functions, args.connections, args.colocated,
+                           list(args.multiexec), invalid, args.gpu_functions,
+                           args.batching_functions)
 
     def dag_call(self, name: str, arg_map: dict[str, Any], direct_response: bool,
                  consistency: str, output_key: str | None, client_id: str | None,
-                 timeout: float | None) -> CallDag:
+                 timeout: float | None, continuation: CallDag | None = None) -> CallDag:
+        if not isinstance(name, str) or not name:
+            raise DagError(f"call_dag: the DAG name must be a non-empty string, not {name!r}")
         if not isinstance(arg_map, dict):
             raise TypeError(f"arg_map must be a dict of function name -> arguments, "
                             f"not {type(arg_map).__name__}")
+        for fn in arg_map:
+            if not isinstance(fn, str):
+                raise DagError(f"call_dag({name!r}): arg_map key {fn!r} is not a function "
+                               "name (a string)")
+        if output_key is not None and (not isinstance(output_key, str) or not output_key):
+            raise DagError(f"call_dag({name!r}): output_key must be a non-empty string, "
+                           f"not {output_key!r}")
+        if client_id is not None and not isinstance(client_id, str):
+            raise DagError(f"call_dag({name!r}): client_id must be a string, "
+                           f"not {client_id!r}")
+        follow: bytes | None = None
+        if continuation is not None:
+            if not isinstance(continuation, CallDag) or continuation.is_function:
+                raise DagError(f"call_dag({name!r}): continuation must be a DAG call made "
+                               "with call_dag(..., dry_run=True), not "
+                               f"{type(continuation).__name__}")
+            if continuation.direct != bool(direct_response):
+                raise DagError(f"call_dag({name!r}): the continuation must have the same "
+                               "direct_response setting as this call")
+            follow = encode_message(continuation)
         try:
             check_level(str(consistency))
         except ValueError as exc:
@@ -107,8 +151,8 @@ class ClientCore:
         if consistency == CAUSAL and client_id is not None and client_id in self.sessions:
             causal = self.sessions[client_id].encode()
         return CallDag(name, False, list(arg_map), blobs, str(consistency), output_key,
-                       client_id, direct_response, timeout,
-                       None if direct_response else new_result_key(), causal)
+                       client_id, bool(direct_response), timeout,
+                       None if direct_response else new_result_key(), causal, follow)
 
     @staticmethod
     def session_of(call: CallDag) -> str | None:

@@ -20,6 +20,7 @@ import trio
 
 from ..consistency import CAUSAL, NORMAL, REPEATABLE_READ
 from ..errors import (
+    DagError,
     DropletError,
     TimeoutError,
 )
@@ -32,6 +33,7 @@ from ..protocol.messages import (
     FunctionExists,
     Hello,
     KvsGet,
+    KvsPut,
     KvsValue,
     ListFunctions,
     Names,
@@ -40,6 +42,7 @@ from ..rpc import Peer, Slot, connect_peer
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address
 from ._core import ClientCore, check_key, result_blob, unwrap_result
+from .kvs_client import AsyncKvsClient
 
 __all__ = [
     "CAUSAL",
@@ -176,6 +179,17 @@ class AsyncDropletClient:
         self._kvs = kvs
         self.address = address
         self.timeout = timeout
+        #: Anna-style access to the KVS: ``await kvs_client.get(keys)``, ``.put(key, lattice)``.
+        self.kvs_client = AsyncKvsClient(self._fetch_many, self._store)
+
+    async def _fetch_many(self, keys: list[str]) -> list[bytes | None]:
+        slots = await self._kvs.submit(*[KvsGet(k) for k in keys])
+        replies: list[KvsValue] = [await self._kvs.wait(slot, self.timeout, "KvsGet")
+                                   for slot in slots]
+        return [r.lattice for r in replies]
+
+    async def _store(self, key: str, data: bytes) -> None:
+        await self._kvs.request(KvsPut(key, data), self.timeout)
 
     @classmethod
     async def connect(
@@ -256,17 +270,23 @@ class AsyncDropletClient:
 
     # ------------------------------------------------------------------ DAGs
 
-    async def register_dag(self, name: str, functions: Sequence[str],
+    async def register_dag(self, name: str, functions: Sequence[Any],
                            connections: Iterable[Sequence[str]],
-                           colocated: Iterable[str] = ()) -> bool:
+                           colocated: Iterable[str] = (), gpu_functions: Iterable[str] = (),
+                           batching_functions: Iterable[str] = ()) -> tuple[bool, None]:
+        """Register a DAG; ``(True, None)`` (Cloudburst's shape), or DagError saying why."""
         await self._scheduler.request(
-            ClientCore.register_dag_request(name, functions, connections, colocated),
+            ClientCore.register_dag_request(name, functions, connections, colocated,
+                                            gpu_functions, batching_functions),
             self.timeout)
-        return True
+        return True, None
 
-    async def delete_dag(self, name: str) -> bool:
+    async def delete_dag(self, name: str) -> tuple[bool, None]:
+        """Remove a DAG; ``(True, None)``, or DagError if there is none of that name."""
+        if not isinstance(name, str):
+            raise DagError(f"delete_dag: the DAG name must be a string, not {name!r}")
         await self._scheduler.request(DeleteDag(name), self.timeout)
-        return True
+        return True, None
 
     async def call_dag(
         self,
@@ -277,10 +297,18 @@ class AsyncDropletClient:
         output_key: str | None = None,
         client_id: str | None = None,
         timeout: float | None = None,
+        dry_run: bool = False,
+        continuation: CallDag | None = None,
     ) -> Any:
-        """Run a DAG. Returns a future, or the result itself with ``direct_response``."""
+        """Run a DAG. Returns a future, or the result itself with ``direct_response``.
+
+        ``dry_run`` returns the call unsent, to pass as another call's
+        ``continuation``: that DAG then runs on this one's result.
+        """
         call = self._core.dag_call(name, arg_map, direct_response, consistency, output_key,
-                                   client_id, timeout)
+                                   client_id, timeout, continuation)
+        if dry_run:
+            return call
         wait = self.timeout if timeout is None else timeout
         if not direct_response:
             return await self._submit(call, wait)

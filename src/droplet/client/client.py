@@ -18,11 +18,13 @@ Two backends stand behind it:
 
 from __future__ import annotations
 
+import builtins
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ..errors import TimeoutError
+from ..errors import DagError, TimeoutError
+from ..protocol.messages import CallDag
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address, parse_address
 from ._blocking import BlockingClient
@@ -35,6 +37,7 @@ from .aio import (
     AsyncDropletClient,
     AsyncDropletFuture,
 )
+from .kvs_client import KvsClient
 
 __all__ = ["CAUSAL", "NORMAL", "REPEATABLE_READ", "DropletConnection", "DropletFunction",
            "DropletFuture"]
@@ -134,13 +137,14 @@ class _PortalClient:
         return _PortalFuture(self._portal.run(self._client.exec_func, name, list(args)),
                              self._portal)
 
-    def register_dag(self, name: str, functions: Sequence[str],
-                     connections: Iterable[Sequence[str]], colocated: Iterable[str]) -> bool:
-        return self._portal.run(self._client.register_dag, name, list(functions),
-                                list(connections), list(colocated))
+    def register_dag(self, name: str, functions: Sequence[Any], connections: Any,
+                     colocated: Any, gpu_functions: Any = (),
+                     batching_functions: Any = ()) -> None:
+        self._portal.run(self._client.register_dag, name, functions, connections, colocated,
+                         gpu_functions, batching_functions)
 
-    def delete_dag(self, name: str) -> bool:
-        return self._portal.run(self._client.delete_dag, name)
+    def delete_dag(self, name: str) -> None:
+        self._portal.run(self._client.delete_dag, name)
 
     def call_dag(self, *args: Any) -> Any:
         result = self._portal.run(self._call_dag, *args)
@@ -156,6 +160,12 @@ class _PortalClient:
 
     def get_object(self, key: str) -> Any:
         return self._portal.run(self._client.get_object, key)
+
+    def fetch_many(self, keys: builtins.list[str]) -> builtins.list[bytes | None]:
+        return self._portal.run(self._client._fetch_many, keys)
+
+    def store(self, key: str, data: bytes) -> None:
+        self._portal.run(self._client._store, key, data)
 
     def close(self) -> None:
         self._portal.run(self._client.aclose)
@@ -198,6 +208,7 @@ class DropletConnection:
                 url, token=token, timeout=timeout,
                 ssl_context=ctx if isinstance(ctx, ssl.SSLContext) else None,
                 max_frame_size=(options or TransportOptions()).max_frame_size)
+            self.kvs_client = self._make_kvs_client()
             return
         self._owns_portal = _portal is None
         self._portal = _portal or Portal("droplet-client")
@@ -209,6 +220,11 @@ class DropletConnection:
                 self._portal.close()
             raise
         self._backend = _PortalClient(self._portal, client)
+        self.kvs_client = self._make_kvs_client()
+
+    def _make_kvs_client(self) -> KvsClient:
+        return KvsClient(lambda keys: self._live().fetch_many(keys),
+                         lambda key, data: self._live().store(key, data))
 
     async def _connect(self, addr: str, token: str | None, timeout: float,
                        options: TransportOptions | None,
@@ -263,24 +279,40 @@ class DropletConnection:
         return DropletFuture(self._live().exec_func(name, list(args)))
 
     # DAGs
-    def register_dag(self, name: str, functions: Sequence[str],
+    def register_dag(self, name: str, functions: Sequence[Any],
                      connections: Iterable[Sequence[str]],
-                     colocated: Iterable[str] = ()) -> bool:
-        """Register a DAG of registered functions; ``DagError`` names what is wrong."""
-        return self._live().register_dag(  # type: ignore[no-any-return]
-            name, functions, list(connections), list(colocated))
+                     colocated: Iterable[str] = (), gpu_functions: Iterable[str] = (),
+                     batching_functions: Iterable[str] = ()) -> tuple[bool, None]:
+        """Register a DAG of registered functions.
+
+        ``functions`` entries are names, or ``(name, invalid_results)`` for a
+        multi-exec function. Returns ``(True, None)``, Cloudburst's
+        ``(success, error)`` shape; failures raise ``DagError`` naming what is
+        wrong (arguments of the wrong type are caught here, before sending).
+        """
+        self._live().register_dag(name, functions, connections, colocated, gpu_functions,
+                                  batching_functions)
+        return True, None
 
     def call_dag(self, name: str, arg_map: dict[str, Any], direct_response: bool = False,
                  consistency: str = NORMAL, output_key: str | None = None,
-                 client_id: str | None = None, timeout: float | None = None) -> Any:
-        """Run a DAG: a :class:`DropletFuture`, or the result with ``direct_response``."""
-        result = self._live().call_dag(name, arg_map, direct_response, consistency,
-                                       output_key, client_id, timeout)
-        return result if direct_response else DropletFuture(result)
+                 client_id: str | None = None, timeout: float | None = None,
+                 dry_run: bool = False, continuation: CallDag | None = None) -> Any:
+        """Run a DAG: a :class:`DropletFuture`, or the result with ``direct_response``.
 
-    def delete_dag(self, name: str) -> bool:
-        """Remove a DAG; ``DagError`` if there is none of that name."""
-        return self._live().delete_dag(name)  # type: ignore[no-any-return]
+        ``dry_run=True`` returns the call without sending it; pass that as
+        another call's ``continuation`` to run its DAG on this DAG's result.
+        """
+        result = self._live().call_dag(name, arg_map, direct_response, consistency,
+                                       output_key, client_id, timeout, dry_run, continuation)
+        return result if direct_response or dry_run else DropletFuture(result)
+
+    def delete_dag(self, name: str) -> tuple[bool, None]:
+        """Remove a DAG: ``(True, None)``, or ``DagError`` if there is none of that name."""
+        if not isinstance(name, str):
+            raise DagError(f"delete_dag: the DAG name must be a string, not {name!r}")
+        self._live().delete_dag(name)
+        return True, None
 
     # KVS
     def put_object(self, key: str, value: Any) -> bool:

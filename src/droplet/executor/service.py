@@ -23,7 +23,13 @@ import attrs
 import trio
 
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext, SessionResult
-from ..errors import DropletError, FunctionError, RegistrationError, TimeoutError, _Failure
+from ..errors import (
+    DropletError,
+    FunctionError,
+    RegistrationError,
+    TimeoutError,
+    _Failure,
+)
 from ..kvs.keys import function_key
 from ..lattices import RAW, Lattice, LWWLattice, decode_lattice, encode_lattice
 from ..protocol.messages import (
@@ -40,7 +46,9 @@ from ..protocol.messages import (
 from ..references import DropletReference
 from ..rpc import Peer, PeerPool
 from ..serialization import dumps
+from .batching import DEFAULT_MAX_BATCH, Batcher
 from .cache import Cache
+from .multiexec import MultiExec, spread
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
@@ -70,6 +78,9 @@ class _Input:
     value: Any
     failed: bool
     causal: bytes | None
+    #: a tuple value becomes several arguments (upstream results do; a
+    #: continuation's carried result is one argument, as in Cloudburst)
+    spread: bool = True
 
 
 @attrs.define
@@ -97,12 +108,15 @@ class _Step:
 def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
     """In a worker thread: run consecutive sync steps, each fed the previous result."""
     value: Any = None
-    for step in steps:
+    for i, step in enumerate(steps):
         try:
+            if i:  # the previous step's result: a tuple splats, references resolve
+                carried = [step.lib.get(a.key, a.deserialize)
+                           if isinstance(a, DropletReference) else a
+                           for a in spread(value)]
             value = step.target(step.lib, *step.args, *carried)
         except Exception as exc:
             return _Failure(_function_error(exc, step.function)), True
-        carried = [value]
     return value, False
 
 
@@ -126,6 +140,8 @@ class ExecutorService:
         kvs: Peer,
         peers: PeerPool,
         threads: int = 32,
+        resources: dict[str, int] | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self._nursery = nursery
         self.url = url
@@ -135,6 +151,9 @@ class ExecutorService:
         self.cache = Cache(kvs)
         self.trio_token = trio.lowlevel.current_trio_token()
         self._threads = WorkerThreads(threads)
+        self.resources = dict(resources or {})
+        self.batcher = Batcher(nursery, self._threads.run, _function_error, max_batch)
+        self._multi = MultiExec()
         self._functions: dict[str, _Loaded] = {}
         self._load_locks: dict[str, trio.Lock] = {}
         self._fanin: dict[tuple[str, str], tuple[float, dict[str, _Input]]] = {}
@@ -154,6 +173,7 @@ class ExecutorService:
     async def join(
         cls, nursery: trio.Nursery, *, url: str, scheduler_url: str, workers: int,
         token: str | None, options: Any = None, threads: int = 32,
+        resources: dict[str, int] | None = None, max_batch: int = DEFAULT_MAX_BATCH,
     ) -> ExecutorService:
         """Connect to the scheduler and KVS, announce ``url``, return the ready service."""
         from ..rpc import connect_peer
@@ -166,7 +186,8 @@ class ExecutorService:
         scheduler = await connect_peer(scheduler_url, nursery, token=token, handler=handle,
                                        options=options)
         node_id = uuid.uuid4().hex[:12]
-        info: ClusterInfo = await scheduler.request(ExecutorJoin(url, node_id, workers), 30)
+        info: ClusterInfo = await scheduler.request(
+            ExecutorJoin(url, node_id, workers, dict(resources or {})), 30)
         if info.kvs in ("", scheduler_url):
             kvs = scheduler
         else:
@@ -174,7 +195,7 @@ class ExecutorService:
                                      options=options)
         peers = PeerPool(nursery, token=token, options=options, handler=handle)
         service = cls(nursery, url=url, scheduler=scheduler, kvs=kvs, peers=peers,
-                      threads=threads)
+                      threads=threads, resources=resources, max_batch=max_batch)
         holder.append(service)
         peers.add(scheduler_url, scheduler)
         return service
@@ -198,8 +219,18 @@ class ExecutorService:
             raise DropletError(f"malformed trigger for {t.function!r}")
         if t.consistency not in CONSISTENCY_LEVELS:
             raise DropletError(f"unknown consistency level {t.consistency!r}")
+        if len(t.multiexec) != len(t.invalid_results):
+            raise DropletError(f"malformed trigger for {t.function!r}: multi-exec lists differ")
         if t.source is None:
-            self._nursery.start_soon(self._invoke, t, [])
+            inputs = []
+            if t.carried is not None:  # a continuation: the previous DAG's result
+                try:
+                    inputs.append(_Input(pickle.loads(t.carried), False, t.causal,
+                                         spread=False))
+                except Exception as exc:
+                    inputs.append(_Input(_Failure(_function_error(exc, t.function)), True,
+                                         t.causal))
+            self._nursery.start_soon(self._invoke, t, inputs)
             return
         try:
             value = pickle.loads(t.result) if t.result is not None else None
@@ -211,7 +242,7 @@ class ExecutorService:
     def _input(self, t: Trigger, source: str, given: _Input) -> None:
         """Record one upstream result; run the function once all have arrived."""
         upstream = [src for src, dst in t.edges if dst == t.function]
-        if len(upstream) == 1:
+        if len(upstream) == 1 or t.function in t.multiexec:  # multi-exec: once per input
             self._nursery.start_soon(self._invoke, t, [given])
             return
         key = (t.run_id, t.function)
@@ -274,6 +305,17 @@ class ExecutorService:
         if failed:
             self._failures += 1
         last = segment[-1]
+        if last in t.multiexec:
+            expected = max(1, sum(1 for _, dst in t.edges if dst == last))
+            invalid = t.invalid_results[t.multiexec.index(last)]
+            try:
+                outcome = self._multi.outcome(t.run_id, last, expected, result, failed,
+                                              invalid)
+            except Exception as exc:  # invalid results that do not unpickle here
+                outcome = _Failure(_function_error(exc, last)), True
+            if outcome is None:  # invalid, a later duplicate, or an attempt still out
+                return
+            result, failed = outcome
         sink = t if last == t.function else attrs.evolve(t, function=last)
         try:
             try:
@@ -294,12 +336,15 @@ class ExecutorService:
         costs one thread handoff instead of one per function.
         """
         segment = [t.function]
+        special = set(t.multiexec) | set(t.batching)
+        if t.function in special:  # these run (and forward) one at a time
+            return segment
         while True:
             downstream = [dst for src, dst in t.edges if src == segment[-1]]
             if len(downstream) != 1:
                 return segment
             nxt = downstream[0]
-            if (t.placement[t.functions.index(nxt)] != self.url
+            if (nxt in special or t.placement[t.functions.index(nxt)] != self.url
                     or sum(1 for _, dst in t.edges if dst == nxt) != 1
                     or self._has_references(t, nxt)):
                 return segment
@@ -323,12 +368,24 @@ class ExecutorService:
                 steps.append(await self._prepare(t, fn, libs, run))
             except Exception as exc:
                 return _Failure(_function_error(exc, fn)), True
-        carried = [i.value for i in inputs]
+        try:
+            carried = await self._resolve(
+                [a for i in inputs for a in (spread(i.value) if i.spread else [i.value])], run)
+        except Exception as exc:
+            return _Failure(_function_error(exc, segment[0])), True
+        if segment[0] in t.batching:
+            step = steps[0]
+            return await self.batcher.call(
+                step.function, t.versions[t.functions.index(step.function)], step.target,
+                step.is_async, step.lib, [*step.args, *carried])
+        value: Any = None
         i = 0
         while i < len(steps):
             step = steps[i]
             if step.is_async:
                 try:
+                    if i:
+                        carried = await self._resolve(spread(value), run)
                     value = await step.target(step.lib, *step.args, *carried)
                 except Exception as exc:
                     return _Failure(_function_error(exc, step.function)), True
@@ -337,12 +394,24 @@ class ExecutorService:
                 j = i
                 while j < len(steps) and not steps[j].is_async:
                     j += 1
+                if i:
+                    try:
+                        carried = await self._resolve(spread(value), run)
+                    except Exception as exc:
+                        return _Failure(_function_error(exc, step.function)), True
+                # The thread resolves the results of steps it runs itself.
                 value, failed = await self._threads.run(_run_sync_steps, steps[i:j], carried)
                 if failed:
                     return value, True
                 i = j
-            carried = [value]
-        return carried[0], False
+        return value, False
+
+    async def _resolve(self, args: list[Any], run: RunContext) -> list[Any]:
+        """Replace each DropletReference among ``args`` by the value it stands for."""
+        if not any(isinstance(a, DropletReference) for a in args):
+            return args
+        return [reveal_stored(await self.read(a.key, run), a.deserialize)
+                if isinstance(a, DropletReference) else a for a in args]
 
     async def _prepare(self, t: Trigger, function: str, libs: list[UserLibrary],
                        run: RunContext) -> _Step:
@@ -387,8 +456,8 @@ class ExecutorService:
                 raise RegistrationError(
                     f"function {name!r}: a tuple registration must be (cls, init_args) "
                     "with a class that has a run(user_library, *args) method")
-            if isinstance(obj, tuple):
-                obj = (obj[0], tuple(obj[1]))
+            if isinstance(obj, tuple):  # as in Cloudburst: a non-tuple is one init argument
+                obj = (obj[0], obj[1] if type(obj[1]) is tuple else (obj[1],))
             elif not callable(obj):
                 raise RegistrationError(f"{name!r} is registered as a non-callable "
                                         f"{type(obj).__name__}")
@@ -437,8 +506,13 @@ class ExecutorService:
             run.causal.observe(key, lattice)
         return data
 
-    async def write(self, key: str, value: Any, run: RunContext) -> str:
-        """Merge ``value`` into ``key``; under CAUSAL, as a write that saw the run's reads."""
+    async def write(self, key: str, value: Any, run: RunContext, *, raw: bool = False) -> str:
+        """Merge ``value`` into ``key``; under CAUSAL, as a write that saw the run's reads.
+
+        ``raw``: ``value`` is a lattice whose user values are already pickled.
+        """
+        if raw:
+            return await self.cache.put(key, value, raw=True)
         if run.causal is not None and not isinstance(value, Lattice):
             # Pickled before stamping, so any picklable value works (hashable or not).
             lattice: Lattice = run.causal.stamp(key, run.writer, dumps(value))

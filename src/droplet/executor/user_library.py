@@ -9,10 +9,12 @@ no I/O is needed (a cache hit, ``getid``, ``recv``).
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import cloudpickle
 import trio
 
 from ..lattices import (
@@ -20,17 +22,22 @@ from ..lattices import (
     Lattice,
     LWWLattice,
     MultiKeyCausalLattice,
+    OrderedSetLattice,
+    SetLattice,
     SingleKeyCausalLattice,
     decode_lattice,
 )
 from ..references import DropletReference
+from ..serialization import dumps
 
 if TYPE_CHECKING:
     from .service import ExecutorService, RunContext
 
-__all__ = ["UserLibrary", "reveal_stored"]
+__all__ = ["UserLibrary", "reveal_stored", "user_lattice"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("droplet.executor")
 
 
 def reveal_stored(data: bytes | None, deserialize: bool = True) -> Any:
@@ -38,15 +45,22 @@ def reveal_stored(data: bytes | None, deserialize: bool = True) -> Any:
 
     Plain values come back plain: an LWW value, or a causal value. Concurrent
     causal values come back together, as a ``frozenset`` when they are all
-    hashable and otherwise as a list (in a deterministic order). Other
-    lattices come back as lattices; ``deserialize=False`` returns the stored
-    lattice as is.
+    hashable and otherwise as a list (in a deterministic order). An
+    ordered set (what ``put`` makes of a list) comes back as a list, in order.
+    Other lattices come back as lattices; ``deserialize=False`` returns the
+    stored lattice as is.
     """
     if data is None:
         return None
     raw = decode_lattice(data, load=RAW)
     if deserialize and isinstance(raw, LWWLattice):
         return pickle.loads(raw.value)
+    if deserialize and isinstance(raw, OrderedSetLattice):
+        items = [pickle.loads(blob) for blob in raw.reveal()]
+        try:
+            return sorted(items)
+        except TypeError:  # not mutually orderable: the order of their pickles
+            return items
     if deserialize and isinstance(raw, SingleKeyCausalLattice | MultiKeyCausalLattice):
         found = [pickle.loads(blob) for blob in sorted(raw.values)]
         if len(found) == 1:
@@ -73,6 +87,26 @@ def as_lattice(value: Any) -> Lattice:
     return LWWLattice.now(value)
 
 
+def user_lattice(value: Any) -> tuple[Lattice, bool]:
+    """What the user library's ``put`` stores, by Cloudburst's serializer rules.
+
+    A ``set`` becomes a :class:`SetLattice` (concurrent adds merge), a ``list``
+    an :class:`OrderedSetLattice` of its elements (concurrent appends merge), a
+    lattice stays itself and anything else is last-writer-wins. Returns
+    ``(lattice, raw)``; ``raw`` means its elements are already pickled.
+    """
+    if type(value) is set:
+        return SetLattice(value), False
+    if type(value) is list:
+        try:
+            pickled = [cloudpickle.dumps(item) for item in value]
+        except Exception as exc:
+            raise TypeError(f"put(): a list is stored as an ordered set of its elements "
+                            f"(as in Cloudburst), and one cannot be serialized: {exc}") from exc
+        return OrderedSetLattice(pickled), True
+    return as_lattice(value), False
+
+
 class UserLibrary:
     """KVS access and messaging for one function invocation."""
 
@@ -80,7 +114,7 @@ class UserLibrary:
         self._executor = executor
         self._id = invocation_id
         self._run = run
-        self._mailbox: list[tuple[str, bytes]] = []
+        self._mailbox: list[tuple[str, Any]] = []
 
     # ---------------------------------------------------------------- identity
     def getid(self) -> str:
@@ -90,49 +124,87 @@ class UserLibrary:
     get_id = getid
 
     # ---------------------------------------------------------------- sync API
-    def get(self, key: str | DropletReference) -> Any:
+    def get(self, key: str | DropletReference | list[str | DropletReference],
+            deserialize: bool = True) -> Any:
         """Read a value through this executor's cache (None when absent).
 
-        Under CAUSAL, concurrent versions come back together as a frozenset.
+        A list of keys returns ``{key: value}``. ``deserialize=False`` returns
+        the stored lattice instead of the value it holds. Under CAUSAL,
+        concurrent versions come back together as a frozenset.
         """
+        if isinstance(key, list):
+            keys = [_key(k) for k in key]
+            found: dict[str, Any] = {}
+            missing = []
+            for k in keys:
+                known, data = self._executor.read_local(k, self._run)
+                if known:
+                    found[k] = reveal_stored(data, deserialize)
+                elif k not in missing:
+                    missing.append(k)
+            if missing:  # one hop into the event loop for all of them
+                found.update(self._in_trio(self.aget, missing, deserialize))
+            return {k: found[k] for k in keys}
         k = _key(key)
         known, data = self._executor.read_local(k, self._run)
         if known:  # no I/O needed: skip the hop into the event loop's thread
-            return reveal_stored(data)
-        return self._in_trio(self.aget, k)
+            return reveal_stored(data, deserialize)
+        return self._in_trio(self.aget, k, deserialize)
 
     get_object = get
 
-    def put(self, key: str, value: Any) -> str:
-        """Write a value (lattice-merged); returns the stored lattice type name."""
+    def put(self, key: str | DropletReference, value: Any) -> str:
+        """Write a value (lattice-merged); returns the stored lattice type name.
+
+        As in Cloudburst, a ``set`` is stored as a SetLattice and a ``list`` as
+        an OrderedSetLattice, so that concurrent writers' elements merge.
+        """
         return self._in_trio(self.aput, key, value)
 
     put_object = put
 
-    def send(self, dest_id: str, data: bytes) -> None:
-        """Send bytes to the invocation ``dest_id``, wherever it runs."""
-        self._in_trio(self.asend, dest_id, data)
+    def send(self, dest_id: str, obj: Any) -> None:
+        """Send any picklable object to the invocation ``dest_id``, wherever it runs."""
+        self._in_trio(self.asend, dest_id, obj)
 
-    def recv(self) -> list[tuple[str, bytes]]:
-        """Messages received so far (and not yet returned): ``[(sender_id, bytes)]``."""
+    def recv(self) -> list[tuple[str, Any]]:
+        """Messages received so far (and not yet returned): ``[(sender_id, object)]``."""
         messages, self._mailbox = self._mailbox, []
         return messages
 
     # ---------------------------------------------------------------- async API
-    async def aget(self, key: str | DropletReference) -> Any:
-        return reveal_stored(await self._executor.read(_key(key), self._run))
+    async def aget(self, key: str | DropletReference | list[str | DropletReference],
+                   deserialize: bool = True) -> Any:
+        if isinstance(key, list):
+            return {_key(k): await self.aget(k, deserialize) for k in key}
+        return reveal_stored(await self._executor.read(_key(key), self._run), deserialize)
 
-    async def aput(self, key: str, value: Any) -> str:
-        return await self._executor.write(_key(key), value, self._run)
+    async def aput(self, key: str | DropletReference, value: Any) -> str:
+        if self._run.causal is not None or isinstance(value, Lattice):
+            return await self._executor.write(_key(key), value, self._run)
+        lattice, raw = user_lattice(value)
+        return await self._executor.write(_key(key), lattice, self._run, raw=raw)
 
-    async def asend(self, dest_id: str, data: bytes) -> None:
-        if not isinstance(data, bytes | bytearray):
-            raise TypeError(f"send() takes bytes, not {type(data).__name__}")
-        await self._executor.send_mail(dest_id, self._id, bytes(data))
+    async def asend(self, dest_id: str, obj: Any) -> None:
+        if not isinstance(dest_id, str):
+            raise TypeError(f"send(): the destination is an id from getid() (a string), "
+                            f"not {type(dest_id).__name__}")
+        try:
+            data = dumps(obj)
+        except TypeError as exc:
+            raise TypeError(f"send(): cannot serialize the message: {exc}") from exc
+        await self._executor.send_mail(dest_id, self._id, data)
 
     # ---------------------------------------------------------------- plumbing
     def deliver(self, sender: str, data: bytes) -> None:
-        self._mailbox.append((sender, data))
+        """A message arrived: unpickle it (a message that does not unpickle is dropped)."""
+        try:
+            obj = pickle.loads(data)
+        except Exception as exc:
+            log.warning("dropping a message from %s to %s that does not unpickle: %s",
+                        sender, self._id, exc)
+            return
+        self._mailbox.append((sender, obj))
 
     def _in_trio(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
         try:

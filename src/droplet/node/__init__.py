@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..config import IN_MEMORY, Config
+from ..config import IN_MEMORY, Config, parse_resources
 from ..errors import ProtocolError
 from ..executor.service import ExecutorService
 from ..kvs.backends import MemoryBackend, StorageBackend
@@ -160,7 +160,8 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
     url: str = await nursery.start(_serve, listen, router, token, server_opts, limits)
     executor = await ExecutorService.join(
         nursery, url=url, scheduler_url=config.scheduler, workers=config.threads,
-        token=token, options=client_opts, threads=config.threads)
+        token=token, options=client_opts, threads=config.threads,
+        resources=parse_resources(config.resources), max_batch=config.max_batch)
     router.add(executor)
     return Node(url, "executor", executors=[executor])
 
@@ -207,7 +208,10 @@ async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> N
     """Run executor worker ``index`` as a child process, restarting it if it dies."""
     cmd = [sys.executable, "-m", "droplet.node", "--role", "executor",
            "--scheduler", scheduler_url, "--threads", str(config.threads),
-           "--max-frame-size", str(config.max_frame_size), "--log-level", config.log_level]
+           "--max-frame-size", str(config.max_frame_size), "--log-level", config.log_level,
+           "--max-batch", str(config.max_batch)]
+    if config.resources:
+        cmd += ["--resources", config.resources]
     env = dict(os.environ)
     if config.token:
         env["DROPLET_TOKEN"] = config.token  # never on the command line (visible in ps)

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-results", action="store_true", default=None,
                    help="also log call results (by default they stay in memory: they "
                    "expire after --result-ttl and a crash ends their runs anyway)")
+    p.add_argument("--resources", metavar="NAME=COUNT[,...]",
+                   help="resource labels of this node's executors, e.g. gpu=1 "
+                   "(a DAG's gpu_functions run only on executors with gpu)")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="most queued calls of a batching function served in one call "
+                   "(default: 16)")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags win)")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING or ERROR")

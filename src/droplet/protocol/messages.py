@@ -361,10 +361,20 @@ class FunctionExists:
 @message(23)
 @attrs.frozen
 class RegisterDag:
+    """A DAG definition (checked on the client, validated again by the scheduler).
+
+    ``multiexec`` names the multi-exec functions and ``invalid_results`` holds,
+    for each of them in order, its pickled list of invalid results.
+    """
+
     name: str
     functions: list[str]
     connections: list[list[str]]
     colocated: list[str]
+    multiexec: list[str] = attrs.Factory(list)
+    invalid_results: list[bytes] = attrs.Factory(list)
+    gpu_functions: list[str] = attrs.Factory(list)
+    batching_functions: list[str] = attrs.Factory(list)
 
 
 @message(24)
@@ -392,6 +402,9 @@ class CallDag:
     result_key: str | None = None
     #: CAUSAL: the client session's causal context (consistency.CausalContext).
     causal: bytes | None = None
+    #: another DAG's call (an encoded, unsent CallDag from ``dry_run``) to run
+    #: on this DAG's result; its result is this call's result.
+    continuation: bytes | None = None
 
 
 @message(26)
@@ -433,6 +446,8 @@ class ExecutorJoin:
     url: str
     node_id: str
     workers: int
+    #: resource labels, e.g. ``{"gpu": 1}`` (``--resources gpu=1``).
+    resources: dict[str, int] = attrs.Factory(dict)
 
 
 # --------------------------------------------------------------------------- executor
@@ -470,6 +485,13 @@ class Trigger:
     scheduler: str
     #: CAUSAL: the causal context of the run so far.
     causal: bytes | None = None
+    #: multi-exec functions, with each one's pickled list of invalid results.
+    multiexec: list[str] = attrs.Factory(list)
+    invalid_results: list[bytes] = attrs.Factory(list)
+    #: functions whose queued calls an executor runs as one batch.
+    batching: list[str] = attrs.Factory(list)
+    #: a pickled value appended to a source function's arguments (continuations).
+    carried: bytes | None = None
 
 
 @message(41)

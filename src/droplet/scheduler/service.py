@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..consistency import CONSISTENCY_LEVELS
+from ..consistency import CAUSAL, CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, RegistrationError, _Failure
 from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
@@ -41,6 +41,7 @@ from ..protocol.messages import (
     RunDone,
     Trigger,
 )
+from ..protocol.messages import decode as decode_message
 from ..rpc import DEFERRED, Peer
 from .dags import Dag, build_dag
 from .placement import Placement
@@ -53,6 +54,8 @@ log = logging.getLogger("droplet.scheduler")
 #: A run still unfinished after this long is forgotten (checked every SWEEP_EVERY calls).
 RUN_TTL = 3600.0
 SWEEP_EVERY = 1024
+#: Most DAG calls chained by continuations in one call.
+MAX_CONTINUATIONS = 32
 
 
 
@@ -72,6 +75,8 @@ class _Run:
     caller: tuple[Peer, int] | None  # direct response: who is waiting, request id
     consistency: str = "NORMAL"
     started: float = 0.0
+    #: a DAG call to run on this run's result (its result is the caller's)
+    then: CallDag | None = None
 
 
 @attrs.define
@@ -79,6 +84,7 @@ class _Executor:
     url: str
     peer: Peer
     running: int = 0
+    resources: dict[str, int] = attrs.Factory(dict)
 
 
 class SchedulerService:
@@ -186,7 +192,9 @@ class SchedulerService:
 
     async def _register_dag(self, msg: RegisterDag) -> None:
         dag = build_dag(msg.name, msg.functions, msg.connections, msg.colocated,
-                        self._functions)
+                        self._functions, multiexec=msg.multiexec,
+                        invalid_results=msg.invalid_results, gpu_functions=msg.gpu_functions,
+                        batching_functions=msg.batching_functions)
         old = self._dags.get(msg.name)
         if old is not None and not old.same_shape(dag):
             raise DagError(
@@ -200,7 +208,7 @@ class SchedulerService:
     # ------------------------------------------------------------------ executors
 
     def _join(self, peer: Peer, msg: ExecutorJoin) -> ClusterInfo:
-        self._executors[msg.url] = _Executor(msg.url, peer)
+        self._executors[msg.url] = _Executor(msg.url, peer, resources=dict(msg.resources))
         peer.state["executor_url"] = msg.url
         peer.on_close.append(self._executor_left)
         log.info("executor %s joined", msg.url)
@@ -239,7 +247,7 @@ class SchedulerService:
                            encode_lattice(LWWLattice.now(value), dump=RAW)))
             except DropletError as exc:
                 log.warning("could not record failure of run %s: %s", run_id, exc)
-        await self._run_done(RunDone(run_id, value if run.caller else None, True))
+        await self._run_done(RunDone(run_id, value, True))
 
     # ------------------------------------------------------------------ calls
 
@@ -248,15 +256,51 @@ class SchedulerService:
             raise DagError(
                 f"unknown consistency level {msg.consistency!r}; "
                 f"use one of {', '.join(CONSISTENCY_LEVELS)}")
+        dag = self._dag_for(msg)
+        then = self._continuation(msg)
+        caller = (peer, request_id) if msg.direct else None
+        result_key = msg.result_key or f"{RESULT_PREFIX}{uuid.uuid4().hex}"
+        run_id = await self._start(dag, msg, caller, result_key, None, then)
+        if msg.direct:
+            return DEFERRED
+        return CallAccepted(run_id, result_key)
+
+    def _dag_for(self, msg: CallDag) -> Dag:
         if msg.is_function:
             if msg.target not in self._functions:
                 raise RegistrationError(f"no function named {msg.target!r} is registered")
-            dag = Dag(msg.target, (msg.target,), (), (), msg.target, (msg.target,))
-        else:
-            found = self._dags.get(msg.target)
-            if found is None:
-                raise DagError(f"no DAG named {msg.target!r} is registered")
-            dag = found
+            return Dag(msg.target, (msg.target,), (), (), msg.target, (msg.target,))
+        found = self._dags.get(msg.target)
+        if found is None:
+            raise DagError(f"no DAG named {msg.target!r} is registered")
+        return found
+
+    def _continuation(self, msg: CallDag, depth: int = 0) -> CallDag | None:
+        """The DAG call to run on ``msg``'s result, checked now so errors reach the caller."""
+        if msg.continuation is None:
+            return None
+        if depth >= MAX_CONTINUATIONS:
+            raise DagError(f"call_dag({msg.target!r}): more than {MAX_CONTINUATIONS} "
+                           "chained continuations")
+        try:
+            then = decode_message(msg.continuation)[0]
+        except DropletError as exc:
+            raise DagError(f"call_dag({msg.target!r}): malformed continuation: {exc}") from None
+        if type(then) is not CallDag or then.is_function:
+            raise DagError(f"call_dag({msg.target!r}): a continuation must be a DAG call")
+        if msg.consistency == CAUSAL or then.consistency == CAUSAL:
+            raise DagError(f"call_dag({msg.target!r}): continuations do not run under CAUSAL")
+        self._dag_for(then)
+        self._continuation(then, depth + 1)
+        return then
+
+    async def _start(self, dag: Dag, msg: CallDag, caller: tuple[Peer, int] | None,
+                     result_key: str, carried: bytes | None, then: CallDag | None) -> str:
+        """Place and trigger one run of ``dag``; returns the run id."""
+        if msg.consistency not in CONSISTENCY_LEVELS:
+            raise DagError(
+                f"unknown consistency level {msg.consistency!r}; "
+                f"use one of {', '.join(CONSISTENCY_LEVELS)}")
         for fn in msg.arg_fns:
             if fn not in dag.functions:
                 raise DagError(f"arguments given for {fn!r}, which is not in DAG {dag.name!r}")
@@ -267,16 +311,17 @@ class SchedulerService:
                 raise DagError(f"DAG {dag.name!r} uses {fn!r}, which is no longer registered")
             versions.append(version)
         running = {url: ex.running for url, ex in self._executors.items()}
-        where = self._placement.place(dag, list(self._executors), running)
+        gpus = [url for url, ex in self._executors.items() if ex.resources.get("gpu", 0) > 0]
+        where = self._placement.place(dag, list(self._executors), running, gpus)
         run_id = uuid.uuid4().hex
-        result_key = msg.result_key or f"{RESULT_PREFIX}{run_id}"
         deadline = time.time() + msg.timeout if msg.timeout else None
         placed = [where[fn] for fn in dag.functions]
         for url in placed:
             self._executors[url].running += 1
-        caller = (peer, request_id) if msg.direct else None
+        # A run with a continuation reports its result here, to start the next DAG.
+        direct = caller is not None or then is not None
         self._runs[run_id] = _Run(placed, result_key, caller, msg.consistency,
-                                  trio.current_time())
+                                  trio.current_time(), then)
         self._runs_started += 1
         if self._runs_started % SWEEP_EVERY == 0:
             self._forget_stale_runs()
@@ -285,7 +330,9 @@ class SchedulerService:
             trigger = Trigger(
                 run_id, fn, list(dag.functions), versions, placed, edges,
                 msg.arg_fns, msg.arg_blobs, None, None, False, result_key, msg.output_key,
-                msg.direct, msg.consistency, msg.client_id, deadline, "", msg.causal,
+                direct, msg.consistency, msg.client_id, deadline, "", msg.causal,
+                list(dag.multiexec), list(dag.invalid_results), list(dag.batching_functions),
+                carried,
             )
             try:
                 await self._executors[where[fn]].peer.send(trigger)
@@ -293,9 +340,7 @@ class SchedulerService:
                 self._runs.pop(run_id, None)
                 self._release(placed)
                 raise DropletError(f"could not reach executor {where[fn]}: {exc}") from exc
-        if msg.direct:
-            return DEFERRED
-        return CallAccepted(run_id, result_key)
+        return run_id
 
     def _forget_stale_runs(self) -> None:
         """Drop runs whose sink never reported (a hung function), so they cannot pile up."""
@@ -322,6 +367,9 @@ class SchedulerService:
                 await self._kvs.send(KvsRelease(msg.run_id))
             except DropletError as exc:
                 log.warning("could not release versions pinned by run %s: %s", msg.run_id, exc)
+        if run.then is not None:
+            await self._continue(msg, run, run.then)
+            return
         if run.caller is not None:
             peer, request_id = run.caller
             value = msg.value if msg.value is not None else pickle.dumps(None)
@@ -329,3 +377,28 @@ class SchedulerService:
                 await peer.reply(request_id, DagResult(msg.run_id, value, msg.failed))
             except DropletError:
                 log.debug("caller of run %s went away", msg.run_id)
+
+    async def _continue(self, done: RunDone, run: _Run, then: CallDag) -> None:
+        """A run with a continuation finished: run the next DAG on its result."""
+        if not done.failed and done.value is not None:
+            try:
+                nxt = self._continuation(then)
+                await self._start(self._dag_for(then), then, run.caller, run.result_key,
+                                  done.value, nxt)
+                return
+            except DropletError as exc:
+                done = RunDone(done.run_id, pickle.dumps(_Failure(exc)), True)
+        # The run (or starting its continuation) failed: that is the caller's result.
+        value = done.value if done.value is not None else pickle.dumps(None)
+        if run.caller is not None:
+            peer, request_id = run.caller
+            try:
+                await peer.reply(request_id, DagResult(done.run_id, value, True))
+            except DropletError:
+                log.debug("caller of run %s went away", done.run_id)
+            return
+        try:
+            await self._kvs.request(KvsPut(
+                run.result_key, encode_lattice(LWWLattice.now(value), dump=RAW)))
+        except DropletError as exc:
+            log.warning("could not record failure of run %s: %s", done.run_id, exc)
