@@ -68,19 +68,45 @@ def test_registry_round_trip_and_tombstones() -> None:
     for delta in (function_entry("b", "v2"), dag_entry("d", dag), dag_entry("x", dag)):
         merged = merged.merge(decode_lattice(delta, load=RAW))
     merged = merged.merge(decode_lattice(dag_entry("x", None), load=RAW))  # deleted later
-    functions, dags = decode_registry(encode_lattice(merged, dump=RAW))
+    functions, dags, problems = decode_registry(encode_lattice(merged, dump=RAW))
+    assert problems == []
     assert functions == registered
     assert dags == {"d": (["a", "b"], [["a", "b"]], ["a"])}
 
 
-def test_registry_refuses_what_is_not_one() -> None:
-    from droplet.lattices import RAW, LWWLattice, MapLattice, encode_lattice
+def test_registry_entries_that_do_not_decode_are_skipped_and_named() -> None:
+    from droplet.lattices import RAW, LWWLattice, MapLattice, SetLattice, encode_lattice
 
-    with pytest.raises(droplet.ProtocolError, match="not a Map"):
-        decode_registry(encode_lattice(LWWLattice(1, b"x"), dump=RAW))
-    bad = MapLattice({"d/x": LWWLattice(1, b"[1, 2]")})
-    with pytest.raises(droplet.ProtocolError, match="does not decode"):
-        decode_registry(encode_lattice(bad, dump=RAW))
+    assert decode_registry(encode_lattice(LWWLattice(1, b"x"), dump=RAW))[2] == [
+        "the registry is a LWW lattice, not a Map"]
+    assert "does not decode" in decode_registry(b"garbage")[2][0]
+    bad = MapLattice({
+        "d/x": LWWLattice(1, b"[1, 2]"),  # not three lists
+        "d/y": LWWLattice(1, b"{not json"),
+        "f/ok": LWWLattice(1, b"v1"),
+        "f/bad": LWWLattice(1, b"\xff"),
+        "zzz": LWWLattice(1, b"?"),
+        "f/set": SetLattice({b"a"}),
+    })
+    functions, dags, problems = decode_registry(encode_lattice(bad, dump=RAW))
+    assert (functions, dags) == ({"ok": "v1"}, {})
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "entry 'd/x'", "entry 'd/y'", "entry 'f/bad'", "entry 'f/set'", "entry 'zzz'"]
+
+
+async def test_a_scheduler_starts_over_a_registry_a_user_broke(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from droplet.kvs.keys import REGISTRY_KEY
+
+    async with droplet.open_local_cluster(executors=1, data_dir=str(tmp_path)) as cluster:
+        async with cluster.client() as cloud:
+            await cloud.register(square, "square")
+            await cloud.put_object(REGISTRY_KEY, droplet.lattices.MapLattice(
+                {"d/evil": droplet.lattices.LWWLattice.now(b"junk")}))
+    async with droplet.open_local_cluster(executors=1, data_dir=str(tmp_path)) as cluster:
+        async with cluster.client() as cloud:
+            assert await (await cloud.exec_func("square", [3])).get() == 9
+    assert "skipping entry 'd/evil'" in caplog.text
 
 
 def test_storage_dir_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -110,3 +136,15 @@ def test_data_dir_and_fsync_from_flags_and_toml(tmp_path: Path) -> None:
         Config(fsync="sometimes")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--fsync", "sometimes"])
+
+
+def test_a_node_whose_data_dir_is_unusable_says_so_and_exits_1(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from droplet.node._main import main as node_main
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    code = node_main(["--listen", "tcp://127.0.0.1:0", "--executors", "0",
+                      "--data-dir", str(not_a_dir / "data")])
+    assert code == 1
+    assert f"could not start: cannot use data directory {not_a_dir / 'data'}" in caplog.text

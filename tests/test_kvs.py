@@ -303,6 +303,11 @@ async def test_subscribing_put_and_peer_close_forgets_subscriptions() -> None:
         # executor cache learns the merged value of its own put)
         assert revealed((await recorder.next()).lattice) == b"1"
         await cache.request(KvsGet("b", None, True))
+        # b is absent: no subscription (a cache keeps no entry for it, so it
+        # would never evict and unsubscribe it; it reads b again next time)
+        assert service.statistics().subscriptions == 1
+        await cache.request(KvsPut("b", lww(1, b"1")))
+        await cache.request(KvsGet("b", None, True))
         assert service.statistics().subscriptions == 2
         writer = await connect_peer(url, nursery)
         await writer.request(KvsPut("a", lww(2, b"2")))
@@ -346,3 +351,20 @@ async def test_call_results_expire_after_result_ttl(autojump_clock: trio.testing
         assert "user-key" in backend.store
         assert kvs.statistics().storage.keys == 3
         nursery.cancel_scope.cancel()
+
+
+async def test_unsubscribing_leaves_no_empty_entries() -> None:
+    """Regression (issue 7): KvsUnsubscribe left an empty subscriber set per key, and
+    the connection's own record of its keys, forever."""
+    async with kvs_server() as (url, service, nursery):
+        cache = await connect_peer(url, nursery, handler=Recorder().handle)
+        for i in range(50):
+            await cache.request(KvsPut(f"k{i}", lww(1, b"1"), True))
+        assert service.statistics().subscribed_keys == 50
+        for i in range(50):
+            await cache.send(KvsUnsubscribe(f"k{i}"))
+        await cache.request(KvsGet("k0"))  # after the unsubscribes, in order
+        stats = service.statistics()
+        assert (stats.subscriptions, stats.subscribed_keys) == (0, 0)
+        assert not service._subscribers
+        await cache.aclose()

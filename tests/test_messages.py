@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from typing import Any
 
@@ -19,6 +20,10 @@ from droplet.protocol import values
 from droplet.protocol.messages import MESSAGES, decode, encode
 
 ENVELOPE = struct.Struct(">BBII")
+
+#: A causal context as the services send it (garbage there is refused, see below).
+_CTX = values.dumps({"k": {"node": 1}})
+
 
 # One or more representative instances of every registered message class.
 SAMPLES: list[Any] = [
@@ -53,6 +58,7 @@ SAMPLES: list[Any] = [
     m.ListFunctions("sq"),
     m.FunctionExists("square"),
     m.RegisterDag("dag", ["a", "b", "c"], [["a", "b"], ["b", "c"]], ["a"]),
+
     m.RegisterDag("one", ["a"], [], []),
     m.DeleteDag("dag"),
     m.CallDag("square", True, ["square"], [b"args"]),
@@ -77,10 +83,10 @@ SAMPLES: list[Any] = [
     m.Mail("inproc://x/1", "inproc://x/2", b""),
     m.KvsGet("k", 1.0, True, "run-1"),
     m.KvsRelease("run-1"),
-    m.CallDag("dag", False, ["a"], [b"x"], "CAUSAL", None, "c", False, None, "rk", b"ctx"),
+    m.CallDag("dag", False, ["a"], [b"x"], "CAUSAL", None, "c", False, None, "rk", _CTX),
     m.Trigger(
         "run-3", "a", ["a"], ["v1"], ["tcp://e"], [], [], [], None, None, False,
-        "rk", None, False, "CAUSAL", "client", None, "", b"causal-context",
+        "rk", None, False, "CAUSAL", "client", None, "", _CTX,
     ),
 ]
 
@@ -99,7 +105,9 @@ def generated_samples() -> list[Any]:
         kinds = [str(f.type) for f in attrs.fields(cls)]
         samples.append(cls(*[FILLED[k] for k in kinds]))
         samples.append(cls(*[None if k.endswith("| None") else FILLED[k] for k in kinds]))
-    return samples
+    # Filled with arbitrary values, these do not fit together: see the
+    # InvalidMessage tests at the end (hand-written samples above cover them).
+    return [s for s in samples if type(s) not in m._VALIDATORS]
 
 
 SAMPLES += generated_samples()
@@ -363,3 +371,41 @@ def test_values_refuse_deep_nesting_when_decoding() -> None:
 def test_values_garbage_is_protocol_error(data: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         values.loads(data)
+
+
+# --------------------------------------------------------------------------- field values
+
+
+def _trigger(**changes: Any) -> m.Trigger:
+    base = m.Trigger(
+        "run-1", "b", ["a", "b"], ["v1", "v2"], ["tcp://e1", "tcp://e2"], [["a", "b"]],
+        ["a"], [b"args"], "a", b"result", False, "rk", None, False, "NORMAL", None, None, "")
+    return attrs.evolve(base, **changes)
+
+
+@pytest.mark.parametrize(("msg", "complaint"), [
+    (_trigger(function="zzz"), "function 'zzz' is not in the run"),
+    (_trigger(source="zzz"), "source 'zzz' is not in the run"),
+    (_trigger(edges=[["a", "nope"]]), "is not a pair of the run's functions"),
+    (_trigger(edges=[["a", "b", "c"]]), "is not a pair"),
+    (_trigger(placement=["tcp://e1"]), "2 functions but 2 versions and 1 placements"),
+    (_trigger(versions=[]), "2 functions but 0 versions"),
+    (_trigger(arg_fns=["a", "b"]), "2 arg_fns but 1 arg_blobs"),
+    (_trigger(arg_fns=["x"]), "arguments for 'x'"),
+    (_trigger(source=None), "a result needs a source"),
+    (_trigger(causal=b"garbage"), "Trigger.causal"),
+    (_trigger(deadline=math.inf), "Trigger.deadline"),
+    (m.CallDag("f", True, ["f"], []), "1 arg_fns but 0 arg_blobs"),
+    (m.CallDag("f", True, [], [], causal=b"\xff\x00"), "CallDag.causal"),
+    (m.CallDag("f", True, [], [], timeout=-1.0), "CallDag.timeout"),
+    (m.CallDag("f", True, [], [], timeout=1e300), "CallDag.timeout"),
+    (m.CallDag("f", True, [], [], timeout=10**400), "CallDag.timeout"),
+    (m.KvsGet("k", math.nan), "NaN"),
+], ids=lambda v: v if isinstance(v, str) else type(v).__name__)
+def test_field_values_that_do_not_fit_together_are_refused_at_decode(
+        msg: Any, complaint: str) -> None:
+    """Regression: a garbage causal context or a trigger naming a function not in its
+    run passed decode and killed the executor that acted on it."""
+    with pytest.raises(m.InvalidMessage, match=re.escape(complaint)) as info:
+        decode(encode(msg, 7))
+    assert info.value.request_id == 7 and not info.value.is_reply

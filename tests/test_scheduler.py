@@ -25,6 +25,12 @@ class FakePeer:
     async def send(self, msg: Any) -> None:
         self.sent.append(msg)
 
+    def post(self, msg: Any, *, on_full: str = "disconnect") -> None:
+        self.sent.append(msg)
+
+    def post_reply(self, request_id: int, msg: Any) -> None:
+        self.sent.append(msg)
+
 
 def make_scheduler(nursery: trio.Nursery) -> tuple[SchedulerService, FakePeer]:
     kvs: Any = FakePeer()

@@ -153,7 +153,12 @@ def stop_local(pid_file: Path) -> int:
             break
         time.sleep(0.05)
     else:
-        os.kill(pid, signal.SIGKILL)
+        # The node leads its own process group (start_new_session): kill its
+        # executor workers with it.
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
         ours = _started.pop(pid, None)
         if ours is not None:
             ours.wait()

@@ -75,6 +75,7 @@ async def _serve_cluster(executors: int, placement: str, token: str | None, thre
         settings["data_dir"] = IN_MEMORY  # embedded clusters keep nothing unless asked
     config = Config(role="all", listen=listen, executors=executors, placement=placement,
                     token=token, threads=threads, **settings)
+    config.check_exposure()  # before any nursery, so the ValueError arrives bare
     async with trio.open_nursery() as nursery:
         node: Node = await nursery.start(
             functools.partial(serve_node, config, in_process_executors=True))

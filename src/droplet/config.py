@@ -142,6 +142,8 @@ class Config:
     fsync: str = attrs.field(default="always", validator=attrs.validators.in_(FSYNC_POLICIES))
     #: also log call results (they expire after result_ttl; by default memory only)
     log_results: bool = False
+    #: log bytes since the last snapshot that trigger a new one (if also past its size)
+    compact_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
     #: executor resource labels, e.g. ``"gpu=1"``: DAGs' gpu_functions run only there
     resources: str | None = attrs.field(default=None, converter=_resources)
     #: most queued calls of a batching function an executor serves in one call
@@ -213,8 +215,9 @@ class Config:
         if not is_loopback(self.listen_url) and not self.token and not self.insecure:
             raise ValueError(
                 f"refusing to listen on {self.listen_url} without a cluster token: anyone who "
-                "can reach it could run code on this machine. Pass --token (or set "
-                "DROPLET_TOKEN), or --insecure if the network is trusted.")
+                "can reach it could run code on this machine. Pass --token (token= in "
+                "Python, or set DROPLET_TOKEN), or --insecure (insecure=True) if the "
+                "network is trusted.")
 
     def server_options(self) -> TransportOptions:
         ctx = None

@@ -8,6 +8,14 @@ call) returns :data:`DEFERRED` and answers later with :meth:`Peer.reply`.
 
 Every connection starts with the handshake of ``protocol/handshake.py``; no
 other message is decoded before it succeeds.
+
+A handler never sends to a *third* peer inline (a slow peer would stall the
+connection whose reader runs the handler): it posts the message (:meth:`Peer.post`)
+to that peer's bounded outbox, which the peer's own writer task drains. When
+an outbox is full the peer is not reading: by default it is disconnected
+(its subscriptions and waiting reads go with it), or, with
+``on_full="raise"``, the poster gets a :class:`~droplet.errors.DropletError`
+(a call placed on a backed-up executor fails instead of waiting).
 """
 
 from __future__ import annotations
@@ -22,14 +30,23 @@ import trio
 
 from . import errors
 from .errors import ConnectionError, DropletError, ProtocolError
+from .outbox import OUTBOX_BYTES, OUTBOX_MESSAGES, Outbox
 from .protocol import handshake
-from .protocol.messages import AuthChallenge, AuthResponse, AuthResult, ErrorReply, Ok
+from .protocol.messages import (
+    AuthChallenge,
+    AuthResponse,
+    AuthResult,
+    ErrorReply,
+    InvalidMessage,
+    Ok,
+)
 from .protocol.messages import decode as decode_message
 from .protocol.messages import encode as encode_message
 from .transports.base import Connection, TransportOptions
 from .transports.registry import get_transport
 
-__all__ = ["DEFERRED", "Handler", "Limits", "Peer", "Slot", "connect_peer", "serve_peers"]
+__all__ = ["DEFERRED", "Handler", "Limits", "OutboxFull", "Peer", "Slot", "connect_peer",
+           "serve_peers"]
 
 log = logging.getLogger("droplet.rpc")
 
@@ -50,10 +67,19 @@ class Limits:
     Attributes:
         max_inflight: requests from one peer being served at once; the reader
             stops reading (TCP backpressure) while the peer is at the limit.
+        outbox_messages, outbox_bytes: what :meth:`Peer.post` may queue for a
+            peer that is not reading (one frame of any size always fits).
     """
 
-    def __init__(self, *, max_inflight: int = 10_000) -> None:
+    def __init__(self, *, max_inflight: int = 10_000, outbox_messages: int = OUTBOX_MESSAGES,
+                 outbox_bytes: int = OUTBOX_BYTES) -> None:
         self.max_inflight = max_inflight
+        self.outbox_messages = outbox_messages
+        self.outbox_bytes = outbox_bytes
+
+
+class OutboxFull(DropletError):
+    """A peer's outbox is full: it is not reading what it is sent."""
 
 
 class Slot:
@@ -106,7 +132,13 @@ class Peer:
         self._pending: dict[int, Slot] = {}
         self._closed = False
         self._close_reason: DropletError | None = None
-        self._inflight = trio.Semaphore((limits or Limits()).max_inflight)
+        limits = limits or Limits()
+        self._inflight = trio.Semaphore(limits.max_inflight)
+        self._outbox = Outbox(limits.outbox_messages, limits.outbox_bytes)
+        self._outbox_ready = trio.Event()
+        self._run_scope: trio.CancelScope | None = None
+        #: messages dropped, and whether this peer was cut off, for a full outbox.
+        self.overflowed = False
         self.on_close: list[Callable[[Peer], None]] = []
         #: Free-form per-connection state for services (e.g. an executor's id).
         self.state: dict[str, Any] = {}
@@ -139,6 +171,64 @@ class Peer:
 
     async def reply_error(self, request_id: int, exc: BaseException) -> None:
         await self.reply(request_id, _error_reply(exc))
+
+    @property
+    def outbox_size(self) -> int:
+        """Frames posted and not yet handed to the connection."""
+        return len(self._outbox)
+
+    def post(self, msg: Any, *, on_full: str = "disconnect") -> None:
+        """Queue a one-way message for this peer's writer task; never waits.
+
+        For handlers running in *another* peer's reader. When the outbox is
+        full, ``on_full="disconnect"`` closes this peer (it is not reading) and
+        ``"raise"`` leaves it alone; both raise :class:`OutboxFull`.
+        """
+        self._post(encode_message(msg), on_full)
+
+    def post_reply(self, request_id: int, msg: Any) -> None:
+        """:meth:`reply` through the outbox (the answer to a deferred request)."""
+        try:
+            frame = encode_message(msg, request_id, reply=True)
+        finally:
+            self._inflight.release()
+        self._post(frame, "disconnect")
+
+    def _post(self, frame: bytes, on_full: str) -> None:
+        if self._closed:
+            raise ConnectionError(f"connection to {self.remote} is closed")
+        if not self._outbox.put(frame):
+            if on_full == "raise":
+                raise OutboxFull(f"{self.remote} is not keeping up: {len(self._outbox)} "
+                                 "messages are queued for it; try again later")
+            if not self.overflowed:
+                self.overflowed = True
+                log.warning("disconnecting %s: it is not reading (%d messages, %d bytes "
+                            "queued for it)", self.remote, len(self._outbox),
+                            self._outbox.size_bytes)
+                if self._run_scope is not None:
+                    self._run_scope.cancel()
+            raise OutboxFull(f"{self.remote} is not reading; disconnected")
+        self._outbox_ready.set()
+
+    async def _write_outbox(self) -> None:
+        outbox = self._outbox
+        while True:
+            if not outbox:
+                self._outbox_ready = trio.Event()
+                await self._outbox_ready.wait()
+                continue
+            frames = outbox.take()
+            try:
+                await self._send_many(frames)
+            except ValueError:  # one of them is over max_frame_size: send the others
+                for frame in frames:
+                    try:
+                        await self._send(frame)
+                    except ValueError as exc:
+                        log.warning("dropped a message to %s: %s", self.remote, exc)
+            except ConnectionError:
+                return
 
     async def _send(self, frame: bytes) -> None:
         await self._send_many((frame,))
@@ -204,16 +294,22 @@ class Peer:
         return slot.result()
 
     async def run(self) -> None:
-        """The reader loop; returns when the connection closes."""
+        """The reader loop (and the outbox's writer); returns when the connection closes."""
         try:
-            await self._read_loop()
-        except ConnectionError as exc:
-            # A reply could not be sent because the peer hung up while we served
-            # its request (``_send`` closed the connection before raising): that
-            # ends this connection, never the service running the reader.
-            if not self._closed:
-                raise
-            log.info("%s went away before its reply: %s", self.remote, exc)
+            async with trio.open_nursery() as nursery:
+                self._run_scope = nursery.cancel_scope
+                nursery.start_soon(self._write_outbox)
+                try:
+                    await self._read_loop()
+                except ConnectionError as exc:
+                    # A reply could not be sent because the peer hung up while we
+                    # served its request (``_send`` closed the connection before
+                    # raising): that ends this connection, never the service.
+                    if not self._closed:
+                        raise
+                    log.info("%s went away before its reply: %s", self.remote, exc)
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
             await self.aclose()
 
@@ -230,6 +326,14 @@ class Peer:
                 return
             try:
                 msg, request_id, is_reply = decode_message(frame)
+            except InvalidMessage as exc:
+                # Well framed, wrong values: refuse this message, keep the connection.
+                if exc.request_id and not exc.is_reply:
+                    await self._send(encode_message(
+                        ErrorReply("ProtocolError", str(exc)), exc.request_id, reply=True))
+                else:
+                    log.warning("dropped a message from %s: %s", self.remote, exc)
+                continue
             except ProtocolError as exc:
                 log.warning("closing connection from %s: %s", self.remote, exc)
                 await self._say_goodbye(exc)
@@ -285,6 +389,9 @@ class Peer:
         if self._closed:
             return
         self._closed = True
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+        self._outbox.clear()
         pending, self._pending = self._pending, {}
         for slot in pending.values():
             slot.error = self._close_reason or ConnectionError(
@@ -482,17 +589,32 @@ class PeerPool:
         peer = self._peers.get(url)
         if peer is not None and not peer.closed:
             return peer
+        # One lock per URL being dialled, dropped afterwards: a peer naming
+        # many addresses (a hostile trigger's placement) leaves nothing behind.
         lock = self._locks.setdefault(url, trio.Lock())
-        async with lock:
-            peer = self._peers.get(url)
-            if peer is None or peer.closed:
-                peer = await connect_peer(url, self._nursery, token=self._token,
-                                          options=self._options, handler=self._handler)
-                self._peers[url] = peer
-            return peer
+        try:
+            async with lock:
+                peer = self._peers.get(url)
+                if peer is None or peer.closed:
+                    peer = await connect_peer(url, self._nursery, token=self._token,
+                                              options=self._options, handler=self._handler)
+                    self.add(url, peer)
+                return peer
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(url, None)
+
+    def __len__(self) -> int:
+        return len(self._peers)
 
     def add(self, url: str, peer: Peer) -> None:
         self._peers[url] = peer
+
+        def forget(closed: Peer) -> None:
+            if self._peers.get(url) is closed:
+                del self._peers[url]
+
+        peer.on_close.append(forget)
 
     async def aclose(self) -> None:
         for peer in list(self._peers.values()):

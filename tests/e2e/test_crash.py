@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,18 +78,26 @@ def data(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "data"
 
 
-@pytest.mark.parametrize("fsync", ["always", "everysec"])
+@pytest.mark.parametrize("fsync", ["always", "everysec", "no", "always-compacting"])
 def test_sigkill_loses_no_acknowledged_put_nor_registration(
         tmp_path: Path, data: Path, fsync: str) -> None:
-    with durable_node(tmp_path, data, "--fsync", fsync) as node:
+    """Every fsync policy survives a killed process; "always-compacting" writes a snapshot
+    every few dozen puts, so the kill lands around compactions."""
+    flags = ["--fsync", fsync]
+    if fsync == "always-compacting":
+        config = tmp_path / "node.toml"
+        config.write_text("compact_bytes = 4000\n")
+        flags = ["--config", str(config)]
+    with durable_node(tmp_path, data, *flags) as node:
         with DropletConnection(node.url, timeout=30) as cloud:
             register_work(cloud)
             assert cloud.call_dag("double-then-describe", {"double": [4]}).get() == "got 8"
         acknowledged, members = trio.run(put_until_killed, node)
         assert node.proc.returncode == -signal.SIGKILL
+        first_log = node.log_text()
     assert len(acknowledged) >= ACKNOWLEDGED
 
-    with durable_node(tmp_path, data, "--fsync", fsync) as node:
+    with durable_node(tmp_path, data, *flags) as node:
         with DropletConnection(node.url, timeout=30) as cloud:
             missing = [k for k, v in acknowledged.items() if cloud.get_object(k) != v]
             assert missing == []
@@ -98,6 +107,9 @@ def test_sigkill_loses_no_acknowledged_put_nor_registration(
             assert cloud.exec_func("double", [21]).get() == 42
             assert cloud.call_dag("double-then-describe", {"double": [5]}).get() == "got 10"
         assert "replayed" in node.log_text()
+    if fsync == "always-compacting":
+        assert first_log.count("snapshot of") >= 2  # compactions before the kill
+        assert re.search(r"[1-9]\d* keys from the snapshot", node.log_text())
 
 
 def test_damaged_log_tail_is_cut_and_reported(tmp_path: Path, data: Path) -> None:

@@ -18,7 +18,10 @@ from ..lattices import RAW, Lattice, decode_lattice, encode_lattice
 from ..protocol.messages import KvsGet, KvsPut, KvsStored, KvsUnsubscribe, KvsValue
 from ..rpc import Peer
 
-__all__ = ["Cache", "CacheStatistics"]
+__all__ = ["DEFAULT_CAPACITY", "Cache", "CacheStatistics"]
+
+#: Values a cache holds; the least recently stored is evicted (and unsubscribed).
+DEFAULT_CAPACITY = 100_000
 
 
 @attrs.frozen
@@ -29,9 +32,9 @@ class CacheStatistics:
 
 
 class Cache:
-    def __init__(self, kvs: Peer, *, capacity: int = 100_000) -> None:
+    def __init__(self, kvs: Peer, *, capacity: int | None = None) -> None:
         self._kvs = kvs
-        self._capacity = capacity
+        self._capacity = DEFAULT_CAPACITY if capacity is None else capacity
         self._entries: OrderedDict[str, bytes] = OrderedDict()
         self.hits = 0
         self.misses = 0

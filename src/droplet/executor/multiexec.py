@@ -61,6 +61,10 @@ class _Attempts:
 class MultiExec:
     """Per run, which attempts of a multi-exec function have finished on this executor."""
 
+    def __len__(self) -> int:
+        """Runs still collecting attempts (for statistics)."""
+        return len(self._runs)
+
     def __init__(self) -> None:
         self._runs: dict[tuple[str, str], _Attempts] = {}
         self._invalid: dict[bytes, list[Any]] = {}

@@ -15,7 +15,6 @@ import inspect
 import logging
 import pickle
 import time
-import traceback
 import uuid
 from typing import Any
 
@@ -23,15 +22,8 @@ import attrs
 import trio
 
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext, SessionResult
-from ..errors import (
-    DropletError,
-    FunctionError,
-    RegistrationError,
-    TimeoutError,
-    _Failure,
-)
-from ..kvs.keys import function_key
-from ..lattices import RAW, Lattice, LWWLattice, decode_lattice, encode_lattice
+from ..errors import DropletError, ProtocolError, TimeoutError, _Failure
+from ..lattices import RAW, Lattice, decode_lattice
 from ..protocol.messages import (
     ClusterInfo,
     ExecutorJoin,
@@ -48,7 +40,11 @@ from ..rpc import Peer, PeerPool
 from ..serialization import dumps
 from .batching import DEFAULT_MAX_BATCH, Batcher
 from .cache import Cache
+from .copies import private
+from .fanin import FanIn
+from .loader import FunctionLoader
 from .multiexec import MultiExec, spread
+from .outcomes import function_error, lww, pickle_result
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
@@ -58,6 +54,14 @@ log = logging.getLogger("droplet.executor")
 
 #: Fan-in state for runs whose other inputs never came is dropped after this.
 FANIN_TTL = 600.0
+#: Invocations an executor runs at once. Past it, a triggered function does
+#: not run: its run fails at once with an "overloaded" error. (The reader
+#: cannot simply wait for a free slot: running functions need it to read
+#: their store replies.)
+MAX_INVOCATIONS = 10_000
+#: Seconds a result may take to be written to the next executor, the store or
+#: the scheduler before the send is abandoned (and that connection closed).
+SEND_TIMEOUT = 60.0
 
 
 @attrs.frozen
@@ -69,6 +73,20 @@ class ExecutorStatistics:
     functions_loaded: int
     cache_hits: int
     cache_misses: int
+    #: invocation tasks (running functions, or passing a result on).
+    tasks: int = 0
+    #: partial fan-ins waiting for inputs, and those dropped (expired or over the bound).
+    fanin_pending: int = 0
+    fanin_dropped: int = 0
+    #: multi-exec runs still collecting attempts.
+    multiexec_pending: int = 0
+    #: invocations that can receive mail right now.
+    mailboxes: int = 0
+    cache_entries: int = 0
+    worker_threads: int = 0
+    abandoned_threads: int = 0
+    #: open connections to other executors and the scheduler.
+    peers: int = 0
 
 
 @attrs.frozen
@@ -106,26 +124,21 @@ class _Step:
 
 
 def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
-    """In a worker thread: run consecutive sync steps, each fed the previous result."""
+    """In a worker thread: run consecutive sync steps, each fed the previous result.
+
+    Each step gets a private copy of its input, as it would on another executor.
+    """
     value: Any = None
     for i, step in enumerate(steps):
         try:
             if i:  # the previous step's result: a tuple splats, references resolve
                 carried = [step.lib.get(a.key, a.deserialize)
                            if isinstance(a, DropletReference) else a
-                           for a in spread(value)]
+                           for a in spread(private(value))]
             value = step.target(step.lib, *step.args, *carried)
         except Exception as exc:
-            return _Failure(_function_error(exc, step.function)), True
+            return _Failure(function_error(exc, step.function)), True
     return value, False
-
-
-@attrs.define
-class _Loaded:
-    version: str
-    obj: Any
-    instance: Any = None  # for (cls, init_args) registrations: built once
-    init_lock: trio.Lock = attrs.Factory(trio.Lock)
 
 
 class ExecutorService:
@@ -152,11 +165,11 @@ class ExecutorService:
         self.trio_token = trio.lowlevel.current_trio_token()
         self._threads = WorkerThreads(threads)
         self.resources = dict(resources or {})
-        self.batcher = Batcher(nursery, self._threads.run, _function_error, max_batch)
+        self.batcher = Batcher(nursery, self._threads.run, function_error, max_batch)
         self._multi = MultiExec()
-        self._functions: dict[str, _Loaded] = {}
-        self._load_locks: dict[str, trio.Lock] = {}
-        self._fanin: dict[tuple[str, str], tuple[float, dict[str, _Input]]] = {}
+        self._loader = FunctionLoader(kvs)
+        self._fanin: FanIn[_Input] = FanIn(ttl=FANIN_TTL)
+        self._active = 0  # invocation tasks started and not finished
         self._libraries: dict[str, UserLibrary] = {}
         self._next_id = 0
         self._invocations = 0
@@ -167,7 +180,19 @@ class ExecutorService:
         cache = self.cache.statistics()
         return ExecutorStatistics(
             self.url, self._invocations, self._failures, self._running,
-            len(self._functions), cache.hits, cache.misses)
+            len(self._loader), cache.hits, cache.misses,
+            tasks=self._active, fanin_pending=len(self._fanin),
+            fanin_dropped=self._fanin.dropped, multiexec_pending=len(self._multi),
+            mailboxes=len(self._libraries), cache_entries=cache.entries,
+            worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
+            peers=len(self._peers))
+
+    async def _serve(self) -> None:
+        """Own the worker threads: they exit when the service's nursery ends."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._threads.close()
 
     @classmethod
     async def join(
@@ -198,6 +223,7 @@ class ExecutorService:
                       threads=threads, resources=resources, max_batch=max_batch)
         holder.append(service)
         peers.add(scheduler_url, scheduler)
+        nursery.start_soon(service._serve)
         return service
 
     # ------------------------------------------------------------------ messages
@@ -211,12 +237,14 @@ class ExecutorService:
         elif kind is Mail:
             self._deliver(msg)
         else:
-            raise TypeError(f"executor cannot handle {kind.__name__}")
+            raise ProtocolError(f"an executor does not serve {kind.__name__} messages")
         return None
 
     def _on_trigger(self, t: Trigger) -> None:
-        if t.function not in t.functions or len(t.placement) != len(t.functions):
-            raise DropletError(f"malformed trigger for {t.function!r}")
+        """Start or feed the trigger's function.
+
+        The decoder checked the trigger's shape (names, lengths, causal bytes).
+        """
         if t.consistency not in CONSISTENCY_LEVELS:
             raise DropletError(f"unknown consistency level {t.consistency!r}")
         if len(t.multiexec) != len(t.invalid_results):
@@ -228,36 +256,34 @@ class ExecutorService:
                     inputs.append(_Input(pickle.loads(t.carried), False, t.causal,
                                          spread=False))
                 except Exception as exc:
-                    inputs.append(_Input(_Failure(_function_error(exc, t.function)), True,
+                    inputs.append(_Input(_Failure(function_error(exc, t.function)), True,
                                          t.causal))
-            self._nursery.start_soon(self._invoke, t, inputs)
+            self._start(t, inputs)
             return
         try:
             value = pickle.loads(t.result) if t.result is not None else None
             failed = t.failed
         except Exception as exc:
-            value, failed = _Failure(_function_error(exc, t.source)), True
+            value, failed = _Failure(function_error(exc, t.source)), True
         self._input(t, t.source, _Input(value, failed, t.causal))
 
     def _input(self, t: Trigger, source: str, given: _Input) -> None:
         """Record one upstream result; run the function once all have arrived."""
         upstream = [src for src, dst in t.edges if dst == t.function]
+        if source not in upstream:
+            raise DropletError(f"trigger from {source!r}, which does not feed {t.function!r}")
         if len(upstream) == 1 or t.function in t.multiexec:  # multi-exec: once per input
-            self._nursery.start_soon(self._invoke, t, [given])
+            self._start(t, [given])
             return
-        key = (t.run_id, t.function)
-        started, got = self._fanin.setdefault(key, (time.monotonic(), {}))
-        got[source] = given
-        if len(got) == len(upstream):
-            del self._fanin[key]
-            self._nursery.start_soon(self._invoke, t, [got[src] for src in upstream])
-        elif len(self._fanin) > 1000:
-            self._sweep_fanin()
+        inputs = self._fanin.add(t.run_id, t.function, source, given, upstream,
+                                 time.monotonic())
+        if inputs is not None:
+            self._start(t, inputs)
 
-    def _sweep_fanin(self) -> None:
-        cutoff = time.monotonic() - FANIN_TTL
-        for key in [k for k, (t0, _) in self._fanin.items() if t0 < cutoff]:
-            del self._fanin[key]
+    def _start(self, t: Trigger, inputs: list[_Input]) -> None:
+        overloaded = self._active >= MAX_INVOCATIONS
+        self._active += 1
+        self._nursery.start_soon(self._invoke, t, inputs, overloaded)
 
     def _deliver(self, msg: Mail) -> None:
         lib = self._libraries.get(msg.dest)
@@ -278,8 +304,21 @@ class ExecutorService:
 
     # ------------------------------------------------------------------ running
 
-    async def _invoke(self, t: Trigger, inputs: list[_Input]) -> None:
-        """Run ``t.function`` (and the local pipeline after it), then pass the result on."""
+    async def _invoke(self, t: Trigger, inputs: list[_Input], overloaded: bool) -> None:
+        """Run ``t.function`` (and the local pipeline after it), then pass the result on.
+
+        Nothing raised here reaches the service's nursery: an executor outlives
+        whatever a peer or a function does.
+        """
+        try:
+            await self._invoke_segment(t, inputs, overloaded)
+        except Exception:
+            log.exception("run %s: invoking %s failed", t.run_id, t.function)
+        finally:
+            self._active -= 1
+
+    async def _invoke_segment(self, t: Trigger, inputs: list[_Input], overloaded: bool
+                              ) -> None:
         segment = self._segment(t)
         self._running += len(segment)
         self._invocations += len(segment)
@@ -289,6 +328,10 @@ class ExecutorService:
             upstream_failure = next((i.value for i in inputs if i.failed), None)
             if upstream_failure is not None:  # pass the upstream error on; do not run
                 result, failed = upstream_failure, True
+            elif overloaded:
+                result, failed = _Failure(DropletError(
+                    f"executor {self.url} is overloaded ({MAX_INVOCATIONS} invocations "
+                    f"running); {t.function!r} did not run; try again later")), True
             elif t.deadline is not None and time.time() > t.deadline:
                 result, failed = _Failure(TimeoutError(
                     f"the call's deadline passed before {t.function!r} could run")), True
@@ -312,19 +355,20 @@ class ExecutorService:
                 outcome = self._multi.outcome(t.run_id, last, expected, result, failed,
                                               invalid)
             except Exception as exc:  # invalid results that do not unpickle here
-                outcome = _Failure(_function_error(exc, last)), True
+                outcome = _Failure(function_error(exc, last)), True
             if outcome is None:  # invalid, a later duplicate, or an attempt still out
                 return
             result, failed = outcome
         sink = t if last == t.function else attrs.evolve(t, function=last)
         try:
-            try:
-                await self._forward(sink, result, failed, run)
-            except ValueError as exc:  # the result is too big for one frame
-                too_big = _Failure(DropletError(
-                    f"the result of {last!r} is too large to send: {exc}"))
-                await self._forward(sink, too_big, True, run)
-        except Exception as exc:
+            with trio.fail_after(SEND_TIMEOUT):
+                try:
+                    await self._forward(sink, result, failed, run)
+                except ValueError as exc:  # the result is too big for one frame
+                    too_big = _Failure(DropletError(
+                        f"the result of {last!r} is too large to send: {exc}"))
+                    await self._forward(sink, too_big, True, run)
+        except (Exception, trio.TooSlowError) as exc:
             log.warning("run %s: could not deliver result of %s: %s", t.run_id, last, exc)
 
     def _segment(self, t: Trigger) -> list[str]:
@@ -367,12 +411,12 @@ class ExecutorService:
             try:
                 steps.append(await self._prepare(t, fn, libs, run))
             except Exception as exc:
-                return _Failure(_function_error(exc, fn)), True
+                return _Failure(function_error(exc, fn)), True
         try:
             carried = await self._resolve(
                 [a for i in inputs for a in (spread(i.value) if i.spread else [i.value])], run)
         except Exception as exc:
-            return _Failure(_function_error(exc, segment[0])), True
+            return _Failure(function_error(exc, segment[0])), True
         if segment[0] in t.batching:
             step = steps[0]
             return await self.batcher.call(
@@ -385,10 +429,10 @@ class ExecutorService:
             if step.is_async:
                 try:
                     if i:
-                        carried = await self._resolve(spread(value), run)
+                        carried = await self._resolve(spread(private(value)), run)
                     value = await step.target(step.lib, *step.args, *carried)
                 except Exception as exc:
-                    return _Failure(_function_error(exc, step.function)), True
+                    return _Failure(function_error(exc, step.function)), True
                 i += 1
             else:
                 j = i
@@ -396,11 +440,12 @@ class ExecutorService:
                     j += 1
                 if i:
                     try:
-                        carried = await self._resolve(spread(value), run)
+                        carried = await self._resolve(spread(private(value)), run)
                     except Exception as exc:
-                        return _Failure(_function_error(exc, step.function)), True
+                        return _Failure(function_error(exc, step.function)), True
                 # The thread resolves the results of steps it runs itself.
-                value, failed = await self._threads.run(_run_sync_steps, steps[i:j], carried)
+                value, failed = await self._threads.run(
+                    _run_sync_steps, steps[i:j], carried, label=step.function)
                 if failed:
                     return value, True
                 i = j
@@ -415,7 +460,7 @@ class ExecutorService:
 
     async def _prepare(self, t: Trigger, function: str, libs: list[UserLibrary],
                        run: RunContext) -> _Step:
-        loaded = await self._load(function, t.versions[t.functions.index(function)])
+        loaded = await self._loader.load(function, t.versions[t.functions.index(function)])
         self._next_id += 1
         lib = UserLibrary(self, f"{self.url}/{self._next_id}", run)
         self._libraries[lib.getid()] = lib
@@ -436,34 +481,6 @@ class ExecutorService:
                             lambda: cls(lib, *init_args))
             target = loaded.instance.run
         return _Step(function, target, inspect.iscoroutinefunction(target), args, lib)
-
-    async def _load(self, name: str, version: str) -> _Loaded:
-        loaded = self._functions.get(name)
-        if loaded is not None and loaded.version == version:
-            return loaded
-        async with self._load_locks.setdefault(name, trio.Lock()):
-            loaded = self._functions.get(name)
-            if loaded is not None and loaded.version == version:
-                return loaded
-            reply: KvsValue = await self._kvs.request(KvsGet(function_key(name)))
-            if reply.lattice is None:
-                raise RegistrationError(f"function {name!r} is not registered")
-            code = decode_lattice(reply.lattice, load=RAW).reveal()
-            obj = pickle.loads(code)
-            if isinstance(obj, tuple) and not (
-                len(obj) == 2 and isinstance(obj[0], type) and hasattr(obj[0], "run")
-            ):
-                raise RegistrationError(
-                    f"function {name!r}: a tuple registration must be (cls, init_args) "
-                    "with a class that has a run(user_library, *args) method")
-            if isinstance(obj, tuple):  # as in Cloudburst: a non-tuple is one init argument
-                obj = (obj[0], obj[1] if type(obj[1]) is tuple else (obj[1],))
-            elif not callable(obj):
-                raise RegistrationError(f"{name!r} is registered as a non-callable "
-                                        f"{type(obj).__name__}")
-            loaded = _Loaded(version, obj)
-            self._functions[name] = loaded
-            return loaded
 
     # ------------------------------------------------------------------ state
 
@@ -529,59 +546,37 @@ class ExecutorService:
         blob: bytes | None = None
         for dst in downstream:
             url = t.placement[t.functions.index(dst)]
-            if url == self.url:  # same executor: no serialization, no socket
+            if url == self.url:  # same executor: no socket, but a private copy each
+                value, bad = result, failed
+                if not failed:
+                    try:
+                        value = private(result)
+                    except Exception as exc:
+                        value, bad = _Failure(function_error(exc, t.function)), True
                 self._input(attrs.evolve(t, function=dst, source=t.function, result=None,
-                                         failed=failed, causal=causal), t.function,
-                            _Input(result, failed, causal))
+                                         failed=bad, causal=causal), t.function,
+                            _Input(value, bad, causal))
                 continue
             if blob is None:
-                blob = _pickle_result(result)
+                blob = pickle_result(result)
             await (await self._peers.get(url)).send(attrs.evolve(
                 t, function=dst, source=t.function, result=blob, failed=failed, causal=causal))
         if downstream:
             return
         if t.output_key and not failed:
-            await self._kvs.request(KvsPut(t.output_key, _lww(_pickle_result(result))))
+            await self._kvs.request(KvsPut(t.output_key, lww(pickle_result(result))))
         if causal is not None and not failed:
             result = SessionResult(result, causal)
-        blob = _pickle_result(result)
+        blob = pickle_result(result)
         scheduler = self._scheduler if not t.scheduler else await self._peers.get(t.scheduler)
         if t.direct:
             await scheduler.send(RunDone(t.run_id, blob, failed))
             return
         # One-way: the caller learns of the result from the store itself.
-        put = KvsPut(t.result_key, _lww(blob))
+        put = KvsPut(t.result_key, lww(blob))
         done = RunDone(t.run_id, None, failed)
         if scheduler is self._kvs:  # one node: both in one write
             await scheduler.send_many([put, done])
         else:
             await self._kvs.send(put)
             await scheduler.send(done)
-
-
-def _lww(blob: bytes) -> bytes:
-    return encode_lattice(LWWLattice.now(blob), dump=RAW)
-
-
-def _pickle_result(result: Any) -> bytes:
-    try:
-        return dumps(result)
-    except TypeError as exc:
-        return dumps(_Failure(FunctionError(
-            "TypeError", f"the function's result cannot be serialized: {exc}")))
-
-
-def _function_error(exc: BaseException, function: str) -> FunctionError:
-    if isinstance(exc, FunctionError):
-        return exc
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    kind = type(exc)
-    type_name = kind.__qualname__ if kind.__module__ == "builtins" else (
-        f"{kind.__module__}.{kind.__qualname__}")
-    cause: bytes | None
-    try:
-        cause = dumps(exc)
-        pickle.loads(cause)  # only keep a cause the client can rebuild
-    except Exception:
-        cause = None
-    return FunctionError(type_name, str(exc), tb, function, cause)

@@ -7,11 +7,16 @@ Every call of a sync function crosses here, so this is the executor's hottest
 hop. Workers are started lazily up to ``max_threads``; jobs queue beyond that.
 
 A job cannot be interrupted once a worker runs it (Python cannot stop a
-thread), so cancelling the waiting task waits for the job to finish.
+thread), so cancelling the waiting task waits for the job to finish, but only
+for ``grace`` seconds (:data:`SHUTDOWN_GRACE`): then the task stops waiting,
+a warning names the function, and the thread is abandoned (it is a daemon
+thread, and its late result is thrown away). That bounds how long a function
+that never returns can delay the shutdown of its executor.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -20,11 +25,22 @@ from typing import Any
 import outcome
 import trio
 
-__all__ = ["WorkerThreads"]
+__all__ = ["SHUTDOWN_GRACE", "WorkerThreads"]
+
+log = logging.getLogger("droplet.executor")
+
+#: Seconds a cancelled caller (a shutting-down executor) still waits for its
+#: running job before abandoning the thread.
+SHUTDOWN_GRACE = 5.0
+
+
+class _Abandoned(Exception):
+    pass
 
 
 class WorkerThreads:
-    def __init__(self, max_threads: int = 32, name: str = "droplet-worker") -> None:
+    def __init__(self, max_threads: int = 32, name: str = "droplet-worker",
+                 grace: float | None = None) -> None:
         if max_threads < 1:
             raise ValueError(f"max_threads must be at least 1, not {max_threads}")
         self._max = max_threads
@@ -35,15 +51,33 @@ class WorkerThreads:
         self._pending = 0  # jobs queued, not yet taken by a worker
         self._lock = threading.Lock()
         self._closed = False
+        self.grace = SHUTDOWN_GRACE if grace is None else grace
+        #: jobs whose caller stopped waiting after the grace period.
+        self.abandoned = 0
 
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in a worker thread; return its result or raise its error."""
+    @property
+    def threads(self) -> int:
+        """Worker threads started and not yet exited."""
+        return sum(1 for t in self._threads if t.is_alive())
+
+    async def run(self, fn: Callable[..., Any], *args: Any, label: str = "") -> Any:
+        """Run ``fn(*args)`` in a worker thread; return its result or raise its error.
+
+        ``label`` names the job in the warning when it is abandoned.
+        """
         if self._closed:
             raise RuntimeError("worker threads are shut down")
         token = trio.lowlevel.current_trio_token()
         task = trio.lowlevel.current_task()
 
+        delivered = [False]
+        once = threading.Lock()
+
         def deliver(result: outcome.Outcome[Any]) -> None:
+            with once:  # the job's result or the abandonment, whichever comes first
+                if delivered[0]:
+                    return
+                delivered[0] = True
             token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
         with self._lock:
@@ -56,10 +90,23 @@ class WorkerThreads:
             thread.start()
         self._jobs.put((fn, args, deliver))
 
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            return trio.lowlevel.Abort.FAILED  # the thread runs on; wait for it
+        async def abandon_after_grace() -> None:
+            await trio.sleep(self.grace)
+            deliver(outcome.Error(_Abandoned()))
 
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            # The thread runs on; wait for it, but only for the grace period.
+            trio.lowlevel.spawn_system_task(abandon_after_grace)
+            return trio.lowlevel.Abort.FAILED
+
+        try:
+            return await trio.lowlevel.wait_task_rescheduled(abort)
+        except _Abandoned:
+            self.abandoned += 1
+            log.warning("%s is still running %g s after its executor began shutting down; "
+                        "abandoning its thread", label or getattr(fn, "__name__", fn), self.grace)
+            await trio.lowlevel.checkpoint()  # raises the pending Cancelled
+            raise RuntimeError("worker thread abandoned") from None
 
     def _work(self) -> None:
         jobs = self._jobs
@@ -83,7 +130,9 @@ class WorkerThreads:
             del result, deliver
 
     def close(self) -> None:
-        """Let the workers exit once the queued jobs are done."""
+        """Let the workers exit once the queued jobs are done (idempotent)."""
+        if self._closed:
+            return
         self._closed = True
         for _ in self._threads:
             self._jobs.put(None)

@@ -39,6 +39,10 @@ T = TypeVar("T")
 
 log = logging.getLogger("droplet.executor")
 
+#: Messages an invocation's mailbox holds; more are dropped (and counted) until
+#: ``recv()`` empties it.
+MAX_MAILBOX = 10_000
+
 
 def reveal_stored(data: bytes | None, deserialize: bool = True) -> Any:
     """What ``get`` returns for a stored encoding.
@@ -115,6 +119,8 @@ class UserLibrary:
         self._id = invocation_id
         self._run = run
         self._mailbox: list[tuple[str, Any]] = []
+        #: messages dropped because the mailbox was full.
+        self.dropped = 0
 
     # ---------------------------------------------------------------- identity
     def getid(self) -> str:
@@ -198,6 +204,9 @@ class UserLibrary:
     # ---------------------------------------------------------------- plumbing
     def deliver(self, sender: str, data: bytes) -> None:
         """A message arrived: unpickle it (a message that does not unpickle is dropped)."""
+        if len(self._mailbox) >= MAX_MAILBOX:
+            self.dropped += 1
+            return
         try:
             obj = pickle.loads(data)
         except Exception as exc:

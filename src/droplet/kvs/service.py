@@ -6,6 +6,12 @@ Besides get/put it offers two things Droplet's other services lean on:
   is how a future's ``get()`` learns its result without polling;
 - *subscriptions*: caches that read a key with ``subscribe=True`` are pushed
   each later change (``KvsUpdate``), keeping executor caches fresh.
+
+A put runs in the putting connection's reader, so it never writes to another
+peer there: waiting reads are answered and updates pushed through each peer's
+bounded outbox (:meth:`~droplet.rpc.Peer.post`). A subscriber or waiter whose
+outbox fills (it stopped reading) is disconnected, which drops its
+subscriptions and waiting reads; the putter and everyone else carry on.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from typing import Any
 
 import attrs
 import trio
+import trio.lowlevel
 
-from ..errors import DropletError, StorageError
+from ..errors import DropletError, ProtocolError, StorageError
 from ..protocol.messages import (
+    ErrorReply,
     KvsGet,
     KvsPut,
     KvsRelease,
@@ -43,6 +51,10 @@ PIN_TTL = 600.0
 #: of a future's ``obj_id`` works until then). ``output_key`` copies stay.
 DEFAULT_RESULT_TTL = 600.0
 PIN_SWEEP_EVERY = 1000
+#: Before answering a durable put, let the peer's writer drain an outbox this full.
+ACK_YIELD_AT = 2_000
+#: Keys one connection may subscribe to (an executor's cache unsubscribes what it evicts).
+MAX_SUBSCRIPTIONS_PER_PEER = 200_000
 
 
 @attrs.frozen
@@ -53,6 +65,15 @@ class KvsStatistics:
     subscriptions: int
     pinned_runs: int
     storage: BackendStatistics
+    #: keys with at least one subscriber (no empty entries are kept).
+    subscribed_keys: int = 0
+    #: reads waiting for their key to be put, and the keys they wait on.
+    waiting_reads: int = 0
+    waited_keys: int = 0
+    #: call results tracked for expiry.
+    results: int = 0
+    #: puts merged and waiting for the backend to make them safe (durable store)
+    pending_acks: int = 0
 
 
 @attrs.frozen
@@ -137,6 +158,11 @@ class KvsService:
             subscriptions=sum(len(s) for s in self._subscribers.values()),
             pinned_runs=len(self._pins),
             storage=storage,
+            subscribed_keys=len(self._subscribers),
+            waiting_reads=sum(len(w) for w in self._waiters.values()),
+            waited_keys=len(self._waiters),
+            results=len(self._results),
+            pending_acks=len(self._acks),
         )
 
     async def _read(self, key: str) -> bytes | None:
@@ -157,12 +183,12 @@ class KvsService:
         if kind is KvsPut:
             return await self._put(peer, msg, request_id)
         if kind is KvsUnsubscribe:
-            self._subscribers.get(msg.key, set()).discard(peer)
+            self._unsubscribe(peer, msg.key)
             return None
         if kind is KvsRelease:
             self._pins.pop(msg.run_id, None)
             return None
-        raise TypeError(f"KVS cannot handle {kind.__name__}")
+        raise ProtocolError(f"the store does not serve {kind.__name__} messages")
 
     async def _answer_later(self, peer: Peer, msg: KvsGet | KvsPut, request_id: int) -> None:
         """Serve one get or put in a task of its own and reply (see ``concurrent``)."""
@@ -187,15 +213,17 @@ class KvsService:
 
     async def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1
-        if msg.subscribe:
-            self._subscribe(peer, msg.key)
-        if msg.pin is not None:
-            return KvsValue(msg.key, await self._pinned(msg.pin, msg.key))
         wait = _bounded_wait(msg.wait)
         try:
             value = self.backend.get_nowait(msg.key)
         except trio.WouldBlock:
-            return await self._get_async(peer, msg.key, request_id, wait)
+            return await self._get_async(peer, msg, request_id, wait)
+        if msg.subscribe and value is not None:
+            # Only to a key that exists: a cache keeps no entry for an absent
+            # key, so it would never evict (and unsubscribe) it.
+            self._subscribe(peer, msg.key)
+        if msg.pin is not None:
+            return KvsValue(msg.key, self._pinned(msg.pin, msg.key, value))
         if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
         # Registered before yielding, so a put that lands before the timer starts finds it.
@@ -208,16 +236,49 @@ class KvsService:
         self._nursery.start_soon(self._expire_waiter, key, waiter, wait)
         return waiter
 
-    async def _get_async(self, peer: Peer, key: str, request_id: int, wait: float) -> Any:
+    async def _get_async(self, peer: Peer, msg: KvsGet, request_id: int, wait: float) -> Any:
         """A read from a backend that must wait: a put may land while we read."""
-        if wait <= 0:
-            return KvsValue(key, await self.backend.get(key))
+        key = msg.key
+        if msg.pin is not None or wait <= 0:
+            value = await self._read_subscribing(peer, msg)
+            if msg.pin is not None:
+                return KvsValue(key, self._pinned(msg.pin, key, value))
+            return KvsValue(key, value)
         waiter = self._wait_for(peer, key, request_id, wait)  # before reading, not after
-        value = await self.backend.get(key)
+        try:
+            value = await self._read_subscribing(peer, msg)
+        except BaseException:
+            self._drop_waiter(key, waiter)
+            raise
         if waiter.answered:  # a put answered it while we read
             return DEFERRED
         if value is None:
             return DEFERRED
+        self._drop_waiter(key, waiter)
+        return KvsValue(key, value)
+
+    async def _read_subscribing(self, peer: Peer, msg: KvsGet) -> bytes | None:
+        """Read from the backend; a subscribing read subscribes *before* it waits, so a
+        change landing meanwhile (through another storage node) is pushed, and drops
+        the subscription again if the key turns out absent."""
+        mine = peer.state.get("kvs_subscriptions")
+        fresh = msg.subscribe and not (mine is not None and msg.key in mine)
+        if not fresh:
+            return await self.backend.get(msg.key)
+        self._subscribe(peer, msg.key)
+        # key -> whether an update was pushed to this peer while we read
+        reading: dict[str, bool] = peer.state.setdefault("kvs_reading", {})
+        reading[msg.key] = False
+        value = None
+        try:
+            value = await self.backend.get(msg.key)
+        finally:
+            pushed = reading.pop(msg.key, False)
+            if value is None and not pushed:  # absent: a cache holds no entry to evict
+                self._unsubscribe(peer, msg.key)
+        return value
+
+    def _drop_waiter(self, key: str, waiter: _Waiter) -> None:
         waiter.answered = True
         waiter.timer.cancel()
         pending = self._waiters.get(key)
@@ -225,10 +286,9 @@ class KvsService:
             pending.remove(waiter)
             if not pending:
                 del self._waiters[key]
-        return KvsValue(key, value)
 
-    async def _pinned(self, run_id: str, key: str) -> bytes | None:
-        """The run's version of ``key``: pinned now on its first read, the same after."""
+    def _pinned(self, run_id: str, key: str, current: bytes | None) -> bytes | None:
+        """The run's version of ``key``: ``current`` on its first read, the same after."""
         entry = self._pins.get(run_id)
         if entry is None:
             if len(self._pins) % PIN_SWEEP_EVERY == PIN_SWEEP_EVERY - 1:
@@ -236,10 +296,7 @@ class KvsService:
                 for old in [r for r, (t0, _) in self._pins.items() if t0 < cutoff]:
                     del self._pins[old]
             entry = self._pins[run_id] = (trio.current_time(), {})
-        versions = entry[1]
-        if key not in versions:
-            versions[key] = await self._read(key)
-        return versions[key]
+        return entry[1].setdefault(key, current)
 
     async def _expire_waiter(self, key: str, waiter: _Waiter, wait: float) -> None:
         """Answer "absent" when the wait runs out (a put answers it first otherwise)."""
@@ -265,22 +322,37 @@ class KvsService:
             if not pending:
                 del self._waiters[key]
         if not waiter.peer.closed:
-            await self._answer(waiter, KvsValue(key, await self._read(key)))
+            self._answer(waiter, KvsValue(key, await self._read(key)))
 
-    async def _answer(self, waiter: _Waiter, reply: KvsValue) -> None:
+    def _answer(self, waiter: _Waiter, reply: KvsValue) -> None:
         try:
-            await waiter.peer.reply(waiter.request_id, reply)
-        except Exception as exc:  # the waiter went away; nothing to tell
+            waiter.peer.post_reply(waiter.request_id, reply)
+        except Exception as exc:  # the waiter went away or stopped reading
             log.debug("could not answer waiting get of %r: %s", reply.key, exc)
 
     def _subscribe(self, peer: Peer, key: str) -> None:
-        subs = self._subscribers[key]
-        if peer not in subs:
-            subs.add(peer)
-            if "kvs_subscriptions" not in peer.state:
-                peer.state["kvs_subscriptions"] = set()
-                peer.on_close.append(self._forget_peer)
-            peer.state["kvs_subscriptions"].add(key)
+        mine: set[str] | None = peer.state.get("kvs_subscriptions")
+        if mine is None:
+            mine = peer.state["kvs_subscriptions"] = set()
+            peer.on_close.append(self._forget_peer)
+        if key in mine:
+            return
+        if len(mine) >= MAX_SUBSCRIPTIONS_PER_PEER:
+            raise DropletError(
+                f"a connection may subscribe to at most {MAX_SUBSCRIPTIONS_PER_PEER} keys; "
+                "unsubscribe some first")
+        mine.add(key)
+        self._subscribers[key].add(peer)
+
+    def _unsubscribe(self, peer: Peer, key: str) -> None:
+        mine: set[str] | None = peer.state.get("kvs_subscriptions")
+        if mine is not None:
+            mine.discard(key)
+        subs = self._subscribers.get(key)
+        if subs is not None:
+            subs.discard(peer)
+            if not subs:
+                del self._subscribers[key]
 
     def _forget_peer(self, peer: Peer) -> None:
         for key in peer.state.get("kvs_subscriptions", ()):
@@ -315,60 +387,62 @@ class KvsService:
         if msg.subscribe:
             self._subscribe(peer, msg.key)
         if changed is not None:
-            await self._notify(msg.key, changed)
+            await self._notify(msg.key, changed, peer)
         return KvsStored(type_name)
 
     async def _send_acks(self) -> None:
-        """Answer puts (and tell waiters and subscribers) as the backend makes them safe."""
+        """Answer puts (and tell waiters and subscribers) as the backend makes them safe.
+
+        Everything goes through the peers' outboxes, in order (an update of the
+        putter's own subscription before its reply), so one peer that stopped
+        reading never holds up the acknowledgements of the others.
+        """
         acks = self._acks
         while True:
             if not acks:
                 await self._acks_waiting.wait()
                 self._acks_waiting = trio.Event()
                 continue
-            error: StorageError | None = None
+            failure: ErrorReply | None = None
             try:
                 safe = await self.backend.wait_committed(acks[0].ticket)
             except StorageError as exc:
-                error, safe = exc, acks[-1].ticket
+                failure, safe = ErrorReply(type(exc).__name__, str(exc)), acks[-1].ticket
             while acks and acks[0].ticket <= safe:
                 ack = acks.popleft()
-                if error is not None:
-                    if ack.request_id:
-                        await self._answer_put(ack, error)
-                    continue
-                if ack.changed is not None:
+                if ack.peer.outbox_size >= ACK_YIELD_AT:
+                    await trio.lowlevel.checkpoint()  # let its writer take what is queued
+                if failure is None and ack.changed is not None:
                     await self._notify(ack.key, ack.changed)
                 if ack.request_id:
-                    await self._answer_put(ack, KvsStored(ack.type_name))
+                    try:
+                        ack.peer.post_reply(ack.request_id,
+                                            failure or KvsStored(ack.type_name))
+                    except Exception as exc:  # the writer went away or stopped reading
+                        log.debug("could not answer put of %r: %s", ack.key, exc)
 
-    async def _answer_put(self, ack: _Ack, reply: KvsStored | StorageError) -> None:
-        try:
-            if isinstance(reply, StorageError):
-                await ack.peer.reply_error(ack.request_id, reply)
-            else:
-                await ack.peer.reply(ack.request_id, reply)
-        except Exception as exc:  # the writer went away; nothing to tell
-            log.debug("could not answer put of %r: %s", ack.key, exc)
-
-    async def _notify(self, key: str, changed: bytes) -> None:
+    async def _notify(self, key: str, changed: bytes, putter: Peer | None = None) -> None:
         """Tell waiting reads and subscribed caches that ``key`` is now ``changed``.
 
-        Called for puts through this node, and by the backend for changes
-        made through other storage nodes (a shared Redis).
+        Called for puts through this node (``putter``: the peer that put, in
+        whose reader this runs), once a durable put is safe, and by the backend
+        for changes made through other storage nodes (a shared Redis).
         """
         waiting = self._waiters.pop(key, None)
-        if waiting:  # answer waiting reads now, in this task: no extra wakeup
+        if waiting:  # answered through each waiter's outbox: never waits here
             reply = KvsValue(key, changed)
             for waiter in waiting:
                 waiter.answered = True
                 waiter.timer.cancel()
-                await self._answer(waiter, reply)
+                self._answer(waiter, reply)
         subs = self._subscribers.get(key)
         if subs:
             update = KvsUpdate(key, changed)
             for sub in list(subs):
-                await self._push(sub, update)
+                reading = sub.state.get("kvs_reading")
+                if reading and key in reading:  # see _read_subscribing
+                    reading[key] = True
+                await self._push(putter, sub, update)
 
     async def _expire_results(self, stored: str) -> None:
         """Note a stored result and drop those past their time (cheap: oldest first)."""
@@ -386,9 +460,14 @@ class KvsService:
             except trio.WouldBlock:
                 await self.backend.delete(key)
 
-    async def _push(self, sub: Peer, update: KvsUpdate) -> None:
+    async def _push(self, putter: Peer | None, sub: Peer, update: KvsUpdate) -> None:
         try:
-            await sub.send(update)
+            if sub is putter:
+                # Inline, before the put's reply: the putter's cache must hold
+                # its own write when the put returns (read your writes).
+                await sub.send(update)
+            else:
+                sub.post(update)
         except Exception as exc:
             log.debug("dropping subscriber %s: %s", sub.remote, exc)
-            self._subscribers.get(update.key, set()).discard(sub)
+            self._unsubscribe(sub, update.key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,15 +30,18 @@ from ..kvs.backends import MemoryBackend, StorageBackend
 from ..kvs.backends.durable import DurableBackend
 from ..kvs.keys import RESULT_PREFIX
 from ..kvs.service import KvsService
-from ..protocol.messages import ClusterInfo, Hello
+from ..protocol.messages import ClusterInfo, GetStatistics, Hello, Statistics
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
 from ..scheduler.service import SchedulerService
+from ._main import WATCH_PARENT_ENV
 
 __all__ = ["Node", "Router", "serve_node"]
 
 log = logging.getLogger("droplet.node")
 
 EXECUTOR_JOIN_TIMEOUT = 60.0
+#: Seconds a worker process gets to exit after SIGTERM before SIGKILL.
+WORKER_STOP_GRACE = 10.0
 
 
 class Router:
@@ -69,6 +73,31 @@ class Node:
     scheduler: SchedulerService | None = None
     executors: list[ExecutorService] = attrs.Factory(list)
 
+    def statistics(self) -> dict[str, int]:
+        """Every integer field of every service's ``statistics()``, as ``service.field``."""
+        found: dict[str, int] = {}
+        services: list[tuple[str, Any]] = [("kvs", self.kvs), ("scheduler", self.scheduler)]
+        services += [(f"executor{i}", ex) for i, ex in enumerate(self.executors)]
+        for prefix, service in services:
+            if service is None:
+                continue
+            for name, value in attrs.asdict(service.statistics()).items():
+                if type(value) is int:
+                    found[f"{prefix}.{name}"] = value
+        return found
+
+
+class _StatisticsService:
+    """Answers GetStatistics for the services of this process (soak tests, status)."""
+
+    MESSAGES = (GetStatistics,)
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        return Statistics(self.node.statistics())
+
 
 async def serve_node(
     config: Config,
@@ -81,6 +110,9 @@ async def serve_node(
     With ``in_process_executors`` the ``all`` role runs its executors as tasks
     of this process instead of child processes (the embedded LocalCluster).
     """
+    # The library refuses an exposed address without a token, as the CLI does:
+    # LocalCluster(listen="tcp://0.0.0.0:0") would otherwise run anyone's code.
+    config.check_exposure()
     server_opts = config.server_options()
     client_opts = config.client_options()
     limits = Limits(max_inflight=config.max_inflight)
@@ -95,6 +127,7 @@ async def serve_node(
 
         # The public address opens last, once the node can serve calls.
         node = Node("", config.role)
+        router.add(_StatisticsService(node))
         if config.role in ("all", "kvs"):
             node.kvs = KvsService(nursery, open_backend(config), result_ttl=config.result_ttl)
             await nursery.start(node.kvs.serve)  # a durable backend replays its log first
@@ -142,7 +175,8 @@ def open_backend(config: Config) -> StorageBackend:
     log.info("storage: durable in %s (fsync=%s%s)", path, config.fsync,
              ", call results too" if config.log_results else "")
     volatile = () if config.log_results else (RESULT_PREFIX,)
-    return DurableBackend(path, fsync=config.fsync, volatile_prefixes=volatile)
+    return DurableBackend(path, fsync=config.fsync, compact_bytes=config.compact_bytes,
+                          volatile_prefixes=volatile)
 
 
 async def _serve(url: str, router: Router, token: str | None, options: Any, limits: Limits,
@@ -163,7 +197,9 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
         token=token, options=client_opts, threads=config.threads,
         resources=parse_resources(config.resources), max_batch=config.max_batch)
     router.add(executor)
-    return Node(url, "executor", executors=[executor])
+    node = Node(url, "executor", executors=[executor])
+    router.add(_StatisticsService(node))
+    return node
 
 
 async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, router: Router,
@@ -215,11 +251,32 @@ async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> N
     env = dict(os.environ)
     if config.token:
         env["DROPLET_TOKEN"] = config.token  # never on the command line (visible in ps)
+    # The worker exits when its stdin (a pipe from us) ends: when this node
+    # goes away, even by SIGKILL (see droplet.node._main.watch_parent).
+    env[WATCH_PARENT_ENV] = "stdin"
     while True:
-        result = await trio.run_process(cmd, check=False, env=env)
+        returncode = await _run_worker(cmd, env)
         log.warning("executor worker %d exited with status %s; restarting it",
-                    index, result.returncode)
+                    index, returncode)
         await trio.sleep(1.0)
+
+
+async def _run_worker(cmd: list[str], env: dict[str, str]) -> int:
+    """Run one worker process until it exits; on cancellation stop it (TERM, then KILL)."""
+    proc = await trio.lowlevel.open_process(cmd, env=env, stdin=subprocess.PIPE)
+    try:
+        return await proc.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.terminate()
+                with trio.move_on_after(WORKER_STOP_GRACE):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            if proc.stdin is not None:
+                await proc.stdin.aclose()
 
 
 async def cluster_info(url: str, token: str | None = None, timeout: float = 10.0,

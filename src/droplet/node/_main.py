@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,37 @@ from ..scheduler.placement import POLICIES
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("droplet.node")
+
+#: Set by an all-in-one node for its executor workers: stdin is a pipe from the
+#: node, and its end (EOF) means the node is gone, however it died.
+WATCH_PARENT_ENV = "DROPLET_WATCH_PARENT"
+#: Seconds an orphaned worker may take to shut down cleanly before it exits hard.
+ORPHAN_EXIT_GRACE = 10.0
+
+
+def watch_parent() -> threading.Thread:
+    """Stop this process when stdin reaches EOF (its parent node went away).
+
+    Portable (no ``PR_SET_PDEATHSIG``, which Linux ties to the parent *thread*):
+    the node holds the pipe's write end, and the kernel closes it when the
+    node exits, even on SIGKILL. A clean SIGTERM shutdown comes first; if that
+    takes longer than :data:`ORPHAN_EXIT_GRACE`, the worker exits hard.
+    """
+
+    def wait_for_eof() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        log.warning("the node that started this executor worker is gone; exiting")
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Event().wait(ORPHAN_EXIT_GRACE)
+        os._exit(1)
+
+    thread = threading.Thread(target=wait_for_eof, name="droplet-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level.upper(),
         format=f"%(asctime)s {config.role}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    if os.environ.get(WATCH_PARENT_ENV) == "stdin":
+        watch_parent()
     if config.insecure and not config.token:
         log.warning("--insecure: accepting unauthenticated connections on %s; anyone who "
                     "can reach it can run code on this machine", config.listen_url)

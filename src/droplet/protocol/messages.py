@@ -19,6 +19,7 @@ reaches a service.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -27,7 +28,7 @@ import attrs
 
 from ..errors import ProtocolError
 
-__all__ = ["FLAG_REPLY", "MESSAGES", "decode", "encode"]
+__all__ = ["FLAG_REPLY", "MESSAGES", "InvalidMessage", "decode", "encode"]
 
 FLAG_REPLY = 0x01
 _ENVELOPE = struct.Struct(">BBII")
@@ -180,7 +181,45 @@ def decode(payload: bytes) -> tuple[Any, int, bool]:
             raise ProtocolError(f"{cls.__name__}.{name} must be {kind}")
     if pos != size:
         raise ProtocolError(f"{cls.__name__}: {size - pos} trailing bytes")
-    return cls(*header), request_id, bool(flags & FLAG_REPLY)
+    msg = cls(*header)
+    validate = _VALIDATORS.get(cls)
+    if validate is not None:
+        try:
+            validate(msg)
+        except ProtocolError as exc:
+            raise InvalidMessage(str(exc), request_id, bool(flags & FLAG_REPLY)) from None
+        except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+            # A check tripped over a value: still the peer's bad value, never a crash.
+            raise InvalidMessage(f"{cls.__name__}: {type(exc).__name__}: {exc}", request_id,
+                                 bool(flags & FLAG_REPLY)) from None
+    return msg, request_id, bool(flags & FLAG_REPLY)
+
+
+class InvalidMessage(ProtocolError):
+    """A well-framed message whose field values do not fit together.
+
+    Unlike garbage, it leaves the stream intact: the receiver answers the
+    request (``request_id``) with this error, or drops a one-way message, and
+    keeps the connection.
+    """
+
+    def __init__(self, message: str, request_id: int, is_reply: bool) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.is_reply = is_reply
+
+
+#: Checks beyond field types (lengths that must agree, names that must exist),
+#: run on every decoded message of the class: a service never sees one that fails.
+_VALIDATORS: dict[type[Any], Callable[[Any], None]] = {}
+
+
+def _validator(cls: type[Any]) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
+    def register(fn: Callable[[Any], None]) -> Callable[[Any], None]:
+        _VALIDATORS[cls] = fn
+        return fn
+
+    return register
 
 
 def _take_blob(payload: bytes, pos: int, cls: type[Any], name: str) -> tuple[bytes, int]:
@@ -269,6 +308,20 @@ class BoolReply:
 @attrs.frozen
 class Names:
     names: list[str]
+
+
+@message(17)
+@attrs.frozen
+class GetStatistics:
+    """Ask a node process for the sizes and counters of its services."""
+
+
+@message(18)
+@attrs.frozen
+class Statistics:
+    """``service.field`` -> value, for every integer field of every ``statistics()``."""
+
+    values: dict[str, int]
 
 
 # --------------------------------------------------------------------------- KVS
@@ -502,3 +555,76 @@ class Mail:
     dest: str
     sender: str
     data: bytes
+
+
+# --------------------------------------------------------------------------- validation
+
+#: The longest wait or timeout a peer may ask for (a day), in seconds.
+MAX_SECONDS = 86_400.0
+
+
+def _check_seconds(cls: str, name: str, value: float | None, *, absolute: bool = False) -> None:
+    if value is None:
+        return
+    finite = type(value) is int or math.isfinite(value)  # isfinite(10**400) overflows
+    if not finite or (not absolute and not 0 <= value <= MAX_SECONDS):
+        raise ProtocolError(f"{cls}.{name} must be a finite number of seconds"
+                            f"{'' if absolute else f' in [0, {MAX_SECONDS:g}]'}, not {value!r}")
+
+
+def _check_causal(cls: str, data: bytes | None) -> None:
+    if data:
+        from ..consistency import CausalContext  # pure code; imported late (cycle)
+
+        try:
+            CausalContext.decode(data)
+        except ProtocolError as exc:
+            raise ProtocolError(f"{cls}.causal: {exc}") from None
+
+
+@_validator(CallDag)
+def _check_call(m: CallDag) -> None:
+    if len(m.arg_fns) != len(m.arg_blobs):
+        raise ProtocolError(f"CallDag: {len(m.arg_fns)} arg_fns but {len(m.arg_blobs)} "
+                            "arg_blobs")
+    _check_seconds("CallDag", "timeout", m.timeout)
+    _check_causal("CallDag", m.causal)
+
+
+@_validator(Trigger)
+def _check_trigger(m: Trigger) -> None:
+    n = len(m.functions)
+    if len(m.versions) != n or len(m.placement) != n:
+        raise ProtocolError(f"Trigger: {n} functions but {len(m.versions)} versions and "
+                            f"{len(m.placement)} placements")
+    known = set(m.functions)
+    if m.function not in known:
+        raise ProtocolError(f"Trigger: function {m.function!r} is not in the run")
+    if m.source is not None and m.source not in known:
+        raise ProtocolError(f"Trigger: source {m.source!r} is not in the run")
+    for edge in m.edges:
+        if len(edge) != 2 or edge[0] not in known or edge[1] not in known:
+            raise ProtocolError(f"Trigger: edge {edge!r} is not a pair of the run's functions")
+    if len(m.arg_fns) != len(m.arg_blobs):
+        raise ProtocolError(f"Trigger: {len(m.arg_fns)} arg_fns but {len(m.arg_blobs)} "
+                            "arg_blobs")
+    for fn in m.arg_fns:
+        if fn not in known:
+            raise ProtocolError(f"Trigger: arguments for {fn!r}, which is not in the run")
+    if len(m.multiexec) != len(m.invalid_results):
+        raise ProtocolError(f"Trigger: {len(m.multiexec)} multiexec functions but "
+                            f"{len(m.invalid_results)} invalid_results")
+    for fn in (*m.multiexec, *m.batching):
+        if fn not in known:
+            raise ProtocolError(f"Trigger: multiexec or batching names {fn!r}, which is not "
+                                "in the run")
+    if (m.source is None) != (m.result is None):
+        raise ProtocolError("Trigger: a result needs a source, and a source a result")
+    _check_seconds("Trigger", "deadline", m.deadline, absolute=True)
+    _check_causal("Trigger", m.causal)
+
+
+@_validator(KvsGet)
+def _check_get(m: KvsGet) -> None:
+    if type(m.wait) is float and math.isnan(m.wait):
+        raise ProtocolError("KvsGet.wait must be a number of seconds, not NaN")

@@ -48,31 +48,33 @@ def _strings(value: Any) -> list[str]:
     return value
 
 
-def decode_registry(data: bytes) -> tuple[dict[str, str], dict[str, DagDefinition]]:
-    """``(functions: name -> version, dags: name -> definition)`` from the registry value.
+def decode_registry(data: bytes) -> tuple[dict[str, str], dict[str, DagDefinition], list[str]]:
+    """``(functions: name -> version, dags: name -> definition, problems)`` from the registry.
 
-    Raises:
-        ProtocolError: ``data`` is not a registry.
+    Entries that do not decode (anyone holding the cluster token can write any
+    key) are skipped and described in ``problems``, so one bad entry never
+    keeps a scheduler from starting with the others.
     """
-    registry = decode_lattice(data, load=RAW)
+    try:
+        registry = decode_lattice(data, load=RAW)
+    except ProtocolError as exc:
+        return {}, {}, [f"the registry does not decode: {exc}"]
     if not isinstance(registry, MapLattice):
-        raise ProtocolError(f"the registry is a {registry.type_name} lattice, not a Map")
+        return {}, {}, [f"the registry is a {registry.type_name} lattice, not a Map"]
     functions: dict[str, str] = {}
     dags: dict[str, DagDefinition] = {}
+    problems: list[str] = []
     for key, value in registry.items():
-        if not isinstance(key, str) or not isinstance(value, LWWLattice):
-            raise ProtocolError(f"unexpected registry entry {key!r}")
-        raw = value.reveal()
-        if not isinstance(raw, bytes):
-            raise ProtocolError(f"registry entry {key!r} is not bytes")
-        kind, _, name = key.partition("/")
-        if kind == "f":
-            functions[name] = raw.decode()
-        elif kind == "d" and raw:
-            try:
+        raw = value.reveal() if isinstance(value, LWWLattice) else None
+        kind, _, name = key.partition("/") if isinstance(key, str) else ("", "", "")
+        try:
+            if not isinstance(raw, bytes) or kind not in ("f", "d") or not name:
+                raise ValueError("not a registry entry")
+            if kind == "f":
+                functions[name] = raw.decode()
+            elif raw:
                 fns, edges, colocated = json.loads(raw)
-                definition = (_strings(fns), [_strings(e) for e in edges], _strings(colocated))
-            except ValueError as exc:
-                raise ProtocolError(f"registry entry {key!r} does not decode: {exc}") from exc
-            dags[name] = definition
-    return functions, dags
+                dags[name] = (_strings(fns), [_strings(e) for e in edges], _strings(colocated))
+        except (ValueError, TypeError) as exc:  # UnicodeDecodeError, JSONDecodeError included
+            problems.append(f"entry {key!r}: {exc}")
+    return functions, dags, problems

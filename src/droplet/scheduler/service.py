@@ -3,6 +3,12 @@
 It is on the path of a call only once: it places the run's functions and
 triggers the sources. Results flow executor to executor and from the sink to
 the KVS (or, for direct responses, back through here to the waiting caller).
+
+Handlers run in the reader of the connection they serve, so messages for other
+peers (triggers for executors, direct results for callers) go through those
+peers' bounded outboxes (:meth:`~droplet.rpc.Peer.post`), and requests to the
+store carry a timeout: a stuck executor, caller or store cannot stall anyone
+else's connection.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import attrs
 import trio
 
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS
-from ..errors import DagError, DropletError, RegistrationError, _Failure
+from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _Failure
 from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
@@ -54,6 +60,8 @@ log = logging.getLogger("droplet.scheduler")
 #: A run still unfinished after this long is forgotten (checked every SWEEP_EVERY calls).
 RUN_TTL = 3600.0
 SWEEP_EVERY = 1024
+#: Seconds the scheduler waits for the store (registrations, recorded failures).
+KVS_TIMEOUT = 30.0
 #: Most DAG calls chained by continuations in one call.
 MAX_CONTINUATIONS = 32
 
@@ -149,11 +157,11 @@ class SchedulerService:
         if kind is DeleteDag:
             if self._dags.pop(msg.name, None) is None:
                 raise DagError(f"no DAG named {msg.name!r}")
-            await self._kvs.request(KvsPut(REGISTRY_KEY, dag_entry(msg.name, None)))
+            await self._kvs.request(KvsPut(REGISTRY_KEY, dag_entry(msg.name, None)), KVS_TIMEOUT)
             return None
         if kind is ExecutorJoin:
             return self._join(peer, msg)
-        raise TypeError(f"scheduler cannot handle {kind.__name__}")
+        raise ProtocolError(f"the scheduler does not serve {kind.__name__} messages")
 
     # ------------------------------------------------------------------ registry
 
@@ -164,10 +172,12 @@ class SchedulerService:
         node with a durable store, or a scheduler restarted beside a running
         storage node, serves what was registered before.
         """
-        reply = await self._kvs.request(KvsGet(REGISTRY_KEY))
+        reply = await self._kvs.request(KvsGet(REGISTRY_KEY), KVS_TIMEOUT)
         if reply.lattice is None:
             return
-        functions, dags = decode_registry(reply.lattice)
+        functions, dags, problems = decode_registry(reply.lattice)
+        for problem in problems:
+            log.error("registry key %s: skipping %s", REGISTRY_KEY, problem)
         self._functions.update(functions)
         for name, (fns, edges, colocated) in dags.items():
             try:
@@ -186,8 +196,9 @@ class SchedulerService:
         version = hashlib.blake2b(msg.code, digest_size=8).hexdigest()
         lattice = LWWLattice.now(msg.code)
         await self._kvs.request(
-            KvsPut(function_key(msg.name), encode_lattice(lattice, dump=RAW)))
-        await self._kvs.request(KvsPut(REGISTRY_KEY, function_entry(msg.name, version)))
+            KvsPut(function_key(msg.name), encode_lattice(lattice, dump=RAW)), KVS_TIMEOUT)
+        await self._kvs.request(KvsPut(REGISTRY_KEY, function_entry(msg.name, version)),
+                                KVS_TIMEOUT)
         self._functions[msg.name] = version
 
     async def _register_dag(self, msg: RegisterDag) -> None:
@@ -202,7 +213,7 @@ class SchedulerService:
                 "delete it first (delete_dag) or pick another name"
             )
         if old is None:
-            await self._kvs.request(KvsPut(REGISTRY_KEY, dag_entry(msg.name, dag)))
+            await self._kvs.request(KvsPut(REGISTRY_KEY, dag_entry(msg.name, dag)), KVS_TIMEOUT)
         self._dags[msg.name] = dag
 
     # ------------------------------------------------------------------ executors
@@ -244,7 +255,7 @@ class SchedulerService:
             try:
                 await self._kvs.request(
                     KvsPut(run.result_key,
-                           encode_lattice(LWWLattice.now(value), dump=RAW)))
+                           encode_lattice(LWWLattice.now(value), dump=RAW)), KVS_TIMEOUT)
             except DropletError as exc:
                 log.warning("could not record failure of run %s: %s", run_id, exc)
         await self._run_done(RunDone(run_id, value, True))
@@ -335,7 +346,9 @@ class SchedulerService:
                 carried,
             )
             try:
-                await self._executors[where[fn]].peer.send(trigger)
+                # Through the executor's outbox: a backed-up executor fails this
+                # call at once instead of stalling the caller's connection.
+                self._executors[where[fn]].peer.post(trigger, on_full="raise")
             except (DropletError, KeyError) as exc:
                 self._runs.pop(run_id, None)
                 self._release(placed)
@@ -364,7 +377,7 @@ class SchedulerService:
         self._release(run.executors)
         if run.consistency == "REPEATABLE_READ":
             try:
-                await self._kvs.send(KvsRelease(msg.run_id))
+                self._kvs.post(KvsRelease(msg.run_id), on_full="raise")
             except DropletError as exc:
                 log.warning("could not release versions pinned by run %s: %s", msg.run_id, exc)
         if run.then is not None:
@@ -374,7 +387,7 @@ class SchedulerService:
             peer, request_id = run.caller
             value = msg.value if msg.value is not None else pickle.dumps(None)
             try:
-                await peer.reply(request_id, DagResult(msg.run_id, value, msg.failed))
+                peer.post_reply(request_id, DagResult(msg.run_id, value, msg.failed))
             except DropletError:
                 log.debug("caller of run %s went away", msg.run_id)
 
@@ -393,12 +406,12 @@ class SchedulerService:
         if run.caller is not None:
             peer, request_id = run.caller
             try:
-                await peer.reply(request_id, DagResult(done.run_id, value, True))
+                peer.post_reply(request_id, DagResult(done.run_id, value, True))
             except DropletError:
                 log.debug("caller of run %s went away", done.run_id)
             return
         try:
             await self._kvs.request(KvsPut(
-                run.result_key, encode_lattice(LWWLattice.now(value), dump=RAW)))
+                run.result_key, encode_lattice(LWWLattice.now(value), dump=RAW)), KVS_TIMEOUT)
         except DropletError as exc:
             log.warning("could not record failure of run %s: %s", done.run_id, exc)

@@ -17,7 +17,6 @@ bytes between them and the disk.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -81,6 +80,7 @@ class DataDir:
 
     def lock(self) -> None:
         """Create the directory and take it for this process (another node gets StorageError)."""
+        import fcntl  # POSIX only: imported here so that importing Droplet works anywhere
         try:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)

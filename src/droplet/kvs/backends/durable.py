@@ -35,8 +35,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
 
@@ -51,6 +52,8 @@ from .wal import DELETE, PUT, encode_record
 __all__ = ["DEFAULT_COMPACT_BYTES", "FSYNC_POLICIES", "DurableBackend"]
 
 log = logging.getLogger("droplet.kvs.durable")
+
+T = TypeVar("T")
 
 #: log growth (bytes) that triggers writing a new snapshot
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
@@ -90,6 +93,9 @@ class DurableBackend(StorageBackend):
         self._failure: str | None = None
         self._fd = -1
         self._fd_lock = trio.Lock()  # the everysec fsync vs. segment switches
+        # Threads of our own: a busy default pool (sync functions, other libraries)
+        # must never hold up the log, nor the puts of functions waiting on it.
+        self._threads = trio.CapacityLimiter(4)
         self._segment = 0
         self._unsynced = False
         self._log_bytes = 0  # in segments the snapshot does not cover
@@ -152,13 +158,13 @@ class DurableBackend(StorageBackend):
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Recover from the data directory, then write the log until cancelled."""
         started = time.monotonic()
-        await trio.to_thread.run_sync(self.dir.lock)
+        await self._in_thread(self.dir.lock)
         try:
-            r, self._segment = await trio.to_thread.run_sync(self.dir.recover, self.store)
+            r, self._segment = await self._in_thread(self.dir.recover, self.store)
             self.recovery = r
             self._log_bytes = r.log_bytes  # a long replayed log is compacted at the first write
             self._compact_at = max(self.compact_bytes, r.snapshot_bytes)
-            self._fd = await trio.to_thread.run_sync(self.dir.create_segment, self._segment)
+            self._fd = await self._in_thread(self.dir.create_segment, self._segment)
             self._ready = True
             log.info("data directory %s: %d keys from the snapshot, %d log records from %d "
                      "segment(s) replayed in %.2f s; fsync=%s", self.dir.path, r.snapshot_keys,
@@ -175,6 +181,9 @@ class DurableBackend(StorageBackend):
         self._close()
 
     # ------------------------------------------------------------------ the log
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._threads)
 
     def _check_writable(self) -> None:
         if self._failure is not None:
@@ -220,7 +229,7 @@ class DurableBackend(StorageBackend):
             try:
                 if sync:
                     try:
-                        await trio.to_thread.run_sync(write_and_sync, self._fd, batch, True)
+                        await self._in_thread(write_and_sync, self._fd, batch, True)
                     except trio.Cancelled:
                         # Cancelled before the thread ran (once it runs, it finishes):
                         # the batch goes back, for _close to write.
@@ -242,9 +251,9 @@ class DurableBackend(StorageBackend):
     async def _switch_segment(self) -> None:
         async with self._fd_lock:
             old = self._fd
-            fd = await trio.to_thread.run_sync(self.dir.create_segment, self._segment + 1)
+            fd = await self._in_thread(self.dir.create_segment, self._segment + 1)
             if self.fsync != "always":
-                await trio.to_thread.run_sync(os.fsync, old)  # the snapshot will rely on it
+                await self._in_thread(os.fsync, old)  # the snapshot will rely on it
             os.close(old)
             self._fd = fd
             self._segment += 1
@@ -255,7 +264,7 @@ class DurableBackend(StorageBackend):
         items = ((k, v) for k, v in snapshot.encodings() if not k.startswith(volatile))
         started = time.monotonic()
         try:
-            size = await trio.to_thread.run_sync(self.dir.write_snapshot, next_segment, items)
+            size = await self._in_thread(self.dir.write_snapshot, next_segment, items)
         except OSError as exc:
             log.error("could not write a snapshot in %s (the log keeps growing; will retry "
                       "after another %d bytes): %s", self.dir.path, self.compact_bytes, exc)
@@ -280,7 +289,7 @@ class DurableBackend(StorageBackend):
             async with self._fd_lock:
                 self._unsynced = False
                 try:
-                    await trio.to_thread.run_sync(os.fsync, self._fd)
+                    await self._in_thread(os.fsync, self._fd)
                 except OSError as exc:
                     self._fail(exc)
                     return
