@@ -202,3 +202,25 @@ async def test_an_executor_at_its_invocation_limit_fails_new_calls_at_once(
                 _GATE[0].set()
                 assert await first.get() == "done"
                 assert await (await hold()).get() == "done"
+
+
+def test_multi_exec_attempts_expire_without_a_pile_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like the fan-in table: expired oldest first on every new run, and bounded."""
+    import pickle
+
+    from droplet.executor import multiexec
+
+    clock = [0.0]
+    monkeypatch.setattr(multiexec, "_now", lambda: clock[0])
+    table = multiexec.MultiExec()
+    invalid = pickle.dumps([None])
+    for i in range(5):  # first of two attempts each: the runs wait for the second
+        clock[0] = float(i)
+        assert table.outcome(f"run-{i}", "f", 2, None, False, invalid) is None
+    assert len(table) == 5
+    clock[0] = multiexec.MULTI_TTL + 2.5  # runs 0-2 are past the TTL
+    table.outcome("late", "f", 2, None, False, invalid)
+    assert len(table) == 3
+    monkeypatch.setattr(multiexec, "MULTI_MAX", 3)
+    table.outcome("later", "f", 2, None, False, invalid)
+    assert len(table) == 3

@@ -74,3 +74,27 @@ async def test_runs_that_never_finish_are_forgotten(autojump_clock: trio.testing
         # Only the hung run was old enough to go; the fresh ones are still tracked.
         assert scheduler.statistics().runs_in_flight == scheduler_service.SWEEP_EVERY - 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_backed_up_executor_fails_the_call_at_once() -> None:
+    """The trigger goes through the executor's outbox with on_full="raise": a call placed
+    on an executor that is not reading fails now instead of stalling the caller's
+    connection (issue 7), and the run is not left behind."""
+    import pytest
+
+    from droplet.errors import DropletError
+    from droplet.rpc import OutboxFull
+
+    async with trio.open_nursery() as nursery:
+        scheduler, executor = make_scheduler(nursery)
+
+        def full(msg: Any, *, on_full: str = "disconnect") -> None:
+            assert on_full == "raise"  # a slow executor is refused work, not cut off
+            raise OutboxFull("fake://executor is not keeping up")
+
+        executor.post = full  # type: ignore[method-assign]
+        with pytest.raises(DropletError, match="not keeping up"):
+            await call(scheduler)
+        assert scheduler.statistics().runs_in_flight == 0
+        assert scheduler._executors["fake://executor"].running == 0
+        nursery.cancel_scope.cancel()

@@ -194,6 +194,10 @@ class Peer:
             self._inflight.release()
         self._post(frame, "disconnect")
 
+    def post_error(self, request_id: int, exc: BaseException) -> None:
+        """:meth:`reply_error` through the outbox."""
+        self.post_reply(request_id, _error_reply(exc))
+
     def _post(self, frame: bytes, on_full: str) -> None:
         if self._closed:
             raise ConnectionError(f"connection to {self.remote} is closed")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections import OrderedDict
 from typing import Any
 
 import attrs
@@ -28,6 +29,10 @@ __all__ = ["MultiExec", "is_invalid", "spread"]
 
 #: Attempts of runs whose other inputs never came are forgotten after this.
 MULTI_TTL = 600.0
+#: Runs tracked at most (the oldest is forgotten first).
+MULTI_MAX = 100_000
+#: The clock expiry uses (a module attribute, so tests can turn it).
+_now = time.monotonic
 
 
 def spread(value: Any) -> list[Any]:
@@ -66,7 +71,8 @@ class MultiExec:
         return len(self._runs)
 
     def __init__(self) -> None:
-        self._runs: dict[tuple[str, str], _Attempts] = {}
+        # In arrival order, so expiry looks only at the oldest entries.
+        self._runs: OrderedDict[tuple[str, str], _Attempts] = OrderedDict()
         self._invalid: dict[bytes, list[Any]] = {}
 
     def outcome(self, run_id: str, function: str, expected: int, result: Any, failed: bool,
@@ -78,9 +84,11 @@ class MultiExec:
         key = (run_id, function)
         attempts = self._runs.get(key)
         if attempts is None:
-            if len(self._runs) > 1000:
-                self._sweep()
-            attempts = self._runs[key] = _Attempts(time.monotonic())
+            now = _now()
+            self.expire(now)
+            if len(self._runs) >= MULTI_MAX:
+                self._runs.popitem(last=False)
+            attempts = self._runs[key] = _Attempts(now)
         attempts.seen += 1
         send: tuple[Any, bool] | None = None
         if failed:
@@ -110,7 +118,11 @@ class MultiExec:
                 self._invalid[blob] = found
         return found
 
-    def _sweep(self) -> None:
-        cutoff = time.monotonic() - MULTI_TTL
-        for key in [k for k, a in self._runs.items() if a.started < cutoff]:
-            del self._runs[key]
+    def expire(self, now: float) -> None:
+        """Forget runs older than MULTI_TTL (oldest first: amortised O(1) per call)."""
+        cutoff = now - MULTI_TTL
+        runs = self._runs
+        while runs:
+            if next(iter(runs.values())).started >= cutoff:
+                break
+            runs.popitem(last=False)

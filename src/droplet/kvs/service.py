@@ -22,11 +22,9 @@ from typing import Any
 
 import attrs
 import trio
-import trio.lowlevel
 
 from ..errors import DropletError, ProtocolError, StorageError
 from ..protocol.messages import (
-    ErrorReply,
     KvsGet,
     KvsPut,
     KvsRelease,
@@ -51,8 +49,6 @@ PIN_TTL = 600.0
 #: of a future's ``obj_id`` works until then). ``output_key`` copies stay.
 DEFAULT_RESULT_TTL = 600.0
 PIN_SWEEP_EVERY = 1000
-#: Before answering a durable put, let the peer's writer drain an outbox this full.
-ACK_YIELD_AT = 2_000
 #: Keys one connection may subscribe to (an executor's cache unsubscribes what it evicts).
 MAX_SUBSCRIPTIONS_PER_PEER = 200_000
 
@@ -72,8 +68,6 @@ class KvsStatistics:
     waited_keys: int = 0
     #: call results tracked for expiry.
     results: int = 0
-    #: puts merged and waiting for the backend to make them safe (durable store)
-    pending_acks: int = 0
 
 
 @attrs.frozen
@@ -162,7 +156,6 @@ class KvsService:
             waiting_reads=sum(len(w) for w in self._waiters.values()),
             waited_keys=len(self._waiters),
             results=len(self._results),
-            pending_acks=len(self._acks),
         )
 
     async def _read(self, key: str) -> bytes | None:
@@ -213,17 +206,17 @@ class KvsService:
 
     async def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1
-        wait = _bounded_wait(msg.wait)
         try:
             value = self.backend.get_nowait(msg.key)
         except trio.WouldBlock:
-            return await self._get_async(peer, msg, request_id, wait)
+            return await self._get_async(peer, msg, request_id)
         if msg.subscribe and value is not None:
             # Only to a key that exists: a cache keeps no entry for an absent
             # key, so it would never evict (and unsubscribe) it.
             self._subscribe(peer, msg.key)
         if msg.pin is not None:
-            return KvsValue(msg.key, self._pinned(msg.pin, msg.key, value))
+            return KvsValue(msg.key, await self._pinned(msg.pin, msg.key))
+        wait = _bounded_wait(msg.wait)
         if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
         # Registered before yielding, so a put that lands before the timer starts finds it.
@@ -236,14 +229,16 @@ class KvsService:
         self._nursery.start_soon(self._expire_waiter, key, waiter, wait)
         return waiter
 
-    async def _get_async(self, peer: Peer, msg: KvsGet, request_id: int, wait: float) -> Any:
+    async def _get_async(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         """A read from a backend that must wait: a put may land while we read."""
         key = msg.key
-        if msg.pin is not None or wait <= 0:
-            value = await self._read_subscribing(peer, msg)
-            if msg.pin is not None:
-                return KvsValue(key, self._pinned(msg.pin, key, value))
-            return KvsValue(key, value)
+        if msg.pin is not None:
+            if msg.subscribe:
+                await self._read_subscribing(peer, msg)
+            return KvsValue(key, await self._pinned(msg.pin, key))
+        wait = _bounded_wait(msg.wait)
+        if wait <= 0:
+            return KvsValue(key, await self._read_subscribing(peer, msg))
         waiter = self._wait_for(peer, key, request_id, wait)  # before reading, not after
         try:
             value = await self._read_subscribing(peer, msg)
@@ -287,8 +282,8 @@ class KvsService:
             if not pending:
                 del self._waiters[key]
 
-    def _pinned(self, run_id: str, key: str, current: bytes | None) -> bytes | None:
-        """The run's version of ``key``: ``current`` on its first read, the same after."""
+    async def _pinned(self, run_id: str, key: str) -> bytes | None:
+        """The run's version of ``key``: pinned now on its first read, the same after."""
         entry = self._pins.get(run_id)
         if entry is None:
             if len(self._pins) % PIN_SWEEP_EVERY == PIN_SWEEP_EVERY - 1:
@@ -296,7 +291,10 @@ class KvsService:
                 for old in [r for r, (t0, _) in self._pins.items() if t0 < cutoff]:
                     del self._pins[old]
             entry = self._pins[run_id] = (trio.current_time(), {})
-        return entry[1].setdefault(key, current)
+        versions = entry[1]
+        if key not in versions:
+            versions[key] = await self._read(key)
+        return versions[key]
 
     async def _expire_waiter(self, key: str, waiter: _Waiter, wait: float) -> None:
         """Answer "absent" when the wait runs out (a put answers it first otherwise)."""
@@ -387,46 +385,52 @@ class KvsService:
         if msg.subscribe:
             self._subscribe(peer, msg.key)
         if changed is not None:
-            await self._notify(msg.key, changed, peer)
+            await self._notify(msg.key, changed, putter=peer)
         return KvsStored(type_name)
 
     async def _send_acks(self) -> None:
-        """Answer puts (and tell waiters and subscribers) as the backend makes them safe.
-
-        Everything goes through the peers' outboxes, in order (an update of the
-        putter's own subscription before its reply), so one peer that stopped
-        reading never holds up the acknowledgements of the others.
-        """
+        """Answer puts (and tell waiters and subscribers) as the backend makes them safe."""
         acks = self._acks
         while True:
             if not acks:
                 await self._acks_waiting.wait()
                 self._acks_waiting = trio.Event()
                 continue
-            failure: ErrorReply | None = None
+            error: StorageError | None = None
             try:
                 safe = await self.backend.wait_committed(acks[0].ticket)
             except StorageError as exc:
-                failure, safe = ErrorReply(type(exc).__name__, str(exc)), acks[-1].ticket
+                error, safe = exc, acks[-1].ticket
             while acks and acks[0].ticket <= safe:
                 ack = acks.popleft()
-                if ack.peer.outbox_size >= ACK_YIELD_AT:
-                    await trio.lowlevel.checkpoint()  # let its writer take what is queued
-                if failure is None and ack.changed is not None:
+                if error is not None:
+                    if ack.request_id:
+                        await self._answer_put(ack, error)
+                    continue
+                if ack.changed is not None:
                     await self._notify(ack.key, ack.changed)
                 if ack.request_id:
-                    try:
-                        ack.peer.post_reply(ack.request_id,
-                                            failure or KvsStored(ack.type_name))
-                    except Exception as exc:  # the writer went away or stopped reading
-                        log.debug("could not answer put of %r: %s", ack.key, exc)
+                    await self._answer_put(ack, KvsStored(ack.type_name))
+
+    async def _answer_put(self, ack: _Ack, reply: KvsStored | StorageError) -> None:
+        # Through the writer's outbox: one stuck writer never holds up the
+        # answers of the others, and the answer follows the writer's own
+        # KvsUpdate (posted by _notify just before), so it reads its write.
+        try:
+            if isinstance(reply, StorageError):
+                ack.peer.post_error(ack.request_id, reply)
+            else:
+                ack.peer.post_reply(ack.request_id, reply)
+        except Exception as exc:  # the writer went away or stopped reading
+            log.debug("could not answer put of %r: %s", ack.key, exc)
 
     async def _notify(self, key: str, changed: bytes, putter: Peer | None = None) -> None:
         """Tell waiting reads and subscribed caches that ``key`` is now ``changed``.
 
-        Called for puts through this node (``putter``: the peer that put, in
-        whose reader this runs), once a durable put is safe, and by the backend
-        for changes made through other storage nodes (a shared Redis).
+        Called for puts through this node (``putter`` is the writer, told inline
+        before its reply), after a durable backend made puts safe (``putter``
+        None: everyone through their outboxes), and by the backend for changes
+        made through other storage nodes (a shared Redis).
         """
         waiting = self._waiters.pop(key, None)
         if waiting:  # answered through each waiter's outbox: never waits here
