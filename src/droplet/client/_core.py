@@ -9,6 +9,7 @@ unwrapping results) live here once.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -24,6 +25,9 @@ from ..serialization import dumps, dumps_code, loads
 
 __all__ = ["ClientCore", "result_blob", "unwrap_result"]
 
+
+#: CAUSAL sessions (client_ids) one client keeps contexts for.
+MAX_SESSIONS = 10_000
 
 def unwrap_result(blob: bytes) -> Any:
     """A stored result value, raising the error if the call failed."""
@@ -62,9 +66,15 @@ def check_key(key: Any) -> str:
 class ClientCore:
     """A client's state (CAUSAL sessions) and its request/reply rules."""
 
-    def __init__(self) -> None:
-        #: CAUSAL sessions by client_id: what each session has read and written.
-        self.sessions: dict[str, CausalContext] = {}
+    def __init__(self, max_sessions: int = MAX_SESSIONS) -> None:
+        #: CAUSAL sessions by client_id: what each session has read and written,
+        #: least recently used first; at most ``max_sessions`` are kept.
+        self.sessions: OrderedDict[str, CausalContext] = OrderedDict()
+        self.max_sessions = max_sessions
+        #: Whether a session was ever forgotten: from then on a session this
+        #: client does not know may be one it forgot, so it starts truncated
+        #: (reads go to the store until they are known again) to keep its guarantees.
+        self.forgot_sessions = False
 
     @staticmethod
     def register_request(function: Callable[..., Any] | tuple[type, Sequence[Any]],
@@ -148,8 +158,13 @@ class ClientCore:
             raise DagError(f"call_dag({name!r}): {exc}") from None
         blobs = [dumps(a if isinstance(a, list) else [a]) for a in arg_map.values()]
         causal = None
-        if consistency == CAUSAL and client_id is not None and client_id in self.sessions:
-            causal = self.sessions[client_id].encode()
+        if consistency == CAUSAL and client_id is not None:
+            session = self.sessions.get(client_id)
+            if session is not None:
+                self.sessions.move_to_end(client_id)
+                causal = session.encode()
+            elif self.forgot_sessions:
+                causal = CausalContext(truncated=True).encode()
         return CallDag(name, False, list(arg_map), blobs, str(consistency), output_key,
                        client_id, bool(direct_response), timeout,
                        None if direct_response else new_result_key(), causal, follow)
@@ -163,8 +178,12 @@ class ClientCore:
         if isinstance(value, SessionResult):
             if session is not None:
                 seen = CausalContext.decode(value.causal)
-                old = self.sessions.get(session)
-                self.sessions[session] = seen if old is None else old.merge(seen)
+                sessions = self.sessions
+                old = sessions.pop(session, None)
+                sessions[session] = seen if old is None else old.merge(seen)
+                if len(sessions) > self.max_sessions:
+                    sessions.popitem(last=False)
+                    self.forgot_sessions = True
             return value.value
         return value
 
