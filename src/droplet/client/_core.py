@@ -20,10 +20,11 @@ from ..kvs.keys import RESULT_PREFIX
 from ..lattices import RAW, decode_lattice, encode_lattice
 from ..protocol.messages import CallDag, KvsPut, KvsValue, RegisterDag, RegisterFunction
 from ..protocol.messages import encode as encode_message
+from ..registration import Registration, source_of
 from ..scheduler.dags import check_dag_arguments
 from ..serialization import dumps, dumps_code, loads
 
-__all__ = ["ClientCore", "result_blob", "unwrap_result"]
+__all__ = ["ClientCore", "check_timeout", "result_blob", "unwrap_result"]
 
 
 #: CAUSAL sessions (client_ids) one client keeps contexts for.
@@ -55,6 +56,15 @@ def result_blob(lattice: bytes) -> bytes:
 def new_result_key() -> str:
     """Clients pick the result key, so they can wait for it while the call is scheduled."""
     return f"{RESULT_PREFIX}{uuid.uuid4().hex}"
+
+
+def check_timeout(timeout: float | None, default: float) -> float:
+    """``timeout`` as seconds to wait (``default`` when None); a negative one is a ValueError."""
+    if timeout is None:
+        return default
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
+    return float(timeout)
 
 
 #: Calls per message (write) for ``map`` when no ``chunksize`` is given.
@@ -122,9 +132,14 @@ class ClientCore:
             raise RegistrationError(
                 f"register({name!r}): {type(function).__name__} is not callable")
         try:
-            return RegisterFunction(name, dumps_code(function))
+            # The source rides along, so tracebacks on the executor show the user's lines.
+            code = dumps_code(Registration(function, source_of(function)))
         except TypeError as exc:
-            raise RegistrationError(f"register({name!r}): {exc}") from exc
+            what = type(function[0] if isinstance(function, tuple) else function).__name__
+            raise RegistrationError(
+                f"register({name!r}): cannot serialize the {what}: "
+                f"{str(exc).split(': ', 1)[-1]}") from exc
+        return RegisterFunction(name, code)
 
     @staticmethod
     def function_call(name: str, args: Iterable[Any]) -> CallDag:

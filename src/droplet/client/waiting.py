@@ -126,6 +126,9 @@ def _block_portal(futures: list[_PortalFuture], timeout: float) -> None:
     finally:
         for f in futures:
             f._inner._wakers.remove(arrived.set)
+    for portal in {f._portal for f in futures}:
+        if portal.crash is not None:  # its loop stopped: raise what stopped it
+            portal.run(trio.lowlevel.checkpoint)
 
 
 def wait(fs: Iterable[DropletFuture], timeout: float | None = None,

@@ -25,6 +25,7 @@ import trio
 
 from ..errors import DropletError, ProtocolError, StorageError
 from ..protocol.messages import (
+    KvsForget,
     KvsGet,
     KvsPut,
     KvsRelease,
@@ -45,10 +46,15 @@ log = logging.getLogger("droplet.kvs")
 MAX_WAIT = 3600.0
 #: Pinned versions of runs whose release never came (a lost scheduler) expire.
 PIN_TTL = 600.0
-#: How long call results stay readable (futures read them at once; ``get_object``
-#: of a future's ``obj_id`` works until then). ``output_key`` copies stay.
+#: The backstop for call results nobody released: a client releases a result
+#: (KvsForget) once its future is collected, or, when it handed out the
+#: ``obj_id``, when it closes; a client that vanishes leaves its results for
+#: this long. ``output_key`` copies stay.
 DEFAULT_RESULT_TTL = 600.0
 PIN_SWEEP_EVERY = 1000
+#: Releases of results not stored yet that the store remembers at most (oldest
+#: go first: such a result then lives until result_ttl, as if never released).
+MAX_EARLY_RELEASES = 100_000
 #: Keys one connection may subscribe to (an executor's cache unsubscribes what it evicts).
 MAX_SUBSCRIPTIONS_PER_PEER = 200_000
 
@@ -68,6 +74,8 @@ class KvsStatistics:
     waited_keys: int = 0
     #: call results tracked for expiry.
     results: int = 0
+    #: releases of results not stored yet (each forgotten after result_ttl).
+    early_releases: int = 0
 
 
 @attrs.frozen
@@ -111,7 +119,7 @@ def _bounded_wait(wait: float | None) -> float:
 class KvsService:
     """Serves KVS messages; plug ``handle`` into a node's router."""
 
-    MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe, KvsRelease)
+    MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe, KvsRelease, KvsForget)
 
     def __init__(self, nursery: trio.Nursery, backend: StorageBackend | None = None, *,
                  result_ttl: float = DEFAULT_RESULT_TTL) -> None:
@@ -119,6 +127,8 @@ class KvsService:
         self.result_ttl = result_ttl
         # Call results by expiry time (one TTL for all, so insertion order is expiry order).
         self._results: OrderedDict[str, float] = OrderedDict()
+        # Results released before they were stored, by expiry time: dropped on arrival.
+        self._forgotten: OrderedDict[str, float] = OrderedDict()
         self._nursery = nursery
         self._waiters: dict[str, list[_Waiter]] = {}
         self._subscribers: defaultdict[str, set[Peer]] = defaultdict(set)
@@ -156,6 +166,7 @@ class KvsService:
             waiting_reads=sum(len(w) for w in self._waiters.values()),
             waited_keys=len(self._waiters),
             results=len(self._results),
+            early_releases=len(self._forgotten),
         )
 
     async def _read(self, key: str) -> bytes | None:
@@ -166,6 +177,11 @@ class KvsService:
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
+        if self.backend.concurrent and request_id and (kind is KvsGet or kind is KvsPut):
+            # A remote backend (Redis): each request waits a network round trip, so
+            # a connection's requests overlap instead of queueing behind each other.
+            self._nursery.start_soon(self._answer_later, peer, msg, request_id)
+            return DEFERRED
         if kind is KvsGet:
             return await self._get(peer, msg, request_id)
         if kind is KvsPut:
@@ -176,21 +192,45 @@ class KvsService:
         if kind is KvsRelease:
             self._pins.pop(msg.run_id, None)
             return None
+        if kind is KvsForget:
+            await self._forget(msg.keys)
+            return None
         raise ProtocolError(f"the store does not serve {kind.__name__} messages")
+
+    async def _answer_later(self, peer: Peer, msg: KvsGet | KvsPut, request_id: int) -> None:
+        """Serve one get or put in a task of its own and reply (see ``concurrent``)."""
+        try:
+            if isinstance(msg, KvsGet):
+                result = await self._get(peer, msg, request_id)
+            else:
+                result = await self._put(peer, msg, request_id)
+        except Exception as exc:  # a bad request or a storage failure: tell the peer
+            if not isinstance(exc, DropletError):
+                log.exception("error handling %s from %s", type(msg).__name__, peer.remote)
+            result = exc
+        if result is DEFERRED or peer.closed:
+            return
+        try:
+            if isinstance(result, Exception):
+                await peer.reply_error(request_id, result)
+            else:
+                await peer.reply(request_id, result)
+        except Exception as exc:  # the peer went away meanwhile
+            log.debug("could not answer %s of %s: %s", type(msg).__name__, peer.remote, exc)
 
     async def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1
-        if msg.subscribe and await self._read(msg.key) is not None:
+        try:
+            value = self.backend.get_nowait(msg.key)
+        except trio.WouldBlock:
+            return await self._get_async(peer, msg, request_id)
+        if msg.subscribe and value is not None:
             # Only to a key that exists: a cache keeps no entry for an absent
             # key, so it would never evict (and unsubscribe) it.
             self._subscribe(peer, msg.key)
         if msg.pin is not None:
             return KvsValue(msg.key, await self._pinned(msg.pin, msg.key))
         wait = _bounded_wait(msg.wait)
-        try:
-            value = self.backend.get_nowait(msg.key)
-        except trio.WouldBlock:
-            return await self._get_async(peer, msg.key, request_id, wait)
         if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
         # Registered before yielding, so a put that lands before the timer starts finds it.
@@ -203,16 +243,51 @@ class KvsService:
         self._nursery.start_soon(self._expire_waiter, key, waiter, wait)
         return waiter
 
-    async def _get_async(self, peer: Peer, key: str, request_id: int, wait: float) -> Any:
+    async def _get_async(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         """A read from a backend that must wait: a put may land while we read."""
+        key = msg.key
+        if msg.pin is not None:
+            if msg.subscribe:
+                await self._read_subscribing(peer, msg)
+            return KvsValue(key, await self._pinned(msg.pin, key))
+        wait = _bounded_wait(msg.wait)
         if wait <= 0:
-            return KvsValue(key, await self.backend.get(key))
+            return KvsValue(key, await self._read_subscribing(peer, msg))
         waiter = self._wait_for(peer, key, request_id, wait)  # before reading, not after
-        value = await self.backend.get(key)
+        try:
+            value = await self._read_subscribing(peer, msg)
+        except BaseException:
+            self._drop_waiter(key, waiter)
+            raise
         if waiter.answered:  # a put answered it while we read
             return DEFERRED
         if value is None:
             return DEFERRED
+        self._drop_waiter(key, waiter)
+        return KvsValue(key, value)
+
+    async def _read_subscribing(self, peer: Peer, msg: KvsGet) -> bytes | None:
+        """Read from the backend; a subscribing read subscribes *before* it waits, so a
+        change landing meanwhile (through another storage node) is pushed, and drops
+        the subscription again if the key turns out absent."""
+        mine = peer.state.get("kvs_subscriptions")
+        fresh = msg.subscribe and not (mine is not None and msg.key in mine)
+        if not fresh:
+            return await self.backend.get(msg.key)
+        self._subscribe(peer, msg.key)
+        # key -> whether an update was pushed to this peer while we read
+        reading: dict[str, bool] = peer.state.setdefault("kvs_reading", {})
+        reading[msg.key] = False
+        value = None
+        try:
+            value = await self.backend.get(msg.key)
+        finally:
+            pushed = reading.pop(msg.key, False)
+            if value is None and not pushed:  # absent: a cache holds no entry to evict
+                self._unsubscribe(peer, msg.key)
+        return value
+
+    def _drop_waiter(self, key: str, waiter: _Waiter) -> None:
         waiter.answered = True
         waiter.timer.cancel()
         pending = self._waiters.get(key)
@@ -220,7 +295,6 @@ class KvsService:
             pending.remove(waiter)
             if not pending:
                 del self._waiters[key]
-        return KvsValue(key, value)
 
     async def _pinned(self, run_id: str, key: str) -> bytes | None:
         """The run's version of ``key``: pinned now on its first read, the same after."""
@@ -313,20 +387,57 @@ class KvsService:
             else:
                 # Merged now, in order; answered once safe, by _send_acks: this
                 # connection's next puts join the same log write meanwhile.
-                if is_result_key(msg.key):
-                    await self._expire_results(msg.key)
+                await self._note_result(msg.key)
                 if msg.subscribe:
                     self._subscribe(peer, msg.key)
                 self._acks.append(_Ack(ticket, peer, request_id, msg.key, type_name, changed))
                 self._acks_waiting.set()
                 return DEFERRED
-        if is_result_key(msg.key):
-            await self._expire_results(msg.key)
+        await self._note_result(msg.key)
         if msg.subscribe:
             self._subscribe(peer, msg.key)
         if changed is not None:
             await self._notify(msg.key, changed, putter=peer)
         return KvsStored(type_name)
+
+    async def _note_result(self, key: str) -> None:
+        """Track a stored call result; one whose release came first is dropped at once.
+
+        (Its waiting reads are still answered, from the put itself.)
+        """
+        if not is_result_key(key):
+            return
+        if self._forgotten.pop(key, None) is not None:
+            self._results.pop(key, None)
+            await self._delete(key)
+        else:
+            await self._expire_results(key)
+
+    async def _delete(self, key: str) -> bool:
+        try:
+            return self.backend.delete_nowait(key)
+        except trio.WouldBlock:
+            return await self.backend.delete(key)
+
+    async def _forget(self, keys: list[str]) -> None:
+        """Delete released call results; remember those not stored yet (until the TTL)."""
+        now = trio.current_time()
+        forgotten = self._forgotten
+        for key in keys:
+            if not is_result_key(key):
+                continue  # clients release call results only, never users' keys
+            if await self._delete(key):
+                self._results.pop(key, None)
+            else:
+                forgotten[key] = now + self.result_ttl
+                forgotten.move_to_end(key)
+        while len(forgotten) > MAX_EARLY_RELEASES:  # a bound, whatever peers send
+            forgotten.popitem(last=False)
+        while forgotten:
+            key, expiry = next(iter(forgotten.items()))
+            if expiry > now:
+                break
+            del forgotten[key]
 
     async def _send_acks(self) -> None:
         """Answer puts (and tell waiters and subscribers) as the backend makes them safe."""
@@ -383,6 +494,9 @@ class KvsService:
         if subs:
             update = KvsUpdate(key, changed)
             for sub in list(subs):
+                reading = sub.state.get("kvs_reading")
+                if reading and key in reading:  # see _read_subscribing
+                    reading[key] = True
                 await self._push(putter, sub, update)
 
     async def _expire_results(self, stored: str) -> None:
@@ -396,10 +510,7 @@ class KvsService:
             if expiry > now:
                 break
             del results[key]
-            try:
-                self.backend.delete_nowait(key)
-            except trio.WouldBlock:
-                await self.backend.delete(key)
+            await self._delete(key)
 
     async def _push(self, putter: Peer | None, sub: Peer, update: KvsUpdate) -> None:
         try:
