@@ -316,3 +316,32 @@ def test_waiting_threads_share_the_connection(cloud: DropletConnection) -> None:
     assert results["as_completed"] == [2 * x for x in range(200)]
     for i in range(3):
         assert results[f"call{i}"] == [2 * (i * 100 + j) for j in range(20)]
+
+
+@pytest.mark.parametrize("listen", ["tcp://127.0.0.1:0", None], ids=["blocking", "portal"])
+def test_dropped_map_futures_release_their_results(listen: str | None) -> None:
+    """map's futures follow the result-lifetime rules of single calls (client/_release.py)."""
+    import gc
+    import time
+
+    with droplet.LocalCluster(executors=1, listen=listen) as local:
+        kvs = local.node.kvs
+        assert kvs is not None
+        with (DropletConnection(local.address) if listen else local.connect()) as cloud:
+            fn = cloud.register(lambda _, x: x * 2, "r_double")
+            baseline = kvs.statistics().keys
+            futures = fn.map(range(100), chunksize=32)
+            assert sorted(f.get() for f in droplet.as_completed(futures, timeout=60)) == [
+                2 * i for i in range(100)]
+            assert kvs.statistics().results == 100
+            del futures
+            for _ in range(400):  # released in batches, in the background: about 20 s at most
+                gc.collect()
+                if kvs.statistics().results == 0:
+                    break
+                time.sleep(0.05)
+            assert kvs.statistics().results == 0
+            assert kvs.statistics().keys == baseline
+            with pytest.raises(droplet.DropletError, match="r_nope"):
+                cloud.map("r_nope", [1, 2])  # refused calls: nothing to release
+            assert [f.get() for f in fn.map([4])] == [8]
