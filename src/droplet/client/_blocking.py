@@ -39,16 +39,20 @@ from ..protocol.messages import (
     DeleteDag,
     ErrorReply,
     FunctionExists,
+    GetStatus,
     Hello,
     KvsGet,
     KvsPut,
     KvsValue,
+    ListDags,
     ListFunctions,
     Names,
+    StatusReply,
 )
 from ..protocol.messages import decode as decode_message
 from ..protocol.messages import encode as encode_message
 from ..rpc import error_from_reply
+from ..status import ClusterStatus
 from ..transports.registry import parse_address
 from ._core import ClientCore, check_key, result_blob, unwrap_result
 
@@ -389,4 +393,13 @@ class BlockingClient:
 
     def store(self, key: str, data: bytes) -> None:
         self.kvs.request(KvsPut(key, data), self.timeout)
+
+    # cluster
+    def list_dags(self) -> builtins.list[str]:
+        reply: Names = self.scheduler.request(ListDags(), self.timeout)
+        return reply.names
+
+    def status(self) -> ClusterStatus:
+        reply: StatusReply = self.scheduler.request(GetStatus(), self.timeout)
+        return ClusterStatus.from_json(reply.data)
 

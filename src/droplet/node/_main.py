@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="most queued calls of a batching function served in one call "
                    "(default: 16)")
+    p.add_argument("--report-interval", type=float, metavar="SECONDS",
+                   help="how often executors report load and call statistics to the "
+                   "scheduler (default: 1)")
+    p.add_argument("--metrics-listen", metavar="URL",
+                   help="serve Prometheus metrics over HTTP at this address, e.g. "
+                   "tcp://127.0.0.1:9100 (default: off); beyond loopback it needs --token")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags win)")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING or ERROR")
