@@ -168,7 +168,9 @@ async def _run(config: Config) -> int:
             extra = f" with {workers} executor workers" if workers else ""
             log.info("Droplet %s node ready at %s%s", config.role, node.url, extra)
             # One write, so worker processes sharing this stream cannot split the line.
-            sys.stdout.write(f"droplet {config.role} node listening on {node.url}\n")
+            metrics = (f"\ndroplet metrics at http{node.metrics_url[3:]}/metrics"
+                       if node.metrics_url else "")
+            sys.stdout.write(f"droplet {config.role} node listening on {node.url}{metrics}\n")
             sys.stdout.flush()
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
