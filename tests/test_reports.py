@@ -139,6 +139,12 @@ def test_reports_of_unknown_executors_and_surplus_functions_are_not_counted() ->
     view.report(_report(functions=["other"]), now=0.0)
     assert view.dropped == 1
     assert view.function_status("other", now=0.0).calls == 0
+    registered = ClusterView()
+    registered.join("tcp://e1")
+    registered.report(_report(functions=["junk"]), now=0.0, known={"f"})
+    registered.report(_report(), now=0.0, known={"f"})
+    assert registered.dropped == 1
+    assert registered.status("s", ["f"], [], now=0.0).functions[0].calls == 2
     with pytest.raises(ValueError, match="rate_window"):
         ClusterView(rate_window=0)
 

@@ -17,6 +17,7 @@ scheduler's registry anyway).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Container
 
 import attrs
 
@@ -89,8 +90,13 @@ class ClusterView:
             self.departed_hits += load.cache_hits
             self.departed_misses += load.cache_misses
 
-    def report(self, report: ExecutorReport, now: float) -> bool:
-        """Apply one report; False (and nothing changes) for an executor not joined."""
+    def report(self, report: ExecutorReport, now: float,
+               known: Container[str] | None = None) -> bool:
+        """Apply one report; False (and nothing changes) for an executor not joined.
+
+        ``known``: the registered function names; others are not counted (an
+        executor runs only registered functions, so they can only be junk).
+        """
         load = self._executors.get(report.url)
         if load is None:
             return False
@@ -106,7 +112,8 @@ class ClusterView:
         for i, name in enumerate(report.functions):
             totals = self._functions.get(name)
             if totals is None:
-                if len(self._functions) >= self.max_functions:
+                if (known is not None and name not in known
+                        or len(self._functions) >= self.max_functions):
                     self.dropped += 1
                     continue
                 totals = self._functions[name] = _FunctionTotals()

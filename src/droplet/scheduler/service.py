@@ -159,7 +159,7 @@ class SchedulerService:
         if kind is ExecutorReport:
             if peer.state.get("executor_url") != msg.url:
                 raise ProtocolError(f"report for {msg.url!r} from a peer that is not it")
-            self.view.report(msg, trio.current_time())
+            self.view.report(msg, trio.current_time(), self._functions)
             return None
         if kind is GetStatus:
             return StatusReply(self.cluster_status().to_json())
