@@ -250,3 +250,34 @@ def test_metrics_requests_are_answered_by_status(request_head: bytes, token: str
                                                  status: bytes) -> None:
     registry = metrics_registry(_Node(), lambda: 0)
     assert answer(request_head, registry, token).split(b" ")[1] == status
+
+
+class _Executor:
+    url = "inproc://e"
+
+    def load(self) -> Load:
+        return _load(hits=5, misses=2)
+
+
+class _ExecutorNode:
+    scheduler = None
+    executors = [_Executor()]
+
+
+def test_an_executor_node_exports_its_own_load_and_cache() -> None:
+    registry = metrics_registry(_ExecutorNode(), lambda: 1)
+    body = answer(_request("/metrics"), registry, None).partition(b"\r\n\r\n")[2]
+    samples = {(s.name, tuple(s.labels.values())): s.value
+               for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    assert samples[("droplet_executor_queued", ("inproc://e",))] == 2
+    assert samples[("droplet_cache_hits_total", ("inproc://e",))] == 5
+    assert samples[("droplet_cache_misses_total", ("inproc://e",))] == 2
+    assert not any(name.startswith("droplet_function") for name, _ in samples)
+
+
+def test_a_head_request_gets_headers_only() -> None:
+    registry = metrics_registry(_Node(), lambda: 0)
+    response = answer(_request("/metrics", method="HEAD"), registry, None)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == b""
+    assert b"Content-Length: 0" not in head

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -106,7 +108,8 @@ def test_sync_connection_status_and_list_dags() -> None:
 
 
 async def test_cli_and_metrics_against_an_embedded_tcp_cluster(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     async with droplet.open_local_cluster(executors=1, listen="tcp://127.0.0.1:0",
                                           metrics_listen="tcp://127.0.0.1:0",
                                           report_interval=0.05) as cluster:
@@ -126,6 +129,11 @@ async def test_cli_and_metrics_against_an_embedded_tcp_cluster(
         data = json.loads(capsys.readouterr().out)
         assert code == 0 and data["functions"][0]["name"] == "echo"
         assert data["functions"][0]["calls"] == 3
+        # without a URL: the node start-local recorded (here, this process)
+        monkeypatch.setenv("DROPLET_HOME", str(tmp_path))
+        (tmp_path / "node.pid").write_text(f"{os.getpid()}\n{cluster.address}\n")
+        code = await trio.to_thread.run_sync(cli_main, ["status", "--json"])
+        assert code == 0 and json.loads(capsys.readouterr().out)["functions"][0]["calls"] == 3
 
         url = cluster.node.metrics_url
         assert url is not None and url.startswith("tcp://127.0.0.1:")

@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     stop.add_argument("--pid-file", type=Path, default=None, metavar="FILE")
     status = sub.add_parser("status", help="print the cluster's executors, load, cache, "
                             "functions and DAGs")
-    status.add_argument("url", nargs="?", default=DEFAULT_ADDRESS, metavar="URL",
-                        help=f"the scheduler's address (default: {DEFAULT_ADDRESS})")
+    status.add_argument("url", nargs="?", default=None, metavar="URL",
+                        help="the scheduler's address (default: the node start-local "
+                        f"started, else {DEFAULT_ADDRESS})")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.add_argument("--token", metavar="SECRET",
                         help="the cluster token (default: $DROPLET_TOKEN)")
@@ -71,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":
-        return show_status(args.url, as_json=args.json, token=args.token,
-                           timeout=args.timeout)
+        url = args.url or _recorded_url(_home() / "node.pid") or DEFAULT_ADDRESS
+        return show_status(url, as_json=args.json, token=args.token, timeout=args.timeout)
     pid_file: Path = args.pid_file or _home() / "node.pid"
     if args.command == "start-local":
         extra = []
@@ -110,6 +111,14 @@ def show_status(address: str, *, as_json: bool = False, token: str | None = None
     else:
         print(format_status(status, url))
     return 0
+
+
+def _recorded_url(pid_file: Path) -> str | None:
+    """The address start-local recorded for a node that is still running."""
+    if _running_pid(pid_file) is None:
+        return None
+    lines = pid_file.read_text().split()
+    return lines[1] if len(lines) > 1 else None
 
 
 def _running_pid(pid_file: Path) -> int | None:

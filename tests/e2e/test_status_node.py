@@ -111,6 +111,44 @@ def test_metrics_endpoint_refuses_other_paths(node: NodeProcess) -> None:
         assert cloud.register(lambda _, x: x, "e2e_after")(1).get() == 1
 
 
+def test_status_and_metrics_of_a_multi_process_cluster(tmp_path: Path) -> None:
+    token = "status-s3cret"
+    metrics = ("--metrics-listen", "tcp://127.0.0.1:0", "--report-interval", "0.1")
+    with start_node(role="kvs", log_path=tmp_path / "kvs.log", token=token) as kvs, \
+            start_node("--kvs", kvs.url, *metrics, role="scheduler",
+                       log_path=tmp_path / "scheduler.log", token=token) as scheduler, \
+            start_node("--scheduler", scheduler.url, *metrics, role="executor", listen=None,
+                       log_path=tmp_path / "executor.log", token=token) as executor:
+        scheduler.wait_for_log(r"executor \S+ joined")
+        with DropletConnection(scheduler.url, token=token, timeout=TIMEOUT) as cloud:
+            cloud.put_object("mp_key", b"x" * 1000)
+            reader = cloud.register(lambda _, v: len(v), "mp_len")
+            for _ in range(3):
+                assert reader(DropletReference("mp_key")).get() == 1000
+
+            def reported() -> Any:
+                status = cloud.status()
+                found = status.function("mp_len")
+                return status if found is not None and found.calls == 3 else None
+
+            status = _until(reported, "three calls reported")
+            (only,) = status.executors
+            assert only.url == executor.url
+            assert (only.cache_misses, only.cache_hits) == (1, 2)
+            assert only.cache_bytes >= 1000
+        # the executor node exports its own executor; the scheduler the cluster
+        local = _scrape(_metrics_url(executor))
+        assert local[("droplet_cache_hits_total", (("executor", executor.url),))] == 2
+        assert not any(name.startswith("droplet_function") for name, _ in local)
+        cluster = _scrape(_metrics_url(scheduler))
+        assert cluster[("droplet_function_calls_total", (("function", "mp_len"),))] == 3
+        assert cluster[("droplet_executors", ())] == 1
+        assert cluster[("droplet_connections", ())] >= 1
+        for proc in (executor, scheduler, kvs):
+            assert proc.stop() == 0, proc.log_text()
+            assert "Traceback" not in proc.log_text(), proc.log_text()
+
+
 def test_metrics_beyond_loopback_without_token_is_refused(tmp_path: Path) -> None:
     from droplet.testing.nodes import run_node_command
 
