@@ -167,3 +167,49 @@ def test_metrics_beyond_loopback_need_a_token() -> None:
         droplet.LocalCluster(executors=1, metrics_listen="tcp://0.0.0.0:9100")
     with pytest.raises(ValueError, match="tcp://"):
         droplet.LocalCluster(executors=1, metrics_listen="ws://127.0.0.1:9100")
+
+
+async def test_metrics_server_bounds_request_heads_and_concurrent_scrapes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from droplet import metrics
+    from droplet.transports.registry import parse_address
+
+    class _Bare:
+        scheduler = None
+        executors: list[Any] = []
+
+    monkeypatch.setattr(metrics, "MAX_SCRAPES", 1)
+    registry = metrics.metrics_registry(_Bare(), lambda: 0)
+
+    async def exchange(port: int, data: bytes) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(data)
+            reply = b""
+            while chunk := await stream.receive_some(65536):
+                reply += chunk
+            return reply
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(metrics.serve_metrics, "tcp://127.0.0.1:0", registry)
+            port = parse_address(url)[2]
+            assert port
+            huge = b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 10_000
+            assert (await exchange(port, huge)).startswith(b"HTTP/1.1 431")
+            # one scrape stalls mid-head: the next one is turned away, not queued
+            stalled = await trio.open_tcp_stream("127.0.0.1", port)
+            await stalled.send_all(b"GET /metrics HTTP/1.1\r\n")
+            # (until the server has taken the stalled one, a scrape still gets a 200)
+            while True:
+                reply = await exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+                if reply.startswith(b"HTTP/1.1 503"):
+                    break
+                await trio.sleep(0.05)
+            await stalled.send_all(b"\r\n")
+            reply = b""
+            while chunk := await stalled.receive_some(65536):
+                reply += chunk
+            await stalled.aclose()
+            assert reply.startswith(b"HTTP/1.1 200") and b"droplet_connections 0.0" in reply
+            nursery.cancel_scope.cancel()

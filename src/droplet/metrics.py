@@ -45,6 +45,8 @@ log = logging.getLogger("droplet.metrics")
 #: Largest HTTP request head read from a scraper, and how long it may take.
 MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT = 10.0
+#: Scrapes served at once; more are answered 503 at once.
+MAX_SCRAPES = 64
 
 
 class NodeCollector(Collector):
@@ -178,7 +180,7 @@ async def _serve_one(stream: trio.SocketStream, registry: CollectorRegistry,
             with trio.fail_after(REQUEST_TIMEOUT):
                 while b"\r\n\r\n" not in head:
                     if len(head) > MAX_REQUEST_BYTES:
-                        await stream.send_all(_response("431 Request Header Fields Too Large",
+                        await _refuse(stream, _response("431 Request Header Fields Too Large",
                                                         b"request head too large\n"))
                         return
                     chunk = await stream.receive_some(4096)
@@ -194,6 +196,26 @@ async def _serve_one(stream: trio.SocketStream, registry: CollectorRegistry,
                 await stream.send_all(_response("500 Internal Server Error", b"see the log\n"))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+
+
+async def _refuse(stream: trio.SocketStream, response: bytes) -> None:
+    """Send ``response``, then read (and drop) what the client still sends, briefly.
+
+    Closing a socket with unread bytes makes the kernel reset the connection,
+    and the client could lose the response: so shut our side, drain, then close.
+    """
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(response)
+            await stream.send_eof()
+            drained = 0
+            while drained < 16 * MAX_REQUEST_BYTES:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                drained += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 async def serve_metrics(url: str, registry: CollectorRegistry, *, token: str | None = None,
@@ -222,7 +244,18 @@ async def serve_metrics(url: str, registry: CollectorRegistry, *, token: str | N
 
 def _handler(registry: CollectorRegistry, token: str | None
              ) -> Callable[[trio.SocketStream], Any]:
+    active = [0]
+
     async def handle(stream: trio.SocketStream) -> None:
-        await _serve_one(stream, registry, token)
+        if active[0] >= MAX_SCRAPES:
+            async with stream:
+                await _refuse(stream, _response("503 Service Unavailable",
+                                                b"too many scrapes at once\n"))
+            return
+        active[0] += 1
+        try:
+            await _serve_one(stream, registry, token)
+        finally:
+            active[0] -= 1
 
     return handle
