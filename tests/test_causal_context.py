@@ -16,9 +16,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from droplet.client._core import ClientCore
 from droplet.consistency import (
     CAUSAL,
     CONSISTENCY_LEVELS,
+    MAX_CONTEXT_KEYS,
     NORMAL,
     REPEATABLE_READ,
     CausalContext,
@@ -372,3 +374,59 @@ def test_session_result_pickles_with_every_protocol() -> None:
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         back = pickle.loads(pickle.dumps(result, protocol=protocol))
         assert back.value is None and back.causal == b""
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def _clock(n: int) -> VectorClock:
+    return vc(w=n)
+
+
+def test_a_context_keeps_the_most_recently_touched_keys_and_says_it_forgot() -> None:
+    ctx = CausalContext(max_keys=3)
+    for i in range(3):
+        ctx.observe(f"k{i}", causal(_clock(1)))
+    assert not ctx.truncated
+    ctx.observe("k0", causal(_clock(2)))  # touched again: now the newest
+    ctx.observe("k3", causal(_clock(1)))
+    assert list(ctx.clocks) == ["k2", "k0", "k3"] and ctx.truncated
+    # A write's dependencies are bounded by the context.
+    assert len(ctx.stamp("new", "w", b"v").dependencies) == 3
+
+
+def test_a_truncated_context_trusts_only_the_store_for_keys_it_does_not_list() -> None:
+    ctx = CausalContext(max_keys=1)
+    ctx.observe("a", causal(_clock(1)))
+    assert ctx.fresh_enough("b", None) and ctx.fresh_enough("b", LWWLattice(1, b"x"))
+    ctx.observe("b", causal(_clock(1)))  # forgets "a"
+    assert ctx.truncated
+    assert not ctx.fresh_enough("a", causal(_clock(5)))  # maybe forgotten: ask the store
+    ctx.observe("a", LWWLattice(1, b"x"))  # read from the store: listed again
+    assert ctx.fresh_enough("a", LWWLattice(1, b"x"))
+
+
+def test_truncation_survives_encoding_and_merging() -> None:
+    ctx = CausalContext({"a": _clock(1)}, truncated=True)
+    assert CausalContext.decode(ctx.encode()) == ctx
+    assert CausalContext.decode(ctx.encode()) != CausalContext({"a": _clock(1)})
+    assert CausalContext().merge(ctx).truncated and ctx.merge(CausalContext()).truncated
+
+
+def test_decode_refuses_a_context_over_the_bound() -> None:
+    plain = {f"k{i}": {"w": 1} for i in range(MAX_CONTEXT_KEYS + 1)}
+    with pytest.raises(ProtocolError, match="at most"):
+        CausalContext.decode(values.dumps(plain))
+
+
+def test_a_client_keeps_a_bounded_number_of_sessions() -> None:
+    core = ClientCore(max_sessions=2)
+    seen = CausalContext({"k": _clock(1)}).encode()
+    for session in ("s1", "s2", "s3"):
+        core.finish(SessionResult(None, seen), session)
+    assert list(core.sessions) == ["s2", "s3"] and core.forgot_sessions
+    # A session the client may have forgotten starts truncated; a known one as it was.
+    forgotten = core.dag_call("d", {}, False, CAUSAL, None, "s1", None)
+    assert CausalContext.decode(forgotten.causal).truncated
+    known = core.dag_call("d", {}, False, CAUSAL, None, "s3", None)
+    assert CausalContext.decode(known.causal) == CausalContext({"k": _clock(1)})

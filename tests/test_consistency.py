@@ -383,6 +383,45 @@ async def test_a_session_reads_its_writes_and_never_goes_back_in_time(
     assert await read_on_both(cluster, cloud, key, CAUSAL, "A") == ("v3", "v3")
 
 
+async def test_a_session_that_outgrew_its_context_still_reads_its_writes(
+        cluster: Any, cloud: AsyncDropletClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bounded context forgets old keys, and then reads them from the store."""
+    import droplet.consistency
+
+    monkeypatch.setattr(droplet.consistency, "MAX_CONTEXT_KEYS", 4)
+
+    def write_many(lib: Any, keys: list[str]) -> None:
+        for key in keys:
+            lib.put(key, key)
+
+    await register_all(cloud)
+    await cloud.register(write_many, "write_many")
+    await cloud.register_dag("write_many", ["write_many"], [])
+    executors: list[ExecutorService] = cluster.node.executors
+    key = fresh("s")
+    await run(cloud, "write", {"write": [key, "v1"]}, CAUSAL, "A")
+    assert await read_on_both(cluster, cloud, key) == ("v1", "v1")
+    v1 = executors[0].cache.peek(key)
+    assert v1 is not None
+    await run(cloud, "write", {"write": [key, "v2"]}, CAUSAL, "A")
+
+    async def pushed() -> bool:
+        return all(ex.cache.peek(key) not in (None, v1) for ex in executors)
+    await poll(pushed, "v2 to reach both caches")
+
+    # Session A now writes 4 other keys: its context (at most 4 keys) forgets `key`.
+    others = [fresh(f"o{i}") for i in range(4)]
+    await run(cloud, "write_many", {"write_many": [others]}, CAUSAL, "A")
+    session = cloud._core.sessions["A"]
+    assert session.truncated and sorted(session.clocks) == sorted(others)
+    # The caches go stale; A must still read v2, which only the store has now.
+    _make_stale(executors, key, v1)
+    assert await read_on_both(cluster, cloud, key) == ("v1", "v1")  # NORMAL: stale
+    _make_stale(executors, key, v1)
+    assert await read_on_both(cluster, cloud, key, CAUSAL, "A") == ("v2", "v2")
+    assert len(cloud._core.sessions["A"].clocks) <= 4
+
+
 async def test_a_read_pulls_in_the_dependencies_of_what_it_read(
         cluster: Any, cloud: AsyncDropletClient) -> None:
     """Causal snapshot: after reading y, a read of x sees at least the x that y's writer saw."""

@@ -143,7 +143,10 @@ async def test_change_elsewhere_is_pushed_to_subscribers() -> None:
             await send.send(msg)
 
         cache = await connect_peer(url, nursery, handler=on_update)
-        await cache.request(KvsGet("s", None, True))  # subscribe
+        # Subscriptions are only to keys that exist (a cache holds no absent keys).
+        await backend.put_elsewhere("s", lww(1, b"first"))
+        with trio.fail_after(5):
+            await cache.request(KvsGet("s", None, True))  # subscribe
         await backend.put_elsewhere("s", lww(5, b"from another node"))
         with trio.fail_after(5):
             update = await receive.receive()

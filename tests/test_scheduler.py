@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -24,6 +25,10 @@ class FakePeer:
 
     async def send(self, msg: Any) -> None:
         self.sent.append(msg)
+
+    async def request(self, msg: Any, timeout: float | None = None) -> Any:
+        self.sent.append(msg)
+        return None
 
     def post(self, msg: Any, *, on_full: str = "disconnect") -> None:
         self.sent.append(msg)
@@ -71,6 +76,7 @@ async def test_runs_that_never_finish_are_forgotten(autojump_clock: trio.testing
         await trio.sleep(scheduler_service.RUN_TTL + 1)
         for _ in range(scheduler_service.SWEEP_EVERY - 1):  # the sweep comes with calls
             await call(scheduler)
+        await trio.testing.wait_all_tasks_blocked()
         # Only the hung run was old enough to go; the fresh ones are still tracked.
         assert scheduler.statistics().runs_in_flight == scheduler_service.SWEEP_EVERY - 1
         nursery.cancel_scope.cancel()
@@ -97,4 +103,35 @@ async def test_a_backed_up_executor_fails_the_call_at_once() -> None:
             await call(scheduler)
         assert scheduler.statistics().runs_in_flight == 0
         assert scheduler._executors["fake://executor"].running == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_forgotten_run_answers_its_caller(autojump_clock: trio.testing.MockClock
+                                                  ) -> None:
+    """Direct response: the waiting caller gets an error; a future: its result key does."""
+    from droplet.client._core import unwrap_result
+    from droplet.errors import TimeoutError
+    from droplet.lattices import RAW, decode_lattice
+    from droplet.protocol.messages import DagResult, KvsPut
+    from droplet.rpc import DEFERRED
+
+    async with trio.open_nursery() as nursery:
+        scheduler, _ = make_scheduler(nursery)
+        caller: Any = FakePeer()
+        direct = CallDag("f", True, ["f"], [b"\x80\x05]\x94."], direct=True)
+        assert await scheduler.handle(caller, direct, 7) is DEFERRED
+        accepted = await call(scheduler)  # a future's call: its result key hears
+        await trio.sleep(scheduler_service.RUN_TTL + 1)
+        for _ in range(scheduler_service.SWEEP_EVERY - 2):
+            await call(scheduler)
+        await trio.testing.wait_all_tasks_blocked()
+        (reply,) = caller.sent
+        assert isinstance(reply, DagResult) and reply.failed
+        with pytest.raises(TimeoutError, match="forgot"):
+            unwrap_result(reply.value)
+        kvs: Any = scheduler._kvs
+        (put,) = [m for m in kvs.sent if isinstance(m, KvsPut)]
+        assert put.key == accepted.result_key
+        with pytest.raises(TimeoutError, match="unfinished after"):
+            unwrap_result(decode_lattice(put.lattice, load=RAW).reveal())
         nursery.cancel_scope.cancel()

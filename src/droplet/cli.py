@@ -16,11 +16,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from .config import Config
 from .errors import DropletError
-from .transports.registry import normalize_address
 
 __all__ = ["main"]
 
@@ -40,16 +41,18 @@ def _home() -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .node._main import add_node_flags
+
     p = argparse.ArgumentParser(prog="droplet", description="Droplet command-line tools.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print Droplet's version and exit")
     sub = p.add_subparsers(dest="command", required=True)
-    start = sub.add_parser("start-local", help="start an all-in-one node in the background")
-    start.add_argument("--listen", default=DEFAULT_ADDRESS, metavar="URL")
-    start.add_argument("--executors", type=int, default=2, metavar="N")
-    start.add_argument("--data-dir", metavar="DIR",
-                       help="where the node keeps its store (default: "
-                       "$XDG_DATA_HOME/droplet/HOST-PORT; ':memory:' keeps nothing)")
-    start.add_argument("--fsync", choices=("always", "everysec", "no"),
-                       help="log fsync policy (default: always)")
+    start = sub.add_parser(
+        "start-local", help="start an all-in-one node in the background",
+        description="Start `python -m droplet.node` in the background; every flag but "
+        "--pid-file and --log-file is passed on to it.")
+    add_node_flags(start)
     start.add_argument("--pid-file", type=Path, default=None, metavar="FILE",
                        help="default: $DROPLET_HOME/node.pid (~/.droplet)")
     start.add_argument("--log-file", type=Path, default=None, metavar="FILE",
@@ -69,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: start-local's own flags, not the node's.
+_OWN = ("command", "pid_file", "log_file")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":
@@ -76,13 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return show_status(url, as_json=args.json, token=args.token, timeout=args.timeout)
     pid_file: Path = args.pid_file or _home() / "node.pid"
     if args.command == "start-local":
-        extra = []
-        if args.data_dir:
-            extra += ["--data-dir", args.data_dir]
-        if args.fsync:
-            extra += ["--fsync", args.fsync]
-        return start_local(args.listen, args.executors, pid_file,
-                           args.log_file or _home() / "node.log", extra)
+        flags = {k: v for k, v in vars(args).items() if k not in _OWN and v is not None}
+        return start_local(flags, pid_file, args.log_file or _home() / "node.log")
     return stop_local(pid_file)
 
 
@@ -93,6 +95,7 @@ def show_status(address: str, *, as_json: bool = False, token: str | None = None
 
     from .client.client import DropletConnection
     from .status import format_status
+    from .transports.registry import normalize_address
 
     try:
         url = normalize_address(address)
@@ -130,9 +133,40 @@ def _running_pid(pid_file: Path) -> int | None:
     return pid
 
 
-def start_local(listen: str, executors: int, pid_file: Path, log_file: Path,
-                extra: Sequence[str] = ()) -> int:
-    url = normalize_address(listen)
+def _node_command(flags: dict[str, Any]) -> list[str]:
+    """``python -m droplet.node`` with the given flags (the token travels in the environment)."""
+    cmd = [sys.executable, "-m", "droplet.node"]
+    for key, value in flags.items():
+        if key == "token":
+            continue
+        option = "--" + key.replace("_", "-")
+        if value is True:
+            cmd.append(option)
+        else:
+            cmd += [option, str(value)]
+    return cmd
+
+
+def start_local(flags: dict[str, Any], pid_file: Path, log_file: Path) -> int:
+    """Start an all-in-one node in the background; ``flags`` are its settings (as flags).
+
+    Invalid settings exit 2 before anything starts, as ``python -m droplet.node`` does.
+    """
+    flags = dict(flags)
+    flags.setdefault("listen", DEFAULT_ADDRESS)
+    if flags.get("config"):
+        flags["config"] = str(Path(flags["config"]).resolve())
+    node_flags = {k: v for k, v in flags.items() if k != "config"}
+    try:
+        config = Config.load(node_flags, flags.get("config"))
+        if config.role != "all":
+            raise ValueError(f"start-local runs the all-in-one node, not role {config.role!r}")
+        config.validate()
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"droplet start-local: {exc}", file=sys.stderr)
+        return 2
+    url = config.listen_url
+    flags["listen"] = url
     pid = _running_pid(pid_file)
     if pid is not None:
         print(f"a Droplet node is already running (pid {pid}, {pid_file}); "
@@ -140,12 +174,14 @@ def start_local(listen: str, executors: int, pid_file: Path, log_file: Path,
         return 1
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if config.token:
+        env["DROPLET_TOKEN"] = config.token  # never on the command line (visible in ps)
+    start_at = log_file.stat().st_size if log_file.exists() else 0
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "droplet.node", "--listen", url,
-             "--executors", str(executors), *extra],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            _node_command(flags), stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
     _started[proc.pid] = proc
     pid_file.write_text(f"{proc.pid}\n{url}\n")
@@ -153,18 +189,33 @@ def start_local(listen: str, executors: int, pid_file: Path, log_file: Path,
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pid_file.unlink(missing_ok=True)
-            print(f"the node exited with status {proc.returncode}; see {log_file}",
-                  file=sys.stderr)
+            last = _last_line(log_file, start_at)
+            print(f"the node exited with status {proc.returncode}"
+                  + (f": {last}" if last else "") + f" (see {log_file})", file=sys.stderr)
             return 1
-        if _answers(url) and _log_says_ready(log_file, proc.pid):
+        if _answers(url, config) and _log_says_ready(log_file, proc.pid):
             print(f"Droplet node running at {url} (pid {proc.pid}, log {log_file})")
             return 0
         time.sleep(0.1)
     proc.terminate()
     pid_file.unlink(missing_ok=True)
-    print(f"the node did not become ready within {START_TIMEOUT:g} s; see {log_file}",
+    last = _last_line(log_file, start_at)
+    print(f"the node did not become ready within {START_TIMEOUT:g} s"
+          + (f"; its last words: {last}" if last else "") + f" (see {log_file})",
           file=sys.stderr)
     return 1
+
+
+def _last_line(log_file: Path, start_at: int) -> str:
+    """The last non-empty line the node wrote to its log (from offset ``start_at``)."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(start_at)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _log_says_ready(log_file: Path, pid: int) -> bool:
@@ -175,11 +226,11 @@ def _log_says_ready(log_file: Path, pid: int) -> bool:
     return f"all[{pid}] INFO droplet.node: Droplet all node ready" in text
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, config: Config) -> bool:
     from .node import cluster_info
 
     try:
-        trio.run(cluster_info, url, os.environ.get("DROPLET_TOKEN") or None)
+        trio.run(cluster_info, url, config.token, 10.0, config.client_options())
     except (DropletError, OSError):
         return False
     return True

@@ -19,10 +19,11 @@ from typing import Any
 
 import trio
 
-from .client._portal import Portal
+from .client._portal import Portal, _describe
 from .client.aio import AsyncDropletClient, open_client
 from .client.client import DropletConnection
 from .config import IN_MEMORY, Config
+from .errors import ConnectionError
 from .node import Node, serve_node
 
 __all__ = ["LocalCluster", "open_local_cluster"]
@@ -142,9 +143,16 @@ class LocalCluster:
         """Stop every service and the background thread (idempotent)."""
         if self._portal.closed:
             return
-        for conn in self._connections:
-            conn.close()
-        self._portal.close()
+        try:
+            for conn in self._connections:
+                conn.close()
+        finally:
+            self._portal.close()
+        crash = self._portal.crash
+        if crash is not None:
+            raise ConnectionError(
+                f"the embedded cluster at {self.address} crashed: {_describe(crash)}"
+            ) from crash
 
     def __enter__(self) -> LocalCluster:
         return self

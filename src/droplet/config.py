@@ -46,6 +46,29 @@ def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
         raise ValueError(f"{attribute.name} must be positive, not {value!r}")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# TOML value checks by field annotation: (what to say, check).
+_KINDS: dict[str, tuple[str, Any]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str | None": ("a string", lambda v: isinstance(v, str)),
+    "int": ("an integer", lambda v: type(v) is int),
+    "float": ("a number", lambda v: type(v) in (int, float)),
+    "bool": ("true or false", lambda v: type(v) is bool),
+}
+
+
+_KEY_KINDS: dict[str, tuple[str, Any]] = {
+    "resources": ('NAME=COUNT pairs, a string ("gpu=1") or a table ({gpu = 1})',
+                  lambda v: isinstance(v, str | dict)),
+}
+
+
+def _log_level(_: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+
+
 def parse_resources(text: str | None) -> dict[str, int]:
     """An executor's resource labels, from ``--resources gpu=1,tpu=2``.
 
@@ -137,7 +160,7 @@ class Config:
     report_interval: float = attrs.field(default=1.0, validator=_positive)
     #: where to serve Prometheus metrics over HTTP (``tcp://127.0.0.1:9100``); None: off
     metrics_listen: str | None = attrs.field(default=None, validator=_url)
-    log_level: str = "INFO"
+    log_level: str = attrs.field(default="INFO", validator=_log_level)
 
     @property
     def listen_url(self) -> str:
@@ -176,28 +199,71 @@ class Config:
 
     @classmethod
     def from_toml(cls, path: str) -> dict[str, Any]:
-        """The settings in a TOML file; unknown keys are refused by name."""
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        """The settings in a TOML file; unknown keys and wrong types are refused by name."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ValueError(f"cannot read the configuration file {path}: "
+                             f"{exc.strerror or exc}") from None
         data = data.get("droplet", data)
-        known = {a.name for a in attrs.fields(cls)}
-        unknown = sorted(set(data) - known)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: [droplet] must be a table of settings")
+        kinds = {a.name: str(a.type) for a in attrs.fields(cls)}
+        unknown = sorted(set(data) - set(kinds))
         if unknown:
             raise ValueError(
                 f"{path}: unknown setting(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known))}")
+                f"known: {', '.join(sorted(kinds))}")
+        for key, value in data.items():
+            expected, check = _KEY_KINDS.get(key) or _KINDS[kinds[key]]
+            if not check(value):
+                raise ValueError(f"{path}: {key} must be {expected}, "
+                                 f"not {type(value).__name__} {value!r}")
         return dict(data)
 
     @classmethod
     def load(cls, flags: dict[str, Any], config_file: str | None = None,
              environ: dict[str, str] | None = None) -> Config:
-        """Merge the layers: file, then environment, then the flags the user gave."""
-        settings: dict[str, Any] = cls.from_toml(config_file) if config_file else {}
+        """Merge the layers: file, then environment, then the flags the user gave.
+
+        Raises:
+            ValueError: a setting is invalid; the message names the setting,
+                and the file when the value came from one.
+        """
+        from_file: dict[str, Any] = cls.from_toml(config_file) if config_file else {}
+        settings = dict(from_file)
         env = os.environ if environ is None else environ
         if env.get("DROPLET_TOKEN"):
             settings["token"] = env["DROPLET_TOKEN"]
         settings.update({k: v for k, v in flags.items() if v is not None})
-        return cls(**settings)
+        try:
+            return cls(**settings)
+        except (ValueError, TypeError) as exc:
+            # attrs validators put the readable message first, then internals.
+            message = str(exc.args[0]) if exc.args else str(exc)
+            culprit = next((k for k in settings if k in message), None)
+            if config_file and culprit is not None and settings[culprit] is from_file.get(
+                    culprit, object()):
+                message = f"{config_file}: {message}"
+            raise ValueError(message) from None
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work together, before anything starts.
+
+        Raises:
+            ValueError: naming the setting and the fix.
+        """
+        if self.role == "scheduler" and not self.kvs:
+            raise ValueError("--role scheduler needs --kvs URL (the storage node)")
+        if self.role == "executor" and not self.scheduler:
+            raise ValueError("--role executor needs --scheduler URL")
+        self.check_exposure()
+        self.server_options()  # loads the TLS certificate, if any: a bad one fails here
+        if self.tls_ca:
+            self.client_options()
 
     def check_exposure(self) -> None:
         """Refuse to listen beyond loopback without a token, unless --insecure."""
@@ -224,15 +290,24 @@ class Config:
         scheme = parse_address(self.listen_url)[0]
         if scheme in ("tls", "wss"):
             if not (self.tls_cert and self.tls_key):
-                raise ValueError(f"{self.listen_url} needs tls_cert and tls_key")
+                raise ValueError(f"{self.listen_url} needs --tls-cert FILE and --tls-key FILE "
+                                 "(tls_cert and tls_key in a configuration file)")
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            try:
+                ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load the TLS certificate {self.tls_cert} with the "
+                                 f"key {self.tls_key}: {exc}") from exc
         return TransportOptions(max_frame_size=self.max_frame_size,
                                 read_timeout=self.read_timeout, ssl_context=ctx)
 
     def client_options(self) -> TransportOptions:
         ctx = None
         if self.tls_ca:
-            ctx = ssl.create_default_context(cafile=self.tls_ca)
+            try:
+                ctx = ssl.create_default_context(cafile=self.tls_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"cannot load the CA bundle {self.tls_ca}: {exc}") from exc
         return TransportOptions(max_frame_size=self.max_frame_size,
                                 read_timeout=self.read_timeout, ssl_context=ctx)

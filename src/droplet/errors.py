@@ -27,7 +27,14 @@ __all__ = [
 
 
 class DropletError(Exception):
-    """Base class of every error Droplet raises on purpose."""
+    """Base class of every error Droplet raises on purpose.
+
+    Attributes:
+        remote_traceback: for an error a node reported (an internal error
+            there), the traceback text it sent; empty otherwise.
+    """
+
+    remote_traceback: str = ""
 
 
 class ConnectionError(DropletError, builtins.ConnectionError):  # noqa: A001

@@ -103,8 +103,9 @@ class Slot:
 
     def _finish(self) -> None:
         self.event.set()
-        if self.on_done is not None:
-            self.on_done()
+        callback, self.on_done = self.on_done, None  # holds e.g. a future: let it go
+        if callback is not None:
+            callback()
 
     def result(self) -> Any:
         """The reply; raises the request's error. Only valid once ``event`` is set."""
@@ -425,7 +426,11 @@ def error_from_reply(msg: ErrorReply, remote: str) -> DropletError:
     cls = getattr(errors, msg.kind, None)
     if not (isinstance(cls, type) and issubclass(cls, DropletError)) or cls is errors.FunctionError:
         cls = DropletError
-    return cls(msg.message)
+    if not msg.traceback:
+        return cls(msg.message)
+    error = cls(f"{msg.message}\n\nRemote traceback (on {remote}):\n{msg.traceback.rstrip()}")
+    error.remote_traceback = msg.traceback
+    return error
 
 
 # --------------------------------------------------------------------------- connecting
@@ -447,9 +452,13 @@ async def connect_peer(
         conn = await transport.connect(url, options)
         try:
             await _client_handshake(conn, url, token)
-        except BaseException:
+        except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
+            if isinstance(exc, ProtocolError):
+                raise ConnectionError(
+                    f"{url} does not speak Droplet's protocol ({exc}); is it another "
+                    "service, or a node of another scheme (ws://, tls://)?") from exc
             raise
     if scope.cancelled_caught:
         raise ConnectionError(
@@ -552,8 +561,12 @@ async def serve_peers(
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 if not await _server_handshake(conn, token):
                     return
-        except (trio.TooSlowError, trio.EndOfChannel, trio.BrokenResourceError,
-                trio.ClosedResourceError, ProtocolError) as exc:
+        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+            # Hung up before the handshake: a port probe or health check (connect,
+            # close), or a client that gave up. Nothing anyone needs to act on.
+            log.debug("%s closed the connection before the handshake", conn.remote_address)
+            return
+        except (trio.TooSlowError, ProtocolError) as exc:
             log.warning("dropped connection from %s during handshake: %s",
                         conn.remote_address, exc or type(exc).__name__)
             return

@@ -25,10 +25,11 @@ import ssl
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..errors import ConnectionError, DropletError, TimeoutError
+from ..errors import ConnectionError, DropletError, ProtocolError, TimeoutError
 from ..protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame
 from ..protocol.handshake import ClientHandshake
 from ..protocol.messages import (
@@ -41,6 +42,7 @@ from ..protocol.messages import (
     FunctionExists,
     GetStatus,
     Hello,
+    KvsForget,
     KvsGet,
     KvsPut,
     KvsValue,
@@ -54,13 +56,33 @@ from ..protocol.messages import encode as encode_message
 from ..rpc import error_from_reply
 from ..status import ClusterStatus
 from ..transports.registry import parse_address
-from ._core import ClientCore, check_key, result_blob, unwrap_result
+from ._core import ClientCore, check_key, check_timeout, result_blob, unwrap_result
+from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 
 __all__ = ["BlockingClient", "BlockingFuture", "BlockingPeer"]
 
 RECEIVE_SIZE = 256 * 1024
 #: A waiting follower re-checks for a missed leader handoff this often (seconds).
 HANDOFF_POLL = 0.05
+#: Seconds close() may spend telling the store which results it can drop.
+CLOSE_FLUSH_TIMEOUT = 1.0
+
+
+def _flush_releases(client_ref: weakref.ref[BlockingClient], stop: threading.Event) -> None:
+    """The flusher thread: sends queued result releases every FLUSH_DELAY seconds.
+
+    It holds the client only weakly, so a client nobody closed can still be
+    collected (and then stops this thread).
+    """
+    while not stop.wait(FLUSH_DELAY):
+        client = client_ref()
+        if client is None:
+            return
+        try:
+            client.flush_releases()
+        except Exception:  # the connection broke: calls will say so
+            pass
+        del client
 
 
 class _Slot:
@@ -74,7 +96,12 @@ class _Slot:
 
 
 class BlockingPeer:
-    """Requests and replies over one socket, usable from many threads at once."""
+    """Requests and replies over one socket, usable from many threads at once.
+
+    Every socket operation honours a deadline: the socket is non-blocking and
+    threads wait for it in ``select()``, so a node that accepts and never
+    answers, or stops reading, costs a caller its timeout and no more.
+    """
 
     def __init__(self, url: str, *, token: str | None, timeout: float,
                  ssl_context: ssl.SSLContext | None = None,
@@ -83,6 +110,7 @@ class BlockingPeer:
         if scheme not in ("tcp", "tls") or port is None:
             raise ValueError(f"the blocking client speaks tcp:// and tls://, not {url!r}")
         self.remote = url
+        deadline = time.monotonic() + timeout
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
@@ -92,11 +120,13 @@ class BlockingPeer:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if scheme == "tls":
             try:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
                 sock = (ssl_context or ssl.create_default_context()).wrap_socket(
                     sock, server_hostname=host)
             except (OSError, ssl.SSLError) as exc:
                 sock.close()
                 raise ConnectionError(f"TLS handshake with {url} failed: {exc}") from exc
+        sock.setblocking(False)  # every wait is a select() with the caller's deadline
         self._sock = sock
         self._decoder = FrameDecoder(max_frame_size)
         self._max = max_frame_size
@@ -107,92 +137,213 @@ class BlockingPeer:
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._failure: BaseException | None = None
+        # Threads using the socket right now; the last one out closes it once
+        # the peer is closing (closing a descriptor another thread is in
+        # select() on is undefined: it may even be reused for another file).
+        self._users = 0
+        self._closing = False
+        self._closed_fd = False
         try:
-            self._handshake(token, timeout)
+            self._handshake(token, timeout, deadline)
         except BaseException:
             self.close()
             raise
-        sock.settimeout(None)  # reads wait in select(), with the caller's deadline
 
-    def _handshake(self, token: str | None, timeout: float) -> None:
+    def _handshake(self, token: str | None, timeout: float, deadline: float) -> None:
         hs = ClientHandshake(self.remote, token)
-        deadline = time.monotonic() + timeout
-        self._sock.sendall(frame(encode_message(hs.on_challenge(self._next_message(deadline)))))
-        hs.on_result(self._next_message(deadline))
+        try:
+            response = hs.on_challenge(self._next_message(deadline))
+            if not self._send_all(frame(encode_message(response)), deadline):
+                raise TimeoutError("the node did not read the handshake")
+            hs.on_result(self._next_message(deadline))
+        except TimeoutError as exc:
+            raise ConnectionError(
+                f"no answer from a Droplet node at {self.remote} within {timeout:g} s; "
+                "is a Droplet node (of this scheme) running there? start one with "
+                "`python -m droplet.node`") from exc
+        except ProtocolError as exc:
+            raise ConnectionError(
+                f"{self.remote} does not speak Droplet's protocol ({exc}); is it another "
+                "service, or a node of another scheme (ws://, tls://)?") from exc
 
     def _next_message(self, deadline: float) -> Any:
         while (payload := self._decoder.next_frame()) is None:
-            self._fill(deadline)
+            if not self._fill(deadline):
+                raise TimeoutError(f"{self.remote} sent nothing in time")
         return decode_message(payload)[0]
 
+    # ------------------------------------------------------------------ socket use
+
+    def _enter(self) -> socket.socket:
+        with self._state:
+            if self._closing:
+                raise ConnectionError(
+                    f"connection to {self.remote} is closed"
+                    + (f": {self._failure}" if self._failure is not None else ""))
+            self._users += 1
+        return self._sock
+
+    def _exit(self) -> None:
+        with self._state:
+            self._users -= 1
+            close = self._closing and self._users == 0 and not self._closed_fd
+            if close:
+                self._closed_fd = True
+        if close:
+            self._sock.close()
+
     def _fill(self, deadline: float) -> bool:
-        """Read what the socket has into the decoder; False when the deadline passed."""
-        sock = self._sock
-        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
-        if not pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
-                return False
+        """Read what the socket has into the decoder; False when nothing came by the deadline.
+
+        A deadline already past still polls once, without waiting.
+        """
+        sock = self._enter()
         try:
-            data = sock.recv(RECEIVE_SIZE)
-        except ssl.SSLWantReadError:
-            return True
-        except OSError as exc:
-            raise ConnectionError(f"connection to {self.remote} broke: {exc}") from exc
-        if not data:
-            raise ConnectionError(f"{self.remote} closed the connection")
-        self._decoder.feed(data)
-        return True
+            while True:
+                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                    remaining = max(0.0, deadline - time.monotonic())
+                    if not select.select([sock], [], [], remaining)[0]:
+                        return False
+                try:
+                    data = sock.recv(RECEIVE_SIZE)
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    if time.monotonic() >= deadline:
+                        return False
+                    continue  # woken for nothing (or TLS bookkeeping): wait again
+                except OSError as exc:
+                    raise ConnectionError(f"connection to {self.remote} broke: {exc}") from exc
+                if not data:
+                    raise ConnectionError(f"{self.remote} closed the connection")
+                self._decoder.feed(data)
+                return True
+        finally:
+            self._exit()
+
+    def _send_all(self, data: bytes, deadline: float) -> bool:
+        """Write ``data`` by the deadline; False (nothing written) if the lock never came.
+
+        A write cut off midway leaves half a frame on the wire: the connection
+        is failed, and TimeoutError raised.
+        """
+        remaining = deadline - time.monotonic()
+        if not self._send_lock.acquire(timeout=max(0.0, remaining)):
+            return False
+        try:
+            sock = self._enter()
+            try:
+                view = memoryview(data)
+                sent = 0
+                while sent < len(view):
+                    try:
+                        sent += sock.send(view[sent:])
+                        continue
+                    except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                        pass
+                    except OSError as exc:
+                        raise ConnectionError(
+                            f"connection to {self.remote} broke: {exc}") from exc
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not select.select([], [sock], [], remaining)[1]:
+                        if sent == 0:
+                            return False
+                        error = TimeoutError(
+                            f"{self.remote} stopped reading: a request was cut off midway, "
+                            "so the connection is closed")
+                        self._fail(error)
+                        raise error
+                return True
+            finally:
+                self._exit()
+        finally:
+            self._send_lock.release()
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, *msgs: Any) -> list[_Slot]:
-        """Send requests in one write; each reply lands in its slot."""
+    def submit(self, *msgs: Any, timeout: float, oneway: Sequence[Any] = ()) -> list[_Slot]:
+        """Send requests in one write (after the one-way ``oneway`` messages).
+
+        Each reply lands in its slot. Raises TimeoutError when the write could
+        not be made within ``timeout`` seconds.
+        """
         if self._failure is not None:
             raise ConnectionError(f"connection to {self.remote} is closed: {self._failure}")
+        deadline = time.monotonic() + timeout
         slots = [_Slot() for _ in msgs]
         with self._state:
             ids = [next(self._ids) for _ in msgs]
             self._pending.update(zip(ids, slots, strict=True))
-        data = b"".join([frame(encode_message(m, i), self._max)
-                         for m, i in zip(msgs, ids, strict=True)])
+        frames = [frame(encode_message(m), self._max) for m in oneway]
+        frames += [frame(encode_message(m, i), self._max)
+                   for m, i in zip(msgs, ids, strict=True)]
         try:
-            with self._send_lock:
-                self._sock.sendall(data)
-        except OSError as exc:
-            failure = ConnectionError(f"connection to {self.remote} broke: {exc}")
-            self._fail(failure)
-            raise failure from exc
+            written = self._send_all(b"".join(frames), deadline)
+        except DropletError as exc:
+            self._fail(exc)
+            raise
+        if not written:
+            with self._state:
+                for i in ids:
+                    self._pending.pop(i, None)
+            raise TimeoutError(
+                f"could not send {type(msgs[0]).__name__ if msgs else 'a message'} to "
+                f"{self.remote} within {timeout:g} s: other requests fill the connection "
+                "and the node is not reading")
         return slots
+
+    def send(self, *msgs: Any, timeout: float) -> bool:
+        """Send one-way messages in one write; False if they could not be sent in time."""
+        if self._failure is not None or not msgs:
+            return False
+        try:
+            return self._send_all(
+                b"".join([frame(encode_message(m), self._max) for m in msgs]),
+                time.monotonic() + timeout)
+        except DropletError as exc:
+            self._fail(exc)
+            return False
 
     def wait(self, slot: _Slot, timeout: float, what: str) -> Any:
         """The reply in ``slot`` within ``timeout`` seconds (reading for others meanwhile)."""
         deadline = time.monotonic() + timeout
         while not slot.done:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{what} to {self.remote} got no reply in {timeout:g} s")
             if self._read_lock.acquire(blocking=False):
                 try:
                     self._lead(slot, deadline)
                 finally:
                     self._read_lock.release()
                     self._hand_off()
-            else:
+                if slot.done:
+                    break
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{what} to {self.remote} got no reply in {timeout:g} s")
+            with self._state:
+                if slot.done:
+                    break
+                self._waiting.add(slot)
+            try:
+                slot.wake.wait(min(HANDOFF_POLL, max(0.0, deadline - time.monotonic())))
+                slot.wake.clear()
+            finally:
                 with self._state:
-                    self._waiting.add(slot)
-                try:
-                    slot.wake.wait(min(HANDOFF_POLL, max(0.0, deadline - time.monotonic())))
-                    slot.wake.clear()
-                finally:
-                    with self._state:
-                        self._waiting.discard(slot)
+                    self._waiting.discard(slot)
         if slot.error is not None:
             raise slot.error
         return slot.value
 
+    def poll(self, slot: _Slot) -> bool:
+        """Read whatever has arrived, without waiting; whether ``slot`` is answered."""
+        if not slot.done and self._failure is None and self._read_lock.acquire(blocking=False):
+            try:
+                self._lead(slot, time.monotonic())
+            finally:
+                self._read_lock.release()
+                self._hand_off()
+        return slot.done
+
     def request(self, msg: Any, timeout: float) -> Any:
-        (slot,) = self.submit(msg)
-        return self.wait(slot, timeout, type(msg).__name__)
+        deadline = time.monotonic() + timeout
+        (slot,) = self.submit(msg, timeout=timeout)
+        return self.wait(slot, max(0.0, deadline - time.monotonic()), type(msg).__name__)
 
     def _lead(self, slot: _Slot, deadline: float) -> None:
         """Read and dispatch frames until ``slot`` is answered or the deadline passes."""
@@ -233,9 +384,11 @@ class BlockingPeer:
                     return
 
     def _fail(self, error: BaseException) -> None:
+        """Fail every pending request with ``error`` and close the connection."""
         with self._state:
             if self._failure is None:
                 self._failure = error
+            error = self._failure
             pending, self._pending = self._pending, {}
         for slot in pending.values():
             slot.error = error
@@ -244,51 +397,98 @@ class BlockingPeer:
         self.close()
 
     def close(self) -> None:
-        try:
+        """Close: wake every thread waiting on the socket; the last one out closes it."""
+        with self._state:
+            if self._failure is None:
+                self._failure = ConnectionError(f"connection to {self.remote} is closed")
+            first = not self._closing
+            self._closing = True
+            close_now = self._users == 0 and not self._closed_fd
+            if close_now:
+                self._closed_fd = True
+            pending, self._pending = self._pending, {}
+        for slot in pending.values():
+            slot.error = self._failure
+            slot.done = True
+            slot.wake.set()
+        if first and not close_now:
+            try:  # wakes select() in other threads (readable, at end of file)
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if close_now:
             self._sock.close()
-        except OSError:
-            pass
-        if self._failure is None:
-            self._failure = ConnectionError("closed")
 
 
 class BlockingFuture:
-    """A call's pending result; the read of it was sent with the call."""
+    """A call's pending result; the read of it was sent with the call.
 
-    def __init__(self, obj_id: str, client: BlockingClient, slot: _Slot, wait: float,
+    The result stays in the store while this future lives (or, once ``obj_id``
+    was handed out, until the connection closes): see ``_release.py``.
+    """
+
+    def __init__(self, key: str, client: BlockingClient, slot: _Slot, wait: float,
                  session: str | None) -> None:
-        self.obj_id = obj_id
+        self._key = key
         self._client = client
         self._slot = slot
         self._wait = wait
         self._session = session
         self._blob: bytes | None = None
+        self._pinned = False
+
+    @property
+    def obj_id(self) -> str:
+        """The KVS key of the result; handing it out keeps the result until close()."""
+        if not self._pinned:
+            self._pinned = True
+            self._client.releases.pin(self._key)
+        return self._key
+
+    def __del__(self) -> None:
+        if not self._pinned:
+            self._client.releases.release(self._key)
+
+    def _take_reply(self, remaining: float) -> None:
+        """Use the answered slot: the result, its error, or a new read if the wait ran out."""
+        slot = self._slot
+        if slot.error is not None:
+            raise slot.error
+        reply: KvsValue = slot.value
+        if reply.lattice is not None:
+            self._blob = result_blob(reply.lattice)
+        elif remaining > 0:  # the store's wait ran out first: wait there again
+            (self._slot,) = self._client.kvs.submit(KvsGet(self._key, remaining),
+                                                    timeout=remaining)
 
     def get(self, timeout: float | None = None) -> Any:
-        wait = self._wait if timeout is None else timeout
+        wait = check_timeout(timeout, self._wait)
         deadline = time.monotonic() + wait
         while self._blob is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"no result for {self.obj_id} within {wait:g} s "
-                    "(pass a larger timeout to get() if the function is slow)")
+            remaining = max(0.0, deadline - time.monotonic())
             try:
-                reply: KvsValue = self._client.kvs.wait(self._slot, remaining, "result")
+                self._client.kvs.wait(self._slot, remaining, "result")
             except TimeoutError:
-                continue
-            if reply.lattice is not None:
-                self._blob = result_blob(reply.lattice)
-            else:  # the store's wait ran out first: wait there again
-                (self._slot,) = self._client.kvs.submit(KvsGet(self.obj_id, remaining))
+                raise TimeoutError(
+                    f"no result for {self._key} within {wait:g} s "
+                    "(pass a larger timeout to get() if the function is slow)") from None
+            self._take_reply(max(0.0, deadline - time.monotonic()))
+            if self._blob is None and deadline <= time.monotonic():
+                raise TimeoutError(
+                    f"no result for {self._key} within {wait:g} s "
+                    "(pass a larger timeout to get() if the function is slow)")
         return self._client.core.finish(unwrap_result(self._blob), self._session)
 
     def done(self) -> bool:
-        if self._blob is None and self._slot.done and self._slot.error is None:
-            reply: KvsValue = self._slot.value
-            if reply.lattice is not None:
-                self._blob = result_blob(reply.lattice)
-        return self._blob is not None or self._slot.error is not None
+        """Whether the result (or an error) is in; reads what arrived, never waits."""
+        if self._blob is not None:
+            return True
+        if not self._client.kvs.poll(self._slot):
+            return False
+        if self._slot.error is not None:
+            return True
+        self._take_reply(self._wait)
+        return self._blob is not None
 
 
 class BlockingClient:
@@ -300,6 +500,7 @@ class BlockingClient:
         token = token if token is not None else os.environ.get("DROPLET_TOKEN") or None
         self.timeout = timeout
         self.core = ClientCore()
+        self.releases = Releases()
 
         def dial(address: str) -> BlockingPeer:
             return BlockingPeer(address, token=token, timeout=timeout,
@@ -313,10 +514,43 @@ class BlockingClient:
         except BaseException:
             self.scheduler.close()
             raise
+        self._stop_flusher = threading.Event()
+        flusher = threading.Thread(target=_flush_releases,
+                                   args=(weakref.ref(self), self._stop_flusher),
+                                   name="droplet-client-releases", daemon=True)
+        flusher.start()
+        self._flusher = flusher
 
     def close(self) -> None:
-        self.scheduler.close()
-        self.kvs.close()
+        self._stop_flusher.set()
+        if self._flusher is not threading.current_thread():
+            self._flusher.join()
+        try:
+            keys = self.releases.take_all()
+            for start in range(0, len(keys), MAX_BATCH):
+                self.kvs.send(KvsForget(keys[start:start + MAX_BATCH]),
+                              timeout=CLOSE_FLUSH_TIMEOUT)
+        finally:
+            self.scheduler.close()
+            self.kvs.close()
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop_flusher", None)
+        if stop is not None:
+            stop.set()
+
+    def _releases_due(self) -> list[Any]:
+        """A KvsForget of the queued releases, to ride along with the next write."""
+        if not len(self.releases):
+            return []
+        return [KvsForget(self.releases.take())]
+
+    def flush_releases(self) -> None:
+        """Tell the store about collected futures now (the flusher does it on a timer)."""
+        while len(self.releases):
+            keys = self.releases.take()
+            if not self.kvs.send(KvsForget(keys), timeout=self.timeout):
+                return
 
     # functions
     def register(self, function: Callable[..., Any] | tuple[type, Sequence[Any]],
@@ -337,14 +571,22 @@ class BlockingClient:
     def _submit(self, call: CallDag, wait: float) -> BlockingFuture:
         assert call.result_key is not None
         fetch = KvsGet(call.result_key, wait)
+        deadline = time.monotonic() + self.timeout
         if self.kvs is self.scheduler:  # one node: call and result read in one write
-            call_slot, fetch_slot = self.scheduler.submit(call, fetch)
+            call_slot, fetch_slot = self.scheduler.submit(
+                call, fetch, timeout=self.timeout, oneway=self._releases_due())
         else:
-            (call_slot,) = self.scheduler.submit(call)
-            (fetch_slot,) = self.kvs.submit(fetch)
-        self.scheduler.wait(call_slot, self.timeout, "CallDag")
-        return BlockingFuture(call.result_key, self, fetch_slot, wait,
-                              ClientCore.session_of(call))
+            (call_slot,) = self.scheduler.submit(call, timeout=self.timeout)
+            (fetch_slot,) = self.kvs.submit(fetch, timeout=self.timeout,
+                                            oneway=self._releases_due())
+        future = BlockingFuture(call.result_key, self, fetch_slot, wait,
+                                ClientCore.session_of(call))
+        try:
+            self.scheduler.wait(call_slot, max(0.0, deadline - time.monotonic()), "CallDag")
+        except BaseException:
+            future._pinned = True  # refused: no result will be stored, nothing to release
+            raise
+        return future
 
     # DAGs
     def register_dag(self, name: str, functions: Sequence[Any], connections: Any,
@@ -386,9 +628,11 @@ class BlockingClient:
 
     def fetch_many(self, keys: builtins.list[str]) -> builtins.list[bytes | None]:
         """The stored encodings of ``keys``: all reads in one write."""
-        slots = self.kvs.submit(*[KvsGet(k) for k in keys])
+        deadline = time.monotonic() + self.timeout
+        slots = self.kvs.submit(*[KvsGet(k) for k in keys], timeout=self.timeout)
         replies: builtins.list[KvsValue] = [
-            self.kvs.wait(slot, self.timeout, "KvsGet") for slot in slots]
+            self.kvs.wait(slot, max(0.0, deadline - time.monotonic()), "KvsGet")
+            for slot in slots]
         return [r.lattice for r in replies]
 
     def store(self, key: str, data: bytes) -> None:

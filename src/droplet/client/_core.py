@@ -9,6 +9,7 @@ unwrapping results) live here once.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -19,11 +20,15 @@ from ..kvs.keys import RESULT_PREFIX
 from ..lattices import RAW, decode_lattice, encode_lattice
 from ..protocol.messages import CallDag, KvsPut, KvsValue, RegisterDag, RegisterFunction
 from ..protocol.messages import encode as encode_message
+from ..registration import Registration, source_of
 from ..scheduler.dags import check_dag_arguments
 from ..serialization import dumps, dumps_code, loads
 
-__all__ = ["ClientCore", "result_blob", "unwrap_result"]
+__all__ = ["ClientCore", "check_timeout", "result_blob", "unwrap_result"]
 
+
+#: CAUSAL sessions (client_ids) one client keeps contexts for.
+MAX_SESSIONS = 10_000
 
 def unwrap_result(blob: bytes) -> Any:
     """A stored result value, raising the error if the call failed."""
@@ -53,6 +58,15 @@ def new_result_key() -> str:
     return f"{RESULT_PREFIX}{uuid.uuid4().hex}"
 
 
+def check_timeout(timeout: float | None, default: float) -> float:
+    """``timeout`` as seconds to wait (``default`` when None); a negative one is a ValueError."""
+    if timeout is None:
+        return default
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
+    return float(timeout)
+
+
 def check_key(key: Any) -> str:
     if not isinstance(key, str) or not key:
         raise TypeError(f"key must be a non-empty string, not {key!r}")
@@ -62,9 +76,15 @@ def check_key(key: Any) -> str:
 class ClientCore:
     """A client's state (CAUSAL sessions) and its request/reply rules."""
 
-    def __init__(self) -> None:
-        #: CAUSAL sessions by client_id: what each session has read and written.
-        self.sessions: dict[str, CausalContext] = {}
+    def __init__(self, max_sessions: int = MAX_SESSIONS) -> None:
+        #: CAUSAL sessions by client_id: what each session has read and written,
+        #: least recently used first; at most ``max_sessions`` are kept.
+        self.sessions: OrderedDict[str, CausalContext] = OrderedDict()
+        self.max_sessions = max_sessions
+        #: Whether a session was ever forgotten: from then on a session this
+        #: client does not know may be one it forgot, so it starts truncated
+        #: (reads go to the store until they are known again) to keep its guarantees.
+        self.forgot_sessions = False
 
     @staticmethod
     def register_request(function: Callable[..., Any] | tuple[type, Sequence[Any]],
@@ -88,9 +108,14 @@ class ClientCore:
             raise RegistrationError(
                 f"register({name!r}): {type(function).__name__} is not callable")
         try:
-            return RegisterFunction(name, dumps_code(function))
+            # The source rides along, so tracebacks on the executor show the user's lines.
+            code = dumps_code(Registration(function, source_of(function)))
         except TypeError as exc:
-            raise RegistrationError(f"register({name!r}): {exc}") from exc
+            what = type(function[0] if isinstance(function, tuple) else function).__name__
+            raise RegistrationError(
+                f"register({name!r}): cannot serialize the {what}: "
+                f"{str(exc).split(': ', 1)[-1]}") from exc
+        return RegisterFunction(name, code)
 
     @staticmethod
     def function_call(name: str, args: Iterable[Any]) -> CallDag:
@@ -148,8 +173,13 @@ class ClientCore:
             raise DagError(f"call_dag({name!r}): {exc}") from None
         blobs = [dumps(a if isinstance(a, list) else [a]) for a in arg_map.values()]
         causal = None
-        if consistency == CAUSAL and client_id is not None and client_id in self.sessions:
-            causal = self.sessions[client_id].encode()
+        if consistency == CAUSAL and client_id is not None:
+            session = self.sessions.get(client_id)
+            if session is not None:
+                self.sessions.move_to_end(client_id)
+                causal = session.encode()
+            elif self.forgot_sessions:
+                causal = CausalContext(truncated=True).encode()
         return CallDag(name, False, list(arg_map), blobs, str(consistency), output_key,
                        client_id, bool(direct_response), timeout,
                        None if direct_response else new_result_key(), causal, follow)
@@ -163,8 +193,12 @@ class ClientCore:
         if isinstance(value, SessionResult):
             if session is not None:
                 seen = CausalContext.decode(value.causal)
-                old = self.sessions.get(session)
-                self.sessions[session] = seen if old is None else old.merge(seen)
+                sessions = self.sessions
+                old = sessions.pop(session, None)
+                sessions[session] = seen if old is None else old.merge(seen)
+                if len(sessions) > self.max_sessions:
+                    sessions.popitem(last=False)
+                    self.forgot_sessions = True
             return value.value
         return value
 

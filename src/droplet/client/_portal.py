@@ -19,9 +19,20 @@ __all__ = ["Portal"]
 
 T = TypeVar("T")
 
+#: Seconds a call waits for a stopping loop to record why it stopped.
+STOP_GRACE = 5.0
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for what crashed a loop: the innermost single exception of any groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
 
 class Portal:
     def __init__(self, name: str = "droplet-portal") -> None:
+        self._name = name
         self._ready = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
@@ -36,9 +47,26 @@ class Portal:
     def _main(self) -> None:
         try:
             trio.run(self._serve)
-        except BaseException as exc:  # pragma: no cover - only if trio itself fails
+        except BaseException as exc:  # a background task crashed (or trio itself failed)
             self._error = exc
             self._ready.set()
+
+    @property
+    def crash(self) -> BaseException | None:
+        """What stopped the loop before close(), if anything did."""
+        return self._error
+
+    def _stopped(self, exc: BaseException) -> ConnectionError:
+        """The error for a call into a loop that is gone: what stopped it, as the cause."""
+        self._thread.join(STOP_GRACE)  # the loop is ending: let it record why
+        crash = self._error
+        if crash is None:
+            error = ConnectionError(f"{self._name}: its event loop has stopped")
+        else:
+            error = ConnectionError(
+                f"{self._name}: its event loop stopped after an internal error "
+                f"({_describe(crash)}); start a new one")
+        return error
 
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -56,7 +84,12 @@ class Portal:
         """Run ``await afn(*args)`` in the portal's loop and return its result."""
         if self.closed:
             raise ConnectionError("this Droplet connection is closed")
-        return trio.from_thread.run(afn, *args, trio_token=self._token)
+        try:
+            return trio.from_thread.run(afn, *args, trio_token=self._token)
+        except (trio.RunFinishedError, trio.Cancelled) as exc:
+            # Calls run in the loop's system nursery, cancelled only when the loop ends.
+            error = self._stopped(exc)
+            raise error from self._error or exc
 
     def close(self) -> None:
         """Cancel everything in the loop and join the thread (idempotent)."""

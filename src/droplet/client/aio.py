@@ -34,6 +34,7 @@ from ..protocol.messages import (
     FunctionExists,
     GetStatus,
     Hello,
+    KvsForget,
     KvsGet,
     KvsPut,
     KvsValue,
@@ -46,7 +47,8 @@ from ..rpc import Peer, Slot, connect_peer
 from ..status import ClusterStatus
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address
-from ._core import ClientCore, check_key, result_blob, unwrap_result
+from ._core import ClientCore, check_key, check_timeout, result_blob, unwrap_result
+from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 from .kvs_client import AsyncKvsClient
 
 __all__ = [
@@ -61,6 +63,8 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 30.0
+#: Seconds aclose() may spend telling the store which results it can drop.
+CLOSE_FLUSH_TIMEOUT = 1.0
 
 
 class AsyncDropletFuture:
@@ -72,7 +76,8 @@ class AsyncDropletFuture:
 
     def __init__(self, obj_id: str, client: AsyncDropletClient, timeout: float,
                  session: str | None = None) -> None:
-        self.obj_id = obj_id
+        self._key = obj_id
+        self._pinned = False
         self._client = client
         self._session = session
         self._timeout = timeout
@@ -83,9 +88,24 @@ class AsyncDropletFuture:
         self.arrived_threadsafe = threading.Event()
         self._fetching = False
 
+    @property
+    def obj_id(self) -> str:
+        """The KVS key of the result; handing it out keeps the result until the client closes.
+
+        Otherwise the result is released when this future is garbage-collected.
+        """
+        if not self._pinned:
+            self._pinned = True
+            self._client._releases.pin(self._key)
+        return self._key
+
+    def __del__(self) -> None:
+        if not self._pinned:
+            self._client._releases.release(self._key)
+
     def fetch_request(self) -> KvsGet:
         """The read of the result: it waits in the KVS up to the call's timeout."""
-        return KvsGet(self.obj_id, self._timeout)
+        return KvsGet(self._key, self._timeout)
 
     def _watch(self, slot: Slot) -> None:
         # The reply may already be in: submit() yields after sending.
@@ -119,7 +139,7 @@ class AsyncDropletFuture:
         if self._error is not None:
             raise self._error
         raise TimeoutError(
-            f"no result for {self.obj_id} yet "
+            f"no result for {self._key} yet "
             "(pass a larger timeout to get() if the function is slow)")
 
     async def get(self, timeout: float | None = None) -> Any:
@@ -129,7 +149,7 @@ class AsyncDropletFuture:
             FunctionError: the function (or one upstream of it) raised.
             TimeoutError: no result within the timeout.
         """
-        wait = self._timeout if timeout is None else timeout
+        wait = check_timeout(timeout, self._timeout)
         if self._blob is None and self._error is None:
             if not self._fetching:  # the first wait expired; wait again
                 self._arrived = trio.Event()
@@ -139,7 +159,7 @@ class AsyncDropletFuture:
                 await self._arrived.wait()
             if self._blob is None and self._error is None:
                 raise TimeoutError(
-                    f"no result for {self.obj_id} within {wait:g} s "
+                    f"no result for {self._key} within {wait:g} s "
                     "(pass a larger timeout to get() if the function is slow)")
         return self.result_ready()
 
@@ -152,7 +172,7 @@ class AsyncDropletFuture:
         return self.get().__await__()
 
     def __repr__(self) -> str:
-        return f"<AsyncDropletFuture {self.obj_id}>"
+        return f"<AsyncDropletFuture {self._key}>"
 
 
 class AsyncDropletFunction:
@@ -184,6 +204,12 @@ class AsyncDropletClient:
         self._kvs = kvs
         self.address = address
         self.timeout = timeout
+        self._releases = Releases()
+        self._flush_wanted = trio.Event()
+        self._flush_scheduled = False
+        self._token = trio.lowlevel.current_trio_token()
+        self._releases.on_release = self._schedule_flush
+        nursery.start_soon(self._flush_releases)
         #: Anna-style access to the KVS: ``await kvs_client.get(keys)``, ``.put(key, lattice)``.
         self.kvs_client = AsyncKvsClient(self._fetch_many, self._store)
 
@@ -233,8 +259,47 @@ class AsyncDropletClient:
         return cls(scheduler, kvs, url, timeout, nursery)
 
     async def aclose(self) -> None:
+        keys = self._releases.take_all()
+        if keys and not self._kvs.closed:
+            with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
+                try:
+                    await self._kvs.send_many([KvsForget(keys[i:i + MAX_BATCH])
+                                               for i in range(0, len(keys), MAX_BATCH)])
+                except DropletError:
+                    pass  # the store went away: nothing to release
+        self._releases.on_release = None
+        self._flush_wanted.set()  # lets the flusher see the client closed
         await self._scheduler.aclose()
         await self._kvs.aclose()
+
+    # ------------------------------------------------------------------ result lifetimes
+
+    def _schedule_flush(self) -> None:
+        """A future was collected (any thread, maybe inside a finalizer): wake the flusher."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                self._token.run_sync_soon(self._wake_flusher)
+            except trio.RunFinishedError:
+                pass
+
+    def _wake_flusher(self) -> None:
+        self._flush_wanted.set()  # in the loop: whichever event the flusher waits on now
+
+    async def _flush_releases(self) -> None:
+        """Tell the store which results nobody can read any more, in batches."""
+        while not self._kvs.closed:
+            await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            if self._kvs.closed or self._releases.on_release is None:
+                return
+            await trio.sleep(FLUSH_DELAY)  # gather a batch
+            self._flush_scheduled = False  # before taking: a later release wakes us again
+            while len(self._releases) and not self._kvs.closed:
+                try:
+                    await self._kvs.send(KvsForget(self._releases.take()))
+                except DropletError:
+                    return
 
     async def __aenter__(self) -> AsyncDropletClient:
         return self
@@ -270,7 +335,11 @@ class AsyncDropletClient:
             (call_slot,) = await self._scheduler.submit(call)
             (fetch_slot,) = await self._kvs.submit(future.fetch_request())
         future._watch(fetch_slot)
-        await self._scheduler.wait(call_slot, self.timeout, "CallDag")
+        try:
+            await self._scheduler.wait(call_slot, self.timeout, "CallDag")
+        except BaseException:
+            future._pinned = True  # refused: no result will be stored, nothing to release
+            raise
         return future
 
     # ------------------------------------------------------------------ DAGs

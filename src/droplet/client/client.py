@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import builtins
 import ssl
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ..errors import DagError, TimeoutError
+import trio
+
+from ..errors import ConnectionError, DagError, TimeoutError
 from ..protocol.messages import CallDag
 from ..status import ClusterStatus
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address, parse_address
 from ._blocking import BlockingClient
+from ._core import check_timeout
 from ._portal import Portal
 from .aio import (
     CAUSAL,
@@ -40,12 +44,18 @@ from .aio import (
 )
 from .kvs_client import KvsClient
 
+#: While waiting for a result, check this often (seconds) that the loop still runs.
+CRASH_POLL = 0.5
+
 __all__ = ["CAUSAL", "NORMAL", "REPEATABLE_READ", "DropletConnection", "DropletFunction",
            "DropletFuture"]
 
 
 class _Future(Protocol):
-    obj_id: str
+    _key: str  # obj_id without pinning the result
+
+    @property
+    def obj_id(self) -> str: ...
 
     def get(self, timeout: float | None = None) -> Any: ...
 
@@ -60,6 +70,12 @@ class DropletFuture:
 
     @property
     def obj_id(self) -> str:
+        """The KVS key of the result.
+
+        The result stays in the store while this future lives; once you read
+        ``obj_id`` (to hand the key to ``get_object`` or a
+        :class:`~droplet.DropletReference`), it stays until the connection closes.
+        """
         return self._inner.obj_id
 
     def get(self, timeout: float | None = None) -> Any:
@@ -76,7 +92,7 @@ class DropletFuture:
         return self._inner.done()
 
     def __repr__(self) -> str:
-        return f"<DropletFuture {self.obj_id}>"
+        return f"<DropletFuture {self._inner._key}>"
 
 
 class DropletFunction:
@@ -99,20 +115,37 @@ class _PortalFuture:
     def __init__(self, inner: AsyncDropletFuture, portal: Portal) -> None:
         self._inner = inner
         self._portal = portal
-        self.obj_id = inner.obj_id
+        self._key = inner._key
+
+    @property
+    def obj_id(self) -> str:
+        return self._inner.obj_id
 
     def get(self, timeout: float | None = None) -> Any:
         inner = self._inner
-        wait = inner._timeout if timeout is None else timeout
+        wait = check_timeout(timeout, inner._timeout)
+        deadline = time.monotonic() + wait
         # Wait here for the read the client sent with the call, not in the loop's thread.
-        if inner.arrived_threadsafe.wait(wait):
+        if self._wait_arrival(deadline):
             try:
                 return inner.result_ready()
             except TimeoutError:
-                pass  # the store's own wait expired: let the loop read again
-            return self._portal.run(inner.get, timeout)
-        raise TimeoutError(f"no result for {self.obj_id} within {wait:g} s "
+                pass  # the store's own wait expired: let the loop read again, in what is left
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                return self._portal.run(inner.get, remaining)
+        raise TimeoutError(f"no result for {inner._key} within {wait:g} s "
                            "(pass a larger timeout to get() if the function is slow)")
+
+    def _wait_arrival(self, deadline: float) -> bool:
+        """Wait for the result's arrival until ``deadline``; a stopped loop raises."""
+        arrived = self._inner.arrived_threadsafe
+        while not arrived.wait(min(CRASH_POLL, max(0.0, deadline - time.monotonic()))):
+            if self._portal.crash is not None:
+                self._portal.run(trio.lowlevel.checkpoint)  # raises what stopped the loop
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     def done(self) -> bool:
         return self._portal.run(self._inner.done)
@@ -249,6 +282,11 @@ class DropletConnection:
         self._closed = True
         try:
             self._backend.close()
+        except ConnectionError:
+            # Its event loop is gone (the cluster or client crashed): nothing is
+            # left to close gracefully, and calls already said why.
+            if self._portal is None or self._portal.crash is None:
+                raise
         finally:
             if self._owns_portal and self._portal is not None:
                 self._portal.close()
@@ -261,8 +299,6 @@ class DropletConnection:
 
     def _live(self) -> Any:
         if self._closed:
-            from ..errors import ConnectionError
-
             raise ConnectionError("this Droplet connection is closed")
         return self._backend
 

@@ -12,6 +12,7 @@ from ..errors import RegistrationError
 from ..kvs.keys import function_key
 from ..lattices import RAW, decode_lattice
 from ..protocol.messages import KvsGet, KvsValue
+from ..registration import install
 from ..rpc import Peer
 
 __all__ = ["FunctionLoader", "Loaded"]
@@ -66,7 +67,7 @@ class FunctionLoader:
         if reply.lattice is None:
             raise RegistrationError(f"function {name!r} is not registered")
         code = decode_lattice(reply.lattice, load=RAW).reveal()
-        obj = pickle.loads(code)
+        obj = install(pickle.loads(code))  # files shipped source for tracebacks
         if isinstance(obj, tuple) and not (
             len(obj) == 2 and isinstance(obj[0], type) and hasattr(obj[0], "run")
         ):

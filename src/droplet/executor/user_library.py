@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -118,7 +119,9 @@ class UserLibrary:
         self._executor = executor
         self._id = invocation_id
         self._run = run
-        self._mailbox: list[tuple[str, Any]] = []
+        # A deque: the loop thread appends while a worker thread pops, each
+        # step atomic, so no message slips between a read and a swap.
+        self._mailbox: deque[tuple[str, Any]] = deque()
         #: messages dropped because the mailbox was full.
         self.dropped = 0
 
@@ -175,8 +178,13 @@ class UserLibrary:
 
     def recv(self) -> list[tuple[str, Any]]:
         """Messages received so far (and not yet returned): ``[(sender_id, object)]``."""
-        messages, self._mailbox = self._mailbox, []
-        return messages
+        box = self._mailbox
+        messages: list[tuple[str, Any]] = []
+        while True:
+            try:
+                messages.append(box.popleft())
+            except IndexError:
+                return messages
 
     # ---------------------------------------------------------------- async API
     async def aget(self, key: str | DropletReference | list[str | DropletReference],
@@ -219,6 +227,10 @@ class UserLibrary:
         try:
             trio.lowlevel.current_trio_token()
         except RuntimeError:
+            in_loop = False
+        else:
+            in_loop = True
+        if not in_loop:  # outside the except block: errors chain no "not in async context"
             return trio.from_thread.run(afn, *args, trio_token=self._executor.trio_token)
         raise RuntimeError(
             f"{afn.__name__[1:]}() needs I/O here; in an async function use "

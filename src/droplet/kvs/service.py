@@ -25,6 +25,7 @@ import trio
 
 from ..errors import DropletError, ProtocolError, StorageError
 from ..protocol.messages import (
+    KvsForget,
     KvsGet,
     KvsPut,
     KvsRelease,
@@ -45,10 +46,15 @@ log = logging.getLogger("droplet.kvs")
 MAX_WAIT = 3600.0
 #: Pinned versions of runs whose release never came (a lost scheduler) expire.
 PIN_TTL = 600.0
-#: How long call results stay readable (futures read them at once; ``get_object``
-#: of a future's ``obj_id`` works until then). ``output_key`` copies stay.
+#: The backstop for call results nobody released: a client releases a result
+#: (KvsForget) once its future is collected, or, when it handed out the
+#: ``obj_id``, when it closes; a client that vanishes leaves its results for
+#: this long. ``output_key`` copies stay.
 DEFAULT_RESULT_TTL = 600.0
 PIN_SWEEP_EVERY = 1000
+#: Releases of results not stored yet that the store remembers at most (oldest
+#: go first: such a result then lives until result_ttl, as if never released).
+MAX_EARLY_RELEASES = 100_000
 #: Keys one connection may subscribe to (an executor's cache unsubscribes what it evicts).
 MAX_SUBSCRIPTIONS_PER_PEER = 200_000
 
@@ -68,6 +74,8 @@ class KvsStatistics:
     waited_keys: int = 0
     #: call results tracked for expiry.
     results: int = 0
+    #: releases of results not stored yet (each forgotten after result_ttl).
+    early_releases: int = 0
 
 
 @attrs.frozen
@@ -111,7 +119,7 @@ def _bounded_wait(wait: float | None) -> float:
 class KvsService:
     """Serves KVS messages; plug ``handle`` into a node's router."""
 
-    MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe, KvsRelease)
+    MESSAGES = (KvsGet, KvsPut, KvsUnsubscribe, KvsRelease, KvsForget)
 
     def __init__(self, nursery: trio.Nursery, backend: StorageBackend | None = None, *,
                  result_ttl: float = DEFAULT_RESULT_TTL) -> None:
@@ -119,6 +127,8 @@ class KvsService:
         self.result_ttl = result_ttl
         # Call results by expiry time (one TTL for all, so insertion order is expiry order).
         self._results: OrderedDict[str, float] = OrderedDict()
+        # Results released before they were stored, by expiry time: dropped on arrival.
+        self._forgotten: OrderedDict[str, float] = OrderedDict()
         self._nursery = nursery
         self._waiters: dict[str, list[_Waiter]] = {}
         self._subscribers: defaultdict[str, set[Peer]] = defaultdict(set)
@@ -156,6 +166,7 @@ class KvsService:
             waiting_reads=sum(len(w) for w in self._waiters.values()),
             waited_keys=len(self._waiters),
             results=len(self._results),
+            early_releases=len(self._forgotten),
         )
 
     async def _read(self, key: str) -> bytes | None:
@@ -175,6 +186,9 @@ class KvsService:
             return None
         if kind is KvsRelease:
             self._pins.pop(msg.run_id, None)
+            return None
+        if kind is KvsForget:
+            await self._forget(msg.keys)
             return None
         raise ProtocolError(f"the store does not serve {kind.__name__} messages")
 
@@ -313,20 +327,57 @@ class KvsService:
             else:
                 # Merged now, in order; answered once safe, by _send_acks: this
                 # connection's next puts join the same log write meanwhile.
-                if is_result_key(msg.key):
-                    await self._expire_results(msg.key)
+                await self._note_result(msg.key)
                 if msg.subscribe:
                     self._subscribe(peer, msg.key)
                 self._acks.append(_Ack(ticket, peer, request_id, msg.key, type_name, changed))
                 self._acks_waiting.set()
                 return DEFERRED
-        if is_result_key(msg.key):
-            await self._expire_results(msg.key)
+        await self._note_result(msg.key)
         if msg.subscribe:
             self._subscribe(peer, msg.key)
         if changed is not None:
             await self._notify(msg.key, changed, putter=peer)
         return KvsStored(type_name)
+
+    async def _note_result(self, key: str) -> None:
+        """Track a stored call result; one whose release came first is dropped at once.
+
+        (Its waiting reads are still answered, from the put itself.)
+        """
+        if not is_result_key(key):
+            return
+        if self._forgotten.pop(key, None) is not None:
+            self._results.pop(key, None)
+            await self._delete(key)
+        else:
+            await self._expire_results(key)
+
+    async def _delete(self, key: str) -> bool:
+        try:
+            return self.backend.delete_nowait(key)
+        except trio.WouldBlock:
+            return await self.backend.delete(key)
+
+    async def _forget(self, keys: list[str]) -> None:
+        """Delete released call results; remember those not stored yet (until the TTL)."""
+        now = trio.current_time()
+        forgotten = self._forgotten
+        for key in keys:
+            if not is_result_key(key):
+                continue  # clients release call results only, never users' keys
+            if await self._delete(key):
+                self._results.pop(key, None)
+            else:
+                forgotten[key] = now + self.result_ttl
+                forgotten.move_to_end(key)
+        while len(forgotten) > MAX_EARLY_RELEASES:  # a bound, whatever peers send
+            forgotten.popitem(last=False)
+        while forgotten:
+            key, expiry = next(iter(forgotten.items()))
+            if expiry > now:
+                break
+            del forgotten[key]
 
     async def _send_acks(self) -> None:
         """Answer puts (and tell waiters and subscribers) as the backend makes them safe."""
@@ -396,10 +447,7 @@ class KvsService:
             if expiry > now:
                 break
             del results[key]
-            try:
-                self.backend.delete_nowait(key)
-            except trio.WouldBlock:
-                await self.backend.delete(key)
+            await self._delete(key)
 
     async def _push(self, putter: Peer | None, sub: Peer, update: KvsUpdate) -> None:
         try:

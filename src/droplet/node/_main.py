@@ -17,7 +17,7 @@ from ..config import FSYNC_POLICIES, ROLES, Config
 from ..errors import DropletError
 from ..scheduler.placement import POLICIES
 
-__all__ = ["build_parser", "main"]
+__all__ = ["add_node_flags", "build_parser", "main"]
 
 log = logging.getLogger("droplet.node")
 
@@ -54,13 +54,22 @@ def watch_parent() -> threading.Thread:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__  # here: droplet/__init__ imports this module
     p = argparse.ArgumentParser(
         prog="python -m droplet.node",
         description="Run a Droplet node. With no flags: storage, scheduler and two "
-        "executor workers on tcp://127.0.0.1:5000.",
+        "executor worker processes on tcp://127.0.0.1:5000.",
     )
     p.add_argument("--role", choices=ROLES, default=None,
                    help="which service(s) to run (default: all)")
+    add_node_flags(p)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print Droplet's version and exit")
+    return p
+
+
+def add_node_flags(p: argparse.ArgumentParser) -> None:
+    """Every setting flag but --role (``droplet start-local`` takes the same ones)."""
     p.add_argument("--listen", metavar="URL",
                    help="address to listen on (default: tcp://127.0.0.1:5000; "
                    "executors: tcp://127.0.0.1:0)")
@@ -83,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frame-size", type=int, metavar="BYTES",
                    help="largest message accepted (default: 64 MiB)")
     p.add_argument("--result-ttl", type=float, metavar="SECONDS",
-                   help="how long call results stay in the store (default: 600)")
+                   help="backstop: seconds before a call result no client released "
+                   "is dropped (default: 600)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="where the store keeps its log and snapshot (default for the "
                    "all-in-one node: $XDG_DATA_HOME/droplet/HOST-PORT, i.e. "
@@ -109,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags win)")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING or ERROR")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "config"}
     try:
         config = Config.load(flags, args.config)
-        config.check_exposure()
+        config.validate()
     except (ValueError, TypeError, OSError) as exc:
         # attrs validators put the readable message first, then internals.
         message = exc.args[0] if isinstance(exc, ValueError | TypeError) and exc.args else exc

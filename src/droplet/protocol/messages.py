@@ -389,6 +389,20 @@ class KvsRelease:
     run_id: str
 
 
+@message(19)
+@attrs.frozen
+class KvsForget:
+    """Client -> store, one-way: nobody will read these call results again.
+
+    Sent in batches when futures are garbage-collected (see
+    ``client/_release.py``). The store deletes the keys that are call results
+    (``__droplet/results/...``) and ignores any other key; a result that is
+    not stored yet is dropped as soon as it arrives.
+    """
+
+    keys: list[str]
+
+
 # --------------------------------------------------------------------------- scheduler
 
 

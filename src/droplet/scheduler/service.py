@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import trio
 
+from .. import errors
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _Failure
 from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
@@ -384,7 +385,10 @@ class SchedulerService:
         cutoff = trio.current_time() - RUN_TTL
         stale = [run_id for run_id, run in self._runs.items() if run.started < cutoff]
         for run_id in stale:
-            self._release(self._runs.pop(run_id).executors)
+            # Its caller (a direct response) or its future hears why, never silence.
+            self._nursery.start_soon(self._fail_run, run_id, errors.TimeoutError(
+                f"run {run_id} was still unfinished after {RUN_TTL:g} s, so the "
+                "scheduler forgot it (a function that never returns?)"))
         if stale:
             log.warning("forgot %d runs still unfinished after %g s", len(stale), RUN_TTL)
 

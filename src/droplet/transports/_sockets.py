@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ssl
 from typing import Any
 
@@ -42,7 +43,16 @@ async def open_listeners(
     if tls and not isinstance(ctx, ssl.SSLContext):
         raise ValueError(f"{url}: {scheme}:// needs options.ssl_context: an ssl.SSLContext "
                          "with the certificate and key loaded (tls_cert/tls_key)")
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, (
+                f"{url} is already in use: another program (perhaps another Droplet "
+                "node: `droplet stop-local` stops one started in the background) "
+                "listens there; stop it, or pick another address with --listen "
+                f"{scheme}://{_show(host)}:PORT (port 0 picks a free one)")) from exc
+        raise
     bound_host, bound_port = listeners[0].socket.getsockname()[:2]
     bound = f"{scheme}://{_show(bound_host)}:{bound_port}"
     if tls:
