@@ -247,9 +247,11 @@ def format_status(status: ClusterStatus, address: str = "") -> str:
         "",
     ]
     lines += _table(
-        ["EXECUTOR", "THREADS", "BUSY", "QUEUED", "RUNNING", "CACHED", "CACHE", "HITS"],
+        ["EXECUTOR", "THREADS", "BUSY", "QUEUED", "RUNNING", "CACHED", "CACHE", "HITS",
+         "SEEN"],
         [[e.url, str(e.threads), str(e.busy), str(e.queued), str(e.running),
-          str(e.cache_entries), _bytes(e.cache_bytes), _percent(e.cache_hit_ratio)]
+          str(e.cache_entries), _bytes(e.cache_bytes), _percent(e.cache_hit_ratio),
+          "-" if e.last_report_age is None else f"{e.last_report_age:.1f}s"]
          for e in status.executors])
     lines.append("")
     lines += _table(
