@@ -24,6 +24,7 @@ setup (all rows), and ``--target-url URL`` measures a node someone else started.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -45,7 +46,8 @@ from droplet.node import cluster_info
 from droplet.transports import TransportOptions
 
 __all__ = ["DEFAULT_CASES", "DEFAULT_TARGETS", "TARGETS", "DurableNodeTarget", "EmbeddedTarget",
-           "NodeTarget", "Target", "TargetOptions", "TlsNodeTarget", "UrlTarget", "make_target"]
+           "NodeTarget", "RedisNodeTarget", "Target", "TargetOptions", "TlsNodeTarget",
+           "UrlTarget", "make_target"]
 
 START_TIMEOUT = 60.0  # node start: executor workers are child processes
 STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL of the node's whole process group
@@ -405,6 +407,36 @@ class DurableNodeTarget(NodeTarget):
                 data.cleanup()
 
 
+class RedisNodeTarget(NodeTarget):
+    """A tcp node whose store is Redis: ``--storage redis://127.0.0.1:PORT/0``.
+
+    A throw-away ``redis-server`` (or, with ``cluster``, a 3-master Redis
+    Cluster) is started on free loopback ports with persistence off, and
+    stopped with the target. Needs ``redis-server`` and ``redis-cli`` on PATH.
+    """
+
+    def __init__(self, name: str, opts: TargetOptions, *, cluster: bool = False) -> None:
+        from droplet.testing.redis_servers import start_redis, start_redis_cluster
+
+        self._redis = contextlib.ExitStack()
+        try:
+            if cluster:
+                servers = self._redis.enter_context(start_redis_cluster(3))
+            else:
+                servers = [self._redis.enter_context(start_redis())]
+            super().__init__(name, opts, scheme="tcp",
+                             node_args=["--storage", servers[0].url])
+        except BaseException:
+            self._redis.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._redis.close()
+
+
 def _group_exists(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -431,6 +463,8 @@ TARGETS: dict[str, TargetFactory] = {
     # call results logged too: what keeping them in memory saves a call
     "durable-results": lambda opts: DurableNodeTarget("durable-results", opts, fsync="always",
                                                       log_results=True),
+    "redis": lambda opts: RedisNodeTarget("redis", opts),
+    "redis-cluster": lambda opts: RedisNodeTarget("redis-cluster", opts, cluster=True),
 }
 
 #: What ``python benchmarks/run.py`` measures without ``--targets``.
@@ -452,6 +486,8 @@ DEFAULT_CASES: dict[str, tuple[str, ...]] = {
     "durable-everysec": STORAGE_CASES,
     "durable-no": STORAGE_CASES,
     "durable-results": ("noop", "dag2", "throughput"),
+    "redis": STORAGE_CASES,
+    "redis-cluster": STORAGE_CASES,
 }
 
 

@@ -1,12 +1,16 @@
-"""Shared fixtures: a private data root for nodes; a throwaway CA for tls:// and wss://."""
+"""Shared fixtures: a private data root for nodes; a throwaway CA for tls:// and wss://;
+a throwaway redis-server for the Redis backend (``storage`` runs a cluster on each backend)."""
 
 from __future__ import annotations
 
 import ssl
+import uuid
 from collections.abc import Iterator
 
 import pytest
 import trustme
+
+from droplet.testing.redis_servers import RedisServer, redis_available, start_redis
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,3 +40,30 @@ def tls_client_context(tls_ca: trustme.CA) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     tls_ca.configure_trust(ctx)
     return ctx
+
+
+# --------------------------------------------------------------------------- Redis
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One throwaway redis-server for the session (tests isolate by key prefix)."""
+    if not redis_available():
+        pytest.skip("redis-server is not installed (apt-get install redis-server); "
+                    "CI installs it, so these tests run there")
+    with start_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, under a key prefix of this test's own."""
+    return f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.slow)])
+def storage(request: pytest.FixtureRequest) -> str | None:
+    """Run a cluster fixture on each storage backend: None (memory) or a Redis URL."""
+    if request.param == "memory":
+        return None
+    url: str = request.getfixturevalue("redis_url")
+    return url

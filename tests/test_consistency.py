@@ -35,8 +35,9 @@ GUARD = 15  # seconds: a bound for each wait, never an expected duration
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[Any]:
-    async with droplet.open_local_cluster(2, placement="spread") as running:
+async def cluster(storage: str | None) -> AsyncIterator[Any]:
+    """A 2-executor cluster on each storage backend (in memory, and on Redis)."""
+    async with droplet.open_local_cluster(2, placement="spread", storage=storage) as running:
         yield running
 
 

@@ -431,3 +431,4 @@ def test_every_restart_recovers_exactly_what_was_written(
     with tempfile.TemporaryDirectory() as tmp:
         for ops in [*sessions, []]:
             trio.run(session, Path(tmp), ops)
+

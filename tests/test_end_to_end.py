@@ -27,8 +27,9 @@ from droplet.lattices import LWWLattice, SetLattice
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[Any]:
-    async with droplet.open_local_cluster(executors=2) as running:
+async def cluster(storage: str | None) -> AsyncIterator[Any]:
+    """A 2-executor cluster on each storage backend (in memory, and on Redis)."""
+    async with droplet.open_local_cluster(executors=2, storage=storage) as running:
         yield running
 
 

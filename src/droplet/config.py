@@ -41,6 +41,18 @@ def _url(_: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
         parse_address(value)  # raises ValueError naming the address
 
 
+def _storage(_: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None or value == "memory":
+        return
+    if value.startswith(("redis://", "rediss://")):
+        from .kvs.backends.redis.resp import parse_redis_url
+
+        parse_redis_url(value)  # raises ValueError naming what is wrong
+        return
+    raise ValueError(f"storage must be 'memory', redis://HOST:PORT/DB or rediss://..., "
+                     f"not {value!r}")
+
+
 def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive, not {value!r}")
@@ -145,6 +157,9 @@ class Config:
     read_timeout: float = attrs.field(default=30.0, validator=_positive)
     max_inflight: int = attrs.field(default=10_000, validator=_positive)
     result_ttl: float = attrs.field(default=600.0, validator=_positive)
+    #: where a storage node keeps lattices: None/"memory" (this process), or a
+    #: redis:// / rediss:// URL (a Redis server or any node of a Redis Cluster)
+    storage: str | None = attrs.field(default=None, validator=_storage, repr=False)
     #: the durable store's directory; None: the default for the role (see storage_dir)
     data_dir: str | None = None
     fsync: str = attrs.field(default="always", validator=attrs.validators.in_(FSYNC_POLICIES))

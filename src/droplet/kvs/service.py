@@ -177,6 +177,11 @@ class KvsService:
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
+        if self.backend.concurrent and request_id and (kind is KvsGet or kind is KvsPut):
+            # A remote backend (Redis): each request waits a network round trip, so
+            # a connection's requests overlap instead of queueing behind each other.
+            self._nursery.start_soon(self._answer_later, peer, msg, request_id)
+            return DEFERRED
         if kind is KvsGet:
             return await self._get(peer, msg, request_id)
         if kind is KvsPut:
@@ -192,19 +197,40 @@ class KvsService:
             return None
         raise ProtocolError(f"the store does not serve {kind.__name__} messages")
 
+    async def _answer_later(self, peer: Peer, msg: KvsGet | KvsPut, request_id: int) -> None:
+        """Serve one get or put in a task of its own and reply (see ``concurrent``)."""
+        try:
+            if isinstance(msg, KvsGet):
+                result = await self._get(peer, msg, request_id)
+            else:
+                result = await self._put(peer, msg, request_id)
+        except Exception as exc:  # a bad request or a storage failure: tell the peer
+            if not isinstance(exc, DropletError):
+                log.exception("error handling %s from %s", type(msg).__name__, peer.remote)
+            result = exc
+        if result is DEFERRED or peer.closed:
+            return
+        try:
+            if isinstance(result, Exception):
+                await peer.reply_error(request_id, result)
+            else:
+                await peer.reply(request_id, result)
+        except Exception as exc:  # the peer went away meanwhile
+            log.debug("could not answer %s of %s: %s", type(msg).__name__, peer.remote, exc)
+
     async def _get(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         self._gets += 1
-        if msg.subscribe and await self._read(msg.key) is not None:
+        try:
+            value = self.backend.get_nowait(msg.key)
+        except trio.WouldBlock:
+            return await self._get_async(peer, msg, request_id)
+        if msg.subscribe and value is not None:
             # Only to a key that exists: a cache keeps no entry for an absent
             # key, so it would never evict (and unsubscribe) it.
             self._subscribe(peer, msg.key)
         if msg.pin is not None:
             return KvsValue(msg.key, await self._pinned(msg.pin, msg.key))
         wait = _bounded_wait(msg.wait)
-        try:
-            value = self.backend.get_nowait(msg.key)
-        except trio.WouldBlock:
-            return await self._get_async(peer, msg.key, request_id, wait)
         if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
         # Registered before yielding, so a put that lands before the timer starts finds it.
@@ -217,16 +243,51 @@ class KvsService:
         self._nursery.start_soon(self._expire_waiter, key, waiter, wait)
         return waiter
 
-    async def _get_async(self, peer: Peer, key: str, request_id: int, wait: float) -> Any:
+    async def _get_async(self, peer: Peer, msg: KvsGet, request_id: int) -> Any:
         """A read from a backend that must wait: a put may land while we read."""
+        key = msg.key
+        if msg.pin is not None:
+            if msg.subscribe:
+                await self._read_subscribing(peer, msg)
+            return KvsValue(key, await self._pinned(msg.pin, key))
+        wait = _bounded_wait(msg.wait)
         if wait <= 0:
-            return KvsValue(key, await self.backend.get(key))
+            return KvsValue(key, await self._read_subscribing(peer, msg))
         waiter = self._wait_for(peer, key, request_id, wait)  # before reading, not after
-        value = await self.backend.get(key)
+        try:
+            value = await self._read_subscribing(peer, msg)
+        except BaseException:
+            self._drop_waiter(key, waiter)
+            raise
         if waiter.answered:  # a put answered it while we read
             return DEFERRED
         if value is None:
             return DEFERRED
+        self._drop_waiter(key, waiter)
+        return KvsValue(key, value)
+
+    async def _read_subscribing(self, peer: Peer, msg: KvsGet) -> bytes | None:
+        """Read from the backend; a subscribing read subscribes *before* it waits, so a
+        change landing meanwhile (through another storage node) is pushed, and drops
+        the subscription again if the key turns out absent."""
+        mine = peer.state.get("kvs_subscriptions")
+        fresh = msg.subscribe and not (mine is not None and msg.key in mine)
+        if not fresh:
+            return await self.backend.get(msg.key)
+        self._subscribe(peer, msg.key)
+        # key -> whether an update was pushed to this peer while we read
+        reading: dict[str, bool] = peer.state.setdefault("kvs_reading", {})
+        reading[msg.key] = False
+        value = None
+        try:
+            value = await self.backend.get(msg.key)
+        finally:
+            pushed = reading.pop(msg.key, False)
+            if value is None and not pushed:  # absent: a cache holds no entry to evict
+                self._unsubscribe(peer, msg.key)
+        return value
+
+    def _drop_waiter(self, key: str, waiter: _Waiter) -> None:
         waiter.answered = True
         waiter.timer.cancel()
         pending = self._waiters.get(key)
@@ -234,7 +295,6 @@ class KvsService:
             pending.remove(waiter)
             if not pending:
                 del self._waiters[key]
-        return KvsValue(key, value)
 
     async def _pinned(self, run_id: str, key: str) -> bytes | None:
         """The run's version of ``key``: pinned now on its first read, the same after."""
@@ -434,6 +494,9 @@ class KvsService:
         if subs:
             update = KvsUpdate(key, changed)
             for sub in list(subs):
+                reading = sub.state.get("kvs_reading")
+                if reading and key in reading:  # see _read_subscribing
+                    reading[key] = True
                 await self._push(putter, sub, update)
 
     async def _expire_results(self, stored: str) -> None:

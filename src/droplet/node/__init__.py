@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..config import Config, parse_resources
+from ..config import IN_MEMORY, Config, parse_resources
 from ..errors import ProtocolError
 from ..executor.service import ExecutorService
 from ..kvs.backends import MemoryBackend, StorageBackend
@@ -185,7 +185,16 @@ async def _start_metrics(nursery: trio.Nursery, config: Config, node: Node) -> N
 
 
 def open_backend(config: Config) -> StorageBackend:
-    """The storage backend the configuration asks for (memory, or durable in a data dir)."""
+    """The storage backend the configuration asks for: Redis, durable in a data dir, or memory."""
+    if config.storage and config.storage.startswith(("redis://", "rediss://")):
+        from ..kvs.backends.redis import RedisBackend
+
+        if config.data_dir and config.data_dir != IN_MEMORY:
+            raise ValueError("--storage redis://... keeps the data in Redis; "
+                             "drop --data-dir (or use one, not both)")
+        backend = RedisBackend(config.storage, result_ttl=config.result_ttl)
+        log.info("storage: Redis at %s", backend.url.redacted())
+        return backend
     path = config.storage_dir
     if path is None:
         log.info("storage: in memory (nothing survives a restart; --data-dir DIR keeps it)")

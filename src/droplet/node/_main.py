@@ -94,6 +94,10 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-ttl", type=float, metavar="SECONDS",
                    help="backstop: seconds before a call result no client released "
                    "is dropped (default: 600)")
+    p.add_argument("--storage", metavar="URL",
+                   help="where the storage role keeps lattices: memory (default) or "
+                   "redis://HOST:PORT/DB, rediss://... (a Redis server or any node of a "
+                   "Redis Cluster)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="where the store keeps its log and snapshot (default for the "
                    "all-in-one node: $XDG_DATA_HOME/droplet/HOST-PORT, i.e. "

@@ -68,6 +68,10 @@ class StorageBackend(abc.ABC):
 
     #: a short name for statistics and logs ("memory", "durable", "redis")
     name: ClassVar[str]
+    #: every operation waits on the network (Redis): the service then serves each get
+    #: and put in a task of its own, so one connection's requests overlap (merges
+    #: commute, so the order in which they complete does not matter)
+    concurrent: ClassVar[bool] = False
 
     def get_nowait(self, key: str) -> bytes | None:
         """The encoded lattice at ``key`` (None if absent), or :class:`trio.WouldBlock`."""
