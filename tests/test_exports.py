@@ -32,6 +32,10 @@ API_NAMES = [
     ("droplet.client.waiting", "wait"),
     ("droplet.node", "cluster_info"),
     ("droplet.cli", "main"),
+    ("droplet", "ClusterStatus"),
+    ("droplet", "ExecutorStatus"),
+    ("droplet", "FunctionStatus"),
+    ("droplet.status", "ClusterStatus"),
     *[
         ("droplet.lattices", name)
         for name in (
@@ -173,3 +177,11 @@ def test_function_error_without_optional_attributes() -> None:
     assert (back.type_name, back.remote_message, back.remote_traceback, back.function,
             back.cause_pickle) == ("KeyError", "'k'", "", "", None)
     assert str(back) == "KeyError: 'k'"
+
+
+def test_status_methods_exist_on_every_client() -> None:
+    from droplet.client.client import DropletConnection
+
+    for cls in (DropletConnection, droplet.AsyncDropletClient):
+        assert callable(cls.status) and callable(cls.list_dags), cls
+    assert droplet.ClusterStatus.__module__ == "droplet.status"

@@ -15,6 +15,7 @@ import attrs
 import pytest
 
 from droplet.errors import ProtocolError
+from droplet.latency import BUCKETS
 from droplet.protocol import messages as m
 from droplet.protocol import values
 from droplet.protocol.messages import MESSAGES, decode, encode
@@ -88,6 +89,11 @@ SAMPLES: list[Any] = [
         "run-3", "a", ["a"], ["v1"], ["tcp://e"], [], [], [], None, None, False,
         "rk", None, False, "CAUSAL", "client", None, "", _CTX,
     ),
+    m.ExecutorReport("tcp://e1", 32, 1, 0, 1, 2, 300, 5, 1, ["f", "g"], [2, 0], [1, 0],
+                     [1] * 2 + [0] * (2 * BUCKETS - 2), [1500, 0]),
+    m.ExecutorReport("inproc://e", 1, 0, 0, 0, 0, 0, 0, 0, [], [], [], [], []),
+    m.StatusReply('{"scheduler":"s","rate_window":10.0,"executors":[],"functions":[],'
+                  '"dags":["d"]}'),
 ]
 
 # Field values by declared kind: every field set, then every optional field None.

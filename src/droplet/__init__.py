@@ -33,6 +33,9 @@ from .errors import RegistrationError as RegistrationError
 from .errors import StorageError as StorageError
 from .errors import TimeoutError as TimeoutError
 from .references import DropletReference as DropletReference
+from .status import ClusterStatus as ClusterStatus
+from .status import ExecutorStatus as ExecutorStatus
+from .status import FunctionStatus as FunctionStatus
 
 __version__ = "0.1.0"
 
@@ -47,6 +50,7 @@ __all__ = [
     "AsyncDropletFunction",
     "AsyncDropletFuture",
     "AuthenticationError",
+    "ClusterStatus",
     "ConnectionError",
     "DagError",
     "DropletConnection",
@@ -54,7 +58,9 @@ __all__ = [
     "DropletFunction",
     "DropletFuture",
     "DropletReference",
+    "ExecutorStatus",
     "FunctionError",
+    "FunctionStatus",
     "LatticeTypeError",
     "LocalCluster",
     "ProtocolError",

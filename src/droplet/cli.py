@@ -1,8 +1,9 @@
-"""The ``droplet`` console command: run a node in the background and stop it.
+"""The ``droplet`` console command: run a node in the background, stop it, watch it.
 
 ``droplet start-local`` starts ``python -m droplet.node`` detached, with a pid
 file and a log file, and returns once the node answers a handshake;
-``droplet stop-local`` sends it SIGTERM and waits for it to exit.
+``droplet stop-local`` sends it SIGTERM and waits for it to exit;
+``droplet status [URL]`` prints the cluster's status (``--json`` for scripts).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = ["main"]
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5000"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
+STATUS_TIMEOUT = 5.0
 
 #: Nodes started by this process (``main()`` called in-process, as tests do). The
 #: node is then our child: once it exits it lingers as a zombie that ``kill(pid, 0)``
@@ -57,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="default: $DROPLET_HOME/node.log")
     stop = sub.add_parser("stop-local", help="stop the node started by start-local")
     stop.add_argument("--pid-file", type=Path, default=None, metavar="FILE")
+    status = sub.add_parser("status", help="print the cluster's executors, load, cache, "
+                            "functions and DAGs")
+    status.add_argument("url", nargs="?", default=None, metavar="URL",
+                        help="the scheduler's address (default: the node start-local "
+                        f"started, else {DEFAULT_ADDRESS})")
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    status.add_argument("--token", metavar="SECRET",
+                        help="the cluster token (default: $DROPLET_TOKEN)")
+    status.add_argument("--timeout", type=float, default=STATUS_TIMEOUT, metavar="SECONDS",
+                        help=f"how long to wait for the node (default: {STATUS_TIMEOUT:g})")
     return p
 
 
@@ -66,11 +78,50 @@ _OWN = ("command", "pid_file", "log_file")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "status":
+        url = args.url or _recorded_url(_home() / "node.pid") or DEFAULT_ADDRESS
+        return show_status(url, as_json=args.json, token=args.token, timeout=args.timeout)
     pid_file: Path = args.pid_file or _home() / "node.pid"
     if args.command == "start-local":
         flags = {k: v for k, v in vars(args).items() if k not in _OWN and v is not None}
         return start_local(flags, pid_file, args.log_file or _home() / "node.log")
     return stop_local(pid_file)
+
+
+def show_status(address: str, *, as_json: bool = False, token: str | None = None,
+                timeout: float = STATUS_TIMEOUT) -> int:
+    """Print the status of the cluster whose scheduler is at ``address``; 0, or 1 if none."""
+    import json
+
+    from .client.client import DropletConnection
+    from .status import format_status
+    from .transports.registry import normalize_address
+
+    try:
+        url = normalize_address(address)
+    except ValueError as exc:
+        print(f"droplet status: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with DropletConnection(url, token=token, timeout=timeout) as conn:
+            status = conn.status()
+    except DropletError as exc:
+        where = "" if url in str(exc) else f"no Droplet node answered at {url}: "
+        print(f"droplet status: {where}{exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(status.to_dict(), indent=2))
+    else:
+        print(format_status(status, url))
+    return 0
+
+
+def _recorded_url(pid_file: Path) -> str | None:
+    """The address start-local recorded for a node that is still running."""
+    if _running_pid(pid_file) is None:
+        return None
+    lines = pid_file.read_text().split()
+    return lines[1] if len(lines) > 1 else None
 
 
 def _running_pid(pid_file: Path) -> int | None:

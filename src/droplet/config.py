@@ -171,6 +171,10 @@ class Config:
     resources: str | None = attrs.field(default=None, converter=_resources)
     #: most queued calls of a batching function an executor serves in one call
     max_batch: int = attrs.field(default=16, validator=attrs.validators.ge(1))
+    #: seconds between an executor's load and call reports to its scheduler
+    report_interval: float = attrs.field(default=1.0, validator=_positive)
+    #: where to serve Prometheus metrics over HTTP (``tcp://127.0.0.1:9100``); None: off
+    metrics_listen: str | None = attrs.field(default=None, validator=_url)
     log_level: str = attrs.field(default="INFO", validator=_log_level)
 
     @property
@@ -284,6 +288,17 @@ class Config:
                 "can reach it could run code on this machine. Pass --token (token= in "
                 "Python, or set DROPLET_TOKEN), or --insecure (insecure=True) if the "
                 "network is trusted.")
+        if self.metrics_listen is not None:
+            scheme = parse_address(self.metrics_listen)[0]
+            if scheme != "tcp":
+                raise ValueError(f"metrics_listen must be a tcp:// address (HTTP), not "
+                                 f"{self.metrics_listen}")
+            if (not is_loopback(self.metrics_listen) and not self.token
+                    and not self.insecure):
+                raise ValueError(
+                    f"refusing to serve metrics on {self.metrics_listen} without a cluster "
+                    "token: they name your functions and load. Pass --token (scrapers then "
+                    "send it as 'Authorization: Bearer TOKEN'), or --insecure.")
 
     def server_options(self) -> TransportOptions:
         ctx = None

@@ -40,17 +40,21 @@ from ..protocol.messages import (
     DeleteDag,
     ErrorReply,
     FunctionExists,
+    GetStatus,
     Hello,
     KvsForget,
     KvsGet,
     KvsPut,
     KvsValue,
+    ListDags,
     ListFunctions,
     Names,
+    StatusReply,
 )
 from ..protocol.messages import decode as decode_message
 from ..protocol.messages import encode as encode_message
 from ..rpc import error_from_reply
+from ..status import ClusterStatus
 from ..transports.registry import parse_address
 from ._core import ClientCore, check_key, check_timeout, result_blob, unwrap_result
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
@@ -731,4 +735,13 @@ class BlockingClient:
 
     def store(self, key: str, data: bytes) -> None:
         self.kvs.request(KvsPut(key, data), self.timeout)
+
+    # cluster
+    def list_dags(self) -> builtins.list[str]:
+        reply: Names = self.scheduler.request(ListDags(), self.timeout)
+        return reply.names
+
+    def status(self) -> ClusterStatus:
+        reply: StatusReply = self.scheduler.request(GetStatus(), self.timeout)
+        return ClusterStatus.from_json(reply.data)
 

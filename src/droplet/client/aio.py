@@ -32,15 +32,19 @@ from ..protocol.messages import (
     DagResult,
     DeleteDag,
     FunctionExists,
+    GetStatus,
     Hello,
     KvsForget,
     KvsGet,
     KvsPut,
     KvsValue,
+    ListDags,
     ListFunctions,
     Names,
+    StatusReply,
 )
 from ..rpc import Peer, Slot, connect_peer
+from ..status import ClusterStatus
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address
 from ._core import (
@@ -472,6 +476,22 @@ class AsyncDropletClient:
         """The value at ``key`` (a plain value, or the lattice), or None."""
         reply: KvsValue = await self._kvs.request(KvsGet(check_key(key)), self.timeout)
         return ClientCore.stored_object(reply)
+
+    # ------------------------------------------------------------------ cluster
+
+    async def list_dags(self) -> builtins.list[str]:
+        """Sorted names of the registered DAGs."""
+        reply: Names = await self._scheduler.request(ListDags(), self.timeout)
+        return reply.names
+
+    async def status(self) -> ClusterStatus:
+        """The cluster as its scheduler sees it: executors, load, cache, functions, DAGs.
+
+        Load and call figures come from the executors' periodic reports (every
+        second by default), so they trail the calls just made by up to a period.
+        """
+        reply: StatusReply = await self._scheduler.request(GetStatus(), self.timeout)
+        return ClusterStatus.from_json(reply.data)
 
 
 @asynccontextmanager

@@ -28,6 +28,7 @@ import trio
 
 from ..errors import ConnectionError, DagError, TimeoutError
 from ..protocol.messages import CallDag
+from ..status import ClusterStatus
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address, parse_address
 from ._blocking import BlockingClient
@@ -226,6 +227,12 @@ class _PortalClient:
     def store(self, key: str, data: bytes) -> None:
         self._portal.run(self._client._store, key, data)
 
+    def list_dags(self) -> builtins.list[str]:
+        return self._portal.run(self._client.list_dags)
+
+    def status(self) -> ClusterStatus:
+        return self._portal.run(self._client.status)
+
     def close(self) -> None:
         self._portal.run(self._client.aclose)
 
@@ -404,3 +411,19 @@ class DropletConnection:
     def get_object(self, key: str) -> Any:
         """The value at ``key`` (plain, or the lattice), or None."""
         return self._live().get_object(key)
+
+    # the cluster
+    def list_dags(self) -> builtins.list[str]:
+        """Sorted names of the registered DAGs."""
+        return self._live().list_dags()  # type: ignore[no-any-return]
+
+    def status(self) -> ClusterStatus:
+        """The cluster as its scheduler sees it (a frozen :class:`~droplet.ClusterStatus`).
+
+        Executors and their load (busy threads, queued calls), cache bytes and
+        hit ratio, per-function calls, calls/s and p50/p99 latency, and the
+        registered functions and DAGs. Load and call figures come from the
+        executors' periodic reports (every second by default), so they trail
+        the calls just made by up to a period. ``droplet status`` prints it.
+        """
+        return self._live().status()  # type: ignore[no-any-return]

@@ -29,6 +29,8 @@ class CacheStatistics:
     entries: int
     hits: int
     misses: int
+    #: encoded size of the cached values.
+    bytes: int = 0
 
 
 class Cache:
@@ -38,9 +40,10 @@ class Cache:
         self._entries: OrderedDict[str, bytes] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.bytes = 0
 
     def statistics(self) -> CacheStatistics:
-        return CacheStatistics(len(self._entries), self.hits, self.misses)
+        return CacheStatistics(len(self._entries), self.hits, self.misses, self.bytes)
 
     def peek(self, key: str) -> bytes | None:
         """The cached encoding of ``key`` without any I/O (safe from worker threads)."""
@@ -83,10 +86,12 @@ class Cache:
         if old is not None and old != data:
             merged = decode_lattice(old, load=RAW).merge(decode_lattice(data, load=RAW))
             data = encode_lattice(merged, dump=RAW)
+        self.bytes += len(data) - (len(old) if old is not None else 0)
         self._entries[key] = data
         self._entries.move_to_end(key)
         if len(self._entries) > self._capacity:
-            evicted, _ = self._entries.popitem(last=False)
+            evicted, gone = self._entries.popitem(last=False)
+            self.bytes -= len(gone)
             try:
                 await self._kvs.send(KvsUnsubscribe(evicted))
             except Exception:

@@ -11,6 +11,7 @@ DAG to the caller; the executor itself carries on.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import pickle
@@ -45,6 +46,7 @@ from .fanin import FanIn
 from .loader import FunctionLoader
 from .multiexec import MultiExec, spread
 from .outcomes import function_error, lww, pickle_result
+from .reports import CallRecorder, Load, report_periodically
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
@@ -175,6 +177,14 @@ class ExecutorService:
         self._invocations = 0
         self._failures = 0
         self._running = 0
+        #: calls, failures and latencies per function, for the next report.
+        self.recorder = CallRecorder()
+
+    def load(self) -> Load:
+        """Current load and cache figures (what the periodic report carries)."""
+        cache = self.cache.statistics()
+        return Load(self._threads.max_threads, self._threads.busy, self._threads.queued,
+                    self._running, cache.entries, cache.bytes, cache.hits, cache.misses)
 
     def statistics(self) -> ExecutorStatistics:
         cache = self.cache.statistics()
@@ -199,6 +209,7 @@ class ExecutorService:
         cls, nursery: trio.Nursery, *, url: str, scheduler_url: str, workers: int,
         token: str | None, options: Any = None, threads: int = 32,
         resources: dict[str, int] | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+        report_interval: float = 1.0,
     ) -> ExecutorService:
         """Connect to the scheduler and KVS, announce ``url``, return the ready service."""
         from ..rpc import connect_peer
@@ -224,6 +235,8 @@ class ExecutorService:
         holder.append(service)
         peers.add(scheduler_url, scheduler)
         nursery.start_soon(service._serve)
+        nursery.start_soon(report_periodically, url, service.recorder, service.load,
+                           functools.partial(scheduler.post, on_full="raise"), report_interval)
         return service
 
     # ------------------------------------------------------------------ messages
@@ -320,6 +333,8 @@ class ExecutorService:
     async def _invoke_segment(self, t: Trigger, inputs: list[_Input], overloaded: bool
                               ) -> None:
         segment = self._segment(t)
+        started = time.perf_counter()
+        ran = True  # False: an upstream failure passed on (this function did not run)
         self._running += len(segment)
         self._invocations += len(segment)
         libs: list[UserLibrary] = []
@@ -327,7 +342,7 @@ class ExecutorService:
         try:
             upstream_failure = next((i.value for i in inputs if i.failed), None)
             if upstream_failure is not None:  # pass the upstream error on; do not run
-                result, failed = upstream_failure, True
+                result, failed, ran = upstream_failure, True, False
             elif overloaded:
                 result, failed = _Failure(DropletError(
                     f"executor {self.url} is overloaded ({MAX_INVOCATIONS} invocations "
@@ -347,6 +362,10 @@ class ExecutorService:
                 self._libraries.pop(lib.getid(), None)
         if failed:
             self._failures += 1
+        if ran:  # a pipelined segment's time counts for each of its functions
+            elapsed = time.perf_counter() - started
+            for fn in segment:
+                self.recorder.record(fn, elapsed, failed)
         last = segment[-1]
         if last in t.multiexec:
             expected = max(1, sum(1 for _, dst in t.edges if dst == last))

@@ -60,6 +60,21 @@ class WorkerThreads:
         """Worker threads started and not yet exited."""
         return sum(1 for t in self._threads if t.is_alive())
 
+    @property
+    def max_threads(self) -> int:
+        """The most worker threads this pool starts."""
+        return self._max
+
+    @property
+    def busy(self) -> int:
+        """Worker threads running a job now."""
+        return max(0, self.threads - self._idle)
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a free worker thread."""
+        return max(0, self._pending)
+
     async def run(self, fn: Callable[..., Any], *args: Any, label: str = "") -> Any:
         """Run ``fn(*args)`` in a worker thread; return its result or raise its error.
 

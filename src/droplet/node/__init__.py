@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -49,6 +50,15 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: dict[type[Any], Callable[[Peer, Any, int], Awaitable[Any]]] = {}
+        #: open connections accepted by this router's listeners (metrics).
+        self.connections = 0
+
+    def connected(self, peer: Peer) -> None:
+        self.connections += 1
+        peer.on_close.append(self._disconnected)
+
+    def _disconnected(self, peer: Peer) -> None:
+        self.connections -= 1
 
     def add(self, service: Any) -> None:
         for cls in service.MESSAGES:
@@ -72,6 +82,9 @@ class Node:
     kvs: KvsService | None = None
     scheduler: SchedulerService | None = None
     executors: list[ExecutorService] = attrs.Factory(list)
+    router: Router | None = None
+    #: where Prometheus metrics are served (``--metrics-listen``), or None.
+    metrics_url: str | None = None
 
     def statistics(self) -> dict[str, int]:
         """Every integer field of every service's ``statistics()``, as ``service.field``."""
@@ -122,11 +135,12 @@ async def serve_node(
         if config.role == "executor":
             node = await _start_executor(nursery, config, config.listen_url, token,
                                          server_opts, client_opts, limits)
+            await _start_metrics(nursery, config, node)
             task_status.started(node)
             return
 
         # The public address opens last, once the node can serve calls.
-        node = Node("", config.role)
+        node = Node("", config.role, router=router)
         router.add(_StatisticsService(node))
         if config.role in ("all", "kvs"):
             node.kvs = KvsService(nursery, open_backend(config), result_ttl=config.result_ttl)
@@ -154,7 +168,20 @@ async def serve_node(
         else:
             node.url = await nursery.start(_serve, config.listen_url, router, token,
                                            server_opts, limits)
+        await _start_metrics(nursery, config, node)
         task_status.started(node)
+
+
+async def _start_metrics(nursery: trio.Nursery, config: Config, node: Node) -> None:
+    """Serve Prometheus metrics when ``metrics_listen`` is set (imported only then)."""
+    if config.metrics_listen is None:
+        return
+    from ..metrics import metrics_registry, serve_metrics
+
+    router = node.router
+    registry = metrics_registry(node, lambda: router.connections if router else 0)
+    node.metrics_url = await nursery.start(functools.partial(
+        serve_metrics, config.metrics_listen, registry, token=config.token))
 
 
 def open_backend(config: Config) -> StorageBackend:
@@ -182,7 +209,7 @@ def open_backend(config: Config) -> StorageBackend:
 async def _serve(url: str, router: Router, token: str | None, options: Any, limits: Limits,
                  *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     await serve_peers(url, router.handle, token=token, options=options, limits=limits,
-                      task_status=task_status)
+                      on_connect=router.connected, task_status=task_status)
 
 
 async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
@@ -195,10 +222,12 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
     executor = await ExecutorService.join(
         nursery, url=url, scheduler_url=config.scheduler, workers=config.threads,
         token=token, options=client_opts, threads=config.threads,
-        resources=parse_resources(config.resources), max_batch=config.max_batch)
+        resources=parse_resources(config.resources), max_batch=config.max_batch,
+        report_interval=config.report_interval)
     router.add(executor)
     node = Node(url, "executor", executors=[executor])
     router.add(_StatisticsService(node))
+    node.router = router
     return node
 
 
@@ -245,7 +274,8 @@ async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> N
     cmd = [sys.executable, "-m", "droplet.node", "--role", "executor",
            "--scheduler", scheduler_url, "--threads", str(config.threads),
            "--max-frame-size", str(config.max_frame_size), "--log-level", config.log_level,
-           "--max-batch", str(config.max_batch)]
+           "--max-batch", str(config.max_batch),
+           "--report-interval", repr(config.report_interval)]
     if config.resources:
         cmd += ["--resources", config.resources]
     env = dict(os.environ)

@@ -114,6 +114,12 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="most queued calls of a batching function served in one call "
                    "(default: 16)")
+    p.add_argument("--report-interval", type=float, metavar="SECONDS",
+                   help="how often executors report load and call statistics to the "
+                   "scheduler (default: 1)")
+    p.add_argument("--metrics-listen", metavar="URL",
+                   help="serve Prometheus metrics over HTTP at this address, e.g. "
+                   "tcp://127.0.0.1:9100 (default: off); beyond loopback it needs --token")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags win)")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="DEBUG, INFO (default), WARNING or ERROR")
@@ -175,7 +181,9 @@ async def _run(config: Config) -> int:
             extra = f" with {workers} executor workers" if workers else ""
             log.info("Droplet %s node ready at %s%s", config.role, node.url, extra)
             # One write, so worker processes sharing this stream cannot split the line.
-            sys.stdout.write(f"droplet {config.role} node listening on {node.url}\n")
+            metrics = (f"\ndroplet metrics at http{node.metrics_url[3:]}/metrics"
+                       if node.metrics_url else "")
+            sys.stdout.write(f"droplet {config.role} node listening on {node.url}{metrics}\n")
             sys.stdout.flush()
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)

@@ -517,6 +517,54 @@ class ExecutorJoin:
     resources: dict[str, int] = attrs.Factory(dict)
 
 
+@message(30)
+@attrs.frozen
+class ExecutorReport:
+    """Executor -> scheduler, one-way, every report period: load and deltas.
+
+    ``threads``/``busy``/``queued``/``running`` and the ``cache_entries`` and
+    ``cache_bytes`` are current values; everything else counts what happened
+    since the previous report. ``latency`` holds, per function in
+    ``functions`` order, its :data:`droplet.latency.BUCKETS` bucket counts;
+    ``latency_us`` the sum of those latencies in microseconds.
+    """
+
+    url: str
+    threads: int
+    busy: int
+    queued: int
+    running: int
+    cache_entries: int
+    cache_bytes: int
+    cache_hits: int
+    cache_misses: int
+    functions: list[str]
+    calls: list[int]
+    failures: list[int]
+    latency: list[int]
+    latency_us: list[int]
+
+
+@message(31)
+@attrs.frozen
+class GetStatus:
+    """Ask the scheduler for the cluster's status; answered by StatusReply."""
+
+
+@message(32)
+@attrs.frozen
+class StatusReply:
+    """The cluster status as JSON (:meth:`droplet.status.ClusterStatus.to_json`)."""
+
+    data: str
+
+
+@message(33)
+@attrs.frozen
+class ListDags:
+    """Ask for the registered DAG names; answered by Names."""
+
+
 # --------------------------------------------------------------------------- executor
 
 
@@ -642,3 +690,45 @@ def _check_trigger(m: Trigger) -> None:
 def _check_get(m: KvsGet) -> None:
     if type(m.wait) is float and math.isnan(m.wait):
         raise ProtocolError("KvsGet.wait must be a number of seconds, not NaN")
+
+
+#: Most functions one executor report may name.
+MAX_REPORTED_FUNCTIONS = 10_000
+
+
+@_validator(ExecutorReport)
+def _check_report(m: ExecutorReport) -> None:
+    from ..latency import BUCKETS  # pure code
+
+    n = len(m.functions)
+    if n > MAX_REPORTED_FUNCTIONS:
+        raise ProtocolError(f"ExecutorReport: {n} functions, more than "
+                            f"{MAX_REPORTED_FUNCTIONS}")
+    if len(set(m.functions)) != n:
+        raise ProtocolError("ExecutorReport: a function is named twice")
+    for name, values, size in (("calls", m.calls, n), ("failures", m.failures, n),
+                               ("latency", m.latency, n * BUCKETS),
+                               ("latency_us", m.latency_us, n)):
+        if len(values) != size:
+            raise ProtocolError(f"ExecutorReport: {len(values)} {name} for {n} functions "
+                                f"(expected {size})")
+        if any(v < 0 for v in values):
+            raise ProtocolError(f"ExecutorReport.{name} must not be negative")
+    for name in ("threads", "busy", "queued", "running", "cache_entries", "cache_bytes",
+                 "cache_hits", "cache_misses"):
+        if getattr(m, name) < 0:
+            raise ProtocolError(f"ExecutorReport.{name} must not be negative")
+    for i, (fn, calls, failures) in enumerate(zip(m.functions, m.calls, m.failures,
+                                                  strict=True)):
+        if failures > calls:
+            raise ProtocolError(f"ExecutorReport: {fn!r} has more failures than calls")
+        if sum(m.latency[i * BUCKETS:(i + 1) * BUCKETS]) != calls:
+            raise ProtocolError(f"ExecutorReport: {fn!r} latency buckets do not add up to "
+                                "its calls")
+
+
+@_validator(StatusReply)
+def _check_status(m: StatusReply) -> None:
+    from ..status import ClusterStatus  # pure code; imported late (cycle)
+
+    ClusterStatus.from_json(m.data)

@@ -36,23 +36,29 @@ from ..protocol.messages import (
     DagResult,
     DeleteDag,
     ExecutorJoin,
+    ExecutorReport,
     FunctionExists,
+    GetStatus,
     Hello,
     KvsGet,
     KvsPut,
     KvsRelease,
+    ListDags,
     ListFunctions,
     Names,
     RegisterDag,
     RegisterFunction,
     RunDone,
+    StatusReply,
     Trigger,
 )
 from ..protocol.messages import decode as decode_message
 from ..rpc import DEFERRED, Peer
+from ..status import ClusterStatus
 from .dags import Dag, build_dag
 from .placement import Placement
 from .registry import dag_entry, decode_registry, function_entry
+from .reports import ClusterView
 
 __all__ = ["SchedulerService", "SchedulerStatistics"]
 
@@ -99,7 +105,7 @@ class _Executor:
 class SchedulerService:
     MESSAGES = (
         Hello, ExecutorJoin, RegisterFunction, ListFunctions, FunctionExists,
-        RegisterDag, DeleteDag, CallDag, RunDone,
+        RegisterDag, DeleteDag, CallDag, RunDone, ExecutorReport, GetStatus, ListDags,
     )
 
     def __init__(
@@ -123,6 +129,8 @@ class SchedulerService:
         self._runs: dict[str, _Run] = {}
         self._runs_started = 0
         self.executors_changed = trio.Event()
+        #: the executors' periodic reports, added up (status and metrics).
+        self.view = ClusterView()
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -132,6 +140,11 @@ class SchedulerService:
             runs_in_flight=len(self._runs),
             runs_started=self._runs_started,
         )
+
+    def cluster_status(self) -> ClusterStatus:
+        """The cluster as this scheduler sees it (``conn.status()``)."""
+        return self.view.status(self.node_id, list(self._functions), list(self._dags),
+                                trio.current_time())
 
     @property
     def executor_urls(self) -> list[str]:
@@ -144,6 +157,15 @@ class SchedulerService:
         if kind is RunDone:
             await self._run_done(msg)
             return None
+        if kind is ExecutorReport:
+            if peer.state.get("executor_url") != msg.url:
+                raise ProtocolError(f"report for {msg.url!r} from a peer that is not it")
+            self.view.report(msg, trio.current_time(), self._functions)
+            return None
+        if kind is GetStatus:
+            return StatusReply(self.cluster_status().to_json())
+        if kind is ListDags:
+            return Names(sorted(self._dags))
         if kind is Hello:
             return ClusterInfo(self.kvs_url, "", self.node_id)
         if kind is RegisterFunction:
@@ -221,6 +243,7 @@ class SchedulerService:
 
     def _join(self, peer: Peer, msg: ExecutorJoin) -> ClusterInfo:
         self._executors[msg.url] = _Executor(msg.url, peer, resources=dict(msg.resources))
+        self.view.join(msg.url, msg.workers)
         peer.state["executor_url"] = msg.url
         peer.on_close.append(self._executor_left)
         log.info("executor %s joined", msg.url)
@@ -234,6 +257,7 @@ class SchedulerService:
         if url is None or ex is None or ex.peer is not peer:
             return
         del self._executors[url]
+        self.view.leave(url)
         if trio.current_effective_deadline() == float("-inf"):
             return  # this node is shutting down; nobody is left to tell
         self.executors_changed.set()
