@@ -9,8 +9,15 @@ from collections.abc import Iterator
 
 import pytest
 import trustme
+from hypothesis import HealthCheck, settings
 
 from droplet.testing.redis_servers import RedisServer, redis_available, start_redis
+
+# No wall-clock limits on Hypothesis examples: on a busy 2-core machine a slow
+# example is load, not a bug (the same rule as every other test: no timing asserts).
+settings.register_profile("droplet", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("droplet")
 
 
 @pytest.fixture(scope="session", autouse=True)
