@@ -153,3 +153,64 @@ async def test_change_elsewhere_is_pushed_to_subscribers() -> None:
         assert update.key == "s" and revealed(update.lattice) == b"from another node"
         await cache.aclose()
         nursery.cancel_scope.cancel()
+
+
+class FailingReads(AsyncOnly):
+    """Reads fail (a Redis outage) once ``failing`` is set."""
+
+    name = "failing-reads"
+    failing = False
+
+    async def get(self, key: str) -> bytes | None:
+        if self.failing:
+            await trio.sleep(0)
+            from droplet.errors import StorageError
+
+            raise StorageError("redis://127.0.0.1:1 is unreachable")
+        return await super().get(key)
+
+
+async def test_a_backend_failure_when_a_wait_runs_out_answers_that_read_only(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The timer's read fails: that reader gets the error; the node keeps serving."""
+    from droplet.errors import StorageError
+
+    backend = FailingReads()
+    async with served(backend) as (service, peer):
+        async with trio.open_nursery() as nursery:
+            outcome: list[BaseException] = []
+
+            async def wait_for_absent() -> None:
+                try:
+                    await peer.request(KvsGet("absent", 10.0))
+                except StorageError as exc:
+                    outcome.append(exc)
+
+            nursery.start_soon(wait_for_absent)
+            await trio.sleep(5)
+            backend.failing = True
+        assert len(outcome) == 1 and "unreachable" in str(outcome[0])
+        backend.failing = False
+        assert await peer.request(KvsPut("k", lww(1, b"v"))) == KvsStored("LWW")
+        assert revealed((await peer.request(KvsGet("k"))).lattice) == b"v"
+
+
+async def test_a_one_way_read_never_waits_and_frees_no_slot() -> None:
+    async with served(MemoryBackend()) as (service, peer):
+        await peer.send(KvsGet("absent", 60.0))  # one-way: nobody to answer
+        assert await peer.request(KvsGet("other")) == KvsValue("other", None)
+        assert service.statistics().waiting_reads == 0
+
+
+async def test_a_subscription_over_the_cap_refuses_the_put_before_merging(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import droplet
+    import droplet.kvs.service as kvs_service
+
+    monkeypatch.setattr(kvs_service, "MAX_SUBSCRIPTIONS_PER_PEER", 1)
+    async with served(MemoryBackend()) as (service, peer):
+        await peer.request(KvsPut("a", lww(1, b"a"), True))
+        with pytest.raises(droplet.DropletError, match="at most 1"):
+            await peer.request(KvsPut("b", lww(1, b"b"), True))
+        assert await peer.request(KvsGet("b")) == KvsValue("b", None)  # nothing half-done
+        assert await peer.request(KvsPut("b", lww(1, b"b"))) == KvsStored("LWW")

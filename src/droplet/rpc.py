@@ -157,7 +157,12 @@ class Peer:
         await self._send_many([encode_message(msg) for msg in msgs])
 
     async def reply(self, request_id: int, msg: Any) -> None:
-        """Answer request ``request_id`` (used by handlers that returned DEFERRED)."""
+        """Answer request ``request_id`` (used by handlers that returned DEFERRED).
+
+        Request id 0 is a one-way message: nothing to answer, no slot to free.
+        """
+        if not request_id:
+            return
         try:
             try:
                 await self._send(encode_message(msg, request_id, reply=True))
@@ -189,6 +194,8 @@ class Peer:
 
     def post_reply(self, request_id: int, msg: Any) -> None:
         """:meth:`reply` through the outbox (the answer to a deferred request)."""
+        if not request_id:
+            return
         try:
             frame = encode_message(msg, request_id, reply=True)
         finally:

@@ -94,7 +94,7 @@ class _Slot:
         self.value: Any = None
         self.error: BaseException | None = None
         #: threads waiting for any of several slots (``BlockingPeer.wait_any``).
-        self.watchers: list[_AnyOf] | None = None
+        self.watchers: list[_AnyOf] = []
 
     def finish(self) -> None:
         """Mark answered (value or error already set) and wake whoever waits for it."""
@@ -345,8 +345,6 @@ class BlockingPeer:
         target = _AnyOf()
         watched = []
         for slot in slots:
-            if slot.watchers is None:
-                slot.watchers = []
             slot.watchers.append(target)
             watched.append(slot)
             if slot.done:
@@ -355,7 +353,6 @@ class BlockingPeer:
             return target.done or self._await(target, deadline)
         finally:
             for slot in watched:
-                assert slot.watchers is not None
                 slot.watchers.remove(target)
 
     def _await(self, target: _Slot | _AnyOf, deadline: float) -> bool:

@@ -193,7 +193,10 @@ class KvsService:
             self._pins.pop(msg.run_id, None)
             return None
         if kind is KvsForget:
-            await self._forget(msg.keys)
+            if self.backend.concurrent:  # many round trips: never in the reader
+                self._nursery.start_soon(self._forget, msg.keys)
+            else:
+                await self._forget(msg.keys)
             return None
         raise ProtocolError(f"the store does not serve {kind.__name__} messages")
 
@@ -230,7 +233,7 @@ class KvsService:
             self._subscribe(peer, msg.key)
         if msg.pin is not None:
             return KvsValue(msg.key, await self._pinned(msg.pin, msg.key))
-        wait = _bounded_wait(msg.wait)
+        wait = _bounded_wait(msg.wait) if request_id else 0.0  # one-way: nobody waits
         if value is not None or wait <= 0:
             return KvsValue(msg.key, value)
         # Registered before yielding, so a put that lands before the timer starts finds it.
@@ -250,12 +253,17 @@ class KvsService:
             if msg.subscribe:
                 await self._read_subscribing(peer, msg)
             return KvsValue(key, await self._pinned(msg.pin, key))
-        wait = _bounded_wait(msg.wait)
+        wait = _bounded_wait(msg.wait) if request_id else 0.0  # one-way: nobody waits
         if wait <= 0:
             return KvsValue(key, await self._read_subscribing(peer, msg))
         waiter = self._wait_for(peer, key, request_id, wait)  # before reading, not after
         try:
             value = await self._read_subscribing(peer, msg)
+        except Exception:
+            if waiter.answered:  # a put answered it meanwhile: that answer stands
+                return DEFERRED
+            self._drop_waiter(key, waiter)
+            raise
         except BaseException:
             self._drop_waiter(key, waiter)
             raise
@@ -333,8 +341,17 @@ class KvsService:
             pending.remove(waiter)
             if not pending:
                 del self._waiters[key]
-        if not waiter.peer.closed:
-            self._answer(waiter, KvsValue(key, await self._read(key)))
+        if waiter.peer.closed:
+            return
+        try:
+            value = await self._read(key)
+        except DropletError as exc:  # the backend failed (Redis): tell the reader
+            try:
+                waiter.peer.post_error(waiter.request_id, exc)
+            except DropletError:
+                pass  # it went away meanwhile
+            return
+        self._answer(waiter, KvsValue(key, value))
 
     def _answer(self, waiter: _Waiter, reply: KvsValue) -> None:
         try:
@@ -349,12 +366,18 @@ class KvsService:
             peer.on_close.append(self._forget_peer)
         if key in mine:
             return
-        if len(mine) >= MAX_SUBSCRIPTIONS_PER_PEER:
+        self._check_room(peer, key)
+        mine.add(key)
+        self._subscribers[key].add(peer)
+
+    @staticmethod
+    def _check_room(peer: Peer, key: str) -> None:
+        """Raise if ``peer`` may not subscribe to one more key (before any change is made)."""
+        mine: set[str] | None = peer.state.get("kvs_subscriptions")
+        if mine is not None and key not in mine and len(mine) >= MAX_SUBSCRIPTIONS_PER_PEER:
             raise DropletError(
                 f"a connection may subscribe to at most {MAX_SUBSCRIPTIONS_PER_PEER} keys; "
                 "unsubscribe some first")
-        mine.add(key)
-        self._subscribers[key].add(peer)
 
     def _unsubscribe(self, peer: Peer, key: str) -> None:
         mine: set[str] | None = peer.state.get("kvs_subscriptions")
@@ -376,6 +399,8 @@ class KvsService:
 
     async def _put(self, peer: Peer, msg: KvsPut, request_id: int) -> Any:
         self._puts += 1
+        if msg.subscribe:  # refused before the merge, not after it
+            self._check_room(peer, msg.key)
         backend = self.backend
         try:
             type_name, changed = backend.put_nowait(msg.key, msg.lattice)
@@ -426,7 +451,12 @@ class KvsService:
         for key in keys:
             if not is_result_key(key):
                 continue  # clients release call results only, never users' keys
-            if await self._delete(key):
+            try:
+                deleted = await self._delete(key)
+            except DropletError as exc:  # the backend failed: the TTL drops it later
+                log.debug("could not delete released result %r: %s", key, exc)
+                continue
+            if deleted:
                 self._results.pop(key, None)
             else:
                 forgotten[key] = now + self.result_ttl

@@ -438,8 +438,12 @@ class SchedulerService:
             except DropletError:
                 log.debug("caller of run %s went away", done.run_id)
             return
+        # In a task: this runs in the executor's reader, which must not wait on the store.
+        self._nursery.start_soon(self._record_failure, done.run_id, run.result_key, value)
+
+    async def _record_failure(self, run_id: str, result_key: str, value: bytes) -> None:
         try:
             await self._kvs.request(KvsPut(
-                run.result_key, encode_lattice(LWWLattice.now(value), dump=RAW)), KVS_TIMEOUT)
+                result_key, encode_lattice(LWWLattice.now(value), dump=RAW)), KVS_TIMEOUT)
         except DropletError as exc:
-            log.warning("could not record failure of run %s: %s", done.run_id, exc)
+            log.warning("could not record failure of run %s: %s", run_id, exc)
