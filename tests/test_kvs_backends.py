@@ -163,7 +163,7 @@ class FailingReads(AsyncOnly):
 
     async def get(self, key: str) -> bytes | None:
         if self.failing:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             from droplet.errors import StorageError
 
             raise StorageError("redis://127.0.0.1:1 is unreachable")

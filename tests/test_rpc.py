@@ -197,6 +197,25 @@ async def test_deferred_reply_error() -> None:
         await peer.aclose()
 
 
+async def test_a_posted_reply_over_the_frame_limit_becomes_an_error_reply() -> None:
+    """A deferred answer sent through the outbox that is too large reaches the caller
+    as an error naming the reason, instead of leaving it waiting for its timeout."""
+    from droplet.transports import TransportOptions
+
+    async def later(peer: Peer, msg: Any, request_id: int) -> Any:
+        peer.post_reply(request_id, Names(["x" * 10_000]))
+        return DEFERRED
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(partial(serve_peers, fresh_url(), later,
+                                          options=TransportOptions(max_frame_size=4096)))
+        peer = await connect_peer(url, nursery)
+        with trio.fail_after(10), pytest.raises(droplet.DropletError, match="too large"):
+            await peer.request(ListFunctions())
+        await peer.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_request_to_endpoint_without_handler_is_refused() -> None:
     """A server that asks the client something the client does not serve gets an error."""
     outcome: list[BaseException] = []

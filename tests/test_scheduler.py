@@ -135,3 +135,36 @@ async def test_a_forgotten_run_answers_its_caller(autojump_clock: trio.testing.M
         with pytest.raises(TimeoutError, match="unfinished after"):
             unwrap_result(decode_lattice(put.lattice, load=RAW).reveal())
         nursery.cancel_scope.cancel()
+
+
+async def test_two_concurrent_registrations_of_one_name_cannot_both_win(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The name is taken before the registry write is awaited, so of two different
+    shapes registered at once, one is refused (as it would be one after the other)."""
+    from droplet.errors import DagError
+    from droplet.protocol.messages import RegisterDag
+
+    async with trio.open_nursery() as nursery:
+        scheduler, _ = make_scheduler(nursery)
+        scheduler._functions["g"] = "v1"
+        kvs: Any = scheduler._kvs
+
+        async def slow_request(msg: Any, timeout: float | None = None) -> Any:
+            await trio.sleep(1)  # the store takes a while
+            kvs.sent.append(msg)
+
+        kvs.request = slow_request
+        outcomes: list[str] = []
+
+        async def register(functions: list[str], edges: list[list[str]]) -> None:
+            try:
+                await scheduler.handle(kvs, RegisterDag("d", functions, edges, []), 1)
+                outcomes.append("ok")
+            except DagError:
+                outcomes.append("refused")
+
+        async with trio.open_nursery() as both:
+            both.start_soon(register, ["f"], [])
+            both.start_soon(register, ["f", "g"], [["f", "g"]])
+        assert sorted(outcomes) == ["ok", "refused"]
+        nursery.cancel_scope.cancel()

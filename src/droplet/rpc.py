@@ -234,13 +234,30 @@ class Peer:
             try:
                 await self._send_many(frames)
             except ValueError:  # one of them is over max_frame_size: send the others
-                for frame in frames:
-                    try:
-                        await self._send(frame)
-                    except ValueError as exc:
-                        log.warning("dropped a message to %s: %s", self.remote, exc)
+                try:
+                    for frame in frames:
+                        try:
+                            await self._send(frame)
+                        except ValueError as exc:
+                            await self._refuse_oversize(frame, exc)
+                except ConnectionError:
+                    return
             except ConnectionError:
                 return
+
+    async def _refuse_oversize(self, frame: bytes, exc: ValueError) -> None:
+        """A posted frame is over max_frame_size: a reply becomes an error reply
+        (the caller learns why instead of waiting out its timeout); anything else
+        is logged and dropped."""
+        try:
+            msg, request_id, is_reply = decode_message(frame)
+        except ProtocolError:  # cannot happen for frames we encoded; be safe
+            is_reply, request_id, msg = False, 0, None
+        log.warning("dropped a %s to %s: %s", type(msg).__name__, self.remote, exc)
+        if is_reply and request_id:
+            await self._send(encode_message(
+                ErrorReply("DropletError", f"{type(msg).__name__} reply too large: {exc}"),
+                request_id, reply=True))
 
     async def _send(self, frame: bytes) -> None:
         await self._send_many((frame,))

@@ -235,9 +235,15 @@ class SchedulerService:
                 f"a different DAG named {msg.name!r} is already registered; "
                 "delete it first (delete_dag) or pick another name"
             )
+        self._dags[msg.name] = dag  # before awaiting: a concurrent registration sees it
         if old is None:
-            await self._kvs.request(KvsPut(REGISTRY_KEY, dag_entry(msg.name, dag)), KVS_TIMEOUT)
-        self._dags[msg.name] = dag
+            try:
+                await self._kvs.request(KvsPut(REGISTRY_KEY, dag_entry(msg.name, dag)),
+                                        KVS_TIMEOUT)
+            except BaseException:
+                if self._dags.get(msg.name) is dag:  # not stored: not registered
+                    del self._dags[msg.name]
+                raise
 
     # ------------------------------------------------------------------ executors
 
