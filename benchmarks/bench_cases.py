@@ -404,46 +404,50 @@ async def throughput(client: droplet.AsyncDropletClient, ctx: Context) -> Measur
     return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")
 
 
-@sync_throughput_case("throughput-sync",
-                      "N concurrent no-op calls from one DropletConnection: issue all "
-                      "f(i), then get() each future")
-def throughput_sync(conn: droplet.DropletConnection, ctx: Context) -> Measured:
-    f = conn.register(noop, "bench-noop")
-    for _ in range(ctx.warmup):
-        f(1).get()
-    n = ctx.concurrent_calls
+def issue_then_get(n: int, issue: Callable[[int], list[Any]],
+                   get: Callable[[Any], Any]) -> Measured:
+    """Issue ``n`` calls of ``i -> i`` at once, then ``get`` each future in order.
+
+    The latency of call *i* is the time from the first issue until its ``get``
+    returned; the note says how long issuing took. Shared by the sync throughput
+    rows and the peers (bench_peers.py).
+    """
     t0 = time.perf_counter_ns()
-    futures = [f(i) for i in range(n)]
+    futures = issue(n)
     issued = time.perf_counter_ns()
     latencies = [0] * n
     for i, future in enumerate(futures):
-        value = future.get()
+        value = get(future)
         latencies[i] = time.perf_counter_ns() - t0
         if value != i:
             raise AssertionError(f"call {i} returned {value!r}")
     total = time.perf_counter_ns() - t0
     return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")
+
+
+def _warm_noop(conn: droplet.DropletConnection, ctx: Context) -> Any:
+    f = conn.register(noop, "bench-noop")
+    for _ in range(ctx.warmup):
+        f(1).get()
+    return f
+
+
+@sync_throughput_case("throughput-sync",
+                      "N concurrent no-op calls from one DropletConnection: issue all "
+                      "f(i), then get() each future")
+def throughput_sync(conn: droplet.DropletConnection, ctx: Context) -> Measured:
+    f = _warm_noop(conn, ctx)
+    return issue_then_get(ctx.concurrent_calls, lambda n: [f(i) for i in range(n)],
+                          lambda future: future.get())
 
 
 @sync_throughput_case("map-throughput",
                       "N no-op calls from one DropletConnection in one f.map(range(N)) "
                       "(many calls per write), then get() each future")
 def map_throughput(conn: droplet.DropletConnection, ctx: Context) -> Measured:
-    f = conn.register(noop, "bench-noop")
-    for _ in range(ctx.warmup):
-        f(1).get()
-    n = ctx.concurrent_calls
-    t0 = time.perf_counter_ns()
-    futures = f.map(range(n))
-    issued = time.perf_counter_ns()
-    latencies = [0] * n
-    for i, future in enumerate(futures):
-        value = future.get()
-        latencies[i] = time.perf_counter_ns() - t0
-        if value != i:
-            raise AssertionError(f"call {i} returned {value!r}")
-    total = time.perf_counter_ns() - t0
-    return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")
+    f = _warm_noop(conn, ctx)
+    return issue_then_get(ctx.concurrent_calls, lambda n: f.map(range(n)),
+                          lambda future: future.get())
 
 
 def _model_functions() -> tuple[Callable[..., Any], ...]:

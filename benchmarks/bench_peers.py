@@ -18,11 +18,10 @@ on this machine; only loopback is used (Ray's and Dask's local clusters).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
-from bench_cases import MIB, Measured
+from bench_cases import MIB, Measured, issue_then_get
 
 __all__ = ["PEERS", "Peer"]
 
@@ -75,21 +74,6 @@ class Peer:
         self.close()
 
 
-def _sequential_gets(n: int, submit: Callable[[int], Any], get: Callable[[Any], Any]
-                     ) -> Measured:
-    t0 = time.perf_counter_ns()
-    futures = [submit(i) for i in range(n)]
-    issued = time.perf_counter_ns()
-    latencies = [0] * n
-    for i, future in enumerate(futures):
-        value = get(future)
-        latencies[i] = time.perf_counter_ns() - t0
-        if value != i:
-            raise AssertionError(f"call {i} returned {value!r}")
-    total = time.perf_counter_ns() - t0
-    return Measured(latencies, total, n, note=f"issue {(issued - t0) / 1e9:.2f} s")
-
-
 class RayPeer(Peer):
     name = "ray"
 
@@ -134,7 +118,8 @@ class RayPeer(Peer):
     def throughput(self, n: int, warmup: int) -> Measured:
         for _ in range(warmup):
             self._ray.get(self._noop.remote(1))
-        return _sequential_gets(n, self._noop.remote, self._ray.get)
+        return issue_then_get(n, lambda k: [self._noop.remote(i) for i in range(k)],
+                              self._ray.get)
 
     def close(self) -> None:
         self._ray.shutdown()
@@ -183,7 +168,8 @@ class DaskPeer(Peer):
     def throughput(self, n: int, warmup: int) -> Measured:
         for _ in range(warmup):
             self._submit(_identity, 1).result()
-        return _sequential_gets(n, lambda i: self._submit(_identity, i), lambda f: f.result())
+        return issue_then_get(n, lambda k: [self._submit(_identity, i) for i in range(k)],
+                              lambda f: f.result())
 
     def close(self) -> None:
         self._client.close()
