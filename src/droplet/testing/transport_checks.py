@@ -127,16 +127,28 @@ async def _vanish(conn: Connection) -> None:
 
 
 class _Listener:
-    """A running listener whose server-side connections the check drives itself."""
+    """A running listener whose server-side connections the check drives itself.
 
-    def __init__(self, url: str, accepted: trio.MemoryReceiveChannel[Connection]) -> None:
+    Client connections run their background tasks (if any) in ``nursery``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        accepted: trio.MemoryReceiveChannel[Connection],
+        nursery: trio.Nursery,
+    ) -> None:
         self.url = url
+        self.nursery = nursery
         self._accepted = accepted
         self._clients: list[Connection] = []
 
+    async def connect(self, options: TransportOptions) -> Connection:
+        return await get_transport(self.url).connect(self.url, options, self.nursery)
+
     async def pair(self, options: TransportOptions) -> tuple[Connection, Connection]:
         """Connect once; return (client end, server end)."""
-        client = await get_transport(self.url).connect(self.url, options)
+        client = await self.connect(options)
         self._clients.append(client)
         server = await self._accepted.receive()
         return client, server
@@ -158,7 +170,7 @@ async def _listening(base_url: str, options: TransportOptions) -> AsyncIterator[
     transport = get_transport(base_url)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(transport.serve, base_url, handler, options)
-        listener = _Listener(url, accepted_recv)
+        listener = _Listener(url, accepted_recv, nursery)
         try:
             yield listener
         finally:
@@ -427,10 +439,11 @@ async def check_connect_refused(
     """Connecting where nothing listens raises droplet's ConnectionError naming the URL."""
     async with _listening(base_url, options_server) as listener:
         url = listener.url
-    exc = await _expect_raises(
-        ConnectionError, f"connecting to {url} after its listener stopped",
-        get_transport(url).connect, url, options_client,
-    )
+    async with trio.open_nursery() as nursery:
+        exc = await _expect_raises(
+            ConnectionError, f"connecting to {url} after its listener stopped",
+            get_transport(url).connect, url, options_client, nursery,
+        )
     _expect(url in str(exc), f"ConnectionError does not name {url}: {exc}")
     if parse_address(url)[2] is not None:  # a network address: say how to get a node there
         _expect(
@@ -455,14 +468,14 @@ async def check_handler_peer_gone(
     async with trio.open_nursery() as nursery:
         url = await nursery.start(get_transport(base_url).serve, base_url, handler, options_server)
         transport = get_transport(url)
-        first = await transport.connect(url, options_client)
+        first = await transport.connect(url, options_client, nursery)
         await _expect_raises(
             (trio.EndOfChannel, trio.BrokenResourceError),
             "receiving from a handler that failed",
             first.receive,
         )
         await first.aclose()
-        second = await transport.connect(url, options_client)
+        second = await transport.connect(url, options_client, nursery)
         try:
             await second.send(b"echo")
             got = await second.receive()
