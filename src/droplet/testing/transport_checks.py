@@ -39,6 +39,7 @@ __all__ = [
     "check_aclose",
     "check_big_frames",
     "check_bound_url",
+    "check_cancelled_send",
     "check_clean_close",
     "check_concurrent_senders",
     "check_connect_refused",
@@ -414,6 +415,51 @@ async def check_aclose(
         await client.aclose()
 
 
+async def check_cancelled_send(
+    base_url: str, options_server: TransportOptions, options_client: TransportOptions
+) -> None:
+    """A send cancelled midway never tears a frame: the peer gets whole frames only.
+
+    The client sends big frames to a peer that does not read until one blocks,
+    and cancels it (partly written, on a socket). The transport may close the
+    connection (then the peer's receive ends) or keep it in step (then a later
+    frame arrives whole), never deliver part of a frame as a frame.
+    """
+    size = min(BIG_FRAME, options_server.max_frame_size, options_client.max_frame_size)
+    big = _pattern(4, 0, size - _HEADER.size)
+    async with _connected(base_url, options_server, options_client) as (client, server):
+        with trio.move_on_after(0.2):
+            while True:
+                await client.send(big)
+        sent_after: list[bool] = []
+
+        async def send_after() -> None:
+            try:
+                await client.send(b"after")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                sent_after.append(False)
+            else:
+                sent_after.append(True)
+
+        ended = (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError,
+                 ProtocolError)
+        connection_ended = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_after)  # a connection kept in step may be full
+            while True:
+                try:
+                    got = await server.receive()
+                except ended:
+                    connection_ended = True
+                    break
+                if got == b"after":
+                    break
+                _expect(got == big, f"a cancelled send tore a frame: got {len(got)} bytes")
+        if connection_ended:
+            _expect(sent_after == [False],
+                    "the connection ended, yet a send after the cancelled one succeeded")
+
+
 async def check_bound_url(
     base_url: str, options_server: TransportOptions, options_client: TransportOptions
 ) -> None:
@@ -496,6 +542,7 @@ CHECKS: dict[str, Check] = {
     "oversize_frame": check_oversize_frame,
     "limit_incoming": check_limit_incoming,
     "aclose": check_aclose,
+    "cancelled_send": check_cancelled_send,
     "bound_url": check_bound_url,
     "connect_refused": check_connect_refused,
     "handler_peer_gone": check_handler_peer_gone,

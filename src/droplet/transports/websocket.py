@@ -97,6 +97,7 @@ class _Adapter(trio.abc.Stream):
         self._gate: trio.Event | None = None
         self._held_writes = 0
         self._pending: list[bytes] = []
+        self.write_failure: BaseException | None = None  # a write that failed midway
 
     # ------------------------------------------------------ trio-websocket's private state
 
@@ -140,7 +141,14 @@ class _Adapter(trio.abc.Stream):
     # ------------------------------------------------------------------ writes
 
     def hold_writes(self, count: int) -> None:
-        self._held_writes = count
+        """Hold ``count`` more writes (a ``send_many`` of ``count + 1`` messages).
+
+        Counts add up, so concurrent ``send_many`` calls (or a pong the reader
+        writes meanwhile) interleave whole messages, in lock order, and the
+        last write of the last of them always finds nothing held: every call
+        adds one hold fewer than it writes.
+        """
+        self._held_writes += count
 
     def drop_held_writes(self) -> None:
         self._held_writes = 0
@@ -157,7 +165,16 @@ class _Adapter(trio.abc.Stream):
             self._pending.append(bytes(data))
             data = b"".join(self._pending)
             self._pending.clear()
-        await self.inner.send_all(data)
+        try:
+            await self.inner.send_all(data)
+        except BaseException as exc:
+            # Part of a message may be on the wire (a cancelled write): the
+            # connection is unusable, so close it rather than let it be reused.
+            self.drop_held_writes()
+            if self.write_failure is None:
+                self.write_failure = exc
+            await trio.aclose_forcefully(self.inner)
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -215,7 +232,6 @@ class WebSocketConnection(Connection):
         self.max_frame_size = options.max_frame_size
         self._incoming_limit = options.max_frame_size
         self._read_timeout = options.read_timeout
-        self._send_lock = trio.Lock()
         self._closed = False  # aclose() was called
         self._failure: BaseException | None = None  # how the connection ended, if we know
 
@@ -233,24 +249,24 @@ class WebSocketConnection(Connection):
                 raise ValueError(
                     f"frame of {len(frame)} bytes exceeds max_frame_size={self.max_frame_size}"
                 )
-        async with self._send_lock:
+        if self._closed:
+            raise trio.ClosedResourceError("connection is closed")
+        if self._failure is not None:
+            raise trio.BrokenResourceError(str(self._failure))
+        # No lock of our own: trio-websocket writes each message under its
+        # lock, and the adapter closes the stream if a write is cancelled midway.
+        self._stream.hold_writes(len(frames) - 1)
+        try:
+            for frame in frames:
+                await self._ws.send_message(frame if type(frame) is bytes else bytes(frame))
+        except ConnectionClosed as exc:
+            self._stream.drop_held_writes()
             if self._closed:
-                raise trio.ClosedResourceError("connection is closed")
-            if self._failure is not None:
-                raise trio.BrokenResourceError(str(self._failure))
-            self._stream.hold_writes(len(frames) - 1)
-            try:
-                for frame in frames:
-                    await self._ws.send_message(
-                        frame if type(frame) is bytes else bytes(frame))
-            except ConnectionClosed as exc:
-                self._stream.drop_held_writes()
-                raise trio.BrokenResourceError(self._why_closed(exc)) from None
-            except BaseException:
-                # Part of a message may be on the wire: this connection is unusable.
-                self._stream.drop_held_writes()
-                await self._abort(f"a send to {self.remote_address} failed midway")
-                raise
+                raise trio.ClosedResourceError("connection is closed") from None
+            raise trio.BrokenResourceError(self._why_closed(exc)) from None
+        except BaseException:
+            self._stream.drop_held_writes()
+            raise
 
     async def receive(self) -> bytes:
         if self._closed:
@@ -300,6 +316,11 @@ class WebSocketConnection(Connection):
         error: BaseException
         if self._failure is not None:
             error = self._failure
+        elif self._stream.write_failure is not None:
+            failure = self._stream.write_failure
+            what = "was cancelled" if isinstance(failure, trio.Cancelled) else f"failed ({failure})"
+            error = trio.BrokenResourceError(
+                f"a send to {self.remote_address} {what} midway; the connection was closed")
         elif self._stream.timed_out:
             error = ProtocolError(f"{self.remote_address} left a frame unfinished for "
                                   f"{self._read_timeout:g} s")
