@@ -233,7 +233,9 @@ class WebSocketConnection(Connection):
         self._incoming_limit = options.max_frame_size
         self._read_timeout = options.read_timeout
         self._closed = False  # aclose() was called
-        self._failure: BaseException | None = None  # how the connection ended, if we know
+        # How the connection ended, once it has: what receive raises (a fresh
+        # exception each time) and what a send says.
+        self._end: tuple[type[BaseException], str] | None = None
 
     def limit_incoming(self, max_frame_size: int | None) -> None:
         limit = self.max_frame_size if max_frame_size is None else max_frame_size
@@ -251,8 +253,8 @@ class WebSocketConnection(Connection):
                 )
         if self._closed:
             raise trio.ClosedResourceError("connection is closed")
-        if self._failure is not None:
-            raise trio.BrokenResourceError(str(self._failure))
+        if self._end is not None:
+            raise trio.BrokenResourceError(self._end[1] or self._gone())
         # No lock of our own: trio-websocket writes each message under its
         # lock, and the adapter closes the stream if a write is cancelled midway.
         self._stream.hold_writes(len(frames) - 1)
@@ -300,53 +302,59 @@ class WebSocketConnection(Connection):
     def _too_big(self) -> str:
         return f"{self.remote_address} sent a frame over max_frame_size={self._incoming_limit}"
 
+    def _gone(self) -> str:
+        return f"{self.remote_address} closed the connection"
+
     def _why_closed(self, exc: ConnectionClosed) -> str:
-        if self._failure is not None:
-            return str(self._failure)
+        if self._end is not None:
+            return self._end[1] or self._gone()
         reason = exc.reason
         if reason is None or reason.code == _ABNORMAL:
             return f"{self.remote_address} went away without a close frame"
         why = f" ({reason.reason})" if reason.reason else ""
         return f"{self.remote_address} closed the connection with code {reason.code}{why}"
 
-    async def _ended(self, exc: ConnectionClosed) -> BaseException:
-        """The exception ``receive`` raises for a connection trio-websocket saw end."""
+    def _classify(self, exc: ConnectionClosed) -> tuple[type[BaseException], str]:
+        """How a connection trio-websocket saw end ends for us (the first time)."""
         reason = exc.reason
         code = None if reason is None else reason.code
-        error: BaseException
-        if self._failure is not None:
-            error = self._failure
-        elif self._stream.write_failure is not None:
-            failure = self._stream.write_failure
-            what = "was cancelled" if isinstance(failure, trio.Cancelled) else f"failed ({failure})"
-            error = trio.BrokenResourceError(
+        why = "" if reason is None else reason.reason
+        write_failure = self._stream.write_failure
+        if write_failure is not None:
+            what = ("was cancelled" if isinstance(write_failure, trio.Cancelled)
+                    else f"failed ({write_failure})")
+            return trio.BrokenResourceError, (
                 f"a send to {self.remote_address} {what} midway; the connection was closed")
-        elif self._stream.timed_out:
-            error = ProtocolError(f"{self.remote_address} left a frame unfinished for "
-                                  f"{self._read_timeout:g} s")
-        elif code == _MESSAGE_TOO_BIG:
-            error = ProtocolError(f"{self._too_big()} ({reason and reason.reason})")
-        elif code is not None and code != _ABNORMAL and self._stream.parse_failed():
-            error = ProtocolError(f"{self.remote_address} sent an invalid WebSocket frame: "
-                                  f"{reason and reason.reason}")
-        elif code == _ABNORMAL and self._stream.message_started():
-            error = ProtocolError(f"{self.remote_address} closed the connection mid-frame")
-        elif code in _CLEAN_CODES:
-            error = trio.EndOfChannel()
-        else:
-            error = trio.BrokenResourceError(self._why_closed(exc))
-        if self._failure is None:
-            self._failure = error
-        if not isinstance(error, trio.EndOfChannel):
-            await self._abort(str(error))
-        return error
+        if self._stream.timed_out:
+            return ProtocolError, (f"{self.remote_address} left a frame unfinished for "
+                                   f"{self._read_timeout:g} s")
+        if code == _MESSAGE_TOO_BIG:
+            return ProtocolError, f"{self._too_big()} ({why})"
+        if code is not None and code != _ABNORMAL and self._stream.parse_failed():
+            return ProtocolError, f"{self.remote_address} sent an invalid WebSocket frame: {why}"
+        if code == _ABNORMAL and self._stream.message_started():
+            return ProtocolError, f"{self.remote_address} closed the connection mid-frame"
+        if code in _CLEAN_CODES:
+            return trio.EndOfChannel, ""
+        return trio.BrokenResourceError, self._why_closed(exc)
+
+    async def _ended(self, exc: ConnectionClosed) -> BaseException:
+        """The exception ``receive`` raises for a connection trio-websocket saw end.
+
+        The first time, the stream is closed too: the closing handshake (if
+        any) is over, and a peer that ends a connection is owed no more bytes.
+        """
+        if self._end is None:
+            self._end = self._classify(exc)
+            await self._abort()
+        cls, message = self._end
+        return cls(message) if message else cls()
 
     async def _fail(self, code: int, message: str) -> NoReturn:
         """The peer broke Droplet's rules: tell it why, hang up, raise ProtocolError."""
-        error = ProtocolError(message)
-        self._failure = error
+        self._end = (ProtocolError, message)
         await self._hang_up(code, message[:120])
-        raise error
+        raise ProtocolError(message)
 
     async def _hang_up(self, code: int, reason: str | None) -> None:
         """Run the closing handshake if possible, then close the stream and stop the reader.
@@ -364,9 +372,7 @@ class WebSocketConnection(Connection):
             await trio.aclose_forcefully(self._stream.inner)
         self._reader.scope.cancel()
 
-    async def _abort(self, reason: str) -> None:
-        if self._failure is None:
-            self._failure = trio.BrokenResourceError(reason)
+    async def _abort(self) -> None:
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self._stream.inner)
         self._reader.scope.cancel()
