@@ -61,9 +61,13 @@ log = logging.getLogger(__name__)
 #: reads, and 16 trips through wsproto, for a 64 KiB frame).
 RECEIVE_SIZE = 256 * 1024
 #: Whole messages the reader may queue ahead of ``receive`` (trio-websocket's
-#: default is 1). A few let one wake-up of the reader carry a burst of frames;
-#: each may be ``max_frame_size`` long, so this stays small.
-MESSAGE_QUEUE_SIZE = 4
+#: default is 1). Each may be ``max_frame_size`` long, so a connection whose
+#: consumer lags holds up to ``(MESSAGE_QUEUE_SIZE + 1) * max_frame_size``
+#: (the +1: the message the reader is assembling); while the queue is full the
+#: reader answers no ping or close. Two let a close frame that follows a
+#: frame or two be answered before they are read; latency does not change
+#: with it (every message still wakes the consumer once).
+MESSAGE_QUEUE_SIZE = 2
 #: Seconds ``aclose`` may spend on the closing handshake before it just hangs up.
 CLOSE_TIMEOUT = 1.0
 
