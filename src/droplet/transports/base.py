@@ -21,6 +21,7 @@ class Connection(abc.ABC):
     """A bidirectional, ordered, reliable stream of whole frames (``bytes``).
 
     Contract:
+
     - ``send`` may be called from many tasks at once; frames never interleave.
       A ``send`` cancelled midway leaves the connection closed, never half-written.
     - ``receive`` is called by one task at a time (the connection's reader). It
