@@ -225,12 +225,14 @@ async def check_order(
 async def check_send_many(
     base_url: str, options_server: TransportOptions, options_client: TransportOptions
 ) -> None:
-    """``send_many`` delivers its frames whole, in order, interleaved with ``send``."""
+    """``send_many`` delivers its frames whole, in order, interleaved with ``send``
+    (an empty ``send_many`` sends nothing)."""
     batches = [[_pattern(0, 3 * i + j, (i * 53 + j) % 2000) for j in range(3)]
                for i in range(50)]
     expected = [f for batch in batches for f in batch]
     async with _connected(base_url, options_server, options_client) as (client, server):
         async def send_all() -> None:
+            await client.send_many([])  # nothing: the stream stays in step
             for i, batch in enumerate(batches):
                 if i % 2:
                     await client.send_many(batch)

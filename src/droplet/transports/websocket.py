@@ -259,6 +259,9 @@ class WebSocketConnection(Connection):
             raise trio.ClosedResourceError("connection is closed")
         if self._end is not None:
             raise trio.BrokenResourceError(self._end[1] or self._gone())
+        if not frames:
+            await trio.lowlevel.checkpoint()
+            return
         # No lock of our own: trio-websocket writes each message under its
         # lock, and the adapter closes the stream if a write is cancelled midway.
         self._stream.hold_writes(len(frames) - 1)
