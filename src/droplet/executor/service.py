@@ -209,9 +209,13 @@ class ExecutorService:
         cls, nursery: trio.Nursery, *, url: str, scheduler_url: str, workers: int,
         token: str | None, options: Any = None, threads: int = 32,
         resources: dict[str, int] | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-        report_interval: float = 1.0,
+        report_interval: float = 1.0, node_id: str | None = None,
     ) -> ExecutorService:
-        """Connect to the scheduler and KVS, announce ``url``, return the ready service."""
+        """Connect to the scheduler and KVS, announce ``url``, return the ready service.
+
+        ``node_id`` names this executor to whoever started it (an adaptive
+        node finds its workers' addresses by it); a random one by default.
+        """
         from ..rpc import connect_peer
 
         holder: list[ExecutorService] = []
@@ -221,7 +225,7 @@ class ExecutorService:
 
         scheduler = await connect_peer(scheduler_url, nursery, token=token, handler=handle,
                                        options=options)
-        node_id = uuid.uuid4().hex[:12]
+        node_id = node_id or uuid.uuid4().hex[:12]
         info: ClusterInfo = await scheduler.request(
             ExecutorJoin(url, node_id, workers, dict(resources or {})), 30)
         if info.kvs in ("", scheduler_url):

@@ -76,8 +76,17 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", metavar="URL",
                    help="scheduler to join (role executor)")
     p.add_argument("--kvs", metavar="URL", help="storage node to use (role scheduler)")
-    p.add_argument("--executors", type=int, metavar="N",
-                   help="executor worker processes of the all-in-one node (default: 2)")
+    p.add_argument("--executors", metavar="N|MIN:MAX",
+                   help="executor worker processes of the all-in-one node (default: 2); "
+                   "MIN:MAX (e.g. 1:4) starts MIN and adds or stops workers with the load")
+    p.add_argument("--scale-up-queue", type=float, metavar="CALLS",
+                   help="adaptive executors: start one more when at least this many calls "
+                   "per executor wait for a thread (default: 1) ...")
+    p.add_argument("--scale-up-after", type=float, metavar="SECONDS",
+                   help="... for this long (default: 2)")
+    p.add_argument("--scale-down-after", type=float, metavar="SECONDS",
+                   help="adaptive executors: stop an executor (beyond MIN) after it was idle "
+                   "this long; it finishes its calls first (default: 30)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads per executor for sync functions (default: 32)")
     p.add_argument("--placement", choices=POLICIES,
@@ -177,7 +186,9 @@ async def _run(config: Config) -> int:
                 log.error("could not start: %s", reason)
                 nursery.cancel_scope.cancel()
                 return 1
-            workers = config.executors if config.role == "all" else 0
+            low, high = config.executor_range
+            workers = (f"{low}" if low == high else f"{low} to {high}"
+                       ) if config.role == "all" and low else ""
             extra = f" with {workers} executor workers" if workers else ""
             log.info("Droplet %s node ready at %s%s", config.role, node.url, extra)
             # One write, so worker processes sharing this stream cannot split the line.

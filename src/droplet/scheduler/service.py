@@ -18,6 +18,7 @@ import logging
 import pickle
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -54,7 +55,7 @@ from ..protocol.messages import (
 )
 from ..protocol.messages import decode as decode_message
 from ..rpc import DEFERRED, Peer
-from ..status import ClusterStatus
+from ..status import ClusterStatus, ScalingStatus
 from .dags import Dag, build_dag
 from .placement import Placement
 from .registry import dag_entry, decode_registry, function_entry
@@ -100,6 +101,12 @@ class _Executor:
     peer: Peer
     running: int = 0
     resources: dict[str, int] = attrs.Factory(dict)
+    node_id: str = ""
+    #: functions placed on it so far (adaptive executors: was it given work?)
+    placed: int = 0
+    #: being drained: no new calls; ``idle`` is set once nothing runs on it.
+    draining: bool = False
+    idle: trio.Event = attrs.Factory(trio.Event)
 
 
 class SchedulerService:
@@ -131,6 +138,8 @@ class SchedulerService:
         self.executors_changed = trio.Event()
         #: the executors' periodic reports, added up (status and metrics).
         self.view = ClusterView()
+        #: adaptive executors of this node (set by the node): their status record.
+        self.scaling: Callable[[], ScalingStatus | None] = lambda: None
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -143,8 +152,10 @@ class SchedulerService:
 
     def cluster_status(self) -> ClusterStatus:
         """The cluster as this scheduler sees it (``conn.status()``)."""
-        return self.view.status(self.node_id, list(self._functions), list(self._dags),
-                                trio.current_time())
+        status = self.view.status(self.node_id, list(self._functions), list(self._dags),
+                                  trio.current_time())
+        scaling = self.scaling()
+        return status if scaling is None else attrs.evolve(status, scaling=scaling)
 
     @property
     def executor_urls(self) -> list[str]:
@@ -248,7 +259,8 @@ class SchedulerService:
     # ------------------------------------------------------------------ executors
 
     def _join(self, peer: Peer, msg: ExecutorJoin) -> ClusterInfo:
-        self._executors[msg.url] = _Executor(msg.url, peer, resources=dict(msg.resources))
+        self._executors[msg.url] = _Executor(msg.url, peer, resources=dict(msg.resources),
+                                             node_id=msg.node_id)
         self.view.join(msg.url, msg.workers)
         peer.state["executor_url"] = msg.url
         peer.on_close.append(self._executor_left)
@@ -263,6 +275,7 @@ class SchedulerService:
         if url is None or ex is None or ex.peer is not peer:
             return
         del self._executors[url]
+        ex.idle.set()
         self.view.leave(url)
         if trio.current_effective_deadline() == float("-inf"):
             return  # this node is shutting down; nobody is left to tell
@@ -276,6 +289,51 @@ class SchedulerService:
         for run_id in lost:
             self._nursery.start_soon(self._fail_run, run_id, DropletError(
                 f"executor {url} disappeared while running this call; it was not completed"))
+
+    # ------------------------------------------------------------------ draining
+
+    def _placeable(self) -> list[str]:
+        """Executors that take new calls: all but those being drained (if any are left)."""
+        urls = [url for url, ex in self._executors.items() if not ex.draining]
+        return urls or list(self._executors)
+
+    def executor_url(self, node_id: str) -> str | None:
+        """The address of the joined executor that announced ``node_id``, if any."""
+        return next((url for url, ex in self._executors.items() if ex.node_id == node_id),
+                    None)
+
+    def executor_load(self, url: str) -> tuple[int, int]:
+        """Executor ``url``'s functions in flight now and placed so far ((0, 0): unknown)."""
+        ex = self._executors.get(url)
+        return (ex.running, ex.placed) if ex is not None else (0, 0)
+
+    async def drain(self, url: str) -> None:
+        """Stop placing calls on executor ``url``, then return once nothing runs on it.
+
+        Every run with a function placed there has finished (its result was
+        reported) when this returns, so the executor can stop without losing a
+        call. The executor is then forgotten (:meth:`retire`); a call placed
+        before the drain began still completes, a call placed after goes elsewhere.
+        """
+        ex = self._executors.get(url)
+        if ex is None:
+            return
+        ex.draining = True
+        if ex.running == 0:
+            ex.idle.set()
+        await ex.idle.wait()
+        self.retire(url)
+
+    def retire(self, url: str) -> None:
+        """Forget executor ``url`` (being stopped on purpose, with nothing running)."""
+        ex = self._executors.pop(url, None)
+        if ex is None:
+            return
+        ex.idle.set()
+        self.view.leave(url)
+        log.info("executor %s drained and retired", url)
+        self.executors_changed.set()
+        self.executors_changed = trio.Event()
 
     async def _fail_run(self, run_id: str, error: DropletError) -> None:
         value = pickle.dumps(_Failure(error))
@@ -354,12 +412,13 @@ class SchedulerService:
             versions.append(version)
         running = {url: ex.running for url, ex in self._executors.items()}
         gpus = [url for url, ex in self._executors.items() if ex.resources.get("gpu", 0) > 0]
-        where = self._placement.place(dag, list(self._executors), running, gpus)
+        where = self._placement.place(dag, self._placeable(), running, gpus)
         run_id = uuid.uuid4().hex
         deadline = time.time() + msg.timeout if msg.timeout else None
         placed = [where[fn] for fn in dag.functions]
         for url in placed:
             self._executors[url].running += 1
+            self._executors[url].placed += 1
         # A run with a continuation reports its result here, to start the next DAG.
         direct = caller is not None or then is not None
         self._runs[run_id] = _Run(placed, result_key, caller, msg.consistency,
@@ -403,6 +462,8 @@ class SchedulerService:
             ex = self._executors.get(url)
             if ex is not None and ex.running > 0:
                 ex.running -= 1
+                if ex.running == 0 and ex.draining:
+                    ex.idle.set()
 
     async def _run_done(self, msg: RunDone) -> None:
         run = self._runs.pop(msg.run_id, None)
