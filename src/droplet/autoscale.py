@@ -107,7 +107,7 @@ class Autoscaler:
         queued = sum(o.queued for o in executors.values())
         behind = bool(executors) and queued >= max(policy.up_queue, 1e-9) * len(executors)
         self._track_idle(now, executors)
-        if not behind:
+        if not behind or starting:  # a starting executor may be all it takes: wait for it
             self._behind_since = None
         elif self._behind_since is None:
             self._behind_since = now

@@ -1,0 +1,144 @@
+"""Adaptive executors in an embedded cluster: growth under a queue, shrink when idle, drains.
+
+Sync functions queue in their executor's worker threads (one thread each
+here), held by a gate key in the store. These tests run on the real clock
+(the functions run in threads, which a MockClock would outrun), with short
+thresholds and ``fail_after`` guards; nothing asserts a duration.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from droplet.client.aio import AsyncDropletClient
+from droplet.cluster import RunningCluster, open_local_cluster
+from droplet.node.pool import ExecutorPool
+
+FAST = {"threads": 1, "report_interval": 0.05, "scale_up_after": 0.1,
+        "scale_down_after": 0.3}
+#: thresholds no test reaches: the pool scales only when a test asks it to.
+MANUAL = {"threads": 1, "report_interval": 0.05, "scale_up_after": 1e6,
+          "scale_down_after": 1e6}
+
+
+def gated(lib: Any, x: int) -> int:
+    while not lib.get("gate"):
+        time.sleep(0.005)
+    return x * 2
+
+
+def _pool(cluster: RunningCluster) -> ExecutorPool:
+    assert cluster.node.pool is not None
+    return cluster.node.pool
+
+
+async def _wait_for(pool: ExecutorPool, check: Any) -> None:
+    while not check(pool.status()):
+        await pool.changed.wait()
+
+
+async def test_a_burst_grows_executors_and_idle_shrinks_them() -> None:
+    async with open_local_cluster((1, 3), **FAST) as cluster, cluster.client() as cloud:
+        pool = _pool(cluster)
+        assert pool.status().current == 1
+        await cloud.put_object("gate", False)
+        fn = await cloud.register(gated, "gated")
+        futures = []
+        with trio.fail_after(30):
+            while pool.status().current < 3:  # keep calls queueing until the maximum
+                futures.append(await fn(len(futures)))
+                await trio.sleep(0.02)
+        # Never past the maximum, whatever still queues.
+        for _ in range(5):
+            futures.append(await fn(len(futures)))
+            await trio.sleep(0.05)
+        assert pool.status().current + pool.status().starting == 3
+        await cloud.put_object("gate", True)
+        with trio.fail_after(30):
+            results = [await f.get() for f in futures]
+        assert results == [2 * i for i in range(len(futures))]
+        with trio.fail_after(30):
+            await _wait_for(pool, lambda s: s.current == 1 and not s.draining)
+        status = await cloud.status()
+        assert status.scaling is not None
+        assert (status.scaling.minimum, status.scaling.maximum) == (1, 3)
+        assert status.scaling.current == 1 and len(status.executors) == 1
+        directions = [e.direction for e in status.scaling.events]
+        assert directions == ["up", "up", "down", "down"]
+        assert [e.executors for e in status.scaling.events] == [2, 3, 2, 1]
+        assert len(cluster.node.executors) == 1
+        # Still serving after shrinking.
+        assert await (await fn(21)).get() == 42
+
+
+async def test_scale_down_drains_calls_in_flight_and_places_none_there() -> None:
+    async with open_local_cluster((1, 2), **MANUAL) as cluster, cluster.client() as cloud:
+        pool = _pool(cluster)
+        scheduler = cluster.node.scheduler
+        assert scheduler is not None
+        await cloud.put_object("gate", False)
+        fn = await cloud.register(gated, "gated")
+        second = pool.scale_up()
+        with trio.fail_after(30):
+            while scheduler.executor_url(second) is None:
+                await scheduler.executors_changed.wait()
+        url = scheduler.executor_url(second)
+        assert url is not None
+        futures = [await fn(i) for i in range(4)]  # spread over both executors
+        in_flight, placed = scheduler.executor_load(url)
+        assert in_flight >= 1
+        pool.scale_down(second)
+        await trio.sleep(0.2)
+        assert pool.slots[second] == "draining"
+        assert pool.status().draining == 1 and pool.status().current == 1
+        # New calls go elsewhere while it drains.
+        futures += [await fn(i) for i in range(4, 10)]
+        assert scheduler.executor_load(url) == (in_flight, placed)
+        assert url in scheduler.executor_urls  # still there: its calls are not done
+        await cloud.put_object("gate", True)
+        with trio.fail_after(30):
+            results = [await f.get() for f in futures]
+            await _wait_for(pool, lambda s: s.draining == 0)
+        assert results == [2 * i for i in range(10)]
+        assert second not in pool.slots and url not in scheduler.executor_urls
+        assert pool.status().scale_downs == 1
+        assert await (await fn(5)).get() == 10
+
+
+async def test_calls_keep_completing_while_executors_come_and_go() -> None:
+    """A steady stream of calls across several scale-downs: none lost, none hangs."""
+    async with open_local_cluster((1, 3), **MANUAL) as cluster, cluster.client() as cloud:
+        pool = _pool(cluster)
+        await cloud.put_object("gate", True)  # calls run through at once
+        fn = await cloud.register(gated, "gated")
+        futures = []
+
+        async def churn() -> None:
+            for _ in range(3):
+                started = pool.scale_up()
+                await trio.sleep(0.1)
+                pool.scale_down(started)
+                await trio.sleep(0.1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(churn)
+            for i in range(60):
+                futures.append(await fn(i))
+                await trio.sleep(0.01)
+        with trio.fail_after(30):
+            results = [await f.get() for f in futures]
+            await _wait_for(pool, lambda s: s.current == 1 and not (s.starting or s.draining))
+        assert results == [2 * i for i in range(60)]
+        assert pool.status().scale_downs == 3
+
+
+async def test_fixed_executors_report_no_scaling() -> None:
+    async with open_local_cluster(2, threads=1) as cluster:
+        client: AsyncDropletClient
+        async with cluster.client() as client:
+            status = await client.status()
+        assert status.scaling is None
+        assert _pool(cluster).status().current == 2
