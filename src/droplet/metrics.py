@@ -66,6 +66,9 @@ class NodeCollector(Collector):
                                      scheduler.statistics().runs_in_flight)
         elif self._node.executors:
             yield from self._local(self._node.executors)
+        pool = getattr(self._node, "pool", None)
+        if scheduler is None and pool is not None and pool.policy.adaptive:
+            yield from _scaling_metrics(pool.status())  # an adaptive executor node
 
     @staticmethod
     def _cluster(status: Any, runs: int) -> Iterator[Metric]:

@@ -35,8 +35,9 @@ from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, GetStatistics, Hello, Statistics
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
 from ..scheduler.service import SchedulerService
+from ..transports.registry import parse_address
 from ._main import WATCH_PARENT_ENV
-from .pool import ExecutorPool
+from .pool import ExecutorPool, LocalControl, RemoteControl
 
 __all__ = ["Node", "Router", "serve_node"]
 
@@ -139,6 +140,11 @@ async def serve_node(
     token = config.token
     async with trio.open_nursery() as nursery:
         router = Router()
+        if config.role == "executor" and config.max_executors is not None:
+            node = await _start_executor_pool(nursery, config, client_opts)
+            await _start_metrics(nursery, config, node)
+            task_status.started(node)
+            return
         if config.role == "executor":
             node = await _start_executor(nursery, config, config.listen_url, token,
                                          server_opts, client_opts, limits,
@@ -265,7 +271,7 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
     policy = ScalingPolicy(minimum, maximum, up_queue=config.scale_up_queue,
                            up_after=config.scale_up_after,
                            down_after=config.scale_down_after)
-    node.pool = pool = ExecutorPool(scheduler, launch, policy,
+    node.pool = pool = ExecutorPool(LocalControl(scheduler), launch, policy,
                                     interval=config.report_interval,
                                     name=f"{uuid.uuid4().hex[:8]}-w")
     if policy.adaptive:
@@ -278,9 +284,50 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
         raise RuntimeError(
             f"only {len(scheduler.executor_urls)} of {minimum} executor workers "
             f"joined within {EXECUTOR_JOIN_TIMEOUT:g} s; see the log above")
+    await pool.refresh()  # their addresses, before anyone asks for the status
     public_url: str = await nursery.start(_serve, config.listen_url, router, token,
                                           server_opts, limits)
     return public_url
+
+
+async def _start_executor_pool(nursery: trio.Nursery, config: Config, client_opts: Any
+                               ) -> Node:
+    """``--role executor --executors MIN:MAX``: worker processes joining a remote scheduler.
+
+    Each worker is an ordinary executor process; this process starts them,
+    asks the scheduler how they are doing and has it drain one before it stops.
+    """
+    if not config.scheduler:
+        raise ValueError("--role executor needs --scheduler URL")
+    control = await connect_peer(config.scheduler, nursery, token=config.token,
+                                 options=client_opts)
+    launch = functools.partial(_supervise_worker, scheduler_url=config.scheduler,
+                               config=config, listen=_worker_listen(config))
+    minimum, maximum = config.executor_range
+    policy = ScalingPolicy(minimum, maximum, up_queue=config.scale_up_queue,
+                           up_after=config.scale_up_after,
+                           down_after=config.scale_down_after)
+    pool = ExecutorPool(RemoteControl(control), launch, policy,
+                        interval=config.report_interval, name=f"{uuid.uuid4().hex[:8]}-w")
+    await nursery.start(pool.run)
+    with trio.move_on_after(EXECUTOR_JOIN_TIMEOUT):
+        while pool.status().current < minimum:
+            await trio.sleep(0.1)
+            await pool.refresh()
+    running = [slot for slot, state in pool.slots.items() if state == "running"]
+    if len(running) < minimum:
+        raise RuntimeError(
+            f"only {len(running)} of {minimum} executor workers joined {config.scheduler} "
+            f"within {EXECUTOR_JOIN_TIMEOUT:g} s; see the log above")
+    return Node(pool.url_of(running[0]) or config.scheduler, "executor", pool=pool)
+
+
+def _worker_listen(config: Config) -> str | None:
+    """Where an executor node's workers listen: its host, any free port."""
+    if not config.listen:
+        return None
+    scheme, host, _ = parse_address(config.listen_url)
+    return f"{scheme}://[{host}]:0" if ":" in host else f"{scheme}://{host}:0"
 
 
 async def _run_in_process(node: Node, scheduler_url: str, base: str, config: Config,
@@ -298,7 +345,8 @@ async def _run_in_process(node: Node, scheduler_url: str, base: str, config: Con
                 node.executors.remove(ex)
 
 
-async def _supervise_worker(index: str, *, scheduler_url: str, config: Config) -> None:
+async def _supervise_worker(index: str, *, scheduler_url: str, config: Config,
+                            listen: str | None = None) -> None:
     """Run executor worker ``index`` as a child process, restarting it if it dies."""
     cmd = [sys.executable, "-m", "droplet.node", "--role", "executor",
            "--scheduler", scheduler_url, "--threads", str(config.threads),
@@ -307,6 +355,14 @@ async def _supervise_worker(index: str, *, scheduler_url: str, config: Config) -
            "--report-interval", repr(config.report_interval)]
     if config.resources:
         cmd += ["--resources", config.resources]
+    if listen is not None:
+        cmd += ["--listen", listen]
+    for flag, value in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key),
+                        ("--tls-ca", config.tls_ca)):
+        if value:
+            cmd += [flag, value]
+    if config.insecure:
+        cmd.append("--insecure")
     env = dict(os.environ)
     if config.token:
         env["DROPLET_TOKEN"] = config.token  # never on the command line (visible in ps)

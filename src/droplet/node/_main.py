@@ -187,8 +187,9 @@ async def _run(config: Config) -> int:
                 nursery.cancel_scope.cancel()
                 return 1
             low, high = config.executor_range
+            pooled = config.role == "all" or config.max_executors is not None
             workers = (f"{low}" if low == high else f"{low} to {high}"
-                       ) if config.role == "all" and low else ""
+                       ) if pooled and low else ""
             extra = f" with {workers} executor workers" if workers else ""
             log.info("Droplet %s node ready at %s%s", config.role, node.url, extra)
             # One write, so worker processes sharing this stream cannot split the line.

@@ -3,7 +3,11 @@
 :class:`ExecutorPool` runs each executor in a *slot* (a cancel scope around
 ``launch(slot_id)``: a child process, or an in-process executor for the
 embedded cluster). The executor announces the slot id when it joins the
-scheduler, which is how the pool finds its address.
+scheduler, which is how the pool finds its address. The pool talks to the
+scheduler through a small :class:`PoolControl`: method calls on the node's
+own scheduler (:class:`LocalControl`, the all-in-one node) or requests to a
+remote one (:class:`RemoteControl`, an ``--role executor`` node whose
+workers are child processes).
 
 With ``--executors MIN:MAX`` the pool asks its
 :class:`~droplet.autoscale.Autoscaler` once per report period what to do,
@@ -17,6 +21,7 @@ there; one placed after goes to another executor.
 
 from __future__ import annotations
 
+import abc
 import itertools
 import logging
 import time
@@ -27,15 +32,86 @@ import attrs
 import trio
 
 from ..autoscale import UP, Autoscaler, Observation, ScalingPolicy
+from ..errors import ProtocolError, TimeoutError
+from ..protocol.messages import BoolReply, DrainExecutor, PoolQuery, PoolReply
+from ..rpc import Peer
 from ..scheduler.service import SchedulerService
 from ..status import ScaleEvent, ScalingStatus
 
-__all__ = ["MAX_EVENTS", "ExecutorPool"]
+__all__ = ["MAX_EVENTS", "ExecutorPool", "LocalControl", "PoolControl", "RemoteControl"]
 
 log = logging.getLogger("droplet.node")
 
 #: Scale events kept for the status view.
 MAX_EVENTS = 20
+
+
+#: Seconds a remote scheduler gets to answer a pool query (the tick is skipped if not).
+QUERY_TIMEOUT = 10.0
+#: A remote drain request is repeated after this long (drains last as long as calls).
+DRAIN_RETRY = 60.0
+
+
+class PoolControl(abc.ABC):
+    """What a pool needs of its scheduler."""
+
+    @abc.abstractmethod
+    async def executors(self, prefix: str) -> dict[str, tuple[str, Observation]]:
+        """``{node id: (url, observation)}`` of joined executors with node ids ``prefix...``.
+
+        Executors being drained are left out.
+        """
+
+    @abc.abstractmethod
+    async def drain(self, url: str) -> None:
+        """Return once the scheduler placed nothing more on ``url`` and nothing runs there."""
+
+
+def _observation(busy: int, queued: int, running: int, in_flight: int, placed: int
+                 ) -> Observation:
+    return Observation(busy, queued, max(running, in_flight), placed)
+
+
+class LocalControl(PoolControl):
+    """The scheduler of this process (the all-in-one node)."""
+
+    def __init__(self, scheduler: SchedulerService) -> None:
+        self.scheduler = scheduler
+
+    async def executors(self, prefix: str) -> dict[str, tuple[str, Observation]]:
+        return {node_id: (url, _observation(*load))
+                for node_id, url, *load in self.scheduler.pool_view(prefix)}
+
+    async def drain(self, url: str) -> None:
+        await self.scheduler.drain(url)
+
+
+class RemoteControl(PoolControl):
+    """A scheduler in another process, over a link to it (an ``--role executor`` node)."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    async def executors(self, prefix: str) -> dict[str, tuple[str, Observation]]:
+        reply = await self.peer.request(PoolQuery(prefix), QUERY_TIMEOUT)
+        if type(reply) is not PoolReply:
+            raise ProtocolError(f"expected PoolReply, got {type(reply).__name__}")
+        columns = (reply.node_ids, reply.urls, reply.busy, reply.queued, reply.running,
+                   reply.in_flight, reply.placed)
+        if len({len(c) for c in columns}) != 1:
+            raise ProtocolError("PoolReply lists differ in length")
+        return {node_id: (url, _observation(*load))
+                for node_id, url, *load in zip(*columns, strict=True)}
+
+    async def drain(self, url: str) -> None:
+        while True:
+            try:
+                reply = await self.peer.request(DrainExecutor(url), DRAIN_RETRY)
+            except TimeoutError:
+                continue  # still running calls; ask again (a drain is idempotent)
+            if type(reply) is not BoolReply:
+                raise ProtocolError(f"expected BoolReply, got {type(reply).__name__}")
+            return
 
 
 @attrs.define(eq=False)
@@ -50,11 +126,14 @@ class _Slot:
 class ExecutorPool:
     """MIN to MAX executors of one node (a fixed number when MIN == MAX)."""
 
-    def __init__(self, scheduler: SchedulerService, launch: Callable[[str], Awaitable[None]],
+    def __init__(self, control: PoolControl, launch: Callable[[str], Awaitable[None]],
                  policy: ScalingPolicy, *, interval: float = 1.0, name: str = "w") -> None:
         if interval <= 0:
             raise ValueError(f"interval must be positive, not {interval!r}")
-        self._scheduler = scheduler
+        if not name:
+            raise ValueError("a pool needs a name (the prefix of its executors' node ids)")
+        self._control = control
+        self._prefix = name
         self._launch = launch
         self.policy = policy
         self.interval = interval
@@ -62,6 +141,7 @@ class ExecutorPool:
         self._ids = (f"{name}{i}" for i in itertools.count())
         self._slots: dict[str, _Slot] = {}
         self._nursery: trio.Nursery | None = None
+        self._observed: dict[str, Observation] = {}
         self.events: deque[ScaleEvent] = deque(maxlen=MAX_EVENTS)
         self.scale_ups = 0
         self.scale_downs = 0
@@ -76,36 +156,39 @@ class ExecutorPool:
             for _ in range(self.policy.minimum):
                 self._start_slot()
             task_status.started()
-            if not self.policy.adaptive:
-                await trio.sleep_forever()
             while True:
+                await self.refresh()
+                if self.policy.adaptive:
+                    self.decide(trio.current_time())
                 await trio.sleep(self.interval)
-                self.tick(trio.current_time())
 
     # ------------------------------------------------------------------ decisions
 
-    def _observe(self, now: float) -> dict[str, Observation]:
-        reported = {e.url: e for e in self._scheduler.view.status("", [], [], now).executors}
-        found = {}
+    async def refresh(self) -> None:
+        """Learn which executors joined, their addresses and load, from the scheduler."""
+        try:
+            joined = await self._control.executors(self._prefix)
+        except (ProtocolError, TimeoutError) as exc:
+            log.warning("could not ask the scheduler about this node's executors: %s", exc)
+            return
+        changed = False
+        self._observed = {}
         for slot in self._slots.values():
             if slot.state == "draining":
                 continue
-            slot.url = self._scheduler.executor_url(slot.id)
-            slot.state = "running" if slot.url else "starting"
-            if slot.url is None:
-                continue
-            in_flight, placed = self._scheduler.executor_load(slot.url)
-            report = reported.get(slot.url)
-            if report is None:
-                found[slot.id] = Observation(running=in_flight, placed=placed)
-            else:
-                found[slot.id] = Observation(report.busy, report.queued,
-                                             max(report.running, in_flight), placed)
-        return found
+            url, observation = joined.get(slot.id, (None, None))
+            state = "running" if url else "starting"
+            changed |= state != slot.state or url != slot.url
+            slot.url, slot.state = url, state
+            if observation is not None:
+                self._observed[slot.id] = observation
+        if changed:
+            self._changed()
 
-    def tick(self, now: float) -> None:
-        """Look at the executors once and start or drain one if the autoscaler says so."""
-        observed = self._observe(now)
+    def decide(self, now: float) -> None:
+        """Start or drain one executor if the autoscaler says so (after :meth:`refresh`)."""
+        observed = {k: v for k, v in self._observed.items()
+                    if self._slots.get(k) is not None and self._slots[k].state == "running"}
         decision = self.autoscaler.observe(
             now, observed, starting=self._count("starting"), draining=self._count("draining"))
         if decision == UP:
@@ -136,9 +219,13 @@ class ExecutorPool:
         self._nursery.start_soon(self._drain, slot, reason)
 
     async def _drain(self, slot: _Slot, reason: str) -> None:
-        url = self._scheduler.executor_url(slot.id)
-        if url is not None:
-            await self._scheduler.drain(url)
+        try:  # it may have joined since the last look
+            joined = await self._control.executors(self._prefix)
+            slot.url = joined[slot.id][0] if slot.id in joined else slot.url
+        except (ProtocolError, TimeoutError) as exc:
+            log.warning("could not ask the scheduler about executor %s: %s", slot.id, exc)
+        if slot.url is not None:
+            await self._control.drain(slot.url)
         slot.scope.cancel()
         self.scale_downs += 1
         self._event("down", self._count("running", "starting"), reason)
@@ -173,12 +260,13 @@ class ExecutorPool:
 
     @property
     def slots(self) -> dict[str, str]:
-        """Each executor's slot id and state (starting, running or draining)."""
-        for slot in self._slots.values():
-            if slot.state != "draining":
-                slot.url = self._scheduler.executor_url(slot.id)
-                slot.state = "running" if slot.url else "starting"
+        """Each executor's slot id and state (starting, running or draining), as last seen."""
         return {s.id: s.state for s in self._slots.values()}
+
+    def url_of(self, slot_id: str) -> str | None:
+        """Where executor ``slot_id`` serves, once it joined (as last seen)."""
+        slot = self._slots.get(slot_id)
+        return slot.url if slot is not None else None
 
     def status(self) -> ScalingStatus:
         states = list(self.slots.values())

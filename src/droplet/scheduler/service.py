@@ -36,6 +36,7 @@ from ..protocol.messages import (
     ClusterInfo,
     DagResult,
     DeleteDag,
+    DrainExecutor,
     ExecutorJoin,
     ExecutorReport,
     FunctionExists,
@@ -47,6 +48,8 @@ from ..protocol.messages import (
     ListDags,
     ListFunctions,
     Names,
+    PoolQuery,
+    PoolReply,
     RegisterDag,
     RegisterFunction,
     RunDone,
@@ -113,6 +116,7 @@ class SchedulerService:
     MESSAGES = (
         Hello, ExecutorJoin, RegisterFunction, ListFunctions, FunctionExists,
         RegisterDag, DeleteDag, CallDag, RunDone, ExecutorReport, GetStatus, ListDags,
+        PoolQuery, DrainExecutor,
     )
 
     def __init__(
@@ -195,6 +199,14 @@ class SchedulerService:
             return None
         if kind is ExecutorJoin:
             return self._join(peer, msg)
+        if kind is PoolQuery:
+            return self._pool_reply(msg.prefix)
+        if kind is DrainExecutor:
+            if msg.url not in self._executors:
+                return BoolReply(False)
+            # Deferred: a drain lasts as long as the calls running there.
+            self._nursery.start_soon(self._drain_for, peer, request_id, msg.url)
+            return DEFERRED
         raise ProtocolError(f"the scheduler does not serve {kind.__name__} messages")
 
     # ------------------------------------------------------------------ registry
@@ -323,6 +335,34 @@ class SchedulerService:
             ex.idle.set()
         await ex.idle.wait()
         self.retire(url)
+
+    def pool_view(self, prefix: str) -> list[tuple[str, str, int, int, int, int, int]]:
+        """``(node_id, url, busy, queued, running, in flight, placed)`` of the joined
+        executors whose node id starts with ``prefix`` (an adaptive node's workers)."""
+        if not prefix:
+            raise ProtocolError("a pool query needs a non-empty node id prefix")
+        reported = {e.url: e for e in self.view.status("", [], [], trio.current_time())
+                    .executors}
+        found = []
+        for url, ex in self._executors.items():
+            if ex.draining or not ex.node_id.startswith(prefix):
+                continue
+            r = reported.get(url)
+            busy, queued, running = (r.busy, r.queued, r.running) if r else (0, 0, 0)
+            found.append((ex.node_id, url, busy, queued, running, ex.running, ex.placed))
+        return found
+
+    def _pool_reply(self, prefix: str) -> PoolReply:
+        rows = self.pool_view(prefix)
+        columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[]] * 7
+        return PoolReply(*columns)
+
+    async def _drain_for(self, peer: Peer, request_id: int, url: str) -> None:
+        await self.drain(url)
+        try:
+            peer.post_reply(request_id, BoolReply(True))
+        except DropletError:
+            log.debug("the node that asked to drain %s went away", url)
 
     def retire(self, url: str) -> None:
         """Forget executor ``url`` (being stopped on purpose, with nothing running)."""
