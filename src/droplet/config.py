@@ -135,12 +135,13 @@ def parse_executors(value: Any) -> tuple[int, int | None]:
         except ValueError:
             low = high = None
         if low is None:
-            raise ValueError(f"executors must be a count or MIN:MAX (e.g. 1:4), "
-                             f"not {value!r}") from None
+            raise ValueError(f"executors must be an integer or MIN:MAX (e.g. 1:4), "
+                             f"not str {value!r}") from None
         if high is None:
             return low, None
     else:
-        raise ValueError(f"executors must be a count or (MIN, MAX), not {value!r}")
+        raise ValueError(f"executors must be an integer or (MIN, MAX), "
+                         f"not {type(value).__name__} {value!r}")
     if type(low) is not int or type(high) is not int or not 1 <= low <= high:
         raise ValueError(f"executors MIN:MAX needs whole numbers 1 <= MIN <= MAX, "
                          f"not {value!r}")
