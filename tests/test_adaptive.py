@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 import trio
 
 from droplet.client.aio import AsyncDropletClient
@@ -70,6 +71,9 @@ async def test_a_burst_grows_executors_and_idle_shrinks_them() -> None:
         assert directions == ["up", "up", "down", "down"]
         assert [e.executors for e in status.scaling.events] == [2, 3, 2, 1]
         assert len(cluster.node.executors) == 1
+        # Drained executors sent their last report before they stopped: every call counted.
+        function = status.function("gated")
+        assert function is not None and function.calls == len(futures)
         # Still serving after shrinking.
         assert await (await fn(21)).get() == 42
 
@@ -105,6 +109,10 @@ async def test_scale_down_drains_calls_in_flight_and_places_none_there() -> None
         assert results == [2 * i for i in range(10)]
         assert second not in pool.slots and url not in scheduler.executor_urls
         assert pool.status().scale_downs == 1
+        # The drained executor's last report (its last calls) reached the scheduler.
+        with trio.fail_after(10):
+            while (await cloud.status()).function("gated").calls < 10:  # type: ignore[union-attr]
+                await trio.sleep(0.05)
         assert await (await fn(5)).get() == 10
 
 
@@ -142,3 +150,29 @@ async def test_fixed_executors_report_no_scaling() -> None:
             status = await client.status()
         assert status.scaling is None
         assert _pool(cluster).status().current == 2
+
+
+async def test_pool_messages_answer_and_refuse_bad_requests() -> None:
+    from droplet.errors import ProtocolError
+    from droplet.protocol.messages import BoolReply, DrainExecutor, PoolQuery, PoolReply
+    from droplet.rpc import connect_peer
+
+    async with open_local_cluster((1, 2), **MANUAL) as cluster, \
+            trio.open_nursery() as nursery:
+        pool = _pool(cluster)
+        (slot,) = pool.slots
+        prefix = slot[:-1]
+        peer = await connect_peer(cluster.address, nursery)
+        reply = await peer.request(PoolQuery(prefix), 10)
+        assert isinstance(reply, PoolReply)
+        assert reply.node_ids == [slot] and reply.urls == [pool.url_of(slot)]
+        assert await peer.request(PoolQuery("no-such-prefix"), 10) == PoolReply(
+            [], [], [], [], [], [], [])
+        with pytest.raises(ProtocolError, match="prefix"):
+            await peer.request(PoolQuery(""), 10)
+        assert await peer.request(DrainExecutor("tcp://nowhere:1"), 10) == BoolReply(False)
+        # Still serving after the bad requests.
+        async with cluster.client() as cloud:
+            fn = await cloud.register(lambda _, x: x + 1, "after_pool_messages")
+            assert await (await fn(1)).get() == 2
+        nursery.cancel_scope.cancel()

@@ -73,6 +73,8 @@ RUN_TTL = 3600.0
 SWEEP_EVERY = 1024
 #: Seconds the scheduler waits for the store (registrations, recorded failures).
 KVS_TIMEOUT = 30.0
+#: Seconds a drained executor may take to send its last report before it is retired.
+DRAIN_REPORT_WAIT = 5.0
 #: Most DAG calls chained by continuations in one call.
 MAX_CONTINUATIONS = 32
 
@@ -110,6 +112,8 @@ class _Executor:
     #: being drained: no new calls; ``idle`` is set once nothing runs on it.
     draining: bool = False
     idle: trio.Event = attrs.Factory(trio.Event)
+    #: set (and replaced) by each of its reports.
+    reported: trio.Event = attrs.Factory(trio.Event)
 
 
 class SchedulerService:
@@ -176,6 +180,10 @@ class SchedulerService:
             if peer.state.get("executor_url") != msg.url:
                 raise ProtocolError(f"report for {msg.url!r} from a peer that is not it")
             self.view.report(msg, trio.current_time(), self._functions)
+            ex = self._executors.get(msg.url)
+            if ex is not None:
+                ex.reported.set()
+                ex.reported = trio.Event()
             return None
         if kind is GetStatus:
             return StatusReply(self.cluster_status().to_json())
@@ -334,6 +342,10 @@ class SchedulerService:
         if ex.running == 0:
             ex.idle.set()
         await ex.idle.wait()
+        if self._executors.get(url) is ex:
+            # Its next report counts the calls it finished last; then it may go.
+            with trio.move_on_after(DRAIN_REPORT_WAIT):
+                await ex.reported.wait()
         self.retire(url)
 
     def pool_view(self, prefix: str) -> list[tuple[str, str, int, int, int, int, int]]:
