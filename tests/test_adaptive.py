@@ -18,10 +18,10 @@ from droplet.client.aio import AsyncDropletClient
 from droplet.cluster import RunningCluster, open_local_cluster
 from droplet.node.pool import ExecutorPool
 
-FAST = {"threads": 1, "report_interval": 0.05, "scale_up_after": 0.1,
+FAST: dict[str, Any] = {"threads": 1, "report_interval": 0.05, "scale_up_after": 0.1,
         "scale_down_after": 0.3}
 #: thresholds no test reaches: the pool scales only when a test asks it to.
-MANUAL = {"threads": 1, "report_interval": 0.05, "scale_up_after": 1e6,
+MANUAL: dict[str, Any] = {"threads": 1, "report_interval": 0.05, "scale_up_after": 1e6,
           "scale_down_after": 1e6}
 
 
@@ -47,7 +47,7 @@ async def test_a_burst_grows_executors_and_idle_shrinks_them() -> None:
         assert pool.status().current == 1
         await cloud.put_object("gate", False)
         fn = await cloud.register(gated, "gated")
-        futures = []
+        futures: list[Any] = []
         with trio.fail_after(30):
             while pool.status().current < 3:  # keep calls queueing until the maximum
                 futures.append(await fn(len(futures)))
@@ -125,7 +125,7 @@ async def test_calls_keep_completing_while_executors_come_and_go() -> None:
         pool = _pool(cluster)
         await cloud.put_object("gate", True)  # calls run through at once
         fn = await cloud.register(gated, "gated")
-        futures = []
+        futures: list[Any] = []
 
         async def churn() -> None:
             for _ in range(3):
