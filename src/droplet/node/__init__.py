@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -302,7 +302,7 @@ async def _start_executor_pool(nursery: trio.Nursery, config: Config, client_opt
     control = await connect_peer(config.scheduler, nursery, token=config.token,
                                  options=client_opts)
     launch = functools.partial(_supervise_worker, scheduler_url=config.scheduler,
-                               config=config, listen=_worker_listen(config))
+                               config=config, extra=_worker_flags(config))
     minimum, maximum = config.executor_range
     policy = ScalingPolicy(minimum, maximum, up_queue=config.scale_up_queue,
                            up_after=config.scale_up_after,
@@ -322,12 +322,20 @@ async def _start_executor_pool(nursery: trio.Nursery, config: Config, client_opt
     return Node(pool.url_of(running[0]) or config.scheduler, "executor", pool=pool)
 
 
-def _worker_listen(config: Config) -> str | None:
-    """Where an executor node's workers listen: its host, any free port."""
-    if not config.listen:
-        return None
-    scheme, host, _ = parse_address(config.listen_url)
-    return f"{scheme}://[{host}]:0" if ":" in host else f"{scheme}://{host}:0"
+def _worker_flags(config: Config) -> list[str]:
+    """An executor node's flags its workers need: its host (any free port), TLS, exposure."""
+    flags = []
+    if config.listen:
+        scheme, host, _ = parse_address(config.listen_url)
+        flags += ["--listen", f"{scheme}://[{host}]:0" if ":" in host else
+                  f"{scheme}://{host}:0"]
+    for flag, value in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key),
+                        ("--tls-ca", config.tls_ca)):
+        if value:
+            flags += [flag, value]
+    if config.insecure:
+        flags.append("--insecure")
+    return flags
 
 
 async def _run_in_process(node: Node, scheduler_url: str, base: str, config: Config,
@@ -346,7 +354,7 @@ async def _run_in_process(node: Node, scheduler_url: str, base: str, config: Con
 
 
 async def _supervise_worker(index: str, *, scheduler_url: str, config: Config,
-                            listen: str | None = None) -> None:
+                            extra: Sequence[str] = ()) -> None:
     """Run executor worker ``index`` as a child process, restarting it if it dies."""
     cmd = [sys.executable, "-m", "droplet.node", "--role", "executor",
            "--scheduler", scheduler_url, "--threads", str(config.threads),
@@ -355,14 +363,7 @@ async def _supervise_worker(index: str, *, scheduler_url: str, config: Config,
            "--report-interval", repr(config.report_interval)]
     if config.resources:
         cmd += ["--resources", config.resources]
-    if listen is not None:
-        cmd += ["--listen", listen]
-    for flag, value in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key),
-                        ("--tls-ca", config.tls_ca)):
-        if value:
-            cmd += [flag, value]
-    if config.insecure:
-        cmd.append("--insecure")
+    cmd += extra
     env = dict(os.environ)
     if config.token:
         env["DROPLET_TOKEN"] = config.token  # never on the command line (visible in ps)

@@ -339,13 +339,19 @@ class SchedulerService:
         if ex is None:
             return
         ex.draining = True
-        if ex.running == 0:
-            ex.idle.set()
-        await ex.idle.wait()
-        if self._executors.get(url) is ex:
+        while True:
+            if ex.running == 0:
+                ex.idle.set()
+            await ex.idle.wait()
+            if self._executors.get(url) is not ex:
+                return  # it left (its runs were failed) or was retired meanwhile
             # Its next report counts the calls it finished last; then it may go.
             with trio.move_on_after(DRAIN_REPORT_WAIT):
                 await ex.reported.wait()
+            if ex.running == 0 and self._executors.get(url) is ex:
+                break
+            # Placed on after all (every executor was draining): wait for that too.
+            ex.idle = trio.Event()
         self.retire(url)
 
     def pool_view(self, prefix: str) -> list[tuple[str, str, int, int, int, int, int]]:
