@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from droplet.autoscale import Observation, ScalingPolicy
+from droplet.errors import ConnectionError
 from droplet.node.pool import ExecutorPool, PoolControl
 
 
@@ -102,4 +103,28 @@ async def test_fixed_pool_never_scales(autojump_clock: trio.testing.MockClock) -
         await trio.sleep(1000.0)
         assert pool.slots == {"f-w0": "running", "f-w1": "running"}
         assert not pool.events and not control.drains
+        nursery.cancel_scope.cancel()
+
+
+class FailingControl(FakeControl):
+    async def drain(self, url: str) -> None:
+        self.drains.append(url)
+        raise ConnectionError("the scheduler went away")
+
+
+async def test_an_executor_the_scheduler_cannot_drain_keeps_running(
+        autojump_clock: trio.testing.MockClock) -> None:
+    control = FailingControl()
+    pool = ExecutorPool(control, _launcher(control), ScalingPolicy(1, 2), interval=1.0,
+                        name="d-w")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        second = pool.scale_up()
+        await trio.sleep(1.5)
+        assert pool.slots[second] == "running"
+        pool.scale_down(second)
+        await trio.sleep(0.5)
+        assert control.drains == [f"fake://{second}"]
+        assert pool.slots[second] == "running" and second in control.alive
+        assert pool.status().scale_downs == 0
         nursery.cancel_scope.cancel()

@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from ..autoscale import UP, Autoscaler, Observation, ScalingPolicy
-from ..errors import ProtocolError, TimeoutError
+from ..errors import DropletError, ProtocolError, TimeoutError
 from ..protocol.messages import BoolReply, DrainExecutor, PoolQuery, PoolReply
 from ..rpc import Peer
 from ..scheduler.service import SchedulerService
@@ -168,7 +168,7 @@ class ExecutorPool:
         """Learn which executors joined, their addresses and load, from the scheduler."""
         try:
             joined = await self._control.executors(self._prefix)
-        except (ProtocolError, TimeoutError) as exc:
+        except DropletError as exc:  # try again next period
             log.warning("could not ask the scheduler about this node's executors: %s", exc)
             return
         changed = False
@@ -219,13 +219,17 @@ class ExecutorPool:
         self._nursery.start_soon(self._drain, slot, reason)
 
     async def _drain(self, slot: _Slot, reason: str) -> None:
-        try:  # it may have joined since the last look
-            joined = await self._control.executors(self._prefix)
+        try:
+            joined = await self._control.executors(self._prefix)  # joined since the last look?
             slot.url = joined[slot.id][0] if slot.id in joined else slot.url
-        except (ProtocolError, TimeoutError) as exc:
-            log.warning("could not ask the scheduler about executor %s: %s", slot.id, exc)
-        if slot.url is not None:
-            await self._control.drain(slot.url)
+            if slot.url is not None:
+                await self._control.drain(slot.url)
+        except DropletError as exc:
+            # Without the scheduler's word that nothing runs there, keep it running.
+            log.warning("could not drain executor %s, keeping it: %s", slot.id, exc)
+            slot.state = "running" if slot.url else "starting"
+            self._changed()
+            return
         slot.scope.cancel()
         self.scale_downs += 1
         self._event("down", self._count("running", "starting"), reason)
