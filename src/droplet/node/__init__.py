@@ -237,8 +237,7 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
         nursery, url=url, scheduler_url=config.scheduler, workers=config.threads,
         token=token, options=client_opts, threads=config.threads,
         resources=parse_resources(config.resources), max_batch=config.max_batch,
-        report_interval=config.report_interval, node_id=node_id)
-    router.add(executor)
+        report_interval=config.report_interval, node_id=node_id, before_join=router.add)
     node = Node(url, "executor", executors=[executor])
     router.add(_StatisticsService(node))
     node.router = router

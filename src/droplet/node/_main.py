@@ -39,9 +39,12 @@ def watch_parent() -> threading.Thread:
 
     def wait_for_eof() -> None:
         try:
-            while sys.stdin.buffer.read(4096):
+            # os.read, not sys.stdin: a daemon thread blocked in the buffered
+            # reader holds its lock, and a worker stopped while the node lives
+            # on (adaptive executors) would abort at interpreter shutdown.
+            while os.read(0, 4096):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         log.warning("the node that started this executor worker is gone; exiting")
         os.kill(os.getpid(), signal.SIGTERM)
