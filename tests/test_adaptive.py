@@ -179,3 +179,36 @@ async def test_pool_messages_answer_and_refuse_bad_requests() -> None:
             fn = await cloud.register(lambda _, x: x + 1, "after_pool_messages")
             assert await (await fn(1)).get() == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_call_placed_on_an_executor_before_its_join_reply_is_served() -> None:
+    """The scheduler may place calls on an executor the moment it joins, before the
+    executor has read the reply to its join: those triggers must find it ready."""
+    from droplet.protocol.messages import ExecutorJoin
+
+    async with open_local_cluster((1, 2), **MANUAL) as cluster, cluster.client() as cloud:
+        pool = _pool(cluster)
+        scheduler = cluster.node.scheduler
+        router = cluster.node.router
+        assert scheduler is not None and router is not None
+        fn = await cloud.register(lambda _, x: x + 1, "inc_at_join")
+        joined = router._routes[ExecutorJoin]
+        reply_now = trio.Event()
+
+        async def join_then_hold_the_reply(peer: Any, msg: Any, request_id: int) -> Any:
+            reply = await joined(peer, msg, request_id)
+            await reply_now.wait()  # registered, placeable, and not told yet
+            return reply
+
+        router._routes[ExecutorJoin] = join_then_hold_the_reply
+        second = pool.scale_up()
+        with trio.fail_after(30):
+            while scheduler.executor_url(second) is None:
+                await scheduler.executors_changed.wait()
+        url = scheduler.executor_url(second)
+        assert url is not None
+        futures = [await fn(i) for i in range(4)]  # least loaded: the newcomer gets some
+        assert scheduler.executor_load(url)[1] >= 1
+        reply_now.set()
+        with trio.fail_after(10):
+            assert [await f.get() for f in futures] == [1, 2, 3, 4]
