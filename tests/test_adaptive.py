@@ -8,6 +8,7 @@ thresholds and ``fail_after`` guards; nothing asserts a duration.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ import trio
 from droplet.client.aio import AsyncDropletClient
 from droplet.cluster import RunningCluster, open_local_cluster
 from droplet.node.pool import ExecutorPool
+from droplet.status import ScalingStatus
 
 FAST: dict[str, Any] = {"threads": 1, "report_interval": 0.05, "scale_up_after": 0.1,
         "scale_down_after": 0.3}
@@ -174,10 +176,25 @@ async def test_pool_messages_answer_and_refuse_bad_requests() -> None:
         with pytest.raises(ProtocolError, match="prefix"):
             await peer.request(PoolQuery(""), 10)
         assert await peer.request(DrainExecutor("tcp://nowhere:1"), 10) == BoolReply(False)
+        for garbage in ("{", '{"minimum": 1}', "[]", '{"minimum": -1}'):
+            with pytest.raises(ProtocolError, match="status"):
+                await peer.request(PoolQuery("x-w", garbage), 10)
+        # A well-formed one shows in the status while this link lasts.
+        good = ScalingStatus(1, 3, 2, node="tcp://elsewhere:1")
+        await peer.request(PoolQuery("x-w", json.dumps(good.to_dict())), 10)
+        async with cluster.client() as cloud:
+            assert (await cloud.status()).pools == (good,)
         # Still serving after the bad requests.
         async with cluster.client() as cloud:
             fn = await cloud.register(lambda _, x: x + 1, "after_pool_messages")
             assert await (await fn(1)).get() == 2
+        await peer.aclose()
+        with trio.fail_after(10):
+            while True:
+                async with cluster.client() as cloud:
+                    if not (await cloud.status()).pools:
+                        break
+                await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
 
 

@@ -181,6 +181,11 @@ def test_scaling_status_round_trips_and_prints() -> None:
                                     ScaleEvent(1001.5, "down", 1, "idle for 30 s")))
     status = _status(scaling)
     assert ClusterStatus.from_json(status.to_json()) == status
+    remote = ScalingStatus(1, 8, 3, node="tcp://10.0.0.3:7001")
+    both = ClusterStatus("sched", (), (), (), 10.0, scaling, (remote,))
+    assert ClusterStatus.from_json(both.to_json()) == both
+    assert "adaptive executors of tcp://10.0.0.3:7001: 3 running (min 1, max 8)" in (
+        format_status(both))
     assert ClusterStatus.from_json(_status(None).to_json()).scaling is None
     text = format_status(status)
     assert "adaptive executors: 2 running (min 1, max 4), 1 starting" in text
@@ -197,4 +202,8 @@ def test_garbled_scaling_status_is_a_protocol_error() -> None:
         ClusterStatus.from_dict(data)
     data["scaling"] = {"minimum": 1}
     with pytest.raises(ProtocolError, match="status.scaling"):
+        ClusterStatus.from_dict(data)
+    data = _status(None).to_dict()
+    data["pools"] = {"minimum": 1}
+    with pytest.raises(ProtocolError, match="status.pools"):
         ClusterStatus.from_dict(data)

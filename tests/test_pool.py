@@ -16,6 +16,7 @@ import trio.testing
 from droplet.autoscale import Observation, ScalingPolicy
 from droplet.errors import ConnectionError
 from droplet.node.pool import ExecutorPool, PoolControl
+from droplet.status import ScalingStatus
 
 
 class FakeControl(PoolControl):
@@ -25,7 +26,8 @@ class FakeControl(PoolControl):
         self.drains: list[str] = []
         self.drained = trio.Event()
 
-    async def executors(self, prefix: str) -> dict[str, tuple[str, Observation]]:
+    async def executors(self, prefix: str, status: ScalingStatus | None = None
+                        ) -> dict[str, tuple[str, Observation]]:
         return {slot: (f"fake://{slot}", self.load.get(slot, Observation()))
                 for slot in sorted(self.alive) if slot.startswith(prefix)}
 

@@ -103,6 +103,8 @@ class ScalingStatus:
     scale_downs: int = 0
     #: the latest events, oldest first.
     events: tuple[ScaleEvent, ...] = ()
+    #: which node: "" for the scheduler's own, else an executor node's address.
+    node: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {**attrs.asdict(self, recurse=False),
@@ -132,6 +134,8 @@ class ClusterStatus:
     rate_window: float = 10.0
     #: the scheduler's node runs adaptive executors: their bounds and events.
     scaling: ScalingStatus | None = None
+    #: ``--role executor`` nodes running adaptive executors (``--executors MIN:MAX``).
+    pools: tuple[ScalingStatus, ...] = ()
 
     @property
     def busy(self) -> int:
@@ -167,6 +171,7 @@ class ClusterStatus:
                           for f in self.functions],
             "dags": list(self.dags),
             **({} if self.scaling is None else {"scaling": self.scaling.to_dict()}),
+            **({"pools": [p.to_dict() for p in self.pools]} if self.pools else {}),
         }
 
     def to_json(self) -> str:
@@ -184,9 +189,15 @@ class ClusterStatus:
     @classmethod
     def from_dict(cls, data: Any) -> ClusterStatus:
         scaling = None
-        if type(data) is dict and "scaling" in data:
+        pools: tuple[ScalingStatus, ...] = ()
+        if type(data) is dict and ("scaling" in data or "pools" in data):
             data = dict(data)
-            scaling = ScalingStatus.from_dict(data.pop("scaling"))
+            if "scaling" in data:
+                scaling = ScalingStatus.from_dict(data.pop("scaling"))
+            found = data.pop("pools", [])
+            if type(found) is not list:
+                raise ProtocolError("status.pools must be a list")
+            pools = tuple(ScalingStatus.from_dict(p) for p in found)
         d = _fields(data, "status", {"scheduler": str, "rate_window": float,
                                      "executors": list, "functions": list, "dags": list})
         executors = tuple(ExecutorStatus(**_fields(e, "status.executors[]", _EXECUTOR_FIELDS))
@@ -205,7 +216,7 @@ class ClusterStatus:
         if not all(type(n) is str for n in d["dags"]):
             raise ProtocolError("status.dags must be a list of names")
         return cls(d["scheduler"], executors, tuple(functions), tuple(d["dags"]),
-                   d["rate_window"], scaling)
+                   d["rate_window"], scaling, pools)
 
 
 _INF_STANDIN = 1e300
@@ -216,7 +227,7 @@ _EXECUTOR_FIELDS: dict[str, Any] = {
 }
 _SCALING_FIELDS: dict[str, Any] = {
     "minimum": int, "maximum": int, "current": int, "starting": int, "draining": int,
-    "scale_ups": int, "scale_downs": int, "events": list,
+    "scale_ups": int, "scale_downs": int, "events": list, "node": str,
 }
 _EVENT_FIELDS: dict[str, Any] = {
     "time": float, "direction": str, "executors": int, "reason": str,
@@ -306,8 +317,8 @@ def format_status(status: ClusterStatus, address: str = "") -> str:
         f"hit ratio {_percent(status.cache_hit_ratio)}",
         "",
     ]
-    if status.scaling is not None:
-        lines[-1:-1] = _scaling_lines(status.scaling)
+    for scaling in ((status.scaling,) if status.scaling else ()) + status.pools:
+        lines[-1:-1] = _scaling_lines(scaling)
     lines += _table(
         ["EXECUTOR", "THREADS", "BUSY", "QUEUED", "RUNNING", "CACHED", "CACHE", "HITS",
          "SEEN"],
@@ -326,7 +337,8 @@ def format_status(status: ClusterStatus, address: str = "") -> str:
 
 
 def _scaling_lines(scaling: ScalingStatus) -> list[str]:
-    lines = [f"  adaptive executors: {scaling.current} running (min {scaling.minimum}, "
+    where = f" of {scaling.node}" if scaling.node else ""
+    lines = [f"  adaptive executors{where}: {scaling.current} running (min {scaling.minimum}, "
              f"max {scaling.maximum}), {scaling.starting} starting, {scaling.draining} "
              f"draining; {scaling.scale_ups} started, {scaling.scale_downs} stopped"]
     for event in scaling.events[-5:]:

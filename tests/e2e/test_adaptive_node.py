@@ -124,6 +124,14 @@ def test_executor_node_with_min_max_scales_its_worker_processes(tmp_path: Path) 
         assert [f.get(timeout=TIMEOUT) for f in futures] == [-i for i in range(len(futures))]
         _until(lambda: len(cloud.status().executors) == 1, "the idle worker stopping")
         scheduler.wait_for_log(r"executor \S+ drained and retired")
+        # The executor node's scaling shows in the cluster's status.
+        (pool,) = _until(lambda: cloud.status().pools if any(
+            p.scale_downs for p in cloud.status().pools) else None,
+            "the executor node's scaling in the status")
+        assert (pool.minimum, pool.maximum, pool.current) == (1, 2, 1)
+        assert [e.direction for e in pool.events] == ["up", "down"]
+        assert pool.node.startswith("tcp://127.0.0.1:")
+        assert cloud.status().scaling is None  # the scheduler's own node has no executors
         metrics_url = executor.wait_for_log(r"droplet metrics at (\S+)").group(1)
         with urllib.request.urlopen(metrics_url, timeout=TIMEOUT) as reply:
             text = reply.read().decode()

@@ -318,7 +318,8 @@ async def _start_executor_pool(nursery: trio.Nursery, config: Config, client_opt
         raise RuntimeError(
             f"only {len(running)} of {minimum} executor workers joined {config.scheduler} "
             f"within {EXECUTOR_JOIN_TIMEOUT:g} s; see the log above")
-    return Node(pool.url_of(running[0]) or config.scheduler, "executor", pool=pool)
+    pool.node = pool.url_of(running[0]) or ""
+    return Node(pool.node or config.scheduler, "executor", pool=pool)
 
 
 def _worker_flags(config: Config) -> list[str]:

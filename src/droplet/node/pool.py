@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import json
 import logging
 import time
 from collections import deque
@@ -56,10 +57,12 @@ class PoolControl(abc.ABC):
     """What a pool needs of its scheduler."""
 
     @abc.abstractmethod
-    async def executors(self, prefix: str) -> dict[str, tuple[str, Observation]]:
+    async def executors(self, prefix: str, status: ScalingStatus | None = None
+                        ) -> dict[str, tuple[str, Observation]]:
         """``{node id: (url, observation)}`` of joined executors with node ids ``prefix...``.
 
-        Executors being drained are left out.
+        Executors being drained are left out. ``status``: the pool's own, for
+        a scheduler that shows it.
         """
 
     @abc.abstractmethod
@@ -78,7 +81,8 @@ class LocalControl(PoolControl):
     def __init__(self, scheduler: SchedulerService) -> None:
         self.scheduler = scheduler
 
-    async def executors(self, prefix: str) -> dict[str, tuple[str, Observation]]:
+    async def executors(self, prefix: str, status: ScalingStatus | None = None
+                        ) -> dict[str, tuple[str, Observation]]:
         return {node_id: (url, _observation(*load))
                 for node_id, url, *load in self.scheduler.pool_view(prefix)}
 
@@ -92,8 +96,10 @@ class RemoteControl(PoolControl):
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
 
-    async def executors(self, prefix: str) -> dict[str, tuple[str, Observation]]:
-        reply = await self.peer.request(PoolQuery(prefix), QUERY_TIMEOUT)
+    async def executors(self, prefix: str, status: ScalingStatus | None = None
+                        ) -> dict[str, tuple[str, Observation]]:
+        text = json.dumps(status.to_dict()) if status is not None else ""
+        reply = await self.peer.request(PoolQuery(prefix, text), QUERY_TIMEOUT)
         if type(reply) is not PoolReply:
             raise ProtocolError(f"expected PoolReply, got {type(reply).__name__}")
         columns = (reply.node_ids, reply.urls, reply.busy, reply.queued, reply.running,
@@ -147,6 +153,8 @@ class ExecutorPool:
         self.scale_downs = 0
         #: set (and replaced) whenever an executor starts, joins or stops.
         self.changed = trio.Event()
+        #: how the status names this node ("" for the scheduler's own node).
+        self.node = ""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -167,7 +175,8 @@ class ExecutorPool:
     async def refresh(self) -> None:
         """Learn which executors joined, their addresses and load, from the scheduler."""
         try:
-            joined = await self._control.executors(self._prefix)
+            joined = await self._control.executors(
+                self._prefix, self.status() if self.policy.adaptive else None)
         except DropletError as exc:  # try again next period
             log.warning("could not ask the scheduler about this node's executors: %s", exc)
             return
@@ -277,4 +286,4 @@ class ExecutorPool:
         return ScalingStatus(
             self.policy.minimum, self.policy.maximum, states.count("running"),
             states.count("starting"), states.count("draining"), self.scale_ups,
-            self.scale_downs, tuple(self.events))
+            self.scale_downs, tuple(self.events), self.node)

@@ -570,10 +570,13 @@ class ListDags:
 class PoolQuery:
     """Adaptive executor node -> scheduler: how are my workers (node ids with ``prefix``)?
 
-    Answered by :class:`PoolReply`.
+    Answered by :class:`PoolReply`. ``status`` is the node's own scaling status
+    as JSON (:meth:`droplet.status.ScalingStatus.to_dict`), shown in the
+    cluster's status; empty for none.
     """
 
     prefix: str
+    status: str = ""
 
 
 @message(37)

@@ -14,6 +14,7 @@ else's connection.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import pickle
 import time
@@ -75,6 +76,8 @@ SWEEP_EVERY = 1024
 KVS_TIMEOUT = 30.0
 #: Seconds a drained executor may take to send its last report before it is retired.
 DRAIN_REPORT_WAIT = 5.0
+#: Scale events kept of each adaptive executor node's status.
+MAX_POOL_EVENTS = 20
 #: Most DAG calls chained by continuations in one call.
 MAX_CONTINUATIONS = 32
 
@@ -148,6 +151,8 @@ class SchedulerService:
         self.view = ClusterView()
         #: adaptive executors of this node (set by the node): their status record.
         self.scaling: Callable[[], ScalingStatus | None] = lambda: None
+        #: adaptive ``--role executor`` nodes, by their workers' node id prefix.
+        self._pools: dict[str, ScalingStatus] = {}
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -162,8 +167,8 @@ class SchedulerService:
         """The cluster as this scheduler sees it (``conn.status()``)."""
         status = self.view.status(self.node_id, list(self._functions), list(self._dags),
                                   trio.current_time())
-        scaling = self.scaling()
-        return status if scaling is None else attrs.evolve(status, scaling=scaling)
+        pools = tuple(sorted(self._pools.values(), key=lambda p: p.node))
+        return attrs.evolve(status, scaling=self.scaling(), pools=pools)
 
     @property
     def executor_urls(self) -> list[str]:
@@ -208,6 +213,8 @@ class SchedulerService:
         if kind is ExecutorJoin:
             return self._join(peer, msg)
         if kind is PoolQuery:
+            if msg.status:
+                self._pool_status(peer, msg.prefix, msg.status)
             return self._pool_reply(msg.prefix)
         if kind is DrainExecutor:
             if msg.url not in self._executors:
@@ -369,6 +376,22 @@ class SchedulerService:
             busy, queued, running = (r.busy, r.queued, r.running) if r else (0, 0, 0)
             found.append((ex.node_id, url, busy, queued, running, ex.running, ex.placed))
         return found
+
+    def _pool_status(self, peer: Peer, prefix: str, text: str) -> None:
+        """Keep an executor node's scaling status (for ``conn.status()``) while it is linked."""
+        try:
+            found = ScalingStatus.from_dict(json.loads(text))
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"pool status: not valid JSON ({exc})") from None
+        self._pools[prefix] = attrs.evolve(found, events=found.events[-MAX_POOL_EVENTS:])
+        prefixes: set[str] = peer.state.setdefault("pool_prefixes", set())
+        if not prefixes:
+            peer.on_close.append(self._pool_left)
+        prefixes.add(prefix)
+
+    def _pool_left(self, peer: Peer) -> None:
+        for prefix in peer.state.get("pool_prefixes", ()):
+            self._pools.pop(prefix, None)
 
     def _pool_reply(self, prefix: str) -> PoolReply:
         rows = self.pool_view(prefix)
