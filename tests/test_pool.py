@@ -130,3 +130,33 @@ async def test_an_executor_the_scheduler_cannot_drain_keeps_running(
         assert pool.slots[second] == "running" and second in control.alive
         assert pool.status().scale_downs == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_stopping_a_starting_executor_waits_for_its_join_then_drains_it(
+        autojump_clock: trio.testing.MockClock) -> None:
+    control = FakeControl()
+    control.drained.set()
+
+    async def slow_to_join(slot: str) -> None:
+        if slot.endswith("w1"):
+            await trio.sleep(5.0)
+        control.alive.add(slot)
+        try:
+            await trio.sleep_forever()
+        finally:
+            control.alive.discard(slot)
+
+    pool = ExecutorPool(control, slow_to_join, ScalingPolicy(1, 2), interval=1.0, name="s-w")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        second = pool.scale_up()
+        await trio.sleep(0.5)
+        pool.scale_down(second)
+        await trio.sleep(3.0)
+        assert second not in control.alive and not control.drains  # not joined yet
+        assert pool.slots[second] == "draining"
+        await trio.sleep(3.0)
+        # Joined at t=5: drained through the scheduler, then stopped.
+        assert control.drains == [f"fake://{second}"]
+        assert second not in control.alive and second not in pool.slots
+        nursery.cancel_scope.cancel()

@@ -229,10 +229,15 @@ class ExecutorPool:
 
     async def _drain(self, slot: _Slot, reason: str) -> None:
         try:
-            joined = await self._control.executors(self._prefix)  # joined since the last look?
-            slot.url = joined[slot.id][0] if slot.id in joined else slot.url
-            if slot.url is not None:
-                await self._control.drain(slot.url)
+            while True:  # its address, as of now (it may have joined since the last look)
+                joined = await self._control.executors(self._prefix)
+                slot.url = joined[slot.id][0] if slot.id in joined else None
+                if slot.url is not None:
+                    break
+                # Still starting: stopping it now could race with its join (and
+                # calls placed on it), so it is drained once it joined.
+                await trio.sleep(self.interval)
+            await self._control.drain(slot.url)
         except DropletError as exc:
             # Without the scheduler's word that nothing runs there, keep it running.
             log.warning("could not drain executor %s, keeping it: %s", slot.id, exc)
