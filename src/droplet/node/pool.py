@@ -1,4 +1,4 @@
-"""The executors of an all-in-one node: started, watched, scaled and drained.
+"""The executors of a node: started, watched, scaled and drained.
 
 :class:`ExecutorPool` runs each executor in a *slot* (a cancel scope around
 ``launch(slot_id)``: a child process, or an in-process executor for the
@@ -16,7 +16,9 @@ placed on it). Stopping an executor drains it first
 (:meth:`~droplet.scheduler.service.SchedulerService.drain`): the scheduler
 places nothing more on it, every call already placed there finishes, and only
 then is its slot cancelled. A call placed a moment before the drain completes
-there; one placed after goes to another executor.
+there; one placed after goes to another executor. An executor still starting
+is drained once it joined, and one the scheduler cannot confirm drained keeps
+running.
 """
 
 from __future__ import annotations
@@ -45,8 +47,6 @@ log = logging.getLogger("droplet.node")
 
 #: Scale events kept for the status view.
 MAX_EVENTS = 20
-
-
 #: Seconds a remote scheduler gets to answer a pool query (the tick is skipped if not).
 QUERY_TIMEOUT = 10.0
 #: A remote drain request is repeated after this long (drains last as long as calls).
