@@ -29,6 +29,7 @@ from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _
 from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
+    Blob,
     BoolReply,
     CallAccepted,
     CallDag,
@@ -337,7 +338,7 @@ class SchedulerService:
         return then
 
     async def _start(self, dag: Dag, msg: CallDag, caller: tuple[Peer, int] | None,
-                     result_key: str, carried: bytes | None, then: CallDag | None) -> str:
+                     result_key: str, carried: Blob | None, then: CallDag | None) -> str:
         """Place and trigger one run of ``dag``; returns the run id."""
         if msg.consistency not in CONSISTENCY_LEVELS:
             raise DagError(
@@ -447,9 +448,9 @@ class SchedulerService:
         # In a task: this runs in the executor's reader, which must not wait on the store.
         self._nursery.start_soon(self._record_failure, done.run_id, run.result_key, value)
 
-    async def _record_failure(self, run_id: str, result_key: str, value: bytes) -> None:
+    async def _record_failure(self, run_id: str, result_key: str, value: Blob) -> None:
         try:
             await self._kvs.request(KvsPut(
-                result_key, encode_lattice(LWWLattice.now(value), dump=RAW)), KVS_TIMEOUT)
+                result_key, encode_lattice(LWWLattice.now(bytes(value)), dump=RAW)), KVS_TIMEOUT)
         except DropletError as exc:
             log.warning("could not record failure of run %s: %s", run_id, exc)
