@@ -16,6 +16,7 @@ import trio
 from ..config import FSYNC_POLICIES, ROLES, Config
 from ..errors import DropletError
 from ..scheduler.placement import POLICIES
+from ._memory import keep_freed_memory
 
 __all__ = ["add_node_flags", "build_parser", "main"]
 
@@ -142,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if os.environ.get(WATCH_PARENT_ENV) == "stdin":
         watch_parent()
+    try:
+        keep_freed_memory()  # big arguments: a copy each, not page faults (see _memory.py)
+    except ValueError as exc:
+        print(f"droplet.node: {exc}", file=sys.stderr)
+        return 2
     if config.insecure and not config.token:
         log.warning("--insecure: accepting unauthenticated connections on %s; anyone who "
                     "can reach it can run code on this machine", config.listen_url)

@@ -10,11 +10,17 @@ chunk: once the header of one is in, the decoder sets aside a buffer of the
 declared size and :meth:`FrameDecoder.receive_buffer` hands out the part still
 to fill, so a socket ``recv_into`` writes the bytes straight to where they
 stay (the frame is then a read-only ``memoryview`` of that buffer, and message
-blobs are views into it: no copy). The buffer is anonymous memory
-(``mmap``), so a peer that declares a frame and sends little of it makes the
-kernel commit only the pages that arrived. Every big frame gets a buffer of
-its own, never reused, so a decoded message may keep views of it for as long
-as it likes.
+blobs are views into it: no copy).
+
+The buffers are anonymous memory (``mmap``), so a peer that declares a frame
+and sends little of it makes the kernel commit only the pages that arrived.
+They come from a small per-process pool (:class:`BufferPool`): touching fresh
+pages costs more than copying into warm ones on small VMs (a fresh 50 MiB
+buffer about 6x a copy into a used one), so a buffer nobody references any
+more is used again. "Nobody" is exact: every view of a buffer holds a
+reference to it, and a pooled buffer is handed out again only when the
+pool's own reference is the only one left, so a decoded message may keep
+views of its frame for as long as it likes.
 
 On the sending side, :class:`Gather` is a payload in pieces (a message header
 and the buffers of its blobs) that socket transports write with one gather
@@ -25,12 +31,14 @@ from __future__ import annotations
 
 import mmap
 import struct
+import sys
+import threading
 from collections.abc import Sequence
 
 from ..errors import ProtocolError
 
-__all__ = ["BIG_FRAME", "DEFAULT_MAX_FRAME_SIZE", "Buffer", "FrameDecoder", "Gather",
-           "Payload", "frame", "frame_parts"]
+__all__ = ["BIG_FRAME", "DEFAULT_MAX_FRAME_SIZE", "Buffer", "BufferPool", "FrameDecoder",
+           "Gather", "Payload", "frame", "frame_parts"]
 
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 #: Frames at least this big are received into a buffer of their own.
@@ -102,6 +110,55 @@ def frame_parts(payload: Payload | memoryview,
     return [head, payload]
 
 
+class BufferPool:
+    """Big-frame buffers of one process, used again once nothing refers to them.
+
+    Holds at most ``max_bytes`` of buffers; a frame that finds no free buffer
+    big enough gets a new one (pooled if it fits, else freed after use).
+    Thread-safe (the blocking client reads from many threads).
+    """
+
+    def __init__(self, max_bytes: int = 2 * DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_bytes = max_bytes
+        self._buffers: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    @property
+    def pooled_bytes(self) -> int:
+        return sum(len(b) for b in self._buffers)
+
+    def take(self, size: int) -> mmap.mmap:
+        """A buffer of at least ``size`` bytes that nothing else refers to."""
+        with self._lock:
+            buffers = self._buffers
+            best = -1
+            for i in range(len(buffers)):
+                # Two references: the list's and getrefcount's argument. Any
+                # view (memoryview, decoded blob) of the buffer holds another.
+                if len(buffers[i]) >= size and sys.getrefcount(buffers[i]) == 2 and (
+                        best < 0 or len(buffers[i]) < len(buffers[best])):
+                    best = i
+            if best >= 0:
+                return buffers[best]
+            fresh = mmap.mmap(-1, size)
+            room = self.max_bytes - self.pooled_bytes
+            if size > room:  # make room by letting go of free buffers, biggest first
+                for i in sorted(range(len(buffers)), key=lambda i: -len(buffers[i])):
+                    if room >= size:
+                        break
+                    if sys.getrefcount(buffers[i]) == 2:
+                        room += len(buffers[i])
+                        buffers[i] = None  # type: ignore[call-overload]
+                self._buffers = buffers = [b for b in buffers if b is not None]
+            if size <= room:
+                buffers.append(fresh)
+            return fresh
+
+
+#: The pool every decoder of this process takes its big-frame buffers from.
+POOL = BufferPool()
+
+
 class FrameDecoder:
     """Turns a byte stream into frames.
 
@@ -116,8 +173,10 @@ class FrameDecoder:
     read-only ``memoryview`` of a buffer that belongs to that frame alone.
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 pool: BufferPool | None = None) -> None:
         self.max_frame_size = max_frame_size
+        self._pool = POOL if pool is None else pool
         self._buf = bytearray()
         self._pos = 0
         # The big frame under way: its buffer, a view of it, and how much is in.
@@ -212,8 +271,8 @@ class FrameDecoder:
     def _start_big(self, size: int) -> None:
         """Give the big frame whose header is at ``_pos`` a buffer; move its start there."""
         buf, start = self._buf, self._pos + HEADER_SIZE
-        self._big = mmap.mmap(-1, size)
-        view = self._big_view = memoryview(self._big)
+        self._big = self._pool.take(size)
+        view = self._big_view = memoryview(self._big)[:size]
         have = len(buf) - start
         view[:have] = memoryview(buf)[start:]
         self._filled = have
