@@ -1,0 +1,156 @@
+"""Big arguments and results end to end: over tcp:// (both clients), tls:// and inproc://.
+
+The bytes are checked, not the speed (benchmarks/ measures that): big frames
+sent as gathered pieces and received into buffers of their own, big values
+pickled out of band, a function's own copy of what it receives.
+"""
+
+from __future__ import annotations
+
+import ssl
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+
+import droplet
+from droplet import DropletConnection
+from droplet.cluster import open_local_cluster
+from droplet.errors import ProtocolError
+from droplet.protocol.framing import BIG_FRAME, Gather
+from droplet.transports.base import Connection, TransportOptions
+from droplet.transports.registry import get_transport, parse_address
+
+MIB = 1024 * 1024
+DATA = bytes(range(256)) * (3 * MIB // 256)  # 3 MiB, well over BIG_FRAME
+LEN = struct.Struct(">I")
+
+
+def identity(_: Any, x: Any) -> Any:
+    return x
+
+
+def length(_: Any, x: Any) -> int:
+    return len(x)
+
+
+def scribble(_: Any, x: bytearray) -> bytes:
+    x[0] ^= 0xFF  # its own copy: nobody else may see this
+    return bytes(x[:4])
+
+
+# --------------------------------------------------------------------------- transports
+
+async def echo(conn: Connection) -> None:
+    while True:
+        try:
+            frame = await conn.receive()
+        except (trio.EndOfChannel, ProtocolError):
+            return
+        await conn.send(frame)  # type: ignore[arg-type]  (a big frame is a view)
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "tls"])
+async def test_gathered_frames_arrive_whole(
+    scheme: str, tls_server_context: ssl.SSLContext, tls_client_context: ssl.SSLContext,
+) -> None:
+    secure = scheme == "tls"
+    server = TransportOptions(ssl_context=tls_server_context if secure else None)
+    client = TransportOptions(ssl_context=tls_client_context if secure else None)
+    url = f"{scheme}://127.0.0.1:0"
+    pieces = [b"head", memoryview(DATA)[1:], b"", DATA[:BIG_FRAME]]
+    expected = b"".join(pieces)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(get_transport(url).serve, url, echo, server)
+            async with await get_transport(url).connect(bound, client) as conn:
+
+                async def send() -> None:  # while reading the echoes (else both stall)
+                    await conn.send(Gather(pieces))  # type: ignore[arg-type]
+                    await conn.send_many([b"small", Gather(pieces), b"x"])  # type: ignore[list-item]
+
+                nursery.start_soon(send)
+                got = [await conn.receive() for _ in range(4)]
+            nursery.cancel_scope.cancel()
+    assert got == [expected, b"small", expected, b"x"]
+    assert type(got[0]) is memoryview and got[0].readonly
+
+
+async def test_a_big_frame_left_unfinished_times_out() -> None:
+    options = TransportOptions(read_timeout=0.2)
+    outcomes: list[BaseException] = []
+
+    async def handler(conn: Connection) -> None:
+        try:
+            await conn.receive()
+        except ProtocolError as exc:
+            outcomes.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(get_transport("tcp").serve, "tcp://127.0.0.1:0",
+                                      handler, options)
+            _, host, port = parse_address(url)
+            assert port is not None
+            async with await trio.open_tcp_stream(host, port) as raw:
+                await raw.send_all(LEN.pack(len(DATA)) + DATA[:BIG_FRAME])
+                while not outcomes:
+                    await trio.sleep(0.05)
+            async with await trio.open_tcp_stream(host, port) as raw:
+                await raw.send_all(LEN.pack(len(DATA)) + DATA[:100])  # then hangs up
+            while len(outcomes) < 2:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    assert "unfinished" in str(outcomes[0]) and "mid-frame" in str(outcomes[1])
+
+
+# --------------------------------------------------------------------------- async client
+
+@pytest.mark.parametrize("listen", [None, "tcp://127.0.0.1:0"], ids=["inproc", "tcp"])
+async def test_big_arguments_and_results_async(listen: str | None) -> None:
+    with trio.fail_after(60):
+        async with open_local_cluster(2, listen=listen) as cluster:
+            async with cluster.client() as cloud:
+                await cloud.register(identity, "big_id")
+                await cloud.register(length, "big_len")
+                await cloud.register(scribble, "big_scribble")
+                await cloud.register_dag("big_dag", ["big_id", "big_len"],
+                                         [("big_id", "big_len")])
+                await cloud.register_dag("big_echo", ["big_id"], [])
+                call = await cloud.call_dag("big_dag", {"big_id": DATA})
+                assert await call.get() == len(DATA)
+                echoed = await (await cloud.call_dag("big_echo", {"big_id": DATA})).get()
+                assert echoed == DATA and type(echoed) is bytes
+                direct = await cloud.call_dag("big_echo", {"big_id": [DATA]},
+                                              direct_response=True)
+                assert direct == DATA
+                mine = bytearray(DATA)
+                scribbled = await (await cloud.exec_func("big_scribble", [mine])).get()
+                assert scribbled == bytes([DATA[0] ^ 0xFF]) + DATA[1:4] and mine == DATA
+
+
+# --------------------------------------------------------------------------- blocking client
+
+@pytest.fixture(scope="module")
+def tcp_cluster() -> Iterator[droplet.LocalCluster]:
+    with droplet.LocalCluster(executors=2, listen="tcp://127.0.0.1:0") as running:
+        yield running
+
+
+def test_big_arguments_and_results_blocking(tcp_cluster: droplet.LocalCluster) -> None:
+    with DropletConnection(tcp_cluster.address, timeout=60) as cloud:
+        cloud.register(identity, "bb_id")
+        cloud.register(length, "bb_len")
+        cloud.register_dag("bb_dag", ["bb_id", "bb_len"], [("bb_id", "bb_len")])
+        cloud.register_dag("bb_echo", ["bb_id"], [])
+        for _ in range(3):  # the receive buffers are reused from the second call on
+            assert cloud.call_dag("bb_dag", {"bb_id": DATA}).get() == len(DATA)
+        assert cloud.call_dag("bb_echo", {"bb_id": DATA}).get() == DATA
+        assert cloud.call_dag("bb_echo", {"bb_id": DATA}, direct_response=True) == DATA
+        future = cloud.call_dag("bb_echo", {"bb_id": [DATA]})
+        assert future.get() == DATA
+        assert cloud.get_object(future.obj_id) == DATA  # the result key holds it too
+        cloud.put_object("bb_key", DATA)
+        assert cloud.get_object("bb_key") == DATA
