@@ -80,13 +80,13 @@ async def test_gathered_frames_arrive_whole(
 
 async def test_a_big_frame_left_unfinished_times_out() -> None:
     options = TransportOptions(read_timeout=0.2)
-    outcomes: list[BaseException] = []
+    send_outcome, outcomes = trio.open_memory_channel[BaseException](2)
 
     async def handler(conn: Connection) -> None:
         try:
             await conn.receive()
         except ProtocolError as exc:
-            outcomes.append(exc)
+            await send_outcome.send(exc)
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -96,14 +96,12 @@ async def test_a_big_frame_left_unfinished_times_out() -> None:
             assert port is not None
             async with await trio.open_tcp_stream(host, port) as raw:
                 await raw.send_all(LEN.pack(len(DATA)) + DATA[:BIG_FRAME])
-                while not outcomes:
-                    await trio.sleep(0.05)
+                stalled = await outcomes.receive()
             async with await trio.open_tcp_stream(host, port) as raw:
                 await raw.send_all(LEN.pack(len(DATA)) + DATA[:100])  # then hangs up
-            while len(outcomes) < 2:
-                await trio.sleep(0.05)
+            cut = await outcomes.receive()
             nursery.cancel_scope.cancel()
-    assert "unfinished" in str(outcomes[0]) and "mid-frame" in str(outcomes[1])
+    assert "unfinished" in str(stalled) and "mid-frame" in str(cut)
 
 
 # --------------------------------------------------------------------------- async client
