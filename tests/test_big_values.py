@@ -284,3 +284,14 @@ def test_downstream_triggers_drop_the_arguments_of_functions_that_ran() -> None:
     assert arguments_for(t, "b") == {"arg_fns": ["c"], "arg_blobs": [b"args of c"]}
     assert arguments_for(t, "c") == {"arg_fns": ["c"], "arg_blobs": [b"args of c"]}
     assert arguments_for(trigger(arg_fns=["c"], arg_blobs=[b"c"]), "c") == {}
+
+
+def test_private_copies_of_big_buffers_are_copies() -> None:
+    from droplet.executor.copies import private
+
+    assert private(BIG) is BIG  # immutable: no copy at all
+    mine = bytearray(BIG)
+    theirs = private([mine, mine])
+    assert theirs == [mine, mine] and theirs[0] is theirs[1] and theirs[0] is not mine
+    theirs[0][0] ^= 0xFF
+    assert mine == BIG
