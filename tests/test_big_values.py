@@ -295,3 +295,22 @@ def test_private_copies_of_big_buffers_are_copies() -> None:
     assert theirs == [mine, mine] and theirs[0] is theirs[1] and theirs[0] is not mine
     theirs[0][0] ^= 0xFF
     assert mine == BIG
+
+
+# --------------------------------------------------------------------------- node memory
+
+def test_retained_memory_setting() -> None:
+    from droplet.node._memory import ENV, keep_freed_memory
+
+    assert keep_freed_memory({ENV: "0"}) is False  # off: the allocator is left alone
+    with pytest.raises(ValueError, match="DROPLET_RETAIN_MEMORY must be a number of bytes"):
+        keep_freed_memory({ENV: "lots"})
+
+
+def test_a_node_refuses_a_bad_retained_memory_setting(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from droplet.node._main import main
+
+    monkeypatch.setenv("DROPLET_RETAIN_MEMORY", "lots")
+    assert main(["--listen", "tcp://127.0.0.1:0", "--data-dir", ":memory:"]) == 2
+    assert "DROPLET_RETAIN_MEMORY" in capsys.readouterr().err
