@@ -365,3 +365,17 @@ def test_a_big_argument_is_copied_once_from_client_to_function() -> None:
     assert arg == data and type(arg) is bytes
     assert now - start >= len(data)  # the function's own bytes...
     assert peak - start < 1.5 * len(data)  # ...and no other copy, ever
+
+
+def test_a_snapshot_does_not_change_with_the_buffer_it_was_taken_of() -> None:
+    np = pytest.importorskip("numpy")
+    kept = bytearray(BIG)
+    array = np.zeros(OUT_OF_BAND_MIN, dtype=np.uint8)
+    blob = dumps_value([kept, array], snapshot=True)
+    kept[0] ^= 0xFF  # the function changes what it returned, before the send
+    array[0] = 7
+    got_kept, got_array = loads(memoryview(bytes(blob)).toreadonly())
+    assert got_kept == BIG and type(got_kept) is bytearray
+    assert got_array[0] == 0 and got_array.flags.writeable
+    live = dumps_value([kept])  # without snapshot: views of the live buffers
+    assert loads(live) == [kept] and loads(live)[0] is not kept

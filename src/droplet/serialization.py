@@ -77,14 +77,15 @@ class _Raw:
     """Stands in for a big ``bytes``/``bytearray`` so that it pickles out of band
     (the C pickler writes those two types in-band, whatever the protocol)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "kind")
 
-    def __init__(self, data: bytes | bytearray) -> None:
+    def __init__(self, data: bytes | bytearray, kind: type) -> None:
         self.data = data
+        self.kind = kind
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Read-only either way: ``bytearray(view)`` is already the one private copy.
-        return type(self.data), (pickle.PickleBuffer(memoryview(self.data).toreadonly()),)
+        return self.kind, (pickle.PickleBuffer(memoryview(self.data).toreadonly()),)
 
 
 def _is_big_raw(value: Any) -> bool:
@@ -92,29 +93,38 @@ def _is_big_raw(value: Any) -> bool:
     return (kind is bytes or kind is bytearray) and len(value) >= OUT_OF_BAND_MIN
 
 
-def _lift(obj: Any) -> Any:
+def _raw(value: bytes | bytearray, snapshot: bool) -> _Raw:
+    kind = type(value)
+    return _Raw(bytes(value) if snapshot and kind is bytearray else value, kind)
+
+
+def _lift(obj: Any, snapshot: bool) -> Any:
     """``obj`` with its big ``bytes``/``bytearray`` (itself, or the items of a
     list or tuple) wrapped to pickle out of band; the same object repeated stays
     one object."""
     if _is_big_raw(obj):
-        return _Raw(obj)
+        return _raw(obj, snapshot)
     kind = type(obj)
     if (kind is list or kind is tuple) and any(_is_big_raw(v) for v in obj) \
             and not any(v is obj for v in obj):
         wrapped: dict[int, _Raw] = {}
-        return kind(wrapped.setdefault(id(v), _Raw(v)) if _is_big_raw(v) else v for v in obj)
+        return kind(wrapped.setdefault(id(v), _raw(v, snapshot)) if _is_big_raw(v) else v
+                    for v in obj)
     return obj
 
 
-def dumps_value(obj: Any) -> bytes | Gather:
+def dumps_value(obj: Any, *, snapshot: bool = False) -> bytes | Gather:
     """:func:`dumps` for a call's arguments or result: big buffers out of band.
 
     Returns plain pickle ``bytes`` when nothing big is in ``obj``, else the
     out-of-band form as a :class:`~droplet.protocol.framing.Gather` whose
-    pieces are the header, the pickle stream and the buffers themselves
-    (views, not copies: send it before changing the objects it came from).
+    pieces are the header, the pickle stream and the buffers themselves:
+    views of immutable ``bytes`` as they are, and of writable buffers (a
+    ``bytearray``, an array) too unless ``snapshot``, which copies those (once)
+    for a sender that cannot promise nobody changes them before the message is
+    written (an executor, whose function may keep a result it returned).
     """
-    buffers: list[memoryview] = []
+    buffers: list[tuple[Buffer, bool]] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         try:
@@ -123,10 +133,11 @@ def dumps_value(obj: Any) -> bytes | Gather:
             return True
         if raw.nbytes < OUT_OF_BAND_MIN:
             return True
-        buffers.append(raw)
+        readonly = raw.readonly
+        buffers.append((raw if readonly or not snapshot else raw.tobytes(), readonly))
         return False
 
-    target = _lift(obj)
+    target = _lift(obj, snapshot)
     data: bytes | None = None
     if not callable(obj):
         try:
@@ -146,8 +157,8 @@ def dumps_value(obj: Any) -> bytes | Gather:
     if not buffers:
         return data
     head = [_HEAD.pack(0, len(buffers), len(data))]
-    head += [_BUF.pack(b.nbytes, b.readonly) for b in buffers]
-    return Gather([b"".join(head), data, *buffers])
+    head += [_BUF.pack(len(b), readonly) for b, readonly in buffers]
+    return Gather([b"".join(head), data, *(b for b, _ in buffers)])
 
 
 def _split(blob: Buffer, private: bool = True) -> tuple[memoryview, list[Buffer]]:
@@ -180,10 +191,12 @@ def loads(blob: Buffer | Gather) -> Any:
     """Unpickle a value: plain pickle bytes, or the out-of-band form of :func:`dumps_value`
     (received as bytes or a view of the frame, or still the ``Gather`` made in this
     process)."""
-    if isinstance(blob, Gather):
+    if isinstance(blob, Gather):  # not sent: made in this process, in pieces
         head, stream, *buffers = blob.parts
-        return pickle.loads(stream, buffers=[b if memoryview(b).readonly else bytearray(b)
-                                             for b in buffers])
+        flags = [_BUF.unpack_from(head, _HEAD.size + i * _BUF.size)[1]
+                 for i in range(len(buffers))]
+        return pickle.loads(stream, buffers=[b if readonly else bytearray(b)
+                                             for b, readonly in zip(buffers, flags, strict=True)])
     if len(blob) and blob[0] == 0:
         stream, buffers = _split(blob)
         return pickle.loads(stream, buffers=buffers)

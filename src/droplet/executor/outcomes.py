@@ -47,7 +47,9 @@ def pickle_value(result: Any) -> bytes | Gather:
     """The result for a message (to the next function, or a direct reply): big
     buffers out of band (``serialization.dumps_value``), never stored as is."""
     try:
-        return dumps_value(result)
+        # snapshot: a function may keep (and change) a buffer it returned
+        # while the message is still being written.
+        return dumps_value(result, snapshot=True)
     except TypeError as exc:
         return _unpicklable(exc)
 
