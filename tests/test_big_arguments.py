@@ -152,3 +152,24 @@ def test_big_arguments_and_results_blocking(tcp_cluster: droplet.LocalCluster) -
         assert cloud.get_object(future.obj_id) == DATA  # the result key holds it too
         cloud.put_object("bb_key", DATA)
         assert cloud.get_object("bb_key") == DATA
+
+
+async def test_two_sources_and_a_sink_each_get_their_own_big_arguments() -> None:
+    def source(_: Any, x: bytes) -> int:
+        return x[0]
+
+    def sink(_: Any, own: bytes, a: int, b: int) -> tuple[int, int, int, int]:
+        return len(own), own[0], a, b
+
+    with trio.fail_after(60):
+        async with open_local_cluster(2, placement="spread") as cluster:
+            async with cluster.client() as cloud:
+                await cloud.register(source, "two_a")
+                await cloud.register(source, "two_b")
+                await cloud.register(sink, "two_sink")
+                await cloud.register_dag("two", ["two_a", "two_b", "two_sink"],
+                                         [("two_a", "two_sink"), ("two_b", "two_sink")])
+                args = {"two_a": b"\x01" + DATA, "two_b": b"\x02" + DATA,
+                        "two_sink": b"\x03" + DATA}
+                result = await (await cloud.call_dag("two", args)).get()
+    assert result == (len(DATA) + 1, 3, 1, 2)

@@ -379,3 +379,11 @@ def test_a_snapshot_does_not_change_with_the_buffer_it_was_taken_of() -> None:
     assert got_array[0] == 0 and got_array.flags.writeable
     live = dumps_value([kept])  # without snapshot: views of the live buffers
     assert loads(live) == [kept] and loads(live)[0] is not kept
+
+
+def test_each_source_gets_only_the_arguments_ahead_of_it() -> None:
+    t = trigger(function="a", functions=["a", "x", "c"], edges=[["a", "c"], ["x", "c"]],
+                arg_fns=["a", "x", "c"], arg_blobs=[b"A", b"X", b"C"], source=None,
+                result=None, placement=["p", "q", "p"], versions=["1", "1", "1"])
+    assert arguments_for(t, "a") == {"arg_fns": ["a", "c"], "arg_blobs": [b"A", b"C"]}
+    assert arguments_for(t, "x") == {"arg_fns": ["x", "c"], "arg_blobs": [b"X", b"C"]}

@@ -1,11 +1,12 @@
-"""What a trigger passed downstream carries of the run's arguments.
+"""What a trigger carries of the run's arguments (the scheduler's and each executor's).
 
 A trigger carries the run's whole schedule, and with it the callers' pickled
 arguments; a function that already ran needs its arguments no more, so the
 trigger for the next function keeps only those of the functions still ahead
 of it (itself and everything downstream of it). A big argument then crosses
 the network once, to the executor of the function it is for, instead of
-riding along with every later hop.
+riding along with every later hop. Likewise the scheduler gives each source
+function of a DAG with several sources only the arguments ahead of it.
 """
 
 from __future__ import annotations

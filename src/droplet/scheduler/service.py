@@ -26,6 +26,7 @@ import trio
 from .. import errors
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _Failure
+from ..executor.downstream import arguments_for
 from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
@@ -377,6 +378,8 @@ class SchedulerService:
                 list(dag.multiexec), list(dag.invalid_results), list(dag.batching_functions),
                 carried,
             )
+            if len(dag.sources) > 1:  # each source carries only the arguments ahead of it
+                trigger = attrs.evolve(trigger, **arguments_for(trigger, fn))
             try:
                 # Through the executor's outbox: a backed-up executor fails this
                 # call at once instead of stalling the caller's connection.
