@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 import trio
+import trustme
 
 import droplet
 from droplet import DropletConnection
+from droplet.client._blocking import BlockingClient
 from droplet.cluster import open_local_cluster
 from droplet.errors import ProtocolError
 from droplet.protocol.framing import BIG_FRAME, Gather
@@ -139,6 +141,7 @@ def tcp_cluster() -> Iterator[droplet.LocalCluster]:
 
 def test_big_arguments_and_results_blocking(tcp_cluster: droplet.LocalCluster) -> None:
     with DropletConnection(tcp_cluster.address, timeout=60) as cloud:
+        assert isinstance(cloud._backend, BlockingClient)  # the path under test
         cloud.register(identity, "bb_id")
         cloud.register(length, "bb_len")
         cloud.register_dag("bb_dag", ["bb_id", "bb_len"], [("bb_id", "bb_len")])
@@ -173,3 +176,22 @@ async def test_two_sources_and_a_sink_each_get_their_own_big_arguments() -> None
                         "two_sink": b"\x03" + DATA}
                 result = await (await cloud.call_dag("two", args)).get()
     assert result == (len(DATA) + 1, 3, 1, 2)
+
+
+def test_big_arguments_over_tls_blocking(tls_ca: trustme.CA,
+                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The blocking client's TLS socket: ``recv_into`` and plain sends, no sendmsg."""
+    where = tmp_path_factory.mktemp("tls-big")
+    issued = tls_ca.issue_cert("127.0.0.1")
+    cert, key, ca = where / "cert.pem", where / "key.pem", where / "ca.pem"
+    cert.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    tls_ca.cert_pem.write_to_path(str(ca))
+    with droplet.LocalCluster(executors=1, listen="tls://127.0.0.1:0", tls_cert=str(cert),
+                              tls_key=str(key)) as cluster:
+        with DropletConnection(cluster.address, timeout=60, tls_ca=str(ca)) as cloud:
+            assert isinstance(cloud._backend, BlockingClient)  # the path under test
+            cloud.register(identity, "tb_id")
+            cloud.register_dag("tb_echo", ["tb_id"], [])
+            assert cloud.call_dag("tb_echo", {"tb_id": DATA}).get() == DATA
+            assert cloud.call_dag("tb_echo", {"tb_id": DATA}, direct_response=True) == DATA
