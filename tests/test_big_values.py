@@ -312,7 +312,7 @@ def test_a_node_refuses_a_bad_retained_memory_setting(
     from droplet.node._main import main
 
     monkeypatch.setenv("DROPLET_RETAIN_MEMORY", "lots")
-    assert main(["--listen", "tcp://127.0.0.1:0", "--data-dir", ":memory:"]) == 2
+    assert main(["--role", "executor", "--scheduler", "tcp://127.0.0.1:1"]) == 2
     assert "DROPLET_RETAIN_MEMORY" in capsys.readouterr().err
 
 

@@ -144,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get(WATCH_PARENT_ENV) == "stdin":
         watch_parent()
     try:
-        keep_freed_memory()  # big arguments: a copy each, not page faults (see _memory.py)
+        if config.role == "executor":  # big arguments: a copy, not page faults (_memory.py)
+            keep_freed_memory()
     except ValueError as exc:
         print(f"droplet.node: {exc}", file=sys.stderr)
         return 2

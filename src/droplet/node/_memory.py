@@ -8,8 +8,11 @@ several times the copy itself (about 130 ms instead of 17 ms for 50 MiB). A
 node process therefore asks glibc to serve big allocations from its heap and
 to keep up to :data:`RETAIN_BYTES` of freed memory for the next call.
 
-Only Droplet's own node processes do this (``python -m droplet.node``); an
-embedded cluster or a client leaves its host process's allocator alone. Set
+Only executor processes do this (``python -m droplet.node --role executor``,
+which is also what an all-in-one node runs its executor workers as): their big
+values live for one call, so the memory kept is reused call after call. The
+store, which keeps values for long, and embedded clusters and clients, which
+share their host process, leave the allocator alone. Set
 ``DROPLET_RETAIN_MEMORY`` to a number of bytes to change how much is kept, or
 to ``0`` to leave glibc's defaults.
 """
