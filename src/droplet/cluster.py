@@ -39,7 +39,7 @@ async def open_local_cluster(
     """Run an embedded cluster for the duration of an ``async with`` block.
 
     Args:
-        executors: executors (each with its own cache), as tasks of this process.
+        executors: executors, as tasks of this process (sharing one cache).
         placement: scheduling policy, ``"locality"`` or ``"spread"``.
         token: cluster token clients must present (default: none).
         threads: worker threads per executor for sync functions.

@@ -70,6 +70,7 @@ class Load:
     cache_bytes: int
     cache_hits: int
     cache_misses: int
+    cache_evictions: int = 0
 
 
 class _Reporter:

@@ -41,6 +41,7 @@ from ..rpc import Peer, PeerPool
 from ..serialization import dumps
 from .batching import DEFAULT_MAX_BATCH, Batcher
 from .cache import Cache
+from .cache_service import RemoteCache
 from .copies import private
 from .fanin import FanIn
 from .loader import FunctionLoader
@@ -85,6 +86,9 @@ class ExecutorStatistics:
     #: invocations that can receive mail right now.
     mailboxes: int = 0
     cache_entries: int = 0
+    #: encoded bytes the cache holds, and entries it evicted to stay in its bounds.
+    cache_bytes: int = 0
+    cache_evictions: int = 0
     worker_threads: int = 0
     abandoned_threads: int = 0
     #: open connections to other executors and the scheduler.
@@ -157,13 +161,17 @@ class ExecutorService:
         threads: int = 32,
         resources: dict[str, int] | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        cache: Cache | RemoteCache | None = None,
     ) -> None:
         self._nursery = nursery
         self.url = url
         self._scheduler = scheduler
         self._kvs = kvs
         self._peers = peers
-        self.cache = Cache(kvs)
+        #: the node's cache: shared with the node's other executors when given,
+        #: else this executor's own.
+        self.cache: Cache | RemoteCache = Cache(kvs) if cache is None else cache
+        self._own_cache = cache is None
         self.trio_token = trio.lowlevel.current_trio_token()
         self._threads = WorkerThreads(threads)
         self.resources = dict(resources or {})
@@ -184,7 +192,8 @@ class ExecutorService:
         """Current load and cache figures (what the periodic report carries)."""
         cache = self.cache.statistics()
         return Load(self._threads.max_threads, self._threads.busy, self._threads.queued,
-                    self._running, cache.entries, cache.bytes, cache.hits, cache.misses)
+                    self._running, cache.entries, cache.bytes, cache.hits, cache.misses,
+                    cache.evictions)
 
     def statistics(self) -> ExecutorStatistics:
         cache = self.cache.statistics()
@@ -194,6 +203,7 @@ class ExecutorService:
             tasks=self._active, fanin_pending=len(self._fanin),
             fanin_dropped=self._fanin.dropped, multiexec_pending=len(self._multi),
             mailboxes=len(self._libraries), cache_entries=cache.entries,
+            cache_bytes=cache.bytes, cache_evictions=cache.evictions,
             worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
             peers=len(self._peers))
 
@@ -203,15 +213,23 @@ class ExecutorService:
             await trio.sleep_forever()
         finally:
             self._threads.close()
+            if self._own_cache or isinstance(self.cache, RemoteCache):
+                self.cache.close()
 
     @classmethod
     async def join(
         cls, nursery: trio.Nursery, *, url: str, scheduler_url: str, workers: int,
         token: str | None, options: Any = None, threads: int = 32,
         resources: dict[str, int] | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-        report_interval: float = 1.0,
+        report_interval: float = 1.0, cache: Cache | None = None,
+        node_cache: str | None = None, cache_size: int | None = None,
     ) -> ExecutorService:
-        """Connect to the scheduler and KVS, announce ``url``, return the ready service."""
+        """Connect to the scheduler and KVS, announce ``url``, return the ready service.
+
+        ``cache``: the node's cache, shared with executors in this process;
+        ``node_cache``: the URL of the node process whose cache this worker
+        process uses (``--node-cache``). Neither: a cache of its own.
+        """
         from ..rpc import connect_peer
 
         holder: list[ExecutorService] = []
@@ -230,8 +248,17 @@ class ExecutorService:
             kvs = await connect_peer(info.kvs, nursery, token=token, handler=handle,
                                      options=options)
         peers = PeerPool(nursery, token=token, options=options, handler=handle)
+        chosen: Cache | RemoteCache | None = cache
+        if node_cache is not None:
+            link = scheduler if node_cache == scheduler_url else await connect_peer(
+                node_cache, nursery, token=token, handler=handle, options=options)
+            chosen = RemoteCache(link)
+        elif chosen is None and cache_size is not None:
+            chosen = Cache(kvs, max_bytes=cache_size)
         service = cls(nursery, url=url, scheduler=scheduler, kvs=kvs, peers=peers,
-                      threads=threads, resources=resources, max_batch=max_batch)
+                      threads=threads, resources=resources, max_batch=max_batch,
+                      cache=chosen)
+        service._own_cache = cache is None and node_cache is None
         holder.append(service)
         peers.add(scheduler_url, scheduler)
         nursery.start_soon(service._serve)
@@ -474,7 +501,7 @@ class ExecutorService:
         """Replace each DropletReference among ``args`` by the value it stands for."""
         if not any(isinstance(a, DropletReference) for a in args):
             return args
-        return [reveal_stored(await self.read(a.key, run), a.deserialize)
+        return [await self.read_value(a.key, run, a.deserialize)
                 if isinstance(a, DropletReference) else a for a in args]
 
     async def _prepare(self, t: Trigger, function: str, libs: list[UserLibrary],
@@ -488,7 +515,7 @@ class ExecutorService:
         if function in t.arg_fns:
             for arg in pickle.loads(t.arg_blobs[t.arg_fns.index(function)]):
                 if isinstance(arg, DropletReference):
-                    arg = reveal_stored(await self.read(arg.key, run), arg.deserialize)
+                    arg = await self.read_value(arg.key, run, arg.deserialize)
                 args.append(arg)
         target = loaded.obj
         if isinstance(target, tuple):  # (cls, init_args): one instance per executor
@@ -524,6 +551,25 @@ class ExecutorService:
                 return False, None
             run.causal.observe(key, lattice)
         return True, data
+
+    def read_local_value(self, key: str, run: RunContext, deserialize: bool
+                         ) -> tuple[bool, Any]:
+        """``read_local``, decoded: ``(True, value)`` when known here without I/O."""
+        if deserialize and run.consistency != REPEATABLE_READ and run.causal is None:
+            return self.cache.peek_value(key)
+        known, data = self.read_local(key, run)
+        return known, (reveal_stored(data, deserialize) if known else None)
+
+    async def read_value(self, key: str, run: RunContext, deserialize: bool = True) -> Any:
+        """The value of ``key`` as a function receives it (``get``, a reference).
+
+        Under NORMAL consistency an immutable value decoded before for the same
+        cached version is handed out as is (no copy, no unpickling); anything
+        else is decoded for this reader.
+        """
+        if deserialize and run.consistency != REPEATABLE_READ and run.causal is None:
+            return await self.cache.get_value(key)
+        return reveal_stored(await self.read(key, run), deserialize)
 
     async def read(self, key: str, run: RunContext) -> bytes | None:
         """The encoded value of ``key`` as the run's consistency level allows."""

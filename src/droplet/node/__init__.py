@@ -26,6 +26,8 @@ import trio
 
 from ..config import IN_MEMORY, Config, parse_resources
 from ..errors import ProtocolError
+from ..executor.cache import Cache
+from ..executor.cache_service import NodeCacheService, open_node_cache
 from ..executor.service import ExecutorService
 from ..kvs.backends import MemoryBackend, StorageBackend
 from ..kvs.backends.durable import DurableBackend
@@ -85,11 +87,14 @@ class Node:
     router: Router | None = None
     #: where Prometheus metrics are served (``--metrics-listen``), or None.
     metrics_url: str | None = None
+    #: the cache the node's executors share (all-in-one node), or None.
+    cache: Cache | None = None
 
     def statistics(self) -> dict[str, int]:
         """Every integer field of every service's ``statistics()``, as ``service.field``."""
         found: dict[str, int] = {}
-        services: list[tuple[str, Any]] = [("kvs", self.kvs), ("scheduler", self.scheduler)]
+        services: list[tuple[str, Any]] = [("kvs", self.kvs), ("scheduler", self.scheduler),
+                                           ("cache", self.cache)]
         services += [(f"executor{i}", ex) for i, ex in enumerate(self.executors)]
         for prefix, service in services:
             if service is None:
@@ -163,6 +168,11 @@ async def serve_node(
             await node.scheduler.restore()  # what was registered before a restart
             router.add(node.scheduler)
         if config.role == "all" and config.executors:
+            # One cache for the node's executors, on a link of its own to the store.
+            node.cache = await open_node_cache(nursery, internal, token=token,
+                                               max_bytes=config.cache_size,
+                                               shared_memory=not in_process_executors)
+            router.add(NodeCacheService(node.cache))
             node.url = await _start_workers(nursery, config, node, router, token, server_opts,
                                             limits, in_process_executors)
         else:
@@ -214,7 +224,7 @@ async def _serve(url: str, router: Router, token: str | None, options: Any, limi
 
 async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
                           token: str | None, server_opts: Any, client_opts: Any,
-                          limits: Limits) -> Node:
+                          limits: Limits, cache: Cache | None = None) -> Node:
     if not config.scheduler:
         raise ValueError("--role executor needs --scheduler URL")
     router = Router()
@@ -223,7 +233,8 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
         nursery, url=url, scheduler_url=config.scheduler, workers=config.threads,
         token=token, options=client_opts, threads=config.threads,
         resources=parse_resources(config.resources), max_batch=config.max_batch,
-        report_interval=config.report_interval)
+        report_interval=config.report_interval, cache=cache, node_cache=config.node_cache,
+        cache_size=config.cache_size)
     router.add(executor)
     node = Node(url, "executor", executors=[executor])
     router.add(_StatisticsService(node))
@@ -246,7 +257,7 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
         for i in range(config.executors):
             ex_config = attrs.evolve(config, role="executor", scheduler=workers_url)
             worker = await _start_executor(nursery, ex_config, f"{base}-executor-{i}", token,
-                                           None, None, limits)
+                                           None, None, limits, cache=node.cache)
             node.executors.extend(worker.executors)
         public: str = await nursery.start(_serve, config.listen_url, router, token,
                                           server_opts, limits)
@@ -275,7 +286,7 @@ async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> N
            "--scheduler", scheduler_url, "--threads", str(config.threads),
            "--max-frame-size", str(config.max_frame_size), "--log-level", config.log_level,
            "--max-batch", str(config.max_batch),
-           "--report-interval", repr(config.report_interval)]
+           "--report-interval", repr(config.report_interval), "--node-cache", scheduler_url]
     if config.resources:
         cmd += ["--resources", config.resources]
     env = dict(os.environ)

@@ -117,6 +117,10 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-interval", type=float, metavar="SECONDS",
                    help="how often executors report load and call statistics to the "
                    "scheduler (default: 1)")
+    p.add_argument("--cache-size", metavar="BYTES",
+                   help="bytes of values the node's cache keeps, shared by its executors "
+                   "(least recently used out first), e.g. 512M or 2G (default: 512M)")
+    p.add_argument("--node-cache", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--metrics-listen", metavar="URL",
                    help="serve Prometheus metrics over HTTP at this address, e.g. "
                    "tcp://127.0.0.1:9100 (default: off); beyond loopback it needs --token")

@@ -619,6 +619,56 @@ class Mail:
     data: bytes
 
 
+# --------------------------------------------------------------------------- node cache
+
+
+@message(42)
+@attrs.frozen
+class CacheGet:
+    """Worker process -> its node's cache: the value of ``key``, unless I hold ``version``.
+
+    ``refresh`` reads the store even when the key is cached (a read that must
+    not be stale); ``inline`` asks for the bytes in the reply rather than a
+    shared-memory segment (after a segment vanished before it was mapped).
+    """
+
+    key: str
+    version: int = 0
+    refresh: bool = False
+    inline: bool = False
+
+
+@message(43)
+@attrs.frozen
+class CacheValue:
+    """Node cache -> worker: ``key`` at ``version`` (0: absent).
+
+    Exactly one of: ``data`` (the encoded lattice), ``segment`` (the name of a
+    shared-memory segment of ``size`` bytes holding it), or neither when the
+    worker already holds ``version``. ``hit``: the node had it cached.
+    """
+
+    key: str
+    version: int
+    hit: bool
+    size: int = 0
+    data: bytes | None = None
+    segment: str | None = None
+
+
+@message(44)
+@attrs.frozen
+class CachePut:
+    """Worker process -> its node's cache: merge ``lattice`` into ``key`` (through the store).
+
+    Answered with KvsStored once the node's cache holds the merged value, so
+    the writer reads its own write.
+    """
+
+    key: str
+    lattice: bytes
+
+
 # --------------------------------------------------------------------------- validation
 
 #: The longest wait or timeout a peer may ask for (a day), in seconds.
@@ -725,6 +775,14 @@ def _check_report(m: ExecutorReport) -> None:
         if sum(m.latency[i * BUCKETS:(i + 1) * BUCKETS]) != calls:
             raise ProtocolError(f"ExecutorReport: {fn!r} latency buckets do not add up to "
                                 "its calls")
+
+
+@_validator(CacheValue)
+def _check_cache_value(m: CacheValue) -> None:
+    if m.version < 0 or m.size < 0:
+        raise ProtocolError("CacheValue.version and size must not be negative")
+    if m.data is not None and m.segment is not None:
+        raise ProtocolError("CacheValue carries data or a segment, not both")
 
 
 @_validator(StatusReply)

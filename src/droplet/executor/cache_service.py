@@ -1,0 +1,228 @@
+"""The node cache as seen by the node's worker processes.
+
+:class:`NodeCacheService` answers ``CacheGet`` and ``CachePut`` from the
+executor workers an all-in-one node runs as child processes, on the link they
+already have to the node. :class:`RemoteCache` is the worker's side: it keeps
+the version (and, for small values, the bytes) of what it read, so a repeated
+read costs one small round trip and no transfer; large values arrive as a
+shared-memory segment it maps read-only, and immutable ones are decoded once
+per version (:class:`~.values.DecodedValues`).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from collections import OrderedDict
+from typing import Any
+
+import attrs
+
+from ..errors import ProtocolError
+from ..lattices import RAW, Lattice, encode_lattice
+from ..protocol.messages import CacheGet, CachePut, CacheValue, KvsStored
+from ..rpc import Peer
+from .cache import SEGMENT_THRESHOLD, Cache, CacheStatistics
+from .segments import map_segment
+from .values import DecodedValues
+
+__all__ = ["NodeCacheService", "RemoteCache"]
+
+log = logging.getLogger("droplet.executor")
+
+#: Keys a worker remembers (versions, small values, mapped segments).
+WORKER_ENTRIES = 4096
+#: Bytes of small values a worker keeps (values under SEGMENT_THRESHOLD).
+WORKER_SMALL_BYTES = 64 * 1024 * 1024
+
+
+class NodeCacheService:
+    """Serves the node's :class:`~.cache.Cache` to its worker processes (plug into a router)."""
+
+    MESSAGES = (CacheGet, CachePut)
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+
+    async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        cache = self.cache
+        if type(msg) is CachePut:
+            return KvsStored(await cache.put_encoded(msg.key, msg.lattice))
+        if type(msg) is not CacheGet:
+            raise ProtocolError(f"the node cache does not serve {type(msg).__name__} messages")
+        before = cache.misses
+        entry = await (cache.refresh_entry(msg.key) if msg.refresh else cache.entry(msg.key))
+        hit = cache.misses == before and not msg.refresh
+        if entry is None:
+            return CacheValue(msg.key, 0, hit)
+        size = len(entry.data)
+        if entry.version == msg.version:
+            return CacheValue(msg.key, entry.version, hit, size)
+        if size >= SEGMENT_THRESHOLD and not msg.inline:
+            segment = cache.segment_of(msg.key, entry)
+            if segment is not None:
+                return CacheValue(msg.key, entry.version, hit, size, segment=segment)
+        return CacheValue(msg.key, entry.version, hit, size, data=entry.data)
+
+
+@attrs.define
+class _Held:
+    version: int
+    size: int
+    data: bytes | None = None
+    mapping: mmap.mmap | None = None
+
+    def view(self) -> bytes | memoryview:
+        if self.data is not None:
+            return self.data
+        assert self.mapping is not None
+        return memoryview(self.mapping)
+
+    def close(self) -> None:
+        if self.mapping is not None:
+            try:
+                self.mapping.close()
+            except BufferError:  # a view is still exported: the GC unmaps it later
+                pass
+            self.mapping = None
+
+
+class RemoteCache:
+    """A worker process's handle on its node's cache (same interface as :class:`Cache`)."""
+
+    def __init__(self, node: Peer, *, decoded_bytes: int | None = None) -> None:
+        self._node = node
+        self._held: OrderedDict[str, _Held] = OrderedDict()
+        self._small_bytes = 0
+        self.decoded = DecodedValues() if decoded_bytes is None else DecodedValues(decoded_bytes)
+        self.hits = 0
+        self.misses = 0
+        #: values received (bytes or a segment), and reads that needed none.
+        self.transfers = 0
+        self.unchanged = 0
+
+    def statistics(self) -> CacheStatistics:
+        return CacheStatistics(len(self._held), self.hits, self.misses,
+                               sum(h.size for h in self._held.values()),
+                               decoded_hits=self.decoded.hits)
+
+    def summary(self, min_size: int = 0, limit: int | None = None) -> dict[str, int]:
+        found = [(k, h.size) for k, h in list(self._held.items()) if h.size >= min_size]
+        if limit is not None and len(found) > limit:
+            found.sort(key=lambda item: item[1], reverse=True)
+            found = found[:limit]
+        return dict(found)
+
+    def close(self) -> None:
+        for held in self._held.values():
+            held.close()
+        self._held.clear()
+        self.decoded.clear()
+
+    # The node's cache is in another process: nothing is known without asking it.
+    def peek(self, key: str) -> bytes | None:
+        return None
+
+    def peek_value(self, key: str) -> tuple[bool, Any]:
+        return False, None
+
+    async def get(self, key: str) -> bytes | None:
+        held = await self._read(key, refresh=False)
+        return bytes(held.view()) if held is not None else None
+
+    async def refresh(self, key: str) -> bytes | None:
+        held = await self._read(key, refresh=True)
+        return bytes(held.view()) if held is not None else None
+
+    async def get_value(self, key: str) -> Any:
+        held = await self._read(key, refresh=False)
+        if held is None:
+            return None
+        found, value = self.decoded.get(key, held.version)
+        if found:
+            return value
+        return self.decoded.decode(key, held.version, held.view())
+
+    async def put(self, key: str, lattice: Lattice, *, raw: bool = False) -> str:
+        data = encode_lattice(lattice, dump=RAW) if raw else encode_lattice(lattice)
+        return await self.put_encoded(key, data)
+
+    async def put_encoded(self, key: str, data: bytes) -> str:
+        stored: KvsStored = await self._node.request(CachePut(key, data))
+        return stored.type_name
+
+    async def update(self, key: str, data: bytes) -> None:
+        """Pushes go to the node's cache, not here; a stray one changes nothing."""
+
+    async def _read(self, key: str, *, refresh: bool) -> _Held | None:
+        held = self._held.get(key)
+        known = held.version if held is not None else 0
+        reply: CacheValue = await self._node.request(CacheGet(key, known, refresh))
+        if reply.hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+        if reply.version == 0:
+            self._forget(key)
+            return None
+        if held is not None and reply.version == held.version:
+            self.unchanged += 1
+            self._held.move_to_end(key)
+            return held
+        self.transfers += 1
+        mapping = None
+        if reply.segment is not None:
+            try:
+                mapping = map_segment(reply.segment, reply.size)
+            except FileNotFoundError:  # evicted before we mapped it: ask for the bytes
+                reply = await self._node.request(CacheGet(key, 0, False, True))
+                if reply.version == 0:
+                    self._forget(key)
+                    return None
+        if mapping is None and reply.data is None:
+            raise ProtocolError(f"the node cache sent neither data nor a segment for {key!r}")
+        self._forget(key)
+        fresh = _Held(reply.version, reply.size, reply.data, mapping)
+        self._held[key] = fresh
+        if fresh.data is not None:
+            self._small_bytes += fresh.size
+        self._trim()
+        return fresh
+
+    def _forget(self, key: str) -> None:
+        held = self._held.pop(key, None)
+        if held is not None:
+            if held.data is not None:
+                self._small_bytes -= held.size
+            held.close()
+            self.decoded.forget(key)
+
+    def _trim(self) -> None:
+        while (len(self._held) > WORKER_ENTRIES or self._small_bytes > WORKER_SMALL_BYTES) \
+                and len(self._held) > 1:
+            self._forget(next(iter(self._held)))
+
+
+async def open_node_cache(nursery: Any, kvs_url: str, *, token: str | None,
+                          max_bytes: int, shared_memory: bool, options: Any = None) -> Cache:
+    """A node's cache on a link of its own to the store at ``kvs_url``.
+
+    It lives as long as ``nursery``: when that is cancelled its segments are removed.
+    """
+    import trio
+
+    from ..rpc import connect_peer
+
+    cache = Cache(None, max_bytes=max_bytes, shared_memory=shared_memory)
+    link = await connect_peer(kvs_url, nursery, token=token, handler=cache.handle,
+                              options=options)
+    cache.attach(link)
+
+    async def close_on_exit() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cache.close()
+
+    nursery.start_soon(close_on_exit)
+    return cache
