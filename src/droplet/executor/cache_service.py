@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import mmap
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -90,8 +91,10 @@ class _Held:
 class RemoteCache:
     """A worker process's handle on its node's cache (same interface as :class:`Cache`)."""
 
-    def __init__(self, node: Peer, *, decoded_bytes: int | None = None) -> None:
+    def __init__(self, node: Peer, *, decoded_bytes: int | None = None,
+                 segment_dir: Path | None = None) -> None:
         self._node = node
+        self._segment_dir = segment_dir
         self._held: OrderedDict[str, _Held] = OrderedDict()
         self._small_bytes = 0
         self.decoded = DecodedValues() if decoded_bytes is None else DecodedValues(decoded_bytes)
@@ -173,7 +176,7 @@ class RemoteCache:
         mapping = None
         if reply.segment is not None:
             try:
-                mapping = map_segment(reply.segment, reply.size)
+                mapping = map_segment(reply.segment, reply.size, self._segment_dir)
             except FileNotFoundError:  # evicted before we mapped it: ask for the bytes
                 reply = await self._node.request(CacheGet(key, 0, False, True))
                 if reply.version == 0:
