@@ -35,7 +35,7 @@ from .segments import SegmentStore
 from .values import DecodedValues
 
 __all__ = ["DEFAULT_CACHE_BYTES", "DEFAULT_CAPACITY", "SEGMENT_THRESHOLD", "Cache",
-           "CacheStatistics", "Entry"]
+           "CacheStatistics", "Counts", "Entry"]
 
 log = logging.getLogger("droplet.executor")
 
@@ -67,6 +67,14 @@ class CacheStatistics:
     segment_bytes: int = 0
     #: reads answered with an object already decoded for that version.
     decoded_hits: int = 0
+
+
+@attrs.define
+class Counts:
+    """One reader's hits and misses (each executor sharing a node's cache keeps its own)."""
+
+    hits: int = 0
+    misses: int = 0
 
 
 @attrs.define
@@ -173,14 +181,14 @@ class Cache:
             return True, value
         return True, self.decoded.decode(key, entry.version, entry.data)
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, counts: Counts | None = None) -> bytes | None:
         """The encoded lattice at ``key``: from the cache, else from the KVS."""
-        entry = await self.entry(key)
+        entry = await self.entry(key, counts)
         return entry.data if entry is not None else None
 
-    async def get_value(self, key: str) -> Any:
+    async def get_value(self, key: str, counts: Counts | None = None) -> Any:
         """The value at ``key`` (as ``reveal_stored``), decoded once per version if immutable."""
-        entry = await self.entry(key)
+        entry = await self.entry(key, counts)
         if entry is None:
             return None
         found, value = self.decoded.get(key, entry.version)
@@ -188,12 +196,17 @@ class Cache:
             return value
         return self.decoded.decode(key, entry.version, entry.data)
 
-    async def entry(self, key: str) -> Entry | None:
-        """The cached entry of ``key``, read from the KVS on a miss (once for concurrent misses)."""
+    async def entry(self, key: str, counts: Counts | None = None) -> Entry | None:
+        """The cached entry of ``key``, read from the KVS on a miss (once for concurrent misses).
+
+        ``counts``: the reader's own hit and miss counters, counted too.
+        """
+        counts = counts or Counts()
         while True:
             entry = self._entries.get(key)
             if entry is not None:
                 self.hits += 1
+                counts.hits += 1
                 self._entries.move_to_end(key)
                 return entry
             pending = self._fetching.get(key)
@@ -203,10 +216,12 @@ class Cache:
             entry = self._entries.get(key)
             if entry is not None:
                 self.hits += 1
+                counts.hits += 1
                 return entry
             # absent (or too big to keep): read it ourselves
             break
         self.misses += 1
+        counts.misses += 1
         return await self._fetch(key)
 
     async def refresh(self, key: str) -> bytes | None:

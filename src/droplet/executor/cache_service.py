@@ -23,7 +23,7 @@ from ..errors import ProtocolError
 from ..lattices import RAW, Lattice, encode_lattice
 from ..protocol.messages import CacheGet, CachePut, CacheValue, KvsStored
 from ..rpc import Peer
-from .cache import SEGMENT_THRESHOLD, Cache, CacheStatistics
+from .cache import SEGMENT_THRESHOLD, Cache, CacheStatistics, Counts
 from .segments import map_segment
 from .values import DecodedValues
 
@@ -129,7 +129,7 @@ class RemoteCache:
     def peek_value(self, key: str) -> tuple[bool, Any]:
         return False, None
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, counts: Counts | None = None) -> bytes | None:
         held = await self._read(key, refresh=False)
         return bytes(held.view()) if held is not None else None
 
@@ -137,7 +137,7 @@ class RemoteCache:
         held = await self._read(key, refresh=True)
         return bytes(held.view()) if held is not None else None
 
-    async def get_value(self, key: str) -> Any:
+    async def get_value(self, key: str, counts: Counts | None = None) -> Any:
         held = await self._read(key, refresh=False)
         if held is None:
             return None

@@ -40,14 +40,20 @@ from ..references import DropletReference
 from ..rpc import Peer, PeerPool
 from ..serialization import dumps
 from .batching import DEFAULT_MAX_BATCH, Batcher
-from .cache import Cache
+from .cache import Cache, Counts
 from .cache_service import RemoteCache
 from .copies import private
 from .fanin import FanIn
 from .loader import FunctionLoader
 from .multiexec import MultiExec, spread
 from .outcomes import function_error, lww, pickle_result
-from .reports import CallRecorder, Load, report_periodically
+from .reports import (
+    REPORT_MAX_KEYS,
+    REPORT_MIN_SIZE,
+    CallRecorder,
+    Load,
+    report_periodically,
+)
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
@@ -172,6 +178,11 @@ class ExecutorService:
         #: else this executor's own.
         self.cache: Cache | RemoteCache = Cache(kvs) if cache is None else cache
         self._own_cache = cache is None
+        #: this executor's own reads of the cache (a node's executors share one).
+        self._cache_counts = Counts()
+        #: whether this executor's reports carry the cache's size and evictions
+        #: (one executor per shared cache does, so totals count it once).
+        self.reports_cache = True
         self.trio_token = trio.lowlevel.current_trio_token()
         self._threads = WorkerThreads(threads)
         self.resources = dict(resources or {})
@@ -191,15 +202,24 @@ class ExecutorService:
     def load(self) -> Load:
         """Current load and cache figures (what the periodic report carries)."""
         cache = self.cache.statistics()
+        counts = self._counts()
+        mine = self.reports_cache
         return Load(self._threads.max_threads, self._threads.busy, self._threads.queued,
-                    self._running, cache.entries, cache.bytes, cache.hits, cache.misses,
-                    cache.evictions)
+                    self._running, cache.entries if mine else 0, cache.bytes if mine else 0,
+                    counts.hits, counts.misses, cache.evictions if mine else 0,
+                    self.cache.summary(REPORT_MIN_SIZE, REPORT_MAX_KEYS))
+
+    def _counts(self) -> Counts:
+        if isinstance(self.cache, RemoteCache):  # its own view of the node's cache
+            return Counts(self.cache.hits, self.cache.misses)
+        return self._cache_counts
 
     def statistics(self) -> ExecutorStatistics:
         cache = self.cache.statistics()
+        counts = self._counts()
         return ExecutorStatistics(
             self.url, self._invocations, self._failures, self._running,
-            len(self._loader), cache.hits, cache.misses,
+            len(self._loader), counts.hits, counts.misses,
             tasks=self._active, fanin_pending=len(self._fanin),
             fanin_dropped=self._fanin.dropped, multiexec_pending=len(self._multi),
             mailboxes=len(self._libraries), cache_entries=cache.entries,
@@ -568,7 +588,7 @@ class ExecutorService:
         else is decoded for this reader.
         """
         if deserialize and run.consistency != REPEATABLE_READ and run.causal is None:
-            return await self.cache.get_value(key)
+            return await self.cache.get_value(key, self._cache_counts)
         return reveal_stored(await self.read(key, run), deserialize)
 
     async def read(self, key: str, run: RunContext) -> bytes | None:
@@ -578,7 +598,7 @@ class ExecutorService:
                 reply: KvsValue = await self._kvs.request(KvsGet(key, pin=run.run_id))
                 run.pins[key] = reply.lattice
             return run.pins[key]
-        data = await self.cache.get(key)
+        data = await self.cache.get(key, self._cache_counts)
         if run.causal is not None:
             lattice = decode_lattice(data, load=RAW) if data is not None else None
             if not run.causal.fresh_enough(key, lattice):

@@ -258,7 +258,9 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
             ex_config = attrs.evolve(config, role="executor", scheduler=workers_url)
             worker = await _start_executor(nursery, ex_config, f"{base}-executor-{i}", token,
                                            None, None, limits, cache=node.cache)
-            node.executors.extend(worker.executors)
+            for executor in worker.executors:
+                executor.reports_cache = not node.executors  # the first reports the cache
+                node.executors.append(executor)
         public: str = await nursery.start(_serve, config.listen_url, router, token,
                                           server_opts, limits)
         return public

@@ -543,6 +543,17 @@ class ExecutorReport:
     failures: list[int]
     latency: list[int]
     latency_us: list[int]
+    #: entries the cache evicted since the previous report.
+    cache_evictions: int = 0
+    #: what the executor's node caches, for data-aware placement: keys of at
+    #: least REPORT_MIN_SIZE bytes (the largest, at most REPORT_MAX_KEYS) with
+    #: their sizes, added or resized since the previous report, and keys gone
+    #: since. ``cache_full``: ``cached_keys`` is the whole summary (the first
+    #: report, and the one after a report was dropped), not a change.
+    cached_keys: list[str] = attrs.Factory(list)
+    cached_sizes: list[int] = attrs.Factory(list)
+    uncached_keys: list[str] = attrs.Factory(list)
+    cache_full: bool = False
 
 
 @message(31)
@@ -744,6 +755,8 @@ def _check_get(m: KvsGet) -> None:
 
 #: Most functions one executor report may name.
 MAX_REPORTED_FUNCTIONS = 10_000
+#: Most cached keys (added and removed) one executor report may name.
+MAX_REPORTED_KEYS = 4096
 
 
 @_validator(ExecutorReport)
@@ -764,8 +777,15 @@ def _check_report(m: ExecutorReport) -> None:
                                 f"(expected {size})")
         if any(v < 0 for v in values):
             raise ProtocolError(f"ExecutorReport.{name} must not be negative")
+    if len(m.cached_keys) != len(m.cached_sizes):
+        raise ProtocolError(f"ExecutorReport: {len(m.cached_keys)} cached_keys but "
+                            f"{len(m.cached_sizes)} cached_sizes")
+    if len(m.cached_keys) + len(m.uncached_keys) > MAX_REPORTED_KEYS:
+        raise ProtocolError(f"ExecutorReport: more than {MAX_REPORTED_KEYS} cached keys")
+    if any(v < 0 for v in m.cached_sizes):
+        raise ProtocolError("ExecutorReport.cached_sizes must not be negative")
     for name in ("threads", "busy", "queued", "running", "cache_entries", "cache_bytes",
-                 "cache_hits", "cache_misses"):
+                 "cache_hits", "cache_misses", "cache_evictions"):
         if getattr(m, name) < 0:
             raise ProtocolError(f"ExecutorReport.{name} must not be negative")
     for i, (fn, calls, failures) in enumerate(zip(m.functions, m.calls, m.failures,
