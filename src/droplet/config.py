@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from .executor.cache import DEFAULT_CACHE_BYTES
-from .scheduler.placement import POLICIES
+from .scheduler.placement import DEFAULT_POLICY, check_policy_name
 from .transports.base import TransportOptions
 from .transports.registry import normalize_address, parse_address
 
@@ -77,6 +77,12 @@ _KEY_KINDS: dict[str, tuple[str, Any]] = {
     "resources": ('NAME=COUNT pairs, a string ("gpu=1") or a table ({gpu = 1})',
                   lambda v: isinstance(v, str | dict)),
 }
+
+
+def _placement(_: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"placement must be a policy name, not {value!r}")
+    check_policy_name(value)
 
 
 def _log_level(_: Any, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -171,7 +177,8 @@ class Config:
     kvs: str | None = attrs.field(default=None, validator=_url)
     executors: int = attrs.field(default=2, validator=attrs.validators.ge(0))
     threads: int = attrs.field(default=32, validator=attrs.validators.ge(1))
-    placement: str = attrs.field(default="locality", validator=attrs.validators.in_(POLICIES))
+    #: a placement policy by name (``data``, ``locality``, ``spread``) or ``module:Class``
+    placement: str = attrs.field(default=DEFAULT_POLICY, validator=_placement)
     token: str | None = attrs.field(default=None, repr=False)  # reprs reach logs
     insecure: bool = False
     tls_cert: str | None = None

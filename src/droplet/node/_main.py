@@ -80,8 +80,9 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
                    help="executor worker processes of the all-in-one node (default: 2)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads per executor for sync functions (default: 32)")
-    p.add_argument("--placement", choices=POLICIES,
-                   help="scheduling policy (default: locality)")
+    p.add_argument("--placement", metavar="POLICY",
+                   help=f"placement policy: {', '.join(POLICIES)} (default: data: calls go "
+                   "where their references are cached), or a package.module:Class")
     p.add_argument("--token", metavar="SECRET",
                    help="cluster token required of every connection (or DROPLET_TOKEN)")
     p.add_argument("--insecure", action="store_true", default=None,

@@ -472,6 +472,10 @@ class CallDag:
     #: another DAG's call (an encoded, unsent CallDag from ``dry_run``) to run
     #: on this DAG's result; its result is this call's result.
     continuation: bytes | None = None
+    #: per ``arg_fns`` entry, the keys of the DropletReference arguments it
+    #: gets (empty list: none known), so placement can prefer executors whose
+    #: node caches them without unpickling the arguments.
+    references: list[list[str]] = attrs.Factory(list)
 
 
 @message(26)
@@ -712,6 +716,11 @@ def _check_call(m: CallDag) -> None:
                             "arg_blobs")
     _check_seconds("CallDag", "timeout", m.timeout)
     _check_causal("CallDag", m.causal)
+    if m.references and len(m.references) != len(m.arg_fns):
+        raise ProtocolError(f"CallDag: {len(m.references)} reference lists for "
+                            f"{len(m.arg_fns)} arg_fns")
+    if sum(len(keys) for keys in m.references) > MAX_CALL_REFERENCES:
+        raise ProtocolError(f"CallDag: more than {MAX_CALL_REFERENCES} reference keys")
 
 
 @_validator(Trigger)
@@ -753,6 +762,8 @@ def _check_get(m: KvsGet) -> None:
         raise ProtocolError("KvsGet.wait must be a number of seconds, not NaN")
 
 
+#: Most reference keys one CallDag may name (clients send at most 64 per function).
+MAX_CALL_REFERENCES = 4096
 #: Most functions one executor report may name.
 MAX_REPORTED_FUNCTIONS = 10_000
 #: Most cached keys (added and removed) one executor report may name.

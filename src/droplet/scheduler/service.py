@@ -56,7 +56,7 @@ from ..protocol.messages import decode as decode_message
 from ..rpc import DEFERRED, Peer
 from ..status import ClusterStatus
 from .dags import Dag, build_dag
-from .placement import Placement
+from .placement import DEFAULT_POLICY, Candidate, Placement
 from .registry import dag_entry, decode_registry, function_entry
 from .reports import ClusterView
 
@@ -115,7 +115,7 @@ class SchedulerService:
         kvs: Peer,
         kvs_url: str,
         node_id: str = "",
-        placement: str = "locality",
+        placement: str = DEFAULT_POLICY,
     ) -> None:
         self._nursery = nursery
         self._kvs = kvs
@@ -352,9 +352,13 @@ class SchedulerService:
             if version is None:
                 raise DagError(f"DAG {dag.name!r} uses {fn!r}, which is no longer registered")
             versions.append(version)
-        running = {url: ex.running for url, ex in self._executors.items()}
-        gpus = [url for url, ex in self._executors.items() if ex.resources.get("gpu", 0) > 0]
-        where = self._placement.place(dag, list(self._executors), running, gpus)
+        candidates = []
+        for url, ex in self._executors.items():
+            threads, queued, cached = self.view.load(url)
+            candidates.append(Candidate(url, ex.running, threads, queued,
+                                        ex.resources.get("gpu", 0) > 0, cached))
+        references = dict(zip(msg.arg_fns, msg.references, strict=False))
+        where = self._placement.place(dag, candidates, {}, (), references)
         run_id = uuid.uuid4().hex
         deadline = time.time() + msg.timeout if msg.timeout else None
         placed = [where[fn] for fn in dag.functions]
