@@ -27,7 +27,7 @@ def test_policies() -> None:
 
 
 def test_unknown_policy() -> None:
-    with pytest.raises(ValueError, match=r"'nearest'.*data, locality, spread"):
+    with pytest.raises(ValueError, match=r"'nearest'.*data, locality, random, spread"):
         Placement("nearest")
 
 

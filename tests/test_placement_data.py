@@ -132,3 +132,12 @@ def test_calls_name_their_references() -> None:
     bad = CallDag("f", True, ["f"], [b""], references=[["a"], ["b"]])
     with pytest.raises(ProtocolError, match="reference lists"):
         decode(encode(bad))
+
+
+def test_random_placement_uses_every_eligible_executor() -> None:
+    from droplet.scheduler.placement import RandomPolicy
+
+    policy = RandomPolicy(seed=1)
+    executors = [Candidate("e1", cached={"a": MB}), Candidate("e2")]
+    seen = {policy.place(one(), executors, {"f": ["a"]})["f"] for _ in range(50)}
+    assert seen == {"e1", "e2"}

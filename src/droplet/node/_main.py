@@ -15,7 +15,7 @@ import trio
 
 from ..config import FSYNC_POLICIES, ROLES, Config
 from ..errors import DropletError
-from ..scheduler.placement import POLICIES
+from ..scheduler.placement import POLICIES, check_policy_name
 
 __all__ = ["add_node_flags", "build_parser", "main"]
 
@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _policy(value: str) -> str:
+    try:
+        check_policy_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def add_node_flags(p: argparse.ArgumentParser) -> None:
     """Every setting flag but --role (``droplet start-local`` takes the same ones)."""
     p.add_argument("--listen", metavar="URL",
@@ -80,7 +88,7 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
                    help="executor worker processes of the all-in-one node (default: 2)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads per executor for sync functions (default: 32)")
-    p.add_argument("--placement", metavar="POLICY",
+    p.add_argument("--placement", metavar="POLICY", type=_policy,
                    help=f"placement policy: {', '.join(POLICIES)} (default: data: calls go "
                    "where their references are cached), or a package.module:Class")
     p.add_argument("--token", metavar="SECRET",

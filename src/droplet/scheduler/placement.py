@@ -18,6 +18,7 @@ function. Three are built in, chosen by the scheduler's ``placement`` setting:
   executor, round-robin among equals.
 - ``"spread"``: every function goes to the least-loaded executor (maximal
   parallelism).
+- ``"random"``: an executor drawn at random (a baseline for benchmarks).
 
 Plug in your own: subclass :class:`PlacementPolicy`, implement ``choose`` and
 either decorate it with :func:`register_policy` (then ``placement = "name"``)
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import random
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, TypeVar
 
@@ -37,7 +39,7 @@ from ..errors import DagError, DropletError
 from .dags import Dag
 
 __all__ = ["DEFAULT_POLICY", "MAX_QUEUE", "POLICIES", "Candidate", "DataPolicy",
-           "LocalityPolicy", "Placement", "PlacementPolicy", "SpreadPolicy", "policy_class",
+           "LocalityPolicy", "Placement", "PlacementPolicy", "RandomPolicy", "SpreadPolicy", "policy_class",
            "register_policy"]
 
 #: The policy a scheduler uses unless told otherwise.
@@ -217,7 +219,21 @@ class DataPolicy(PlacementPolicy):
         return home if home is not None else self.least_loaded(eligible, load)
 
 
-#: The policies available by name.
+@register_policy
+class RandomPolicy(PlacementPolicy):
+    """Every function to an executor drawn at random (a baseline for benchmarks)."""
+
+    name = "random"
+
+    def __init__(self, seed: int | None = None) -> None:
+        super().__init__()
+        self._random = random.Random(seed)
+
+    def choose(self, pool: Sequence[Candidate], context: Context) -> str:
+        return self._random.choice(pool).url
+
+
+#: The policies for real use (also registered: "random", a baseline for benchmarks).
 POLICIES = ("data", "locality", "spread")
 
 
