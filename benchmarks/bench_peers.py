@@ -10,7 +10,7 @@ equivalent, in the peer's idiomatic form:
 | chain10 | 10 chained ``inc.remote`` | 10 chained ``submit`` |
 | fanin3 | ``add3.remote(noop.remote(1), noop.remote(2), noop.remote(3))`` | likewise |
 | bigarg10/50 | ``length.remote(noop.remote(data))`` | likewise (``data`` scattered per call) |
-| ref*-warm | ``length.remote(ref)``, ``ref = ray.put(data)`` once | ``submit(length, future)``, ``future = client.scatter(data)`` once |
+| ref*-warm | ``length.remote(ref)`` (``ref = ray.put(data)``) | ``submit(length, scattered)`` |
 | throughput-sync | N ``noop.remote(i)``, ``ray.get`` each | N ``submit``, ``result()`` each |
 
 Peers run with as many worker processes as Droplet's executors (``--executors``)

@@ -33,8 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import droplet  # noqa: E402
 from bench_report import Result, environment_line, format_table, summarize  # noqa: E402
+
+import droplet  # noqa: E402
 from droplet.config import parse_size  # noqa: E402
 from droplet.testing.nodes import start_node  # noqa: E402
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from droplet import DropletConnection, DropletReference
-from droplet.testing.nodes import NodeProcess, start_node
+from droplet.testing.nodes import start_node
 
 pytestmark = pytest.mark.slow
 

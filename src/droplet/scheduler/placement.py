@@ -38,9 +38,9 @@ import attrs
 from ..errors import DagError, DropletError
 from .dags import Dag
 
-__all__ = ["DEFAULT_POLICY", "MAX_QUEUE", "POLICIES", "Candidate", "DataPolicy",
-           "LocalityPolicy", "Placement", "PlacementPolicy", "RandomPolicy", "SpreadPolicy", "policy_class",
-           "register_policy"]
+__all__ = ["DEFAULT_POLICY", "MAX_QUEUE", "POLICIES", "Candidate", "Context", "DataPolicy",
+           "LocalityPolicy", "Placement", "PlacementPolicy", "RandomPolicy", "SpreadPolicy",
+           "check_policy_name", "policy_class", "register_policy"]
 
 #: The policy a scheduler uses unless told otherwise.
 DEFAULT_POLICY = "data"
