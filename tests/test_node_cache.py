@@ -297,3 +297,28 @@ async def test_a_vanished_segment_falls_back_to_the_bytes(tmp_path: Path) -> Non
                 worker.close()
                 cache.close()
                 nursery.cancel_scope.cancel()
+
+
+async def test_numpy_arrays_are_shared_read_only() -> None:
+    np = pytest.importorskip("numpy")
+
+    def writable(lib: Any, array: Any) -> bool:
+        try:
+            array[0] = 7
+        except ValueError:
+            return False
+        return True
+
+    with trio.fail_after(TIMEOUT):
+        async with droplet.open_local_cluster(1) as cluster, cluster.client() as cloud:
+            await cloud.put_object("arr", np.zeros(100_000))
+            fn = await cloud.register(writable, "writable")
+            for _ in range(3):  # read-only, and the same array each time
+                assert await (await fn(DropletReference("arr"))).get() is False
+            assert cluster.node.cache is not None
+            assert cluster.node.cache.statistics().decoded_hits >= 2
+            assert float((await cloud.get_object("arr")).sum()) == 0.0
+            # Object arrays hold mutable elements: a private, writable copy each.
+            await cloud.put_object("objs", np.array([1, 2], dtype=object))
+            for _ in range(2):
+                assert await (await fn(DropletReference("objs"))).get() is True

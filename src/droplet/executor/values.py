@@ -10,9 +10,11 @@ the mapping (the only copy is the one ``pickle`` makes to build the object).
 (bytes, str, numbers, small tuples of those: see
 :func:`droplet.executor.copies.is_immutable`) keyed by ``(key, version)``, and
 hands the same object to every later reader of that version: a warm read of a
-10 MiB ``bytes`` value copies nothing. Mutable values (lists, dicts,
-bytearrays, numpy arrays) are unpickled again for every reader, so each
-invocation still gets its private copy.
+10 MiB ``bytes`` value copies nothing. A numpy array (of plain, non-object
+elements) is made read-only and shared the same way, as Ray does: a function
+that wants to change it copies it first (``array.copy()``). Other mutable
+values (lists, dicts, bytearrays) are unpickled again for every reader, so
+each invocation still gets its private copy.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from .copies import is_immutable
 from .user_library import reveal_stored
 
-__all__ = ["DEFAULT_DECODED_BYTES", "DecodedValues", "decode_value", "lww_payload"]
+__all__ = ["DEFAULT_DECODED_BYTES", "DecodedValues", "decode_value", "lww_payload", "shareable"]
 
 #: Bytes of decoded immutable values one process keeps (about their pickled size).
 DEFAULT_DECODED_BYTES = 256 * 1024 * 1024
@@ -61,6 +63,22 @@ def lww_payload(data: bytes | memoryview) -> memoryview | None:
     if pos + n != len(view):
         return None
     return view[pos:pos + n]
+
+
+def shareable(value: Any) -> bool:
+    """Whether every reader may get ``value`` itself: immutable, or a numpy array made so.
+
+    A numpy array of plain elements is set read-only here (it was just
+    decoded, so nobody else holds it yet).
+    """
+    if is_immutable(value):
+        return True
+    kind = type(value)
+    if kind.__name__ == "ndarray" and kind.__module__ == "numpy" \
+            and not value.dtype.hasobject:
+        value.flags.writeable = False
+        return True
+    return False
 
 
 def decode_value(data: bytes | memoryview | None, deserialize: bool = True) -> Any:
@@ -104,7 +122,7 @@ class DecodedValues:
         """Decode ``data`` (``key`` at ``version``); keep the value when it is immutable."""
         value = decode_value(data)
         size = len(data)
-        if is_immutable(value) and size <= self.max_bytes:
+        if size <= self.max_bytes and shareable(value):
             with self._lock:
                 self._forget(key)
                 self._values[key] = (version, value, size)
