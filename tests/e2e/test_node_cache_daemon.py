@@ -103,3 +103,23 @@ def test_a_killed_worker_leaks_no_segments(node: NodeProcess) -> None:
                     raise
                 time.sleep(0.2)
         assert len(segments_of(node.pid)) == 1
+
+
+#: Whether a referenced numpy array is writable and owns its memory, and where it ran.
+flags = lambda lib, a: (a.flags.writeable, a.flags.owndata, float(a.sum()),  # noqa: E731
+                        lib.getid().rpartition("/")[0])
+
+
+def test_workers_get_numpy_arrays_from_shared_memory_without_copies(node: NodeProcess) -> None:
+    np = pytest.importorskip("numpy")
+    with DropletConnection(node.url, timeout=TIMEOUT) as cloud:
+        cloud.put_object("array", np.ones(MIB // 8))
+        fn = cloud.register(flags, "flags")
+        seen = set()
+        for _ in range(4):
+            writable, owndata, total, where = fn(DropletReference("array")).get(
+                timeout=TIMEOUT)
+            assert (writable, owndata, total) == (False, False, MIB // 8)
+            seen.add(where)
+        assert len(seen) == 2  # both workers: views of the node's one copy
+        assert len(segments_of(node.pid)) == 1

@@ -31,8 +31,9 @@ import trio
 from ..lattices import RAW, Lattice, decode_lattice, encode_lattice
 from ..protocol.messages import KvsGet, KvsPut, KvsStored, KvsUnsubscribe, KvsUpdate, KvsValue
 from ..rpc import Peer
+from .oob import out_of_band
 from .segments import SegmentStore
-from .values import DecodedValues
+from .values import DecodedValues, lww_payload
 
 __all__ = ["DEFAULT_CACHE_BYTES", "DEFAULT_CAPACITY", "SEGMENT_THRESHOLD", "Cache",
            "CacheStatistics", "Counts", "Entry"]
@@ -83,8 +84,10 @@ class Entry:
 
     version: int
     data: bytes
-    #: the shared-memory segment holding ``data``, once a worker process asked.
+    #: the shared-memory segment holding ``data``, once a worker process asked,
+    #: and its layout: "" (the encoded lattice) or "oob" (see :mod:`.oob`).
     segment: str | None = None
+    layout: str = ""
 
 
 class Cache:
@@ -325,14 +328,21 @@ class Cache:
 
     # ------------------------------------------------------------------ worker processes
 
-    def segment_of(self, key: str, entry: Entry) -> str | None:
-        """The shared-memory segment holding ``entry`` (made now if needed), or None.
+    def segment_of(self, key: str, entry: Entry) -> tuple[str, str, int] | None:
+        """The shared-memory segment holding ``entry`` (made now if needed): name, layout, size.
 
         None when the cache keeps no segments or ``entry`` is no longer the
-        cached version of ``key`` (the caller then sends the bytes).
+        cached version of ``key`` (the caller then sends the bytes). A numpy
+        value is laid out with its arrays out of band (layout ``"oob"``), so
+        workers map them without copying.
         """
         if self.segments is None or self._entries.get(key) is not entry:
             return None
         if entry.segment is None:
-            entry.segment = self.segments.create(entry.data)
-        return entry.segment
+            payload = lww_payload(entry.data)
+            parts = out_of_band(payload) if payload is not None else None
+            if parts is not None:
+                entry.segment, entry.layout = self.segments.create_parts(parts), "oob"
+            else:
+                entry.segment = self.segments.create(entry.data)
+        return entry.segment, entry.layout, self.segments.size_of(entry.segment)

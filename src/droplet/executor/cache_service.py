@@ -24,6 +24,7 @@ from ..lattices import RAW, Lattice, encode_lattice
 from ..protocol.messages import CacheGet, CachePut, CacheValue, KvsStored
 from ..rpc import Peer
 from .cache import SEGMENT_THRESHOLD, Cache, CacheStatistics, Counts
+from .oob import load_out_of_band
 from .segments import map_segment
 from .values import DecodedValues
 
@@ -60,9 +61,11 @@ class NodeCacheService:
         if entry.version == msg.version:
             return CacheValue(msg.key, entry.version, hit, size)
         if size >= SEGMENT_THRESHOLD and not msg.inline:
-            segment = cache.segment_of(msg.key, entry)
-            if segment is not None:
-                return CacheValue(msg.key, entry.version, hit, size, segment=segment)
+            found = cache.segment_of(msg.key, entry)
+            if found is not None:
+                name, layout, stored = found
+                return CacheValue(msg.key, entry.version, hit, stored, segment=name,
+                                  layout=layout)
         return CacheValue(msg.key, entry.version, hit, size, data=entry.data)
 
 
@@ -72,6 +75,7 @@ class _Held:
     size: int
     data: bytes | None = None
     mapping: mmap.mmap | None = None
+    layout: str = ""
 
     def view(self) -> bytes | memoryview:
         if self.data is not None:
@@ -130,12 +134,21 @@ class RemoteCache:
         return False, None
 
     async def get(self, key: str, counts: Counts | None = None) -> bytes | None:
-        held = await self._read(key, refresh=False)
-        return bytes(held.view()) if held is not None else None
+        return await self._encoded(key, refresh=False)
 
     async def refresh(self, key: str) -> bytes | None:
-        held = await self._read(key, refresh=True)
-        return bytes(held.view()) if held is not None else None
+        return await self._encoded(key, refresh=True)
+
+    async def _encoded(self, key: str, *, refresh: bool) -> bytes | None:
+        """The encoded lattice at ``key`` (CAUSAL reads, ``deserialize=False``)."""
+        held = await self._read(key, refresh=refresh)
+        if held is None:
+            return None
+        if not held.layout:
+            return bytes(held.view())
+        # Held out of band: ask for the encoding itself (rare: not the common path).
+        reply: CacheValue = await self._node.request(CacheGet(key, 0, False, True))
+        return reply.data
 
     async def get_value(self, key: str, counts: Counts | None = None) -> Any:
         held = await self._read(key, refresh=False)
@@ -144,6 +157,9 @@ class RemoteCache:
         found, value = self.decoded.get(key, held.version)
         if found:
             return value
+        if held.layout == "oob":  # read-only views of the node's one copy
+            return self.decoded.keep(key, held.version, load_out_of_band(held.view()),
+                                     held.size)
         return self.decoded.decode(key, held.version, held.view())
 
     async def put(self, key: str, lattice: Lattice, *, raw: bool = False) -> str:
@@ -185,7 +201,8 @@ class RemoteCache:
         if mapping is None and reply.data is None:
             raise ProtocolError(f"the node cache sent neither data nor a segment for {key!r}")
         self._forget(key)
-        fresh = _Held(reply.version, reply.size, reply.data, mapping)
+        fresh = _Held(reply.version, reply.size, reply.data, mapping,
+                      reply.layout if mapping is not None else "")
         self._held[key] = fresh
         if fresh.data is not None:
             self._small_bytes += fresh.size

@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["SEGMENT_PREFIX", "SegmentStore", "map_segment", "segment_dir"]
@@ -68,23 +69,34 @@ class SegmentStore:
 
     def create(self, data: bytes | memoryview) -> str:
         """Write ``data`` into a new segment; returns its name (for :func:`map_segment`)."""
+        return self.create_parts([data])
+
+    def create_parts(self, parts: Sequence[bytes | memoryview]) -> str:
+        """Write ``parts`` one after the other into a new segment; returns its name."""
         self._next += 1
         name = f"{self._prefix}{self._next}"
         path = self.directory / name
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
-                view = memoryview(data)
-                while view:
-                    written = f.write(view)
-                    view = view[written or 0:]
+                size = 0
+                for part in parts:
+                    view = memoryview(part).cast("B")
+                    size += len(view)
+                    while view:
+                        written = f.write(view)
+                        view = view[written or 0:]
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
-        self._live[name] = len(data)
+        self._live[name] = size
         self.created += 1
         return name
+
+    def size_of(self, name: str) -> int:
+        """The bytes segment ``name`` holds (KeyError if it is not one of ours)."""
+        return self._live[name]
 
     def unlink(self, name: str) -> None:
         if self._live.pop(name, None) is not None:

@@ -120,8 +120,10 @@ class DecodedValues:
 
     def decode(self, key: str, version: int, data: bytes | memoryview) -> Any:
         """Decode ``data`` (``key`` at ``version``); keep the value when it is immutable."""
-        value = decode_value(data)
-        size = len(data)
+        return self.keep(key, version, decode_value(data), len(data))
+
+    def keep(self, key: str, version: int, value: Any, size: int) -> Any:
+        """Keep ``value`` (``key`` at ``version``, about ``size`` bytes) if it is shareable."""
         if size <= self.max_bytes and shareable(value):
             with self._lock:
                 self._forget(key)

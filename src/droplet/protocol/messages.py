@@ -659,8 +659,9 @@ class CacheValue:
     """Node cache -> worker: ``key`` at ``version`` (0: absent).
 
     Exactly one of: ``data`` (the encoded lattice), ``segment`` (the name of a
-    shared-memory segment of ``size`` bytes holding it), or neither when the
-    worker already holds ``version``. ``hit``: the node had it cached.
+    shared-memory segment of ``size`` bytes holding it, laid out as
+    ``layout`` says), or neither when the worker already holds ``version``.
+    ``hit``: the node had it cached.
     """
 
     key: str
@@ -669,6 +670,9 @@ class CacheValue:
     size: int = 0
     data: bytes | None = None
     segment: str | None = None
+    #: how the segment holds the value: "" the encoded lattice, "oob" a
+    #: protocol-5 pickle with out-of-band buffers (numpy; see executor/oob.py).
+    layout: str = ""
 
 
 @message(44)
@@ -814,6 +818,8 @@ def _check_cache_value(m: CacheValue) -> None:
         raise ProtocolError("CacheValue.version and size must not be negative")
     if m.data is not None and m.segment is not None:
         raise ProtocolError("CacheValue carries data or a segment, not both")
+    if m.layout not in ("", "oob"):
+        raise ProtocolError(f"CacheValue.layout {m.layout!r} is not '' or 'oob'")
 
 
 @_validator(StatusReply)
