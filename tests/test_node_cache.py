@@ -18,7 +18,7 @@ from droplet.executor.cache_service import NodeCacheService, RemoteCache
 from droplet.executor.segments import SegmentStore, map_segment
 from droplet.executor.values import DecodedValues, decode_value, lww_payload
 from droplet.lattices import RAW, LWWLattice, encode_lattice
-from droplet.protocol.messages import CacheValue, decode, encode
+from droplet.protocol.messages import CacheInvalidate, CacheValue, decode, encode
 from droplet.rpc import connect_peer, serve_peers
 
 TIMEOUT = 30
@@ -234,6 +234,19 @@ async def test_concurrent_misses_read_the_store_once() -> None:
 # ---------------------------------------------------------------- worker processes' side
 
 
+async def worker(url: str, nursery: trio.Nursery, segments: Path) -> RemoteCache:
+    """A worker's cache on a link to the node cache at ``url`` (taking its invalidations)."""
+    holder: list[RemoteCache] = []
+
+    async def handle(peer: Any, msg: Any, request_id: int) -> None:
+        assert type(msg) is CacheInvalidate
+        holder[0].invalidate(msg.keys)
+
+    holder.append(RemoteCache(await connect_peer(url, nursery, handler=handle),
+                              segment_dir=segments))
+    return holder[0]
+
+
 async def test_worker_processes_read_large_values_through_shared_memory(
         tmp_path: Path) -> None:
     """RemoteCache <-> NodeCacheService over a real link; segments removed after."""
@@ -250,22 +263,31 @@ async def test_worker_processes_read_large_values_through_shared_memory(
                 service = NodeCacheService(cache)
                 url = await nursery.start(serve_peers, "inproc://node-cache-test",
                                           service.handle)
-                workers = [RemoteCache(
-                    await connect_peer(url, nursery), segment_dir=tmp_path) for _ in range(2)]
+                workers = [await worker(url, nursery, tmp_path) for _ in range(2)]
                 first = [await w.get_value("big") for w in workers]
                 assert first[0] == b"z" * (300 * KIB) == first[1]
                 assert cache.statistics().fetches == 1  # one read for both workers
                 assert len(files(tmp_path)) == 1  # one segment for the node
                 again = await workers[0].get_value("big")
                 assert again is first[0]  # warm: the same object, no copy
-                assert workers[0].transfers == 1 and workers[0].unchanged == 1
+                assert workers[0].transfers == 1 and workers[0].hits == 1  # held: no asking
                 assert await workers[1].get_value("small") == "tiny"
                 a, b = await workers[0].get_value("mut"), await workers[0].get_value("mut")
                 assert a == b and a is not b  # mutable: a private copy each
                 assert await workers[0].get_value("absent") is None
-                # A write through a worker: its next read sees it (read your writes).
+                # A write through a worker: its next read sees it (read your writes),
                 await workers[1].put("big", LWWLattice.now(b"new"))
+                assert await workers[1].get_value("big") == b"new"
+                # and the other worker as soon as the node's invalidation reaches it.
+                await poll(lambda: workers[0].peek_value("big") == (False, None),
+                           "the invalidation")
                 assert await workers[0].get_value("big") == b"new"
+                assert service.invalidations >= 1
+                # A write elsewhere (the client): pushed to the node, passed on.
+                await cloud.put_object("small", "changed")
+                await poll(lambda: workers[1].peek_value("small") == (False, None),
+                           "the invalidation")
+                assert await workers[1].get_value("small") == "changed"
                 assert await workers[1].get("small") == cache.peek("small")
                 assert len(files(tmp_path)) <= 1  # the old segment is gone
                 for w in workers:
@@ -291,10 +313,9 @@ async def test_a_vanished_segment_falls_back_to_the_bytes(tmp_path: Path) -> Non
                 os.unlink(tmp_path / found[0])  # as if evicted between reply and mapping
                 url = await nursery.start(serve_peers, "inproc://node-cache-gone",
                                           NodeCacheService(cache).handle)
-                worker = RemoteCache(
-                    await connect_peer(url, nursery), segment_dir=tmp_path)
-                assert await worker.get_value("big") == b"q" * (100 * KIB)
-                worker.close()
+                remote = await worker(url, nursery, tmp_path)
+                assert await remote.get_value("big") == b"q" * (100 * KIB)
+                remote.close()
                 cache.close()
                 nursery.cancel_scope.cancel()
 
@@ -363,8 +384,7 @@ async def test_worker_processes_get_numpy_arrays_as_views_of_shared_memory(
                                                 handler=cache.handle))
                 url = await nursery.start(serve_peers, "inproc://node-cache-numpy",
                                           NodeCacheService(cache).handle)
-                workers = [RemoteCache(await connect_peer(url, nursery),
-                                       segment_dir=tmp_path) for _ in range(2)]
+                workers = [await worker(url, nursery, tmp_path) for _ in range(2)]
                 arrays = [await w.get_value("arr") for w in workers]
                 for array in arrays:
                     assert float(array.sum()) == 50_000.0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -111,6 +112,9 @@ class Cache:
         self._version = 0
         self.decoded = DecodedValues(max_bytes)
         self.segments = SegmentStore() if shared_memory else None
+        #: called with a key whose cached version changed or went away (the
+        #: service telling worker processes; see cache_service.py).
+        self.on_change: Callable[[str], None] | None = None
         self.hits = 0
         self.misses = 0
         self.bytes = 0
@@ -315,6 +319,8 @@ class Cache:
             return
         self.bytes -= len(entry.data)
         self.decoded.forget(key)
+        if self.on_change is not None:
+            self.on_change(key)
         if entry.segment is not None and self.segments is not None:
             self.segments.unlink(entry.segment)
 

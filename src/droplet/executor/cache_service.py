@@ -2,11 +2,17 @@
 
 :class:`NodeCacheService` answers ``CacheGet`` and ``CachePut`` from the
 executor workers an all-in-one node runs as child processes, on the link they
-already have to the node. :class:`RemoteCache` is the worker's side: it keeps
-the version (and, for small values, the bytes) of what it read, so a repeated
-read costs one small round trip and no transfer; large values arrive as a
-shared-memory segment it maps read-only, and immutable ones are decoded once
-per version (:class:`~.values.DecodedValues`).
+already have to the node, and tells each worker (``CacheInvalidate``) when a
+key it was given changes or leaves the node's cache. :class:`RemoteCache` is
+the worker's side: it holds what it was given (small values as bytes, large
+ones as a read-only mapping of the node's shared-memory segment) and serves
+it locally until told otherwise, so a warm read costs no round trip and no
+copy; immutable values are decoded once per version
+(:class:`~.values.DecodedValues`).
+
+Freshness is the node cache's, one hop later: a change reaches a worker as
+soon as the node's cache has it and the worker has read the invalidation.
+A worker's own write drops its held version at once (read your writes).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import attrs
 
 from ..errors import ProtocolError
 from ..lattices import RAW, Lattice, encode_lattice
-from ..protocol.messages import CacheGet, CachePut, CacheValue, KvsStored
+from ..protocol.messages import CacheGet, CacheInvalidate, CachePut, CacheValue, KvsStored
 from ..rpc import Peer
 from .cache import SEGMENT_THRESHOLD, Cache, CacheStatistics, Counts
 from .oob import load_out_of_band
@@ -45,6 +51,36 @@ class NodeCacheService:
 
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
+        #: key -> the worker links that hold a version of it.
+        self._holders: dict[str, set[Peer]] = {}
+        #: invalidations sent.
+        self.invalidations = 0
+        cache.on_change = self._changed
+
+    def _hold(self, peer: Peer, key: str) -> None:
+        keys: set[str] | None = peer.state.get("cache_held")
+        if keys is None:
+            keys = peer.state["cache_held"] = set()
+            peer.on_close.append(self._gone)
+        keys.add(key)
+        self._holders.setdefault(key, set()).add(peer)
+
+    def _gone(self, peer: Peer) -> None:
+        for key in peer.state.get("cache_held", ()):
+            holders = self._holders.get(key)
+            if holders is not None:
+                holders.discard(peer)
+                if not holders:
+                    del self._holders[key]
+
+    def _changed(self, key: str) -> None:
+        for peer in self._holders.pop(key, ()):
+            peer.state.get("cache_held", set()).discard(key)
+            self.invalidations += 1
+            try:
+                peer.post(CacheInvalidate([key]))
+            except Exception as exc:  # it is not reading: it was disconnected
+                log.debug("could not tell %s that %r changed: %s", peer.remote, key, exc)
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         cache = self.cache
@@ -57,6 +93,8 @@ class NodeCacheService:
         hit = cache.misses == before and not msg.refresh
         if entry is None:
             return CacheValue(msg.key, 0, hit)
+        if cache.peek_entry(msg.key) is entry:  # held here: tell the worker of changes
+            self._hold(peer, msg.key)
         size = len(entry.data)
         if entry.version == msg.version:
             return CacheValue(msg.key, entry.version, hit, size)
@@ -80,8 +118,10 @@ class _Held:
     def view(self) -> bytes | memoryview:
         if self.data is not None:
             return self.data
-        assert self.mapping is not None
-        return memoryview(self.mapping)
+        mapping = self.mapping
+        if mapping is None:
+            raise ValueError("this value was dropped meanwhile")
+        return memoryview(mapping)
 
     def close(self) -> None:
         if self.mapping is not None:
@@ -126,12 +166,27 @@ class RemoteCache:
         self._held.clear()
         self.decoded.clear()
 
-    # The node's cache is in another process: nothing is known without asking it.
+    def invalidate(self, keys: list[str]) -> None:
+        """The node's cache says these keys changed: drop what is held of them."""
+        for key in keys:
+            self._forget(key)
+
     def peek(self, key: str) -> bytes | None:
-        return None
+        """The held encoding of ``key`` without I/O (None when not held as one)."""
+        held = self._held.get(key)
+        if held is None or held.layout:
+            return None
+        return bytes(held.view())
 
     def peek_value(self, key: str) -> tuple[bool, Any]:
-        return False, None
+        """``(True, value)`` when ``key`` is held here (no I/O; safe from worker threads)."""
+        held = self._held.get(key)
+        if held is None:
+            return False, None
+        try:
+            return True, self._value(key, held)
+        except ValueError:  # unmapped meanwhile by the event loop: ask the node
+            return False, None
 
     async def get(self, key: str, counts: Counts | None = None) -> bytes | None:
         return await self._encoded(key, refresh=False)
@@ -154,6 +209,9 @@ class RemoteCache:
         held = await self._read(key, refresh=False)
         if held is None:
             return None
+        return self._value(key, held)
+
+    def _value(self, key: str, held: _Held) -> Any:
         found, value = self.decoded.get(key, held.version)
         if found:
             return value
@@ -167,7 +225,10 @@ class RemoteCache:
         return await self.put_encoded(key, data)
 
     async def put_encoded(self, key: str, data: bytes) -> str:
-        stored: KvsStored = await self._node.request(CachePut(key, data))
+        try:
+            stored: KvsStored = await self._node.request(CachePut(key, data))
+        finally:
+            self._forget(key)  # read your writes: the next read asks the node
         return stored.type_name
 
     async def update(self, key: str, data: bytes) -> None:
@@ -175,6 +236,10 @@ class RemoteCache:
 
     async def _read(self, key: str, *, refresh: bool) -> _Held | None:
         held = self._held.get(key)
+        if held is not None and not refresh:  # valid until the node says otherwise
+            self.hits += 1
+            self._held.move_to_end(key)
+            return held
         known = held.version if held is not None else 0
         reply: CacheValue = await self._node.request(CacheGet(key, known, refresh))
         if reply.hit:

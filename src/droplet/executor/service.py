@@ -26,6 +26,7 @@ from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalCon
 from ..errors import DropletError, ProtocolError, TimeoutError, _Failure
 from ..lattices import RAW, Lattice, decode_lattice
 from ..protocol.messages import (
+    CacheInvalidate,
     ClusterInfo,
     ExecutorJoin,
     KvsGet,
@@ -154,7 +155,7 @@ def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
 
 
 class ExecutorService:
-    MESSAGES = (Trigger, Mail, KvsUpdate)
+    MESSAGES = (Trigger, Mail, KvsUpdate, CacheInvalidate)
 
     def __init__(
         self,
@@ -296,6 +297,8 @@ class ExecutorService:
             await self.cache.update(msg.key, msg.lattice)
         elif kind is Mail:
             self._deliver(msg)
+        elif kind is CacheInvalidate and isinstance(self.cache, RemoteCache):
+            self.cache.invalidate(msg.keys)
         else:
             raise ProtocolError(f"an executor does not serve {kind.__name__} messages")
         return None

@@ -688,6 +688,19 @@ class CachePut:
     lattice: bytes
 
 
+@message(45)
+@attrs.frozen
+class CacheInvalidate:
+    """Node cache -> worker process, one-way: these keys changed or left the node's cache.
+
+    Sent to the workers that were given a version of them: a worker serves
+    its held versions locally until told this (so a warm read needs no
+    round trip), then asks again.
+    """
+
+    keys: list[str]
+
+
 # --------------------------------------------------------------------------- validation
 
 #: The longest wait or timeout a peer may ask for (a day), in seconds.
