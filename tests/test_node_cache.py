@@ -399,3 +399,18 @@ async def test_worker_processes_get_numpy_arrays_as_views_of_shared_memory(
                 cache.close()
                 assert files(tmp_path) == []
                 nursery.cancel_scope.cancel()
+
+
+def test_the_summary_lists_large_entries_largest_first() -> None:
+    cache = Cache(None)
+    cache.replace("small", stored(b"s"))
+    cache.replace("mid", stored(b"m" * (100 * KIB)))
+    cache.replace("large", stored(b"l" * (300 * KIB)))
+    sizes = {k: len(cache.peek(k) or b"") for k in ("small", "mid", "large")}
+    assert cache.summary(64 * KIB) == {"mid": sizes["mid"], "large": sizes["large"]}
+    assert cache.summary(64 * KIB, limit=1) == {"large": sizes["large"]}
+    assert cache.summary(0) == sizes
+    cache.replace("large", stored(b"now small"))
+    assert list(cache.summary(64 * KIB)) == ["mid"]
+    cache.close()
+    assert cache.summary(0) == {} and cache.statistics().bytes == 0

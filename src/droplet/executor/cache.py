@@ -108,6 +108,8 @@ class Cache:
         self._capacity = DEFAULT_CAPACITY if capacity is None else capacity
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Entry] = OrderedDict()
+        #: key -> size of the entries of SEGMENT_THRESHOLD bytes or more (reports).
+        self._large: dict[str, int] = {}
         self._fetching: dict[str, trio.Event] = {}
         self._version = 0
         self.decoded = DecodedValues(max_bytes)
@@ -144,8 +146,11 @@ class Cache:
 
         With ``limit``, only that many: the largest (what placement cares about).
         """
-        found = [(k, len(e.data)) for k, e in list(self._entries.items())
-                 if len(e.data) >= min_size]
+        if min_size >= SEGMENT_THRESHOLD:  # without scanning every small entry
+            found = [(k, n) for k, n in list(self._large.items()) if n >= min_size]
+        else:
+            found = [(k, len(e.data)) for k, e in list(self._entries.items())
+                     if len(e.data) >= min_size]
         if limit is not None and len(found) > limit:
             found.sort(key=lambda item: item[1], reverse=True)
             found = found[:limit]
@@ -154,6 +159,7 @@ class Cache:
     def close(self) -> None:
         """Drop everything and remove the shared-memory segments (the node is stopping)."""
         self._entries.clear()
+        self._large.clear()
         self.decoded.clear()
         self.bytes = 0
         if self.segments is not None:
@@ -311,6 +317,8 @@ class Cache:
         self._version += 1
         entry = self._entries[key] = Entry(self._version, data)
         self.bytes += len(data)
+        if len(data) >= SEGMENT_THRESHOLD:
+            self._large[key] = len(data)
         return entry
 
     def _drop(self, key: str) -> None:
@@ -318,6 +326,7 @@ class Cache:
         if entry is None:
             return
         self.bytes -= len(entry.data)
+        self._large.pop(key, None)
         self.decoded.forget(key)
         if self.on_change is not None:
             self.on_change(key)
