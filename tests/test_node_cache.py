@@ -414,3 +414,23 @@ def test_the_summary_lists_large_entries_largest_first() -> None:
     assert list(cache.summary(64 * KIB)) == ["mid"]
     cache.close()
     assert cache.summary(0) == {} and cache.statistics().bytes == 0
+
+
+async def test_hostile_cache_messages_get_errors_and_the_node_serves_on() -> None:
+    from droplet.errors import DropletError
+    from droplet.protocol.messages import CacheGet, CachePut
+
+    with trio.fail_after(TIMEOUT):
+        async with droplet.open_local_cluster(1) as cluster, cluster.client() as cloud:
+            async with trio.open_nursery() as nursery:
+                peer = await connect_peer(cluster.address, nursery)
+                with pytest.raises(DropletError):
+                    await peer.request(CachePut("k", b"not a lattice"), 10)
+                absent = await peer.request(CacheGet("nothing", 5, True, True), 10)
+                assert absent == CacheValue("nothing", 0, False)
+                with pytest.raises(ProtocolError, match="does not serve"):
+                    await peer.request(CacheInvalidate(["x"]), 10)
+                nursery.cancel_scope.cancel()
+            fn = await cloud.register(blen, "blen")
+            await cloud.put_object("ok", b"fine")
+            assert await (await fn(DropletReference("ok"))).get() == 4
