@@ -63,21 +63,34 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
 def test_two_workers_read_a_large_value_fetched_once(node: NodeProcess) -> None:
     with DropletConnection(node.url, timeout=TIMEOUT) as cloud:
         cloud.put_object("big", b"b" * (2 * MIB))
-        fn = cloud.register(blen, "blen")
+        cloud.put_object("warm", b"w")
+        cloud.register(blen, "blen")
+        cloud.register_dag("len", ["blen"], [])
+
+        def call(key: str) -> tuple[int, str]:
+            # A direct response: the result does not go through the store.
+            result: tuple[int, str] = cloud.call_dag(
+                "len", {"blen": [DropletReference(key)]}, direct_response=True)
+            return result
+
+        # Both workers load the function (spread alternates between them).
+        assert len({call("warm")[1] for _ in range(4)}) == 2
+        gets = statistics(node.url)["kvs.gets"]
         seen = set()
         for _ in range(6):  # spread: calls alternate between the two workers
-            size, where = fn(DropletReference("big")).get(timeout=TIMEOUT)
+            size, where = call("big")
             assert size == 2 * MIB
             seen.add(where)
         assert len(seen) == 2
         stats = statistics(node.url)
-        assert stats["cache.fetches"] == 1  # one read of the store for the node
+        assert stats["kvs.gets"] - gets == 1  # the store read the value once, for both
+        assert stats["cache.fetches"] == 2  # "warm" and "big"
         assert stats["cache.segments"] == 1  # one copy in shared memory
         assert len(segments_of(node.pid)) == 1
         # A new version replaces the segment (the old one is removed).
         cloud.put_object("big", b"c" * MIB)
         deadline = time.monotonic() + TIMEOUT
-        while fn(DropletReference("big")).get(timeout=TIMEOUT)[0] != MIB:
+        while call("big")[0] != MIB:
             assert time.monotonic() < deadline, "the new version never reached the workers"
         assert len(segments_of(node.pid)) == 1
 
