@@ -129,7 +129,9 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-size", metavar="BYTES",
                    help="bytes of values the node's cache keeps, shared by its executors "
                    "(least recently used out first), e.g. 512M or 2G (default: 512M)")
-    p.add_argument("--node-cache", metavar="URL", help=argparse.SUPPRESS)
+    p.add_argument("--node-cache", metavar="URL",
+                   help="(role executor) use the cache of the node at URL instead of one "
+                   "of its own; an all-in-one node sets it on its worker processes")
     p.add_argument("--metrics-listen", metavar="URL",
                    help="serve Prometheus metrics over HTTP at this address, e.g. "
                    "tcp://127.0.0.1:9100 (default: off); beyond loopback it needs --token")
