@@ -100,6 +100,10 @@ SAMPLES: list[Any] = [
     m.CacheValue("k", 3, True, 5, b"lattice"),
     m.CacheValue("k", 4, False, 100_000, None, "droplet-1-0123abcd-1"),
     m.CachePut("k", b"lattice"),
+    m.PoolQuery("ab12-w"),
+    m.PoolReply(["ab12-w0"], ["tcp://127.0.0.1:7001"], [1], [3], [4], [4], [17]),
+    m.PoolReply([], [], [], [], [], [], []),
+    m.DrainExecutor("tcp://127.0.0.1:7001"),
     m.StatusReply('{"scheduler":"s","rate_window":10.0,"executors":[],"functions":[],'
                   '"dags":["d"]}'),
 ]

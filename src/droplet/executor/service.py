@@ -17,6 +17,7 @@ import logging
 import pickle
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -29,6 +30,7 @@ from ..protocol.messages import (
     CacheInvalidate,
     ClusterInfo,
     ExecutorJoin,
+    Hello,
     KvsGet,
     KvsPut,
     KvsUpdate,
@@ -242,11 +244,18 @@ class ExecutorService:
         cls, nursery: trio.Nursery, *, url: str, scheduler_url: str, workers: int,
         token: str | None, options: Any = None, threads: int = 32,
         resources: dict[str, int] | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-        report_interval: float = 1.0, cache: Cache | None = None,
-        node_cache: str | None = None, cache_size: int | None = None,
+        report_interval: float = 1.0, node_id: str | None = None,
+        before_join: Callable[[ExecutorService], None] | None = None,
+        cache: Cache | None = None, node_cache: str | None = None,
+        cache_size: int | None = None,
     ) -> ExecutorService:
         """Connect to the scheduler and KVS, announce ``url``, return the ready service.
 
+        The service is built (and handed to ``before_join``, e.g. to route the
+        messages of ``url``'s listener to it) before the scheduler hears of it:
+        the scheduler may place calls here as soon as it does.
+        ``node_id`` names this executor to whoever started it (an adaptive
+        node finds its workers' addresses by it); a random one by default.
         ``cache``: the node's cache, shared with executors in this process;
         ``node_cache``: the URL of the node process whose cache this worker
         process uses (``--node-cache``). Neither: a cache of its own.
@@ -260,9 +269,8 @@ class ExecutorService:
 
         scheduler = await connect_peer(scheduler_url, nursery, token=token, handler=handle,
                                        options=options)
-        node_id = uuid.uuid4().hex[:12]
-        info: ClusterInfo = await scheduler.request(
-            ExecutorJoin(url, node_id, workers, dict(resources or {})), 30)
+        node_id = node_id or uuid.uuid4().hex[:12]
+        info: ClusterInfo = await scheduler.request(Hello("executor", node_id, url), 30)
         if info.kvs in ("", scheduler_url):
             kvs = scheduler
         else:
@@ -283,6 +291,9 @@ class ExecutorService:
         holder.append(service)
         peers.add(scheduler_url, scheduler)
         nursery.start_soon(service._serve)
+        if before_join is not None:
+            before_join(service)
+        await scheduler.request(ExecutorJoin(url, node_id, workers, dict(resources or {})), 30)
         nursery.start_soon(report_periodically, url, service.recorder, service.load,
                            functools.partial(scheduler.post, on_full="raise"), report_interval)
         return service
