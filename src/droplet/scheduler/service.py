@@ -28,9 +28,11 @@ import trio
 from .. import errors
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _Failure
+from ..executor.downstream import arguments_for
 from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
+    Blob,
     BoolReply,
     CallAccepted,
     CallDag,
@@ -61,7 +63,7 @@ from ..protocol.messages import decode as decode_message
 from ..rpc import DEFERRED, Peer
 from ..status import ClusterStatus, ScalingStatus
 from .dags import Dag, build_dag
-from .placement import Placement
+from .placement import DEFAULT_POLICY, Candidate, Placement
 from .registry import dag_entry, decode_registry, function_entry
 from .reports import ClusterView
 
@@ -133,7 +135,7 @@ class SchedulerService:
         kvs: Peer,
         kvs_url: str,
         node_id: str = "",
-        placement: str = "locality",
+        placement: str = DEFAULT_POLICY,
     ) -> None:
         self._nursery = nursery
         self._kvs = kvs
@@ -476,7 +478,7 @@ class SchedulerService:
         return then
 
     async def _start(self, dag: Dag, msg: CallDag, caller: tuple[Peer, int] | None,
-                     result_key: str, carried: bytes | None, then: CallDag | None) -> str:
+                     result_key: str, carried: Blob | None, then: CallDag | None) -> str:
         """Place and trigger one run of ``dag``; returns the run id."""
         if msg.consistency not in CONSISTENCY_LEVELS:
             raise DagError(
@@ -491,9 +493,14 @@ class SchedulerService:
             if version is None:
                 raise DagError(f"DAG {dag.name!r} uses {fn!r}, which is no longer registered")
             versions.append(version)
-        running = {url: ex.running for url, ex in self._executors.items()}
-        gpus = [url for url, ex in self._executors.items() if ex.resources.get("gpu", 0) > 0]
-        where = self._placement.place(dag, self._placeable(), running, gpus)
+        candidates = []
+        for url in self._placeable():
+            ex = self._executors[url]
+            threads, queued, cached = self.view.load(url)
+            candidates.append(Candidate(url, ex.running, threads, queued,
+                                        ex.resources.get("gpu", 0) > 0, cached))
+        references = dict(zip(msg.arg_fns, msg.references, strict=False))
+        where = self._placement.place(dag, candidates, {}, (), references)
         run_id = uuid.uuid4().hex
         deadline = time.time() + msg.timeout if msg.timeout else None
         placed = [where[fn] for fn in dag.functions]
@@ -516,6 +523,8 @@ class SchedulerService:
                 list(dag.multiexec), list(dag.invalid_results), list(dag.batching_functions),
                 carried,
             )
+            if len(dag.sources) > 1:  # each source carries only the arguments ahead of it
+                trigger = attrs.evolve(trigger, **arguments_for(trigger, fn))
             try:
                 # Through the executor's outbox: a backed-up executor fails this
                 # call at once instead of stalling the caller's connection.
@@ -589,9 +598,9 @@ class SchedulerService:
         # In a task: this runs in the executor's reader, which must not wait on the store.
         self._nursery.start_soon(self._record_failure, done.run_id, run.result_key, value)
 
-    async def _record_failure(self, run_id: str, result_key: str, value: bytes) -> None:
+    async def _record_failure(self, run_id: str, result_key: str, value: Blob) -> None:
         try:
             await self._kvs.request(KvsPut(
-                result_key, encode_lattice(LWWLattice.now(value), dump=RAW)), KVS_TIMEOUT)
+                result_key, encode_lattice(LWWLattice.now(bytes(value)), dump=RAW)), KVS_TIMEOUT)
         except DropletError as exc:
             log.warning("could not record failure of run %s: %s", run_id, exc)
