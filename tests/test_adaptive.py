@@ -294,3 +294,34 @@ async def test_a_link_drains_only_the_executors_of_its_own_pool() -> None:
 async def _report_soon(peer: Any, report: Any) -> None:
     await trio.sleep(0.2)
     peer.post(report)
+
+
+async def test_two_drains_of_one_executor_both_end_when_it_was_placed_on_again() -> None:
+    """A node repeats a long drain (DrainExecutor again): when every executor is draining,
+    calls still go to one, and each drain waiting for it returns once they are done."""
+    async with open_local_cluster(1, threads=1) as cluster, cluster.client() as cloud:
+        scheduler = cluster.node.scheduler
+        assert scheduler is not None
+        (url,) = scheduler.executor_urls
+        await cloud.put_object("gate", False)
+        fn = await cloud.register(gated, "gated")
+        done: list[int] = []
+
+        async def drain(i: int) -> None:
+            await scheduler.drain(url)
+            done.append(i)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, 1)
+            nursery.start_soon(drain, 2)
+            await trio.sleep(0)
+            # Nothing ran there when both began; now a call is placed there after all.
+            future = await fn(3)
+            assert scheduler.executor_load(url)[0] == 1
+            await trio.sleep(1.5)  # both saw its next report, with the call still running
+            await cloud.put_object("gate", True)
+            with trio.fail_after(10):
+                assert await future.get() == 6
+                while len(done) < 2:
+                    await trio.sleep(0.01)
+        assert url not in scheduler.executor_urls

@@ -369,7 +369,10 @@ class SchedulerService:
             if ex.running == 0 and self._executors.get(url) is ex:
                 break
             # Placed on after all (every executor was draining): wait for that too.
-            ex.idle = trio.Event()
+            # A drain of it repeated meanwhile may have replaced the event already:
+            # share that one (a second replacement would leave one drain waiting forever).
+            if ex.idle.is_set():
+                ex.idle = trio.Event()
         self.retire(url)
 
     def pool_view(self, prefix: str) -> list[tuple[str, str, int, int, int, int, int]]:
