@@ -168,6 +168,17 @@ def test_config_from_flags_and_file(tmp_path: object) -> None:
         Config(executors=3, max_executors=2)
 
 
+@pytest.mark.parametrize("name", ["scale_up_queue", "scale_up_after", "scale_down_after"])
+def test_a_threshold_that_is_not_a_number_is_refused(name: str) -> None:
+    # `--scale-up-after nan` parses as a float; every comparison with it is False,
+    # so the node would silently never scale.
+    with pytest.raises(ValueError, match=name):
+        Config.load({"executors": "1:3", name: float("nan")})
+    policy_name = name.removeprefix("scale_")
+    with pytest.raises(ValueError, match=policy_name):
+        ScalingPolicy(1, 3, **{policy_name: float("nan")})
+
+
 # ---------------------------------------------------------------------- status
 
 

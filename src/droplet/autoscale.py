@@ -40,7 +40,7 @@ Decision = Literal["up"] | tuple[Literal["down"], str] | None
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if value < 0:
+    if not value >= 0:  # NaN too
         raise ValueError(f"{attribute.name} must not be negative, not {value!r}")
 
 
