@@ -107,6 +107,11 @@ def test_never_below_the_minimum_nor_while_calls_queue_or_one_drains() -> None:
     c = scaler(minimum=1, maximum=2, down_after=1.0)
     c.observe(0.0, {"w0": queued(4), "w1": IDLE})
     assert c.observe(5.0, {"w0": queued(4), "w1": IDLE}) is None
+    # Calls queue, though below the threshold for one more: none stops either
+    # (the documented rule: "while nothing queues anywhere").
+    d = scaler(minimum=1, maximum=3, up_queue=2.0, down_after=1.0)
+    d.observe(0.0, {"w0": queued(1), "w1": IDLE})
+    assert d.observe(5.0, {"w0": queued(1), "w1": IDLE}) is None
 
 
 def test_forgets_executors_that_left() -> None:

@@ -121,7 +121,7 @@ class Autoscaler:
                 self._behind_since = None
                 return UP
             return None
-        if behind or starting or draining or count <= policy.minimum:
+        if queued or starting or draining or count <= policy.minimum:  # queued: behind too
             return None
         longest: tuple[float, str] | None = None
         for name in reversed(list(executors)):  # newest first: it wins ties
