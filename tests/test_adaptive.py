@@ -288,6 +288,14 @@ async def test_a_link_drains_only_the_executors_of_its_own_pool() -> None:
             assert await stranger.request(DrainExecutor("inproc://x-w0"), 10) == BoolReply(True)
         assert "inproc://x-w0" not in scheduler.executor_urls
         assert url in scheduler.executor_urls
+        # A worker that joined before its node's first query is that node's, once claimed.
+        early = await connect_peer(cluster.address, nursery)
+        await early.request(ExecutorJoin("inproc://z-w0", "z-w0", 1, {}), 10)
+        with pytest.raises(ProtocolError, match="not one of"):
+            await other.request(DrainExecutor("inproc://z-w0"), 10)
+        assert (await other.request(PoolQuery("z-w"), 10)).node_ids == ["z-w0"]
+        with pytest.raises(ProtocolError, match="another"):
+            await early.request(PoolQuery("z-"), 10)
         nursery.cancel_scope.cancel()
 
 

@@ -395,10 +395,11 @@ class SchedulerService:
         """Let ``owner`` (a node's link, or this node's pool) manage the executors that join
         with node ids ``prefix...`` from now on: only it may drain them.
 
-        A link claims one prefix, with its first :class:`PoolQuery`, before its
-        workers start. Refused: a prefix without a "-" (it could match executors'
-        own random node ids), one overlapping another's, or one matching an
-        executor that already joined and is not the claimant's.
+        A link claims one prefix, with its first :class:`PoolQuery` (normally
+        before its workers join; workers that joined earlier are adopted).
+        Refused: a prefix without a "-" (it could match executors' own random
+        node ids), one overlapping another's, or one matching an executor that
+        another claimant owns.
         """
         if not prefix:
             raise ProtocolError("a pool query needs a non-empty node id prefix")
@@ -411,10 +412,12 @@ class SchedulerService:
             raise ProtocolError(f"this link manages one pool, {mine!r}, not also {prefix!r}")
         if any(p.startswith(prefix) or prefix.startswith(p) for p in self._pool_owners):
             raise ProtocolError(f"node id prefix {prefix!r} overlaps another node's pool")
-        if any(ex.node_id.startswith(prefix) and ex.owner is not owner
-               for ex in self._executors.values()):
+        matching = [ex for ex in self._executors.values() if ex.node_id.startswith(prefix)]
+        if any(ex.owner is not None and ex.owner is not owner for ex in matching):
             raise ProtocolError(f"executors of another node joined with node ids {prefix!r}...")
         self._pool_owners[prefix] = owner
+        for ex in matching:
+            ex.owner = owner
         if isinstance(owner, Peer):
             owner.on_close.append(lambda _: self._pool_owners.pop(prefix, None))
 
