@@ -314,15 +314,19 @@ async def test_two_drains_of_one_executor_both_end_when_it_was_placed_on_again()
         await cloud.put_object("gate", False)
         fn = await cloud.register(gated, "gated")
         done: list[int] = []
+        both_done = trio.Event()
 
         async def drain(i: int) -> None:
             await scheduler.drain(url)
             done.append(i)
+            if len(done) == 2:
+                both_done.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain, 1)
             nursery.start_soon(drain, 2)
-            await trio.sleep(0)
+            await trio.sleep(0.01)
+            assert scheduler._executors[url].draining
             # Nothing ran there when both began; now a call is placed there after all.
             future = await fn(3)
             assert scheduler.executor_load(url)[0] == 1
@@ -330,6 +334,5 @@ async def test_two_drains_of_one_executor_both_end_when_it_was_placed_on_again()
             await cloud.put_object("gate", True)
             with trio.fail_after(10):
                 assert await future.get() == 6
-                while len(done) < 2:
-                    await trio.sleep(0.01)
+                await both_done.wait()
         assert url not in scheduler.executor_urls

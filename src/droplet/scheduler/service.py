@@ -419,7 +419,10 @@ class SchedulerService:
         for ex in matching:
             ex.owner = owner
         if isinstance(owner, Peer):
-            owner.on_close.append(lambda _: self._pool_owners.pop(prefix, None))
+            def release(_: Peer) -> None:
+                self._pool_owners.pop(prefix, None)
+
+            owner.on_close.append(release)
 
     def _pool_status(self, peer: Peer, prefix: str, text: str) -> None:
         """Keep an executor node's scaling status (for ``conn.status()``) while it is linked."""
