@@ -296,6 +296,15 @@ async def test_a_link_drains_only_the_executors_of_its_own_pool() -> None:
         assert (await other.request(PoolQuery("z-w"), 10)).node_ids == ["z-w0"]
         with pytest.raises(ProtocolError, match="another"):
             await early.request(PoolQuery("z-"), 10)
+        # A link's claim ends with the link: no table keeps what closed links claimed.
+        await stranger.aclose()
+        with trio.fail_after(10):
+            while True:
+                if "x-w" not in scheduler._pool_owners:
+                    break
+                await trio.sleep(0.01)
+        assert await early.request(PoolQuery("x-w"), 10) == PoolReply(
+            [], [], [], [], [], [], [])
         nursery.cancel_scope.cancel()
 
 
