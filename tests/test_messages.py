@@ -112,7 +112,7 @@ FILLED = {
 def generated_samples() -> list[Any]:
     samples = []
     for cls in MESSAGES.values():
-        kinds = [str(f.type) for f in attrs.fields(cls)]
+        kinds = cls._schema.kinds  # Blob fields are bytes fields on the wire
         samples.append(cls(*[FILLED[k] for k in kinds]))
         samples.append(cls(*[None if k.endswith("| None") else FILLED[k] for k in kinds]))
     # Filled with arbitrary values, these do not fit together: see the

@@ -18,11 +18,18 @@ from ..errors import DagError, FunctionError, RegistrationError, _Failure
 from ..executor.user_library import as_lattice, reveal_stored
 from ..kvs.keys import RESULT_PREFIX
 from ..lattices import RAW, decode_lattice, encode_lattice
-from ..protocol.messages import CallDag, KvsPut, KvsValue, RegisterDag, RegisterFunction
+from ..protocol.messages import (
+    Blob,
+    CallDag,
+    KvsPut,
+    KvsValue,
+    RegisterDag,
+    RegisterFunction,
+)
 from ..protocol.messages import encode as encode_message
 from ..registration import Registration, source_of
 from ..scheduler.dags import check_dag_arguments
-from ..serialization import dumps, dumps_code, loads
+from ..serialization import dumps, dumps_code, dumps_value, loads
 
 __all__ = ["ClientCore", "check_timeout", "result_blob", "unwrap_result"]
 
@@ -30,7 +37,7 @@ __all__ = ["ClientCore", "check_timeout", "result_blob", "unwrap_result"]
 #: CAUSAL sessions (client_ids) one client keeps contexts for.
 MAX_SESSIONS = 10_000
 
-def unwrap_result(blob: bytes) -> Any:
+def unwrap_result(blob: Blob) -> Any:
     """A stored result value, raising the error if the call failed."""
     value = loads(blob)
     if isinstance(value, _Failure):
@@ -143,7 +150,8 @@ class ClientCore:
 
     @staticmethod
     def function_call(name: str, args: Iterable[Any]) -> CallDag:
-        return CallDag(name, True, [name], [dumps(list(args))], result_key=new_result_key())
+        return CallDag(name, True, [name], [dumps_value(list(args))],
+                       result_key=new_result_key())
 
     @staticmethod
     def register_dag_request(name: str, functions: Any, connections: Any,
@@ -195,7 +203,8 @@ class ClientCore:
             check_level(str(consistency))
         except ValueError as exc:
             raise DagError(f"call_dag({name!r}): {exc}") from None
-        blobs = [dumps(a if isinstance(a, list) else [a]) for a in arg_map.values()]
+        blobs: list[Blob] = [dumps_value(a if isinstance(a, list) else [a])
+                             for a in arg_map.values()]
         causal = None
         if consistency == CAUSAL and client_id is not None:
             session = self.sessions.get(client_id)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import pickle
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalCon
 from ..errors import DropletError, ProtocolError, TimeoutError, _Failure
 from ..lattices import RAW, Lattice, decode_lattice
 from ..protocol.messages import (
+    Blob,
     ClusterInfo,
     ExecutorJoin,
     Hello,
@@ -40,14 +40,15 @@ from ..protocol.messages import (
 )
 from ..references import DropletReference
 from ..rpc import Peer, PeerPool
-from ..serialization import dumps
+from ..serialization import dumps, loads, mentions
 from .batching import DEFAULT_MAX_BATCH, Batcher
 from .cache import Cache
 from .copies import private
+from .downstream import arguments_for
 from .fanin import FanIn
 from .loader import FunctionLoader
 from .multiexec import MultiExec, spread
-from .outcomes import function_error, lww, pickle_result
+from .outcomes import function_error, lww, pickle_result, pickle_value
 from .reports import CallRecorder, Load, report_periodically
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
@@ -278,7 +279,7 @@ class ExecutorService:
             inputs = []
             if t.carried is not None:  # a continuation: the previous DAG's result
                 try:
-                    inputs.append(_Input(pickle.loads(t.carried), False, t.causal,
+                    inputs.append(_Input(loads(t.carried), False, t.causal,
                                          spread=False))
                 except Exception as exc:
                     inputs.append(_Input(_Failure(function_error(exc, t.function)), True,
@@ -286,7 +287,7 @@ class ExecutorService:
             self._start(t, inputs)
             return
         try:
-            value = pickle.loads(t.result) if t.result is not None else None
+            value = loads(t.result) if t.result is not None else None
             failed = t.failed
         except Exception as exc:
             value, failed = _Failure(function_error(exc, t.source)), True
@@ -430,7 +431,7 @@ class ExecutorService:
         if function not in t.arg_fns:
             return False
         blob = t.arg_blobs[t.arg_fns.index(function)]
-        return b"DropletReference" in blob  # cheap, conservative pre-check
+        return mentions(blob, b"DropletReference")  # cheap, conservative pre-check
 
     async def _run_segment(
         self, t: Trigger, segment: list[str], inputs: list[_Input],
@@ -498,7 +499,7 @@ class ExecutorService:
         libs.append(lib)
         args: list[Any] = []
         if function in t.arg_fns:
-            for arg in pickle.loads(t.arg_blobs[t.arg_fns.index(function)]):
+            for arg in loads(t.arg_blobs[t.arg_fns.index(function)]):
                 if isinstance(arg, DropletReference):
                     arg = reveal_stored(await self.read(arg.key, run), arg.deserialize)
                 args.append(arg)
@@ -574,7 +575,7 @@ class ExecutorService:
     async def _forward(self, t: Trigger, result: Any, failed: bool, run: RunContext) -> None:
         downstream = [dst for src, dst in t.edges if src == t.function]
         causal = run.causal.encode() if run.causal is not None else None
-        blob: bytes | None = None
+        blob: Blob | None = None
         for dst in downstream:
             url = t.placement[t.functions.index(dst)]
             if url == self.url:  # same executor: no socket, but a private copy each
@@ -589,22 +590,22 @@ class ExecutorService:
                             _Input(value, bad, causal))
                 continue
             if blob is None:
-                blob = pickle_result(result)
+                blob = pickle_value(result)
             await (await self._peers.get(url)).send(attrs.evolve(
-                t, function=dst, source=t.function, result=blob, failed=failed, causal=causal))
+                t, function=dst, source=t.function, result=blob, failed=failed, causal=causal,
+                **arguments_for(t, dst)))
         if downstream:
             return
         if t.output_key and not failed:
             await self._kvs.request(KvsPut(t.output_key, lww(pickle_result(result))))
         if causal is not None and not failed:
             result = SessionResult(result, causal)
-        blob = pickle_result(result)
         scheduler = self._scheduler if not t.scheduler else await self._peers.get(t.scheduler)
         if t.direct:
-            await scheduler.send(RunDone(t.run_id, blob, failed))
+            await scheduler.send(RunDone(t.run_id, pickle_value(result), failed))
             return
         # One-way: the caller learns of the result from the store itself.
-        put = KvsPut(t.result_key, lww(blob))
+        put = KvsPut(t.result_key, lww(pickle_result(result)))
         done = RunDone(t.run_id, None, failed)
         if scheduler is self._kvs:  # one node: both in one write
             await scheduler.send_many([put, done])

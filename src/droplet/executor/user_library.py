@@ -29,7 +29,7 @@ from ..lattices import (
     decode_lattice,
 )
 from ..references import DropletReference
-from ..serialization import dumps
+from ..serialization import dumps, loads
 
 if TYPE_CHECKING:
     from .service import ExecutorService, RunContext
@@ -59,7 +59,7 @@ def reveal_stored(data: bytes | None, deserialize: bool = True) -> Any:
         return None
     raw = decode_lattice(data, load=RAW)
     if deserialize and isinstance(raw, LWWLattice):
-        return pickle.loads(raw.value)
+        return loads(raw.value)  # plain pickle, or a call value's out-of-band form
     if deserialize and isinstance(raw, OrderedSetLattice):
         items = [pickle.loads(blob) for blob in raw.reveal()]
         try:

@@ -16,6 +16,7 @@ import trio
 from ..config import FSYNC_POLICIES, ROLES, Config
 from ..errors import DropletError
 from ..scheduler.placement import POLICIES
+from ._memory import keep_freed_memory
 
 __all__ = ["add_node_flags", "build_parser", "main"]
 
@@ -154,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if os.environ.get(WATCH_PARENT_ENV) == "stdin":
         watch_parent()
+    try:
+        if config.role == "executor":  # big arguments: a copy, not page faults (_memory.py)
+            keep_freed_memory()
+    except ValueError as exc:
+        print(f"droplet.node: {exc}", file=sys.stderr)
+        return 2
     if config.insecure and not config.token:
         log.warning("--insecure: accepting unauthenticated connections on %s; anyone who "
                     "can reach it can run code on this machine", config.listen_url)

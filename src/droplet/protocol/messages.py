@@ -11,6 +11,11 @@ fields travel after it as ``u32 length | raw`` blobs, so pickled arguments and
 lattice frames are never base64'd or copied through a parser. A
 ``list[bytes]`` field puts its element count in the header.
 
+Big blobs are never copied here: :func:`encode_gather` returns a message with
+one as a :class:`~droplet.protocol.framing.Gather` of the header and the
+blobs' own buffers, and :func:`decode` of a big frame (a ``memoryview``)
+leaves the pickled values of a call (:data:`Blob` fields) as views into it.
+
 Decoding validates every field's type against the class's annotations, so a
 well-formed frame with wrong field types is a ProtocolError here and never
 reaches a service.
@@ -27,8 +32,10 @@ from typing import Any, TypeVar
 import attrs
 
 from ..errors import ProtocolError
+from .framing import BIG_FRAME, Buffer, Gather, Payload
 
-__all__ = ["FLAG_REPLY", "MESSAGES", "InvalidMessage", "decode", "encode"]
+__all__ = ["FLAG_REPLY", "MESSAGES", "Blob", "InvalidMessage", "decode", "encode",
+           "encode_gather"]
 
 FLAG_REPLY = 0x01
 _ENVELOPE = struct.Struct(">BBII")
@@ -39,8 +46,18 @@ _json_decode = json.JSONDecoder().decode
 MESSAGES: dict[int, type[Any]] = {}
 T = TypeVar("T")
 
-# Per field kind: (is_blob, validator returning the value to store or raising).
+#: A field holding a pickled call value (an argument list, a result): read
+#: only by ``serialization.loads`` or passed on as it is, so a big one decodes to
+#: a read-only ``memoryview`` of the frame instead of a copy, and may be sent
+#: as a :class:`~droplet.protocol.framing.Gather` (a pickle with out-of-band
+#: buffers). Every ``bytes`` field decodes to ``bytes``.
+Blob = bytes | memoryview | Gather
+
 _BLOB_KINDS = {"bytes", "bytes | None", "list[bytes]"}
+#: Field kinds that may decode to views (see :data:`Blob`).
+VIEW_KINDS = frozenset({"Blob", "Blob | None", "list[Blob]"})
+#: Blobs smaller than this are copied out as ``bytes`` even in a ``Blob`` field.
+VIEW_MIN = 64 * 1024
 
 
 def _is_str_list(v: Any) -> bool:
@@ -65,21 +82,26 @@ def _check(kind: str) -> Callable[[Any], bool]:
 
 
 class _Schema:
-    __slots__ = ("blob_fields", "checks", "cls", "names", "kinds", "header_fields", "tag")
+    __slots__ = ("blob_fields", "checks", "cls", "names", "kinds", "header_fields", "tag",
+                 "views")
 
     def __init__(self, cls: type[Any], tag: int) -> None:
         self.cls = cls
         self.tag = tag
         fields = attrs.fields(cls)
         self.names = [f.name for f in fields]
-        self.kinds = [str(f.type) for f in fields]
+        # A Blob field is a bytes field on the wire; it only decodes differently.
+        self.kinds = [str(f.type).replace("Blob", "bytes") for f in fields]
+        self.views = frozenset(f.name for f in fields if str(f.type) in VIEW_KINDS)
         self.header_fields = [
-            (i, f.name, _check(str(f.type)))
-            for i, f in enumerate(fields)
-            if str(f.type) not in _BLOB_KINDS
+            (i, name, _check(kind))
+            for i, (name, kind) in enumerate(zip(self.names, self.kinds, strict=True))
+            if kind not in _BLOB_KINDS
         ]
-        self.blob_fields = [(i, f.name, str(f.type)) for i, f in enumerate(fields)
-                            if str(f.type) in _BLOB_KINDS]
+        self.blob_fields = [
+            (i, name, kind)
+            for i, (name, kind) in enumerate(zip(self.names, self.kinds, strict=True))
+            if kind in _BLOB_KINDS]
 
 
 def message(tag: int) -> Callable[[type[T]], type[T]]:
@@ -98,10 +120,21 @@ def message(tag: int) -> Callable[[type[T]], type[T]]:
 
 def encode(msg: Any, request_id: int = 0, reply: bool = False) -> bytes:
     """Encode a message into one frame payload (without the length prefix)."""
+    payload = encode_gather(msg, request_id, reply)
+    return payload if type(payload) is bytes else bytes(payload)
+
+
+def encode_gather(msg: Any, request_id: int = 0, reply: bool = False) -> Payload:
+    """:func:`encode`, but a message with big blobs comes back as a
+    :class:`~droplet.protocol.framing.Gather` of its pieces instead of joined.
+
+    A blob may itself be a ``Gather`` (a pickled value with out-of-band
+    buffers) or a ``memoryview``; either is written as it is.
+    """
     schema: _Schema = msg._schema
     values = [getattr(msg, name) for name in schema.names]
     header: list[Any] = []
-    blobs: list[bytes] = []
+    blobs: list[Buffer | Gather] = []
     if schema.blob_fields:
         blob_at = {i: kind for i, _, kind in schema.blob_fields}
         for i, value in enumerate(values):
@@ -119,19 +152,34 @@ def encode(msg: Any, request_id: int = 0, reply: bool = False) -> bytes:
     else:
         header = values
     head = _json_encode(header).encode("utf-8")
-    parts = [_ENVELOPE.pack(schema.tag, FLAG_REPLY if reply else 0, request_id, len(head)), head]
+    parts: list[Buffer] = [
+        _ENVELOPE.pack(schema.tag, FLAG_REPLY if reply else 0, request_id, len(head)), head]
+    size = 0
     for blob in blobs:
-        parts.append(_U32.pack(len(blob)))
-        parts.append(blob)
+        if isinstance(blob, Gather):
+            parts.append(_U32.pack(blob.nbytes))
+            parts.extend(blob.parts)
+            size += blob.nbytes
+        else:
+            n = blob.nbytes if type(blob) is memoryview else len(blob)
+            parts.append(_U32.pack(n))
+            parts.append(blob)
+            size += n
+    if size >= BIG_FRAME:
+        return Gather(parts)
     return b"".join(parts)
 
 
-def decode(payload: bytes) -> tuple[Any, int, bool]:
+def decode(payload: bytes | memoryview) -> tuple[Any, int, bool]:
     """Decode one frame payload into ``(message, request_id, is_reply)``.
+
+    In a big frame (a read-only ``memoryview`` from a socket, or ``bytes``)
+    the big values of :data:`Blob` fields stay views of it, and every other
+    blob is copied out as ``bytes``.
 
     Anything that is not a valid message raises ProtocolError naming the problem.
     """
-    size = len(payload)
+    size = payload.nbytes if type(payload) is memoryview else len(payload)
     if size < _ENVELOPE.size:
         raise ProtocolError(f"frame of {size} bytes is too short for a message envelope")
     tag, flags, request_id, head_len = _ENVELOPE.unpack_from(payload)
@@ -144,7 +192,7 @@ def decode(payload: bytes) -> tuple[Any, int, bool]:
     if end > size:
         raise ProtocolError(f"{cls.__name__}: header length {head_len} exceeds the frame")
     try:
-        text = payload[pos:end].decode("utf-8")
+        text = str(payload[pos:end], "utf-8")
         header = _json_decode(text)
         if "\\u" in text:
             # A "\udXXX" escape can smuggle a lone surrogate into a str, which no
@@ -163,20 +211,24 @@ def decode(payload: bytes) -> tuple[Any, int, bool]:
                 f"got {type(header[i]).__name__}"
             )
     pos = end
+    if size >= BIG_FRAME and type(payload) is bytes:
+        payload = memoryview(payload)  # big blobs as views of these (immutable) bytes
+    is_view = type(payload) is memoryview
     for i, name, kind in schema.blob_fields:
         marker = header[i]
-        if kind == "list[bytes]":
+        keep = is_view and name in schema.views
+        if kind[0] == "l":  # list[bytes], list[Blob]
             if type(marker) is not int or marker < 0 or marker > size:
                 raise ProtocolError(f"{cls.__name__}.{name}: bad blob count {marker!r}")
             items = []
             for _ in range(marker):
-                blob, pos = _take_blob(payload, pos, cls, name)
+                blob, pos = _take_blob(payload, pos, cls, name, keep)
                 items.append(blob)
             header[i] = items
-        elif marker is None and kind == "bytes | None":
+        elif marker is None and kind.endswith("| None"):
             continue
         elif marker == 0 and type(marker) is int:
-            header[i], pos = _take_blob(payload, pos, cls, name)
+            header[i], pos = _take_blob(payload, pos, cls, name, keep)
         else:
             raise ProtocolError(f"{cls.__name__}.{name} must be {kind}")
     if pos != size:
@@ -222,14 +274,20 @@ def _validator(cls: type[Any]) -> Callable[[Callable[[Any], None]], Callable[[An
     return register
 
 
-def _take_blob(payload: bytes, pos: int, cls: type[Any], name: str) -> tuple[bytes, int]:
-    if pos + 4 > len(payload):
+def _take_blob(payload: bytes | memoryview, pos: int, cls: type[Any], name: str,
+               keep_view: bool) -> tuple[bytes | memoryview, int]:
+    """The blob at ``pos``: a view of a big frame only for a big value in a view field."""
+    size = len(payload)  # a frame's memoryview is one-dimensional bytes
+    if pos + 4 > size:
         raise ProtocolError(f"{cls.__name__}.{name}: truncated blob length")
     (n,) = _U32.unpack_from(payload, pos)
     pos += 4
-    if pos + n > len(payload):
+    if pos + n > size:
         raise ProtocolError(f"{cls.__name__}.{name}: blob of {n} bytes exceeds the frame")
-    return payload[pos : pos + n], pos + n
+    blob = payload[pos : pos + n]
+    if type(blob) is memoryview and not (keep_view and n >= VIEW_MIN):
+        return bytes(blob), pos + n
+    return blob, pos + n
 
 
 # --------------------------------------------------------------------------- generic
@@ -458,7 +516,7 @@ class CallDag:
     target: str
     is_function: bool
     arg_fns: list[str]
-    arg_blobs: list[bytes]
+    arg_blobs: list[Blob]
     consistency: str = "NORMAL"
     output_key: str | None = None
     client_id: str | None = None
@@ -487,7 +545,7 @@ class DagResult:
     """The sink's outcome: a pickled value, or a pickled FunctionError when failed."""
 
     run_id: str
-    value: bytes
+    value: Blob
     failed: bool
 
 
@@ -501,7 +559,7 @@ class RunDone:
     """
 
     run_id: str
-    value: bytes | None
+    value: Blob | None
     failed: bool
 
 
@@ -638,9 +696,9 @@ class Trigger:
     placement: list[str]
     edges: list[list[str]]
     arg_fns: list[str]
-    arg_blobs: list[bytes]
+    arg_blobs: list[Blob]
     source: str | None
-    result: bytes | None
+    result: Blob | None
     failed: bool
     result_key: str
     output_key: str | None
@@ -657,7 +715,7 @@ class Trigger:
     #: functions whose queued calls an executor runs as one batch.
     batching: list[str] = attrs.Factory(list)
     #: a pickled value appended to a source function's arguments (continuations).
-    carried: bytes | None = None
+    carried: Blob | None = None
 
 
 @message(41)

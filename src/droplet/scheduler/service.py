@@ -28,9 +28,11 @@ import trio
 from .. import errors
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _Failure
+from ..executor.downstream import arguments_for
 from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
+    Blob,
     BoolReply,
     CallAccepted,
     CallDag,
@@ -523,7 +525,7 @@ class SchedulerService:
         return then
 
     async def _start(self, dag: Dag, msg: CallDag, caller: tuple[Peer, int] | None,
-                     result_key: str, carried: bytes | None, then: CallDag | None) -> str:
+                     result_key: str, carried: Blob | None, then: CallDag | None) -> str:
         """Place and trigger one run of ``dag``; returns the run id."""
         if msg.consistency not in CONSISTENCY_LEVELS:
             raise DagError(
@@ -563,6 +565,8 @@ class SchedulerService:
                 list(dag.multiexec), list(dag.invalid_results), list(dag.batching_functions),
                 carried,
             )
+            if len(dag.sources) > 1:  # each source carries only the arguments ahead of it
+                trigger = attrs.evolve(trigger, **arguments_for(trigger, fn))
             try:
                 # Through the executor's outbox: a backed-up executor fails this
                 # call at once instead of stalling the caller's connection.
@@ -636,9 +640,9 @@ class SchedulerService:
         # In a task: this runs in the executor's reader, which must not wait on the store.
         self._nursery.start_soon(self._record_failure, done.run_id, run.result_key, value)
 
-    async def _record_failure(self, run_id: str, result_key: str, value: bytes) -> None:
+    async def _record_failure(self, run_id: str, result_key: str, value: Blob) -> None:
         try:
             await self._kvs.request(KvsPut(
-                result_key, encode_lattice(LWWLattice.now(value), dump=RAW)), KVS_TIMEOUT)
+                result_key, encode_lattice(LWWLattice.now(bytes(value)), dump=RAW)), KVS_TIMEOUT)
         except DropletError as exc:
             log.warning("could not record failure of run %s: %s", run_id, exc)
