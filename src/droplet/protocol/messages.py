@@ -646,6 +646,10 @@ class PoolQuery:
     Answered by :class:`PoolReply`. ``status`` is the node's own scaling status
     as JSON (:meth:`droplet.status.ScalingStatus.to_dict`), shown in the
     cluster's status; empty for none.
+
+    The first query claims ``prefix`` for this link: one prefix per link, with a
+    "-" in it, overlapping no other node's; executors that join with node ids
+    ``prefix...`` are then this link's to drain (:class:`DrainExecutor`).
     """
 
     prefix: str
@@ -678,7 +682,8 @@ class DrainExecutor:
 
     Answered with ``BoolReply(True)`` once nothing placed there runs any more
     (the executor is then forgotten and may stop), ``BoolReply(False)`` when
-    no executor joined at ``url``.
+    no executor joined at ``url``. Refused (ProtocolError) for an executor that
+    is not one of this link's workers (see :class:`PoolQuery`).
     """
 
     url: str

@@ -119,6 +119,8 @@ class _Executor:
     idle: trio.Event = attrs.Factory(trio.Event)
     #: set (and replaced) by each of its reports.
     reported: trio.Event = attrs.Factory(trio.Event)
+    #: who may drain it: the claimant of its node id's pool prefix when it joined.
+    owner: object = None
 
 
 class SchedulerService:
@@ -155,6 +157,8 @@ class SchedulerService:
         self.scaling: Callable[[], ScalingStatus | None] = lambda: None
         #: adaptive ``--role executor`` nodes, by their workers' node id prefix.
         self._pools: dict[str, ScalingStatus] = {}
+        #: pool prefix -> its claimant (a node's link, or this node's own pool).
+        self._pool_owners: dict[str, object] = {}
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -215,12 +219,17 @@ class SchedulerService:
         if kind is ExecutorJoin:
             return self._join(peer, msg)
         if kind is PoolQuery:
+            self.claim_pool(msg.prefix, peer)
             if msg.status:
                 self._pool_status(peer, msg.prefix, msg.status)
             return self._pool_reply(msg.prefix)
         if kind is DrainExecutor:
-            if msg.url not in self._executors:
+            ex = self._executors.get(msg.url)
+            if ex is None:
                 return BoolReply(False)
+            if ex.owner is not peer:
+                raise ProtocolError(f"executor {msg.url} is not one of this link's workers: "
+                                    "only the node that started it may drain it")
             # Deferred: a drain lasts as long as the calls running there.
             self._nursery.start_soon(self._drain_for, peer, request_id, msg.url)
             return DEFERRED
@@ -288,8 +297,10 @@ class SchedulerService:
     # ------------------------------------------------------------------ executors
 
     def _join(self, peer: Peer, msg: ExecutorJoin) -> ClusterInfo:
+        owner = next((who for prefix, who in self._pool_owners.items()
+                      if msg.node_id.startswith(prefix)), None)
         self._executors[msg.url] = _Executor(msg.url, peer, resources=dict(msg.resources),
-                                             node_id=msg.node_id)
+                                             node_id=msg.node_id, owner=owner)
         self.view.join(msg.url, msg.workers)
         peer.state["executor_url"] = msg.url
         peer.on_close.append(self._executor_left)
@@ -360,7 +371,10 @@ class SchedulerService:
             if ex.running == 0 and self._executors.get(url) is ex:
                 break
             # Placed on after all (every executor was draining): wait for that too.
-            ex.idle = trio.Event()
+            # A drain of it repeated meanwhile may have replaced the event already:
+            # share that one (a second replacement would leave one drain waiting forever).
+            if ex.idle.is_set():
+                ex.idle = trio.Event()
         self.retire(url)
 
     def pool_view(self, prefix: str) -> list[tuple[str, str, int, int, int, int, int]]:
@@ -378,6 +392,39 @@ class SchedulerService:
             busy, queued, running = (r.busy, r.queued, r.running) if r else (0, 0, 0)
             found.append((ex.node_id, url, busy, queued, running, ex.running, ex.placed))
         return found
+
+    def claim_pool(self, prefix: str, owner: object) -> None:
+        """Let ``owner`` (a node's link, or this node's pool) manage the executors that join
+        with node ids ``prefix...`` from now on: only it may drain them.
+
+        A link claims one prefix, with its first :class:`PoolQuery` (normally
+        before its workers join; workers that joined earlier are adopted).
+        Refused: a prefix without a "-" (it could match executors' own random
+        node ids), one overlapping another's, or one matching an executor that
+        another claimant owns.
+        """
+        if not prefix:
+            raise ProtocolError("a pool query needs a non-empty node id prefix")
+        if "-" not in prefix:
+            raise ProtocolError(f"a pool's node id prefix must contain a '-', not {prefix!r}")
+        mine = next((p for p, who in self._pool_owners.items() if who is owner), None)
+        if mine == prefix:
+            return
+        if mine is not None:
+            raise ProtocolError(f"this link manages one pool, {mine!r}, not also {prefix!r}")
+        if any(p.startswith(prefix) or prefix.startswith(p) for p in self._pool_owners):
+            raise ProtocolError(f"node id prefix {prefix!r} overlaps another node's pool")
+        matching = [ex for ex in self._executors.values() if ex.node_id.startswith(prefix)]
+        if any(ex.owner is not None and ex.owner is not owner for ex in matching):
+            raise ProtocolError(f"executors of another node joined with node ids {prefix!r}...")
+        self._pool_owners[prefix] = owner
+        for ex in matching:
+            ex.owner = owner
+        if isinstance(owner, Peer):
+            def release(_: Peer) -> None:
+                self._pool_owners.pop(prefix, None)
+
+            owner.on_close.append(release)
 
     def _pool_status(self, peer: Peer, prefix: str, text: str) -> None:
         """Keep an executor node's scaling status (for ``conn.status()``) while it is linked."""
