@@ -144,6 +144,11 @@ class AsyncDropletFuture:
         for wake in list(self._wakers):
             wake()
 
+    def _refused(self, error: BaseException) -> None:
+        """The scheduler refused the call (after the client stopped waiting for that)."""
+        if not self._settled():
+            self._fetched(None, error)
+
     def _settled(self) -> bool:
         """Whether the result or an error is in (no waiting, no I/O)."""
         return self._blob is not None or self._error is not None
@@ -408,11 +413,23 @@ class AsyncDropletClient:
             (call_slot,) = await self._scheduler.submit(call)
             (fetch_slot,) = await self._kvs.submit(future.fetch_request())
         future._watch(fetch_slot)
+        accepted = self._core.accepted
+        if accepted.known(call):
+            # Accepted before: do not wait; a refusal now reaches get() instead.
+            def settled() -> None:
+                if call_slot.error is not None:
+                    accepted.refused(call)
+                    future._pinned = True  # no result will be stored, nothing to release
+                    future._refused(call_slot.error)
+
+            call_slot.when_done(settled)
+            return future
         try:
             await self._scheduler.wait(call_slot, self.timeout, "CallDag")
         except BaseException:
             future._pinned = True  # refused: no result will be stored, nothing to release
             raise
+        accepted.accepted(call)
         return future
 
     # ------------------------------------------------------------------ DAGs
