@@ -294,17 +294,19 @@ class Peer:
             self._pending.pop(request_id, None)
         return slot.result()
 
-    async def submit(self, *msgs: Any) -> list[Slot]:
+    async def submit(self, *msgs: Any, oneway: Sequence[Any] = ()) -> list[Slot]:
         """Send requests (in one write) without waiting: replies land in the slots.
 
         Saves a task when the caller only needs a reply later (a future's
         result), and a system call per extra request. A slot stays registered
         until its reply or the connection's end; a reply that never comes is
-        the caller's to time out (see :meth:`wait`).
+        the caller's to time out (see :meth:`wait`). ``oneway`` messages go
+        first in the same write.
         """
         ids = [next(self._ids) for _ in msgs]
         slots = [Slot() for _ in msgs]
-        frames = [encode_message(m, i) for m, i in zip(msgs, ids, strict=True)]
+        frames = [encode_message(m) for m in oneway]
+        frames += [encode_message(m, i) for m, i in zip(msgs, ids, strict=True)]
         self._pending.update(zip(ids, slots, strict=True))
         try:
             await self._send_many(frames)

@@ -86,7 +86,7 @@ def _flush_releases(client_ref: weakref.ref[BlockingClient], stop: threading.Eve
 
 
 class _Slot:
-    __slots__ = ("done", "error", "on_error", "value", "wake", "watchers")
+    __slots__ = ("done", "error", "value", "wake", "watchers")
 
     def __init__(self) -> None:
         self.wake = threading.Event()  # set when done, or when asked to take over reading
@@ -95,15 +95,6 @@ class _Slot:
         self.error: BaseException | None = None
         #: threads waiting for any of several slots (``BlockingPeer.wait_any``).
         self.watchers: list[_AnyOf] = []
-        #: called (in the reading thread) when the reply is an error: a call
-        #: nobody waits for passes its refusal on to its result's slot.
-        self.on_error: Callable[[BaseException], None] | None = None
-
-    def fail(self, error: BaseException) -> None:
-        """Answer with ``error`` unless already answered."""
-        if not self.done:
-            self.error = error
-            self.finish()
 
     def finish(self) -> None:
         """Mark answered (value or error already set) and wake whoever waits for it."""
@@ -432,10 +423,6 @@ class BlockingPeer:
             return
         if type(msg) is ErrorReply:
             slot.error = error_from_reply(msg, self.remote)
-            if slot.on_error is not None:
-                slot.on_error(slot.error)
-        elif slot.done:  # answered already (failed by the refusal of its call)
-            return
         else:
             slot.value = msg
         slot.finish()
@@ -680,6 +667,22 @@ class BlockingClient:
         assert call.result_key is not None
         fetch = KvsGet(call.result_key, wait)
         deadline = time.monotonic() + self.timeout
+        accepted = self.core.accepted
+        if accepted.known(call):
+            # A call of this shape was accepted before: send it one-way, with no
+            # wait for its acceptance; a refusal is stored as its result.
+            if self.kvs is self.scheduler:  # one node: call and result read in one write
+                (fetch_slot,) = self.scheduler.submit(
+                    fetch, timeout=self.timeout, oneway=[*self._releases_due(), call])
+            else:
+                if not self.scheduler.send(call, timeout=self.timeout):
+                    raise TimeoutError(
+                        f"could not send the call to {self.scheduler.remote} within "
+                        f"{self.timeout:g} s: the node is not reading")
+                (fetch_slot,) = self.kvs.submit(fetch, timeout=self.timeout,
+                                                oneway=self._releases_due())
+            return BlockingFuture(call.result_key, self, fetch_slot, wait,
+                                  ClientCore.session_of(call))
         if self.kvs is self.scheduler:  # one node: call and result read in one write
             call_slot, fetch_slot = self.scheduler.submit(
                 call, fetch, timeout=self.timeout, oneway=self._releases_due())
@@ -689,18 +692,6 @@ class BlockingClient:
                                             oneway=self._releases_due())
         future = BlockingFuture(call.result_key, self, fetch_slot, wait,
                                 ClientCore.session_of(call))
-        accepted = self.core.accepted
-        if accepted.known(call):
-            # Accepted before: do not wait; a refusal now reaches get() instead.
-            def refused(error: BaseException) -> None:
-                accepted.refused(call)
-                future._pinned = True  # no result will be stored, nothing to release
-                fetch_slot.fail(error)
-
-            call_slot.on_error = refused
-            if call_slot.done and call_slot.error is not None:  # already refused
-                refused(call_slot.error)
-            return future
         try:
             self.scheduler.wait(call_slot, max(0.0, deadline - time.monotonic()), "CallDag")
         except BaseException:

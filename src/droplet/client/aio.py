@@ -144,11 +144,6 @@ class AsyncDropletFuture:
         for wake in list(self._wakers):
             wake()
 
-    def _refused(self, error: BaseException) -> None:
-        """The scheduler refused the call (after the client stopped waiting for that)."""
-        if not self._settled():
-            self._fetched(None, error)
-
     def _settled(self) -> bool:
         """Whether the result or an error is in (no waiting, no I/O)."""
         return self._blob is not None or self._error is not None
@@ -407,23 +402,24 @@ class AsyncDropletClient:
         """Send a call and start waiting for its result at once (one round trip)."""
         assert call.result_key is not None
         future = AsyncDropletFuture(call.result_key, self, wait, ClientCore.session_of(call))
+        accepted = self._core.accepted
+        if accepted.known(call):
+            # A call of this shape was accepted before: send it one-way, with no
+            # wait for its acceptance; a refusal is stored as its result.
+            if self._kvs is self._scheduler:  # one node: call and result read in one write
+                (fetch_slot,) = await self._scheduler.submit(future.fetch_request(),
+                                                             oneway=[call])
+            else:
+                await self._scheduler.send(call)
+                (fetch_slot,) = await self._kvs.submit(future.fetch_request())
+            future._watch(fetch_slot)
+            return future
         if self._kvs is self._scheduler:  # one node: call and result read in one write
             call_slot, fetch_slot = await self._scheduler.submit(call, future.fetch_request())
         else:
             (call_slot,) = await self._scheduler.submit(call)
             (fetch_slot,) = await self._kvs.submit(future.fetch_request())
         future._watch(fetch_slot)
-        accepted = self._core.accepted
-        if accepted.known(call):
-            # Accepted before: do not wait; a refusal now reaches get() instead.
-            def settled() -> None:
-                if call_slot.error is not None:
-                    accepted.refused(call)
-                    future._pinned = True  # no result will be stored, nothing to release
-                    future._refused(call_slot.error)
-
-            call_slot.when_done(settled)
-            return future
         try:
             await self._scheduler.wait(call_slot, self.timeout, "CallDag")
         except BaseException:

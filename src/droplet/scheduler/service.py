@@ -153,6 +153,8 @@ class SchedulerService:
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
         if kind is CallDag:
+            if not request_id and not msg.direct and msg.result_key:
+                return await self._call_oneway(peer, msg)
             return await self._call(peer, msg, request_id)
         if kind is RunDone:
             await self._run_done(msg)
@@ -306,6 +308,22 @@ class SchedulerService:
         if msg.direct:
             return DEFERRED
         return CallAccepted(run_id, result_key)
+
+    async def _call_oneway(self, peer: Peer, msg: CallDag) -> None:
+        """A call sent without a request id: nobody waits for ``CallAccepted``.
+
+        Clients send calls this way once a call of the same shape was accepted
+        (see :class:`~droplet.client._core.AcceptedCalls`): they chose the
+        result key and wait on it already, so a refusal is stored there as the
+        call's failure and reaches the caller's ``get()``.
+        """
+        try:
+            await self._call(peer, msg, 0)
+        except DropletError as exc:
+            assert msg.result_key is not None
+            # In a task: this runs in the caller's reader, which must not wait on the store.
+            self._nursery.start_soon(self._record_failure, "", msg.result_key,
+                                     pickle.dumps(_Failure(exc)))
 
     def _dag_for(self, msg: CallDag) -> Dag:
         if msg.is_function:
