@@ -398,21 +398,37 @@ class AsyncDropletClient:
             raise refusal
         return futures
 
+    def _future_for(self, call: CallDag, wait: float) -> AsyncDropletFuture:
+        """The future of ``call`` (callable from any thread: it touches no loop state)."""
+        assert call.result_key is not None
+        return AsyncDropletFuture(call.result_key, self, wait, ClientCore.session_of(call))
+
+    async def _send_one_way(self, call: CallDag, future: AsyncDropletFuture) -> None:
+        if self._kvs is self._scheduler:  # one node: call and result read in one write
+            (fetch_slot,) = await self._scheduler.submit(future.fetch_request(),
+                                                         oneway=[call])
+        else:
+            await self._scheduler.send(call)
+            (fetch_slot,) = await self._kvs.submit(future.fetch_request())
+        future._watch(fetch_slot)
+
+    async def _send_accepted(self, call: CallDag, future: AsyncDropletFuture) -> None:
+        """:meth:`_send_one_way` in a task of its own: a failure is the future's error."""
+        try:
+            await self._send_one_way(call, future)
+        except Exception as exc:  # a broken connection, a call over the frame limit
+            future._pinned = True  # nothing was sent: nothing to release
+            future._fetched(None, exc if isinstance(exc, DropletError)
+                            else DropletError(f"could not send the call: {exc}"))
+
     async def _submit(self, call: CallDag, wait: float) -> AsyncDropletFuture:
         """Send a call and start waiting for its result at once (one round trip)."""
-        assert call.result_key is not None
-        future = AsyncDropletFuture(call.result_key, self, wait, ClientCore.session_of(call))
+        future = self._future_for(call, wait)
         accepted = self._core.accepted
         if accepted.known(call):
             # A call of this shape was accepted before: send it one-way, with no
             # wait for its acceptance; a refusal is stored as its result.
-            if self._kvs is self._scheduler:  # one node: call and result read in one write
-                (fetch_slot,) = await self._scheduler.submit(future.fetch_request(),
-                                                             oneway=[call])
-            else:
-                await self._scheduler.send(call)
-                (fetch_slot,) = await self._kvs.submit(future.fetch_request())
-            future._watch(fetch_slot)
+            await self._send_one_way(call, future)
             return future
         if self._kvs is self._scheduler:  # one node: call and result read in one write
             call_slot, fetch_slot = await self._scheduler.submit(call, future.fetch_request())

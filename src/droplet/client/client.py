@@ -32,7 +32,7 @@ from ..status import ClusterStatus
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address, parse_address
 from ._blocking import BlockingClient
-from ._core import check_chunksize, check_timeout, map_items
+from ._core import ClientCore, check_chunksize, check_timeout, map_items
 from ._portal import Portal
 from .aio import (
     CAUSAL,
@@ -185,7 +185,14 @@ class _PortalClient:
         return self._portal.run(self._client.list, prefix)
 
     def exec_func(self, name: str, args: Iterable[Any]) -> _PortalFuture:
-        return _PortalFuture(self._portal.run(self._client.exec_func, name, list(args)),
+        client = self._client
+        call = ClientCore.function_call(name, args)
+        if client._core.accepted.known(call):
+            # Sent one-way, with nothing to wait for: hand it to the loop and return.
+            future = client._future_for(call, client.timeout)
+            self._portal.post(client._send_accepted, call, future)
+            return _PortalFuture(future, self._portal)
+        return _PortalFuture(self._portal.run(client._submit, call, client.timeout),
                              self._portal)
 
     def map(self, name: str, items: builtins.list[Any], chunksize: int
