@@ -8,7 +8,6 @@ unwrapping results) live here once.
 
 from __future__ import annotations
 
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from ..consistency import CAUSAL, CausalContext, SessionResult, check_level
 from ..errors import DagError, FunctionError, RegistrationError, _Failure
 from ..executor.user_library import as_lattice, reveal_stored
+from ..ids import unique_id
 from ..kvs.keys import RESULT_PREFIX
 from ..lattices import RAW, decode_lattice, encode_lattice
 from ..protocol.messages import CallDag, KvsPut, KvsValue, RegisterDag, RegisterFunction
@@ -105,7 +105,7 @@ def result_blob(lattice: bytes) -> bytes:
 
 def new_result_key() -> str:
     """Clients pick the result key, so they can wait for it while the call is scheduled."""
-    return f"{RESULT_PREFIX}{uuid.uuid4().hex}"
+    return f"{RESULT_PREFIX}{unique_id()}"
 
 
 def check_timeout(timeout: float | None, default: float) -> float:

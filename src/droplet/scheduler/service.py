@@ -26,6 +26,7 @@ import trio
 from .. import errors
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _Failure
+from ..ids import unique_id
 from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
@@ -303,7 +304,7 @@ class SchedulerService:
         dag = self._dag_for(msg)
         then = self._continuation(msg)
         caller = (peer, request_id) if msg.direct else None
-        result_key = msg.result_key or f"{RESULT_PREFIX}{uuid.uuid4().hex}"
+        result_key = msg.result_key or f"{RESULT_PREFIX}{unique_id()}"
         run_id = await self._start(dag, msg, caller, result_key, None, then)
         if msg.direct:
             return DEFERRED
@@ -373,7 +374,7 @@ class SchedulerService:
         running = {url: ex.running for url, ex in self._executors.items()}
         gpus = [url for url, ex in self._executors.items() if ex.resources.get("gpu", 0) > 0]
         where = self._placement.place(dag, list(self._executors), running, gpus)
-        run_id = uuid.uuid4().hex
+        run_id = unique_id()
         deadline = time.time() + msg.timeout if msg.timeout else None
         placed = [where[fn] for fn in dag.functions]
         for url in placed:
