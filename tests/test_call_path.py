@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import trio
+import trio.testing
 
 import droplet
 from droplet import AsyncDropletClient, DropletConnection
 from droplet.client._blocking import BlockingClient
 from droplet.client._core import AcceptedCalls, ClientCore
+from droplet.executor.service import ExecutorService
 from droplet.protocol.messages import CallDag
 
 
@@ -132,3 +135,32 @@ def test_blocking_refusal_after_acceptance_reaches_get(conn: DropletConnection) 
         future.get(timeout=10)
     with pytest.raises(droplet.DagError, match="no DAG named 'b_other'"):
         conn.call_dag("b_other", {})
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+async def test_functions_are_loaded_at_registration_not_first_call() -> None:
+    async with droplet.open_local_cluster(executors=2) as running:
+        async with running.client() as client:
+            await client.register(square, "pf_square")
+            await trio.testing.wait_all_tasks_blocked()
+            for executor in running.node.executors:
+                assert executor.statistics().functions_loaded == 1
+            assert await (await client.exec_func("pf_square", [3])).get() == 9
+
+
+async def test_an_executor_joining_loads_what_is_registered() -> None:
+    async with droplet.open_local_cluster(executors=1) as running:
+        async with running.client() as client:
+            await client.register(square, "pj_square")
+            await client.register(noop, "pj_noop")
+        node = running.node
+        async with trio.open_nursery() as nursery:
+            assert node.scheduler is not None
+            joined = await ExecutorService.join(
+                nursery, url="inproc://late-executor", scheduler_url=running.address,
+                workers=1, token=None, threads=1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert joined.statistics().functions_loaded == 2
+            nursery.cancel_scope.cancel()

@@ -28,11 +28,14 @@ from ..lattices import RAW, Lattice, decode_lattice
 from ..protocol.messages import (
     ClusterInfo,
     ExecutorJoin,
+    FunctionRegistered,
     KvsGet,
     KvsPut,
     KvsUpdate,
     KvsValue,
+    ListFunctions,
     Mail,
+    Names,
     RunDone,
     Trigger,
 )
@@ -61,6 +64,10 @@ FANIN_TTL = 600.0
 #: cannot simply wait for a free slot: running functions need it to read
 #: their store replies.)
 MAX_INVOCATIONS = 10_000
+#: Functions an executor loads when it joins (what is registered already);
+#: later registrations are loaded as they are announced.
+MAX_PREFETCH = 1024
+PREFETCH_TIMEOUT = 30.0
 #: Seconds a result may take to be written to the next executor, the store or
 #: the scheduler before the send is abandoned (and that connection closed).
 SEND_TIMEOUT = 60.0
@@ -144,7 +151,7 @@ def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
 
 
 class ExecutorService:
-    MESSAGES = (Trigger, Mail, KvsUpdate)
+    MESSAGES = (Trigger, Mail, KvsUpdate, FunctionRegistered)
 
     def __init__(
         self,
@@ -217,6 +224,8 @@ class ExecutorService:
         holder: list[ExecutorService] = []
 
         async def handle(peer: Peer, msg: Any, request_id: int) -> Any:
+            if not holder and type(msg) is FunctionRegistered:
+                return None  # announced while joining: the prefetch on joining loads it
             return await holder[0].handle(peer, msg, request_id)
 
         scheduler = await connect_peer(scheduler_url, nursery, token=token, handler=handle,
@@ -235,6 +244,7 @@ class ExecutorService:
         holder.append(service)
         peers.add(scheduler_url, scheduler)
         nursery.start_soon(service._serve)
+        nursery.start_soon(service._prefetch_registered)
         nursery.start_soon(report_periodically, url, service.recorder, service.load,
                            functools.partial(scheduler.post, on_full="raise"), report_interval)
         return service
@@ -249,9 +259,32 @@ class ExecutorService:
             await self.cache.update(msg.key, msg.lattice)
         elif kind is Mail:
             self._deliver(msg)
+        elif kind is FunctionRegistered:
+            self._nursery.start_soon(self._prefetch, [msg.name], msg.version)
         else:
             raise ProtocolError(f"an executor does not serve {kind.__name__} messages")
         return None
+
+    async def _prefetch(self, names: list[str], version: str | None = None) -> None:
+        """Load functions ahead of their first call (at registration, or on joining).
+
+        A failure is left for the first call to report, with its run.
+        """
+        for name in names:
+            try:
+                await self._loader.load(name, version)
+            except Exception as exc:
+                log.debug("prefetching %r failed (its first call will say why): %s",
+                          name, exc)
+
+    async def _prefetch_registered(self) -> None:
+        """On joining: load what is registered already (up to MAX_PREFETCH functions)."""
+        try:
+            reply: Names = await self._scheduler.request(ListFunctions(None), PREFETCH_TIMEOUT)
+        except DropletError as exc:
+            log.debug("could not list the registered functions to prefetch: %s", exc)
+            return
+        await self._prefetch(reply.names[:MAX_PREFETCH])
 
     def _on_trigger(self, t: Trigger) -> None:
         """Start or feed the trigger's function.

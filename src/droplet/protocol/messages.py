@@ -568,6 +568,18 @@ class ListDags:
 # --------------------------------------------------------------------------- executor
 
 
+@message(45)
+@attrs.frozen
+class FunctionRegistered:
+    """Scheduler -> executors, one-way: function ``name`` is registered at ``version``.
+
+    Executors load its code now, so its first call does not wait for the store.
+    """
+
+    name: str
+    version: str
+
+
 @message(40)
 @attrs.frozen
 class Trigger:

@@ -13,7 +13,6 @@ else's connection.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import time
@@ -39,6 +38,7 @@ from ..protocol.messages import (
     ExecutorJoin,
     ExecutorReport,
     FunctionExists,
+    FunctionRegistered,
     GetStatus,
     Hello,
     KvsGet,
@@ -54,6 +54,7 @@ from ..protocol.messages import (
     Trigger,
 )
 from ..protocol.messages import decode as decode_message
+from ..registration import code_version
 from ..rpc import DEFERRED, Peer
 from ..status import ClusterStatus
 from .dags import Dag, build_dag
@@ -219,13 +220,19 @@ class SchedulerService:
                 f"function name must be a non-empty string without '/', not {msg.name!r}")
         if not msg.code:
             raise RegistrationError(f"function {msg.name!r}: empty code")
-        version = hashlib.blake2b(msg.code, digest_size=8).hexdigest()
+        version = code_version(msg.code)
         lattice = LWWLattice.now(msg.code)
         await self._kvs.request(
             KvsPut(function_key(msg.name), encode_lattice(lattice, dump=RAW)), KVS_TIMEOUT)
         await self._kvs.request(KvsPut(REGISTRY_KEY, function_entry(msg.name, version)),
                                 KVS_TIMEOUT)
         self._functions[msg.name] = version
+        # Executors load the code now, not on its first call (a round trip to the store).
+        for ex in list(self._executors.values()):
+            try:
+                ex.peer.post(FunctionRegistered(msg.name, version), on_full="raise")
+            except DropletError:  # a backed-up executor loads it on first call instead
+                pass
 
     async def _register_dag(self, msg: RegisterDag) -> None:
         dag = build_dag(msg.name, msg.functions, msg.connections, msg.colocated,
