@@ -29,7 +29,9 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ..consistency import NORMAL
 from ..errors import ConnectionError, DropletError, ProtocolError, TimeoutError
+from ..ids import unique_id
 from ..protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame
 from ..protocol.handshake import ClientHandshake
 from ..protocol.messages import (
@@ -40,6 +42,7 @@ from ..protocol.messages import (
     DeleteDag,
     ErrorReply,
     FunctionExists,
+    FunctionPlaced,
     GetStatus,
     Hello,
     KvsForget,
@@ -49,7 +52,9 @@ from ..protocol.messages import (
     ListDags,
     ListFunctions,
     Names,
+    PlaceFunction,
     StatusReply,
+    Trigger,
 )
 from ..protocol.messages import decode as decode_message
 from ..protocol.messages import encode as encode_message
@@ -57,6 +62,7 @@ from ..rpc import error_from_reply
 from ..status import ClusterStatus
 from ..transports.registry import parse_address
 from ._core import ClientCore, check_key, check_timeout, result_blob, unwrap_result
+from ._direct import DIAL_TIMEOUT, DirectCalls
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 
 __all__ = ["BlockingClient", "BlockingFuture", "BlockingPeer"]
@@ -390,6 +396,16 @@ class BlockingPeer:
                 self._hand_off()
         return slot.done
 
+    def alive(self) -> bool:
+        """Whether the connection still stands: reads what arrived (an end of file too)."""
+        if self._failure is None and self._read_lock.acquire(blocking=False):
+            try:
+                self._lead(_AnyOf(), time.monotonic())
+            finally:
+                self._read_lock.release()
+                self._hand_off()
+        return self._failure is None
+
     def request(self, msg: Any, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         (slot,) = self.submit(msg, timeout=timeout)
@@ -478,10 +494,14 @@ class BlockingFuture:
     """
 
     def __init__(self, key: str, client: BlockingClient, slot: _Slot, wait: float,
-                 session: str | None) -> None:
+                 session: str | None, peer: BlockingPeer | None = None) -> None:
         self._key = key
         self._client = client
         self._slot = slot
+        #: where the reply comes from: the store (a KvsValue), or for a call sent
+        #: straight to an executor, that executor (a DagResult).
+        self._peer = peer or client.kvs
+        self._direct = peer is not None
         self._wait = wait
         self._session = session
         self._blob: bytes | None = None
@@ -493,7 +513,16 @@ class BlockingFuture:
         if not self._pinned:
             self._pinned = True
             self._client.releases.pin(self._key)
+            self._confirm_stored()
         return self._key
+
+    def _confirm_stored(self) -> None:
+        """A direct call's executor stores the result after answering: once this
+        future holds the result and its key was handed out, wait (briefly) until
+        the store has it, so ``get_object(obj_id)`` finds it."""
+        if self._direct and self._pinned and self._slot.done and self._slot.error is None:
+            self._direct = False
+            self._client.kvs.request(KvsGet(self._key, self._wait), self._wait)
 
     def __del__(self) -> None:
         if not self._pinned:
@@ -504,6 +533,9 @@ class BlockingFuture:
         slot = self._slot
         if slot.error is not None:
             raise slot.error
+        if type(slot.value) is DagResult:  # straight from the executor
+            self._blob = slot.value.value
+            return
         reply: KvsValue = slot.value
         if reply.lattice is not None:
             self._blob = result_blob(reply.lattice)
@@ -517,7 +549,7 @@ class BlockingFuture:
         while self._blob is None:
             remaining = max(0.0, deadline - time.monotonic())
             try:
-                self._client.kvs.wait(self._slot, remaining, "result")
+                self._peer.wait(self._slot, remaining, "result")
             except TimeoutError:
                 raise TimeoutError(
                     f"no result for {self._key} within {wait:g} s "
@@ -527,13 +559,15 @@ class BlockingFuture:
                 raise TimeoutError(
                     f"no result for {self._key} within {wait:g} s "
                     "(pass a larger timeout to get() if the function is slow)")
+        if self._direct and self._pinned:
+            self._confirm_stored()
         return self._client.core.finish(unwrap_result(self._blob), self._session)
 
     def done(self) -> bool:
         """Whether the result (or an error) is in; reads what arrived, never waits."""
         if self._blob is not None:
             return True
-        self._client.kvs.poll(self._slot)
+        self._peer.poll(self._slot)
         return self._settled()
 
     def _settled(self) -> bool:
@@ -554,15 +588,30 @@ class BlockingClient:
 
     def __init__(self, url: str, *, token: str | None, timeout: float,
                  ssl_context: ssl.SSLContext | None = None,
-                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, direct: bool = True) -> None:
         token = token if token is not None else os.environ.get("DROPLET_TOKEN") or None
         self.timeout = timeout
         self.core = ClientCore()
         self.releases = Releases()
 
-        def dial(address: str) -> BlockingPeer:
-            return BlockingPeer(address, token=token, timeout=timeout,
+        def dial(address: str, connect_timeout: float = timeout) -> BlockingPeer:
+            return BlockingPeer(address, token=token, timeout=connect_timeout,
                                 ssl_context=ssl_context, max_frame_size=max_frame_size)
+
+        scheme = parse_address(url)[0]
+
+        def dial_executor(address: str) -> BlockingPeer:
+            if parse_address(address)[0] != scheme:  # never a tls:// client's calls in clear
+                raise ValueError(f"executor {address} does not speak {scheme}://")
+            return dial(address, min(timeout, DIAL_TIMEOUT))
+
+        def place(name: str) -> FunctionPlaced:
+            reply: FunctionPlaced = self.scheduler.request(PlaceFunction(name), timeout)
+            return reply
+
+        #: calls sent straight to executors (placement cached from the scheduler).
+        self.direct = DirectCalls(dial_executor, place)
+        self.direct.enabled = direct
 
         self.scheduler = dial(url)
         try:
@@ -589,6 +638,7 @@ class BlockingClient:
                 self.kvs.send(KvsForget(keys[start:start + MAX_BATCH]),
                               timeout=CLOSE_FLUSH_TIMEOUT)
         finally:
+            self.direct.close()
             self.scheduler.close()
             self.kvs.close()
 
@@ -624,7 +674,29 @@ class BlockingClient:
         return reply.names
 
     def exec_func(self, name: str, args: Iterable[Any]) -> BlockingFuture:
-        return self._submit(ClientCore.function_call(name, args), self.timeout)
+        call = ClientCore.function_call(name, args)
+        target = self.direct.target(name)
+        if target is not None:
+            future = self._submit_direct(call, *target)
+            if future is not None:
+                return future
+        return self._submit(call, self.timeout)
+
+    def _submit_direct(self, call: CallDag, peer: BlockingPeer, version: str
+                       ) -> BlockingFuture | None:
+        """Send a function call straight to the executor at ``peer`` (see ``_direct.py``);
+        None if that connection just broke (the call then goes through the scheduler)."""
+        assert call.result_key is not None
+        name = call.target
+        trigger = Trigger(unique_id(), name, [name], [version], [peer.remote], [], [name],
+                          call.arg_blobs, None, None, False, call.result_key, None, False,
+                          NORMAL, None, None, "")
+        try:
+            (slot,) = peer.submit(trigger, timeout=self.timeout)
+        except ConnectionError:
+            self.direct.executor_left(peer.remote)
+            return None
+        return BlockingFuture(call.result_key, self, slot, self.timeout, None, peer=peer)
 
     def map(self, name: str, items: Iterable[Any],
             chunksize: int) -> builtins.list[BlockingFuture]:

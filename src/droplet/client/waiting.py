@@ -99,7 +99,7 @@ def _block(pending: Iterable[DropletFuture], deadline: float) -> None:
     for future in pending:
         inner: Any = future._inner
         if isinstance(inner, BlockingFuture):
-            groups.setdefault(inner._client.kvs, []).append(inner._slot)
+            groups.setdefault(inner._peer, []).append(inner._slot)
         elif isinstance(inner, _PortalFuture):
             portal.append(inner)
     remaining = min(max(0.0, deadline - time.monotonic()), MAX_BLOCK)

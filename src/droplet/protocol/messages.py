@@ -565,6 +565,33 @@ class ListDags:
     """Ask for the registered DAG names; answered by Names."""
 
 
+@message(46)
+@attrs.frozen
+class PlaceFunction:
+    """Client -> scheduler: where may calls of function ``name`` go straight to?
+
+    Answered by :class:`FunctionPlaced` (or a RegistrationError for an unknown name).
+    """
+
+    name: str
+
+
+@message(47)
+@attrs.frozen
+class FunctionPlaced:
+    """``executors`` (least loaded first) run ``name`` at ``version``.
+
+    The client may send calls of ``name`` straight to them, as one-function
+    triggers, for ``lease`` seconds; then it asks again (the scheduler owns
+    placement and load). An empty list: send calls through the scheduler.
+    """
+
+    name: str
+    version: str
+    executors: list[str]
+    lease: float
+
+
 # --------------------------------------------------------------------------- executor
 
 

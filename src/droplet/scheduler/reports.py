@@ -83,6 +83,10 @@ class ClusterView:
         """An executor joined (it shows, idle, until its first report)."""
         self._executors[url] = _Load(url, threads=threads)
 
+    def loads(self) -> dict[str, int]:
+        """Each executor's last reported load: busy threads plus queued calls."""
+        return {url: load.busy + load.queued for url, load in self._executors.items()}
+
     def leave(self, url: str) -> None:
         """An executor left: its load goes; what it ran stays in the totals."""
         load = self._executors.pop(url, None)

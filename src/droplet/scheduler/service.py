@@ -38,6 +38,7 @@ from ..protocol.messages import (
     ExecutorJoin,
     ExecutorReport,
     FunctionExists,
+    FunctionPlaced,
     FunctionRegistered,
     GetStatus,
     Hello,
@@ -47,6 +48,7 @@ from ..protocol.messages import (
     ListDags,
     ListFunctions,
     Names,
+    PlaceFunction,
     RegisterDag,
     RegisterFunction,
     RunDone,
@@ -71,6 +73,9 @@ RUN_TTL = 3600.0
 SWEEP_EVERY = 1024
 #: Seconds the scheduler waits for the store (registrations, recorded failures).
 KVS_TIMEOUT = 30.0
+#: Seconds a client may send a function's calls straight to the executors it
+#: was given (FunctionPlaced) before asking again.
+PLACEMENT_LEASE = 2.0
 #: Most DAG calls chained by continuations in one call.
 MAX_CONTINUATIONS = 32
 
@@ -108,6 +113,7 @@ class SchedulerService:
     MESSAGES = (
         Hello, ExecutorJoin, RegisterFunction, ListFunctions, FunctionExists,
         RegisterDag, DeleteDag, CallDag, RunDone, ExecutorReport, GetStatus, ListDags,
+        PlaceFunction,
     )
 
     def __init__(
@@ -166,6 +172,8 @@ class SchedulerService:
                 raise ProtocolError(f"report for {msg.url!r} from a peer that is not it")
             self.view.report(msg, trio.current_time(), self._functions)
             return None
+        if kind is PlaceFunction:
+            return self._place_function(msg.name)
         if kind is GetStatus:
             return StatusReply(self.cluster_status().to_json())
         if kind is ListDags:
@@ -316,6 +324,20 @@ class SchedulerService:
         if msg.direct:
             return DEFERRED
         return CallAccepted(run_id, result_key)
+
+    def _place_function(self, name: str) -> FunctionPlaced:
+        """Where a client may send calls of ``name`` itself (see :class:`FunctionPlaced`).
+
+        Executors least loaded first (the load their reports gave, plus the
+        runs placed here since); GPU executors only when nothing else is there.
+        """
+        version = self._functions.get(name)
+        if version is None:
+            raise RegistrationError(f"no function named {name!r} is registered")
+        loads = self.view.loads()
+        order = sorted(self._executors.values(), key=lambda ex: (
+            ex.resources.get("gpu", 0) > 0, ex.running + loads.get(ex.url, 0)))
+        return FunctionPlaced(name, version, [ex.url for ex in order], PLACEMENT_LEASE)
 
     async def _call_oneway(self, peer: Peer, msg: CallDag) -> None:
         """A call sent without a request id: nobody waits for ``CallAccepted``.
