@@ -107,3 +107,33 @@ def test_cached_placement_is_dropped_when_an_executor_leaves(
         assert [f().get() for _ in range(10)] == [ex1.pid] * 10
         assert direct.placed("where") == [ex1.url]
         assert ex2.url not in direct._peers
+
+
+def test_dags_run_wholly_on_one_executor_and_answer_directly(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, executors = cluster
+    pid, _ = functions()
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        conn.register(lambda _, x: x * x, "sq")
+        conn.register(lambda _, x: x + 1, "inc")
+        conn.register(pid, "pid_a")
+        conn.register(pid, "pid_b")
+        conn.register(lambda _, *xs: sorted(xs), "gather")
+        conn.register_dag("chain", ["sq", "inc"], [("sq", "inc")])
+        conn.register_dag("fan", ["pid_a", "pid_b", "gather"],
+                          [("pid_a", "gather"), ("pid_b", "gather")])
+        for i in range(10):
+            future = conn.call_dag("chain", {"sq": i})
+            assert future.get() == i * i + 1
+            assert conn.get_object(future.obj_id) == i * i + 1
+        # A fan-in sent to one executor runs there whole: both sources, one process.
+        seen = [conn.call_dag("fan", {}).get() for _ in range(6)]
+        assert {tuple(s) for s in seen} == {(ex.pid, ex.pid) for ex in executors}
+        assert len(backend(conn).direct.placed("fan", False)) == 2
+        # Arguments for a function outside the DAG: the scheduler's error, at once.
+        with pytest.raises(droplet.DagError, match="not in DAG 'chain'"):
+            conn.call_dag("chain", {"nope": 1})
+        # Deleted by this client: its cached placement goes too.
+        conn.delete_dag("chain")
+        with pytest.raises(droplet.DagError, match="no DAG named 'chain'"):
+            conn.call_dag("chain", {"sq": 1})

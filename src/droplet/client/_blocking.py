@@ -37,12 +37,12 @@ from ..protocol.handshake import ClientHandshake
 from ..protocol.messages import (
     BoolReply,
     CallDag,
+    CallPlaced,
     ClusterInfo,
     DagResult,
     DeleteDag,
     ErrorReply,
     FunctionExists,
-    FunctionPlaced,
     GetStatus,
     Hello,
     KvsForget,
@@ -52,7 +52,7 @@ from ..protocol.messages import (
     ListDags,
     ListFunctions,
     Names,
-    PlaceFunction,
+    PlaceCall,
     StatusReply,
     Trigger,
 )
@@ -605,8 +605,8 @@ class BlockingClient:
                 raise ValueError(f"executor {address} does not speak {scheme}://")
             return dial(address, min(timeout, DIAL_TIMEOUT))
 
-        def place(name: str) -> FunctionPlaced:
-            reply: FunctionPlaced = self.scheduler.request(PlaceFunction(name), timeout)
+        def place(target: str, is_function: bool) -> CallPlaced:
+            reply: CallPlaced = self.scheduler.request(PlaceCall(target, is_function), timeout)
             return reply
 
         #: calls sent straight to executors (placement cached from the scheduler).
@@ -664,6 +664,7 @@ class BlockingClient:
     def register(self, function: Callable[..., Any] | tuple[type, Sequence[Any]],
                  name: str) -> None:
         self.scheduler.request(ClientCore.register_request(function, name), self.timeout)
+        self.direct.forget(name, True)
 
     def function_exists(self, name: str) -> bool:
         reply: BoolReply = self.scheduler.request(FunctionExists(name), self.timeout)
@@ -675,24 +676,30 @@ class BlockingClient:
 
     def exec_func(self, name: str, args: Iterable[Any]) -> BlockingFuture:
         call = ClientCore.function_call(name, args)
-        target = self.direct.target(name)
-        if target is not None:
-            future = self._submit_direct(call, *target)
-            if future is not None:
-                return future
-        return self._submit(call, self.timeout)
+        return self._submit_direct(call) or self._submit(call, self.timeout)
 
-    def _submit_direct(self, call: CallDag, peer: BlockingPeer, version: str
-                       ) -> BlockingFuture | None:
-        """Send a function call straight to the executor at ``peer`` (see ``_direct.py``);
-        None if that connection just broke (the call then goes through the scheduler)."""
-        assert call.result_key is not None
-        name = call.target
-        trigger = Trigger(unique_id(), name, [name], [version], [peer.remote], [], [name],
-                          call.arg_blobs, None, None, False, call.result_key, None, False,
-                          NORMAL, None, None, "")
-        try:
-            (slot,) = peer.submit(trigger, timeout=self.timeout)
+    def _submit_direct(self, call: CallDag) -> BlockingFuture | None:
+        """Send ``call`` straight to an executor (see ``_direct.py``); None when it must
+        go through the scheduler (no executor reachable, or a call of another kind)."""
+        if (call.direct or call.consistency != NORMAL or call.output_key is not None
+                or call.client_id is not None or call.timeout is not None
+                or call.continuation is not None or call.result_key is None):
+            return None
+        found = self.direct.target(call.target, call.is_function)
+        if found is None:
+            return None
+        peer, plan = found
+        if not set(call.arg_fns) <= set(plan.functions):
+            return None  # the scheduler says what is wrong with these arguments
+        run_id = unique_id()
+        placement = [peer.remote] * len(plan.functions)
+        fed = {dst for _, dst in plan.edges}
+        triggers = [Trigger(run_id, fn, plan.functions, plan.versions, placement, plan.edges,
+                            call.arg_fns, call.arg_blobs, None, None, False, call.result_key,
+                            None, False, NORMAL, None, None, "")
+                    for fn in plan.functions if fn not in fed]
+        try:  # the first source's trigger carries the request: the sink answers it
+            (slot,) = peer.submit(triggers[0], timeout=self.timeout, oneway=triggers[1:])
         except ConnectionError:
             self.direct.executor_left(peer.remote)
             return None
@@ -780,9 +787,11 @@ class BlockingClient:
             ClientCore.register_dag_request(name, functions, connections, colocated,
                                             gpu_functions, batching_functions),
             self.timeout)
+        self.direct.forget(name, False)
 
     def delete_dag(self, name: str) -> None:
         self.scheduler.request(DeleteDag(name), self.timeout)
+        self.direct.forget(name, False)
 
     def call_dag(self, name: str, arg_map: dict[str, Any], direct_response: bool,
                  consistency: str, output_key: str | None, client_id: str | None,
@@ -794,7 +803,7 @@ class BlockingClient:
             return call
         wait = self.timeout if timeout is None else timeout
         if not direct_response:
-            return self._submit(call, wait)
+            return self._submit_direct(call) or self._submit(call, wait)
         try:
             result: DagResult = self.scheduler.request(call, wait)
         except TimeoutError as exc:

@@ -1,18 +1,23 @@
-"""Function calls sent straight to an executor, with placement from the scheduler.
+"""Calls sent straight to an executor, with placement from the scheduler.
 
 Through the scheduler a call crosses four connections (client -> scheduler ->
 executor -> store -> client); sent straight to an executor it crosses two
 (client -> executor -> client), and the executor writes the result key to the
 store after answering. The scheduler still owns placement and load: it hands
-out, per function, the executors that may run it, least loaded first
-(:class:`~droplet.protocol.messages.FunctionPlaced`), for a short lease; the
-client spreads calls over them in turn and asks again when the lease ends.
+out, per function or DAG, the executors that may run a whole call of it, least
+loaded first, with the call's schedule (:class:`~droplet.protocol.messages.CallPlaced`),
+for a short lease; the client spreads calls over them in turn and asks again
+when the lease ends.
 
 A cached placement is dropped when an executor on it leaves (its connection
 ends, or it cannot be reached), and calls go through the scheduler whenever
 no executor of the placement can be reached (executors listening on an
 address this client cannot dial, or a scheduler that does not hand out
 placements).
+
+Other clients learn that a function was registered again, or a DAG deleted,
+when their lease ends (a few seconds): until then their calls run the
+function's new code (executors load what is stored) or the deleted DAG.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import DropletError, ProtocolError
-from ..protocol.messages import FunctionPlaced
+from ..protocol.messages import CallPlaced
 
 __all__ = ["DIAL_TIMEOUT", "UNREACHABLE_RETRY", "DirectCalls"]
 
@@ -34,11 +39,11 @@ UNREACHABLE_RETRY = 30.0
 
 
 class _Placed:
-    __slots__ = ("expires", "turn", "urls", "version")
+    __slots__ = ("expires", "plan", "turn", "urls")
 
-    def __init__(self, version: str, urls: list[str], expires: float) -> None:
-        self.version = version
-        self.urls = urls
+    def __init__(self, plan: CallPlaced, expires: float) -> None:
+        self.plan = plan
+        self.urls = list(plan.executors)
         self.expires = expires
         self.turn = 0
 
@@ -47,46 +52,48 @@ class DirectCalls:
     """Cached placements and connections to executors, for one client.
 
     ``dial(url)`` opens a connection to an executor (anything with ``alive()``
-    and ``close()``); ``place(name)`` asks the scheduler (a FunctionPlaced, or
-    the RegistrationError of an unknown function). Thread-safe.
+    and ``close()``); ``place(target, is_function)`` asks the scheduler (a
+    CallPlaced, or the error of an unknown function or DAG). Thread-safe.
     """
 
-    def __init__(self, dial: Callable[[str], Any], place: Callable[[str], FunctionPlaced],
+    def __init__(self, dial: Callable[[str], Any],
+                 place: Callable[[str, bool], CallPlaced],
                  *, clock: Callable[[], float] = time.monotonic) -> None:
         self._dial = dial
         self._place = place
         self._clock = clock
-        self._placements: dict[str, _Placed] = {}
+        self._placements: dict[tuple[str, bool], _Placed] = {}
         self._peers: dict[str, Any] = {}
         self._unreachable: dict[str, float] = {}
         self._lock = threading.Lock()
         #: False once the scheduler turned out not to hand out placements.
         self.enabled = True
 
-    def target(self, name: str) -> tuple[Any, str] | None:
-        """A live connection to an executor for a call of ``name``, and its version.
+    def target(self, target: str, is_function: bool) -> tuple[Any, CallPlaced] | None:
+        """A live connection to an executor for a call of ``target``, and its schedule.
 
         None: send the call through the scheduler. Raises what the scheduler
-        said about ``name`` (say, RegistrationError: no function of that name).
+        said about ``target`` (say, RegistrationError: no function of that name).
         """
         if not self.enabled:
             return None
         now = self._clock()
-        placed = self._placements.get(name)
+        key = (target, is_function)
+        placed = self._placements.get(key)
         if placed is None or placed.expires <= now:
             try:
-                reply = self._place(name)
+                reply = self._place(target, is_function)
             except ProtocolError:  # a scheduler that does not place calls for clients
                 self.enabled = False
                 return None
-            placed = _Placed(reply.version, list(reply.executors), now + reply.lease)
-            self._placements[name] = placed
+            placed = _Placed(reply, now + reply.lease)
+            self._placements[key] = placed
         for _ in range(len(placed.urls)):
             url = placed.urls[placed.turn % len(placed.urls)]
             placed.turn += 1
             peer = self._peer(url, now)
             if peer is not None:
-                return peer, placed.version
+                return peer, placed.plan
         return None
 
     def _peer(self, url: str, now: float) -> Any:
@@ -115,13 +122,17 @@ class DirectCalls:
         peer = self._peers.pop(url, None)
         if peer is not None:
             peer.close()
-        for name, placed in list(self._placements.items()):
+        for key, placed in list(self._placements.items()):
             if url in placed.urls:
-                self._placements.pop(name, None)
+                self._placements.pop(key, None)
 
-    def placed(self, name: str) -> list[str]:
-        """The executors cached for ``name`` (empty when none are)."""
-        placed = self._placements.get(name)
+    def forget(self, target: str, is_function: bool) -> None:
+        """Drop the placement of ``target`` (this client changed or deleted it)."""
+        self._placements.pop((target, is_function), None)
+
+    def placed(self, target: str, is_function: bool = True) -> list[str]:
+        """The executors cached for ``target`` (empty when none are)."""
+        placed = self._placements.get((target, is_function))
         return list(placed.urls) if placed is not None else []
 
     def close(self) -> None:

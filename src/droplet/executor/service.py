@@ -22,20 +22,12 @@ from typing import Any
 import attrs
 import trio
 
-from ..consistency import (
-    CAUSAL,
-    CONSISTENCY_LEVELS,
-    NORMAL,
-    REPEATABLE_READ,
-    CausalContext,
-    SessionResult,
-)
+from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext, SessionResult
 from ..errors import DropletError, ProtocolError, TimeoutError, _Failure
 from ..lattices import RAW, Lattice, decode_lattice
 from ..protocol.messages import (
     ClusterInfo,
     DagResult,
-    ErrorReply,
     ExecutorJoin,
     FunctionRegistered,
     KvsGet,
@@ -49,11 +41,12 @@ from ..protocol.messages import (
     Trigger,
 )
 from ..references import DropletReference
-from ..rpc import DEFERRED, Peer, PeerPool
+from ..rpc import DEFERRED, OutboxFull, Peer, PeerPool
 from ..serialization import dumps
 from .batching import DEFAULT_MAX_BATCH, Batcher
 from .cache import Cache
 from .copies import private
+from .direct import Callers, Reply, check_direct
 from .fanin import FanIn
 from .loader import FunctionLoader
 from .multiexec import MultiExec, spread
@@ -105,25 +98,6 @@ class ExecutorStatistics:
     abandoned_threads: int = 0
     #: open connections to other executors and the scheduler.
     peers: int = 0
-
-
-class _Reply:
-    """Where the result of a client's direct call goes: its connection and request id."""
-
-    __slots__ = ("peer", "request_id", "sent")
-
-    def __init__(self, peer: Peer, request_id: int) -> None:
-        self.peer = peer
-        self.request_id = request_id
-        self.sent = False
-
-    def send(self, msg: Any) -> None:
-        """Answer through the client's outbox (once); a client gone is nothing to tell."""
-        self.sent = True
-        try:
-            self.peer.post_reply(self.request_id, msg)
-        except DropletError as exc:
-            log.debug("the caller of a direct call went away: %s", exc)
 
 
 @attrs.frozen
@@ -206,6 +180,8 @@ class ExecutorService:
         self._multi = MultiExec()
         self._loader = FunctionLoader(kvs)
         self._fanin: FanIn[_Input] = FanIn(ttl=FANIN_TTL)
+        #: clients waiting for the runs they sent here themselves.
+        self._callers = Callers(ttl=FANIN_TTL)
         self._active = 0  # invocation tasks started and not finished
         self._libraries: dict[str, UserLibrary] = {}
         self._next_id = 0
@@ -282,8 +258,15 @@ class ExecutorService:
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
         if kind is Trigger:
-            if request_id:  # a client's call, sent straight here: answer it
-                self._on_direct_trigger(msg, _Reply(peer, request_id))
+            if request_id:  # a run a client sent here itself: answer it with the result
+                check_direct(msg, self.url)
+                now = time.monotonic()
+                self._callers.add(msg.run_id, Reply(peer, request_id, now), now)
+                try:
+                    self._on_trigger(msg)  # starts tasks, which run after we return
+                except BaseException:
+                    self._callers.pop(msg.run_id)
+                    raise
                 return DEFERRED
             self._on_trigger(msg)
         elif kind is KvsUpdate:
@@ -316,19 +299,6 @@ class ExecutorService:
             log.debug("could not list the registered functions to prefetch: %s", exc)
             return
         await self._prefetch(reply.names[:MAX_PREFETCH])
-
-    def _on_direct_trigger(self, t: Trigger, reply: _Reply) -> None:
-        """A one-function call a client sent here itself (placement from FunctionPlaced).
-
-        Its result goes back to the client as the reply (a DagResult), and to
-        the store under the call's result key after that, off the caller's path.
-        """
-        if (t.functions != [t.function] or t.edges or t.source is not None or t.multiexec
-                or t.batching or t.carried is not None or t.placement != [self.url]
-                or t.consistency != NORMAL or t.direct or t.output_key is not None):
-            raise ProtocolError("a call sent straight to an executor must be one function, "
-                                "placed here, at NORMAL consistency")
-        self._start(t, [], reply)
 
     def _on_trigger(self, t: Trigger) -> None:
         """Start or feed the trigger's function.
@@ -370,10 +340,10 @@ class ExecutorService:
         if inputs is not None:
             self._start(t, inputs)
 
-    def _start(self, t: Trigger, inputs: list[_Input], reply: _Reply | None = None) -> None:
+    def _start(self, t: Trigger, inputs: list[_Input]) -> None:
         overloaded = self._active >= MAX_INVOCATIONS
         self._active += 1
-        self._nursery.start_soon(self._invoke, t, inputs, overloaded, reply)
+        self._nursery.start_soon(self._invoke, t, inputs, overloaded)
 
     def _deliver(self, msg: Mail) -> None:
         lib = self._libraries.get(msg.dest)
@@ -394,25 +364,25 @@ class ExecutorService:
 
     # ------------------------------------------------------------------ running
 
-    async def _invoke(self, t: Trigger, inputs: list[_Input], overloaded: bool,
-                      reply: _Reply | None = None) -> None:
+    async def _invoke(self, t: Trigger, inputs: list[_Input], overloaded: bool) -> None:
         """Run ``t.function`` (and the local pipeline after it), then pass the result on.
 
         Nothing raised here reaches the service's nursery: an executor outlives
         whatever a peer or a function does.
         """
         try:
-            await self._invoke_segment(t, inputs, overloaded, reply)
+            await self._invoke_segment(t, inputs, overloaded)
         except Exception:
             log.exception("run %s: invoking %s failed", t.run_id, t.function)
+            caller = self._callers.pop(t.run_id)
+            if caller is not None:  # never leave a client waiting
+                caller.send_error(f"executor {self.url} could not run {t.function!r}; "
+                                  "see its log")
         finally:
             self._active -= 1
-            if reply is not None and not reply.sent:  # never leave a caller waiting
-                reply.send(ErrorReply("DropletError", f"executor {self.url} could not run "
-                                      f"{t.function!r}; see its log"))
 
-    async def _invoke_segment(self, t: Trigger, inputs: list[_Input], overloaded: bool,
-                              reply: _Reply | None = None) -> None:
+    async def _invoke_segment(self, t: Trigger, inputs: list[_Input], overloaded: bool
+                              ) -> None:
         segment = self._segment(t)
         started = time.perf_counter()
         ran = True  # False: an upstream failure passed on (this function did not run)
@@ -463,11 +433,11 @@ class ExecutorService:
         try:
             with trio.fail_after(SEND_TIMEOUT):
                 try:
-                    await self._forward(sink, result, failed, run, reply)
+                    await self._forward(sink, result, failed, run)
                 except ValueError as exc:  # the result is too big for one frame
                     too_big = _Failure(DropletError(
                         f"the result of {last!r} is too large to send: {exc}"))
-                    await self._forward(sink, too_big, True, run, reply)
+                    await self._forward(sink, too_big, True, run)
         except (Exception, trio.TooSlowError) as exc:
             log.warning("run %s: could not deliver result of %s: %s", t.run_id, last, exc)
 
@@ -640,8 +610,7 @@ class ExecutorService:
 
     # ------------------------------------------------------------------ results
 
-    async def _forward(self, t: Trigger, result: Any, failed: bool, run: RunContext,
-                       reply: _Reply | None = None) -> None:
+    async def _forward(self, t: Trigger, result: Any, failed: bool, run: RunContext) -> None:
         downstream = [dst for src, dst in t.edges if src == t.function]
         causal = run.causal.encode() if run.causal is not None else None
         blob: bytes | None = None
@@ -669,10 +638,14 @@ class ExecutorService:
         if causal is not None and not failed:
             result = SessionResult(result, causal)
         blob = pickle_result(result)
-        if reply is not None:  # a client's direct call: the result to it first
-            if not reply.sent:
-                reply.send(DagResult(t.run_id, blob, failed))
-            await self._kvs.send(KvsPut(t.result_key, lww(blob)))
+        caller = self._callers.pop(t.run_id)
+        if caller is not None:  # a client's direct run: the result to it first
+            caller.send(DagResult(t.run_id, blob, failed))
+            put = KvsPut(t.result_key, lww(blob))
+            try:  # through the outbox: under load, many results per write
+                self._kvs.post(put, on_full="raise")
+            except OutboxFull:
+                await self._kvs.send(put)
             return
         scheduler = self._scheduler if not t.scheduler else await self._peers.get(t.scheduler)
         if t.direct:

@@ -567,27 +567,34 @@ class ListDags:
 
 @message(46)
 @attrs.frozen
-class PlaceFunction:
-    """Client -> scheduler: where may calls of function ``name`` go straight to?
+class PlaceCall:
+    """Client -> scheduler: where may calls of ``target`` go straight to?
 
-    Answered by :class:`FunctionPlaced` (or a RegistrationError for an unknown name).
+    ``target`` is a function (``is_function``) or a DAG. Answered by
+    :class:`CallPlaced`, or the error a call of it would get (no such function
+    or DAG).
     """
 
-    name: str
+    target: str
+    is_function: bool
 
 
 @message(47)
 @attrs.frozen
-class FunctionPlaced:
-    """``executors`` (least loaded first) run ``name`` at ``version``.
+class CallPlaced:
+    """A whole run of ``target`` may go to any one of ``executors`` (least loaded first).
 
-    The client may send calls of ``name`` straight to them, as one-function
-    triggers, for ``lease`` seconds; then it asks again (the scheduler owns
-    placement and load). An empty list: send calls through the scheduler.
+    ``functions``, ``versions`` and ``edges`` are the run's schedule, as in a
+    :class:`Trigger`. The client may send runs straight to those executors for
+    ``lease`` seconds, then asks again (the scheduler owns placement and load).
+    No executors: send calls of ``target`` through the scheduler.
     """
 
-    name: str
-    version: str
+    target: str
+    is_function: bool
+    functions: list[str]
+    versions: list[str]
+    edges: list[list[str]]
     executors: list[str]
     lease: float
 

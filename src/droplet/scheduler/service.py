@@ -32,13 +32,13 @@ from ..protocol.messages import (
     BoolReply,
     CallAccepted,
     CallDag,
+    CallPlaced,
     ClusterInfo,
     DagResult,
     DeleteDag,
     ExecutorJoin,
     ExecutorReport,
     FunctionExists,
-    FunctionPlaced,
     FunctionRegistered,
     GetStatus,
     Hello,
@@ -48,7 +48,7 @@ from ..protocol.messages import (
     ListDags,
     ListFunctions,
     Names,
-    PlaceFunction,
+    PlaceCall,
     RegisterDag,
     RegisterFunction,
     RunDone,
@@ -74,7 +74,7 @@ SWEEP_EVERY = 1024
 #: Seconds the scheduler waits for the store (registrations, recorded failures).
 KVS_TIMEOUT = 30.0
 #: Seconds a client may send a function's calls straight to the executors it
-#: was given (FunctionPlaced) before asking again.
+#: was given (CallPlaced) before asking again.
 PLACEMENT_LEASE = 2.0
 #: Most DAG calls chained by continuations in one call.
 MAX_CONTINUATIONS = 32
@@ -113,7 +113,7 @@ class SchedulerService:
     MESSAGES = (
         Hello, ExecutorJoin, RegisterFunction, ListFunctions, FunctionExists,
         RegisterDag, DeleteDag, CallDag, RunDone, ExecutorReport, GetStatus, ListDags,
-        PlaceFunction,
+        PlaceCall,
     )
 
     def __init__(
@@ -172,8 +172,8 @@ class SchedulerService:
                 raise ProtocolError(f"report for {msg.url!r} from a peer that is not it")
             self.view.report(msg, trio.current_time(), self._functions)
             return None
-        if kind is PlaceFunction:
-            return self._place_function(msg.name)
+        if kind is PlaceCall:
+            return self._place_call(msg)
         if kind is GetStatus:
             return StatusReply(self.cluster_status().to_json())
         if kind is ListDags:
@@ -325,19 +325,32 @@ class SchedulerService:
             return DEFERRED
         return CallAccepted(run_id, result_key)
 
-    def _place_function(self, name: str) -> FunctionPlaced:
-        """Where a client may send calls of ``name`` itself (see :class:`FunctionPlaced`).
+    def _place_call(self, msg: PlaceCall) -> CallPlaced:
+        """Where a client may send runs of ``msg.target`` itself (see :class:`CallPlaced`).
 
-        Executors least loaded first (the load their reports gave, plus the
-        runs placed here since); GPU executors only when nothing else is there.
+        A run goes wholly to one executor: executors least loaded first (the
+        load their reports gave, plus the runs placed here since). Runs that
+        need more than one executor (GPU functions, multi-exec, batching, the
+        ``spread`` policy) are placed here, call by call: no executors.
         """
-        version = self._functions.get(name)
-        if version is None:
-            raise RegistrationError(f"no function named {name!r} is registered")
-        loads = self.view.loads()
-        order = sorted(self._executors.values(), key=lambda ex: (
-            ex.resources.get("gpu", 0) > 0, ex.running + loads.get(ex.url, 0)))
-        return FunctionPlaced(name, version, [ex.url for ex in order], PLACEMENT_LEASE)
+        probe = CallDag(msg.target, msg.is_function, [], [])
+        dag = self._dag_for(probe)
+        versions = []
+        for fn in dag.functions:
+            version = self._functions.get(fn)
+            if version is None:
+                raise DagError(f"DAG {dag.name!r} uses {fn!r}, which is no longer registered")
+            versions.append(version)
+        urls: list[str] = []
+        if (self._placement.policy == "locality" and not dag.gpu_functions
+                and not dag.multiexec and not dag.batching_functions):
+            loads = self.view.loads()
+            order = sorted((ex for ex in self._executors.values()
+                            if not ex.resources.get("gpu", 0)),
+                           key=lambda ex: ex.running + loads.get(ex.url, 0))
+            urls = [ex.url for ex in order]
+        return CallPlaced(msg.target, msg.is_function, list(dag.functions), versions,
+                          [list(e) for e in dag.connections], urls, PLACEMENT_LEASE)
 
     async def _call_oneway(self, peer: Peer, msg: CallDag) -> None:
         """A call sent without a request id: nobody waits for ``CallAccepted``.
