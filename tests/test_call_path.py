@@ -9,6 +9,7 @@ future's ``get()`` through the result key. Checked on both client backends
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import trio
@@ -69,8 +70,10 @@ def test_continuations_and_direct_calls_always_wait() -> None:
 
 @pytest.fixture
 async def cloud() -> AsyncIterator[AsyncDropletClient]:
+    """A client whose calls go through the scheduler (direct calls off)."""
     async with droplet.open_local_cluster(executors=2) as running:
         async with running.client() as client:
+            client._direct.enabled = False
             yield client
 
 
@@ -112,8 +115,10 @@ def tcp_cluster() -> Iterator[droplet.LocalCluster]:
 
 @pytest.fixture
 def conn(tcp_cluster: droplet.LocalCluster) -> Iterator[DropletConnection]:
+    """Calls through the scheduler (direct calls over TCP: e2e/test_direct_calls.py)."""
     with DropletConnection(tcp_cluster.address, timeout=30) as connection:
         assert isinstance(connection._backend, BlockingClient)
+        connection._backend.direct.enabled = False
         yield connection
 
 
@@ -164,3 +169,71 @@ async def test_an_executor_joining_loads_what_is_registered() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert joined.statistics().functions_loaded == 2
             nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- direct calls
+
+
+@pytest.fixture
+async def direct() -> AsyncIterator[tuple[Any, AsyncDropletClient]]:
+    async with droplet.open_local_cluster(executors=2) as running:
+        async with running.client() as client:
+            yield running, client
+
+
+async def test_embedded_calls_go_straight_to_executors(
+        direct: tuple[Any, AsyncDropletClient]) -> None:
+    running, client = direct
+    f = await client.register(square, "d_sq")
+    await client.register(noop, "d_id")
+    await client.register_dag("d_dag", ["d_sq", "d_id"], [("d_sq", "d_id")])
+    assert [await (await f(i)).get() for i in range(6)] == [i * i for i in range(6)]
+    assert sorted(client._direct.placed("d_sq")) == sorted(
+        ex.url for ex in running.node.executors)
+    # The scheduler placed none of these runs: the executors answered them.
+    assert running.node.scheduler.statistics().runs_started == 0
+    future = await client.call_dag("d_dag", {"d_sq": 5})
+    assert await future.get() == 25
+    assert client._direct.placed("d_dag", False)
+    # The key is readable once handed out, and usable as a reference.
+    key = future.obj_id
+    assert await client.get_object(key) == 25
+    assert await (await f(droplet.DropletReference(key))).get() == 625
+    failing = await client.register(lambda _: 1 / 0, "d_fail")
+    bad = await failing()
+    with pytest.raises(droplet.FunctionError, match="ZeroDivisionError"):
+        await bad.get()
+    with pytest.raises(droplet.FunctionError, match="ZeroDivisionError"):
+        await client.get_object(bad.obj_id)
+    with pytest.raises(droplet.RegistrationError, match="no function named 'd_nope'"):
+        await client.exec_func("d_nope", [1])
+    assert running.node.scheduler.statistics().runs_started == 0
+
+
+async def test_cached_placement_is_dropped_when_a_connection_ends(
+        direct: tuple[Any, AsyncDropletClient]) -> None:
+    running, client = direct
+    f = await client.register(square, "c_sq")
+    for i in range(4):
+        assert await (await f(i)).get() == i * i
+    cached = client._direct.placed("c_sq")
+    assert len(cached) == 2
+    gone = client._direct._peers[cached[0]]
+    await gone.aclose()  # as when its executor leaves
+    assert client._direct.placed("c_sq") == []  # the placement naming it went too
+    assert cached[0] not in client._direct._peers
+    assert [await (await f(i)).get() for i in range(4)] == [0, 1, 4, 9]
+    assert len(client._direct.placed("c_sq")) == 2  # asked again, dialled again
+
+
+def test_sync_embedded_calls_go_straight_to_executors() -> None:
+    with droplet.LocalCluster(executors=2) as running:
+        conn = running.connect()
+        f = conn.register(square, "s_sq")
+        futures = [f(i) for i in range(50)]  # after the first: posted, no wait
+        assert [x.get() for x in futures] == [i * i for i in range(50)]
+        key = futures[7].obj_id
+        assert conn.get_object(key) == 49
+        assert running.node.scheduler.statistics().runs_started == 0
+        with pytest.raises(droplet.RegistrationError):
+            conn.exec_func("s_nope", [])

@@ -29,9 +29,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ..consistency import NORMAL
 from ..errors import ConnectionError, DropletError, ProtocolError, TimeoutError
-from ..ids import unique_id
 from ..protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame
 from ..protocol.handshake import ClientHandshake
 from ..protocol.messages import (
@@ -54,7 +52,6 @@ from ..protocol.messages import (
     Names,
     PlaceCall,
     StatusReply,
-    Trigger,
 )
 from ..protocol.messages import decode as decode_message
 from ..protocol.messages import encode as encode_message
@@ -62,7 +59,7 @@ from ..rpc import error_from_reply
 from ..status import ClusterStatus
 from ..transports.registry import parse_address
 from ._core import ClientCore, check_key, check_timeout, result_blob, unwrap_result
-from ._direct import DIAL_TIMEOUT, DirectCalls
+from ._direct import DIAL_TIMEOUT, DirectCalls, may_go_direct, same_scheme, triggers_for
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 
 __all__ = ["BlockingClient", "BlockingFuture", "BlockingPeer"]
@@ -598,11 +595,8 @@ class BlockingClient:
             return BlockingPeer(address, token=token, timeout=connect_timeout,
                                 ssl_context=ssl_context, max_frame_size=max_frame_size)
 
-        scheme = parse_address(url)[0]
-
         def dial_executor(address: str) -> BlockingPeer:
-            if parse_address(address)[0] != scheme:  # never a tls:// client's calls in clear
-                raise ValueError(f"executor {address} does not speak {scheme}://")
+            same_scheme(url, address)
             return dial(address, min(timeout, DIAL_TIMEOUT))
 
         def place(target: str, is_function: bool) -> CallPlaced:
@@ -681,23 +675,16 @@ class BlockingClient:
     def _submit_direct(self, call: CallDag) -> BlockingFuture | None:
         """Send ``call`` straight to an executor (see ``_direct.py``); None when it must
         go through the scheduler (no executor reachable, or a call of another kind)."""
-        if (call.direct or call.consistency != NORMAL or call.output_key is not None
-                or call.client_id is not None or call.timeout is not None
-                or call.continuation is not None or call.result_key is None):
+        if not may_go_direct(call):
             return None
         found = self.direct.target(call.target, call.is_function)
         if found is None:
             return None
         peer, plan = found
-        if not set(call.arg_fns) <= set(plan.functions):
-            return None  # the scheduler says what is wrong with these arguments
-        run_id = unique_id()
-        placement = [peer.remote] * len(plan.functions)
-        fed = {dst for _, dst in plan.edges}
-        triggers = [Trigger(run_id, fn, plan.functions, plan.versions, placement, plan.edges,
-                            call.arg_fns, call.arg_blobs, None, None, False, call.result_key,
-                            None, False, NORMAL, None, None, "")
-                    for fn in plan.functions if fn not in fed]
+        triggers = triggers_for(call, plan, peer.remote)
+        if triggers is None:
+            return None
+        assert call.result_key is not None
         try:  # the first source's trigger carries the request: the sink answers it
             (slot,) = peer.submit(triggers[0], timeout=self.timeout, oneway=triggers[1:])
         except ConnectionError:

@@ -187,13 +187,12 @@ class _PortalClient:
     def exec_func(self, name: str, args: Iterable[Any]) -> _PortalFuture:
         client = self._client
         call = ClientCore.function_call(name, args)
-        if client._core.accepted.known(call):
+        if client._core.accepted.known(call) or client._direct.ready(name, True):
             # Sent one-way, with nothing to wait for: hand it to the loop and return.
             future = client._future_for(call, client.timeout)
             self._portal.post(client._send_accepted, call, future)
             return _PortalFuture(future, self._portal)
-        return _PortalFuture(self._portal.run(client._submit, call, client.timeout),
-                             self._portal)
+        return _PortalFuture(self._portal.run(client._exec_call, call), self._portal)
 
     def map(self, name: str, items: builtins.list[Any], chunksize: int
             ) -> builtins.list[_PortalFuture]:
