@@ -59,7 +59,14 @@ from ..rpc import error_from_reply
 from ..status import ClusterStatus
 from ..transports.registry import parse_address
 from ._core import ClientCore, check_key, check_timeout, result_blob, unwrap_result
-from ._direct import DIAL_TIMEOUT, DirectCalls, may_go_direct, same_scheme, triggers_for
+from ._direct import (
+    CONFIRM_WAIT,
+    DIAL_TIMEOUT,
+    DirectCalls,
+    may_go_direct,
+    same_scheme,
+    triggers_for,
+)
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 
 __all__ = ["BlockingClient", "BlockingFuture", "BlockingPeer"]
@@ -519,7 +526,10 @@ class BlockingFuture:
         the store has it, so ``get_object(obj_id)`` finds it."""
         if self._direct and self._pinned and self._slot.done and self._slot.error is None:
             self._direct = False
-            self._client.kvs.request(KvsGet(self._key, self._wait), self._wait)
+            try:
+                self._client.kvs.request(KvsGet(self._key, CONFIRM_WAIT), CONFIRM_WAIT + 5)
+            except DropletError:  # the store went away: nothing to wait for
+                pass
 
     def __del__(self) -> None:
         if not self._pinned:

@@ -35,11 +35,14 @@ from ..protocol.messages import CallDag, CallPlaced, Trigger
 from ..rpc import Peer
 from ..transports.registry import parse_address
 
-__all__ = ["DIAL_TIMEOUT", "UNREACHABLE_RETRY", "AsyncDirectCalls", "DirectCalls", "may_go_direct",
-           "same_scheme", "triggers_for"]
+__all__ = ["CONFIRM_WAIT", "DIAL_TIMEOUT", "UNREACHABLE_RETRY", "AsyncDirectCalls",
+           "DirectCalls", "may_go_direct", "same_scheme", "triggers_for"]
 
 #: Seconds to connect to an executor before sending its calls through the scheduler.
 DIAL_TIMEOUT = 2.0
+#: Seconds a client waits for the store to hold a direct result whose key it
+#: handed out (the executor answered first, and stores it right after).
+CONFIRM_WAIT = 5.0
 #: Seconds an executor that could not be reached is not tried again.
 UNREACHABLE_RETRY = 30.0
 

@@ -59,7 +59,14 @@ from ._core import (
     result_blob,
     unwrap_result,
 )
-from ._direct import DIAL_TIMEOUT, AsyncDirectCalls, may_go_direct, same_scheme, triggers_for
+from ._direct import (
+    CONFIRM_WAIT,
+    DIAL_TIMEOUT,
+    AsyncDirectCalls,
+    may_go_direct,
+    same_scheme,
+    triggers_for,
+)
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 from .kvs_client import AsyncKvsClient
 
@@ -113,7 +120,7 @@ class AsyncDropletFuture:
         if not self._pinned:
             self._pinned = True
             self._client._releases.pin(self._key)
-            if self._direct:  # stored after the executor answered: see _confirm_stored
+            if self._direct and self._blob is not None:  # see _confirm_stored
                 self._client._unconfirmed.add(self._key)
         return self._key
 
@@ -144,6 +151,8 @@ class AsyncDropletFuture:
             self._error = error
         elif isinstance(reply, DagResult):  # straight from the executor
             self._blob = reply.value
+            if self._pinned:  # its key was handed out: see _confirm_stored
+                self._client._unconfirmed.add(self._key)
         elif reply is not None and reply.lattice is not None:
             try:
                 self._blob = result_blob(reply.lattice)
@@ -397,9 +406,12 @@ class AsyncDropletClient:
             return
         keys = list(self._unconfirmed)
         self._unconfirmed.clear()
-        slots = await self._kvs.submit(*[KvsGet(k, self.timeout) for k in keys])
-        for slot in slots:
-            await self._kvs.wait(slot, self.timeout, "KvsGet")
+        try:
+            slots = await self._kvs.submit(*[KvsGet(k, CONFIRM_WAIT) for k in keys])
+            for slot in slots:
+                await self._kvs.wait(slot, CONFIRM_WAIT + 5, "KvsGet")
+        except DropletError:  # the store or an executor went away: nothing to wait for
+            pass
 
     async def _submit_direct(self, call: CallDag) -> AsyncDropletFuture | None:
         """Send ``call`` straight to an executor (see ``_direct.py``); None when it must
