@@ -74,6 +74,8 @@ __all__ = ["BlockingClient", "BlockingFuture", "BlockingPeer"]
 RECEIVE_SIZE = 256 * 1024
 #: A waiting follower re-checks for a missed leader handoff this often (seconds).
 HANDOFF_POLL = 0.05
+#: alive() reads the socket (to notice a peer that hung up) at most this often.
+ALIVE_POLL = 0.005
 #: Seconds close() may spend telling the store which results it can drop.
 CLOSE_FLUSH_TIMEOUT = 1.0
 
@@ -172,6 +174,7 @@ class BlockingPeer:
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._failure: BaseException | None = None
+        self._polled = 0.0  # when alive() last read the socket
         # Threads using the socket right now; the last one out closes it once
         # the peer is closing (closing a descriptor another thread is in
         # select() on is undefined: it may even be reused for another file).
@@ -401,7 +404,12 @@ class BlockingPeer:
         return slot.done
 
     def alive(self) -> bool:
-        """Whether the connection still stands: reads what arrived (an end of file too)."""
+        """Whether the connection still stands: reads what arrived (an end of file
+        too), at most every ALIVE_POLL seconds (a system call each)."""
+        now = time.monotonic()
+        if now - self._polled < ALIVE_POLL:
+            return self._failure is None
+        self._polled = now
         if self._failure is None and self._read_lock.acquire(blocking=False):
             try:
                 self._lead(_AnyOf(), time.monotonic())
