@@ -237,3 +237,20 @@ def test_sync_embedded_calls_go_straight_to_executors() -> None:
         assert running.node.scheduler.statistics().runs_started == 0
         with pytest.raises(droplet.RegistrationError):
             conn.exec_func("s_nope", [])
+
+
+def test_sync_embedded_dag_calls_are_posted_and_refusals_reach_get() -> None:
+    with droplet.LocalCluster(executors=2) as running:
+        conn = running.connect()
+        conn.register(square, "t_sq")
+        conn.register(noop, "t_id")
+        conn.register_dag("t_dag", ["t_sq", "t_id"], [("t_sq", "t_id")])
+        assert conn.call_dag("t_dag", {"t_sq": 2}).get() == 4  # places it
+        futures = [conn.call_dag("t_dag", {"t_sq": i}) for i in range(20)]
+        assert [f.get() for f in futures] == [i * i for i in range(20)]
+        assert running.node.scheduler.statistics().runs_started == 0
+        # Arguments for a function outside the DAG: sent one-way, refused, in get().
+        with pytest.raises(droplet.DagError, match="not in DAG 't_dag'"):
+            conn.call_dag("t_dag", {"t_zz": 1}).get(timeout=10)
+        with pytest.raises(droplet.DagError, match="dry_run=True"):
+            conn.call_dag("t_dag", {"t_sq": 1}, continuation=1)  # type: ignore[arg-type]
