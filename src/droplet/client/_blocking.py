@@ -74,6 +74,9 @@ __all__ = ["BlockingClient", "BlockingFuture", "BlockingPeer"]
 RECEIVE_SIZE = 256 * 1024
 #: A waiting follower re-checks for a missed leader handoff this often (seconds).
 HANDOFF_POLL = 0.05
+#: Frames (or bytes) held back under load before the submitting thread writes them itself.
+BATCH_FRAMES = 64
+BATCH_BYTES = 256 * 1024
 #: alive() reads the socket (to notice a peer that hung up) at most this often.
 ALIVE_POLL = 0.005
 #: Seconds close() may spend telling the store which results it can drop.
@@ -95,6 +98,22 @@ def _flush_releases(client_ref: weakref.ref[BlockingClient], stop: threading.Eve
         except Exception:  # the connection broke: calls will say so
             pass
         del client
+
+
+def _write_held(peer_ref: weakref.ref[BlockingPeer], wanted: threading.Event) -> None:
+    """The writer thread: writes a peer's held-back frames whenever woken.
+
+    Under load, by the time it runs several frames are waiting: one system call
+    (and one wakeup of the peer) for all of them. It holds the peer weakly.
+    """
+    while True:
+        wanted.wait()
+        wanted.clear()
+        peer = peer_ref()
+        if peer is None or peer._closing:
+            return
+        peer.flush(time.monotonic() + peer._write_timeout)
+        del peer
 
 
 class _Slot:
@@ -175,6 +194,13 @@ class BlockingPeer:
         self._read_lock = threading.Lock()
         self._failure: BaseException | None = None
         self._polled = 0.0  # when alive() last read the socket
+        #: frames held back under load (submit(batch=True)), written in order
+        #: before anything else; the writer thread writes them when woken.
+        self._outgoing: list[bytes] = []
+        self._outgoing_bytes = 0
+        self._write_wanted = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._write_timeout = timeout
         # Threads using the socket right now; the last one out closes it once
         # the peer is closing (closing a descriptor another thread is in
         # select() on is undefined: it may even be reused for another file).
@@ -266,7 +292,13 @@ class BlockingPeer:
         remaining = deadline - time.monotonic()
         if not self._send_lock.acquire(timeout=max(0.0, remaining)):
             return False
+        queued: list[bytes] = []
         try:
+            if self._outgoing:  # frames held back under load go first, in order
+                with self._state:
+                    queued, self._outgoing = self._outgoing, []
+                    self._outgoing_bytes = 0
+                data = b"".join([*queued, data])
             sock = self._enter()
             try:
                 view = memoryview(data)
@@ -283,6 +315,10 @@ class BlockingPeer:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not select.select([], [sock], [], remaining)[1]:
                         if sent == 0:
+                            if queued:  # not ours to drop: they go with the next write
+                                with self._state:
+                                    self._outgoing[:0] = queued
+                                    self._outgoing_bytes += sum(map(len, queued))
                             return False
                         error = TimeoutError(
                             f"{self.remote} stopped reading: a request was cut off midway, "
@@ -297,11 +333,18 @@ class BlockingPeer:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, *msgs: Any, timeout: float, oneway: Sequence[Any] = ()) -> list[_Slot]:
+    def submit(self, *msgs: Any, timeout: float, oneway: Sequence[Any] = (),
+               batch: bool = False) -> list[_Slot]:
         """Send requests in one write (after the one-way ``oneway`` messages).
 
         Each reply lands in its slot. Raises TimeoutError when the write could
         not be made within ``timeout`` seconds.
+
+        ``batch``: while other requests on this connection await their replies
+        (under load), the frames may be held back briefly and written with
+        others, many per system call (each of which wakes the peer); they go
+        out when BATCH_FRAMES are waiting, when a thread starts waiting for a
+        reply, or when the writer thread gets to them, whichever is first.
         """
         if self._failure is not None:
             raise ConnectionError(f"connection to {self.remote} is closed: {self._failure}")
@@ -313,11 +356,27 @@ class BlockingPeer:
         frames = [frame(encode_message(m), self._max) for m in oneway]
         frames += [frame(encode_message(m, i), self._max)
                    for m, i in zip(msgs, ids, strict=True)]
+        if batch:
+            with self._state:
+                held = len(self._pending) > len(ids)  # others are in flight: hold back
+                if held:
+                    self._outgoing += frames
+                    self._outgoing_bytes += sum(map(len, frames))
+                    full = (len(self._outgoing) >= BATCH_FRAMES
+                            or self._outgoing_bytes >= BATCH_BYTES)
+            if held:
+                if not full:
+                    self._wake_writer()
+                    return slots
+                frames = []  # write what is held now, from this thread
         try:
             written = self._send_all(b"".join(frames), deadline)
         except DropletError as exc:
             self._fail(exc)
             raise
+        if not written and batch and not frames:  # ours stay held: the writer sends them
+            self._wake_writer()
+            return slots
         if not written:
             with self._state:
                 for i in ids:
@@ -327,6 +386,27 @@ class BlockingPeer:
                 f"{self.remote} within {timeout:g} s: other requests fill the connection "
                 "and the node is not reading")
         return slots
+
+    def _wake_writer(self) -> None:
+        """Have the writer thread (started on first use) write the held-back frames."""
+        if self._writer is None:
+            with self._state:
+                if self._writer is None and not self._closing:
+                    self._writer = threading.Thread(
+                        target=_write_held, args=(weakref.ref(self), self._write_wanted),
+                        name=f"droplet-writer-{self.remote}", daemon=True)
+                    self._writer.start()
+        self._write_wanted.set()
+
+    def flush(self, deadline: float) -> None:
+        """Write the frames held back (see ``submit(batch=True)``) by ``deadline``."""
+        if self._outgoing and self._failure is None:
+            try:
+                if not self._send_all(b"", deadline):
+                    raise TimeoutError(f"could not write to {self.remote} in time: "
+                                       "the peer is not reading")
+            except DropletError as exc:
+                self._fail(exc)
 
     def send(self, *msgs: Any, timeout: float) -> bool:
         """Send one-way messages in one write; False if they could not be sent in time."""
@@ -370,6 +450,8 @@ class BlockingPeer:
 
     def _await(self, target: _Slot | _AnyOf, deadline: float) -> bool:
         """Lead (read) or follow (sleep) until ``target`` is done; False past the deadline."""
+        if self._outgoing:  # what we wait for may be among the frames held back
+            self.flush(deadline)
         while not target.done:
             if self._read_lock.acquire(blocking=False):
                 try:
@@ -395,6 +477,8 @@ class BlockingPeer:
 
     def poll(self, slot: _Slot) -> bool:
         """Read whatever has arrived, without waiting; whether ``slot`` is answered."""
+        if self._outgoing:
+            self.flush(time.monotonic() + self._write_timeout)
         if not slot.done and self._failure is None and self._read_lock.acquire(blocking=False):
             try:
                 self._lead(slot, time.monotonic())
@@ -489,6 +573,7 @@ class BlockingPeer:
         for slot in pending.values():
             slot.error = self._failure
             slot.finish()
+        self._write_wanted.set()  # lets the writer thread see the peer closed
         if first and not close_now:
             try:  # wakes select() in other threads (readable, at end of file)
                 socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
@@ -704,7 +789,8 @@ class BlockingClient:
             return None
         assert call.result_key is not None
         try:  # the first source's trigger carries the request: the sink answers it
-            (slot,) = peer.submit(triggers[0], timeout=self.timeout, oneway=triggers[1:])
+            (slot,) = peer.submit(triggers[0], timeout=self.timeout, oneway=triggers[1:],
+                                  batch=True)
         except ConnectionError:
             self.direct.executor_left(peer.remote)
             return None
