@@ -254,3 +254,39 @@ def test_sync_embedded_dag_calls_are_posted_and_refusals_reach_get() -> None:
             conn.call_dag("t_dag", {"t_zz": 1}).get(timeout=10)
         with pytest.raises(droplet.DagError, match="dry_run=True"):
             conn.call_dag("t_dag", {"t_sq": 1}, continuation=1)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- held-back writes
+
+
+def test_blocking_peer_holds_frames_back_under_load_and_keeps_their_order(
+        tcp_cluster: droplet.LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    from droplet.client import _blocking
+    from droplet.lattices import LWWLattice, encode_lattice
+    from droplet.protocol.messages import KvsGet, KvsPut, KvsValue
+
+    peer = _blocking.BlockingPeer(tcp_cluster.address, token=None, timeout=10)
+    woken: list[int] = []
+    monkeypatch.setattr(peer, "_wake_writer", lambda: woken.append(1))  # no writer thread
+    try:
+        # Nothing in flight: written at once.
+        (first,) = peer.submit(KvsGet("held/missing", 30.0), timeout=10, batch=True)
+        assert not peer._outgoing
+        # One request in flight: later ones are held back, in order.
+        slots = [peer.submit(KvsPut(f"held/{i}", encode_lattice(LWWLattice.now(i))),
+                             timeout=10, batch=True)[0] for i in range(5)]
+        (read,) = peer.submit(KvsGet("held/4"), timeout=10, batch=True)
+        assert len(peer._outgoing) == 6 and len(woken) == 6
+        # Waiting for a reply writes what is held first.
+        reply = peer.wait(read, 10, "KvsGet")
+        assert isinstance(reply, KvsValue) and reply.lattice is not None
+        assert not peer._outgoing
+        assert all(peer.wait(s, 10, "KvsPut") is not None for s in slots)
+        # BATCH_FRAMES held: the submitting thread writes them itself.
+        many = [peer.submit(KvsGet(f"held/{i % 5}"), timeout=10, batch=True)[0]
+                for i in range(_blocking.BATCH_FRAMES)]
+        assert not peer._outgoing
+        assert all(peer.wait(s, 10, "KvsGet").lattice is not None for s in many)
+        assert not first.done  # still waiting for its key
+    finally:
+        peer.close()
