@@ -98,6 +98,8 @@ class ExecutorStatistics:
     abandoned_threads: int = 0
     #: open connections to other executors and the scheduler.
     peers: int = 0
+    #: runs clients sent here themselves, still to answer.
+    direct_waiting: int = 0
 
 
 @attrs.frozen
@@ -206,7 +208,7 @@ class ExecutorService:
             fanin_dropped=self._fanin.dropped, multiexec_pending=len(self._multi),
             mailboxes=len(self._libraries), cache_entries=cache.entries,
             worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
-            peers=len(self._peers))
+            peers=len(self._peers), direct_waiting=len(self._callers))
 
     async def _serve(self) -> None:
         """Own the worker threads: they exit when the service's nursery ends."""
