@@ -32,6 +32,7 @@ from . import errors
 from .errors import ConnectionError, DropletError, ProtocolError
 from .outbox import OUTBOX_BYTES, OUTBOX_MESSAGES, Outbox
 from .protocol import handshake
+from .protocol.framing import frame
 from .protocol.messages import (
     AuthChallenge,
     AuthResponse,
@@ -143,6 +144,9 @@ class Peer:
         self.on_close: list[Callable[[Peer], None]] = []
         #: Free-form per-connection state for services (e.g. an executor's id).
         self.state: dict[str, Any] = {}
+        #: The largest frame this end may send, when known (connect_peer's options):
+        #: ``post(..., check_size=True)`` refuses a bigger message at once.
+        self.send_limit: int | None = None
 
     @property
     def closed(self) -> bool:
@@ -183,14 +187,19 @@ class Peer:
         """Frames posted and not yet handed to the connection."""
         return len(self._outbox)
 
-    def post(self, msg: Any, *, on_full: str = "disconnect") -> None:
+    def post(self, msg: Any, *, on_full: str = "disconnect", check_size: bool = False) -> None:
         """Queue a one-way message for this peer's writer task; never waits.
 
         For handlers running in *another* peer's reader. When the outbox is
         full, ``on_full="disconnect"`` closes this peer (it is not reading) and
         ``"raise"`` leaves it alone; both raise :class:`OutboxFull`.
+        ``check_size``: a message over :attr:`send_limit` raises ValueError (as
+        ``send`` would) instead of being dropped by the writer.
         """
-        self._post(encode_message(msg), on_full)
+        encoded = encode_message(msg)
+        if check_size and self.send_limit is not None:
+            frame(encoded, self.send_limit)  # raises ValueError naming the limit
+        self._post(encoded, on_full)
 
     def post_reply(self, request_id: int, msg: Any) -> None:
         """:meth:`reply` through the outbox (the answer to a deferred request)."""
@@ -493,6 +502,7 @@ async def connect_peer(
         )
     peer = Peer(conn, handler, name=url)
     peer.remote = url
+    peer.send_limit = options.max_frame_size
     nursery.start_soon(peer.run)
     return peer
 

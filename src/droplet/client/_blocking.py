@@ -617,7 +617,8 @@ class BlockingFuture:
         """A direct call's executor stores the result after answering: once this
         future holds the result and its key was handed out, wait (briefly) until
         the store has it, so ``get_object(obj_id)`` finds it."""
-        if self._direct and self._pinned and self._slot.done and self._slot.error is None:
+        if (self._direct and self._pinned and self._slot.done
+                and not isinstance(self._slot.error, ConnectionError)):
             self._direct = False
             try:
                 self._client.kvs.request(KvsGet(self._key, CONFIRM_WAIT), CONFIRM_WAIT + 5)

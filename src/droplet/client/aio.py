@@ -110,6 +110,8 @@ class AsyncDropletFuture:
         self._wakers: list[Callable[[], None]] = []
         #: sent straight to an executor, which answers before it stores the result.
         self._direct = False
+        #: answered by that executor, which stores the result (or error) just after.
+        self._stored_later = False
 
     @property
     def obj_id(self) -> str:
@@ -120,7 +122,7 @@ class AsyncDropletFuture:
         if not self._pinned:
             self._pinned = True
             self._client._releases.pin(self._key)
-            if self._direct and self._blob is not None:  # see _confirm_stored
+            if self._stored_later:  # see AsyncDropletClient._confirm_stored
                 self._client._unconfirmed.add(self._key)
         return self._key
 
@@ -149,15 +151,19 @@ class AsyncDropletFuture:
                  ) -> None:
         if error is not None:
             self._error = error
+            # An executor's error reply (a result too large, say): it stores the
+            # failure too. A broken connection: it may store nothing.
+            self._stored_later = self._direct and not isinstance(error, ConnectionError)
         elif isinstance(reply, DagResult):  # straight from the executor
             self._blob = reply.value
-            if self._pinned:  # its key was handed out: see _confirm_stored
-                self._client._unconfirmed.add(self._key)
+            self._stored_later = True
         elif reply is not None and reply.lattice is not None:
             try:
                 self._blob = result_blob(reply.lattice)
             except DropletError as exc:
                 self._error = exc
+        if self._stored_later and self._pinned:  # key handed out: see _confirm_stored
+            self._client._unconfirmed.add(self._key)
         self._fetching = False
         self._arrived.set()
         self.arrived_threadsafe.set()

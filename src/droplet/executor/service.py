@@ -645,7 +645,7 @@ class ExecutorService:
             caller.send(DagResult(t.run_id, blob, failed))
             put = KvsPut(t.result_key, lww(blob))
             try:  # through the outbox: under load, many results per write
-                self._kvs.post(put, on_full="raise")
+                self._kvs.post(put, on_full="raise", check_size=True)
             except OutboxFull:
                 await self._kvs.send(put)
             return
