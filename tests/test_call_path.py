@@ -290,3 +290,49 @@ def test_blocking_peer_holds_frames_back_under_load_and_keeps_their_order(
         assert not first.done  # still waiting for its key
     finally:
         peer.close()
+
+
+# --------------------------------------------------------------------------- draining
+
+
+def gated(lib: Any, x: int) -> int:
+    import time
+
+    while not lib.get("gate"):
+        time.sleep(0.005)
+    return x * 2
+
+
+async def test_draining_waits_for_direct_runs_and_is_no_longer_handed_out() -> None:
+    async with droplet.open_local_cluster((1, 2), threads=2, report_interval=0.05,
+                                          scale_up_after=1e6, scale_down_after=1e6
+                                          ) as cluster, cluster.client() as cloud:
+        pool = cluster.node.pool
+        scheduler = cluster.node.scheduler
+        assert pool is not None and scheduler is not None
+        await cloud.put_object("gate", False)
+        fn = await cloud.register(gated, "d_gated")
+        second = pool.scale_up()
+        with trio.fail_after(30):
+            while scheduler.executor_url(second) is None:
+                await scheduler.executors_changed.wait()
+        url = scheduler.executor_url(second)
+        assert url is not None
+        futures = [await fn(i) for i in range(6)]  # straight to both executors, in turn
+        assert url in cloud._direct.placed("d_gated")
+        assert scheduler.executor_load(url) == (0, 0)  # none placed by the scheduler
+        pool.scale_down(second)
+        await trio.sleep(0.2)
+        assert pool.slots[second] == "draining"
+        # A new placement leaves it out; the drain waits for the runs sent there.
+        cloud._direct.forget("d_gated", True)
+        futures += [await fn(i) for i in range(6, 8)]
+        assert url not in cloud._direct.placed("d_gated")
+        await trio.sleep(3)  # past the placement lease: still running there, not retired
+        assert url in scheduler.executor_urls
+        await cloud.put_object("gate", True)
+        with trio.fail_after(30):
+            assert [await f.get() for f in futures] == [2 * i for i in range(8)]
+            while pool.status().draining:
+                await pool.changed.wait()
+        assert url not in scheduler.executor_urls

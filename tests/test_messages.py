@@ -92,6 +92,10 @@ SAMPLES: list[Any] = [
     m.ExecutorReport("tcp://e1", 32, 1, 0, 1, 2, 300, 5, 1, ["f", "g"], [2, 0], [1, 0],
                      [1] * 2 + [0] * (2 * BUCKETS - 2), [1500, 0]),
     m.ExecutorReport("inproc://e", 1, 0, 0, 0, 0, 0, 0, 0, [], [], [], [], []),
+    m.PoolQuery("ab12-w"),
+    m.PoolReply(["ab12-w0"], ["tcp://127.0.0.1:7001"], [1], [3], [4], [4], [17]),
+    m.PoolReply([], [], [], [], [], [], []),
+    m.DrainExecutor("tcp://127.0.0.1:7001"),
     m.StatusReply('{"scheduler":"s","rate_window":10.0,"executors":[],"functions":[],'
                   '"dags":["d"]}'),
 ]

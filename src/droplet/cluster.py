@@ -22,7 +22,7 @@ import trio
 from .client._portal import Portal, _describe
 from .client.aio import AsyncDropletClient, open_client
 from .client.client import DropletConnection
-from .config import IN_MEMORY, Config
+from .config import IN_MEMORY, Config, parse_executors
 from .errors import ConnectionError
 from .node import Node, serve_node
 
@@ -33,13 +33,15 @@ _names = itertools.count(1)
 
 @asynccontextmanager
 async def open_local_cluster(
-    executors: int = 2, *, placement: str = "locality", token: str | None = None,
-    threads: int = 32, listen: str | None = None, **settings: Any,
+    executors: int | tuple[int, int] = 2, *, placement: str = "locality",
+    token: str | None = None, threads: int = 32, listen: str | None = None, **settings: Any,
 ) -> AsyncIterator[RunningCluster]:
     """Run an embedded cluster for the duration of an ``async with`` block.
 
     Args:
-        executors: executors (each with its own cache), as tasks of this process.
+        executors: executors (each with its own cache), as tasks of this process;
+            ``(min, max)`` for adaptive executors (see ``scale_up_after`` and
+            ``scale_down_after`` in :class:`~droplet.config.Config`).
         placement: scheduling policy, ``"locality"`` or ``"spread"``.
         token: cluster token clients must present (default: none).
         threads: worker threads per executor for sync functions.
@@ -67,14 +69,17 @@ async def open_local_cluster(
         raise failure
 
 
-async def _serve_cluster(executors: int, placement: str, token: str | None, threads: int,
-                         settings: dict[str, Any], *,
+async def _serve_cluster(executors: int | tuple[int, int], placement: str,
+                         token: str | None, threads: int, settings: dict[str, Any], *,
                          task_status: trio.TaskStatus[RunningCluster]) -> None:
     settings = dict(settings)
     listen = settings.pop("listen", None) or f"inproc://droplet-{next(_names)}"
     if settings.get("data_dir") is None:
         settings["data_dir"] = IN_MEMORY  # embedded clusters keep nothing unless asked
-    config = Config(role="all", listen=listen, executors=executors, placement=placement,
+    low, high = parse_executors(executors)
+    if high is not None:
+        settings["max_executors"] = high
+    config = Config(role="all", listen=listen, executors=low, placement=placement,
                     token=token, threads=threads, **settings)
     config.check_exposure()  # before any nursery, so the ValueError arrives bare
     async with trio.open_nursery() as nursery:
@@ -103,13 +108,14 @@ class LocalCluster:
     """An embedded cluster in a background thread; ``connect()`` for clients.
 
     Args:
-        executors: number of executors (each with its own cache).
+        executors: number of executors (each with its own cache), or ``(min, max)``
+            for adaptive executors.
         placement: scheduling policy, ``"locality"`` or ``"spread"``.
         token: require this cluster token of clients (default: none).
         listen: public address (default: a fresh ``inproc://`` name).
     """
 
-    def __init__(self, executors: int = 2, *, placement: str = "locality",
+    def __init__(self, executors: int | tuple[int, int] = 2, *, placement: str = "locality",
                  token: str | None = None, threads: int = 32, listen: str | None = None,
                  **settings: Any) -> None:
         self._portal = Portal("droplet-local-cluster")

@@ -12,12 +12,13 @@ from typing import Any
 
 import attrs
 
+from .autoscale import DEFAULT_DOWN_AFTER, DEFAULT_UP_AFTER, DEFAULT_UP_QUEUE
 from .scheduler.placement import POLICIES
 from .transports.base import TransportOptions
 from .transports.registry import normalize_address, parse_address
 
 __all__ = ["FSYNC_POLICIES", "IN_MEMORY", "ROLES", "Config", "default_data_root",
-           "is_loopback", "parse_resources"]
+           "is_loopback", "parse_executors", "parse_resources"]
 
 ROLES = ("all", "kvs", "scheduler", "executor")
 DEFAULT_LISTEN = "tcp://127.0.0.1:5000"
@@ -58,6 +59,11 @@ def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
         raise ValueError(f"{attribute.name} must be positive, not {value!r}")
 
 
+def _non_negative(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must not be negative, not {value!r}")
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # TOML value checks by field annotation: (what to say, check).
@@ -65,12 +71,15 @@ _KINDS: dict[str, tuple[str, Any]] = {
     "str": ("a string", lambda v: isinstance(v, str)),
     "str | None": ("a string", lambda v: isinstance(v, str)),
     "int": ("an integer", lambda v: type(v) is int),
+    "int | None": ("an integer", lambda v: type(v) is int),
     "float": ("a number", lambda v: type(v) in (int, float)),
     "bool": ("true or false", lambda v: type(v) is bool),
 }
 
 
 _KEY_KINDS: dict[str, tuple[str, Any]] = {
+    "executors": ('a count or "MIN:MAX" (e.g. 2, or "1:4" for adaptive executors)',
+                  lambda v: type(v) is int or isinstance(v, str)),
     "resources": ('NAME=COUNT pairs, a string ("gpu=1") or a table ({gpu = 1})',
                   lambda v: isinstance(v, str | dict)),
 }
@@ -104,6 +113,39 @@ def parse_resources(text: str | None) -> dict[str, int]:
             raise ValueError(f"resources: {part!r} is not NAME=COUNT (e.g. gpu=1)")
         found[name] = count
     return found
+
+
+def parse_executors(value: Any) -> tuple[int, int | None]:
+    """``(minimum, maximum)`` executors from ``N``, ``"N"``, ``"MIN:MAX"`` or ``(MIN, MAX)``.
+
+    A plain count is a fixed number (maximum None); MIN:MAX makes them adaptive.
+
+    >>> parse_executors("1:4"), parse_executors(2), parse_executors((1, 3))
+    ((1, 4), (2, None), (1, 3))
+    """
+    if isinstance(value, tuple | list) and len(value) == 2:
+        low, high = value
+    elif type(value) is int:
+        return value, None
+    elif isinstance(value, str):
+        low, colon, high = value.strip().partition(":")
+        try:
+            low = int(low)
+            high = int(high) if colon else None
+        except ValueError:
+            low = high = None
+        if low is None:
+            raise ValueError(f"executors must be an integer or MIN:MAX (e.g. 1:4), "
+                             f"not str {value!r}") from None
+        if high is None:
+            return low, None
+    else:
+        raise ValueError(f"executors must be an integer or (MIN, MAX), "
+                         f"not {type(value).__name__} {value!r}")
+    if type(low) is not int or type(high) is not int or not 1 <= low <= high:
+        raise ValueError(f"executors MIN:MAX needs whole numbers 1 <= MIN <= MAX, "
+                         f"not {value!r}")
+    return low, high
 
 
 def _resources(value: Any) -> str | None:
@@ -145,7 +187,18 @@ class Config:
     listen: str | None = attrs.field(default=None, validator=_url)
     scheduler: str | None = attrs.field(default=None, validator=_url)
     kvs: str | None = attrs.field(default=None, validator=_url)
+    #: executor workers of an all-in-one (or executor) node: the fixed count, or
+    #: the minimum when ``max_executors`` is set (``--executors MIN:MAX``)
     executors: int = attrs.field(default=2, validator=attrs.validators.ge(0))
+    #: adaptive executors: at most this many (None: always ``executors``)
+    max_executors: int | None = attrs.field(default=None)
+    #: adaptive executors: start one more when the queued calls per executor
+    #: stay at or above this for ``scale_up_after`` seconds
+    scale_up_queue: float = attrs.field(default=DEFAULT_UP_QUEUE, validator=_positive)
+    scale_up_after: float = attrs.field(default=DEFAULT_UP_AFTER, validator=_non_negative)
+    #: adaptive executors: stop one (beyond the minimum) idle this many seconds
+    scale_down_after: float = attrs.field(default=DEFAULT_DOWN_AFTER,
+                                          validator=_non_negative)
     threads: int = attrs.field(default=32, validator=attrs.validators.ge(1))
     placement: str = attrs.field(default="locality", validator=attrs.validators.in_(POLICIES))
     token: str | None = attrs.field(default=None, repr=False)  # reprs reach logs
@@ -176,6 +229,19 @@ class Config:
     #: where to serve Prometheus metrics over HTTP (``tcp://127.0.0.1:9100``); None: off
     metrics_listen: str | None = attrs.field(default=None, validator=_url)
     log_level: str = attrs.field(default="INFO", validator=_log_level)
+
+    @max_executors.validator
+    def _check_max_executors(self, attribute: attrs.Attribute[Any], value: int | None
+                             ) -> None:
+        if value is not None and (type(value) is not int or not 1 <= self.executors <= value):
+            raise ValueError(f"executors MIN:MAX needs 1 <= MIN <= MAX, not "
+                             f"{self.executors}:{value}")
+
+    @property
+    def executor_range(self) -> tuple[int, int]:
+        """``(minimum, maximum)`` executor workers (equal when not adaptive)."""
+        return self.executors, (self.executors if self.max_executors is None
+                                else self.max_executors)
 
     @property
     def listen_url(self) -> str:
@@ -255,6 +321,13 @@ class Config:
             settings["token"] = env["DROPLET_TOKEN"]
         settings.update({k: v for k, v in flags.items() if v is not None})
         try:
+            if "executors" in settings:  # "MIN:MAX" sets both bounds
+                low, high = parse_executors(settings["executors"])
+                settings["executors"] = low
+                if high is not None:
+                    settings["max_executors"] = high
+                elif "executors" in flags and flags["executors"] is not None:
+                    settings.pop("max_executors", None)  # a flag N means a fixed N
             return cls(**settings)
         except (ValueError, TypeError) as exc:
             # attrs validators put the readable message first, then internals.

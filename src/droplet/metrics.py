@@ -66,6 +66,9 @@ class NodeCollector(Collector):
                                      scheduler.statistics().runs_in_flight)
         elif self._node.executors:
             yield from self._local(self._node.executors)
+        pool = getattr(self._node, "pool", None)
+        if scheduler is None and pool is not None and pool.policy.adaptive:
+            yield from _scaling_metrics(pool.status())  # an adaptive executor node
 
     @staticmethod
     def _cluster(status: Any, runs: int) -> Iterator[Metric]:
@@ -92,6 +95,8 @@ class NodeCollector(Collector):
         executors = GaugeMetricFamily("droplet_executors", "Executors connected.")
         executors.add_metric([], len(status.executors))
         yield executors
+        if status.scaling is not None:
+            yield from _scaling_metrics(status.scaling)
         in_flight = GaugeMetricFamily("droplet_runs_in_flight",
                                       "Calls scheduled and not yet finished.")
         in_flight.add_metric([], runs)
@@ -109,6 +114,29 @@ class NodeCollector(Collector):
                          load.cache_entries, load.cache_bytes, load.cache_hits,
                          load.cache_misses))
         yield from _executor_metrics(rows)
+
+
+def _scaling_metrics(scaling: Any) -> Iterator[Metric]:
+    """Adaptive executors (``--executors MIN:MAX``): bounds, states and scale events."""
+    for name, doc, value in [
+        ("droplet_executors_min", "Fewest executors this node runs.", scaling.minimum),
+        ("droplet_executors_max", "Most executors this node runs.", scaling.maximum),
+        ("droplet_executors_running", "Executors running (joined, not draining).",
+         scaling.current),
+        ("droplet_executors_starting", "Executors started and not joined yet.",
+         scaling.starting),
+        ("droplet_executors_draining", "Executors finishing their calls before they stop.",
+         scaling.draining),
+    ]:
+        gauge = GaugeMetricFamily(name, doc)
+        gauge.add_metric([], value)
+        yield gauge
+    events = CounterMetricFamily("droplet_executor_scale_events",
+                                 "Executors started (up) and stopped (down) by the autoscaler.",
+                                 labels=["direction"])
+    events.add_metric(["up"], scaling.scale_ups)
+    events.add_metric(["down"], scaling.scale_downs)
+    yield events
 
 
 def _executor_metrics(rows: list[tuple[Any, ...]]) -> Iterator[Metric]:

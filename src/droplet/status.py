@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import attrs
 
 from .errors import ProtocolError
 
-__all__ = ["ClusterStatus", "ExecutorStatus", "FunctionStatus", "format_status"]
+__all__ = ["ClusterStatus", "ExecutorStatus", "FunctionStatus", "ScaleEvent", "ScalingStatus",
+           "format_status"]
 
 
 def _ratio(hits: int, misses: int) -> float | None:
@@ -72,6 +74,52 @@ class FunctionStatus:
 
 
 @attrs.frozen
+class ScaleEvent:
+    """An executor started or stopped by an adaptive node (``--executors MIN:MAX``)."""
+
+    #: when, in seconds since the epoch.
+    time: float
+    #: ``"up"`` (one started) or ``"down"`` (one drained and stopped).
+    direction: str
+    #: executors running after the event.
+    executors: int
+    #: why, in words (e.g. "3.0 queued calls per executor for 2.0 s").
+    reason: str
+
+
+@attrs.frozen
+class ScalingStatus:
+    """The adaptive executors of the scheduler's node: bounds, count and recent events."""
+
+    minimum: int
+    maximum: int
+    #: executors running now (joined, not being drained).
+    current: int
+    #: started and not joined yet; being drained (finishing their calls).
+    starting: int = 0
+    draining: int = 0
+    #: executors started and stopped since the node started.
+    scale_ups: int = 0
+    scale_downs: int = 0
+    #: the latest events, oldest first.
+    events: tuple[ScaleEvent, ...] = ()
+    #: which node: "" for the scheduler's own, else an executor node's address.
+    node: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**attrs.asdict(self, recurse=False),
+                "events": [attrs.asdict(e) for e in self.events]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ScalingStatus:
+        d = _fields(data, "status.scaling", _SCALING_FIELDS)
+        d["events"] = tuple(ScaleEvent(**_fields(e, "status.scaling.events[]",
+                                                 _EVENT_FIELDS))
+                            for e in d["events"])
+        return cls(**d)
+
+
+@attrs.frozen
 class ClusterStatus:
     """What ``conn.status()`` returns: the cluster as its scheduler sees it."""
 
@@ -84,6 +132,10 @@ class ClusterStatus:
     dags: tuple[str, ...]
     #: seconds over which ``calls_per_second`` is measured.
     rate_window: float = 10.0
+    #: the scheduler's node runs adaptive executors: their bounds and events.
+    scaling: ScalingStatus | None = None
+    #: ``--role executor`` nodes running adaptive executors (``--executors MIN:MAX``).
+    pools: tuple[ScalingStatus, ...] = ()
 
     @property
     def busy(self) -> int:
@@ -118,6 +170,8 @@ class ClusterStatus:
                            "p50": _finite(f.p50), "p99": _finite(f.p99)}
                           for f in self.functions],
             "dags": list(self.dags),
+            **({} if self.scaling is None else {"scaling": self.scaling.to_dict()}),
+            **({"pools": [p.to_dict() for p in self.pools]} if self.pools else {}),
         }
 
     def to_json(self) -> str:
@@ -134,6 +188,16 @@ class ClusterStatus:
 
     @classmethod
     def from_dict(cls, data: Any) -> ClusterStatus:
+        scaling = None
+        pools: tuple[ScalingStatus, ...] = ()
+        if type(data) is dict and ("scaling" in data or "pools" in data):
+            data = dict(data)
+            if "scaling" in data:
+                scaling = ScalingStatus.from_dict(data.pop("scaling"))
+            found = data.pop("pools", [])
+            if type(found) is not list:
+                raise ProtocolError("status.pools must be a list")
+            pools = tuple(ScalingStatus.from_dict(p) for p in found)
         d = _fields(data, "status", {"scheduler": str, "rate_window": float,
                                      "executors": list, "functions": list, "dags": list})
         executors = tuple(ExecutorStatus(**_fields(e, "status.executors[]", _EXECUTOR_FIELDS))
@@ -152,7 +216,7 @@ class ClusterStatus:
         if not all(type(n) is str for n in d["dags"]):
             raise ProtocolError("status.dags must be a list of names")
         return cls(d["scheduler"], executors, tuple(functions), tuple(d["dags"]),
-                   d["rate_window"])
+                   d["rate_window"], scaling, pools)
 
 
 _INF_STANDIN = 1e300
@@ -160,6 +224,13 @@ _EXECUTOR_FIELDS: dict[str, Any] = {
     "url": str, "threads": int, "busy": int, "queued": int, "running": int,
     "cache_entries": int, "cache_bytes": int, "cache_hits": int, "cache_misses": int,
     "last_report_age": (float, None),
+}
+_SCALING_FIELDS: dict[str, Any] = {
+    "minimum": int, "maximum": int, "current": int, "starting": int, "draining": int,
+    "scale_ups": int, "scale_downs": int, "events": list, "node": str,
+}
+_EVENT_FIELDS: dict[str, Any] = {
+    "time": float, "direction": str, "executors": int, "reason": str,
 }
 _FUNCTION_FIELDS: dict[str, Any] = {
     "name": str, "calls": int, "failures": int, "calls_per_second": float,
@@ -246,6 +317,8 @@ def format_status(status: ClusterStatus, address: str = "") -> str:
         f"hit ratio {_percent(status.cache_hit_ratio)}",
         "",
     ]
+    for scaling in ((status.scaling,) if status.scaling else ()) + status.pools:
+        lines[-1:-1] = _scaling_lines(scaling)
     lines += _table(
         ["EXECUTOR", "THREADS", "BUSY", "QUEUED", "RUNNING", "CACHED", "CACHE", "HITS",
          "SEEN"],
@@ -261,3 +334,14 @@ def format_status(status: ClusterStatus, address: str = "") -> str:
     lines.append("")
     lines.append(f"DAGS ({len(status.dags)}): {', '.join(status.dags) or '-'}")
     return "\n".join(lines)
+
+
+def _scaling_lines(scaling: ScalingStatus) -> list[str]:
+    where = f" of {scaling.node}" if scaling.node else ""
+    lines = [f"  adaptive executors{where}: {scaling.current} running (min {scaling.minimum}, "
+             f"max {scaling.maximum}), {scaling.starting} starting, {scaling.draining} "
+             f"draining; {scaling.scale_ups} started, {scaling.scale_downs} stopped"]
+    for event in scaling.events[-5:]:
+        when = time.strftime("%H:%M:%S", time.localtime(event.time))
+        lines.append(f"    {when} {event.direction:<4} -> {event.executors}: {event.reason}")
+    return lines

@@ -17,6 +17,7 @@ import logging
 import pickle
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -30,6 +31,7 @@ from ..protocol.messages import (
     DagResult,
     ExecutorJoin,
     FunctionRegistered,
+    Hello,
     KvsGet,
     KvsPut,
     KvsUpdate,
@@ -222,9 +224,17 @@ class ExecutorService:
         cls, nursery: trio.Nursery, *, url: str, scheduler_url: str, workers: int,
         token: str | None, options: Any = None, threads: int = 32,
         resources: dict[str, int] | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-        report_interval: float = 1.0,
+        report_interval: float = 1.0, node_id: str | None = None,
+        before_join: Callable[[ExecutorService], None] | None = None,
     ) -> ExecutorService:
-        """Connect to the scheduler and KVS, announce ``url``, return the ready service."""
+        """Connect to the scheduler and KVS, announce ``url``, return the ready service.
+
+        The service is built (and handed to ``before_join``, e.g. to route the
+        messages of ``url``'s listener to it) before the scheduler hears of it:
+        the scheduler may place calls here as soon as it does.
+        ``node_id`` names this executor to whoever started it (an adaptive
+        node finds its workers' addresses by it); a random one by default.
+        """
         from ..rpc import connect_peer
 
         holder: list[ExecutorService] = []
@@ -236,9 +246,8 @@ class ExecutorService:
 
         scheduler = await connect_peer(scheduler_url, nursery, token=token, handler=handle,
                                        options=options)
-        node_id = uuid.uuid4().hex[:12]
-        info: ClusterInfo = await scheduler.request(
-            ExecutorJoin(url, node_id, workers, dict(resources or {})), 30)
+        node_id = node_id or uuid.uuid4().hex[:12]
+        info: ClusterInfo = await scheduler.request(Hello("executor", node_id, url), 30)
         if info.kvs in ("", scheduler_url):
             kvs = scheduler
         else:
@@ -250,7 +259,10 @@ class ExecutorService:
         holder.append(service)
         peers.add(scheduler_url, scheduler)
         nursery.start_soon(service._serve)
+        if before_join is not None:
+            before_join(service)
         nursery.start_soon(service._prefetch_registered)
+        await scheduler.request(ExecutorJoin(url, node_id, workers, dict(resources or {})), 30)
         nursery.start_soon(report_periodically, url, service.recorder, service.load,
                            functools.partial(scheduler.post, on_full="raise"), report_interval)
         return service

@@ -18,12 +18,13 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
 import trio
 
+from ..autoscale import ScalingPolicy
 from ..config import IN_MEMORY, Config, parse_resources
 from ..errors import ProtocolError
 from ..executor.service import ExecutorService
@@ -34,13 +35,18 @@ from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, GetStatistics, Hello, Statistics
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
 from ..scheduler.service import SchedulerService
+from ..transports.registry import parse_address
 from ._main import WATCH_PARENT_ENV
+from .pool import ExecutorPool, LocalControl, RemoteControl
 
 __all__ = ["Node", "Router", "serve_node"]
 
 log = logging.getLogger("droplet.node")
 
 EXECUTOR_JOIN_TIMEOUT = 60.0
+#: Set by an all-in-one node for each executor worker: the id it joins with,
+#: by which the node finds the worker's address (to drain it, say).
+WORKER_ID_ENV = "DROPLET_WORKER_ID"
 #: Seconds a worker process gets to exit after SIGTERM before SIGKILL.
 WORKER_STOP_GRACE = 10.0
 
@@ -85,6 +91,8 @@ class Node:
     router: Router | None = None
     #: where Prometheus metrics are served (``--metrics-listen``), or None.
     metrics_url: str | None = None
+    #: the executors of an all-in-one node (adaptive with ``--executors MIN:MAX``).
+    pool: ExecutorPool | None = None
 
     def statistics(self) -> dict[str, int]:
         """Every integer field of every service's ``statistics()``, as ``service.field``."""
@@ -132,9 +140,15 @@ async def serve_node(
     token = config.token
     async with trio.open_nursery() as nursery:
         router = Router()
+        if config.role == "executor" and config.max_executors is not None:
+            node = await _start_executor_pool(nursery, config, client_opts)
+            await _start_metrics(nursery, config, node)
+            task_status.started(node)
+            return
         if config.role == "executor":
             node = await _start_executor(nursery, config, config.listen_url, token,
-                                         server_opts, client_opts, limits)
+                                         server_opts, client_opts, limits,
+                                         node_id=os.environ.get(WORKER_ID_ENV))
             await _start_metrics(nursery, config, node)
             task_status.started(node)
             return
@@ -214,7 +228,7 @@ async def _serve(url: str, router: Router, token: str | None, options: Any, limi
 
 async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
                           token: str | None, server_opts: Any, client_opts: Any,
-                          limits: Limits) -> Node:
+                          limits: Limits, node_id: str | None = None) -> Node:
     if not config.scheduler:
         raise ValueError("--role executor needs --scheduler URL")
     router = Router()
@@ -223,8 +237,7 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
         nursery, url=url, scheduler_url=config.scheduler, workers=config.threads,
         token=token, options=client_opts, threads=config.threads,
         resources=parse_resources(config.resources), max_batch=config.max_batch,
-        report_interval=config.report_interval)
-    router.add(executor)
+        report_interval=config.report_interval, node_id=node_id, before_join=router.add)
     node = Node(url, "executor", executors=[executor])
     router.add(_StatisticsService(node))
     node.router = router
@@ -234,42 +247,114 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
 async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, router: Router,
                          token: str | None, server_opts: Any, limits: Limits,
                          in_process: bool) -> str:
-    """Start the executors, wait until they joined, then open the public address."""
+    """Start the executors, wait until the minimum joined, then open the public address."""
     scheduler = node.scheduler
     assert scheduler is not None
+    launch: Callable[[str], Awaitable[None]]
     if in_process:
         # Executors and their links to the scheduler stay in-process (inproc://),
         # whatever scheme the public address uses.
         base = f"inproc://node-{uuid.uuid4().hex[:12]}"
         workers_url: str = await nursery.start(_serve, f"{base}-workers", router, token,
                                                None, limits)
-        for i in range(config.executors):
-            ex_config = attrs.evolve(config, role="executor", scheduler=workers_url)
-            worker = await _start_executor(nursery, ex_config, f"{base}-executor-{i}", token,
-                                           None, None, limits)
-            node.executors.extend(worker.executors)
-        public: str = await nursery.start(_serve, config.listen_url, router, token,
-                                          server_opts, limits)
-        return public
-    # Child processes join over a loopback TCP listener of their own, whatever
-    # scheme (ws, TLS) the public address uses.
-    workers_url = await nursery.start(_serve, "tcp://127.0.0.1:0", router, token,
-                                      None, limits)
-    for i in range(config.executors):
-        nursery.start_soon(_supervise_worker, i, workers_url, config)
+        launch = functools.partial(_run_in_process, node, workers_url, base, config, token,
+                                   limits)
+    else:
+        # Child processes join over a loopback TCP listener of their own, whatever
+        # scheme (ws, TLS) the public address uses.
+        workers_url = await nursery.start(_serve, "tcp://127.0.0.1:0", router, token,
+                                          None, limits)
+        launch = functools.partial(_supervise_worker, scheduler_url=workers_url,
+                                   config=config)
+    minimum, maximum = config.executor_range
+    policy = ScalingPolicy(minimum, maximum, up_queue=config.scale_up_queue,
+                           up_after=config.scale_up_after,
+                           down_after=config.scale_down_after)
+    node.pool = pool = ExecutorPool(LocalControl(scheduler), launch, policy,
+                                    interval=config.report_interval,
+                                    name=f"{uuid.uuid4().hex[:8]}-w")
+    if policy.adaptive:
+        scheduler.scaling = pool.status
+    await nursery.start(pool.run)
     with trio.move_on_after(EXECUTOR_JOIN_TIMEOUT):
-        while len(scheduler.executor_urls) < config.executors:
+        while len(scheduler.executor_urls) < minimum:
             await scheduler.executors_changed.wait()
-    if len(scheduler.executor_urls) < config.executors:
+    if len(scheduler.executor_urls) < minimum:
         raise RuntimeError(
-            f"only {len(scheduler.executor_urls)} of {config.executors} executor workers "
+            f"only {len(scheduler.executor_urls)} of {minimum} executor workers "
             f"joined within {EXECUTOR_JOIN_TIMEOUT:g} s; see the log above")
+    await pool.refresh()  # their addresses, before anyone asks for the status
     public_url: str = await nursery.start(_serve, config.listen_url, router, token,
                                           server_opts, limits)
     return public_url
 
 
-async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> None:
+async def _start_executor_pool(nursery: trio.Nursery, config: Config, client_opts: Any
+                               ) -> Node:
+    """``--role executor --executors MIN:MAX``: worker processes joining a remote scheduler.
+
+    Each worker is an ordinary executor process; this process starts them,
+    asks the scheduler how they are doing and has it drain one before it stops.
+    """
+    if not config.scheduler:
+        raise ValueError("--role executor needs --scheduler URL")
+    control = await connect_peer(config.scheduler, nursery, token=config.token,
+                                 options=client_opts)
+    launch = functools.partial(_supervise_worker, scheduler_url=config.scheduler,
+                               config=config, extra=_worker_flags(config))
+    minimum, maximum = config.executor_range
+    policy = ScalingPolicy(minimum, maximum, up_queue=config.scale_up_queue,
+                           up_after=config.scale_up_after,
+                           down_after=config.scale_down_after)
+    pool = ExecutorPool(RemoteControl(control), launch, policy,
+                        interval=config.report_interval, name=f"{uuid.uuid4().hex[:8]}-w")
+    await nursery.start(pool.run)
+    with trio.move_on_after(EXECUTOR_JOIN_TIMEOUT):
+        while pool.status().current < minimum:
+            await trio.sleep(0.1)
+            await pool.refresh()
+    running = [slot for slot, state in pool.slots.items() if state == "running"]
+    if len(running) < minimum:
+        raise RuntimeError(
+            f"only {len(running)} of {minimum} executor workers joined {config.scheduler} "
+            f"within {EXECUTOR_JOIN_TIMEOUT:g} s; see the log above")
+    pool.node = pool.url_of(running[0]) or ""
+    return Node(pool.node or config.scheduler, "executor", pool=pool)
+
+
+def _worker_flags(config: Config) -> list[str]:
+    """An executor node's flags its workers need: its host (any free port), TLS, exposure."""
+    flags = []
+    if config.listen:
+        scheme, host, _ = parse_address(config.listen_url)
+        flags += ["--listen", f"{scheme}://[{host}]:0" if ":" in host else
+                  f"{scheme}://{host}:0"]
+    for flag, value in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key),
+                        ("--tls-ca", config.tls_ca)):
+        if value:
+            flags += [flag, value]
+    if config.insecure:
+        flags.append("--insecure")
+    return flags
+
+
+async def _run_in_process(node: Node, scheduler_url: str, base: str, config: Config,
+                          token: str | None, limits: Limits, worker_id: str) -> None:
+    """Run one executor of the embedded cluster as tasks of this process, until cancelled."""
+    ex_config = attrs.evolve(config, role="executor", scheduler=scheduler_url)
+    async with trio.open_nursery() as nursery:
+        worker = await _start_executor(nursery, ex_config, f"{base}-executor-{worker_id}",
+                                       token, None, None, limits, node_id=worker_id)
+        node.executors.extend(worker.executors)
+        try:
+            await trio.sleep_forever()
+        finally:
+            for ex in worker.executors:
+                node.executors.remove(ex)
+
+
+async def _supervise_worker(index: str, *, scheduler_url: str, config: Config,
+                            extra: Sequence[str] = ()) -> None:
     """Run executor worker ``index`` as a child process, restarting it if it dies."""
     cmd = [sys.executable, "-m", "droplet.node", "--role", "executor",
            "--scheduler", scheduler_url, "--threads", str(config.threads),
@@ -278,15 +363,17 @@ async def _supervise_worker(index: int, scheduler_url: str, config: Config) -> N
            "--report-interval", repr(config.report_interval)]
     if config.resources:
         cmd += ["--resources", config.resources]
+    cmd += extra
     env = dict(os.environ)
     if config.token:
         env["DROPLET_TOKEN"] = config.token  # never on the command line (visible in ps)
     # The worker exits when its stdin (a pipe from us) ends: when this node
     # goes away, even by SIGKILL (see droplet.node._main.watch_parent).
     env[WATCH_PARENT_ENV] = "stdin"
+    env[WORKER_ID_ENV] = index
     while True:
         returncode = await _run_worker(cmd, env)
-        log.warning("executor worker %d exited with status %s; restarting it",
+        log.warning("executor worker %s exited with status %s; restarting it",
                     index, returncode)
         await trio.sleep(1.0)
 

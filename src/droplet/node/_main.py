@@ -39,9 +39,12 @@ def watch_parent() -> threading.Thread:
 
     def wait_for_eof() -> None:
         try:
-            while sys.stdin.buffer.read(4096):
+            # os.read, not sys.stdin: a daemon thread blocked in the buffered
+            # reader holds its lock, and a worker stopped while the node lives
+            # on (adaptive executors) would abort at interpreter shutdown.
+            while os.read(0, 4096):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         log.warning("the node that started this executor worker is gone; exiting")
         os.kill(os.getpid(), signal.SIGTERM)
@@ -76,8 +79,17 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", metavar="URL",
                    help="scheduler to join (role executor)")
     p.add_argument("--kvs", metavar="URL", help="storage node to use (role scheduler)")
-    p.add_argument("--executors", type=int, metavar="N",
-                   help="executor worker processes of the all-in-one node (default: 2)")
+    p.add_argument("--executors", metavar="N|MIN:MAX",
+                   help="executor worker processes of the all-in-one node (default: 2); "
+                   "MIN:MAX (e.g. 1:4) starts MIN and adds or stops workers with the load")
+    p.add_argument("--scale-up-queue", type=float, metavar="CALLS",
+                   help="adaptive executors: start one more when at least this many calls "
+                   "per executor wait for a thread (default: 1) ...")
+    p.add_argument("--scale-up-after", type=float, metavar="SECONDS",
+                   help="... for this long (default: 2)")
+    p.add_argument("--scale-down-after", type=float, metavar="SECONDS",
+                   help="adaptive executors: stop an executor (beyond MIN) after it was idle "
+                   "this long; it finishes its calls first (default: 30)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads per executor for sync functions (default: 32)")
     p.add_argument("--placement", choices=POLICIES,
@@ -177,7 +189,10 @@ async def _run(config: Config) -> int:
                 log.error("could not start: %s", reason)
                 nursery.cancel_scope.cancel()
                 return 1
-            workers = config.executors if config.role == "all" else 0
+            low, high = config.executor_range
+            pooled = config.role == "all" or config.max_executors is not None
+            workers = (f"{low}" if low == high else f"{low} to {high}"
+                       ) if pooled and low else ""
             extra = f" with {workers} executor workers" if workers else ""
             log.info("Droplet %s node ready at %s%s", config.role, node.url, extra)
             # One write, so worker processes sharing this stream cannot split the line.

@@ -565,6 +565,51 @@ class ListDags:
     """Ask for the registered DAG names; answered by Names."""
 
 
+@message(36)
+@attrs.frozen
+class PoolQuery:
+    """Adaptive executor node -> scheduler: how are my workers (node ids with ``prefix``)?
+
+    Answered by :class:`PoolReply`. ``status`` is the node's own scaling status
+    as JSON (:meth:`droplet.status.ScalingStatus.to_dict`), shown in the
+    cluster's status; empty for none.
+    """
+
+    prefix: str
+    status: str = ""
+
+
+@message(37)
+@attrs.frozen
+class PoolReply:
+    """The executors whose node ids start with the asked prefix, one entry per list index.
+
+    ``busy``/``queued``/``running`` are from each executor's latest report;
+    ``in_flight`` and ``placed`` count the functions the scheduler placed on it
+    that have not finished, and all it ever placed there.
+    """
+
+    node_ids: list[str]
+    urls: list[str]
+    busy: list[int]
+    queued: list[int]
+    running: list[int]
+    in_flight: list[int]
+    placed: list[int]
+
+
+@message(38)
+@attrs.frozen
+class DrainExecutor:
+    """Adaptive executor node -> scheduler: place nothing more on ``url``.
+
+    Answered with ``BoolReply(True)`` once nothing placed there runs any more
+    (the executor is then forgotten and may stop), ``BoolReply(False)`` when
+    no executor joined at ``url``.
+    """
+
+    url: str
+
 @message(46)
 @attrs.frozen
 class PlaceCall:

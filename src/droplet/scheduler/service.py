@@ -13,10 +13,12 @@ else's connection.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -36,6 +38,7 @@ from ..protocol.messages import (
     ClusterInfo,
     DagResult,
     DeleteDag,
+    DrainExecutor,
     ExecutorJoin,
     ExecutorReport,
     FunctionExists,
@@ -49,6 +52,8 @@ from ..protocol.messages import (
     ListFunctions,
     Names,
     PlaceCall,
+    PoolQuery,
+    PoolReply,
     RegisterDag,
     RegisterFunction,
     RunDone,
@@ -58,7 +63,7 @@ from ..protocol.messages import (
 from ..protocol.messages import decode as decode_message
 from ..registration import code_version
 from ..rpc import DEFERRED, Peer
-from ..status import ClusterStatus
+from ..status import ClusterStatus, ScalingStatus
 from .dags import Dag, build_dag
 from .placement import Placement
 from .registry import dag_entry, decode_registry, function_entry
@@ -76,6 +81,10 @@ KVS_TIMEOUT = 30.0
 #: Seconds a client may send a function's calls straight to the executors it
 #: was given (CallPlaced) before asking again.
 PLACEMENT_LEASE = 2.0
+#: Seconds a drained executor may take to send its last report before it is retired.
+DRAIN_REPORT_WAIT = 5.0
+#: Scale events kept of each adaptive executor node's status.
+MAX_POOL_EVENTS = 20
 #: Most DAG calls chained by continuations in one call.
 MAX_CONTINUATIONS = 32
 
@@ -107,13 +116,21 @@ class _Executor:
     peer: Peer
     running: int = 0
     resources: dict[str, int] = attrs.Factory(dict)
+    node_id: str = ""
+    #: functions placed on it so far (adaptive executors: was it given work?)
+    placed: int = 0
+    #: being drained: no new calls; ``idle`` is set once nothing runs on it.
+    draining: bool = False
+    idle: trio.Event = attrs.Factory(trio.Event)
+    #: set (and replaced) by each of its reports.
+    reported: trio.Event = attrs.Factory(trio.Event)
 
 
 class SchedulerService:
     MESSAGES = (
         Hello, ExecutorJoin, RegisterFunction, ListFunctions, FunctionExists,
         RegisterDag, DeleteDag, CallDag, RunDone, ExecutorReport, GetStatus, ListDags,
-        PlaceCall,
+        PlaceCall, PoolQuery, DrainExecutor,
     )
 
     def __init__(
@@ -139,6 +156,10 @@ class SchedulerService:
         self.executors_changed = trio.Event()
         #: the executors' periodic reports, added up (status and metrics).
         self.view = ClusterView()
+        #: adaptive executors of this node (set by the node): their status record.
+        self.scaling: Callable[[], ScalingStatus | None] = lambda: None
+        #: adaptive ``--role executor`` nodes, by their workers' node id prefix.
+        self._pools: dict[str, ScalingStatus] = {}
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -151,8 +172,10 @@ class SchedulerService:
 
     def cluster_status(self) -> ClusterStatus:
         """The cluster as this scheduler sees it (``conn.status()``)."""
-        return self.view.status(self.node_id, list(self._functions), list(self._dags),
-                                trio.current_time())
+        status = self.view.status(self.node_id, list(self._functions), list(self._dags),
+                                  trio.current_time())
+        pools = tuple(sorted(self._pools.values(), key=lambda p: p.node))
+        return attrs.evolve(status, scaling=self.scaling(), pools=pools)
 
     @property
     def executor_urls(self) -> list[str]:
@@ -171,6 +194,10 @@ class SchedulerService:
             if peer.state.get("executor_url") != msg.url:
                 raise ProtocolError(f"report for {msg.url!r} from a peer that is not it")
             self.view.report(msg, trio.current_time(), self._functions)
+            ex = self._executors.get(msg.url)
+            if ex is not None:
+                ex.reported.set()
+                ex.reported = trio.Event()
             return None
         if kind is PlaceCall:
             return self._place_call(msg)
@@ -196,6 +223,16 @@ class SchedulerService:
             return None
         if kind is ExecutorJoin:
             return self._join(peer, msg)
+        if kind is PoolQuery:
+            if msg.status:
+                self._pool_status(peer, msg.prefix, msg.status)
+            return self._pool_reply(msg.prefix)
+        if kind is DrainExecutor:
+            if msg.url not in self._executors:
+                return BoolReply(False)
+            # Deferred: a drain lasts as long as the calls running there.
+            self._nursery.start_soon(self._drain_for, peer, request_id, msg.url)
+            return DEFERRED
         raise ProtocolError(f"the scheduler does not serve {kind.__name__} messages")
 
     # ------------------------------------------------------------------ registry
@@ -266,7 +303,8 @@ class SchedulerService:
     # ------------------------------------------------------------------ executors
 
     def _join(self, peer: Peer, msg: ExecutorJoin) -> ClusterInfo:
-        self._executors[msg.url] = _Executor(msg.url, peer, resources=dict(msg.resources))
+        self._executors[msg.url] = _Executor(msg.url, peer, resources=dict(msg.resources),
+                                             node_id=msg.node_id)
         self.view.join(msg.url, msg.workers)
         peer.state["executor_url"] = msg.url
         peer.on_close.append(self._executor_left)
@@ -281,6 +319,7 @@ class SchedulerService:
         if url is None or ex is None or ex.peer is not peer:
             return
         del self._executors[url]
+        ex.idle.set()
         self.view.leave(url)
         if trio.current_effective_deadline() == float("-inf"):
             return  # this node is shutting down; nobody is left to tell
@@ -294,6 +333,120 @@ class SchedulerService:
         for run_id in lost:
             self._nursery.start_soon(self._fail_run, run_id, DropletError(
                 f"executor {url} disappeared while running this call; it was not completed"))
+
+    # ------------------------------------------------------------------ draining
+
+    def _placeable(self) -> list[str]:
+        """Executors that take new calls: all but those being drained (if any are left)."""
+        urls = [url for url, ex in self._executors.items() if not ex.draining]
+        return urls or list(self._executors)
+
+    def executor_url(self, node_id: str) -> str | None:
+        """The address of the joined executor that announced ``node_id``, if any."""
+        return next((url for url, ex in self._executors.items() if ex.node_id == node_id),
+                    None)
+
+    def executor_load(self, url: str) -> tuple[int, int]:
+        """Executor ``url``'s functions in flight now and placed so far ((0, 0): unknown)."""
+        ex = self._executors.get(url)
+        return (ex.running, ex.placed) if ex is not None else (0, 0)
+
+    async def drain(self, url: str) -> None:
+        """Stop placing calls on executor ``url``, then return once nothing runs on it.
+
+        Every run with a function placed there has finished (its result was
+        reported) when this returns, so the executor can stop without losing a
+        call. The executor is then forgotten (:meth:`retire`); a call placed
+        before the drain began still completes, a call placed after goes elsewhere.
+        """
+        ex = self._executors.get(url)
+        if ex is None:
+            return
+        ex.draining = True
+        # Clients may send runs straight to it until the placements they hold
+        # (CallPlaced, which no longer names it) run out.
+        leases_end = trio.current_time() + PLACEMENT_LEASE
+        while True:
+            if ex.running == 0:
+                ex.idle.set()
+            await ex.idle.wait()
+            if self._executors.get(url) is not ex:
+                return  # it left (its runs were failed) or was retired meanwhile
+            # Its next report counts the calls it finished last; then it may go.
+            with trio.move_on_after(DRAIN_REPORT_WAIT):
+                await ex.reported.wait()
+            if ex.running == 0 and self._executors.get(url) is ex:
+                await self._direct_runs_done(ex, leases_end)
+                if ex.running == 0 and self._executors.get(url) is ex:
+                    break
+            if self._executors.get(url) is not ex:
+                return
+            # Placed on after all (every executor was draining): wait for that too.
+            ex.idle = trio.Event()
+        self.retire(url)
+
+    async def _direct_runs_done(self, ex: _Executor, leases_end: float) -> None:
+        """Wait until no client may send runs to ``ex`` any more and, by its reports,
+        none it was sent is still running (direct runs are not counted here)."""
+        await trio.sleep_until(leases_end)
+        while self._executors.get(ex.url) is ex and self.view.running(ex.url) > 0:
+            with trio.move_on_after(DRAIN_REPORT_WAIT):
+                await ex.reported.wait()
+
+    def pool_view(self, prefix: str) -> list[tuple[str, str, int, int, int, int, int]]:
+        """``(node_id, url, busy, queued, running, in flight, placed)`` of the joined
+        executors whose node id starts with ``prefix`` (an adaptive node's workers)."""
+        if not prefix:
+            raise ProtocolError("a pool query needs a non-empty node id prefix")
+        reported = {e.url: e for e in self.view.status("", [], [], trio.current_time())
+                    .executors}
+        found = []
+        for url, ex in self._executors.items():
+            if ex.draining or not ex.node_id.startswith(prefix):
+                continue
+            r = reported.get(url)
+            busy, queued, running = (r.busy, r.queued, r.running) if r else (0, 0, 0)
+            found.append((ex.node_id, url, busy, queued, running, ex.running, ex.placed))
+        return found
+
+    def _pool_status(self, peer: Peer, prefix: str, text: str) -> None:
+        """Keep an executor node's scaling status (for ``conn.status()``) while it is linked."""
+        try:
+            found = ScalingStatus.from_dict(json.loads(text))
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"pool status: not valid JSON ({exc})") from None
+        self._pools[prefix] = attrs.evolve(found, events=found.events[-MAX_POOL_EVENTS:])
+        prefixes: set[str] = peer.state.setdefault("pool_prefixes", set())
+        if not prefixes:
+            peer.on_close.append(self._pool_left)
+        prefixes.add(prefix)
+
+    def _pool_left(self, peer: Peer) -> None:
+        for prefix in peer.state.get("pool_prefixes", ()):
+            self._pools.pop(prefix, None)
+
+    def _pool_reply(self, prefix: str) -> PoolReply:
+        rows = self.pool_view(prefix)
+        columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[]] * 7
+        return PoolReply(*columns)
+
+    async def _drain_for(self, peer: Peer, request_id: int, url: str) -> None:
+        await self.drain(url)
+        try:
+            peer.post_reply(request_id, BoolReply(True))
+        except DropletError:
+            log.debug("the node that asked to drain %s went away", url)
+
+    def retire(self, url: str) -> None:
+        """Forget executor ``url`` (being stopped on purpose, with nothing running)."""
+        ex = self._executors.pop(url, None)
+        if ex is None:
+            return
+        ex.idle.set()
+        self.view.leave(url)
+        log.info("executor %s drained and retired", url)
+        self.executors_changed.set()
+        self.executors_changed = trio.Event()
 
     async def _fail_run(self, run_id: str, error: DropletError) -> None:
         value = pickle.dumps(_Failure(error))
@@ -331,7 +484,8 @@ class SchedulerService:
         A run goes wholly to one executor: executors least loaded first (the
         load their reports gave, plus the runs placed here since). Runs that
         need more than one executor (GPU functions, multi-exec, batching, the
-        ``spread`` policy) are placed here, call by call: no executors.
+        ``spread`` policy) are placed here, call by call: no executors. Nor
+        are executors being drained.
         """
         probe = CallDag(msg.target, msg.is_function, [], [])
         dag = self._dag_for(probe)
@@ -346,7 +500,7 @@ class SchedulerService:
                 and not dag.multiexec and not dag.batching_functions):
             loads = self.view.loads()
             order = sorted((ex for ex in self._executors.values()
-                            if not ex.resources.get("gpu", 0)),
+                            if not ex.resources.get("gpu", 0) and not ex.draining),
                            key=lambda ex: ex.running + loads.get(ex.url, 0))
             urls = [ex.url for ex in order]
         return CallPlaced(msg.target, msg.is_function, list(dag.functions), versions,
@@ -415,12 +569,13 @@ class SchedulerService:
             versions.append(version)
         running = {url: ex.running for url, ex in self._executors.items()}
         gpus = [url for url, ex in self._executors.items() if ex.resources.get("gpu", 0) > 0]
-        where = self._placement.place(dag, list(self._executors), running, gpus)
+        where = self._placement.place(dag, self._placeable(), running, gpus)
         run_id = unique_id()
         deadline = time.time() + msg.timeout if msg.timeout else None
         placed = [where[fn] for fn in dag.functions]
         for url in placed:
             self._executors[url].running += 1
+            self._executors[url].placed += 1
         # A run with a continuation reports its result here, to start the next DAG.
         direct = caller is not None or then is not None
         self._runs[run_id] = _Run(placed, result_key, caller, msg.consistency,
@@ -464,6 +619,8 @@ class SchedulerService:
             ex = self._executors.get(url)
             if ex is not None and ex.running > 0:
                 ex.running -= 1
+                if ex.running == 0 and ex.draining:
+                    ex.idle.set()
 
     async def _run_done(self, msg: RunDone) -> None:
         run = self._runs.pop(msg.run_id, None)
