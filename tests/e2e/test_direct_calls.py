@@ -89,6 +89,18 @@ def test_calls_go_straight_to_executors_and_results_reach_the_store(
             conn.get_object(failed.obj_id)
         with pytest.raises(droplet.RegistrationError, match="no function named 'nope'"):
             conn.exec_func("nope", [])
+        # Futures answered by two executors (two connections): wait and as_completed.
+        futures = [f(i) for i in range(8)]
+        done, not_done = droplet.wait(futures, timeout=TIMEOUT)
+        assert len(done) == 8 and not not_done
+        assert {x.get() for x in futures} == {ex.pid for ex in executors}
+        more = [f(i) for i in range(8)]
+        assert sorted(x.get() for x in droplet.as_completed(more, timeout=TIMEOUT)) == sorted(
+            x.get() for x in more)
+        first = [conn.register(lambda _: __import__("time").sleep(30), "slow")(),
+                 f(0), f(1)]
+        done, _ = droplet.wait(first, timeout=TIMEOUT, return_when=droplet.FIRST_COMPLETED)
+        assert done and first[0] not in done
 
 
 def test_cached_placement_is_dropped_when_an_executor_leaves(
