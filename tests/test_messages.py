@@ -92,6 +92,14 @@ SAMPLES: list[Any] = [
     m.ExecutorReport("tcp://e1", 32, 1, 0, 1, 2, 300, 5, 1, ["f", "g"], [2, 0], [1, 0],
                      [1] * 2 + [0] * (2 * BUCKETS - 2), [1500, 0]),
     m.ExecutorReport("inproc://e", 1, 0, 0, 0, 0, 0, 0, 0, [], [], [], [], []),
+    m.ExecutorReport("inproc://e", 1, 0, 0, 0, 0, 0, 0, 0, [], [], [], [], [], 3,
+                     ["big", "bigger"], [70_000, 10_000_000], ["gone"], True),
+    m.CacheGet("k"),
+    m.CacheGet("k", 7, True, True),
+    m.CacheValue("k", 0, False),
+    m.CacheValue("k", 3, True, 5, b"lattice"),
+    m.CacheValue("k", 4, False, 100_000, None, "droplet-1-0123abcd-1"),
+    m.CachePut("k", b"lattice"),
     m.PoolQuery("ab12-w"),
     m.PoolReply(["ab12-w0"], ["tcp://127.0.0.1:7001"], [1], [3], [4], [4], [17]),
     m.PoolReply([], [], [], [], [], [], []),
@@ -112,7 +120,7 @@ FILLED = {
 def generated_samples() -> list[Any]:
     samples = []
     for cls in MESSAGES.values():
-        kinds = [str(f.type) for f in attrs.fields(cls)]
+        kinds = cls._schema.kinds  # Blob fields are bytes fields on the wire
         samples.append(cls(*[FILLED[k] for k in kinds]))
         samples.append(cls(*[None if k.endswith("| None") else FILLED[k] for k in kinds]))
     # Filled with arbitrary values, these do not fit together: see the

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from .protocol.framing import Payload
+
 __all__ = ["OUTBOX_BYTES", "OUTBOX_MESSAGES", "Outbox"]
 
 #: Messages and bytes an outbox holds before its peer counts as stuck.
@@ -24,7 +26,7 @@ class Outbox:
 
     def __init__(self, max_messages: int = OUTBOX_MESSAGES,
                  max_bytes: int = OUTBOX_BYTES) -> None:
-        self._frames: deque[bytes] = deque()
+        self._frames: deque[Payload] = deque()
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.size_bytes = 0
@@ -32,7 +34,7 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def put(self, frame: bytes) -> bool:
+    def put(self, frame: Payload) -> bool:
         """Queue ``frame``; False (and nothing queued) when the outbox is full."""
         if self._frames and (len(self._frames) >= self.max_messages
                              or self.size_bytes + len(frame) > self.max_bytes):
@@ -41,7 +43,7 @@ class Outbox:
         self.size_bytes += len(frame)
         return True
 
-    def take(self) -> list[bytes]:
+    def take(self) -> list[Payload]:
         """Everything queued, oldest first; the outbox is empty afterwards."""
         frames = list(self._frames)
         self.clear()

@@ -24,7 +24,7 @@ import itertools
 import logging
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -32,7 +32,7 @@ from . import errors
 from .errors import ConnectionError, DropletError, ProtocolError
 from .outbox import OUTBOX_BYTES, OUTBOX_MESSAGES, Outbox
 from .protocol import handshake
-from .protocol.framing import frame
+from .protocol.framing import Gather, Payload
 from .protocol.messages import (
     AuthChallenge,
     AuthResponse,
@@ -40,6 +40,7 @@ from .protocol.messages import (
     ErrorReply,
     InvalidMessage,
     Ok,
+    encode_gather,
 )
 from .protocol.messages import decode as decode_message
 from .protocol.messages import encode as encode_message
@@ -154,11 +155,11 @@ class Peer:
 
     async def send(self, msg: Any) -> None:
         """Send a one-way message."""
-        await self._send(encode_message(msg))
+        await self._send(encode_gather(msg))
 
     async def send_many(self, msgs: Sequence[Any]) -> None:
         """Send several one-way messages in one write."""
-        await self._send_many([encode_message(msg) for msg in msgs])
+        await self._send_many([encode_gather(msg) for msg in msgs])
 
     async def reply(self, request_id: int, msg: Any) -> None:
         """Answer request ``request_id`` (used by handlers that returned DEFERRED).
@@ -169,7 +170,7 @@ class Peer:
             return
         try:
             try:
-                await self._send(encode_message(msg, request_id, reply=True))
+                await self._send(encode_gather(msg, request_id, reply=True))
             except ValueError as exc:
                 # The reply is over max_frame_size (checked before anything is
                 # written): tell the caller why instead of leaving it waiting.
@@ -196,9 +197,10 @@ class Peer:
         ``check_size``: a message over :attr:`send_limit` raises ValueError (as
         ``send`` would) instead of being dropped by the writer.
         """
-        encoded = encode_message(msg)
-        if check_size and self.send_limit is not None:
-            frame(encoded, self.send_limit)  # raises ValueError naming the limit
+        encoded = encode_gather(msg)
+        if check_size and self.send_limit is not None and len(encoded) > self.send_limit:
+            raise ValueError(f"frame of {len(encoded)} bytes exceeds "
+                             f"max_frame_size={self.send_limit}")
         self._post(encoded, on_full)
 
     def post_reply(self, request_id: int, msg: Any) -> None:
@@ -206,7 +208,7 @@ class Peer:
         if not request_id:
             return
         try:
-            frame = encode_message(msg, request_id, reply=True)
+            frame = encode_gather(msg, request_id, reply=True)
         finally:
             self._inflight.release()
         self._post(frame, "disconnect")
@@ -215,7 +217,7 @@ class Peer:
         """:meth:`reply_error` through the outbox."""
         self.post_reply(request_id, _error_reply(exc))
 
-    def _post(self, frame: bytes, on_full: str) -> None:
+    def _post(self, frame: Payload, on_full: str) -> None:
         if self._closed:
             raise ConnectionError(f"connection to {self.remote} is closed")
         if not self._outbox.put(frame):
@@ -254,12 +256,12 @@ class Peer:
             except ConnectionError:
                 return
 
-    async def _refuse_oversize(self, frame: bytes, exc: ValueError) -> None:
+    async def _refuse_oversize(self, frame: Payload, exc: ValueError) -> None:
         """A posted frame is over max_frame_size: a reply becomes an error reply
         (the caller learns why instead of waiting out its timeout); anything else
         is logged and dropped."""
         try:
-            msg, request_id, is_reply = decode_message(frame)
+            msg, request_id, is_reply = decode_message(bytes(frame))
         except ProtocolError:  # cannot happen for frames we encoded; be safe
             is_reply, request_id, msg = False, 0, None
         log.warning("dropped a %s to %s: %s", type(msg).__name__, self.remote, exc)
@@ -268,17 +270,20 @@ class Peer:
                 ErrorReply("DropletError", f"{type(msg).__name__} reply too large: {exc}"),
                 request_id, reply=True))
 
-    async def _send(self, frame: bytes) -> None:
+    async def _send(self, frame: Payload) -> None:
         await self._send_many((frame,))
 
-    async def _send_many(self, frames: Sequence[bytes]) -> None:
+    async def _send_many(self, frames: Sequence[Payload]) -> None:
         if self._closed:
             raise ConnectionError(f"connection to {self.remote} is closed")
+        if not getattr(self.conn, "gather_writes", False):
+            # A transport that takes whole bytes only: join big messages here.
+            frames = [bytes(f) if type(f) is Gather else f for f in frames]
         try:
             if len(frames) == 1:
-                await self.conn.send(frames[0])
+                await self.conn.send(cast(bytes, frames[0]))
             else:
-                await self.conn.send_many(frames)
+                await self.conn.send_many(cast(Sequence[bytes], frames))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await self.aclose()
             raise ConnectionError(f"connection to {self.remote} broke: {exc}") from exc
@@ -289,7 +294,7 @@ class Peer:
         slot = Slot()
         self._pending[request_id] = slot
         try:
-            await self._send(encode_message(msg, request_id))
+            await self._send(encode_gather(msg, request_id))
             if timeout is None:
                 await slot.event.wait()
             else:
@@ -314,8 +319,8 @@ class Peer:
         """
         ids = [next(self._ids) for _ in msgs]
         slots = [Slot() for _ in msgs]
-        frames = [encode_message(m) for m in oneway]
-        frames += [encode_message(m, i) for m, i in zip(msgs, ids, strict=True)]
+        frames = [encode_gather(m) for m in oneway]
+        frames += [encode_gather(m, i) for m, i in zip(msgs, ids, strict=True)]
         self._pending.update(zip(ids, slots, strict=True))
         try:
             await self._send_many(frames)

@@ -18,8 +18,6 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-import attrs
-
 from droplet.consistency import CausalContext
 from droplet.protocol import messages
 from droplet.protocol.messages import ExecutorJoin, encode
@@ -114,7 +112,7 @@ def _message(rng: random.Random, classes: list[type[Any]]) -> Any:
     cls = rng.choice(classes)
     if cls is messages.Trigger and rng.random() < 0.5:
         return _trigger_like(rng)
-    return cls(*[_value(rng, str(f.type)) for f in attrs.fields(cls)])
+    return cls(*[_value(rng, kind) for kind in cls._schema.kinds])
 
 
 def cases(seed: int, n: int, classes: list[type[Any]] | None = None

@@ -390,7 +390,7 @@ _KINDS: dict[str, st.SearchStrategy[Any]] = {
 
 
 def _field(cls: type[Any], field: attrs.Attribute[Any]) -> st.SearchStrategy[Any]:
-    kind = str(field.type)
+    kind = str(field.type).replace("Blob", "bytes")  # Blob fields are bytes on the wire
     if kind.endswith(" | None"):
         return st.none() | _KINDS[kind.removesuffix(" | None")]
     return _KINDS[kind]

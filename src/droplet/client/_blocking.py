@@ -30,9 +30,18 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..errors import ConnectionError, DropletError, ProtocolError, TimeoutError
-from ..protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame
+from ..protocol.framing import (
+    BIG_FRAME,
+    DEFAULT_MAX_FRAME_SIZE,
+    Buffer,
+    FrameDecoder,
+    Payload,
+    frame,
+    frame_parts,
+)
 from ..protocol.handshake import ClientHandshake
 from ..protocol.messages import (
+    Blob,
     BoolReply,
     CallDag,
     CallPlaced,
@@ -52,6 +61,7 @@ from ..protocol.messages import (
     Names,
     PlaceCall,
     StatusReply,
+    encode_gather,
 )
 from ..protocol.messages import decode as decode_message
 from ..protocol.messages import encode as encode_message
@@ -72,6 +82,8 @@ from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 __all__ = ["BlockingClient", "BlockingFuture", "BlockingPeer"]
 
 RECEIVE_SIZE = 256 * 1024
+#: Buffers per ``sendmsg`` (Linux takes at most 1024).
+IOV_MAX = 512
 #: A waiting follower re-checks for a missed leader handoff this often (seconds).
 HANDOFF_POLL = 0.05
 #: Frames (or bytes) held back under load before the submitting thread writes them itself.
@@ -196,7 +208,7 @@ class BlockingPeer:
         self._polled = 0.0  # when alive() last read the socket
         #: frames held back under load (submit(batch=True)), written in order
         #: before anything else; the writer thread writes them when woken.
-        self._outgoing: list[bytes] = []
+        self._outgoing: list[Buffer] = []
         self._outgoing_bytes = 0
         self._write_wanted = threading.Event()
         self._writer: threading.Thread | None = None
@@ -268,23 +280,33 @@ class BlockingPeer:
                     remaining = max(0.0, deadline - time.monotonic())
                     if not select.select([sock], [], [], remaining)[0]:
                         return False
+                # The rest of a big frame goes straight into its own buffer.
+                target = self._decoder.receive_buffer()
                 try:
-                    data = sock.recv(RECEIVE_SIZE)
+                    if target is None:
+                        data = sock.recv(RECEIVE_SIZE)
+                        got = len(data)
+                    else:
+                        got = sock.recv_into(target)
                 except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     if time.monotonic() >= deadline:
                         return False
                     continue  # woken for nothing (or TLS bookkeeping): wait again
                 except OSError as exc:
                     raise ConnectionError(f"connection to {self.remote} broke: {exc}") from exc
-                if not data:
+                if not got:
                     raise ConnectionError(f"{self.remote} closed the connection")
-                self._decoder.feed(data)
+                if target is None:
+                    self._decoder.feed(data)
+                else:
+                    self._decoder.received(got)
                 return True
         finally:
             self._exit()
 
-    def _send_all(self, data: bytes, deadline: float) -> bool:
-        """Write ``data`` by the deadline; False (nothing written) if the lock never came.
+    def _send_all(self, data: bytes | list[Buffer], deadline: float) -> bool:
+        """Write ``data`` (bytes, or pieces written with gather writes) by the
+        deadline; False (nothing written) if the lock never came.
 
         A write cut off midway leaves half a frame on the wire: the connection
         is failed, and TimeoutError raised.
@@ -292,20 +314,35 @@ class BlockingPeer:
         remaining = deadline - time.monotonic()
         if not self._send_lock.acquire(timeout=max(0.0, remaining)):
             return False
-        queued: list[bytes] = []
+        queued: list[Buffer] = []
         try:
             if self._outgoing:  # frames held back under load go first, in order
                 with self._state:
                     queued, self._outgoing = self._outgoing, []
                     self._outgoing_bytes = 0
-                data = b"".join([*queued, data])
+                data = [*queued, *([data] if isinstance(data, bytes) else data)]
             sock = self._enter()
+            gather = not isinstance(sock, ssl.SSLSocket)  # TLS has no sendmsg
             try:
-                view = memoryview(data)
-                sent = 0
-                while sent < len(view):
+                views = [memoryview(p) for p in ([data] if isinstance(data, bytes) else data)]
+                first = sent = 0
+                while first < len(views):
+                    if not views[first].nbytes:
+                        first += 1
+                        continue
                     try:
-                        sent += sock.send(view[sent:])
+                        if gather and len(views) - first > 1:
+                            n = sock.sendmsg(views[first:first + IOV_MAX])
+                        else:
+                            n = sock.send(views[first])
+                        sent += n
+                        while n:
+                            if n >= views[first].nbytes:
+                                n -= views[first].nbytes
+                                first += 1
+                            else:
+                                views[first] = views[first][n:]
+                                n = 0
                         continue
                     except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                         pass
@@ -353,28 +390,28 @@ class BlockingPeer:
         with self._state:
             ids = [next(self._ids) for _ in msgs]
             self._pending.update(zip(ids, slots, strict=True))
-        frames = [frame(encode_message(m), self._max) for m in oneway]
-        frames += [frame(encode_message(m, i), self._max)
-                   for m, i in zip(msgs, ids, strict=True)]
+        payloads = [encode_gather(m) for m in oneway]
+        payloads += [encode_gather(m, i) for m, i in zip(msgs, ids, strict=True)]
+        pieces = self._frames(payloads)
         if batch:
             with self._state:
                 held = len(self._pending) > len(ids)  # others are in flight: hold back
                 if held:
-                    self._outgoing += frames
-                    self._outgoing_bytes += sum(map(len, frames))
+                    self._outgoing += pieces
+                    self._outgoing_bytes += sum(len(p) for p in pieces)
                     full = (len(self._outgoing) >= BATCH_FRAMES
                             or self._outgoing_bytes >= BATCH_BYTES)
             if held:
                 if not full:
                     self._wake_writer()
                     return slots
-                frames = []  # write what is held now, from this thread
+                pieces = []  # write what is held now, from this thread
         try:
-            written = self._send_all(b"".join(frames), deadline)
+            written = self._send_all(pieces, deadline)
         except DropletError as exc:
             self._fail(exc)
             raise
-        if not written and batch and not frames:  # ours stay held: the writer sends them
+        if not written and batch and not pieces:  # ours stay held: the writer sends them
             self._wake_writer()
             return slots
         if not written:
@@ -413,12 +450,19 @@ class BlockingPeer:
         if self._failure is not None or not msgs:
             return False
         try:
-            return self._send_all(
-                b"".join([frame(encode_message(m), self._max) for m in msgs]),
-                time.monotonic() + timeout)
+            return self._send_all(self._frames([encode_gather(m) for m in msgs]),
+                                  time.monotonic() + timeout)
         except DropletError as exc:
             self._fail(exc)
             return False
+
+    def _frames(self, payloads: Sequence[Payload]) -> list[Buffer]:
+        """The pieces of one write of framed ``payloads``: one joined buffer when
+        small, else big messages' buffers as they are (no copy)."""
+        parts = [p for payload in payloads for p in frame_parts(payload, self._max)]
+        if len(parts) > 1 and sum(len(p) for p in parts) < BIG_FRAME:
+            return [b"".join(parts)]
+        return parts
 
     def wait(self, slot: _Slot, timeout: float, what: str) -> Any:
         """The reply in ``slot`` within ``timeout`` seconds (reading for others meanwhile)."""
@@ -523,7 +567,7 @@ class BlockingPeer:
         except DropletError as exc:  # ConnectionError, ProtocolError: the socket is done
             self._fail(exc)
 
-    def _dispatch(self, payload: bytes) -> None:
+    def _dispatch(self, payload: bytes | memoryview) -> None:
         msg, request_id, is_reply = decode_message(payload)
         if not is_reply:
             return  # a node sends clients nothing but replies
@@ -601,7 +645,7 @@ class BlockingFuture:
         self._direct = peer is not None
         self._wait = wait
         self._session = session
-        self._blob: bytes | None = None
+        self._blob: Blob | None = None
         self._pinned = False
 
     @property

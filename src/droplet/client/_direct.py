@@ -61,7 +61,9 @@ def may_go_direct(call: CallDag) -> bool:
     """Whether ``call`` is of a kind a client may send straight to an executor."""
     return not (call.direct or call.consistency != NORMAL or call.output_key is not None
                 or call.client_id is not None or call.timeout is not None
-                or call.continuation is not None or call.result_key is None)
+                or call.continuation is not None or call.result_key is None
+                # references: the scheduler places the call where their data is cached
+                or any(call.references))
 
 
 def triggers_for(call: CallDag, plan: CallPlaced, url: str) -> list[Trigger] | None:

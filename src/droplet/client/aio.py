@@ -27,6 +27,7 @@ from ..errors import (
     TimeoutError,
 )
 from ..protocol.messages import (
+    Blob,
     BoolReply,
     CallDag,
     CallPlaced,
@@ -100,7 +101,7 @@ class AsyncDropletFuture:
         self._client = client
         self._session = session
         self._timeout = timeout
-        self._blob: bytes | None = None
+        self._blob: Blob | None = None
         self._error: BaseException | None = None
         self._arrived = trio.Event()
         #: set with ``_arrived``, for the sync facade to wait on without the event loop.

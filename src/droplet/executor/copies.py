@@ -6,15 +6,16 @@ object, so in a diamond one branch could mutate the other's input. Every
 hand-off now goes through :func:`private`, which gives the same semantics
 under every placement: immutable values (numbers, strings, bytes, and small
 tuples/frozensets of them) are passed as they are, anything else is copied
-through pickle, exactly what crossing the wire would have done.
+through pickle, exactly what crossing the wire would have done. Big buffers
+(a ``bytearray``, an array) are copied once, not twice: they are pickled out
+of band (``serialization.dumps_value``) and only rebuilt from the original.
 """
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
-from ..serialization import dumps
+from ..serialization import dumps_value, loads
 
 __all__ = ["is_immutable", "private"]
 
@@ -47,4 +48,4 @@ def private(value: Any) -> Any:
     """
     if is_immutable(value):
         return value
-    return pickle.loads(dumps(value))
+    return loads(dumps_value(value))

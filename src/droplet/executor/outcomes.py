@@ -25,9 +25,10 @@ import trio
 
 from ..errors import FunctionError, _Failure
 from ..lattices import RAW, LWWLattice, encode_lattice
-from ..serialization import dumps
+from ..protocol.framing import Gather
+from ..serialization import dumps, dumps_value
 
-__all__ = ["function_error", "lww", "pickle_result"]
+__all__ = ["function_error", "lww", "pickle_result", "pickle_value"]
 
 
 def lww(blob: bytes) -> bytes:
@@ -35,11 +36,27 @@ def lww(blob: bytes) -> bytes:
 
 
 def pickle_result(result: Any) -> bytes:
+    """The result as a plain pickle: what the store keeps."""
     try:
         return dumps(result)
     except TypeError as exc:
-        return dumps(_Failure(FunctionError(
-            "TypeError", f"the function's result cannot be serialized: {exc}")))
+        return _unpicklable(exc)
+
+
+def pickle_value(result: Any) -> bytes | Gather:
+    """The result for a message (to the next function, or a direct reply): big
+    buffers out of band (``serialization.dumps_value``), never stored as is."""
+    try:
+        # snapshot: a function may keep (and change) a buffer it returned
+        # while the message is still being written.
+        return dumps_value(result, snapshot=True)
+    except TypeError as exc:
+        return _unpicklable(exc)
+
+
+def _unpicklable(exc: TypeError) -> bytes:
+    return dumps(_Failure(FunctionError(
+        "TypeError", f"the function's result cannot be serialized: {exc}")))
 
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep

@@ -11,6 +11,11 @@ fields travel after it as ``u32 length | raw`` blobs, so pickled arguments and
 lattice frames are never base64'd or copied through a parser. A
 ``list[bytes]`` field puts its element count in the header.
 
+Big blobs are never copied here: :func:`encode_gather` returns a message with
+one as a :class:`~droplet.protocol.framing.Gather` of the header and the
+blobs' own buffers, and :func:`decode` of a big frame (a ``memoryview``)
+leaves the pickled values of a call (:data:`Blob` fields) as views into it.
+
 Decoding validates every field's type against the class's annotations, so a
 well-formed frame with wrong field types is a ProtocolError here and never
 reaches a service.
@@ -27,8 +32,10 @@ from typing import Any, TypeVar
 import attrs
 
 from ..errors import ProtocolError
+from .framing import BIG_FRAME, Buffer, Gather, Payload
 
-__all__ = ["FLAG_REPLY", "MESSAGES", "InvalidMessage", "decode", "encode"]
+__all__ = ["FLAG_REPLY", "MESSAGES", "Blob", "InvalidMessage", "decode", "encode",
+           "encode_gather"]
 
 FLAG_REPLY = 0x01
 _ENVELOPE = struct.Struct(">BBII")
@@ -39,8 +46,18 @@ _json_decode = json.JSONDecoder().decode
 MESSAGES: dict[int, type[Any]] = {}
 T = TypeVar("T")
 
-# Per field kind: (is_blob, validator returning the value to store or raising).
+#: A field holding a pickled call value (an argument list, a result): read
+#: only by ``serialization.loads`` or passed on as it is, so a big one decodes to
+#: a read-only ``memoryview`` of the frame instead of a copy, and may be sent
+#: as a :class:`~droplet.protocol.framing.Gather` (a pickle with out-of-band
+#: buffers). Every ``bytes`` field decodes to ``bytes``.
+Blob = bytes | memoryview | Gather
+
 _BLOB_KINDS = {"bytes", "bytes | None", "list[bytes]"}
+#: Field kinds that may decode to views (see :data:`Blob`).
+VIEW_KINDS = frozenset({"Blob", "Blob | None", "list[Blob]"})
+#: Blobs smaller than this are copied out as ``bytes`` even in a ``Blob`` field.
+VIEW_MIN = 64 * 1024
 
 
 def _is_str_list(v: Any) -> bool:
@@ -65,21 +82,26 @@ def _check(kind: str) -> Callable[[Any], bool]:
 
 
 class _Schema:
-    __slots__ = ("blob_fields", "checks", "cls", "names", "kinds", "header_fields", "tag")
+    __slots__ = ("blob_fields", "checks", "cls", "names", "kinds", "header_fields", "tag",
+                 "views")
 
     def __init__(self, cls: type[Any], tag: int) -> None:
         self.cls = cls
         self.tag = tag
         fields = attrs.fields(cls)
         self.names = [f.name for f in fields]
-        self.kinds = [str(f.type) for f in fields]
+        # A Blob field is a bytes field on the wire; it only decodes differently.
+        self.kinds = [str(f.type).replace("Blob", "bytes") for f in fields]
+        self.views = frozenset(f.name for f in fields if str(f.type) in VIEW_KINDS)
         self.header_fields = [
-            (i, f.name, _check(str(f.type)))
-            for i, f in enumerate(fields)
-            if str(f.type) not in _BLOB_KINDS
+            (i, name, _check(kind))
+            for i, (name, kind) in enumerate(zip(self.names, self.kinds, strict=True))
+            if kind not in _BLOB_KINDS
         ]
-        self.blob_fields = [(i, f.name, str(f.type)) for i, f in enumerate(fields)
-                            if str(f.type) in _BLOB_KINDS]
+        self.blob_fields = [
+            (i, name, kind)
+            for i, (name, kind) in enumerate(zip(self.names, self.kinds, strict=True))
+            if kind in _BLOB_KINDS]
 
 
 def message(tag: int) -> Callable[[type[T]], type[T]]:
@@ -98,10 +120,21 @@ def message(tag: int) -> Callable[[type[T]], type[T]]:
 
 def encode(msg: Any, request_id: int = 0, reply: bool = False) -> bytes:
     """Encode a message into one frame payload (without the length prefix)."""
+    payload = encode_gather(msg, request_id, reply)
+    return payload if type(payload) is bytes else bytes(payload)
+
+
+def encode_gather(msg: Any, request_id: int = 0, reply: bool = False) -> Payload:
+    """:func:`encode`, but a message with big blobs comes back as a
+    :class:`~droplet.protocol.framing.Gather` of its pieces instead of joined.
+
+    A blob may itself be a ``Gather`` (a pickled value with out-of-band
+    buffers) or a ``memoryview``; either is written as it is.
+    """
     schema: _Schema = msg._schema
     values = [getattr(msg, name) for name in schema.names]
     header: list[Any] = []
-    blobs: list[bytes] = []
+    blobs: list[Buffer | Gather] = []
     if schema.blob_fields:
         blob_at = {i: kind for i, _, kind in schema.blob_fields}
         for i, value in enumerate(values):
@@ -119,19 +152,34 @@ def encode(msg: Any, request_id: int = 0, reply: bool = False) -> bytes:
     else:
         header = values
     head = _json_encode(header).encode("utf-8")
-    parts = [_ENVELOPE.pack(schema.tag, FLAG_REPLY if reply else 0, request_id, len(head)), head]
+    parts: list[Buffer] = [
+        _ENVELOPE.pack(schema.tag, FLAG_REPLY if reply else 0, request_id, len(head)), head]
+    size = 0
     for blob in blobs:
-        parts.append(_U32.pack(len(blob)))
-        parts.append(blob)
+        if isinstance(blob, Gather):
+            parts.append(_U32.pack(blob.nbytes))
+            parts.extend(blob.parts)
+            size += blob.nbytes
+        else:
+            n = blob.nbytes if type(blob) is memoryview else len(blob)
+            parts.append(_U32.pack(n))
+            parts.append(blob)
+            size += n
+    if size >= BIG_FRAME:
+        return Gather(parts)
     return b"".join(parts)
 
 
-def decode(payload: bytes) -> tuple[Any, int, bool]:
+def decode(payload: bytes | memoryview) -> tuple[Any, int, bool]:
     """Decode one frame payload into ``(message, request_id, is_reply)``.
+
+    In a big frame (a read-only ``memoryview`` from a socket, or ``bytes``)
+    the big values of :data:`Blob` fields stay views of it, and every other
+    blob is copied out as ``bytes``.
 
     Anything that is not a valid message raises ProtocolError naming the problem.
     """
-    size = len(payload)
+    size = payload.nbytes if type(payload) is memoryview else len(payload)
     if size < _ENVELOPE.size:
         raise ProtocolError(f"frame of {size} bytes is too short for a message envelope")
     tag, flags, request_id, head_len = _ENVELOPE.unpack_from(payload)
@@ -144,7 +192,7 @@ def decode(payload: bytes) -> tuple[Any, int, bool]:
     if end > size:
         raise ProtocolError(f"{cls.__name__}: header length {head_len} exceeds the frame")
     try:
-        text = payload[pos:end].decode("utf-8")
+        text = str(payload[pos:end], "utf-8")
         header = _json_decode(text)
         if "\\u" in text:
             # A "\udXXX" escape can smuggle a lone surrogate into a str, which no
@@ -163,20 +211,24 @@ def decode(payload: bytes) -> tuple[Any, int, bool]:
                 f"got {type(header[i]).__name__}"
             )
     pos = end
+    if size >= BIG_FRAME and type(payload) is bytes:
+        payload = memoryview(payload)  # big blobs as views of these (immutable) bytes
+    is_view = type(payload) is memoryview
     for i, name, kind in schema.blob_fields:
         marker = header[i]
-        if kind == "list[bytes]":
+        keep = is_view and name in schema.views
+        if kind[0] == "l":  # list[bytes], list[Blob]
             if type(marker) is not int or marker < 0 or marker > size:
                 raise ProtocolError(f"{cls.__name__}.{name}: bad blob count {marker!r}")
             items = []
             for _ in range(marker):
-                blob, pos = _take_blob(payload, pos, cls, name)
+                blob, pos = _take_blob(payload, pos, cls, name, keep)
                 items.append(blob)
             header[i] = items
-        elif marker is None and kind == "bytes | None":
+        elif marker is None and kind.endswith("| None"):
             continue
         elif marker == 0 and type(marker) is int:
-            header[i], pos = _take_blob(payload, pos, cls, name)
+            header[i], pos = _take_blob(payload, pos, cls, name, keep)
         else:
             raise ProtocolError(f"{cls.__name__}.{name} must be {kind}")
     if pos != size:
@@ -222,14 +274,20 @@ def _validator(cls: type[Any]) -> Callable[[Callable[[Any], None]], Callable[[An
     return register
 
 
-def _take_blob(payload: bytes, pos: int, cls: type[Any], name: str) -> tuple[bytes, int]:
-    if pos + 4 > len(payload):
+def _take_blob(payload: bytes | memoryview, pos: int, cls: type[Any], name: str,
+               keep_view: bool) -> tuple[bytes | memoryview, int]:
+    """The blob at ``pos``: a view of a big frame only for a big value in a view field."""
+    size = len(payload)  # a frame's memoryview is one-dimensional bytes
+    if pos + 4 > size:
         raise ProtocolError(f"{cls.__name__}.{name}: truncated blob length")
     (n,) = _U32.unpack_from(payload, pos)
     pos += 4
-    if pos + n > len(payload):
+    if pos + n > size:
         raise ProtocolError(f"{cls.__name__}.{name}: blob of {n} bytes exceeds the frame")
-    return payload[pos : pos + n], pos + n
+    blob = payload[pos : pos + n]
+    if type(blob) is memoryview and not (keep_view and n >= VIEW_MIN):
+        return bytes(blob), pos + n
+    return blob, pos + n
 
 
 # --------------------------------------------------------------------------- generic
@@ -458,7 +516,7 @@ class CallDag:
     target: str
     is_function: bool
     arg_fns: list[str]
-    arg_blobs: list[bytes]
+    arg_blobs: list[Blob]
     consistency: str = "NORMAL"
     output_key: str | None = None
     client_id: str | None = None
@@ -472,6 +530,10 @@ class CallDag:
     #: another DAG's call (an encoded, unsent CallDag from ``dry_run``) to run
     #: on this DAG's result; its result is this call's result.
     continuation: bytes | None = None
+    #: per ``arg_fns`` entry, the keys of the DropletReference arguments it
+    #: gets (empty list: none known), so placement can prefer executors whose
+    #: node caches them without unpickling the arguments.
+    references: list[list[str]] = attrs.Factory(list)
 
 
 @message(26)
@@ -487,7 +549,7 @@ class DagResult:
     """The sink's outcome: a pickled value, or a pickled FunctionError when failed."""
 
     run_id: str
-    value: bytes
+    value: Blob
     failed: bool
 
 
@@ -501,7 +563,7 @@ class RunDone:
     """
 
     run_id: str
-    value: bytes | None
+    value: Blob | None
     failed: bool
 
 
@@ -543,6 +605,17 @@ class ExecutorReport:
     failures: list[int]
     latency: list[int]
     latency_us: list[int]
+    #: entries the cache evicted since the previous report.
+    cache_evictions: int = 0
+    #: what the executor's node caches, for data-aware placement: keys of at
+    #: least REPORT_MIN_SIZE bytes (the largest, at most REPORT_MAX_KEYS) with
+    #: their sizes, added or resized since the previous report, and keys gone
+    #: since. ``cache_full``: ``cached_keys`` is the whole summary (the first
+    #: report, and the one after a report was dropped), not a change.
+    cached_keys: list[str] = attrs.Factory(list)
+    cached_sizes: list[int] = attrs.Factory(list)
+    uncached_keys: list[str] = attrs.Factory(list)
+    cache_full: bool = False
 
 
 @message(31)
@@ -647,7 +720,7 @@ class CallPlaced:
 # --------------------------------------------------------------------------- executor
 
 
-@message(45)
+@message(48)
 @attrs.frozen
 class FunctionRegistered:
     """Scheduler -> executors, one-way: function ``name`` is registered at ``version``.
@@ -678,9 +751,9 @@ class Trigger:
     placement: list[str]
     edges: list[list[str]]
     arg_fns: list[str]
-    arg_blobs: list[bytes]
+    arg_blobs: list[Blob]
     source: str | None
-    result: bytes | None
+    result: Blob | None
     failed: bool
     result_key: str
     output_key: str | None
@@ -697,7 +770,7 @@ class Trigger:
     #: functions whose queued calls an executor runs as one batch.
     batching: list[str] = attrs.Factory(list)
     #: a pickled value appended to a source function's arguments (continuations).
-    carried: bytes | None = None
+    carried: Blob | None = None
 
 
 @message(41)
@@ -708,6 +781,73 @@ class Mail:
     dest: str
     sender: str
     data: bytes
+
+
+# --------------------------------------------------------------------------- node cache
+
+
+@message(42)
+@attrs.frozen
+class CacheGet:
+    """Worker process -> its node's cache: the value of ``key``, unless I hold ``version``.
+
+    ``refresh`` reads the store even when the key is cached (a read that must
+    not be stale); ``inline`` asks for the bytes in the reply rather than a
+    shared-memory segment (after a segment vanished before it was mapped).
+    """
+
+    key: str
+    version: int = 0
+    refresh: bool = False
+    inline: bool = False
+
+
+@message(43)
+@attrs.frozen
+class CacheValue:
+    """Node cache -> worker: ``key`` at ``version`` (0: absent).
+
+    Exactly one of: ``data`` (the encoded lattice), ``segment`` (the name of a
+    shared-memory segment of ``size`` bytes holding it, laid out as
+    ``layout`` says), or neither when the worker already holds ``version``.
+    ``hit``: the node had it cached.
+    """
+
+    key: str
+    version: int
+    hit: bool
+    size: int = 0
+    data: bytes | None = None
+    segment: str | None = None
+    #: how the segment holds the value: "" the encoded lattice, "oob" a
+    #: protocol-5 pickle with out-of-band buffers (numpy; see executor/oob.py).
+    layout: str = ""
+
+
+@message(44)
+@attrs.frozen
+class CachePut:
+    """Worker process -> its node's cache: merge ``lattice`` into ``key`` (through the store).
+
+    Answered with KvsStored once the node's cache holds the merged value, so
+    the writer reads its own write.
+    """
+
+    key: str
+    lattice: bytes
+
+
+@message(45)
+@attrs.frozen
+class CacheInvalidate:
+    """Node cache -> worker process, one-way: these keys changed or left the node's cache.
+
+    Sent to the workers that were given a version of them: a worker serves
+    its held versions locally until told this (so a warm read needs no
+    round trip), then asks again.
+    """
+
+    keys: list[str]
 
 
 # --------------------------------------------------------------------------- validation
@@ -742,6 +882,11 @@ def _check_call(m: CallDag) -> None:
                             "arg_blobs")
     _check_seconds("CallDag", "timeout", m.timeout)
     _check_causal("CallDag", m.causal)
+    if m.references and len(m.references) != len(m.arg_fns):
+        raise ProtocolError(f"CallDag: {len(m.references)} reference lists for "
+                            f"{len(m.arg_fns)} arg_fns")
+    if sum(len(keys) for keys in m.references) > MAX_CALL_REFERENCES:
+        raise ProtocolError(f"CallDag: more than {MAX_CALL_REFERENCES} reference keys")
 
 
 @_validator(Trigger)
@@ -783,8 +928,12 @@ def _check_get(m: KvsGet) -> None:
         raise ProtocolError("KvsGet.wait must be a number of seconds, not NaN")
 
 
+#: Most reference keys one CallDag may name (clients send at most 64 per function).
+MAX_CALL_REFERENCES = 4096
 #: Most functions one executor report may name.
 MAX_REPORTED_FUNCTIONS = 10_000
+#: Most cached keys (added and removed) one executor report may name.
+MAX_REPORTED_KEYS = 4096
 
 
 @_validator(ExecutorReport)
@@ -805,8 +954,15 @@ def _check_report(m: ExecutorReport) -> None:
                                 f"(expected {size})")
         if any(v < 0 for v in values):
             raise ProtocolError(f"ExecutorReport.{name} must not be negative")
+    if len(m.cached_keys) != len(m.cached_sizes):
+        raise ProtocolError(f"ExecutorReport: {len(m.cached_keys)} cached_keys but "
+                            f"{len(m.cached_sizes)} cached_sizes")
+    if len(m.cached_keys) + len(m.uncached_keys) > MAX_REPORTED_KEYS:
+        raise ProtocolError(f"ExecutorReport: more than {MAX_REPORTED_KEYS} cached keys")
+    if any(v < 0 for v in m.cached_sizes):
+        raise ProtocolError("ExecutorReport.cached_sizes must not be negative")
     for name in ("threads", "busy", "queued", "running", "cache_entries", "cache_bytes",
-                 "cache_hits", "cache_misses"):
+                 "cache_hits", "cache_misses", "cache_evictions"):
         if getattr(m, name) < 0:
             raise ProtocolError(f"ExecutorReport.{name} must not be negative")
     for i, (fn, calls, failures) in enumerate(zip(m.functions, m.calls, m.failures,
@@ -816,6 +972,16 @@ def _check_report(m: ExecutorReport) -> None:
         if sum(m.latency[i * BUCKETS:(i + 1) * BUCKETS]) != calls:
             raise ProtocolError(f"ExecutorReport: {fn!r} latency buckets do not add up to "
                                 "its calls")
+
+
+@_validator(CacheValue)
+def _check_cache_value(m: CacheValue) -> None:
+    if m.version < 0 or m.size < 0:
+        raise ProtocolError("CacheValue.version and size must not be negative")
+    if m.data is not None and m.segment is not None:
+        raise ProtocolError("CacheValue carries data or a segment, not both")
+    if m.layout not in ("", "oob"):
+        raise ProtocolError(f"CacheValue.layout {m.layout!r} is not '' or 'oob'")
 
 
 @_validator(StatusReply)

@@ -27,10 +27,12 @@ import trio
 from .. import errors
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _Failure
+from ..executor.downstream import arguments_for
 from ..ids import unique_id
 from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
+    Blob,
     BoolReply,
     CallAccepted,
     CallDag,
@@ -65,7 +67,7 @@ from ..registration import code_version
 from ..rpc import DEFERRED, Peer
 from ..status import ClusterStatus, ScalingStatus
 from .dags import Dag, build_dag
-from .placement import Placement
+from .placement import DEFAULT_POLICY, Candidate, Placement
 from .registry import dag_entry, decode_registry, function_entry
 from .reports import ClusterView
 
@@ -85,6 +87,9 @@ PLACEMENT_LEASE = 2.0
 DRAIN_REPORT_WAIT = 5.0
 #: Scale events kept of each adaptive executor node's status.
 MAX_POOL_EVENTS = 20
+#: Placement policies under which a whole run may go to one executor the
+#: client picks (CallPlaced): those that keep a pipeline on one executor.
+DIRECT_POLICIES = ("data", "locality")
 #: Most DAG calls chained by continuations in one call.
 MAX_CONTINUATIONS = 32
 
@@ -140,7 +145,7 @@ class SchedulerService:
         kvs: Peer,
         kvs_url: str,
         node_id: str = "",
-        placement: str = "locality",
+        placement: str = DEFAULT_POLICY,
     ) -> None:
         self._nursery = nursery
         self._kvs = kvs
@@ -484,7 +489,8 @@ class SchedulerService:
         A run goes wholly to one executor: executors least loaded first (the
         load their reports gave, plus the runs placed here since). Runs that
         need more than one executor (GPU functions, multi-exec, batching, the
-        ``spread`` policy) are placed here, call by call: no executors. Nor
+        ``spread`` policy and custom ones) are placed here, call by call: no
+        executors. Nor
         are executors being drained.
         """
         probe = CallDag(msg.target, msg.is_function, [], [])
@@ -496,7 +502,9 @@ class SchedulerService:
                 raise DagError(f"DAG {dag.name!r} uses {fn!r}, which is no longer registered")
             versions.append(version)
         urls: list[str] = []
-        if (self._placement.policy == "locality" and not dag.gpu_functions
+        # "data" places a call without references as "locality" does; clients
+        # send only calls without references straight to executors.
+        if (self._placement.policy in DIRECT_POLICIES and not dag.gpu_functions
                 and not dag.multiexec and not dag.batching_functions):
             loads = self.view.loads()
             order = sorted((ex for ex in self._executors.values()
@@ -552,7 +560,7 @@ class SchedulerService:
         return then
 
     async def _start(self, dag: Dag, msg: CallDag, caller: tuple[Peer, int] | None,
-                     result_key: str, carried: bytes | None, then: CallDag | None) -> str:
+                     result_key: str, carried: Blob | None, then: CallDag | None) -> str:
         """Place and trigger one run of ``dag``; returns the run id."""
         if msg.consistency not in CONSISTENCY_LEVELS:
             raise DagError(
@@ -567,9 +575,14 @@ class SchedulerService:
             if version is None:
                 raise DagError(f"DAG {dag.name!r} uses {fn!r}, which is no longer registered")
             versions.append(version)
-        running = {url: ex.running for url, ex in self._executors.items()}
-        gpus = [url for url, ex in self._executors.items() if ex.resources.get("gpu", 0) > 0]
-        where = self._placement.place(dag, self._placeable(), running, gpus)
+        candidates = []
+        for url in self._placeable():
+            ex = self._executors[url]
+            threads, queued, cached = self.view.load(url)
+            candidates.append(Candidate(url, ex.running, threads, queued,
+                                        ex.resources.get("gpu", 0) > 0, cached))
+        references = dict(zip(msg.arg_fns, msg.references, strict=False))
+        where = self._placement.place(dag, candidates, {}, (), references)
         run_id = unique_id()
         deadline = time.time() + msg.timeout if msg.timeout else None
         placed = [where[fn] for fn in dag.functions]
@@ -592,6 +605,8 @@ class SchedulerService:
                 list(dag.multiexec), list(dag.invalid_results), list(dag.batching_functions),
                 carried,
             )
+            if len(dag.sources) > 1:  # each source carries only the arguments ahead of it
+                trigger = attrs.evolve(trigger, **arguments_for(trigger, fn))
             try:
                 # Through the executor's outbox: a backed-up executor fails this
                 # call at once instead of stalling the caller's connection.
@@ -665,9 +680,9 @@ class SchedulerService:
         # In a task: this runs in the executor's reader, which must not wait on the store.
         self._nursery.start_soon(self._record_failure, done.run_id, run.result_key, value)
 
-    async def _record_failure(self, run_id: str, result_key: str, value: bytes) -> None:
+    async def _record_failure(self, run_id: str, result_key: str, value: Blob) -> None:
         try:
             await self._kvs.request(KvsPut(
-                result_key, encode_lattice(LWWLattice.now(value), dump=RAW)), KVS_TIMEOUT)
+                result_key, encode_lattice(LWWLattice.now(bytes(value)), dump=RAW)), KVS_TIMEOUT)
         except DropletError as exc:
             log.warning("could not record failure of run %s: %s", run_id, exc)

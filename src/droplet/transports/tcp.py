@@ -1,22 +1,30 @@
 """``tcp://HOST:PORT`` (and ``tls://`` with the standard ``ssl`` module).
 
 One length-prefixed byte stream per connection. ``receive`` owns the
-:class:`~droplet.protocol.framing.FrameDecoder`; because ``receive_some`` either
-returns bytes or is cancelled with none consumed, a cancelled ``receive`` loses
-nothing and the decoder keeps any partial frame. A cancelled ``send`` may have
-written half a frame, so it closes the connection.
+:class:`~droplet.protocol.framing.FrameDecoder`; because ``receive_some`` (and
+``recv_into``) either returns bytes or is cancelled with none consumed, a
+cancelled ``receive`` loses nothing and the decoder keeps any partial frame. A
+cancelled ``send`` may have written half a frame, so it closes the connection.
+
+Big frames cost one copy per hop and few trips through the event loop: on
+plain TCP the rest of a big frame is received with ``recv_into`` straight into
+the buffer the decoder set aside for it (as much per call as the kernel has),
+and a :class:`~droplet.protocol.framing.Gather` payload is written with
+``sendmsg`` from the buffers it is made of, never joined.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import trio
 
 from ..errors import ConnectionError, ProtocolError
-from ..protocol.framing import FrameDecoder, frame
+from ..protocol.framing import BIG_FRAME, Buffer, FrameDecoder, Payload, frame_parts
 from ._sockets import dial, open_listeners, peer_url
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 from .registry import parse_address
@@ -24,6 +32,10 @@ from .registry import parse_address
 __all__ = ["StreamConnection", "TcpTransport"]
 
 RECEIVE_SIZE = 256 * 1024
+#: Largest read for a big frame over TLS (which cannot ``recv_into``).
+BIG_RECEIVE_SIZE = 4 * 1024 * 1024
+#: Buffers per ``sendmsg`` (Linux takes at most 1024).
+IOV_MAX = 512
 #: Seconds ``aclose`` may spend on TLS's close_notify before it just hangs up.
 CLOSE_TIMEOUT = 1.0
 
@@ -33,6 +45,8 @@ class StreamConnection(Connection):
 
     def __init__(self, stream: trio.abc.Stream, remote_address: str, options: TransportOptions):
         self._stream = stream
+        #: the raw trio socket of a plain TCP stream (receive_into, sendmsg); None for TLS.
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.remote_address = remote_address
         self._decoder = FrameDecoder(options.max_frame_size)
         self._send_limit = options.max_frame_size
@@ -46,25 +60,38 @@ class StreamConnection(Connection):
         self._decoder.max_frame_size = (
             self._send_limit if max_frame_size is None else max_frame_size)
 
-    async def send(self, data: bytes) -> None:
-        await self._write(frame(data, self._send_limit))
+    #: ``send`` and ``send_many`` take :class:`~droplet.protocol.framing.Gather` payloads.
+    gather_writes = True
 
-    async def send_many(self, frames: Sequence[bytes]) -> None:
+    async def send(self, data: Payload) -> None:
+        await self._write(frame_parts(data, self._send_limit))
+
+    async def send_many(self, frames: Sequence[Payload]) -> None:
         limit = self._send_limit
-        await self._write(b"".join([frame(f, limit) for f in frames]))
+        parts = [p for f in frames for p in frame_parts(f, limit)]
+        if len(parts) > 1 and sum(len(p) for p in parts) < BIG_FRAME:
+            parts = [b"".join(parts)]  # small frames: one write of one buffer
+        await self._write(parts)
 
-    async def _write(self, payload: bytes) -> None:
+    async def _write(self, parts: list[Buffer]) -> None:
         async with self._send_lock:
             if self._closed:
                 raise trio.ClosedResourceError("connection is closed")
             try:
-                await self._stream.send_all(payload)
+                if len(parts) == 1:
+                    await self._stream.send_all(parts[0])
+                elif self._sock is not None:
+                    with _socket_errors():
+                        await _sendmsg_all(self._sock, parts)
+                else:
+                    for part in parts:
+                        await self._stream.send_all(part)
             except BaseException:
                 # Half a frame may be on the wire: this connection is unusable.
                 await self._abort()
                 raise
 
-    async def receive(self) -> bytes:
+    async def receive(self) -> bytes | memoryview:  # type: ignore[override]
         decoder = self._decoder
         while True:
             payload = decoder.next_frame()
@@ -77,7 +104,7 @@ class StreamConnection(Connection):
                 if self._frame_deadline == math.inf:
                     self._frame_deadline = trio.current_time() + self._read_timeout
                 with trio.move_on_at(self._frame_deadline) as scope:
-                    data = await self._stream.receive_some(RECEIVE_SIZE)
+                    got = await self._read_more()
                 if scope.cancelled_caught:
                     await self._abort()
                     raise ProtocolError(
@@ -85,12 +112,27 @@ class StreamConnection(Connection):
                         f"{self._read_timeout:g} s"
                     )
             else:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-            if not data:
+                got = await self._read_more()
+            if not got:
                 if decoder.mid_frame:
                     raise ProtocolError(f"{self.remote_address} closed the connection mid-frame")
                 raise trio.EndOfChannel
-            decoder.feed(data)
+
+    async def _read_more(self) -> bool:
+        """One read into the decoder; False at the end of the stream."""
+        decoder = self._decoder
+        target = decoder.receive_buffer()
+        if target is None:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+        elif self._sock is not None:  # the bytes go where the frame will stay
+            with _socket_errors():
+                n = await self._sock.recv_into(target)
+            decoder.received(n)
+            return n > 0
+        else:
+            data = await self._stream.receive_some(min(len(target), BIG_RECEIVE_SIZE))
+        decoder.feed(data)
+        return bool(data)
 
     async def _abort(self) -> None:
         self._closed = True
@@ -111,6 +153,35 @@ class StreamConnection(Connection):
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
             await trio.aclose_forcefully(self._stream)
+
+
+@contextmanager
+def _socket_errors() -> Iterator[None]:
+    """What ``trio.SocketStream`` makes of socket errors, for our direct socket calls."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
+async def _sendmsg_all(sock: trio.socket.SocketType, parts: list[Buffer]) -> None:
+    """Write every byte of ``parts``, in order, with gather writes."""
+    views = [memoryview(p) for p in parts]
+    first = 0
+    while first < len(views):
+        sent = await sock.sendmsg(views[first:first + IOV_MAX])
+        while sent:
+            view = views[first]
+            if sent >= view.nbytes:
+                sent -= view.nbytes
+                first += 1
+            else:
+                views[first] = view[sent:]
+                sent = 0
+        while first < len(views) and not views[first].nbytes:
+            first += 1
 
 
 class TcpTransport(Transport):
