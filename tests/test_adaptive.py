@@ -82,6 +82,7 @@ async def test_a_burst_grows_executors_and_idle_shrinks_them() -> None:
 
 async def test_scale_down_drains_calls_in_flight_and_places_none_there() -> None:
     async with open_local_cluster((1, 2), **MANUAL) as cluster, cluster.client() as cloud:
+        cloud._direct.enabled = False  # placement through the scheduler, counted there
         pool = _pool(cluster)
         scheduler = cluster.node.scheduler
         assert scheduler is not None
@@ -203,6 +204,7 @@ async def test_a_call_placed_on_an_executor_before_its_join_reply_is_served() ->
     from droplet.protocol.messages import ExecutorJoin
 
     async with open_local_cluster((1, 2), **MANUAL) as cluster, cluster.client() as cloud:
+        cloud._direct.enabled = False  # placement through the scheduler, counted there
         pool = _pool(cluster)
         scheduler = cluster.node.scheduler
         router = cluster.node.router

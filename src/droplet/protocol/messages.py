@@ -688,8 +688,53 @@ class DrainExecutor:
 
     url: str
 
+@message(46)
+@attrs.frozen
+class PlaceCall:
+    """Client -> scheduler: where may calls of ``target`` go straight to?
+
+    ``target`` is a function (``is_function``) or a DAG. Answered by
+    :class:`CallPlaced`, or the error a call of it would get (no such function
+    or DAG).
+    """
+
+    target: str
+    is_function: bool
+
+
+@message(47)
+@attrs.frozen
+class CallPlaced:
+    """A whole run of ``target`` may go to any one of ``executors`` (least loaded first).
+
+    ``functions``, ``versions`` and ``edges`` are the run's schedule, as in a
+    :class:`Trigger`. The client may send runs straight to those executors for
+    ``lease`` seconds, then asks again (the scheduler owns placement and load).
+    No executors: send calls of ``target`` through the scheduler.
+    """
+
+    target: str
+    is_function: bool
+    functions: list[str]
+    versions: list[str]
+    edges: list[list[str]]
+    executors: list[str]
+    lease: float
+
 
 # --------------------------------------------------------------------------- executor
+
+
+@message(48)
+@attrs.frozen
+class FunctionRegistered:
+    """Scheduler -> executors, one-way: function ``name`` is registered at ``version``.
+
+    Executors load its code now, so its first call does not wait for the store.
+    """
+
+    name: str
+    version: str
 
 
 @message(40)
