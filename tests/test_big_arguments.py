@@ -7,6 +7,7 @@ pickled out of band, a function's own copy of what it receives.
 
 from __future__ import annotations
 
+import pickle
 import ssl
 import struct
 from collections.abc import Iterator
@@ -19,9 +20,11 @@ import trustme
 import droplet
 from droplet import DropletConnection
 from droplet.client._blocking import BlockingClient
+from droplet.client._core import unwrap_result
 from droplet.cluster import open_local_cluster
 from droplet.errors import ProtocolError
 from droplet.protocol.framing import BIG_FRAME, Gather
+from droplet.protocol.messages import CallDag, DagResult
 from droplet.transports.base import Connection, TransportOptions
 from droplet.transports.registry import get_transport, parse_address
 
@@ -195,3 +198,29 @@ def test_big_arguments_over_tls_blocking(tls_ca: trustme.CA,
             cloud.register_dag("tb_echo", ["tb_id"], [])
             assert cloud.call_dag("tb_echo", {"tb_id": DATA}).get() == DATA
             assert cloud.call_dag("tb_echo", {"tb_id": DATA}, direct_response=True) == DATA
+
+
+async def test_a_malformed_argument_further_down_a_pipeline_fails_the_call() -> None:
+    """An executor looks at the next function's arguments to decide whether it
+    may run in the same segment: a malformed out-of-band value there is the
+    call's error, not a run that dies unanswered until the caller times out."""
+    def first(_: Any, x: Any) -> Any:
+        return x
+
+    def second(_: Any, x: Any, y: Any) -> Any:
+        return x, y
+
+    with trio.fail_after(60):
+        async with open_local_cluster(1) as cluster:
+            async with cluster.client() as cloud:
+                await cloud.register(first, "mal_first")
+                await cloud.register(second, "mal_second")
+                await cloud.register_dag("mal", ["mal_first", "mal_second"],
+                                         [("mal_first", "mal_second")])
+                bad = b"\x00\xff\xff\xff"  # the out-of-band form's marker, then junk
+                call = CallDag("mal", False, ["mal_first", "mal_second"],
+                               [pickle.dumps([1]), bad], direct=True)
+                reply = await cloud._scheduler.request(call, 20)
+    assert type(reply) is DagResult and reply.failed
+    with pytest.raises(droplet.FunctionError, match="out-of-band"):
+        unwrap_result(reply.value)

@@ -276,6 +276,15 @@ def test_mentions_searches_the_stream_only() -> None:
     assert not mentions(pickle.dumps([1]), b"needle")
 
 
+def test_mentions_of_a_malformed_value_is_a_conservative_yes() -> None:
+    """It is a pre-check (an executor's pipelining asks it before anything is
+    unpickled): it must not raise, or the run dies unanswered."""
+    good = bytes(dumps_value([BIG]))
+    for bad in (b"\x00", good[:5], good[:-1], good + b"x"):
+        assert mentions(bad, b"DropletReference")
+        assert mentions(memoryview(bad), b"DropletReference")
+
+
 # --------------------------------------------------------------------------- downstream
 
 def test_downstream_triggers_drop_the_arguments_of_functions_that_ran() -> None:

@@ -206,11 +206,15 @@ def loads(blob: Buffer | Gather) -> Any:
 def mentions(blob: Buffer | Gather, needle: bytes) -> bool:
     """Whether a pickled value's stream contains ``needle`` (a class name, say),
     without copying a big value to look (out-of-band buffers are raw data and
-    are not searched)."""
+    are not searched). Conservative: never raises, and a malformed value
+    "mentions" everything."""
     if isinstance(blob, Gather):
         return needle in blob.parts[1]
     if len(blob) and blob[0] == 0:
-        blob = _split(blob, private=False)[0]
+        try:
+            blob = _split(blob, private=False)[0]
+        except pickle.UnpicklingError:
+            return True  # malformed: "maybe" (loads, later, says what is wrong)
     if type(blob) is bytes:
         return needle in blob
     return re.search(re.escape(needle), blob) is not None
