@@ -8,6 +8,7 @@ pickled out of band, a function's own copy of what it receives.
 from __future__ import annotations
 
 import pickle
+import socket
 import ssl
 import struct
 from collections.abc import Iterator
@@ -224,3 +225,42 @@ async def test_a_malformed_argument_further_down_a_pipeline_fails_the_call() -> 
     assert type(reply) is DagResult and reply.failed
     with pytest.raises(droplet.FunctionError, match="out-of-band"):
         unwrap_result(reply.value)
+
+
+# --------------------------------------------------------------------------- no sendmsg
+
+async def test_gathered_frames_without_sendmsg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where sockets have no ``sendmsg`` (Windows), big frames go out part by part."""
+    with trio.socket.socket() as sock:
+        for cls in (trio.socket.SocketType, type(sock)):
+            monkeypatch.delattr(cls, "sendmsg", raising=False)
+    url = "tcp://127.0.0.1:0"
+    pieces = [b"head", memoryview(DATA)[1:], DATA[:BIG_FRAME]]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(get_transport(url).serve, url, echo, TransportOptions())
+            async with await get_transport(url).connect(bound, TransportOptions()) as conn:
+                nursery.start_soon(conn.send, Gather(pieces))
+                got = await conn.receive()
+            nursery.cancel_scope.cancel()
+    assert got == b"".join(pieces)
+
+
+class _NoSendmsg(socket.socket):
+    __slots__ = ()
+
+    @property
+    def sendmsg(self) -> Any:  # type: ignore[override]
+        raise AttributeError("sendmsg")
+
+
+def test_blocking_client_without_sendmsg(tcp_cluster: droplet.LocalCluster) -> None:
+    with DropletConnection(tcp_cluster.address, timeout=60) as cloud:
+        backend = cloud._backend
+        assert isinstance(backend, BlockingClient)
+        cloud.register(identity, "ns_id")
+        cloud.register_dag("ns_echo", ["ns_id"], [])
+        for peer in {id(p): p for p in (backend.scheduler, backend.kvs)}.values():
+            peer._sock.__class__ = _NoSendmsg  # as on a platform without sendmsg
+        assert not hasattr(backend.scheduler._sock, "sendmsg")
+        assert cloud.call_dag("ns_echo", {"ns_id": DATA}, direct_response=True) == DATA

@@ -276,7 +276,8 @@ class BlockingPeer:
             return False
         try:
             sock = self._enter()
-            gather = not isinstance(sock, ssl.SSLSocket)  # TLS has no sendmsg
+            # TLS has no sendmsg, nor has every platform (Windows).
+            gather = not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg")
             try:
                 views = [memoryview(p) for p in ([data] if isinstance(data, bytes) else data)]
                 first = sent = 0
