@@ -265,6 +265,23 @@ def test_malformed_out_of_band_values_fail_to_unpickle() -> None:
             loads(bad)
 
 
+def test_a_malformed_buffer_count_is_refused_before_it_costs_memory() -> None:
+    """A header claiming 2**32 - 1 buffers is refused from the header, not after
+    reading (and keeping) a length for every 9 bytes of the value."""
+    import tracemalloc
+
+    blob = struct.pack("<BII", 0, 2**32 - 1, 0) + bytes(1024 * 1024)
+    tracemalloc.start()
+    try:
+        for bad in (blob, memoryview(blob)):
+            with pytest.raises(pickle.UnpicklingError):
+                loads(bad)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024
+
+
 def test_mentions_searches_the_stream_only() -> None:
     class DropletReferenceLike:
         pass

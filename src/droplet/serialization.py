@@ -168,6 +168,9 @@ def _split(blob: Buffer, private: bool = True) -> tuple[memoryview, list[Buffer]
     try:
         _, count, stream_len = _HEAD.unpack_from(view)
         pos = _HEAD.size
+        if count * _BUF.size > len(view) - pos:  # before reading (and keeping) each one
+            raise pickle.UnpicklingError(
+                f"out-of-band value of {len(view)} bytes cannot hold {count} buffers")
         sizes = []
         for _ in range(count):
             sizes.append(_BUF.unpack_from(view, pos))
