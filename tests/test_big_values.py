@@ -258,6 +258,23 @@ def test_numpy_arrays_travel_out_of_band() -> None:
     assert array[0] == 0
 
 
+def test_a_read_only_array_over_a_writable_one_is_still_copied() -> None:
+    """Read-only is not immutable: a read-only view's base may change later.
+    A snapshot (an executor's result) and a private copy (a local hand-off)
+    must not see that change, as a plain pickle never did."""
+    from droplet.executor.copies import private
+
+    np = pytest.importorskip("numpy")
+    base = np.zeros(OUT_OF_BAND_MIN, dtype=np.int64)
+    view = base.view()
+    view.flags.writeable = False
+    sent = dumps_value(view, snapshot=True)
+    mine = private(view)
+    base[:2] = 7  # the function that returned the view changes it afterwards
+    assert loads(memoryview(bytes(sent)).toreadonly())[0] == 0
+    assert mine[0] == 0
+
+
 def test_malformed_out_of_band_values_fail_to_unpickle() -> None:
     good = bytes(dumps_value([BIG]))
     for bad in (good[:5], good[:-1], good + b"x"):

@@ -88,6 +88,15 @@ class _Raw:
         return self.kind, (pickle.PickleBuffer(memoryview(self.data).toreadonly()),)
 
 
+def _immutable(view: Buffer) -> bool:
+    """Whether nobody can change the bytes of ``view``: ``bytes`` or a view of
+    them (a read-only array may be a view of a writable one, changed behind it)."""
+    obj: Any = view
+    while type(obj) is memoryview:
+        obj = obj.obj
+    return type(obj) is bytes
+
+
 def _is_big_raw(value: Any) -> bool:
     kind = type(value)
     return (kind is bytes or kind is bytearray) and len(value) >= OUT_OF_BAND_MIN
@@ -120,7 +129,8 @@ def dumps_value(obj: Any, *, snapshot: bool = False) -> bytes | Gather:
     out-of-band form as a :class:`~droplet.protocol.framing.Gather` whose
     pieces are the header, the pickle stream and the buffers themselves:
     views of immutable ``bytes`` as they are, and of writable buffers (a
-    ``bytearray``, an array) too unless ``snapshot``, which copies those (once)
+    ``bytearray``, an array, even a read-only view of one) too unless
+    ``snapshot``, which copies those (once)
     for a sender that cannot promise nobody changes them before the message is
     written (an executor, whose function may keep a result it returned).
     """
@@ -134,7 +144,7 @@ def dumps_value(obj: Any, *, snapshot: bool = False) -> bytes | Gather:
         if raw.nbytes < OUT_OF_BAND_MIN:
             return True
         readonly = raw.readonly
-        buffers.append((raw if readonly or not snapshot else raw.tobytes(), readonly))
+        buffers.append((raw.tobytes() if snapshot and not _immutable(raw) else raw, readonly))
         return False
 
     target = _lift(obj, snapshot)
@@ -198,8 +208,13 @@ def loads(blob: Buffer | Gather) -> Any:
         head, stream, *buffers = blob.parts
         flags = [_BUF.unpack_from(head, _HEAD.size + i * _BUF.size)[1]
                  for i in range(len(buffers))]
-        return pickle.loads(stream, buffers=[b if readonly else bytearray(b)
-                                             for b, readonly in zip(buffers, flags, strict=True)])
+        # Shared as they are only if the value rebuilt from them cannot see a
+        # change: immutable bytes, or our own views of a bytes/bytearray (which
+        # bytes()/bytearray() copy); anything else (an array) gets its own copy.
+        return pickle.loads(stream, buffers=[
+            b if readonly and (_immutable(b) or type(getattr(b, "obj", None)) is memoryview)
+            else bytearray(b)
+            for b, readonly in zip(buffers, flags, strict=True)])
     if len(blob) and blob[0] == 0:
         stream, buffers = _split(blob)
         return pickle.loads(stream, buffers=buffers)
