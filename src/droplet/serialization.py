@@ -13,6 +13,8 @@ is. Such a value's wire form (its *out-of-band form*) is::
     u8 0 | u32 buffers | u32 stream length | per buffer: u64 length, u8 read-only
          | pickle stream | buffer | buffer ...
 
+(its integers little-endian, unlike the big-endian frame and message envelope).
+
 A plain pickle starts with the ``PROTO`` opcode (``0x80``), never ``0``, so
 :func:`loads` takes either form. On the receiving side the buffers are views
 of the received frame: a read-only one (``bytes``) is copied once into the
