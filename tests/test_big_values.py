@@ -105,6 +105,24 @@ def test_big_frame_limit_is_checked_before_any_buffer_is_taken() -> None:
     assert pool.pooled_bytes == 0 and decoder.receive_buffer() is None
 
 
+def test_no_memory_for_a_big_frame_is_this_connections_protocol_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """mmap can fail (ENOMEM under strict overcommit, many frames declared at
+    once): that ends the one connection (ProtocolError, which the transports
+    and services handle), never a node's listener with a stray OSError."""
+    import errno
+    import mmap
+
+    def no_memory(*args: Any) -> Any:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", no_memory)
+    decoder = FrameDecoder(pool=BufferPool())
+    decoder.feed(frame(BIG)[:100])
+    with pytest.raises(ProtocolError, match=f"frame of {len(BIG)} bytes"):
+        decoder.next_frame()
+
+
 def test_received_must_fit_the_frame_under_way() -> None:
     decoder = FrameDecoder(pool=BufferPool())
     with pytest.raises(ValueError):

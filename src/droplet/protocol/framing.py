@@ -271,7 +271,11 @@ class FrameDecoder:
     def _start_big(self, size: int) -> None:
         """Give the big frame whose header is at ``_pos`` a buffer; move its start there."""
         buf, start = self._buf, self._pos + HEADER_SIZE
-        self._big = self._pool.take(size)
+        try:
+            self._big = self._pool.take(size)
+        except (OSError, MemoryError) as exc:  # e.g. ENOMEM under strict overcommit
+            # This connection cannot go on; the process (and its other peers) can.
+            raise ProtocolError(f"no memory for a frame of {size} bytes: {exc}") from None
         view = self._big_view = memoryview(self._big)[:size]
         have = len(buf) - start
         view[:have] = memoryview(buf)[start:]
