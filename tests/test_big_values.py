@@ -9,8 +9,10 @@ buffer only once nothing refers to it. Synchronous: no event loop.
 from __future__ import annotations
 
 import gc
+import os
 import pickle
 import struct
+import warnings
 from typing import Any
 
 import pytest
@@ -113,7 +115,7 @@ def test_no_memory_for_a_big_frame_is_this_connections_protocol_error(
     import errno
     import mmap
 
-    def no_memory(*args: Any) -> Any:
+    def no_memory(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOMEM, "Cannot allocate memory")
 
     monkeypatch.setattr(mmap, "mmap", no_memory)
@@ -159,6 +161,26 @@ def test_a_buffer_is_never_reused_while_a_frame_or_blob_refers_to_it() -> None:
     assert len(pool._buffers) == 2  # the second frame's buffer, free again, was reused
     del blob, third
     assert receive(decoder, other) == other and len(pool._buffers) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_does_not_write_into_its_parents_buffers() -> None:
+    """A function may fork (``multiprocessing``); the child inherits the pool.
+    Its buffers must be the child's own copies (a private mapping), or a frame
+    the child receives lands in a buffer the parent is using."""
+    pool = BufferPool()
+    buffer = pool.take(BIG_FRAME)
+    buffer[:4] = b"mine"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads around
+        pid = os.fork()
+    if pid == 0:  # the child: receives "its" frame into the buffer, and leaves
+        try:
+            buffer[:4] = b"kids"
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert buffer[:4] == b"mine"
 
 
 def test_the_pool_keeps_at_most_its_limit() -> None:
