@@ -295,6 +295,27 @@ _bigarg_row(10, 100)
 _bigarg_row(50, 30)
 
 
+# Cloudburst's locality experiment, warm half: a function returning len() of a
+# DropletReference argument, the same key read again and again (served by the
+# node's cache; see benchmarks/locality.py for cold reads and placement).
+REF_SIZES = {"1k": 1024, "1m": MIB, "10m": 10 * MIB}
+
+
+def _ref_row(label: str, size: int) -> None:
+    @latency_case(f"ref{label}-warm", f"len() of a {label.upper()}iB DropletReference "
+                  "argument, key cached on the node (warm)", expect=size)
+    def ref_warm(conn: droplet.DropletConnection, ctx: Context) -> Callable[[], Any]:
+        key = f"bench-ref-{label}"
+        conn.put_object(key, b"r" * size)
+        fn = conn.register(length, "bench-length")
+        ref = droplet.DropletReference(key)
+        return lambda: fn(ref).get()
+
+
+for _label, _size in REF_SIZES.items():
+    _ref_row(_label, _size)
+
+
 # Consistency overhead: the same DAG under NORMAL, REPEATABLE_READ and CAUSAL,
 # every function reading 2 keys.
 

@@ -10,6 +10,7 @@ equivalent, in the peer's idiomatic form:
 | chain10 | 10 chained ``inc.remote`` | 10 chained ``submit`` |
 | fanin3 | ``add3.remote(noop.remote(1), noop.remote(2), noop.remote(3))`` | likewise |
 | bigarg10/50 | ``length.remote(noop.remote(data))`` | likewise (``data`` scattered per call) |
+| ref*-warm | ``length.remote(ref)`` (``ref = ray.put(data)``) | ``submit(length, scattered)`` |
 | throughput-sync | N ``noop.remote(i)``, ``ray.get`` each | N ``submit``, ``result()`` each |
 
 Peers run with as many worker processes as Droplet's executors (``--executors``)
@@ -21,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bench_cases import MIB, Measured, issue_then_get
+from bench_cases import MIB, REF_SIZES, Measured, issue_then_get
 
 __all__ = ["PEERS", "Peer"]
 
@@ -113,6 +114,10 @@ class RayPeer(Peer):
         if row.startswith("bigarg"):
             data = b"x" * (int(row[len("bigarg"):]) * MIB)
             return lambda: ray.get(self._len.remote(noop.remote(data)))
+        if row.startswith("ref") and row.endswith("-warm"):
+            # The object lives in Ray's shared-memory store; each task gets it by reference.
+            stored = ray.put(b"r" * REF_SIZES[row[len("ref"):-len("-warm")]])
+            return lambda: ray.get(self._len.remote(stored))
         return None
 
     def throughput(self, n: int, warmup: int) -> Measured:
@@ -163,6 +168,10 @@ class DaskPeer(Peer):
         if row.startswith("bigarg"):
             data = b"x" * (int(row[len("bigarg"):]) * MIB)
             return lambda: s(_length, s(_identity, data)).result()
+        if row.startswith("ref") and row.endswith("-warm"):
+            stored = self._client.scatter(b"r" * REF_SIZES[row[len("ref"):-len("-warm")]],
+                                          broadcast=True)
+            return lambda: s(_length, stored).result()
         return None
 
     def throughput(self, n: int, warmup: int) -> Measured:

@@ -31,7 +31,8 @@ from bench_report import Result, environment_line, format_table, summarize  # no
 from bench_targets import TargetOptions, make_target  # noqa: E402
 from run import run_cases, time_calls  # noqa: E402
 
-COMPARED = ("noop", "dag2", "chain10", "fanin3", "throughput-sync", "bigarg10", "bigarg50")
+COMPARED = ("noop", "dag2", "chain10", "fanin3", "throughput-sync", "bigarg10", "bigarg50",
+            "ref1k-warm", "ref1m-warm", "ref10m-warm")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -344,7 +344,7 @@ def _make_stale(executors: list[ExecutorService], key: str, data: bytes) -> None
     read cannot be provoked deterministically from outside.
     """
     for executor in executors:
-        executor.cache._entries[key] = data
+        executor.cache.replace(key, data)
 
 
 async def test_a_session_reads_its_writes_and_never_goes_back_in_time(

@@ -22,12 +22,12 @@ def chain(n: int) -> Dag:
 
 
 def test_policies() -> None:
-    assert set(POLICIES) == {"locality", "spread"}
-    assert Placement().policy == "locality"
+    assert set(POLICIES) == {"data", "locality", "spread"}
+    assert Placement().policy == "data"
 
 
 def test_unknown_policy() -> None:
-    with pytest.raises(ValueError, match=r"'nearest'.*locality"):
+    with pytest.raises(ValueError, match=r"'nearest'.*data, locality, random, spread"):
         Placement("nearest")
 
 

@@ -188,7 +188,7 @@ def test_status_table_names_every_figure() -> None:
     assert "tcp://127.0.0.1:7001" in text and "5.0 MiB" in text and "90%" in text
     executor = next(line for line in text.splitlines() if line.startswith("tcp://127.0.0.1:7001"))
     assert executor.split() == ["tcp://127.0.0.1:7001", "32", "2", "1", "3", "10", "5.0", "MiB",
-                                "90%", "0.5s"]
+                                "90%", "0", "0.5s"]
     inc = next(line for line in text.splitlines() if line.startswith("inc "))
     assert inc.split() == ["inc", "10", "1", "2.5", "1", ">60000"]
     assert "DAGS (1): pipeline" in text

@@ -25,6 +25,7 @@ from .client.client import DropletConnection
 from .config import IN_MEMORY, Config, parse_executors
 from .errors import ConnectionError
 from .node import Node, serve_node
+from .scheduler.placement import DEFAULT_POLICY
 
 __all__ = ["LocalCluster", "open_local_cluster"]
 
@@ -33,16 +34,17 @@ _names = itertools.count(1)
 
 @asynccontextmanager
 async def open_local_cluster(
-    executors: int | tuple[int, int] = 2, *, placement: str = "locality",
+    executors: int | tuple[int, int] = 2, *, placement: str = DEFAULT_POLICY,
     token: str | None = None, threads: int = 32, listen: str | None = None, **settings: Any,
 ) -> AsyncIterator[RunningCluster]:
     """Run an embedded cluster for the duration of an ``async with`` block.
 
     Args:
-        executors: executors (each with its own cache), as tasks of this process;
+        executors: executors, as tasks of this process (sharing one cache);
             ``(min, max)`` for adaptive executors (see ``scale_up_after`` and
             ``scale_down_after`` in :class:`~droplet.config.Config`).
-        placement: scheduling policy, ``"locality"`` or ``"spread"``.
+        placement: placement policy: ``"data"`` (default), ``"locality"``, ``"spread"``
+            or a ``"package.module:Class"`` (see :mod:`droplet.scheduler.placement`).
         token: cluster token clients must present (default: none).
         threads: worker threads per executor for sync functions.
         listen: the cluster's public address (default: a fresh ``inproc://`` name;
@@ -108,14 +110,16 @@ class LocalCluster:
     """An embedded cluster in a background thread; ``connect()`` for clients.
 
     Args:
-        executors: number of executors (each with its own cache), or ``(min, max)``
+        executors: number of executors (sharing one cache), or ``(min, max)``
             for adaptive executors.
-        placement: scheduling policy, ``"locality"`` or ``"spread"``.
+        placement: placement policy: ``"data"`` (default), ``"locality"``, ``"spread"``
+            or a ``"package.module:Class"`` (see :mod:`droplet.scheduler.placement`).
         token: require this cluster token of clients (default: none).
         listen: public address (default: a fresh ``inproc://`` name).
     """
 
-    def __init__(self, executors: int | tuple[int, int] = 2, *, placement: str = "locality",
+    def __init__(self, executors: int | tuple[int, int] = 2, *,
+                 placement: str = DEFAULT_POLICY,
                  token: str | None = None, threads: int = 32, listen: str | None = None,
                  **settings: Any) -> None:
         self._portal = Portal("droplet-local-cluster")

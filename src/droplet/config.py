@@ -13,7 +13,8 @@ from typing import Any
 import attrs
 
 from .autoscale import DEFAULT_DOWN_AFTER, DEFAULT_UP_AFTER, DEFAULT_UP_QUEUE
-from .scheduler.placement import POLICIES
+from .executor.cache import DEFAULT_CACHE_BYTES
+from .scheduler.placement import DEFAULT_POLICY, check_policy_name
 from .transports.base import TransportOptions
 from .transports.registry import normalize_address, parse_address
 
@@ -78,11 +79,19 @@ _KINDS: dict[str, tuple[str, Any]] = {
 
 
 _KEY_KINDS: dict[str, tuple[str, Any]] = {
+    "cache_size": ('a size in bytes, an integer or a string such as "512M"',
+                   lambda v: type(v) is int or isinstance(v, str)),
     "executors": ('a count or "MIN:MAX" (e.g. 2, or "1:4" for adaptive executors)',
                   lambda v: type(v) is int or isinstance(v, str)),
     "resources": ('NAME=COUNT pairs, a string ("gpu=1") or a table ({gpu = 1})',
                   lambda v: isinstance(v, str | dict)),
 }
+
+
+def _placement(_: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"placement must be a policy name, not {value!r}")
+    check_policy_name(value)
 
 
 def _log_level(_: Any, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -159,6 +168,27 @@ def _resources(value: Any) -> str | None:
     return ",".join(f"{k}={v}" for k, v in parse_resources(value).items()) or None
 
 
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(value: Any) -> int:
+    """A size in bytes from ``512M``, ``2G``, ``65536`` (K, M, G, T are powers of 1024).
+
+    >>> parse_size("512M"), parse_size("1.5k"), parse_size(0), parse_size("2 GiB")
+    (536870912, 1536, 0, 2147483648)
+    """
+    if type(value) is int:
+        if value < 0:
+            raise ValueError(f"a size must not be negative, not {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"a size is bytes (an integer) or text like 512M, not {value!r}")
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?)(?:i?b)?\s*", value.lower())
+    if match is None:
+        raise ValueError(f"{value!r} is not a size (try 536870912, 512M or 2G)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
 def is_loopback(address: str) -> bool:
     """Whether only this machine can reach ``address``.
 
@@ -200,7 +230,8 @@ class Config:
     scale_down_after: float = attrs.field(default=DEFAULT_DOWN_AFTER,
                                           validator=_non_negative)
     threads: int = attrs.field(default=32, validator=attrs.validators.ge(1))
-    placement: str = attrs.field(default="locality", validator=attrs.validators.in_(POLICIES))
+    #: a placement policy by name (``data``, ``locality``, ``spread``) or ``module:Class``
+    placement: str = attrs.field(default=DEFAULT_POLICY, validator=_placement)
     token: str | None = attrs.field(default=None, repr=False)  # reprs reach logs
     insecure: bool = False
     tls_cert: str | None = None
@@ -226,6 +257,10 @@ class Config:
     max_batch: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     #: seconds between an executor's load and call reports to its scheduler
     report_interval: float = attrs.field(default=1.0, validator=_positive)
+    #: bytes of values the node's cache holds (LRU), shared by its executors
+    cache_size: int = attrs.field(default=DEFAULT_CACHE_BYTES, converter=parse_size)
+    #: set by an all-in-one node on its worker processes: the node whose cache they use
+    node_cache: str | None = attrs.field(default=None, validator=_url)
     #: where to serve Prometheus metrics over HTTP (``tcp://127.0.0.1:9100``); None: off
     metrics_listen: str | None = attrs.field(default=None, validator=_url)
     log_level: str = attrs.field(default="INFO", validator=_log_level)

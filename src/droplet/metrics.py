@@ -103,7 +103,7 @@ class NodeCollector(Collector):
         yield in_flight
         yield from _executor_metrics([
             (e.url, e.threads, e.busy, e.queued, e.running, e.cache_entries, e.cache_bytes,
-             e.cache_hits, e.cache_misses) for e in status.executors])
+             e.cache_hits, e.cache_misses, e.cache_evictions) for e in status.executors])
 
     @staticmethod
     def _local(executors: list[Any]) -> Iterator[Metric]:
@@ -112,7 +112,7 @@ class NodeCollector(Collector):
             load = ex.load()
             rows.append((ex.url, load.threads, load.busy, load.queued, load.running,
                          load.cache_entries, load.cache_bytes, load.cache_hits,
-                         load.cache_misses))
+                         load.cache_misses, load.cache_evictions))
         yield from _executor_metrics(rows)
 
 
@@ -151,6 +151,7 @@ def _executor_metrics(rows: list[tuple[Any, ...]]) -> Iterator[Metric]:
     counters = [
         ("droplet_cache_hits", "Reads served by the executor's cache."),
         ("droplet_cache_misses", "Reads the executor's cache sent to storage."),
+        ("droplet_cache_evictions", "Values the executor's cache dropped to stay in bounds."),
     ]
     families: list[Metric] = [GaugeMetricFamily(n, d, labels=["executor"]) for n, d in gauges]
     families += [CounterMetricFamily(n, d, labels=["executor"]) for n, d in counters]

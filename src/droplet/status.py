@@ -47,6 +47,8 @@ class ExecutorStatus:
     cache_misses: int
     #: seconds since its last report (None: none yet).
     last_report_age: float | None = None
+    #: values its cache dropped to stay within ``--cache-size``.
+    cache_evictions: int = 0
 
     @property
     def cache_hit_ratio(self) -> float | None:
@@ -223,7 +225,7 @@ _INF_STANDIN = 1e300
 _EXECUTOR_FIELDS: dict[str, Any] = {
     "url": str, "threads": int, "busy": int, "queued": int, "running": int,
     "cache_entries": int, "cache_bytes": int, "cache_hits": int, "cache_misses": int,
-    "last_report_age": (float, None),
+    "last_report_age": (float, None), "cache_evictions": int,
 }
 _SCALING_FIELDS: dict[str, Any] = {
     "minimum": int, "maximum": int, "current": int, "starting": int, "draining": int,
@@ -321,10 +323,10 @@ def format_status(status: ClusterStatus, address: str = "") -> str:
         lines[-1:-1] = _scaling_lines(scaling)
     lines += _table(
         ["EXECUTOR", "THREADS", "BUSY", "QUEUED", "RUNNING", "CACHED", "CACHE", "HITS",
-         "SEEN"],
+         "EVICTED", "SEEN"],
         [[e.url, str(e.threads), str(e.busy), str(e.queued), str(e.running),
           str(e.cache_entries), _bytes(e.cache_bytes), _percent(e.cache_hit_ratio),
-          "-" if e.last_report_age is None else f"{e.last_report_age:.1f}s"]
+          str(e.cache_evictions), "-" if e.last_report_age is None else f"{e.last_report_age:.1f}s"]
          for e in status.executors])
     lines.append("")
     lines += _table(

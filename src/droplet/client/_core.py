@@ -27,6 +27,7 @@ from ..protocol.messages import (
     RegisterFunction,
 )
 from ..protocol.messages import encode as encode_message
+from ..references import DropletReference
 from ..registration import Registration, source_of
 from ..scheduler.dags import check_dag_arguments
 from ..serialization import dumps, dumps_code, dumps_value, loads
@@ -58,6 +59,21 @@ def result_blob(lattice: bytes) -> bytes:
     value = decode_lattice(lattice, load=RAW).reveal()
     assert isinstance(value, bytes)
     return value
+
+
+#: Reference keys a call names per function, for placement (the rest still resolve).
+MAX_REFERENCES_PER_FUNCTION = 64
+
+
+def reference_keys(args: list[Any]) -> list[str]:
+    """The keys of the DropletReference arguments among ``args`` (for data-aware placement)."""
+    keys: list[str] = []
+    for arg in args:
+        if isinstance(arg, DropletReference) and arg.key not in keys:
+            keys.append(arg.key)
+            if len(keys) >= MAX_REFERENCES_PER_FUNCTION:
+                break
+    return keys
 
 
 def new_result_key() -> str:
@@ -150,8 +166,10 @@ class ClientCore:
 
     @staticmethod
     def function_call(name: str, args: Iterable[Any]) -> CallDag:
-        return CallDag(name, True, [name], [dumps_value(list(args))],
-                       result_key=new_result_key())
+        listed = list(args)
+        refs = reference_keys(listed)
+        return CallDag(name, True, [name], [dumps_value(listed)], result_key=new_result_key(),
+                       references=[refs] if refs else [])
 
     @staticmethod
     def register_dag_request(name: str, functions: Any, connections: Any,
@@ -203,8 +221,9 @@ class ClientCore:
             check_level(str(consistency))
         except ValueError as exc:
             raise DagError(f"call_dag({name!r}): {exc}") from None
-        blobs: list[Blob] = [dumps_value(a if isinstance(a, list) else [a])
-                             for a in arg_map.values()]
+        lists = [a if isinstance(a, list) else [a] for a in arg_map.values()]
+        blobs: list[Blob] = [dumps_value(a) for a in lists]
+        refs = [reference_keys(a) for a in lists]
         causal = None
         if consistency == CAUSAL and client_id is not None:
             session = self.sessions.get(client_id)
@@ -215,7 +234,8 @@ class ClientCore:
                 causal = CausalContext(truncated=True).encode()
         return CallDag(name, False, list(arg_map), blobs, str(consistency), output_key,
                        client_id, bool(direct_response), timeout,
-                       None if direct_response else new_result_key(), causal, follow)
+                       None if direct_response else new_result_key(), causal, follow,
+                       refs if any(refs) else [])
 
     @staticmethod
     def session_of(call: CallDag) -> str | None:

@@ -21,7 +21,13 @@ from ..errors import DropletError
 from ..latency import BUCKETS, bucket_of
 from ..protocol.messages import ExecutorReport
 
-__all__ = ["CallRecorder", "Load", "report_periodically"]
+__all__ = ["REPORT_MAX_KEYS", "REPORT_MIN_SIZE", "CachedKeys", "CallRecorder", "Load",
+           "report_periodically"]
+
+#: Cached values at least this big are reported to the scheduler (placement).
+REPORT_MIN_SIZE = 64 * 1024
+#: Most cached keys reported (the largest); a report names at most twice as many.
+REPORT_MAX_KEYS = 1024
 
 log = logging.getLogger("droplet.executor")
 
@@ -70,23 +76,54 @@ class Load:
     cache_bytes: int
     cache_hits: int
     cache_misses: int
+    #: a total, like hits and misses.
+    cache_evictions: int = 0
+    #: ``key -> size`` of what the node caches (see REPORT_MIN_SIZE, REPORT_MAX_KEYS).
+    cached: dict[str, int] = attrs.Factory(dict)
+
+
+class CachedKeys:
+    """The cached-keys summary as changes since the last report (pure)."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, int] = {}
+        #: the next report carries the whole summary (first, or after a lost report).
+        self.resync = True
+
+    def changes(self, now: dict[str, int]) -> tuple[list[str], list[int], list[str], bool]:
+        """``(keys, sizes, removed, full)`` to report for the summary ``now``."""
+        full = self.resync
+        if full:
+            keys, removed = list(now), []
+        else:
+            keys = [k for k, size in now.items() if self._sent.get(k) != size]
+            removed = [k for k in self._sent if k not in now]
+        self._sent = dict(now)
+        self.resync = False
+        return keys, [now[k] for k in keys], removed, full
 
 
 class _Reporter:
     def __init__(self, url: str, recorder: CallRecorder) -> None:
         self.url = url
         self.recorder = recorder
+        self.cached = CachedKeys()
         self._hits = 0
         self._misses = 0
+        self._evictions = 0
 
     def build(self, load: Load) -> ExecutorReport:
         names, calls, failures, latency, latency_us = self.recorder.take()
         hits = max(0, load.cache_hits - self._hits)
         misses = max(0, load.cache_misses - self._misses)
+        evictions = max(0, load.cache_evictions - self._evictions)
         self._hits, self._misses = load.cache_hits, load.cache_misses
+        self._evictions = load.cache_evictions
+        keys, sizes, removed, full = self.cached.changes(load.cached)
         return ExecutorReport(self.url, load.threads, load.busy, load.queued, load.running,
                               load.cache_entries, load.cache_bytes, hits, misses, names,
-                              calls, failures, latency, latency_us)
+                              calls, failures, latency, latency_us, evictions, keys, sizes,
+                              removed, full)
 
 
 async def report_periodically(url: str, recorder: CallRecorder, load: Callable[[], Load],
@@ -101,3 +138,4 @@ async def report_periodically(url: str, recorder: CallRecorder, load: Callable[[
             post(reporter.build(load()))
         except DropletError as exc:  # the scheduler is not reading; try next period
             log.debug("report to the scheduler dropped: %s", exc)
+            reporter.cached.resync = True  # its changes are lost: send everything next

@@ -27,6 +27,7 @@ from ..errors import DropletError, ProtocolError, TimeoutError, _Failure
 from ..lattices import RAW, Lattice, decode_lattice
 from ..protocol.messages import (
     Blob,
+    CacheInvalidate,
     ClusterInfo,
     ExecutorJoin,
     Hello,
@@ -42,14 +43,21 @@ from ..references import DropletReference
 from ..rpc import Peer, PeerPool
 from ..serialization import dumps, loads, mentions
 from .batching import DEFAULT_MAX_BATCH, Batcher
-from .cache import Cache
+from .cache import Cache, Counts
+from .cache_service import RemoteCache
 from .copies import private
 from .downstream import arguments_for
 from .fanin import FanIn
 from .loader import FunctionLoader
 from .multiexec import MultiExec, spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
-from .reports import CallRecorder, Load, report_periodically
+from .reports import (
+    REPORT_MAX_KEYS,
+    REPORT_MIN_SIZE,
+    CallRecorder,
+    Load,
+    report_periodically,
+)
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
@@ -88,6 +96,9 @@ class ExecutorStatistics:
     #: invocations that can receive mail right now.
     mailboxes: int = 0
     cache_entries: int = 0
+    #: encoded bytes the cache holds, and entries it evicted to stay in its bounds.
+    cache_bytes: int = 0
+    cache_evictions: int = 0
     worker_threads: int = 0
     abandoned_threads: int = 0
     #: open connections to other executors and the scheduler.
@@ -147,7 +158,7 @@ def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
 
 
 class ExecutorService:
-    MESSAGES = (Trigger, Mail, KvsUpdate)
+    MESSAGES = (Trigger, Mail, KvsUpdate, CacheInvalidate)
 
     def __init__(
         self,
@@ -160,13 +171,22 @@ class ExecutorService:
         threads: int = 32,
         resources: dict[str, int] | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        cache: Cache | RemoteCache | None = None,
     ) -> None:
         self._nursery = nursery
         self.url = url
         self._scheduler = scheduler
         self._kvs = kvs
         self._peers = peers
-        self.cache = Cache(kvs)
+        #: the node's cache: shared with the node's other executors when given,
+        #: else this executor's own.
+        self.cache: Cache | RemoteCache = Cache(kvs) if cache is None else cache
+        self._own_cache = cache is None
+        #: this executor's own reads of the cache (a node's executors share one).
+        self._cache_counts = Counts()
+        #: whether this executor's reports carry the cache's size and evictions
+        #: (one executor per shared cache does, so totals count it once).
+        self.reports_cache = True
         self.trio_token = trio.lowlevel.current_trio_token()
         self._threads = WorkerThreads(threads)
         self.resources = dict(resources or {})
@@ -186,17 +206,28 @@ class ExecutorService:
     def load(self) -> Load:
         """Current load and cache figures (what the periodic report carries)."""
         cache = self.cache.statistics()
+        counts = self._counts()
+        mine = self.reports_cache
         return Load(self._threads.max_threads, self._threads.busy, self._threads.queued,
-                    self._running, cache.entries, cache.bytes, cache.hits, cache.misses)
+                    self._running, cache.entries if mine else 0, cache.bytes if mine else 0,
+                    counts.hits, counts.misses, cache.evictions if mine else 0,
+                    self.cache.summary(REPORT_MIN_SIZE, REPORT_MAX_KEYS))
+
+    def _counts(self) -> Counts:
+        if isinstance(self.cache, RemoteCache):  # its own view of the node's cache
+            return Counts(self.cache.hits, self.cache.misses)
+        return self._cache_counts
 
     def statistics(self) -> ExecutorStatistics:
         cache = self.cache.statistics()
+        counts = self._counts()
         return ExecutorStatistics(
             self.url, self._invocations, self._failures, self._running,
-            len(self._loader), cache.hits, cache.misses,
+            len(self._loader), counts.hits, counts.misses,
             tasks=self._active, fanin_pending=len(self._fanin),
             fanin_dropped=self._fanin.dropped, multiexec_pending=len(self._multi),
             mailboxes=len(self._libraries), cache_entries=cache.entries,
+            cache_bytes=cache.bytes, cache_evictions=cache.evictions,
             worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
             peers=len(self._peers))
 
@@ -206,6 +237,8 @@ class ExecutorService:
             await trio.sleep_forever()
         finally:
             self._threads.close()
+            if self._own_cache or isinstance(self.cache, RemoteCache):
+                self.cache.close()
 
     @classmethod
     async def join(
@@ -214,6 +247,8 @@ class ExecutorService:
         resources: dict[str, int] | None = None, max_batch: int = DEFAULT_MAX_BATCH,
         report_interval: float = 1.0, node_id: str | None = None,
         before_join: Callable[[ExecutorService], None] | None = None,
+        cache: Cache | None = None, node_cache: str | None = None,
+        cache_size: int | None = None,
     ) -> ExecutorService:
         """Connect to the scheduler and KVS, announce ``url``, return the ready service.
 
@@ -222,6 +257,9 @@ class ExecutorService:
         the scheduler may place calls here as soon as it does.
         ``node_id`` names this executor to whoever started it (an adaptive
         node finds its workers' addresses by it); a random one by default.
+        ``cache``: the node's cache, shared with executors in this process;
+        ``node_cache``: the URL of the node process whose cache this worker
+        process uses (``--node-cache``). Neither: a cache of its own.
         """
         from ..rpc import connect_peer
 
@@ -240,8 +278,17 @@ class ExecutorService:
             kvs = await connect_peer(info.kvs, nursery, token=token, handler=handle,
                                      options=options)
         peers = PeerPool(nursery, token=token, options=options, handler=handle)
+        chosen: Cache | RemoteCache | None = cache
+        if node_cache is not None:
+            link = scheduler if node_cache == scheduler_url else await connect_peer(
+                node_cache, nursery, token=token, handler=handle, options=options)
+            chosen = RemoteCache(link)
+        elif chosen is None and cache_size is not None:
+            chosen = Cache(kvs, max_bytes=cache_size)
         service = cls(nursery, url=url, scheduler=scheduler, kvs=kvs, peers=peers,
-                      threads=threads, resources=resources, max_batch=max_batch)
+                      threads=threads, resources=resources, max_batch=max_batch,
+                      cache=chosen)
+        service._own_cache = cache is None and node_cache is None
         holder.append(service)
         peers.add(scheduler_url, scheduler)
         nursery.start_soon(service._serve)
@@ -262,6 +309,8 @@ class ExecutorService:
             await self.cache.update(msg.key, msg.lattice)
         elif kind is Mail:
             self._deliver(msg)
+        elif kind is CacheInvalidate and isinstance(self.cache, RemoteCache):
+            self.cache.invalidate(msg.keys)
         else:
             raise ProtocolError(f"an executor does not serve {kind.__name__} messages")
         return None
@@ -487,7 +536,7 @@ class ExecutorService:
         """Replace each DropletReference among ``args`` by the value it stands for."""
         if not any(isinstance(a, DropletReference) for a in args):
             return args
-        return [reveal_stored(await self.read(a.key, run), a.deserialize)
+        return [await self.read_value(a.key, run, a.deserialize)
                 if isinstance(a, DropletReference) else a for a in args]
 
     async def _prepare(self, t: Trigger, function: str, libs: list[UserLibrary],
@@ -501,7 +550,7 @@ class ExecutorService:
         if function in t.arg_fns:
             for arg in loads(t.arg_blobs[t.arg_fns.index(function)]):
                 if isinstance(arg, DropletReference):
-                    arg = reveal_stored(await self.read(arg.key, run), arg.deserialize)
+                    arg = await self.read_value(arg.key, run, arg.deserialize)
                 args.append(arg)
         target = loaded.obj
         if isinstance(target, tuple):  # (cls, init_args): one instance per executor
@@ -538,6 +587,25 @@ class ExecutorService:
             run.causal.observe(key, lattice)
         return True, data
 
+    def read_local_value(self, key: str, run: RunContext, deserialize: bool
+                         ) -> tuple[bool, Any]:
+        """``read_local``, decoded: ``(True, value)`` when known here without I/O."""
+        if deserialize and run.consistency != REPEATABLE_READ and run.causal is None:
+            return self.cache.peek_value(key)
+        known, data = self.read_local(key, run)
+        return known, (reveal_stored(data, deserialize) if known else None)
+
+    async def read_value(self, key: str, run: RunContext, deserialize: bool = True) -> Any:
+        """The value of ``key`` as a function receives it (``get``, a reference).
+
+        Under NORMAL consistency an immutable value decoded before for the same
+        cached version is handed out as is (no copy, no unpickling); anything
+        else is decoded for this reader.
+        """
+        if deserialize and run.consistency != REPEATABLE_READ and run.causal is None:
+            return await self.cache.get_value(key, self._cache_counts)
+        return reveal_stored(await self.read(key, run), deserialize)
+
     async def read(self, key: str, run: RunContext) -> bytes | None:
         """The encoded value of ``key`` as the run's consistency level allows."""
         if run.consistency == REPEATABLE_READ:
@@ -545,7 +613,7 @@ class ExecutorService:
                 reply: KvsValue = await self._kvs.request(KvsGet(key, pin=run.run_id))
                 run.pins[key] = reply.lattice
             return run.pins[key]
-        data = await self.cache.get(key)
+        data = await self.cache.get(key, self._cache_counts)
         if run.causal is not None:
             lattice = decode_lattice(data, load=RAW) if data is not None else None
             if not run.causal.fresh_enough(key, lattice):

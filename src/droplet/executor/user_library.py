@@ -146,18 +146,18 @@ class UserLibrary:
             found: dict[str, Any] = {}
             missing = []
             for k in keys:
-                known, data = self._executor.read_local(k, self._run)
+                known, value = self._executor.read_local_value(k, self._run, deserialize)
                 if known:
-                    found[k] = reveal_stored(data, deserialize)
+                    found[k] = value
                 elif k not in missing:
                     missing.append(k)
             if missing:  # one hop into the event loop for all of them
                 found.update(self._in_trio(self.aget, missing, deserialize))
             return {k: found[k] for k in keys}
         k = _key(key)
-        known, data = self._executor.read_local(k, self._run)
+        known, value = self._executor.read_local_value(k, self._run, deserialize)
         if known:  # no I/O needed: skip the hop into the event loop's thread
-            return reveal_stored(data, deserialize)
+            return value
         return self._in_trio(self.aget, k, deserialize)
 
     get_object = get
@@ -191,7 +191,7 @@ class UserLibrary:
                    deserialize: bool = True) -> Any:
         if isinstance(key, list):
             return {_key(k): await self.aget(k, deserialize) for k in key}
-        return reveal_stored(await self._executor.read(_key(key), self._run), deserialize)
+        return await self._executor.read_value(_key(key), self._run, deserialize)
 
     async def aput(self, key: str | DropletReference, value: Any) -> str:
         if self._run.causal is not None or isinstance(value, Lattice):

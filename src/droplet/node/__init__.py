@@ -27,6 +27,8 @@ import trio
 from ..autoscale import ScalingPolicy
 from ..config import IN_MEMORY, Config, parse_resources
 from ..errors import ProtocolError
+from ..executor.cache import Cache
+from ..executor.cache_service import NodeCacheService, open_node_cache
 from ..executor.service import ExecutorService
 from ..kvs.backends import MemoryBackend, StorageBackend
 from ..kvs.backends.durable import DurableBackend
@@ -91,13 +93,16 @@ class Node:
     router: Router | None = None
     #: where Prometheus metrics are served (``--metrics-listen``), or None.
     metrics_url: str | None = None
+    #: the cache the node's executors share (all-in-one node), or None.
+    cache: Cache | None = None
     #: the executors of an all-in-one node (adaptive with ``--executors MIN:MAX``).
     pool: ExecutorPool | None = None
 
     def statistics(self) -> dict[str, int]:
         """Every integer field of every service's ``statistics()``, as ``service.field``."""
         found: dict[str, int] = {}
-        services: list[tuple[str, Any]] = [("kvs", self.kvs), ("scheduler", self.scheduler)]
+        services: list[tuple[str, Any]] = [("kvs", self.kvs), ("scheduler", self.scheduler),
+                                           ("cache", self.cache)]
         services += [(f"executor{i}", ex) for i, ex in enumerate(self.executors)]
         for prefix, service in services:
             if service is None:
@@ -177,6 +182,11 @@ async def serve_node(
             await node.scheduler.restore()  # what was registered before a restart
             router.add(node.scheduler)
         if config.role == "all" and config.executors:
+            # One cache for the node's executors, on a link of its own to the store.
+            node.cache = await open_node_cache(nursery, internal, token=token,
+                                               max_bytes=config.cache_size,
+                                               shared_memory=not in_process_executors)
+            router.add(NodeCacheService(node.cache))
             node.url = await _start_workers(nursery, config, node, router, token, server_opts,
                                             limits, in_process_executors)
         else:
@@ -228,7 +238,8 @@ async def _serve(url: str, router: Router, token: str | None, options: Any, limi
 
 async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
                           token: str | None, server_opts: Any, client_opts: Any,
-                          limits: Limits, node_id: str | None = None) -> Node:
+                          limits: Limits, node_id: str | None = None,
+                          cache: Cache | None = None) -> Node:
     if not config.scheduler:
         raise ValueError("--role executor needs --scheduler URL")
     router = Router()
@@ -237,7 +248,8 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
         nursery, url=url, scheduler_url=config.scheduler, workers=config.threads,
         token=token, options=client_opts, threads=config.threads,
         resources=parse_resources(config.resources), max_batch=config.max_batch,
-        report_interval=config.report_interval, node_id=node_id, before_join=router.add)
+        report_interval=config.report_interval, node_id=node_id, before_join=router.add,
+        cache=cache, node_cache=config.node_cache, cache_size=config.cache_size)
     node = Node(url, "executor", executors=[executor])
     router.add(_StatisticsService(node))
     node.router = router
@@ -264,8 +276,9 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
         # scheme (ws, TLS) the public address uses.
         workers_url = await nursery.start(_serve, "tcp://127.0.0.1:0", router, token,
                                           None, limits)
+        # They share this node's cache, through that listener (and /dev/shm).
         launch = functools.partial(_supervise_worker, scheduler_url=workers_url,
-                                   config=config)
+                                   config=config, extra=("--node-cache", workers_url))
     minimum, maximum = config.executor_range
     policy = ScalingPolicy(minimum, maximum, up_queue=config.scale_up_queue,
                            up_after=config.scale_up_after,
@@ -344,13 +357,18 @@ async def _run_in_process(node: Node, scheduler_url: str, base: str, config: Con
     ex_config = attrs.evolve(config, role="executor", scheduler=scheduler_url)
     async with trio.open_nursery() as nursery:
         worker = await _start_executor(nursery, ex_config, f"{base}-executor-{worker_id}",
-                                       token, None, None, limits, node_id=worker_id)
+                                       token, None, None, limits, node_id=worker_id,
+                                       cache=node.cache)
+        for ex in worker.executors:  # one executor reports the shared cache's size
+            ex.reports_cache = not any(e.reports_cache for e in node.executors)
         node.executors.extend(worker.executors)
         try:
             await trio.sleep_forever()
         finally:
             for ex in worker.executors:
                 node.executors.remove(ex)
+                if ex.reports_cache and node.executors:
+                    node.executors[0].reports_cache = True
 
 
 async def _supervise_worker(index: str, *, scheduler_url: str, config: Config,

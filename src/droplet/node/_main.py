@@ -15,7 +15,7 @@ import trio
 
 from ..config import FSYNC_POLICIES, ROLES, Config
 from ..errors import DropletError
-from ..scheduler.placement import POLICIES
+from ..scheduler.placement import POLICIES, check_policy_name
 from ._memory import keep_freed_memory
 
 __all__ = ["add_node_flags", "build_parser", "main"]
@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _policy(value: str) -> str:
+    try:
+        check_policy_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def add_node_flags(p: argparse.ArgumentParser) -> None:
     """Every setting flag but --role (``droplet start-local`` takes the same ones)."""
     p.add_argument("--listen", metavar="URL",
@@ -93,8 +101,9 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
                    "this long; it finishes its calls first (default: 30)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads per executor for sync functions (default: 32)")
-    p.add_argument("--placement", choices=POLICIES,
-                   help="scheduling policy (default: locality)")
+    p.add_argument("--placement", metavar="POLICY", type=_policy,
+                   help=f"placement policy: {', '.join(POLICIES)} (default: data: calls go "
+                   "where their references are cached), or a package.module:Class")
     p.add_argument("--token", metavar="SECRET",
                    help="cluster token required of every connection (or DROPLET_TOKEN)")
     p.add_argument("--insecure", action="store_true", default=None,
@@ -130,6 +139,12 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-interval", type=float, metavar="SECONDS",
                    help="how often executors report load and call statistics to the "
                    "scheduler (default: 1)")
+    p.add_argument("--cache-size", metavar="BYTES",
+                   help="bytes of values the node's cache keeps, shared by its executors "
+                   "(least recently used out first), e.g. 512M or 2G (default: 512M)")
+    p.add_argument("--node-cache", metavar="URL",
+                   help="(role executor) use the cache of the node at URL instead of one "
+                   "of its own; an all-in-one node sets it on its worker processes")
     p.add_argument("--metrics-listen", metavar="URL",
                    help="serve Prometheus metrics over HTTP at this address, e.g. "
                    "tcp://127.0.0.1:9100 (default: off); beyond loopback it needs --token")

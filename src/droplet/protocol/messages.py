@@ -530,6 +530,10 @@ class CallDag:
     #: another DAG's call (an encoded, unsent CallDag from ``dry_run``) to run
     #: on this DAG's result; its result is this call's result.
     continuation: bytes | None = None
+    #: per ``arg_fns`` entry, the keys of the DropletReference arguments it
+    #: gets (empty list: none known), so placement can prefer executors whose
+    #: node caches them without unpickling the arguments.
+    references: list[list[str]] = attrs.Factory(list)
 
 
 @message(26)
@@ -601,6 +605,17 @@ class ExecutorReport:
     failures: list[int]
     latency: list[int]
     latency_us: list[int]
+    #: entries the cache evicted since the previous report.
+    cache_evictions: int = 0
+    #: what the executor's node caches, for data-aware placement: keys of at
+    #: least REPORT_MIN_SIZE bytes (the largest, at most REPORT_MAX_KEYS) with
+    #: their sizes, added or resized since the previous report, and keys gone
+    #: since. ``cache_full``: ``cached_keys`` is the whole summary (the first
+    #: report, and the one after a report was dropped), not a change.
+    cached_keys: list[str] = attrs.Factory(list)
+    cached_sizes: list[int] = attrs.Factory(list)
+    uncached_keys: list[str] = attrs.Factory(list)
+    cache_full: bool = False
 
 
 @message(31)
@@ -723,6 +738,73 @@ class Mail:
     data: bytes
 
 
+# --------------------------------------------------------------------------- node cache
+
+
+@message(42)
+@attrs.frozen
+class CacheGet:
+    """Worker process -> its node's cache: the value of ``key``, unless I hold ``version``.
+
+    ``refresh`` reads the store even when the key is cached (a read that must
+    not be stale); ``inline`` asks for the bytes in the reply rather than a
+    shared-memory segment (after a segment vanished before it was mapped).
+    """
+
+    key: str
+    version: int = 0
+    refresh: bool = False
+    inline: bool = False
+
+
+@message(43)
+@attrs.frozen
+class CacheValue:
+    """Node cache -> worker: ``key`` at ``version`` (0: absent).
+
+    Exactly one of: ``data`` (the encoded lattice), ``segment`` (the name of a
+    shared-memory segment of ``size`` bytes holding it, laid out as
+    ``layout`` says), or neither when the worker already holds ``version``.
+    ``hit``: the node had it cached.
+    """
+
+    key: str
+    version: int
+    hit: bool
+    size: int = 0
+    data: bytes | None = None
+    segment: str | None = None
+    #: how the segment holds the value: "" the encoded lattice, "oob" a
+    #: protocol-5 pickle with out-of-band buffers (numpy; see executor/oob.py).
+    layout: str = ""
+
+
+@message(44)
+@attrs.frozen
+class CachePut:
+    """Worker process -> its node's cache: merge ``lattice`` into ``key`` (through the store).
+
+    Answered with KvsStored once the node's cache holds the merged value, so
+    the writer reads its own write.
+    """
+
+    key: str
+    lattice: bytes
+
+
+@message(45)
+@attrs.frozen
+class CacheInvalidate:
+    """Node cache -> worker process, one-way: these keys changed or left the node's cache.
+
+    Sent to the workers that were given a version of them: a worker serves
+    its held versions locally until told this (so a warm read needs no
+    round trip), then asks again.
+    """
+
+    keys: list[str]
+
+
 # --------------------------------------------------------------------------- validation
 
 #: The longest wait or timeout a peer may ask for (a day), in seconds.
@@ -755,6 +837,11 @@ def _check_call(m: CallDag) -> None:
                             "arg_blobs")
     _check_seconds("CallDag", "timeout", m.timeout)
     _check_causal("CallDag", m.causal)
+    if m.references and len(m.references) != len(m.arg_fns):
+        raise ProtocolError(f"CallDag: {len(m.references)} reference lists for "
+                            f"{len(m.arg_fns)} arg_fns")
+    if sum(len(keys) for keys in m.references) > MAX_CALL_REFERENCES:
+        raise ProtocolError(f"CallDag: more than {MAX_CALL_REFERENCES} reference keys")
 
 
 @_validator(Trigger)
@@ -796,8 +883,12 @@ def _check_get(m: KvsGet) -> None:
         raise ProtocolError("KvsGet.wait must be a number of seconds, not NaN")
 
 
+#: Most reference keys one CallDag may name (clients send at most 64 per function).
+MAX_CALL_REFERENCES = 4096
 #: Most functions one executor report may name.
 MAX_REPORTED_FUNCTIONS = 10_000
+#: Most cached keys (added and removed) one executor report may name.
+MAX_REPORTED_KEYS = 4096
 
 
 @_validator(ExecutorReport)
@@ -818,8 +909,15 @@ def _check_report(m: ExecutorReport) -> None:
                                 f"(expected {size})")
         if any(v < 0 for v in values):
             raise ProtocolError(f"ExecutorReport.{name} must not be negative")
+    if len(m.cached_keys) != len(m.cached_sizes):
+        raise ProtocolError(f"ExecutorReport: {len(m.cached_keys)} cached_keys but "
+                            f"{len(m.cached_sizes)} cached_sizes")
+    if len(m.cached_keys) + len(m.uncached_keys) > MAX_REPORTED_KEYS:
+        raise ProtocolError(f"ExecutorReport: more than {MAX_REPORTED_KEYS} cached keys")
+    if any(v < 0 for v in m.cached_sizes):
+        raise ProtocolError("ExecutorReport.cached_sizes must not be negative")
     for name in ("threads", "busy", "queued", "running", "cache_entries", "cache_bytes",
-                 "cache_hits", "cache_misses"):
+                 "cache_hits", "cache_misses", "cache_evictions"):
         if getattr(m, name) < 0:
             raise ProtocolError(f"ExecutorReport.{name} must not be negative")
     for i, (fn, calls, failures) in enumerate(zip(m.functions, m.calls, m.failures,
@@ -829,6 +927,16 @@ def _check_report(m: ExecutorReport) -> None:
         if sum(m.latency[i * BUCKETS:(i + 1) * BUCKETS]) != calls:
             raise ProtocolError(f"ExecutorReport: {fn!r} latency buckets do not add up to "
                                 "its calls")
+
+
+@_validator(CacheValue)
+def _check_cache_value(m: CacheValue) -> None:
+    if m.version < 0 or m.size < 0:
+        raise ProtocolError("CacheValue.version and size must not be negative")
+    if m.data is not None and m.segment is not None:
+        raise ProtocolError("CacheValue carries data or a segment, not both")
+    if m.layout not in ("", "oob"):
+        raise ProtocolError(f"CacheValue.layout {m.layout!r} is not '' or 'oob'")
 
 
 @_validator(StatusReply)

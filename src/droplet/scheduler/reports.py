@@ -33,6 +33,8 @@ REPORT_INTERVAL = 1.0
 RATE_WINDOW = 10.0
 #: Functions whose statistics are kept; reports of others are not counted.
 MAX_FUNCTIONS = 10_000
+#: Cached keys remembered per executor (reports add and remove them).
+MAX_CACHED_KEYS = 4096
 
 
 @attrs.define
@@ -46,6 +48,9 @@ class _Load:
     cache_bytes: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    cache_evictions: int = 0
+    #: ``key -> bytes`` its node caches (large values only; see ExecutorReport).
+    cached: dict[str, int] = attrs.Factory(dict)
     last_report: float | None = None
 
 
@@ -83,6 +88,13 @@ class ClusterView:
         """An executor joined (it shows, idle, until its first report)."""
         self._executors[url] = _Load(url, threads=threads)
 
+    def load(self, url: str) -> tuple[int, int, dict[str, int]]:
+        """``(threads, queued, cached)`` of an executor as last reported (zeros if unknown)."""
+        load = self._executors.get(url)
+        if load is None:
+            return 0, 0, {}
+        return load.threads, load.queued, load.cached
+
     def leave(self, url: str) -> None:
         """An executor left: its load goes; what it ran stays in the totals."""
         load = self._executors.pop(url, None)
@@ -108,6 +120,14 @@ class ClusterView:
         load.cache_bytes = report.cache_bytes
         load.cache_hits += report.cache_hits
         load.cache_misses += report.cache_misses
+        load.cache_evictions += report.cache_evictions
+        if report.cache_full:
+            load.cached = {}
+        for key in report.uncached_keys:
+            load.cached.pop(key, None)
+        for key, size in zip(report.cached_keys, report.cached_sizes, strict=True):
+            if key in load.cached or len(load.cached) < MAX_CACHED_KEYS:
+                load.cached[key] = size
         load.last_report = now
         for i, name in enumerate(report.functions):
             totals = self._functions.get(name)
@@ -149,7 +169,8 @@ class ClusterView:
         executors = tuple(
             ExecutorStatus(e.url, e.threads, e.busy, e.queued, e.running, e.cache_entries,
                            e.cache_bytes, e.cache_hits, e.cache_misses,
-                           None if e.last_report is None else max(0.0, now - e.last_report))
+                           None if e.last_report is None else max(0.0, now - e.last_report),
+                           e.cache_evictions)
             for e in sorted(self._executors.values(), key=lambda e: e.url))
         return ClusterStatus(
             scheduler, executors,

@@ -63,7 +63,7 @@ from ..protocol.messages import decode as decode_message
 from ..rpc import DEFERRED, Peer
 from ..status import ClusterStatus, ScalingStatus
 from .dags import Dag, build_dag
-from .placement import Placement
+from .placement import DEFAULT_POLICY, Candidate, Placement
 from .registry import dag_entry, decode_registry, function_entry
 from .reports import ClusterView
 
@@ -135,7 +135,7 @@ class SchedulerService:
         kvs: Peer,
         kvs_url: str,
         node_id: str = "",
-        placement: str = "locality",
+        placement: str = DEFAULT_POLICY,
     ) -> None:
         self._nursery = nursery
         self._kvs = kvs
@@ -493,9 +493,14 @@ class SchedulerService:
             if version is None:
                 raise DagError(f"DAG {dag.name!r} uses {fn!r}, which is no longer registered")
             versions.append(version)
-        running = {url: ex.running for url, ex in self._executors.items()}
-        gpus = [url for url, ex in self._executors.items() if ex.resources.get("gpu", 0) > 0]
-        where = self._placement.place(dag, self._placeable(), running, gpus)
+        candidates = []
+        for url in self._placeable():
+            ex = self._executors[url]
+            threads, queued, cached = self.view.load(url)
+            candidates.append(Candidate(url, ex.running, threads, queued,
+                                        ex.resources.get("gpu", 0) > 0, cached))
+        references = dict(zip(msg.arg_fns, msg.references, strict=False))
+        where = self._placement.place(dag, candidates, {}, (), references)
         run_id = uuid.uuid4().hex
         deadline = time.time() + msg.timeout if msg.timeout else None
         placed = [where[fn] for fn in dag.functions]

@@ -1,0 +1,73 @@
+"""Issue 10 end to end: calls on a referenced key land on the executor node caching it.
+
+A storage+scheduler node and two ``--role executor`` nodes, each its own
+process with its own cache. Socket tests: every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from droplet import DropletConnection, DropletReference
+from droplet.testing.nodes import start_node
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 30.0
+MIB = 1024 * 1024
+
+#: The executor that ran the call (a lambda: pickled by value).
+where = lambda lib, *args: lib.getid().rpartition("/")[0]  # noqa: E731
+
+
+def until(check: Callable[[], Any], what: str) -> Any:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {TIMEOUT:g} s")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    logs: Path = tmp_path_factory.mktemp("data-placement")
+    with start_node("--executors", "0", "--data-dir", ":memory:",
+                    log_path=logs / "head.log") as head:
+        executor_flags = ("--scheduler", head.url, "--report-interval", "0.1")
+        with start_node(*executor_flags, role="executor", log_path=logs / "e1.log"), \
+                start_node(*executor_flags, role="executor", log_path=logs / "e2.log"):
+            with DropletConnection(head.url, timeout=TIMEOUT) as cloud:
+                until(lambda: len(cloud.status().executors) == 2, "both executors joining")
+            yield head.url
+
+
+def _cached_on(cloud: DropletConnection, url: str, size: int) -> bool:
+    status = cloud.status()
+    return any(e.url == url and e.cache_bytes >= size for e in status.executors)
+
+
+def test_calls_go_where_their_reference_is_cached(cluster: str) -> None:
+    with DropletConnection(cluster, timeout=TIMEOUT) as cloud:
+        fn = cloud.register(where, "where")
+        # Without references, calls spread over both executors (least loaded).
+        plain = Counter(fn(i).get(timeout=TIMEOUT) for i in range(8))
+        assert len(plain) == 2
+        for key in ("big-a", "big-b"):
+            cloud.put_object(key, bytes(2 * MIB))
+            home = fn(DropletReference(key)).get(timeout=TIMEOUT)  # a miss: cached there
+            until(lambda h=home: _cached_on(cloud, h, 2 * MIB), "the cache report")
+            landed = Counter(fn(DropletReference(key)).get(timeout=TIMEOUT) for _ in range(10))
+            assert landed == Counter({home: 10}), (key, landed)
+        # Each key was read from the store once, by the node that caches it.
+        status = until(lambda: (s := cloud.status()) and sum(
+            e.cache_hits for e in s.executors) >= 20 and s, "the hits reported")
+        assert sum(e.cache_misses for e in status.executors) == 2
