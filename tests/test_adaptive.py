@@ -82,6 +82,7 @@ async def test_a_burst_grows_executors_and_idle_shrinks_them() -> None:
 
 async def test_scale_down_drains_calls_in_flight_and_places_none_there() -> None:
     async with open_local_cluster((1, 2), **MANUAL) as cluster, cluster.client() as cloud:
+        cloud._direct.enabled = False  # placement through the scheduler, counted there
         pool = _pool(cluster)
         scheduler = cluster.node.scheduler
         assert scheduler is not None
@@ -166,16 +167,15 @@ async def test_pool_messages_answer_and_refuse_bad_requests() -> None:
             trio.open_nursery() as nursery:
         pool = _pool(cluster)
         (slot,) = pool.slots
-        prefix = slot[:-1]
+        # The node's own pool, as the scheduler lists it.
+        rows = cluster.node.scheduler.pool_view(slot[:-1])  # type: ignore[union-attr]
+        assert [row[:2] for row in rows] == [(slot, pool.url_of(slot))]
         peer = await connect_peer(cluster.address, nursery)
-        reply = await peer.request(PoolQuery(prefix), 10)
-        assert isinstance(reply, PoolReply)
-        assert reply.node_ids == [slot] and reply.urls == [pool.url_of(slot)]
-        assert await peer.request(PoolQuery("no-such-prefix"), 10) == PoolReply(
-            [], [], [], [], [], [], [])
         with pytest.raises(ProtocolError, match="prefix"):
             await peer.request(PoolQuery(""), 10)
         assert await peer.request(DrainExecutor("tcp://nowhere:1"), 10) == BoolReply(False)
+        assert await peer.request(PoolQuery("x-w"), 10) == PoolReply(
+            [], [], [], [], [], [], [])
         for garbage in ("{", '{"minimum": 1}', "[]", '{"minimum": -1}'):
             with pytest.raises(ProtocolError, match="status"):
                 await peer.request(PoolQuery("x-w", garbage), 10)
@@ -204,6 +204,7 @@ async def test_a_call_placed_on_an_executor_before_its_join_reply_is_served() ->
     from droplet.protocol.messages import ExecutorJoin
 
     async with open_local_cluster((1, 2), **MANUAL) as cluster, cluster.client() as cloud:
+        cloud._direct.enabled = False  # placement through the scheduler, counted there
         pool = _pool(cluster)
         scheduler = cluster.node.scheduler
         router = cluster.node.router
@@ -229,3 +230,120 @@ async def test_a_call_placed_on_an_executor_before_its_join_reply_is_served() ->
         reply_now.set()
         with trio.fail_after(10):
             assert [await f.get() for f in futures] == [1, 2, 3, 4]
+
+
+async def test_a_link_drains_only_the_executors_of_its_own_pool() -> None:
+    """DrainExecutor and PoolQuery are a node's requests about its own workers: another
+    link (a client, say) can neither drain nor claim the executors of others."""
+    from droplet.errors import ProtocolError
+    from droplet.protocol.messages import (
+        BoolReply,
+        DrainExecutor,
+        ExecutorJoin,
+        ExecutorReport,
+        Hello,
+        PoolQuery,
+        PoolReply,
+    )
+    from droplet.rpc import connect_peer
+
+    async with open_local_cluster((1, 2), **MANUAL) as cluster, \
+            trio.open_nursery() as nursery:
+        pool = _pool(cluster)
+        scheduler = cluster.node.scheduler
+        assert scheduler is not None
+        (slot,) = pool.slots
+        url = pool.url_of(slot)
+        assert url is not None
+        stranger = await connect_peer(cluster.address, nursery)
+        with pytest.raises(ProtocolError, match="not one of"):
+            await stranger.request(DrainExecutor(url), 10)
+        assert url in scheduler.executor_urls and pool.status().current == 1
+        assert scheduler.pool_view(slot[:-1])  # not draining either
+        # Nor may it claim the node's workers (or overlap them) to drain them later.
+        for taken in (slot[:-1], slot[:9], slot):
+            with pytest.raises(ProtocolError, match="another"):
+                await stranger.request(PoolQuery(taken), 10)
+        with pytest.raises(ProtocolError, match="-"):  # would match executors' own ids
+            await stranger.request(PoolQuery("a"), 10)
+        # A link manages one pool: its prefix, and no table grows per request.
+        assert await stranger.request(PoolQuery("x-w"), 10) == PoolReply(
+            [], [], [], [], [], [], [])
+        with pytest.raises(ProtocolError, match="one pool"):
+            await stranger.request(PoolQuery("y-w"), 10)
+        other = await connect_peer(cluster.address, nursery)
+        with pytest.raises(ProtocolError, match="another"):
+            await other.request(PoolQuery("x-"), 10)
+        # A worker of the stranger's pool joins: the stranger may drain it, no one else.
+        worker = await connect_peer(cluster.address, nursery)
+        await worker.request(Hello("executor", "x-w0", "inproc://x-w0"), 10)
+        await worker.request(ExecutorJoin("inproc://x-w0", "x-w0", 1, {}), 10)
+        reply = await stranger.request(PoolQuery("x-w"), 10)
+        assert reply.node_ids == ["x-w0"]
+        with pytest.raises(ProtocolError, match="not one of"):
+            await other.request(DrainExecutor("inproc://x-w0"), 10)
+        assert "inproc://x-w0" in scheduler.executor_urls
+        # A drain waits for the worker's next report.
+        nursery.start_soon(lambda: _report_soon(worker, ExecutorReport(
+            "inproc://x-w0", 1, 0, 0, 0, 0, 0, 0, 0, [], [], [], [], [])))
+        with trio.fail_after(10):
+            assert await stranger.request(DrainExecutor("inproc://x-w0"), 10) == BoolReply(True)
+        assert "inproc://x-w0" not in scheduler.executor_urls
+        assert url in scheduler.executor_urls
+        # A worker that joined before its node's first query is that node's, once claimed.
+        early = await connect_peer(cluster.address, nursery)
+        await early.request(ExecutorJoin("inproc://z-w0", "z-w0", 1, {}), 10)
+        with pytest.raises(ProtocolError, match="not one of"):
+            await other.request(DrainExecutor("inproc://z-w0"), 10)
+        assert (await other.request(PoolQuery("z-w"), 10)).node_ids == ["z-w0"]
+        with pytest.raises(ProtocolError, match="another"):
+            await early.request(PoolQuery("z-"), 10)
+        # A link's claim ends with the link: no table keeps what closed links claimed.
+        await stranger.aclose()
+        with trio.fail_after(10):
+            while True:
+                if "x-w" not in scheduler._pool_owners:
+                    break
+                await trio.sleep(0.01)
+        assert await early.request(PoolQuery("x-w"), 10) == PoolReply(
+            [], [], [], [], [], [], [])
+        nursery.cancel_scope.cancel()
+
+
+async def _report_soon(peer: Any, report: Any) -> None:
+    await trio.sleep(0.2)
+    peer.post(report)
+
+
+async def test_two_drains_of_one_executor_both_end_when_it_was_placed_on_again() -> None:
+    """A node repeats a long drain (DrainExecutor again): when every executor is draining,
+    calls still go to one, and each drain waiting for it returns once they are done."""
+    async with open_local_cluster(1, threads=1) as cluster, cluster.client() as cloud:
+        scheduler = cluster.node.scheduler
+        assert scheduler is not None
+        (url,) = scheduler.executor_urls
+        await cloud.put_object("gate", False)
+        fn = await cloud.register(gated, "gated")
+        done: list[int] = []
+        both_done = trio.Event()
+
+        async def drain(i: int) -> None:
+            await scheduler.drain(url)
+            done.append(i)
+            if len(done) == 2:
+                both_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, 1)
+            nursery.start_soon(drain, 2)
+            await trio.sleep(0.01)
+            assert scheduler._executors[url].draining
+            # Nothing ran there when both began; now a call is placed there after all.
+            future = await fn(3)
+            assert scheduler.executor_load(url)[0] == 1
+            await trio.sleep(1.5)  # both saw its next report, with the call still running
+            await cloud.put_object("gate", True)
+            with trio.fail_after(10):
+                assert await future.get() == 6
+                await both_done.wait()
+        assert url not in scheduler.executor_urls

@@ -107,6 +107,11 @@ def test_never_below_the_minimum_nor_while_calls_queue_or_one_drains() -> None:
     c = scaler(minimum=1, maximum=2, down_after=1.0)
     c.observe(0.0, {"w0": queued(4), "w1": IDLE})
     assert c.observe(5.0, {"w0": queued(4), "w1": IDLE}) is None
+    # Calls queue, though below the threshold for one more: none stops either
+    # (the documented rule: "while nothing queues anywhere").
+    d = scaler(minimum=1, maximum=3, up_queue=2.0, down_after=1.0)
+    d.observe(0.0, {"w0": queued(1), "w1": IDLE})
+    assert d.observe(5.0, {"w0": queued(1), "w1": IDLE}) is None
 
 
 def test_forgets_executors_that_left() -> None:
@@ -166,6 +171,17 @@ def test_config_from_flags_and_file(tmp_path: object) -> None:
         Config.load({"scale_up_queue": 0.0})
     with pytest.raises(ValueError, match="MIN:MAX"):
         Config(executors=3, max_executors=2)
+
+
+@pytest.mark.parametrize("name", ["scale_up_queue", "scale_up_after", "scale_down_after"])
+def test_a_threshold_that_is_not_a_number_is_refused(name: str) -> None:
+    # `--scale-up-after nan` parses as a float; every comparison with it is False,
+    # so the node would silently never scale.
+    with pytest.raises(ValueError, match=name):
+        Config.load({"executors": "1:3", name: float("nan")})
+    policy_name = name.removeprefix("scale_")
+    with pytest.raises(ValueError, match=policy_name):
+        ScalingPolicy(1, 3, **{policy_name: float("nan")})
 
 
 # ---------------------------------------------------------------------- status

@@ -103,7 +103,7 @@ def _bounds(executors: int) -> dict[str, int]:
     }
     for n in range(executors):
         bounds.update({f"executor{n}.running": 0, f"executor{n}.tasks": 0,
-                       f"executor{n}.fanin_pending": 0,
+                       f"executor{n}.fanin_pending": 0, f"executor{n}.direct_waiting": 0,
                        f"executor{n}.mailboxes": 0, f"executor{n}.cache_entries": CACHE})
     return bounds
 

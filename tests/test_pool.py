@@ -160,3 +160,32 @@ async def test_stopping_a_starting_executor_waits_for_its_join_then_drains_it(
         assert control.drains == [f"fake://{second}"]
         assert second not in control.alive and second not in pool.slots
         nursery.cancel_scope.cancel()
+
+
+async def test_a_long_remote_drain_is_one_request(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A drain lasts as long as the calls there: the node asks once and waits, rather than
+    piling up a drain request (and a waiting task in the scheduler) every minute."""
+    from droplet import errors
+    from droplet.node.pool import RemoteControl
+    from droplet.protocol.messages import BoolReply, DrainExecutor
+
+    class FakeSchedulerLink:
+        def __init__(self) -> None:
+            self.sent: list[object] = []
+            self.calls_done = trio.Event()
+
+        async def request(self, msg: object, timeout: float | None = None) -> object:
+            self.sent.append(msg)
+            with trio.move_on_after(float("inf") if timeout is None else timeout):
+                await self.calls_done.wait()
+                return BoolReply(True)
+            raise errors.TimeoutError("no reply")
+
+    link = FakeSchedulerLink()
+    control = RemoteControl(link)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control.drain, "tcp://w:1")
+        await trio.sleep(600)  # ten minutes of calls still running there
+        link.calls_done.set()
+    assert link.sent == [DrainExecutor("tcp://w:1")]

@@ -40,7 +40,7 @@ Decision = Literal["up"] | tuple[Literal["down"], str] | None
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if value < 0:
+    if not value >= 0:  # NaN too
         raise ValueError(f"{attribute.name} must not be negative, not {value!r}")
 
 
@@ -121,7 +121,7 @@ class Autoscaler:
                 self._behind_since = None
                 return UP
             return None
-        if behind or starting or draining or count <= policy.minimum:
+        if queued or starting or draining or count <= policy.minimum:  # queued: behind too
             return None
         longest: tuple[float, str] | None = None
         for name in reversed(list(executors)):  # newest first: it wins ties

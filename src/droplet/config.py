@@ -56,12 +56,12 @@ def _storage(_: Any, attribute: attrs.Attribute[Any], value: str | None) -> None
 
 
 def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # NaN too
         raise ValueError(f"{attribute.name} must be positive, not {value!r}")
 
 
 def _non_negative(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
+    if not value >= 0:  # NaN too
         raise ValueError(f"{attribute.name} must not be negative, not {value!r}")
 
 

@@ -11,6 +11,7 @@ locally.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import linecache
 import os
@@ -18,7 +19,12 @@ import threading
 import types
 from typing import Any
 
-__all__ = ["Registration", "SourceSpan", "install", "source_of"]
+__all__ = ["Registration", "SourceSpan", "code_version", "install", "source_of"]
+
+
+def code_version(code: bytes) -> str:
+    """A registration's version: a hash of its code (the scheduler's and executors')."""
+    return hashlib.blake2b(code, digest_size=8).hexdigest()
 
 #: Larger sources are not shipped (a registration travels in one message).
 MAX_SOURCE = 256 * 1024

@@ -145,6 +145,9 @@ class Peer:
         self.on_close: list[Callable[[Peer], None]] = []
         #: Free-form per-connection state for services (e.g. an executor's id).
         self.state: dict[str, Any] = {}
+        #: The largest frame this end may send, when known (connect_peer's options):
+        #: ``post(..., check_size=True)`` refuses a bigger message at once.
+        self.send_limit: int | None = None
 
     @property
     def closed(self) -> bool:
@@ -185,14 +188,20 @@ class Peer:
         """Frames posted and not yet handed to the connection."""
         return len(self._outbox)
 
-    def post(self, msg: Any, *, on_full: str = "disconnect") -> None:
+    def post(self, msg: Any, *, on_full: str = "disconnect", check_size: bool = False) -> None:
         """Queue a one-way message for this peer's writer task; never waits.
 
         For handlers running in *another* peer's reader. When the outbox is
         full, ``on_full="disconnect"`` closes this peer (it is not reading) and
         ``"raise"`` leaves it alone; both raise :class:`OutboxFull`.
+        ``check_size``: a message over :attr:`send_limit` raises ValueError (as
+        ``send`` would) instead of being dropped by the writer.
         """
-        self._post(encode_gather(msg), on_full)
+        encoded = encode_gather(msg)
+        if check_size and self.send_limit is not None and len(encoded) > self.send_limit:
+            raise ValueError(f"frame of {len(encoded)} bytes exceeds "
+                             f"max_frame_size={self.send_limit}")
+        self._post(encoded, on_full)
 
     def post_reply(self, request_id: int, msg: Any) -> None:
         """:meth:`reply` through the outbox (the answer to a deferred request)."""
@@ -299,17 +308,19 @@ class Peer:
             self._pending.pop(request_id, None)
         return slot.result()
 
-    async def submit(self, *msgs: Any) -> list[Slot]:
+    async def submit(self, *msgs: Any, oneway: Sequence[Any] = ()) -> list[Slot]:
         """Send requests (in one write) without waiting: replies land in the slots.
 
         Saves a task when the caller only needs a reply later (a future's
         result), and a system call per extra request. A slot stays registered
         until its reply or the connection's end; a reply that never comes is
-        the caller's to time out (see :meth:`wait`).
+        the caller's to time out (see :meth:`wait`). ``oneway`` messages go
+        first in the same write.
         """
         ids = [next(self._ids) for _ in msgs]
         slots = [Slot() for _ in msgs]
-        frames = [encode_gather(m, i) for m, i in zip(msgs, ids, strict=True)]
+        frames = [encode_gather(m) for m in oneway]
+        frames += [encode_gather(m, i) for m, i in zip(msgs, ids, strict=True)]
         self._pending.update(zip(ids, slots, strict=True))
         try:
             await self._send_many(frames)
@@ -496,6 +507,7 @@ async def connect_peer(
         )
     peer = Peer(conn, handler, name=url)
     peer.remote = url
+    peer.send_limit = options.max_frame_size
     nursery.start_soon(peer.run)
     return peer
 

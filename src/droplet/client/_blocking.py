@@ -41,8 +41,10 @@ from ..protocol.framing import (
 )
 from ..protocol.handshake import ClientHandshake
 from ..protocol.messages import (
+    Blob,
     BoolReply,
     CallDag,
+    CallPlaced,
     ClusterInfo,
     DagResult,
     DeleteDag,
@@ -57,6 +59,7 @@ from ..protocol.messages import (
     ListDags,
     ListFunctions,
     Names,
+    PlaceCall,
     StatusReply,
     encode_gather,
 )
@@ -66,6 +69,14 @@ from ..rpc import error_from_reply
 from ..status import ClusterStatus
 from ..transports.registry import parse_address
 from ._core import ClientCore, check_key, check_timeout, result_blob, unwrap_result
+from ._direct import (
+    CONFIRM_WAIT,
+    DIAL_TIMEOUT,
+    DirectCalls,
+    may_go_direct,
+    same_scheme,
+    triggers_for,
+)
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 
 __all__ = ["BlockingClient", "BlockingFuture", "BlockingPeer"]
@@ -75,6 +86,11 @@ RECEIVE_SIZE = 256 * 1024
 IOV_MAX = 512
 #: A waiting follower re-checks for a missed leader handoff this often (seconds).
 HANDOFF_POLL = 0.05
+#: Frames (or bytes) held back under load before the submitting thread writes them itself.
+BATCH_FRAMES = 64
+BATCH_BYTES = 256 * 1024
+#: alive() reads the socket (to notice a peer that hung up) at most this often.
+ALIVE_POLL = 0.005
 #: Seconds close() may spend telling the store which results it can drop.
 CLOSE_FLUSH_TIMEOUT = 1.0
 
@@ -94,6 +110,22 @@ def _flush_releases(client_ref: weakref.ref[BlockingClient], stop: threading.Eve
         except Exception:  # the connection broke: calls will say so
             pass
         del client
+
+
+def _write_held(peer_ref: weakref.ref[BlockingPeer], wanted: threading.Event) -> None:
+    """The writer thread: writes a peer's held-back frames whenever woken.
+
+    Under load, by the time it runs several frames are waiting: one system call
+    (and one wakeup of the peer) for all of them. It holds the peer weakly.
+    """
+    while True:
+        wanted.wait()
+        wanted.clear()
+        peer = peer_ref()
+        if peer is None or peer._closing:
+            return
+        peer.flush(time.monotonic() + peer._write_timeout)
+        del peer
 
 
 class _Slot:
@@ -173,6 +205,14 @@ class BlockingPeer:
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._failure: BaseException | None = None
+        self._polled = 0.0  # when alive() last read the socket
+        #: frames held back under load (submit(batch=True)), written in order
+        #: before anything else; the writer thread writes them when woken.
+        self._outgoing: list[Buffer] = []
+        self._outgoing_bytes = 0
+        self._write_wanted = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._write_timeout = timeout
         # Threads using the socket right now; the last one out closes it once
         # the peer is closing (closing a descriptor another thread is in
         # select() on is undefined: it may even be reused for another file).
@@ -274,7 +314,13 @@ class BlockingPeer:
         remaining = deadline - time.monotonic()
         if not self._send_lock.acquire(timeout=max(0.0, remaining)):
             return False
+        queued: list[Buffer] = []
         try:
+            if self._outgoing:  # frames held back under load go first, in order
+                with self._state:
+                    queued, self._outgoing = self._outgoing, []
+                    self._outgoing_bytes = 0
+                data = [*queued, *([data] if isinstance(data, bytes) else data)]
             sock = self._enter()
             # TLS has no sendmsg, nor has every platform (Windows).
             gather = not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg")
@@ -307,6 +353,10 @@ class BlockingPeer:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not select.select([], [sock], [], remaining)[1]:
                         if sent == 0:
+                            if queued:  # not ours to drop: they go with the next write
+                                with self._state:
+                                    self._outgoing[:0] = queued
+                                    self._outgoing_bytes += sum(map(len, queued))
                             return False
                         error = TimeoutError(
                             f"{self.remote} stopped reading: a request was cut off midway, "
@@ -321,11 +371,18 @@ class BlockingPeer:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, *msgs: Any, timeout: float, oneway: Sequence[Any] = ()) -> list[_Slot]:
+    def submit(self, *msgs: Any, timeout: float, oneway: Sequence[Any] = (),
+               batch: bool = False) -> list[_Slot]:
         """Send requests in one write (after the one-way ``oneway`` messages).
 
         Each reply lands in its slot. Raises TimeoutError when the write could
         not be made within ``timeout`` seconds.
+
+        ``batch``: while other requests on this connection await their replies
+        (under load), the frames may be held back briefly and written with
+        others, many per system call (each of which wakes the peer); they go
+        out when BATCH_FRAMES are waiting, when a thread starts waiting for a
+        reply, or when the writer thread gets to them, whichever is first.
         """
         if self._failure is not None:
             raise ConnectionError(f"connection to {self.remote} is closed: {self._failure}")
@@ -336,11 +393,28 @@ class BlockingPeer:
             self._pending.update(zip(ids, slots, strict=True))
         payloads = [encode_gather(m) for m in oneway]
         payloads += [encode_gather(m, i) for m, i in zip(msgs, ids, strict=True)]
+        pieces = self._frames(payloads)
+        if batch:
+            with self._state:
+                held = len(self._pending) > len(ids)  # others are in flight: hold back
+                if held:
+                    self._outgoing += pieces
+                    self._outgoing_bytes += sum(len(p) for p in pieces)
+                    full = (len(self._outgoing) >= BATCH_FRAMES
+                            or self._outgoing_bytes >= BATCH_BYTES)
+            if held:
+                if not full:
+                    self._wake_writer()
+                    return slots
+                pieces = []  # write what is held now, from this thread
         try:
-            written = self._send_all(self._frames(payloads), deadline)
+            written = self._send_all(pieces, deadline)
         except DropletError as exc:
             self._fail(exc)
             raise
+        if not written and batch and not pieces:  # ours stay held: the writer sends them
+            self._wake_writer()
+            return slots
         if not written:
             with self._state:
                 for i in ids:
@@ -350,6 +424,27 @@ class BlockingPeer:
                 f"{self.remote} within {timeout:g} s: other requests fill the connection "
                 "and the node is not reading")
         return slots
+
+    def _wake_writer(self) -> None:
+        """Have the writer thread (started on first use) write the held-back frames."""
+        if self._writer is None:
+            with self._state:
+                if self._writer is None and not self._closing:
+                    self._writer = threading.Thread(
+                        target=_write_held, args=(weakref.ref(self), self._write_wanted),
+                        name=f"droplet-writer-{self.remote}", daemon=True)
+                    self._writer.start()
+        self._write_wanted.set()
+
+    def flush(self, deadline: float) -> None:
+        """Write the frames held back (see ``submit(batch=True)``) by ``deadline``."""
+        if self._outgoing and self._failure is None:
+            try:
+                if not self._send_all(b"", deadline):
+                    raise TimeoutError(f"could not write to {self.remote} in time: "
+                                       "the peer is not reading")
+            except DropletError as exc:
+                self._fail(exc)
 
     def send(self, *msgs: Any, timeout: float) -> bool:
         """Send one-way messages in one write; False if they could not be sent in time."""
@@ -400,6 +495,8 @@ class BlockingPeer:
 
     def _await(self, target: _Slot | _AnyOf, deadline: float) -> bool:
         """Lead (read) or follow (sleep) until ``target`` is done; False past the deadline."""
+        if self._outgoing:  # what we wait for may be among the frames held back
+            self.flush(deadline)
         while not target.done:
             if self._read_lock.acquire(blocking=False):
                 try:
@@ -425,6 +522,8 @@ class BlockingPeer:
 
     def poll(self, slot: _Slot) -> bool:
         """Read whatever has arrived, without waiting; whether ``slot`` is answered."""
+        if self._outgoing:
+            self.flush(time.monotonic() + self._write_timeout)
         if not slot.done and self._failure is None and self._read_lock.acquire(blocking=False):
             try:
                 self._lead(slot, time.monotonic())
@@ -432,6 +531,21 @@ class BlockingPeer:
                 self._read_lock.release()
                 self._hand_off()
         return slot.done
+
+    def alive(self) -> bool:
+        """Whether the connection still stands: reads what arrived (an end of file
+        too), at most every ALIVE_POLL seconds (a system call each)."""
+        now = time.monotonic()
+        if now - self._polled < ALIVE_POLL:
+            return self._failure is None
+        self._polled = now
+        if self._failure is None and self._read_lock.acquire(blocking=False):
+            try:
+                self._lead(_AnyOf(), time.monotonic())
+            finally:
+                self._read_lock.release()
+                self._hand_off()
+        return self._failure is None
 
     def request(self, msg: Any, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
@@ -504,6 +618,7 @@ class BlockingPeer:
         for slot in pending.values():
             slot.error = self._failure
             slot.finish()
+        self._write_wanted.set()  # lets the writer thread see the peer closed
         if first and not close_now:
             try:  # wakes select() in other threads (readable, at end of file)
                 socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
@@ -521,13 +636,17 @@ class BlockingFuture:
     """
 
     def __init__(self, key: str, client: BlockingClient, slot: _Slot, wait: float,
-                 session: str | None) -> None:
+                 session: str | None, peer: BlockingPeer | None = None) -> None:
         self._key = key
         self._client = client
         self._slot = slot
+        #: where the reply comes from: the store (a KvsValue), or for a call sent
+        #: straight to an executor, that executor (a DagResult).
+        self._peer = peer or client.kvs
+        self._direct = peer is not None
         self._wait = wait
         self._session = session
-        self._blob: bytes | None = None
+        self._blob: Blob | None = None
         self._pinned = False
 
     @property
@@ -536,7 +655,20 @@ class BlockingFuture:
         if not self._pinned:
             self._pinned = True
             self._client.releases.pin(self._key)
+            self._confirm_stored()
         return self._key
+
+    def _confirm_stored(self) -> None:
+        """A direct call's executor stores the result after answering: once this
+        future holds the result and its key was handed out, wait (briefly) until
+        the store has it, so ``get_object(obj_id)`` finds it."""
+        if (self._direct and self._pinned and self._slot.done
+                and not isinstance(self._slot.error, ConnectionError)):
+            self._direct = False
+            try:
+                self._client.kvs.request(KvsGet(self._key, CONFIRM_WAIT), CONFIRM_WAIT + 5)
+            except DropletError:  # the store went away: nothing to wait for
+                pass
 
     def __del__(self) -> None:
         if not self._pinned:
@@ -547,6 +679,9 @@ class BlockingFuture:
         slot = self._slot
         if slot.error is not None:
             raise slot.error
+        if type(slot.value) is DagResult:  # straight from the executor
+            self._blob = slot.value.value
+            return
         reply: KvsValue = slot.value
         if reply.lattice is not None:
             self._blob = result_blob(reply.lattice)
@@ -560,7 +695,7 @@ class BlockingFuture:
         while self._blob is None:
             remaining = max(0.0, deadline - time.monotonic())
             try:
-                self._client.kvs.wait(self._slot, remaining, "result")
+                self._peer.wait(self._slot, remaining, "result")
             except TimeoutError:
                 raise TimeoutError(
                     f"no result for {self._key} within {wait:g} s "
@@ -570,13 +705,15 @@ class BlockingFuture:
                 raise TimeoutError(
                     f"no result for {self._key} within {wait:g} s "
                     "(pass a larger timeout to get() if the function is slow)")
+        if self._direct and self._pinned:
+            self._confirm_stored()
         return self._client.core.finish(unwrap_result(self._blob), self._session)
 
     def done(self) -> bool:
         """Whether the result (or an error) is in; reads what arrived, never waits."""
         if self._blob is not None:
             return True
-        self._client.kvs.poll(self._slot)
+        self._peer.poll(self._slot)
         return self._settled()
 
     def _settled(self) -> bool:
@@ -597,15 +734,27 @@ class BlockingClient:
 
     def __init__(self, url: str, *, token: str | None, timeout: float,
                  ssl_context: ssl.SSLContext | None = None,
-                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, direct: bool = True) -> None:
         token = token if token is not None else os.environ.get("DROPLET_TOKEN") or None
         self.timeout = timeout
         self.core = ClientCore()
         self.releases = Releases()
 
-        def dial(address: str) -> BlockingPeer:
-            return BlockingPeer(address, token=token, timeout=timeout,
+        def dial(address: str, connect_timeout: float = timeout) -> BlockingPeer:
+            return BlockingPeer(address, token=token, timeout=connect_timeout,
                                 ssl_context=ssl_context, max_frame_size=max_frame_size)
+
+        def dial_executor(address: str) -> BlockingPeer:
+            same_scheme(url, address)
+            return dial(address, min(timeout, DIAL_TIMEOUT))
+
+        def place(target: str, is_function: bool) -> CallPlaced:
+            reply: CallPlaced = self.scheduler.request(PlaceCall(target, is_function), timeout)
+            return reply
+
+        #: calls sent straight to executors (placement cached from the scheduler).
+        self.direct = DirectCalls(dial_executor, place)
+        self.direct.enabled = direct
 
         self.scheduler = dial(url)
         try:
@@ -632,6 +781,7 @@ class BlockingClient:
                 self.kvs.send(KvsForget(keys[start:start + MAX_BATCH]),
                               timeout=CLOSE_FLUSH_TIMEOUT)
         finally:
+            self.direct.close()
             self.scheduler.close()
             self.kvs.close()
 
@@ -657,6 +807,7 @@ class BlockingClient:
     def register(self, function: Callable[..., Any] | tuple[type, Sequence[Any]],
                  name: str) -> None:
         self.scheduler.request(ClientCore.register_request(function, name), self.timeout)
+        self.direct.forget(name, True)
 
     def function_exists(self, name: str) -> bool:
         reply: BoolReply = self.scheduler.request(FunctionExists(name), self.timeout)
@@ -667,7 +818,29 @@ class BlockingClient:
         return reply.names
 
     def exec_func(self, name: str, args: Iterable[Any]) -> BlockingFuture:
-        return self._submit(ClientCore.function_call(name, args), self.timeout)
+        call = ClientCore.function_call(name, args)
+        return self._submit_direct(call) or self._submit(call, self.timeout)
+
+    def _submit_direct(self, call: CallDag) -> BlockingFuture | None:
+        """Send ``call`` straight to an executor (see ``_direct.py``); None when it must
+        go through the scheduler (no executor reachable, or a call of another kind)."""
+        if not may_go_direct(call):
+            return None
+        found = self.direct.target(call.target, call.is_function)
+        if found is None:
+            return None
+        peer, plan = found
+        triggers = triggers_for(call, plan, peer.remote)
+        if triggers is None:
+            return None
+        assert call.result_key is not None
+        try:  # the first source's trigger carries the request: the sink answers it
+            (slot,) = peer.submit(triggers[0], timeout=self.timeout, oneway=triggers[1:],
+                                  batch=True)
+        except ConnectionError:
+            self.direct.executor_left(peer.remote)
+            return None
+        return BlockingFuture(call.result_key, self, slot, self.timeout, None, peer=peer)
 
     def map(self, name: str, items: Iterable[Any],
             chunksize: int) -> builtins.list[BlockingFuture]:
@@ -710,6 +883,22 @@ class BlockingClient:
         assert call.result_key is not None
         fetch = KvsGet(call.result_key, wait)
         deadline = time.monotonic() + self.timeout
+        accepted = self.core.accepted
+        if accepted.known(call):
+            # A call of this shape was accepted before: send it one-way, with no
+            # wait for its acceptance; a refusal is stored as its result.
+            if self.kvs is self.scheduler:  # one node: call and result read in one write
+                (fetch_slot,) = self.scheduler.submit(
+                    fetch, timeout=self.timeout, oneway=[*self._releases_due(), call])
+            else:
+                if not self.scheduler.send(call, timeout=self.timeout):
+                    raise TimeoutError(
+                        f"could not send the call to {self.scheduler.remote} within "
+                        f"{self.timeout:g} s: the node is not reading")
+                (fetch_slot,) = self.kvs.submit(fetch, timeout=self.timeout,
+                                                oneway=self._releases_due())
+            return BlockingFuture(call.result_key, self, fetch_slot, wait,
+                                  ClientCore.session_of(call))
         if self.kvs is self.scheduler:  # one node: call and result read in one write
             call_slot, fetch_slot = self.scheduler.submit(
                 call, fetch, timeout=self.timeout, oneway=self._releases_due())
@@ -724,6 +913,7 @@ class BlockingClient:
         except BaseException:
             future._pinned = True  # refused: no result will be stored, nothing to release
             raise
+        accepted.accepted(call)
         return future
 
     # DAGs
@@ -734,9 +924,11 @@ class BlockingClient:
             ClientCore.register_dag_request(name, functions, connections, colocated,
                                             gpu_functions, batching_functions),
             self.timeout)
+        self.direct.forget(name, False)
 
     def delete_dag(self, name: str) -> None:
         self.scheduler.request(DeleteDag(name), self.timeout)
+        self.direct.forget(name, False)
 
     def call_dag(self, name: str, arg_map: dict[str, Any], direct_response: bool,
                  consistency: str, output_key: str | None, client_id: str | None,
@@ -748,7 +940,7 @@ class BlockingClient:
             return call
         wait = self.timeout if timeout is None else timeout
         if not direct_response:
-            return self._submit(call, wait)
+            return self._submit_direct(call) or self._submit(call, wait)
         try:
             result: DagResult = self.scheduler.request(call, wait)
         except TimeoutError as exc:

@@ -8,7 +8,6 @@ unwrapping results) live here once.
 
 from __future__ import annotations
 
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from ..consistency import CAUSAL, CausalContext, SessionResult, check_level
 from ..errors import DagError, FunctionError, RegistrationError, _Failure
 from ..executor.user_library import as_lattice, reveal_stored
+from ..ids import unique_id
 from ..kvs.keys import RESULT_PREFIX
 from ..lattices import RAW, decode_lattice, encode_lattice
 from ..protocol.messages import (
@@ -32,11 +32,61 @@ from ..registration import Registration, source_of
 from ..scheduler.dags import check_dag_arguments
 from ..serialization import dumps, dumps_code, dumps_value, loads
 
-__all__ = ["ClientCore", "check_timeout", "result_blob", "unwrap_result"]
+__all__ = ["AcceptedCalls", "ClientCore", "check_timeout", "result_blob", "unwrap_result"]
 
 
 #: CAUSAL sessions (client_ids) one client keeps contexts for.
 MAX_SESSIONS = 10_000
+#: Call shapes a client remembers as accepted (see :class:`AcceptedCalls`).
+MAX_ACCEPTED_SHAPES = 4096
+
+
+class AcceptedCalls:
+    """Which call shapes the scheduler accepted before: calls of those skip the wait.
+
+    A call's reply from the scheduler (``CallAccepted``, or the error refusing
+    it) comes before its result, but waiting for it costs the caller a round
+    trip per call, and issuing 5000 calls then 5000 round trips. The client
+    picks the result key, so it needs nothing from that reply: it only tells
+    whether the call was refused (no such function or DAG, arguments for a
+    function not in the DAG, no executor to run it). So a client waits for the
+    reply only the first time it makes a call of a given shape (target, the
+    functions given arguments); once one was accepted, later ones go out
+    without waiting, and a refusal (the DAG was deleted since, every executor
+    left) reaches the caller from the future's ``get()`` instead, and makes
+    the next call of that shape wait again. Calls with a continuation always wait.
+    """
+
+    def __init__(self, limit: int = MAX_ACCEPTED_SHAPES) -> None:
+        self._shapes: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+        self.limit = limit
+
+    @staticmethod
+    def shape(call: CallDag) -> tuple[Any, ...] | None:
+        if call.continuation is not None or call.direct:
+            return None
+        return (call.target, call.is_function, tuple(call.arg_fns))
+
+    def known(self, call: CallDag) -> bool:
+        """Whether a call of this shape was accepted before (no need to wait)."""
+        shape = self.shape(call)
+        return shape is not None and shape in self._shapes
+
+    def accepted(self, call: CallDag) -> None:
+        shape = self.shape(call)
+        if shape is None:
+            return
+        self._shapes[shape] = None
+        if len(self._shapes) > self.limit:
+            try:
+                self._shapes.popitem(last=False)
+            except KeyError:  # emptied by another thread meanwhile
+                pass
+
+    def refused(self, call: CallDag) -> None:
+        shape = self.shape(call)
+        if shape is not None:
+            self._shapes.pop(shape, None)
 
 def unwrap_result(blob: Blob) -> Any:
     """A stored result value, raising the error if the call failed."""
@@ -78,7 +128,7 @@ def reference_keys(args: list[Any]) -> list[str]:
 
 def new_result_key() -> str:
     """Clients pick the result key, so they can wait for it while the call is scheduled."""
-    return f"{RESULT_PREFIX}{uuid.uuid4().hex}"
+    return f"{RESULT_PREFIX}{unique_id()}"
 
 
 def check_timeout(timeout: float | None, default: float) -> float:
@@ -132,6 +182,8 @@ class ClientCore:
         #: client does not know may be one it forgot, so it starts truncated
         #: (reads go to the store until they are known again) to keep its guarantees.
         self.forgot_sessions = False
+        #: call shapes accepted before: their calls do not wait for the acceptance.
+        self.accepted = AcceptedCalls()
 
     @staticmethod
     def register_request(function: Callable[..., Any] | tuple[type, Sequence[Any]],

@@ -21,13 +21,16 @@ import trio
 
 from ..consistency import CAUSAL, NORMAL, REPEATABLE_READ
 from ..errors import (
+    ConnectionError,
     DagError,
     DropletError,
     TimeoutError,
 )
 from ..protocol.messages import (
+    Blob,
     BoolReply,
     CallDag,
+    CallPlaced,
     ClusterInfo,
     DagResult,
     DeleteDag,
@@ -41,6 +44,7 @@ from ..protocol.messages import (
     ListDags,
     ListFunctions,
     Names,
+    PlaceCall,
     StatusReply,
 )
 from ..rpc import Peer, Slot, connect_peer
@@ -55,6 +59,14 @@ from ._core import (
     map_items,
     result_blob,
     unwrap_result,
+)
+from ._direct import (
+    CONFIRM_WAIT,
+    DIAL_TIMEOUT,
+    AsyncDirectCalls,
+    may_go_direct,
+    same_scheme,
+    triggers_for,
 )
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 from .kvs_client import AsyncKvsClient
@@ -89,7 +101,7 @@ class AsyncDropletFuture:
         self._client = client
         self._session = session
         self._timeout = timeout
-        self._blob: bytes | None = None
+        self._blob: Blob | None = None
         self._error: BaseException | None = None
         self._arrived = trio.Event()
         #: set with ``_arrived``, for the sync facade to wait on without the event loop.
@@ -97,6 +109,10 @@ class AsyncDropletFuture:
         self._fetching = False
         #: called (in the loop) when a reply arrives: droplet.wait and as_completed.
         self._wakers: list[Callable[[], None]] = []
+        #: sent straight to an executor, which answers before it stores the result.
+        self._direct = False
+        #: answered by that executor, which stores the result (or error) just after.
+        self._stored_later = False
 
     @property
     def obj_id(self) -> str:
@@ -107,6 +123,8 @@ class AsyncDropletFuture:
         if not self._pinned:
             self._pinned = True
             self._client._releases.pin(self._key)
+            if self._stored_later:  # see AsyncDropletClient._confirm_stored
+                self._client._unconfirmed.add(self._key)
         return self._key
 
     def __del__(self) -> None:
@@ -130,14 +148,23 @@ class AsyncDropletFuture:
             return
         self._watch(slot)
 
-    def _fetched(self, reply: KvsValue | None, error: BaseException | None) -> None:
+    def _fetched(self, reply: KvsValue | DagResult | None, error: BaseException | None
+                 ) -> None:
         if error is not None:
             self._error = error
+            # An executor's error reply (a result too large, say): it stores the
+            # failure too. A broken connection: it may store nothing.
+            self._stored_later = self._direct and not isinstance(error, ConnectionError)
+        elif isinstance(reply, DagResult):  # straight from the executor
+            self._blob = reply.value
+            self._stored_later = True
         elif reply is not None and reply.lattice is not None:
             try:
                 self._blob = result_blob(reply.lattice)
             except DropletError as exc:
                 self._error = exc
+        if self._stored_later and self._pinned:  # key handed out: see _confirm_stored
+            self._client._unconfirmed.add(self._key)
         self._fetching = False
         self._arrived.set()
         self.arrived_threadsafe.set()
@@ -228,7 +255,8 @@ class AsyncDropletClient:
     """
 
     def __init__(self, scheduler: Peer, kvs: Peer, address: str, timeout: float,
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery, *, token: str | None = None,
+                 options: TransportOptions | None = None, direct: bool = True) -> None:
         self._nursery = nursery
         self._core = ClientCore()
         self._scheduler = scheduler
@@ -243,6 +271,22 @@ class AsyncDropletClient:
         nursery.start_soon(self._flush_releases)
         #: Anna-style access to the KVS: ``await kvs_client.get(keys)``, ``.put(key, lattice)``.
         self.kvs_client = AsyncKvsClient(self._fetch_many, self._store)
+
+        async def dial(url: str) -> Peer:
+            same_scheme(address, url)
+            return await connect_peer(url, nursery, token=token, options=options,
+                                      timeout=min(timeout, DIAL_TIMEOUT))
+
+        async def place(target: str, is_function: bool) -> CallPlaced:
+            reply: CallPlaced = await scheduler.request(PlaceCall(target, is_function),
+                                                        timeout)
+            return reply
+
+        #: calls sent straight to executors (placement cached from the scheduler).
+        self._direct = AsyncDirectCalls(dial, place)
+        self._direct.enabled = direct
+        #: keys of direct results handed out (obj_id) and maybe not stored yet.
+        self._unconfirmed: set[str] = set()
 
     async def _fetch_many(self, keys: list[str]) -> list[bytes | None]:
         slots = await self._kvs.submit(*[KvsGet(k) for k in keys])
@@ -287,7 +331,7 @@ class AsyncDropletClient:
         else:
             kvs = await connect_peer(info.kvs, nursery, token=token, options=options,
                                      timeout=timeout)
-        return cls(scheduler, kvs, url, timeout, nursery)
+        return cls(scheduler, kvs, url, timeout, nursery, token=token, options=options)
 
     async def aclose(self) -> None:
         keys = self._releases.take_all()
@@ -300,6 +344,7 @@ class AsyncDropletClient:
                     pass  # the store went away: nothing to release
         self._releases.on_release = None
         self._flush_wanted.set()  # lets the flusher see the client closed
+        await self._direct.aclose()
         await self._scheduler.aclose()
         await self._kvs.aclose()
 
@@ -343,6 +388,7 @@ class AsyncDropletClient:
     async def register(self, function: Callable[..., Any] | tuple[type, Sequence[Any]],
                        name: str) -> AsyncDropletFunction:
         await self._scheduler.request(ClientCore.register_request(function, name), self.timeout)
+        self._direct.forget(name, True)
         return AsyncDropletFunction(name, self)
 
     async def get_function(self, name: str) -> AsyncDropletFunction | None:
@@ -354,7 +400,48 @@ class AsyncDropletClient:
         return reply.names
 
     async def exec_func(self, name: str, args: Iterable[Any] = ()) -> AsyncDropletFuture:
-        return await self._submit(ClientCore.function_call(name, args), self.timeout)
+        return await self._exec_call(ClientCore.function_call(name, args))
+
+    async def _exec_call(self, call: CallDag) -> AsyncDropletFuture:
+        return await self._submit_direct(call) or await self._submit(call, self.timeout)
+
+    async def _confirm_stored(self) -> None:
+        """Before a request that may read them: wait until the direct results whose
+        keys were handed out (obj_id) are in the store (their executors answered
+        first and store them just after)."""
+        if not self._unconfirmed:
+            return
+        keys = list(self._unconfirmed)
+        self._unconfirmed.clear()
+        try:
+            slots = await self._kvs.submit(*[KvsGet(k, CONFIRM_WAIT) for k in keys])
+            for slot in slots:
+                await self._kvs.wait(slot, CONFIRM_WAIT + 5, "KvsGet")
+        except DropletError:  # the store or an executor went away: nothing to wait for
+            pass
+
+    async def _submit_direct(self, call: CallDag) -> AsyncDropletFuture | None:
+        """Send ``call`` straight to an executor (see ``_direct.py``); None when it must
+        go through the scheduler (no executor reachable, or a call of another kind)."""
+        await self._confirm_stored()
+        if not may_go_direct(call):
+            return None
+        found = await self._direct.target(call.target, call.is_function)
+        if found is None:
+            return None
+        peer, plan = found
+        triggers = triggers_for(call, plan, peer.remote)
+        if triggers is None:
+            return None
+        future = self._future_for(call, self.timeout)
+        try:  # the first source's trigger carries the request: the sink answers it
+            (slot,) = await peer.submit(triggers[0], oneway=triggers[1:])
+        except ConnectionError:
+            self._direct.executor_left(peer.remote)
+            return None
+        future._direct = True
+        future._watch(slot)
+        return future
 
     async def map(self, name: str, iterable: Iterable[Any], *,
                   chunksize: int | None = None) -> builtins.list[AsyncDropletFuture]:
@@ -398,10 +485,48 @@ class AsyncDropletClient:
             raise refusal
         return futures
 
+    def _future_for(self, call: CallDag, wait: float) -> AsyncDropletFuture:
+        """The future of ``call`` (callable from any thread: it touches no loop state)."""
+        assert call.result_key is not None
+        return AsyncDropletFuture(call.result_key, self, wait, ClientCore.session_of(call))
+
+    async def _send_one_way(self, call: CallDag, future: AsyncDropletFuture) -> None:
+        if self._kvs is self._scheduler:  # one node: call and result read in one write
+            (fetch_slot,) = await self._scheduler.submit(future.fetch_request(),
+                                                         oneway=[call])
+        else:
+            await self._scheduler.send(call)
+            (fetch_slot,) = await self._kvs.submit(future.fetch_request())
+        future._watch(fetch_slot)
+
+    async def _send_accepted(self, call: CallDag, future: AsyncDropletFuture) -> None:
+        """Send a call whose future exists (the sync facade made it), in a task of its
+        own: straight to an executor, else one-way; a failure is the future's error."""
+        try:
+            await self._confirm_stored()
+            if may_go_direct(call):
+                found = await self._direct.target(call.target, call.is_function)
+                triggers = found and triggers_for(call, found[1], found[0].remote)
+                if found and triggers:
+                    (slot,) = await found[0].submit(triggers[0], oneway=triggers[1:])
+                    future._direct = True
+                    future._watch(slot)
+                    return
+            await self._send_one_way(call, future)
+        except Exception as exc:  # a broken connection, a call over the frame limit
+            future._pinned = True  # nothing was sent: nothing to release
+            future._fetched(None, exc if isinstance(exc, DropletError)
+                            else DropletError(f"could not send the call: {exc}"))
+
     async def _submit(self, call: CallDag, wait: float) -> AsyncDropletFuture:
         """Send a call and start waiting for its result at once (one round trip)."""
-        assert call.result_key is not None
-        future = AsyncDropletFuture(call.result_key, self, wait, ClientCore.session_of(call))
+        future = self._future_for(call, wait)
+        accepted = self._core.accepted
+        if accepted.known(call):
+            # A call of this shape was accepted before: send it one-way, with no
+            # wait for its acceptance; a refusal is stored as its result.
+            await self._send_one_way(call, future)
+            return future
         if self._kvs is self._scheduler:  # one node: call and result read in one write
             call_slot, fetch_slot = await self._scheduler.submit(call, future.fetch_request())
         else:
@@ -413,6 +538,7 @@ class AsyncDropletClient:
         except BaseException:
             future._pinned = True  # refused: no result will be stored, nothing to release
             raise
+        accepted.accepted(call)
         return future
 
     # ------------------------------------------------------------------ DAGs
@@ -426,6 +552,7 @@ class AsyncDropletClient:
             ClientCore.register_dag_request(name, functions, connections, colocated,
                                             gpu_functions, batching_functions),
             self.timeout)
+        self._direct.forget(name, False)
         return True, None
 
     async def delete_dag(self, name: str) -> tuple[bool, None]:
@@ -433,6 +560,7 @@ class AsyncDropletClient:
         if not isinstance(name, str):
             raise DagError(f"delete_dag: the DAG name must be a string, not {name!r}")
         await self._scheduler.request(DeleteDag(name), self.timeout)
+        self._direct.forget(name, False)
         return True, None
 
     async def call_dag(
@@ -458,7 +586,7 @@ class AsyncDropletClient:
             return call
         wait = self.timeout if timeout is None else timeout
         if not direct_response:
-            return await self._submit(call, wait)
+            return await self._submit_direct(call) or await self._submit(call, wait)
         try:
             result: DagResult = await self._scheduler.request(call, wait)
         except TimeoutError as exc:
@@ -474,6 +602,7 @@ class AsyncDropletClient:
 
     async def get_object(self, key: str) -> Any:
         """The value at ``key`` (a plain value, or the lattice), or None."""
+        await self._confirm_stored()
         reply: KvsValue = await self._kvs.request(KvsGet(check_key(key)), self.timeout)
         return ClientCore.stored_object(reply)
 

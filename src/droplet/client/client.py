@@ -32,7 +32,8 @@ from ..status import ClusterStatus
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address, parse_address
 from ._blocking import BlockingClient
-from ._core import check_chunksize, check_timeout, map_items
+from ._core import ClientCore, check_chunksize, check_timeout, map_items
+from ._direct import may_go_direct
 from ._portal import Portal
 from .aio import (
     CAUSAL,
@@ -185,8 +186,14 @@ class _PortalClient:
         return self._portal.run(self._client.list, prefix)
 
     def exec_func(self, name: str, args: Iterable[Any]) -> _PortalFuture:
-        return _PortalFuture(self._portal.run(self._client.exec_func, name, list(args)),
-                             self._portal)
+        client = self._client
+        call = ClientCore.function_call(name, args)
+        if client._core.accepted.known(call) or client._direct.ready(name, True):
+            # Sent one-way, with nothing to wait for: hand it to the loop and return.
+            future = client._future_for(call, client.timeout)
+            self._portal.post(client._send_accepted, call, future)
+            return _PortalFuture(future, self._portal)
+        return _PortalFuture(self._portal.run(client._exec_call, call), self._portal)
 
     def map(self, name: str, items: builtins.list[Any], chunksize: int
             ) -> builtins.list[_PortalFuture]:
@@ -206,7 +213,23 @@ class _PortalClient:
     def delete_dag(self, name: str) -> None:
         self._portal.run(self._client.delete_dag, name)
 
-    def call_dag(self, *args: Any) -> Any:
+    def call_dag(self, name: str, arg_map: dict[str, Any], direct_response: bool,
+                 consistency: str, output_key: str | None, client_id: str | None,
+                 timeout: float | None, dry_run: bool = False,
+                 continuation: CallDag | None = None) -> Any:
+        args = (name, arg_map, direct_response, consistency, output_key, client_id, timeout,
+                dry_run, continuation)
+        client = self._client
+        # NORMAL without a session only: building a CAUSAL call reads the client's
+        # sessions, which belong to the loop's thread.
+        if (not (dry_run or direct_response) and consistency == NORMAL and client_id is None
+                and client._direct.ready(name, False)):
+            call = client._core.dag_call(name, arg_map, direct_response, consistency,
+                                         output_key, client_id, timeout, continuation)
+            if may_go_direct(call):  # to the executor, posted: no wait for the loop
+                future = client._future_for(call, client.timeout)
+                self._portal.post(client._send_accepted, call, future)
+                return _PortalFuture(future, self._portal)
         result = self._portal.run(self._call_dag, *args)
         if isinstance(result, AsyncDropletFuture):
             return _PortalFuture(result, self._portal)

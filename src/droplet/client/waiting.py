@@ -11,6 +11,7 @@ deadline; an async wait sleeps on an event the replies set.
 from __future__ import annotations
 
 import math
+import select
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -99,7 +100,7 @@ def _block(pending: Iterable[DropletFuture], deadline: float) -> None:
     for future in pending:
         inner: Any = future._inner
         if isinstance(inner, BlockingFuture):
-            groups.setdefault(inner._client.kvs, []).append(inner._slot)
+            groups.setdefault(inner._peer, []).append(inner._slot)
         elif isinstance(inner, _PortalFuture):
             portal.append(inner)
     remaining = min(max(0.0, deadline - time.monotonic()), MAX_BLOCK)
@@ -107,13 +108,21 @@ def _block(pending: Iterable[DropletFuture], deadline: float) -> None:
         ((peer, slots),) = groups.items()
         peer.wait_any(slots, remaining)
         return
-    # Futures of several connections: each in turn, a short while each.
-    share = min(remaining, HANDOFF_POLL) if len(groups) + bool(portal) > 1 else remaining
-    for peer, slots in groups.items():
-        if peer.wait_any(slots, share):
+    if groups:
+        # Futures of several connections (calls sent straight to executors):
+        # read what each has, then sleep until any of them has more.
+        for peer, slots in groups.items():
+            if peer.wait_any(slots, 0):
+                return
+        socks = [peer._sock for peer in groups if peer._failure is None]
+        if not socks:
+            return
+        try:
+            select.select(socks, [], [], min(remaining, HANDOFF_POLL) if portal else remaining)
+        except (OSError, ValueError):  # one was closed meanwhile: its waiters were told
             return
     if portal:
-        _block_portal(portal, min(share, PORTAL_POLL))
+        _block_portal(portal, min(remaining, HANDOFF_POLL if groups else PORTAL_POLL))
 
 
 def _block_portal(futures: list[_PortalFuture], timeout: float) -> None:

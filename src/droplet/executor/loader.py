@@ -12,7 +12,7 @@ from ..errors import RegistrationError
 from ..kvs.keys import function_key
 from ..lattices import RAW, decode_lattice
 from ..protocol.messages import KvsGet, KvsValue
-from ..registration import install
+from ..registration import code_version, install
 from ..rpc import Peer
 
 __all__ = ["FunctionLoader", "Loaded"]
@@ -45,7 +45,11 @@ class FunctionLoader:
         """Names being loaded right now (one lock each, dropped when done)."""
         return len(self._locks)
 
-    async def load(self, name: str, version: str) -> Loaded:
+    async def load(self, name: str, version: str | None) -> Loaded:
+        """Function ``name`` at ``version``, fetched from the store unless loaded already.
+
+        ``version`` None (a prefetch of whatever is registered): the stored code's.
+        """
         loaded = self._functions.get(name)
         if loaded is not None and loaded.version == version:
             return loaded
@@ -55,18 +59,24 @@ class FunctionLoader:
                 loaded = self._functions.get(name)
                 if loaded is not None and loaded.version == version:
                     return loaded
-                loaded = Loaded(version, await self._fetch(name))
+                found, obj = await self._fetch(name)
+                loaded = Loaded(found, obj)
                 self._functions[name] = loaded
                 return loaded
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(name, None)
 
-    async def _fetch(self, name: str) -> Any:
+    async def _fetch(self, name: str) -> tuple[str, Any]:
+        """The stored code's version (as the scheduler computes it) and the function."""
         reply: KvsValue = await self._kvs.request(KvsGet(function_key(name)), LOAD_TIMEOUT)
         if reply.lattice is None:
             raise RegistrationError(f"function {name!r} is not registered")
         code = decode_lattice(reply.lattice, load=RAW).reveal()
+        return code_version(code), self._install(name, code)
+
+    @staticmethod
+    def _install(name: str, code: bytes) -> Any:
         obj = install(pickle.loads(code))  # files shipped source for tracebacks
         if isinstance(obj, tuple) and not (
             len(obj) == 2 and isinstance(obj[0], type) and hasattr(obj[0], "run")

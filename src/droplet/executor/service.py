@@ -29,23 +29,28 @@ from ..protocol.messages import (
     Blob,
     CacheInvalidate,
     ClusterInfo,
+    DagResult,
     ExecutorJoin,
+    FunctionRegistered,
     Hello,
     KvsGet,
     KvsPut,
     KvsUpdate,
     KvsValue,
+    ListFunctions,
     Mail,
+    Names,
     RunDone,
     Trigger,
 )
 from ..references import DropletReference
-from ..rpc import Peer, PeerPool
+from ..rpc import DEFERRED, OutboxFull, Peer, PeerPool
 from ..serialization import dumps, loads, mentions
 from .batching import DEFAULT_MAX_BATCH, Batcher
 from .cache import Cache, Counts
 from .cache_service import RemoteCache
 from .copies import private
+from .direct import Callers, Reply, check_direct
 from .downstream import arguments_for
 from .fanin import FanIn
 from .loader import FunctionLoader
@@ -72,6 +77,10 @@ FANIN_TTL = 600.0
 #: cannot simply wait for a free slot: running functions need it to read
 #: their store replies.)
 MAX_INVOCATIONS = 10_000
+#: Functions an executor loads when it joins (what is registered already);
+#: later registrations are loaded as they are announced.
+MAX_PREFETCH = 1024
+PREFETCH_TIMEOUT = 30.0
 #: Seconds a result may take to be written to the next executor, the store or
 #: the scheduler before the send is abandoned (and that connection closed).
 SEND_TIMEOUT = 60.0
@@ -103,6 +112,8 @@ class ExecutorStatistics:
     abandoned_threads: int = 0
     #: open connections to other executors and the scheduler.
     peers: int = 0
+    #: runs clients sent here themselves, still to answer.
+    direct_waiting: int = 0
 
 
 @attrs.frozen
@@ -158,7 +169,7 @@ def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
 
 
 class ExecutorService:
-    MESSAGES = (Trigger, Mail, KvsUpdate, CacheInvalidate)
+    MESSAGES = (Trigger, Mail, KvsUpdate, CacheInvalidate, FunctionRegistered)
 
     def __init__(
         self,
@@ -194,6 +205,8 @@ class ExecutorService:
         self._multi = MultiExec()
         self._loader = FunctionLoader(kvs)
         self._fanin: FanIn[_Input] = FanIn(ttl=FANIN_TTL)
+        #: clients waiting for the runs they sent here themselves.
+        self._callers = Callers(ttl=FANIN_TTL)
         self._active = 0  # invocation tasks started and not finished
         self._libraries: dict[str, UserLibrary] = {}
         self._next_id = 0
@@ -229,7 +242,7 @@ class ExecutorService:
             mailboxes=len(self._libraries), cache_entries=cache.entries,
             cache_bytes=cache.bytes, cache_evictions=cache.evictions,
             worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
-            peers=len(self._peers))
+            peers=len(self._peers), direct_waiting=len(self._callers))
 
     async def _serve(self) -> None:
         """Own the worker threads: they exit when the service's nursery ends."""
@@ -266,6 +279,8 @@ class ExecutorService:
         holder: list[ExecutorService] = []
 
         async def handle(peer: Peer, msg: Any, request_id: int) -> Any:
+            if not holder and type(msg) is FunctionRegistered:
+                return None  # announced while joining: the prefetch on joining loads it
             return await holder[0].handle(peer, msg, request_id)
 
         scheduler = await connect_peer(scheduler_url, nursery, token=token, handler=handle,
@@ -294,6 +309,7 @@ class ExecutorService:
         nursery.start_soon(service._serve)
         if before_join is not None:
             before_join(service)
+        nursery.start_soon(service._prefetch_registered)
         await scheduler.request(ExecutorJoin(url, node_id, workers, dict(resources or {})), 30)
         nursery.start_soon(report_periodically, url, service.recorder, service.load,
                            functools.partial(scheduler.post, on_full="raise"), report_interval)
@@ -304,16 +320,49 @@ class ExecutorService:
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
         if kind is Trigger:
+            if request_id:  # a run a client sent here itself: answer it with the result
+                check_direct(msg, self.url)
+                now = time.monotonic()
+                self._callers.add(msg.run_id, Reply(peer, request_id, now), now)
+                try:
+                    self._on_trigger(msg)  # starts tasks, which run after we return
+                except BaseException:
+                    self._callers.pop(msg.run_id)
+                    raise
+                return DEFERRED
             self._on_trigger(msg)
         elif kind is KvsUpdate:
             await self.cache.update(msg.key, msg.lattice)
         elif kind is Mail:
             self._deliver(msg)
+        elif kind is FunctionRegistered:
+            self._nursery.start_soon(self._prefetch, [msg.name], msg.version)
         elif kind is CacheInvalidate and isinstance(self.cache, RemoteCache):
             self.cache.invalidate(msg.keys)
         else:
             raise ProtocolError(f"an executor does not serve {kind.__name__} messages")
         return None
+
+    async def _prefetch(self, names: list[str], version: str | None = None) -> None:
+        """Load functions ahead of their first call (at registration, or on joining).
+
+        A failure is left for the first call to report, with its run.
+        """
+        for name in names:
+            try:
+                await self._loader.load(name, version)
+            except Exception as exc:
+                log.debug("prefetching %r failed (its first call will say why): %s",
+                          name, exc)
+
+    async def _prefetch_registered(self) -> None:
+        """On joining: load what is registered already (up to MAX_PREFETCH functions)."""
+        try:
+            reply: Names = await self._scheduler.request(ListFunctions(None), PREFETCH_TIMEOUT)
+        except DropletError as exc:
+            log.debug("could not list the registered functions to prefetch: %s", exc)
+            return
+        await self._prefetch(reply.names[:MAX_PREFETCH])
 
     def _on_trigger(self, t: Trigger) -> None:
         """Start or feed the trigger's function.
@@ -389,6 +438,10 @@ class ExecutorService:
             await self._invoke_segment(t, inputs, overloaded)
         except Exception:
             log.exception("run %s: invoking %s failed", t.run_id, t.function)
+            caller = self._callers.pop(t.run_id)
+            if caller is not None:  # never leave a client waiting
+                caller.send_error(f"executor {self.url} could not run {t.function!r}; "
+                                  "see its log")
         finally:
             self._active -= 1
 
@@ -668,6 +721,15 @@ class ExecutorService:
             await self._kvs.request(KvsPut(t.output_key, lww(pickle_result(result))))
         if causal is not None and not failed:
             result = SessionResult(result, causal)
+        caller = self._callers.pop(t.run_id)
+        if caller is not None:  # a client's direct run: the result to it first
+            caller.send(DagResult(t.run_id, pickle_value(result), failed))
+            put = KvsPut(t.result_key, lww(pickle_result(result)))
+            try:  # through the outbox: under load, many results per write
+                self._kvs.post(put, on_full="raise", check_size=True)
+            except OutboxFull:
+                await self._kvs.send(put)
+            return
         scheduler = self._scheduler if not t.scheduler else await self._peers.get(t.scheduler)
         if t.direct:
             await scheduler.send(RunDone(t.run_id, pickle_value(result), failed))

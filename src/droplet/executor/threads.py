@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,9 @@ class WorkerThreads:
         self._pending = 0  # jobs queued, not yet taken by a worker
         self._lock = threading.Lock()
         self._closed = False
+        #: finished jobs' tasks and results, waiting for the loop to take them.
+        self._done: deque[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]] = deque()
+        self._drain_pending = False
         self.grace = SHUTDOWN_GRACE if grace is None else grace
         #: jobs whose caller stopped waiting after the grace period.
         self.abandoned = 0
@@ -93,7 +97,7 @@ class WorkerThreads:
                 if delivered[0]:
                     return
                 delivered[0] = True
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            self._finished(token, task, result)
 
         with self._lock:
             self._pending += 1
@@ -122,6 +126,31 @@ class WorkerThreads:
                         "abandoning its thread", label or getattr(fn, "__name__", fn), self.grace)
             await trio.lowlevel.checkpoint()  # raises the pending Cancelled
             raise RuntimeError("worker thread abandoned") from None
+
+    def _finished(self, token: trio.lowlevel.TrioToken, task: trio.lowlevel.Task,
+                  result: outcome.Outcome[Any]) -> None:
+        """Hand a result to the loop. Under load, results of many jobs share one
+        wakeup of the loop (one ``run_sync_soon``, a write to its wakeup socket)."""
+        with self._lock:
+            self._done.append((task, result))
+            if self._drain_pending:
+                return
+            self._drain_pending = True
+        try:
+            token.run_sync_soon(self._drain)
+        except trio.RunFinishedError:
+            with self._lock:
+                self._drain_pending = False
+            raise
+
+    def _drain(self) -> None:
+        """In the loop: wake every task whose job finished."""
+        with self._lock:
+            done = list(self._done)
+            self._done.clear()
+            self._drain_pending = False
+        for task, result in done:
+            trio.lowlevel.reschedule(task, result)
 
     def _work(self) -> None:
         jobs = self._jobs

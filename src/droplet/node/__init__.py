@@ -283,9 +283,10 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
     policy = ScalingPolicy(minimum, maximum, up_queue=config.scale_up_queue,
                            up_after=config.scale_up_after,
                            down_after=config.scale_down_after)
+    name = f"{uuid.uuid4().hex[:8]}-w"
+    scheduler.claim_pool(name, scheduler)  # its workers are this node's to drain
     node.pool = pool = ExecutorPool(LocalControl(scheduler), launch, policy,
-                                    interval=config.report_interval,
-                                    name=f"{uuid.uuid4().hex[:8]}-w")
+                                    interval=config.report_interval, name=name)
     if policy.adaptive:
         scheduler.scaling = pool.status
     await nursery.start(pool.run)

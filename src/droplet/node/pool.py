@@ -35,7 +35,7 @@ import attrs
 import trio
 
 from ..autoscale import UP, Autoscaler, Observation, ScalingPolicy
-from ..errors import DropletError, ProtocolError, TimeoutError
+from ..errors import DropletError, ProtocolError
 from ..protocol.messages import BoolReply, DrainExecutor, PoolQuery, PoolReply
 from ..rpc import Peer
 from ..scheduler.service import SchedulerService
@@ -49,8 +49,6 @@ log = logging.getLogger("droplet.node")
 MAX_EVENTS = 20
 #: Seconds a remote scheduler gets to answer a pool query (the tick is skipped if not).
 QUERY_TIMEOUT = 10.0
-#: A remote drain request is repeated after this long (drains last as long as calls).
-DRAIN_RETRY = 60.0
 
 
 class PoolControl(abc.ABC):
@@ -110,14 +108,12 @@ class RemoteControl(PoolControl):
                 for node_id, url, *load in zip(*columns, strict=True)}
 
     async def drain(self, url: str) -> None:
-        while True:
-            try:
-                reply = await self.peer.request(DrainExecutor(url), DRAIN_RETRY)
-            except TimeoutError:
-                continue  # still running calls; ask again (a drain is idempotent)
-            if type(reply) is not BoolReply:
-                raise ProtocolError(f"expected BoolReply, got {type(reply).__name__}")
-            return
+        # No timeout: a drain lasts as long as the calls placed there, and asking
+        # again would leave one more waiting drain in the scheduler each time.
+        # A link that drops fails the request (ConnectionError).
+        reply = await self.peer.request(DrainExecutor(url))
+        if type(reply) is not BoolReply:
+            raise ProtocolError(f"expected BoolReply, got {type(reply).__name__}")
 
 
 @attrs.define(eq=False)

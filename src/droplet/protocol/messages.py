@@ -646,6 +646,10 @@ class PoolQuery:
     Answered by :class:`PoolReply`. ``status`` is the node's own scaling status
     as JSON (:meth:`droplet.status.ScalingStatus.to_dict`), shown in the
     cluster's status; empty for none.
+
+    The first query claims ``prefix`` for this link: one prefix per link, with a
+    "-" in it, overlapping no other node's; executors that join with node ids
+    ``prefix...`` are then this link's to drain (:class:`DrainExecutor`).
     """
 
     prefix: str
@@ -678,13 +682,59 @@ class DrainExecutor:
 
     Answered with ``BoolReply(True)`` once nothing placed there runs any more
     (the executor is then forgotten and may stop), ``BoolReply(False)`` when
-    no executor joined at ``url``.
+    no executor joined at ``url``. Refused (ProtocolError) for an executor that
+    is not one of this link's workers (see :class:`PoolQuery`).
     """
 
     url: str
 
+@message(46)
+@attrs.frozen
+class PlaceCall:
+    """Client -> scheduler: where may calls of ``target`` go straight to?
+
+    ``target`` is a function (``is_function``) or a DAG. Answered by
+    :class:`CallPlaced`, or the error a call of it would get (no such function
+    or DAG).
+    """
+
+    target: str
+    is_function: bool
+
+
+@message(47)
+@attrs.frozen
+class CallPlaced:
+    """A whole run of ``target`` may go to any one of ``executors`` (least loaded first).
+
+    ``functions``, ``versions`` and ``edges`` are the run's schedule, as in a
+    :class:`Trigger`. The client may send runs straight to those executors for
+    ``lease`` seconds, then asks again (the scheduler owns placement and load).
+    No executors: send calls of ``target`` through the scheduler.
+    """
+
+    target: str
+    is_function: bool
+    functions: list[str]
+    versions: list[str]
+    edges: list[list[str]]
+    executors: list[str]
+    lease: float
+
 
 # --------------------------------------------------------------------------- executor
+
+
+@message(48)
+@attrs.frozen
+class FunctionRegistered:
+    """Scheduler -> executors, one-way: function ``name`` is registered at ``version``.
+
+    Executors load its code now, so its first call does not wait for the store.
+    """
+
+    name: str
+    version: str
 
 
 @message(40)

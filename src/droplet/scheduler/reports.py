@@ -88,6 +88,15 @@ class ClusterView:
         """An executor joined (it shows, idle, until its first report)."""
         self._executors[url] = _Load(url, threads=threads)
 
+    def running(self, url: str) -> int:
+        """Functions executor ``url`` ran at its last report (0 for none or unknown)."""
+        load = self._executors.get(url)
+        return load.running if load is not None else 0
+
+    def loads(self) -> dict[str, int]:
+        """Each executor's last reported load: busy threads plus queued calls."""
+        return {url: load.busy + load.queued for url, load in self._executors.items()}
+
     def load(self, url: str) -> tuple[int, int, dict[str, int]]:
         """``(threads, queued, cached)`` of an executor as last reported (zeros if unknown)."""
         load = self._executors.get(url)

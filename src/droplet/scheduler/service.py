@@ -13,7 +13,6 @@ else's connection.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -29,6 +28,7 @@ from .. import errors
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS
 from ..errors import DagError, DropletError, ProtocolError, RegistrationError, _Failure
 from ..executor.downstream import arguments_for
+from ..ids import unique_id
 from ..kvs.keys import REGISTRY_KEY, RESULT_PREFIX, function_key
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.messages import (
@@ -36,6 +36,7 @@ from ..protocol.messages import (
     BoolReply,
     CallAccepted,
     CallDag,
+    CallPlaced,
     ClusterInfo,
     DagResult,
     DeleteDag,
@@ -43,6 +44,7 @@ from ..protocol.messages import (
     ExecutorJoin,
     ExecutorReport,
     FunctionExists,
+    FunctionRegistered,
     GetStatus,
     Hello,
     KvsGet,
@@ -51,6 +53,7 @@ from ..protocol.messages import (
     ListDags,
     ListFunctions,
     Names,
+    PlaceCall,
     PoolQuery,
     PoolReply,
     RegisterDag,
@@ -60,6 +63,7 @@ from ..protocol.messages import (
     Trigger,
 )
 from ..protocol.messages import decode as decode_message
+from ..registration import code_version
 from ..rpc import DEFERRED, Peer
 from ..status import ClusterStatus, ScalingStatus
 from .dags import Dag, build_dag
@@ -76,10 +80,16 @@ RUN_TTL = 3600.0
 SWEEP_EVERY = 1024
 #: Seconds the scheduler waits for the store (registrations, recorded failures).
 KVS_TIMEOUT = 30.0
+#: Seconds a client may send a function's calls straight to the executors it
+#: was given (CallPlaced) before asking again.
+PLACEMENT_LEASE = 2.0
 #: Seconds a drained executor may take to send its last report before it is retired.
 DRAIN_REPORT_WAIT = 5.0
 #: Scale events kept of each adaptive executor node's status.
 MAX_POOL_EVENTS = 20
+#: Placement policies under which a whole run may go to one executor the
+#: client picks (CallPlaced): those that keep a pipeline on one executor.
+DIRECT_POLICIES = ("data", "locality")
 #: Most DAG calls chained by continuations in one call.
 MAX_CONTINUATIONS = 32
 
@@ -119,13 +129,15 @@ class _Executor:
     idle: trio.Event = attrs.Factory(trio.Event)
     #: set (and replaced) by each of its reports.
     reported: trio.Event = attrs.Factory(trio.Event)
+    #: who may drain it: the claimant of its node id's pool prefix when it joined.
+    owner: object = None
 
 
 class SchedulerService:
     MESSAGES = (
         Hello, ExecutorJoin, RegisterFunction, ListFunctions, FunctionExists,
         RegisterDag, DeleteDag, CallDag, RunDone, ExecutorReport, GetStatus, ListDags,
-        PoolQuery, DrainExecutor,
+        PlaceCall, PoolQuery, DrainExecutor,
     )
 
     def __init__(
@@ -155,6 +167,8 @@ class SchedulerService:
         self.scaling: Callable[[], ScalingStatus | None] = lambda: None
         #: adaptive ``--role executor`` nodes, by their workers' node id prefix.
         self._pools: dict[str, ScalingStatus] = {}
+        #: pool prefix -> its claimant (a node's link, or this node's own pool).
+        self._pool_owners: dict[str, object] = {}
 
     def statistics(self) -> SchedulerStatistics:
         return SchedulerStatistics(
@@ -179,6 +193,8 @@ class SchedulerService:
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
         if kind is CallDag:
+            if not request_id and not msg.direct and msg.result_key:
+                return await self._call_oneway(peer, msg)
             return await self._call(peer, msg, request_id)
         if kind is RunDone:
             await self._run_done(msg)
@@ -192,6 +208,8 @@ class SchedulerService:
                 ex.reported.set()
                 ex.reported = trio.Event()
             return None
+        if kind is PlaceCall:
+            return self._place_call(msg)
         if kind is GetStatus:
             return StatusReply(self.cluster_status().to_json())
         if kind is ListDags:
@@ -215,12 +233,17 @@ class SchedulerService:
         if kind is ExecutorJoin:
             return self._join(peer, msg)
         if kind is PoolQuery:
+            self.claim_pool(msg.prefix, peer)
             if msg.status:
                 self._pool_status(peer, msg.prefix, msg.status)
             return self._pool_reply(msg.prefix)
         if kind is DrainExecutor:
-            if msg.url not in self._executors:
+            ex = self._executors.get(msg.url)
+            if ex is None:
                 return BoolReply(False)
+            if ex.owner is not peer:
+                raise ProtocolError(f"executor {msg.url} is not one of this link's workers: "
+                                    "only the node that started it may drain it")
             # Deferred: a drain lasts as long as the calls running there.
             self._nursery.start_soon(self._drain_for, peer, request_id, msg.url)
             return DEFERRED
@@ -256,13 +279,19 @@ class SchedulerService:
                 f"function name must be a non-empty string without '/', not {msg.name!r}")
         if not msg.code:
             raise RegistrationError(f"function {msg.name!r}: empty code")
-        version = hashlib.blake2b(msg.code, digest_size=8).hexdigest()
+        version = code_version(msg.code)
         lattice = LWWLattice.now(msg.code)
         await self._kvs.request(
             KvsPut(function_key(msg.name), encode_lattice(lattice, dump=RAW)), KVS_TIMEOUT)
         await self._kvs.request(KvsPut(REGISTRY_KEY, function_entry(msg.name, version)),
                                 KVS_TIMEOUT)
         self._functions[msg.name] = version
+        # Executors load the code now, not on its first call (a round trip to the store).
+        for ex in list(self._executors.values()):
+            try:
+                ex.peer.post(FunctionRegistered(msg.name, version), on_full="raise")
+            except DropletError:  # a backed-up executor loads it on first call instead
+                pass
 
     async def _register_dag(self, msg: RegisterDag) -> None:
         dag = build_dag(msg.name, msg.functions, msg.connections, msg.colocated,
@@ -288,8 +317,10 @@ class SchedulerService:
     # ------------------------------------------------------------------ executors
 
     def _join(self, peer: Peer, msg: ExecutorJoin) -> ClusterInfo:
+        owner = next((who for prefix, who in self._pool_owners.items()
+                      if msg.node_id.startswith(prefix)), None)
         self._executors[msg.url] = _Executor(msg.url, peer, resources=dict(msg.resources),
-                                             node_id=msg.node_id)
+                                             node_id=msg.node_id, owner=owner)
         self.view.join(msg.url, msg.workers)
         peer.state["executor_url"] = msg.url
         peer.on_close.append(self._executor_left)
@@ -348,6 +379,9 @@ class SchedulerService:
         if ex is None:
             return
         ex.draining = True
+        # Clients may send runs straight to it until the placements they hold
+        # (CallPlaced, which no longer names it) run out.
+        leases_end = trio.current_time() + PLACEMENT_LEASE
         while True:
             if ex.running == 0:
                 ex.idle.set()
@@ -358,10 +392,25 @@ class SchedulerService:
             with trio.move_on_after(DRAIN_REPORT_WAIT):
                 await ex.reported.wait()
             if ex.running == 0 and self._executors.get(url) is ex:
-                break
+                await self._direct_runs_done(ex, leases_end)
+                if ex.running == 0 and self._executors.get(url) is ex:
+                    break
+            if self._executors.get(url) is not ex:
+                return
             # Placed on after all (every executor was draining): wait for that too.
-            ex.idle = trio.Event()
+            # A drain of it repeated meanwhile may have replaced the event already:
+            # share that one (a second replacement would leave one drain waiting forever).
+            if ex.idle.is_set():
+                ex.idle = trio.Event()
         self.retire(url)
+
+    async def _direct_runs_done(self, ex: _Executor, leases_end: float) -> None:
+        """Wait until no client may send runs to ``ex`` any more and, by its reports,
+        none it was sent is still running (direct runs are not counted here)."""
+        await trio.sleep_until(leases_end)
+        while self._executors.get(ex.url) is ex and self.view.running(ex.url) > 0:
+            with trio.move_on_after(DRAIN_REPORT_WAIT):
+                await ex.reported.wait()
 
     def pool_view(self, prefix: str) -> list[tuple[str, str, int, int, int, int, int]]:
         """``(node_id, url, busy, queued, running, in flight, placed)`` of the joined
@@ -378,6 +427,39 @@ class SchedulerService:
             busy, queued, running = (r.busy, r.queued, r.running) if r else (0, 0, 0)
             found.append((ex.node_id, url, busy, queued, running, ex.running, ex.placed))
         return found
+
+    def claim_pool(self, prefix: str, owner: object) -> None:
+        """Let ``owner`` (a node's link, or this node's pool) manage the executors that join
+        with node ids ``prefix...`` from now on: only it may drain them.
+
+        A link claims one prefix, with its first :class:`PoolQuery` (normally
+        before its workers join; workers that joined earlier are adopted).
+        Refused: a prefix without a "-" (it could match executors' own random
+        node ids), one overlapping another's, or one matching an executor that
+        another claimant owns.
+        """
+        if not prefix:
+            raise ProtocolError("a pool query needs a non-empty node id prefix")
+        if "-" not in prefix:
+            raise ProtocolError(f"a pool's node id prefix must contain a '-', not {prefix!r}")
+        mine = next((p for p, who in self._pool_owners.items() if who is owner), None)
+        if mine == prefix:
+            return
+        if mine is not None:
+            raise ProtocolError(f"this link manages one pool, {mine!r}, not also {prefix!r}")
+        if any(p.startswith(prefix) or prefix.startswith(p) for p in self._pool_owners):
+            raise ProtocolError(f"node id prefix {prefix!r} overlaps another node's pool")
+        matching = [ex for ex in self._executors.values() if ex.node_id.startswith(prefix)]
+        if any(ex.owner is not None and ex.owner is not owner for ex in matching):
+            raise ProtocolError(f"executors of another node joined with node ids {prefix!r}...")
+        self._pool_owners[prefix] = owner
+        for ex in matching:
+            ex.owner = owner
+        if isinstance(owner, Peer):
+            def release(_: Peer) -> None:
+                self._pool_owners.pop(prefix, None)
+
+            owner.on_close.append(release)
 
     def _pool_status(self, peer: Peer, prefix: str, text: str) -> None:
         """Keep an executor node's scaling status (for ``conn.status()``) while it is linked."""
@@ -442,11 +524,58 @@ class SchedulerService:
         dag = self._dag_for(msg)
         then = self._continuation(msg)
         caller = (peer, request_id) if msg.direct else None
-        result_key = msg.result_key or f"{RESULT_PREFIX}{uuid.uuid4().hex}"
+        result_key = msg.result_key or f"{RESULT_PREFIX}{unique_id()}"
         run_id = await self._start(dag, msg, caller, result_key, None, then)
         if msg.direct:
             return DEFERRED
         return CallAccepted(run_id, result_key)
+
+    def _place_call(self, msg: PlaceCall) -> CallPlaced:
+        """Where a client may send runs of ``msg.target`` itself (see :class:`CallPlaced`).
+
+        A run goes wholly to one executor: executors least loaded first (the
+        load their reports gave, plus the runs placed here since). Runs that
+        need more than one executor (GPU functions, multi-exec, batching, the
+        ``spread`` policy and custom ones) are placed here, call by call: no
+        executors. Nor
+        are executors being drained.
+        """
+        probe = CallDag(msg.target, msg.is_function, [], [])
+        dag = self._dag_for(probe)
+        versions = []
+        for fn in dag.functions:
+            version = self._functions.get(fn)
+            if version is None:
+                raise DagError(f"DAG {dag.name!r} uses {fn!r}, which is no longer registered")
+            versions.append(version)
+        urls: list[str] = []
+        # "data" places a call without references as "locality" does; clients
+        # send only calls without references straight to executors.
+        if (self._placement.policy in DIRECT_POLICIES and not dag.gpu_functions
+                and not dag.multiexec and not dag.batching_functions):
+            loads = self.view.loads()
+            order = sorted((ex for ex in self._executors.values()
+                            if not ex.resources.get("gpu", 0) and not ex.draining),
+                           key=lambda ex: ex.running + loads.get(ex.url, 0))
+            urls = [ex.url for ex in order]
+        return CallPlaced(msg.target, msg.is_function, list(dag.functions), versions,
+                          [list(e) for e in dag.connections], urls, PLACEMENT_LEASE)
+
+    async def _call_oneway(self, peer: Peer, msg: CallDag) -> None:
+        """A call sent without a request id: nobody waits for ``CallAccepted``.
+
+        Clients send calls this way once a call of the same shape was accepted
+        (see :class:`~droplet.client._core.AcceptedCalls`): they chose the
+        result key and wait on it already, so a refusal is stored there as the
+        call's failure and reaches the caller's ``get()``.
+        """
+        try:
+            await self._call(peer, msg, 0)
+        except DropletError as exc:
+            assert msg.result_key is not None
+            # In a task: this runs in the caller's reader, which must not wait on the store.
+            self._nursery.start_soon(self._record_failure, "", msg.result_key,
+                                     pickle.dumps(_Failure(exc)))
 
     def _dag_for(self, msg: CallDag) -> Dag:
         if msg.is_function:
@@ -501,7 +630,7 @@ class SchedulerService:
                                         ex.resources.get("gpu", 0) > 0, cached))
         references = dict(zip(msg.arg_fns, msg.references, strict=False))
         where = self._placement.place(dag, candidates, {}, (), references)
-        run_id = uuid.uuid4().hex
+        run_id = unique_id()
         deadline = time.time() + msg.timeout if msg.timeout else None
         placed = [where[fn] for fn in dag.functions]
         for url in placed:

@@ -1,0 +1,276 @@
+"""Calls sent straight to an executor, with placement from the scheduler.
+
+Through the scheduler a call crosses four connections (client -> scheduler ->
+executor -> store -> client); sent straight to an executor it crosses two
+(client -> executor -> client), and the executor writes the result key to the
+store after answering. The scheduler still owns placement and load: it hands
+out, per function or DAG, the executors that may run a whole call of it, least
+loaded first, with the call's schedule (:class:`~droplet.protocol.messages.CallPlaced`),
+for a short lease; the client spreads calls over them in turn and asks again
+when the lease ends.
+
+A cached placement is dropped when an executor on it leaves (its connection
+ends, or it cannot be reached), and calls go through the scheduler whenever
+no executor of the placement can be reached (executors listening on an
+address this client cannot dial, or a scheduler that does not hand out
+placements).
+
+Other clients learn that a function was registered again, or a DAG deleted,
+when their lease ends (a few seconds): until then their calls run the
+function's new code (executors load what is stored) or the deleted DAG.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..consistency import NORMAL
+from ..errors import DropletError, ProtocolError
+from ..ids import unique_id
+from ..protocol.messages import CallDag, CallPlaced, Trigger
+from ..rpc import Peer
+from ..transports.registry import parse_address
+
+__all__ = ["CONFIRM_WAIT", "DIAL_TIMEOUT", "UNREACHABLE_RETRY", "AsyncDirectCalls",
+           "DirectCalls", "may_go_direct", "same_scheme", "triggers_for"]
+
+#: Seconds to connect to an executor before sending its calls through the scheduler.
+DIAL_TIMEOUT = 2.0
+#: Seconds a client waits for the store to hold a direct result whose key it
+#: handed out (the executor answered first, and stores it right after).
+CONFIRM_WAIT = 5.0
+#: Seconds an executor that could not be reached is not tried again.
+UNREACHABLE_RETRY = 30.0
+
+
+class _Placed:
+    __slots__ = ("expires", "plan", "turn", "urls")
+
+    def __init__(self, plan: CallPlaced, expires: float) -> None:
+        self.plan = plan
+        self.urls = list(plan.executors)
+        self.expires = expires
+        self.turn = 0
+
+
+def may_go_direct(call: CallDag) -> bool:
+    """Whether ``call`` is of a kind a client may send straight to an executor."""
+    return not (call.direct or call.consistency != NORMAL or call.output_key is not None
+                or call.client_id is not None or call.timeout is not None
+                or call.continuation is not None or call.result_key is None
+                # references: the scheduler places the call where their data is cached
+                or any(call.references))
+
+
+def triggers_for(call: CallDag, plan: CallPlaced, url: str) -> list[Trigger] | None:
+    """The source triggers of ``call`` run wholly at executor ``url``, the first to
+    send as the request; None when its arguments do not fit the plan (the
+    scheduler then says what is wrong)."""
+    if call.result_key is None or not set(call.arg_fns) <= set(plan.functions):
+        return None
+    run_id = unique_id()
+    placement = [url] * len(plan.functions)
+    fed = {dst for _, dst in plan.edges}
+    return [Trigger(run_id, fn, plan.functions, plan.versions, placement, plan.edges,
+                    call.arg_fns, call.arg_blobs, None, None, False, call.result_key,
+                    None, False, NORMAL, None, None, "")
+            for fn in plan.functions if fn not in fed]
+
+
+def same_scheme(client_url: str, executor_url: str) -> None:
+    """ValueError unless the executor speaks the client's scheme (a tls:// or wss://
+    client's calls never go out in clear, nor over a transport it did not choose)."""
+    scheme = parse_address(client_url)[0]
+    if parse_address(executor_url)[0] != scheme:
+        raise ValueError(f"executor {executor_url} does not speak {scheme}://")
+
+
+class _Cache:
+    """Placements by (target, is_function), and executors not to dial for a while."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.placements: dict[tuple[str, bool], _Placed] = {}
+        self.unreachable: dict[str, float] = {}
+        #: False once the scheduler turned out not to hand out placements.
+        self.enabled = True
+
+    def fresh(self, target: str, is_function: bool, now: float) -> _Placed | None:
+        placed = self.placements.get((target, is_function))
+        return placed if placed is not None and placed.expires > now else None
+
+    def store(self, plan: CallPlaced, now: float) -> _Placed:
+        placed = _Placed(plan, now + plan.lease)
+        self.placements[(plan.target, plan.is_function)] = placed
+        return placed
+
+    @staticmethod
+    def in_turn(placed: _Placed) -> list[str]:
+        """The placement's executors, starting with the next one in turn."""
+        urls = placed.urls
+        if not urls:
+            return []
+        start = placed.turn % len(urls)
+        placed.turn += 1
+        return urls[start:] + urls[:start]
+
+    def drop_url(self, url: str) -> None:
+        for key, placed in list(self.placements.items()):
+            if url in placed.urls:
+                self.placements.pop(key, None)
+
+    def forget(self, target: str, is_function: bool) -> None:
+        """Drop the placement of ``target`` (this client changed or deleted it)."""
+        self.placements.pop((target, is_function), None)
+
+    def placed(self, target: str, is_function: bool = True) -> list[str]:
+        """The executors cached for ``target`` (empty when none are)."""
+        placed = self.placements.get((target, is_function))
+        return list(placed.urls) if placed is not None else []
+
+
+class DirectCalls(_Cache):
+    """Cached placements and connections to executors, for the blocking client.
+
+    ``dial(url)`` opens a connection to an executor (anything with ``alive()``
+    and ``close()``); ``place(target, is_function)`` asks the scheduler (a
+    CallPlaced, or the error of an unknown function or DAG). Thread-safe.
+    """
+
+    def __init__(self, dial: Callable[[str], Any],
+                 place: Callable[[str, bool], CallPlaced],
+                 *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self._dial = dial
+        self._place = place
+        self._peers: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def target(self, target: str, is_function: bool) -> tuple[Any, CallPlaced] | None:
+        """A live connection to an executor for a call of ``target``, and its schedule.
+
+        None: send the call through the scheduler. Raises what the scheduler
+        said about ``target`` (say, RegistrationError: no function of that name).
+        """
+        if not self.enabled:
+            return None
+        now = self.clock()
+        placed = self.fresh(target, is_function, now)
+        if placed is None:
+            try:
+                placed = self.store(self._place(target, is_function), now)
+            except ProtocolError:  # a scheduler that does not place calls for clients
+                self.enabled = False
+                return None
+        for url in self.in_turn(placed):
+            peer = self._peer(url, now)
+            if peer is not None:
+                return peer, placed.plan
+        return None
+
+    def _peer(self, url: str, now: float) -> Any:
+        peer = self._peers.get(url)
+        if peer is not None:
+            if peer.alive():
+                return peer
+            self.executor_left(url)
+        if self.unreachable.get(url, 0.0) > now:
+            return None
+        with self._lock:  # one dial per executor, however many threads call
+            peer = self._peers.get(url)
+            if peer is not None:
+                return peer
+            try:
+                peer = self._dial(url)
+            except (DropletError, ValueError, OSError):
+                self.unreachable[url] = now + UNREACHABLE_RETRY
+                return None
+            self.unreachable.pop(url, None)
+            self._peers[url] = peer
+            return peer
+
+    def executor_left(self, url: str) -> None:
+        """Forget ``url``: its connection, and every placement naming it."""
+        peer = self._peers.pop(url, None)
+        if peer is not None:
+            peer.close()
+        self.drop_url(url)
+
+    def close(self) -> None:
+        peers, self._peers = self._peers, {}
+        self.placements.clear()
+        for peer in peers.values():
+            peer.close()
+
+
+class AsyncDirectCalls(_Cache):
+    """The same for the async client: ``dial`` and ``place`` are coroutines, and a
+    connection is a :class:`~droplet.rpc.Peer` (alive while not ``closed``).
+
+    Placements are looked up in the event loop only; :meth:`ready` may be
+    called from another thread (the sync facade) to see whether a call can be
+    sent with no request to the scheduler first.
+    """
+
+    def __init__(self, dial: Callable[[str], Awaitable[Peer]],
+                 place: Callable[[str, bool], Awaitable[CallPlaced]],
+                 *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self._dial = dial
+        self._place = place
+        self._peers: dict[str, Peer] = {}
+
+    def ready(self, target: str, is_function: bool) -> bool:
+        """A fresh placement with a live connection is cached for ``target``."""
+        placed = self.fresh(target, is_function, self.clock()) if self.enabled else None
+        return placed is not None and any(
+            (peer := self._peers.get(url)) is not None and not peer.closed
+            for url in placed.urls)
+
+    async def target(self, target: str, is_function: bool) -> tuple[Peer, CallPlaced] | None:
+        """As :meth:`DirectCalls.target`."""
+        if not self.enabled:
+            return None
+        now = self.clock()
+        placed = self.fresh(target, is_function, now)
+        if placed is None:
+            try:
+                placed = self.store(await self._place(target, is_function), now)
+            except ProtocolError:
+                self.enabled = False
+                return None
+        for url in self.in_turn(placed):
+            peer = self._peers.get(url)
+            if peer is not None and not peer.closed:
+                return peer, placed.plan
+            if peer is not None:
+                self.executor_left(url)
+            if self.unreachable.get(url, 0.0) > now:
+                continue
+            try:
+                peer = await self._dial(url)
+            except (DropletError, ValueError, OSError):
+                self.unreachable[url] = now + UNREACHABLE_RETRY
+                continue
+            self._peers[url] = peer
+            peer.on_close.append(functools.partial(self._closed, url))
+            return peer, placed.plan
+        return None
+
+    def _closed(self, url: str, peer: Peer) -> None:
+        if self._peers.get(url) is peer:
+            self.executor_left(url)
+
+    def executor_left(self, url: str) -> None:
+        self._peers.pop(url, None)
+        self.drop_url(url)
+
+    async def aclose(self) -> None:
+        peers, self._peers = self._peers, {}
+        self.placements.clear()
+        for peer in peers.values():
+            await peer.aclose()

@@ -1,0 +1,151 @@
+"""Function calls sent straight to executor processes (the blocking client over TCP).
+
+A node with two executor processes of its own (``--executors 0`` plus two
+``--role executor`` processes joining it, so the test can stop one): the
+client caches the placement the scheduler hands out, the executors answer
+calls themselves, and the result keys still reach the store.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import droplet
+from droplet import DropletConnection, DropletReference
+from droplet.client._blocking import BlockingClient
+from droplet.testing.nodes import NodeProcess, start_node
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 20.0
+
+
+def functions() -> tuple[Any, Any]:
+    """Defined here, so they travel by value (the node's processes cannot import this module)."""
+    def pid(_: Any, x: Any = None) -> int:
+        import os
+
+        return os.getpid()
+
+    def read(lib: Any, key: Any) -> Any:
+        return lib.get(key) if isinstance(key, str) else key
+
+    return pid, read
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[NodeProcess, list[NodeProcess]]]:
+    with ExitStack() as stack:
+        node = stack.enter_context(start_node("--executors", "0",
+                                              log_path=tmp_path / "node.log"))
+        executors = [stack.enter_context(start_node(
+            "--scheduler", node.url, role="executor", listen=None,
+            log_path=tmp_path / f"executor{i}.log")) for i in range(2)]
+        for ex in executors:
+            node.wait_for_log(rf"executor {re.escape(ex.url)} joined", TIMEOUT)
+        yield node, executors
+
+
+def backend(conn: DropletConnection) -> BlockingClient:
+    inner = conn._backend
+    assert isinstance(inner, BlockingClient)
+    return inner
+
+
+def test_calls_go_straight_to_executors_and_results_reach_the_store(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, executors = cluster
+    pid, read = functions()
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        f = conn.register(pid, "where")
+        seen = {f(i).get() for i in range(10)}
+        assert seen == {ex.pid for ex in executors}  # spread over both, in turn
+        assert sorted(backend(conn).direct.placed("where")) == sorted(
+            ex.url for ex in executors)
+        # The executor answered first and stored the result after: the key is
+        # readable as soon as it is handed out.
+        for i in range(20):
+            future = f(i)
+            value = future.get()
+            assert conn.get_object(future.obj_id) == value
+        # ...and usable as a reference by the next call.
+        future = f(0)
+        future.get()
+        reader = conn.register(read, "read")
+        assert reader(future.obj_id).get() == future.get()
+        assert reader(DropletReference(future.obj_id)).get() == future.get()
+        # A function that raises: the error, from the executor and from the store.
+        boom = conn.register(lambda _: 1 / 0, "boom")
+        failed = boom()
+        with pytest.raises(droplet.FunctionError, match="ZeroDivisionError"):
+            failed.get()
+        with pytest.raises(droplet.FunctionError, match="ZeroDivisionError"):
+            conn.get_object(failed.obj_id)
+        with pytest.raises(droplet.RegistrationError, match="no function named 'nope'"):
+            conn.exec_func("nope", [])
+        # Futures answered by two executors (two connections): wait and as_completed.
+        futures = [f(i) for i in range(8)]
+        done, not_done = droplet.wait(futures, timeout=TIMEOUT)
+        assert len(done) == 8 and not not_done
+        assert {x.get() for x in futures} == {ex.pid for ex in executors}
+        more = [f(i) for i in range(8)]
+        assert sorted(x.get() for x in droplet.as_completed(more, timeout=TIMEOUT)) == sorted(
+            x.get() for x in more)
+        first = [conn.register(lambda _: __import__("time").sleep(30), "slow")(),
+                 f(0), f(1)]
+        done, _ = droplet.wait(first, timeout=TIMEOUT, return_when=droplet.FIRST_COMPLETED)
+        assert done and first[0] not in done
+
+
+def test_cached_placement_is_dropped_when_an_executor_leaves(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, (ex1, ex2) = cluster
+    pid, _ = functions()
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        f = conn.register(pid, "where")
+        assert {f().get() for _ in range(6)} == {ex1.pid, ex2.pid}
+        direct = backend(conn).direct
+        assert ex2.url in direct.placed("where")
+        ex2.kill()
+        node.wait_for_log(rf"executor {re.escape(ex2.url)} (disconnected|disappeared)",
+                          TIMEOUT)
+        # Every call after it left runs (on the executor still there), none fails.
+        assert [f().get() for _ in range(10)] == [ex1.pid] * 10
+        assert direct.placed("where") == [ex1.url]
+        assert ex2.url not in direct._peers
+
+
+def test_dags_run_wholly_on_one_executor_and_answer_directly(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, executors = cluster
+    pid, _ = functions()
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        conn.register(lambda _, x: x * x, "sq")
+        conn.register(lambda _, x: x + 1, "inc")
+        conn.register(pid, "pid_a")
+        conn.register(pid, "pid_b")
+        conn.register(lambda _, *xs: sorted(xs), "gather")
+        conn.register_dag("chain", ["sq", "inc"], [("sq", "inc")])
+        conn.register_dag("fan", ["pid_a", "pid_b", "gather"],
+                          [("pid_a", "gather"), ("pid_b", "gather")])
+        for i in range(10):
+            future = conn.call_dag("chain", {"sq": i})
+            assert future.get() == i * i + 1
+            assert conn.get_object(future.obj_id) == i * i + 1
+        # A fan-in sent to one executor runs there whole: both sources, one process.
+        seen = [conn.call_dag("fan", {}).get() for _ in range(6)]
+        assert {tuple(s) for s in seen} == {(ex.pid, ex.pid) for ex in executors}
+        assert len(backend(conn).direct.placed("fan", False)) == 2
+        # Arguments for a function outside the DAG: the scheduler's error, at once.
+        with pytest.raises(droplet.DagError, match="not in DAG 'chain'"):
+            conn.call_dag("chain", {"nope": 1})
+        # Deleted by this client: its cached placement goes too.
+        conn.delete_dag("chain")
+        with pytest.raises(droplet.DagError, match="no DAG named 'chain'"):
+            conn.call_dag("chain", {"sq": 1})
