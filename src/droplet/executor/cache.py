@@ -123,10 +123,26 @@ class Cache:
         self.evictions = 0
         self.fetches = 0
         self.updates = 0
+        if kvs is not None:
+            self._watch(kvs)
 
     def attach(self, kvs: Peer) -> None:
         """Read through ``kvs`` from now on (for a cache made before its link)."""
         self._kvs = kvs
+        self._watch(kvs)
+
+    def _watch(self, kvs: Peer) -> None:
+        on_close = getattr(kvs, "on_close", None)
+        if on_close is not None:
+            on_close.append(self._lost)
+
+    def _lost(self, kvs: Peer) -> None:
+        """The link to the store closed, and the subscriptions with it: no push
+        would tell us of a change any more, so drop everything (workers too)."""
+        if kvs is not self._kvs:
+            return
+        for key in list(self._entries):
+            self._drop(key)
 
     def _store_link(self) -> Peer:
         if self._kvs is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import mmap
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from ..rpc import Peer
 from .cache import SEGMENT_THRESHOLD, Cache, CacheStatistics, Counts
 from .oob import load_out_of_band
 from .segments import map_segment
-from .values import DecodedValues
+from .values import DecodedValues, decode_value
 
 __all__ = ["NodeCacheService", "RemoteCache"]
 
@@ -141,6 +142,14 @@ class RemoteCache:
         self._segment_dir = segment_dir
         self._held: OrderedDict[str, _Held] = OrderedDict()
         self._small_bytes = 0
+        #: key -> [reads of it in flight, invalidations seen meanwhile]: a reply
+        #: that raced an invalidation (or this worker's own write) may predate
+        #: the change, so it serves that read and is not kept.
+        self._reading: dict[str, list[int]] = {}
+        # A lost link loses the invalidations too: keep nothing that could go stale.
+        on_close = getattr(node, "on_close", None)
+        if on_close is not None:
+            on_close.append(lambda _peer: self.close())
         self.decoded = DecodedValues() if decoded_bytes is None else DecodedValues(decoded_bytes)
         self.hits = 0
         self.misses = 0
@@ -161,15 +170,24 @@ class RemoteCache:
         return dict(found)
 
     def close(self) -> None:
+        for reading in self._reading.values():
+            reading[1] += 1
+        self.decoded.clear()
         for held in self._held.values():
             held.close()
         self._held.clear()
-        self.decoded.clear()
+        self._small_bytes = 0
 
     def invalidate(self, keys: list[str]) -> None:
         """The node's cache says these keys changed: drop what is held of them."""
         for key in keys:
-            self._forget(key)
+            self._invalidate(key)
+
+    def _invalidate(self, key: str) -> None:
+        reading = self._reading.get(key)
+        if reading is not None:  # a read in flight must not keep what it gets
+            reading[1] += 1
+        self._forget(key)
 
     def peek(self, key: str) -> bytes | None:
         """The held encoding of ``key`` without I/O (None when not held as one)."""
@@ -215,6 +233,9 @@ class RemoteCache:
         found, value = self.decoded.get(key, held.version)
         if found:
             return value
+        if self._held.get(key) is not held:  # served once, not kept: decode, keep nothing
+            view = held.view()
+            return load_out_of_band(view) if held.layout == "oob" else decode_value(view)
         if held.layout == "oob":  # read-only views of the node's one copy
             return self.decoded.keep(key, held.version, load_out_of_band(held.view()),
                                      held.size)
@@ -228,7 +249,7 @@ class RemoteCache:
         try:
             stored: KvsStored = await self._node.request(CachePut(key, data))
         finally:
-            self._forget(key)  # read your writes: the next read asks the node
+            self._invalidate(key)  # read your writes: the next read asks the node
         return stored.type_name
 
     async def update(self, key: str, data: bytes) -> None:
@@ -240,6 +261,18 @@ class RemoteCache:
             self.hits += 1
             self._held.move_to_end(key)
             return held
+        reading = self._reading.setdefault(key, [0, 0])
+        reading[0] += 1
+        seen = reading[1]
+        try:
+            return await self._ask(key, held, refresh, lambda: reading[1] != seen)
+        finally:
+            reading[0] -= 1
+            if not reading[0]:
+                del self._reading[key]
+
+    async def _ask(self, key: str, held: _Held | None, refresh: bool,
+                   raced: Callable[[], bool]) -> _Held | None:
         known = held.version if held is not None else 0
         reply: CacheValue = await self._node.request(CacheGet(key, known, refresh))
         if reply.hit:
@@ -250,9 +283,14 @@ class RemoteCache:
             self._forget(key)
             return None
         if held is not None and reply.version == held.version:
-            self.unchanged += 1
-            self._held.move_to_end(key)
-            return held
+            if self._held.get(key) is held and not raced():
+                self.unchanged += 1
+                self._held.move_to_end(key)
+                return held
+            # Dropped while we asked: get the value itself (not kept if raced).
+            reply = await self._node.request(CacheGet(key, 0, False))
+            if reply.version == 0:
+                return None
         self.transfers += 1
         mapping = None
         if reply.segment is not None:
@@ -265,9 +303,11 @@ class RemoteCache:
                     return None
         if mapping is None and reply.data is None:
             raise ProtocolError(f"the node cache sent neither data nor a segment for {key!r}")
-        self._forget(key)
         fresh = _Held(reply.version, reply.size, reply.data, mapping,
                       reply.layout if mapping is not None else "")
+        if raced():  # may predate the change we were told of: serve it, keep nothing
+            return fresh
+        self._forget(key)
         self._held[key] = fresh
         if fresh.data is not None:
             self._small_bytes += fresh.size
@@ -275,12 +315,12 @@ class RemoteCache:
         return fresh
 
     def _forget(self, key: str) -> None:
+        self.decoded.forget(key)  # first: its arrays may be views of the mapping
         held = self._held.pop(key, None)
         if held is not None:
             if held.data is not None:
                 self._small_bytes -= held.size
             held.close()
-            self.decoded.forget(key)
 
     def _trim(self) -> None:
         while (len(self._held) > WORKER_ENTRIES or self._small_bytes > WORKER_SMALL_BYTES) \

@@ -1,0 +1,137 @@
+"""Issue 10 review: a worker never keeps a value that an invalidation (or its own
+write) may have made stale, and a lost link drops what it can no longer keep fresh."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from droplet.executor.cache import Cache
+from droplet.executor.cache_service import RemoteCache
+from droplet.lattices import RAW, LWWLattice, encode_lattice
+from droplet.protocol.messages import CacheGet, CachePut, CacheValue, KvsStored
+
+TIMEOUT = 10
+
+
+def stored(value: Any, ts: int = 1) -> bytes:
+    return encode_lattice(LWWLattice(ts, pickle.dumps(value)), dump=RAW)
+
+
+class FakeNode:
+    """The node's side of a worker link: one key, its version and encoding.
+
+    ``during`` runs while a CacheGet is in flight, after the node chose its
+    answer: what the worker's reader may process before the reading task resumes.
+    """
+
+    def __init__(self) -> None:
+        self.on_close: list[Callable[[Any], None]] = []
+        self.version = 1
+        self.data = stored("old")
+        self.during: Callable[[], Any] | None = None
+        self.gets = 0
+
+    def change(self, value: Any) -> None:
+        self.version += 1
+        self.data = stored(value, self.version)
+
+    async def request(self, msg: Any, timeout: float | None = None) -> Any:
+        if type(msg) is CachePut:
+            self.version += 1
+            self.data = msg.lattice
+            return KvsStored("LWWLattice")
+        assert type(msg) is CacheGet
+        self.gets += 1
+        if msg.version == self.version:
+            reply = CacheValue(msg.key, self.version, True, len(self.data))
+        else:
+            reply = CacheValue(msg.key, self.version, True, len(self.data), data=self.data)
+        during, self.during = self.during, None
+        if during is not None:
+            result = during()
+            if result is not None:
+                await result
+        return reply
+
+
+async def test_an_invalidation_read_before_the_reply_is_not_lost() -> None:
+    node = FakeNode()
+    remote = RemoteCache(node)  # type: ignore[arg-type]
+
+    def write_elsewhere() -> None:  # the node changes, its invalidation overtakes the reply
+        node.change("new")
+        remote.invalidate(["k"])
+
+    node.during = write_elsewhere
+    with trio.fail_after(TIMEOUT):
+        assert await remote.get_value("k") == "old"  # concurrent with the write: either
+        assert await remote.get_value("k") == "new"  # after it: never the old value
+        assert remote.peek_value("k") == (True, "new")
+
+
+async def test_a_refresh_that_races_an_invalidation_still_answers() -> None:
+    node = FakeNode()
+    remote = RemoteCache(node)  # type: ignore[arg-type]
+    with trio.fail_after(TIMEOUT):
+        assert await remote.get_value("k") == "old"
+        # "unchanged" is answered, then the invalidation of that version is read first.
+        node.during = lambda: remote.invalidate(["k"])
+        assert await remote.refresh("k") == node.data
+        node.change("new")
+        assert await remote.get_value("k") == "new"
+
+
+async def test_a_read_in_flight_during_the_workers_own_write_is_not_kept() -> None:
+    node = FakeNode()
+    remote = RemoteCache(node)  # type: ignore[arg-type]
+    answer = trio.Event()
+
+    async def slow_reply() -> None:
+        await answer.wait()
+
+    node.during = slow_reply
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(remote.get_value, "k")  # answered "old", held up
+            await trio.testing.wait_all_tasks_blocked()
+            await remote.put("k", LWWLattice(5, "mine"))
+            answer.set()
+        assert await remote.get_value("k") == "mine"  # read your writes
+
+
+async def test_a_worker_whose_node_link_closed_holds_nothing() -> None:
+    node = FakeNode()
+    remote = RemoteCache(node)  # type: ignore[arg-type]
+    with trio.fail_after(TIMEOUT):
+        assert await remote.get_value("k") == "old"
+    assert remote.peek_value("k") == (True, "old")
+    for callback in node.on_close:  # its invalidations are lost with it
+        callback(node)
+    assert remote.peek_value("k") == (False, None)
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.on_close: list[Callable[[Any], None]] = []
+
+    async def send(self, msg: Any) -> None:
+        pass
+
+
+def test_a_cache_whose_store_link_closed_drops_everything() -> None:
+    store = FakeStore()
+    cache = Cache(store)  # type: ignore[arg-type]
+    changed: list[str] = []
+    cache.on_change = changed.append
+    cache.replace("a", stored("x"))
+    cache.replace("b", stored("y"))
+    changed.clear()
+    for callback in store.on_close:  # no more pushes: nothing stays fresh
+        callback(store)
+    assert cache.peek("a") is None and cache.peek("b") is None
+    assert sorted(changed) == ["a", "b"]  # the node's workers are told too
+    assert cache.statistics().bytes == 0
