@@ -7,6 +7,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import trio
 
 from droplet.executor.cache import Cache
@@ -135,3 +136,40 @@ def test_a_cache_whose_store_link_closed_drops_everything() -> None:
     assert cache.peek("a") is None and cache.peek("b") is None
     assert sorted(changed) == ["a", "b"]  # the node's workers are told too
     assert cache.statistics().bytes == 0
+
+
+# ---------------------------------------------------------------- the node's numpy unpickler
+
+
+class _Call:
+    """Pickles as ``fn(*args)``: a hostile value naming only allowed numpy globals."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> Any:
+        return self.fn, self.args
+
+
+def test_the_node_allocates_nothing_a_hostile_numpy_pickle_asks_for() -> None:
+    np = pytest.importorskip("numpy")
+    from droplet.executor.oob import out_of_band
+
+    reconstruct = pickle.loads(pickle.dumps(np.arange(3), protocol=4)).__reduce__()[0]
+    big = (1 << 20,)
+    hostile = [
+        # ndarray(shape, dtype) called directly: 1 MiB of the node's uninitialised
+        # memory would be written into a segment that workers read.
+        _Call(np.ndarray, big, "u1"),
+        # _reconstruct with a shape of its own: allocates it too.
+        _Call(reconstruct, np.ndarray, big, b"u1"),
+        # Python objects: no reason to load them in the node at all.
+        np.array([1, "two", None], dtype=object),
+    ]
+    for value in hostile:
+        payload = pickle.dumps(value, protocol=5)
+        assert len(payload) < 1000
+        assert out_of_band(payload) is None, value
+    # Arrays as numpy pickles them still get the out-of-band layout.
+    for protocol in (4, 5):
+        assert out_of_band(pickle.dumps(np.arange(1000.0), protocol=protocol)) is not None
