@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -173,3 +174,18 @@ def test_the_node_allocates_nothing_a_hostile_numpy_pickle_asks_for() -> None:
     # Arrays as numpy pickles them still get the out-of-band layout.
     for protocol in (4, 5):
         assert out_of_band(pickle.dumps(np.arange(1000.0), protocol=protocol)) is not None
+
+
+async def test_a_segment_that_cannot_be_written_is_sent_as_bytes(tmp_path: Path) -> None:
+    from droplet.executor.cache_service import NodeCacheService
+    from droplet.executor.segments import SegmentStore
+
+    cache = Cache(None, shared_memory=True)
+    cache.segments = SegmentStore(tmp_path / "shm")  # as if /dev/shm were full or gone
+    data = stored(b"x" * (100 * 1024))
+    cache.replace("big", data)
+    peer = FakeStore()
+    peer.state = {}  # type: ignore[attr-defined]
+    reply = await NodeCacheService(cache).handle(peer, CacheGet("big", 0, False), 1)  # type: ignore[arg-type]
+    assert reply.segment is None and reply.data == data
+    cache.close()
