@@ -189,3 +189,54 @@ async def test_a_segment_that_cannot_be_written_is_sent_as_bytes(tmp_path: Path)
     reply = await NodeCacheService(cache).handle(peer, CacheGet("big", 0, False), 1)  # type: ignore[arg-type]
     assert reply.segment is None and reply.data == data
     cache.close()
+
+
+class NodeLink:
+    """A worker's link to its node's cache service, in process (requests handled inline)."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.state: dict[str, Any] = {}
+        self.on_close: list[Callable[[Any], None]] = []
+        self.remote = "worker"
+        self.worker: RemoteCache | None = None
+
+    async def request(self, msg: Any, timeout: float | None = None) -> Any:
+        return await self.service.handle(self, msg, 1)
+
+    def post(self, msg: Any) -> None:
+        assert self.worker is not None
+        self.worker.invalidate(msg.keys)
+
+
+class Store(FakeStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: dict[str, bytes] = {}
+
+    async def request(self, msg: Any, timeout: float | None = None) -> Any:
+        from droplet.protocol.messages import KvsValue
+
+        return KvsValue(msg.key, self.data.get(msg.key))
+
+
+async def test_a_value_the_node_does_not_keep_is_not_kept_by_the_worker() -> None:
+    from droplet.executor.cache_service import NodeCacheService
+
+    store = Store()
+    cache = Cache(store, max_bytes=1000)  # type: ignore[arg-type]
+    link = NodeLink(NodeCacheService(cache))
+    remote = link.worker = RemoteCache(link)  # type: ignore[arg-type]
+    store.data["huge"] = stored("a" * 5000)
+    with trio.fail_after(TIMEOUT):
+        assert await remote.get_value("huge") == "a" * 5000
+        assert cache.peek("huge") is None  # too big: served, not kept, not subscribed
+        # So no push reaches the node and no invalidation the worker:
+        store.data["huge"] = stored("b" * 5000, 2)
+        assert await remote.get_value("huge") == "b" * 5000
+        # A value the node keeps is held by the worker (and invalidated through it).
+        store.data["small"] = stored("s")
+        assert await remote.get_value("small") == "s"
+        assert remote.peek_value("small") == (True, "s")
+        await cache.update("small", stored("t", 2))
+        assert await remote.get_value("small") == "t"

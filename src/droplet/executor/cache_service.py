@@ -94,18 +94,21 @@ class NodeCacheService:
         hit = cache.misses == before and not msg.refresh
         if entry is None:
             return CacheValue(msg.key, 0, hit)
-        if cache.peek_entry(msg.key) is entry:  # held here: tell the worker of changes
+        keep = cache.peek_entry(msg.key) is entry
+        if keep:  # held here: tell the worker of changes
             self._hold(peer, msg.key)
         size = len(entry.data)
         if entry.version == msg.version:
-            return CacheValue(msg.key, entry.version, hit, size)
+            return CacheValue(msg.key, entry.version, hit, size, keep=keep)
         if size >= SEGMENT_THRESHOLD and not msg.inline:
             found = cache.segment_of(msg.key, entry)
             if found is not None:
                 name, layout, stored = found
                 return CacheValue(msg.key, entry.version, hit, stored, segment=name,
                                   layout=layout)
-        return CacheValue(msg.key, entry.version, hit, size, data=entry.data)
+        # Not kept here (too big for the cache): nothing would tell the worker
+        # of a change, so it must not keep it either.
+        return CacheValue(msg.key, entry.version, hit, size, data=entry.data, keep=keep)
 
 
 @attrs.define
@@ -283,7 +286,7 @@ class RemoteCache:
             self._forget(key)
             return None
         if held is not None and reply.version == held.version:
-            if self._held.get(key) is held and not raced():
+            if self._held.get(key) is held and not raced() and reply.keep:
                 self.unchanged += 1
                 self._held.move_to_end(key)
                 return held
@@ -305,7 +308,7 @@ class RemoteCache:
             raise ProtocolError(f"the node cache sent neither data nor a segment for {key!r}")
         fresh = _Held(reply.version, reply.size, reply.data, mapping,
                       reply.layout if mapping is not None else "")
-        if raced():  # may predate the change we were told of: serve it, keep nothing
+        if raced() or not reply.keep:  # may predate a change: serve it, keep nothing
             return fresh
         self._forget(key)
         self._held[key] = fresh
