@@ -19,6 +19,13 @@ from droplet.protocol.messages import CacheGet, CachePut, CacheValue, KvsStored
 TIMEOUT = 10
 
 
+async def poll(check: Callable[[], bool]) -> None:
+    while True:
+        if check():
+            return
+        await trio.sleep(0.01)
+
+
 def stored(value: Any, ts: int = 1) -> bytes:
     return encode_lattice(LWWLattice(ts, pickle.dumps(value)), dump=RAW)
 
@@ -240,3 +247,27 @@ async def test_a_value_the_node_does_not_keep_is_not_kept_by_the_worker() -> Non
         assert remote.peek_value("small") == (True, "s")
         await cache.update("small", stored("t", 2))
         assert await remote.get_value("small") == "t"
+
+
+async def test_a_node_cache_whose_store_link_was_cut_links_again() -> None:
+    import droplet
+    from droplet.executor.cache_service import open_node_cache
+
+    with trio.fail_after(TIMEOUT):
+        async with droplet.open_local_cluster(1) as cluster, cluster.client() as cloud:
+            await cloud.put_object("k", "one")
+            async with trio.open_nursery() as nursery:
+                cache = await open_node_cache(nursery, cluster.address, token=None,
+                                              max_bytes=1 << 20, shared_memory=False)
+                assert await cache.get_value("k") == "one"
+                first = cache._kvs
+                assert first is not None
+                await first.aclose()  # as the store does to a subscriber not reading
+                assert cache.peek("k") is None  # no push would reach it any more
+                await poll(lambda: cache._kvs is not first)
+                assert await cache.get_value("k") == "one"  # read (and subscribed) again
+                updates = cache.updates
+                await cloud.put_object("k", "two")
+                await poll(lambda: cache.updates > updates)
+                assert await cache.get_value("k") == "two"
+                nursery.cancel_scope.cancel()

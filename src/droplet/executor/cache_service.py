@@ -43,6 +43,8 @@ log = logging.getLogger("droplet.executor")
 WORKER_ENTRIES = 4096
 #: Bytes of small values a worker keeps (values under SEGMENT_THRESHOLD).
 WORKER_SMALL_BYTES = 64 * 1024 * 1024
+#: Seconds between attempts of a node cache to link to the store again.
+RELINK_DELAY = 0.5
 
 
 class NodeCacheService:
@@ -342,15 +344,35 @@ async def open_node_cache(nursery: Any, kvs_url: str, *, token: str | None,
     from ..rpc import connect_peer
 
     cache = Cache(None, max_bytes=max_bytes, shared_memory=shared_memory)
-    link = await connect_peer(kvs_url, nursery, token=token, handler=cache.handle,
-                              options=options)
-    cache.attach(link)
 
-    async def close_on_exit() -> None:
+    async def connect() -> Peer:
+        link = await connect_peer(kvs_url, nursery, token=token, handler=cache.handle,
+                                  options=options)
+        cache.attach(link)
+        return link
+
+    link = await connect()
+
+    async def relink_and_close_on_exit() -> None:
+        # A lost link (e.g. cut by the store for a full outbox) loses the
+        # subscriptions: the cache dropped everything (Cache._lost); link again.
+        current = link
         try:
-            await trio.sleep_forever()
+            while True:
+                closed = trio.Event()
+                current.on_close.append(lambda _peer, done=closed: done.set())
+                if not current.closed:
+                    await closed.wait()
+                log.warning("the node cache lost its link to the store; linking again")
+                while True:
+                    try:
+                        current = await connect()
+                        break
+                    except Exception as exc:
+                        log.warning("the node cache cannot reach the store: %s", exc)
+                        await trio.sleep(RELINK_DELAY)
         finally:
             cache.close()
 
-    nursery.start_soon(close_on_exit)
+    nursery.start_soon(relink_and_close_on_exit)
     return cache
