@@ -17,6 +17,7 @@ A worker's own write drops its held version at once (read your writes).
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 from collections import OrderedDict
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
 from ..errors import ProtocolError
 from ..lattices import RAW, Lattice, encode_lattice
@@ -333,14 +335,16 @@ class RemoteCache:
             self._forget(next(iter(self._held)))
 
 
+def _set_on_close(event: trio.Event, _peer: Peer) -> None:
+    event.set()
+
+
 async def open_node_cache(nursery: Any, kvs_url: str, *, token: str | None,
                           max_bytes: int, shared_memory: bool, options: Any = None) -> Cache:
     """A node's cache on a link of its own to the store at ``kvs_url``.
 
     It lives as long as ``nursery``: when that is cancelled its segments are removed.
     """
-    import trio
-
     from ..rpc import connect_peer
 
     cache = Cache(None, max_bytes=max_bytes, shared_memory=shared_memory)
@@ -360,7 +364,7 @@ async def open_node_cache(nursery: Any, kvs_url: str, *, token: str | None,
         try:
             while True:
                 closed = trio.Event()
-                current.on_close.append(lambda _peer, done=closed: done.set())
+                current.on_close.append(functools.partial(_set_on_close, closed))
                 if not current.closed:
                     await closed.wait()
                 log.warning("the node cache lost its link to the store; linking again")
