@@ -239,7 +239,7 @@ async def test_gathered_frames_without_sendmsg(monkeypatch: pytest.MonkeyPatch) 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(get_transport(url).serve, url, echo, TransportOptions())
-            async with await get_transport(url).connect(bound, TransportOptions()) as conn:
+            async with await get_transport(url).connect(bound, TransportOptions(), nursery) as conn:
                 nursery.start_soon(conn.send, Gather(pieces))
                 got = await conn.receive()
             nursery.cancel_scope.cancel()
