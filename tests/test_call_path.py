@@ -337,3 +337,49 @@ async def test_draining_waits_for_direct_runs_and_is_no_longer_handed_out() -> N
             while pool.status().draining:
                 await pool.changed.wait()
         assert url not in scheduler.executor_urls
+
+
+async def test_draining_judges_direct_runs_by_a_report_after_the_leases(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A report sent before the placement leases ended may predate a run a client
+    sent just before its lease ran out: the drain waits for a later report."""
+    from types import SimpleNamespace
+
+    from droplet.latency import BUCKETS
+    from droplet.protocol.messages import ExecutorReport
+    from droplet.scheduler.reports import ClusterView
+    from droplet.scheduler.service import SchedulerService
+
+    url = "tcp://127.0.0.1:1"
+
+    def report(running: int) -> ExecutorReport:
+        return ExecutorReport(url, 2, running, 0, running, 0, 0, 0, 0, [], [], [],
+                              [0] * BUCKETS, [])
+
+    view = ClusterView()
+    view.join(url, 2)
+    ex = SimpleNamespace(url=url, reported=trio.Event())
+    scheduler = SimpleNamespace(_executors={url: ex}, view=view)
+
+    def reported(running: int) -> None:
+        view.report(report(running), trio.current_time())
+        ex.reported.set()
+        ex.reported = trio.Event()
+
+    done = trio.Event()
+
+    async def drain() -> None:
+        await SchedulerService._direct_runs_done(scheduler, ex, trio.current_time() + 2)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        reported(0)  # idle when the drain began
+        nursery.start_soon(drain)
+        await trio.sleep(2.5)  # the leases ended; a run sent just before is still going
+        assert not done.is_set()
+        reported(1)  # the next report shows it
+        await trio.sleep(0.1)
+        assert not done.is_set()
+        reported(0)
+        with trio.fail_after(1):
+            await done.wait()
