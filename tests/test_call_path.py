@@ -383,3 +383,17 @@ async def test_draining_judges_direct_runs_by_a_report_after_the_leases(
         reported(0)
         with trio.fail_after(1):
             await done.wait()
+
+
+async def test_a_cached_placement_runs_code_registered_since_by_another_client(
+        direct: tuple[Any, AsyncDropletClient]) -> None:
+    running, client = direct
+    f = await client.register(square, "r_fn")
+    assert [await (await f(i)).get() for i in range(4)] == [0, 1, 4, 9]  # both executors
+    assert len(client._direct.placed("r_fn")) == 2
+    async with running.client() as other:
+        await other.register(noop, "r_fn")
+    # This client's lease still stands, with the old version: the new code runs.
+    assert len(client._direct.placed("r_fn")) == 2
+    assert [await (await f(i)).get() for i in range(4)] == [0, 1, 2, 3]
+    assert running.node.scheduler.statistics().runs_started == 0
