@@ -397,3 +397,18 @@ async def test_a_cached_placement_runs_code_registered_since_by_another_client(
     assert len(client._direct.placed("r_fn")) == 2
     assert [await (await f(i)).get() for i in range(4)] == [0, 1, 2, 3]
     assert running.node.scheduler.statistics().runs_started == 0
+
+
+async def test_a_shape_called_directly_needs_no_acceptance_through_the_scheduler(
+        direct: tuple[Any, AsyncDropletClient]) -> None:
+    running, client = direct
+    f = await client.register(square, "a_sq")
+    assert await (await f(3)).get() == 9  # straight to an executor
+    # Its shape was placed, hence accepted: later calls through the scheduler
+    # (here, direct calls turned off) go one-way instead of each waiting for
+    # CallAccepted (a burst of thousands once took the old path's time).
+    assert client._core.accepted.known(ClientCore.function_call("a_sq", []))
+    client._direct.enabled = False
+    futures = [await f(i) for i in range(10)]
+    assert [await x.get() for x in futures] == [i * i for i in range(10)]
+    assert running.node.scheduler.statistics().runs_started == 10

@@ -19,6 +19,7 @@ import pytest
 import droplet
 from droplet import DropletConnection, DropletReference
 from droplet.client._blocking import BlockingClient
+from droplet.client._core import ClientCore
 from droplet.testing.nodes import NodeProcess, start_node
 
 pytestmark = pytest.mark.slow
@@ -68,6 +69,8 @@ def test_calls_go_straight_to_executors_and_results_reach_the_store(
         assert seen == {ex.pid for ex in executors}  # spread over both, in turn
         assert sorted(backend(conn).direct.placed("where")) == sorted(
             ex.url for ex in executors)
+        # Placed, hence accepted: calls of it through the scheduler go one-way.
+        assert backend(conn).core.accepted.known(ClientCore.function_call("where", []))
         # The executor answered first and stored the result after: the key is
         # readable as soon as it is handed out.
         for i in range(20):

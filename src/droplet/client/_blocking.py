@@ -839,6 +839,10 @@ class BlockingClient:
         except ConnectionError:
             self.direct.executor_left(peer.remote)
             return None
+        # Placed by the scheduler, so of a shape it accepts: were these calls to
+        # go through it later (direct calls off, executors unreachable), they
+        # need not wait for CallAccepted.
+        self.core.accepted.accepted(call)
         return BlockingFuture(call.result_key, self, slot, self.timeout, None, peer=peer)
 
     def map(self, name: str, items: Iterable[Any],

@@ -439,6 +439,10 @@ class AsyncDropletClient:
         except ConnectionError:
             self._direct.executor_left(peer.remote)
             return None
+        # Placed by the scheduler, so of a shape it accepts: were these calls to
+        # go through it later (direct calls off, executors unreachable), they
+        # need not wait for CallAccepted (5000 at once would each wait for one).
+        self._core.accepted.accepted(call)
         future._direct = True
         future._watch(slot)
         return future
@@ -509,6 +513,7 @@ class AsyncDropletClient:
                 triggers = found and triggers_for(call, found[1], found[0].remote)
                 if found and triggers:
                     (slot,) = await found[0].submit(triggers[0], oneway=triggers[1:])
+                    self._core.accepted.accepted(call)  # see _submit_direct
                     future._direct = True
                     future._watch(slot)
                     return
