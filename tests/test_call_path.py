@@ -412,3 +412,27 @@ async def test_a_shape_called_directly_needs_no_acceptance_through_the_scheduler
     futures = [await f(i) for i in range(10)]
     assert [await x.get() for x in futures] == [i * i for i in range(10)]
     assert running.node.scheduler.statistics().runs_started == 10
+
+
+def test_a_posted_call_to_an_executor_gone_meanwhile_goes_through_the_scheduler(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from droplet.errors import ConnectionError as DropletConnectionError
+    from droplet.rpc import Peer
+
+    with droplet.LocalCluster(executors=2) as running:
+        conn = running.connect()
+        f = conn.register(square, "g_sq")
+        assert f(3).get() == 9  # placed: later calls are posted straight to executors
+
+        async def gone(self: Peer, *msgs: Any, oneway: Any = ()) -> Any:
+            if self.remote.startswith("inproc://") and self.remote in placed:
+                raise DropletConnectionError(f"connection to {self.remote} is closed")
+            return await real(self, *msgs, oneway=oneway)
+
+        client = conn._backend._client
+        placed = set(client._direct.placed("g_sq"))
+        real = Peer.submit
+        monkeypatch.setattr(Peer, "submit", gone)
+        assert f(4).get(timeout=10) == 16  # through the scheduler, not a ConnectionError
+        assert client._direct.placed("g_sq") == []
+        assert running.node.scheduler.statistics().runs_started == 1

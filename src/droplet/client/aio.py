@@ -512,11 +512,15 @@ class AsyncDropletClient:
                 found = await self._direct.target(call.target, call.is_function)
                 triggers = found and triggers_for(call, found[1], found[0].remote)
                 if found and triggers:
-                    (slot,) = await found[0].submit(triggers[0], oneway=triggers[1:])
-                    self._core.accepted.accepted(call)  # see _submit_direct
-                    future._direct = True
-                    future._watch(slot)
-                    return
+                    try:
+                        (slot,) = await found[0].submit(triggers[0], oneway=triggers[1:])
+                    except ConnectionError:  # it left: through the scheduler, as _submit_direct
+                        self._direct.executor_left(found[0].remote)
+                    else:
+                        self._core.accepted.accepted(call)  # see _submit_direct
+                        future._direct = True
+                        future._watch(slot)
+                        return
             await self._send_one_way(call, future)
         except Exception as exc:  # a broken connection, a call over the frame limit
             future._pinned = True  # nothing was sent: nothing to release
