@@ -152,3 +152,26 @@ def test_dags_run_wholly_on_one_executor_and_answer_directly(
         conn.delete_dag("chain")
         with pytest.raises(droplet.DagError, match="no DAG named 'chain'"):
             conn.call_dag("chain", {"sq": 1})
+
+
+def test_a_direct_call_honours_get_timeout_and_fails_when_its_executor_dies(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, executors = cluster
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        def sleepy(_: Any, seconds: float) -> float:
+            import time
+
+            time.sleep(seconds)
+            return seconds
+
+        f = conn.register(sleepy, "sleepy")
+        assert f(0).get() == 0
+        future = f(60)
+        assert future._inner._peer is not backend(conn).kvs  # sent to an executor
+        with pytest.raises(droplet.TimeoutError):
+            future.get(timeout=0.2)
+        for ex in executors:
+            ex.kill()
+        # The connection's end is the call's error, well before the call's own timeout.
+        with pytest.raises(droplet.ConnectionError):
+            future.get(timeout=TIMEOUT - 1)
