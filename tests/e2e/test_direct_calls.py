@@ -175,3 +175,24 @@ def test_a_direct_call_honours_get_timeout_and_fails_when_its_executor_dies(
         # The connection's end is the call's error, well before the call's own timeout.
         with pytest.raises(droplet.ConnectionError):
             future.get(timeout=TIMEOUT - 1)
+
+
+def test_a_handed_out_key_reads_the_result_once_wait_says_done(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, _ = cluster
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        # Large results: the executor answers, then writes the key (a while after).
+        blob = conn.register(lambda _, i: bytes([i]) * 2_000_000, "blob")
+        assert len(blob(0).get()) == 2_000_000
+        for i in range(10):
+            future = blob(i)
+            key = future.obj_id  # handed out before the result arrived
+            done, _ = droplet.wait([future], timeout=TIMEOUT)
+            assert done == {future}
+            assert conn.get_object(key) == bytes([i]) * 2_000_000
+        for i in range(10):
+            future = blob(i)
+            key = future.obj_id
+            while not future.done():
+                __import__("time").sleep(0.001)
+            assert conn.get_object(key) == bytes([i]) * 2_000_000

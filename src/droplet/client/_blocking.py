@@ -725,7 +725,11 @@ class BlockingFuture:
         if self._slot.error is not None:
             return True
         self._take_reply(self._wait)
-        return self._blob is not None
+        if self._blob is None:
+            return False
+        if self._direct and self._pinned:  # done: its handed-out key reads the result
+            self._confirm_stored()
+        return True
 
 
 class BlockingClient:
