@@ -436,3 +436,25 @@ def test_a_posted_call_to_an_executor_gone_meanwhile_goes_through_the_scheduler(
         assert f(4).get(timeout=10) == 16  # through the scheduler, not a ConnectionError
         assert client._direct.placed("g_sq") == []
         assert running.node.scheduler.statistics().runs_started == 1
+
+
+async def test_map_and_kvs_reads_wait_for_handed_out_direct_keys(
+        direct: tuple[Any, AsyncDropletClient]) -> None:
+    _, client = direct
+    f = await client.register(square, "k_sq")
+    await client.register(noop, "k_id")
+
+    async def handed_out(x: int) -> str:
+        future = await f(x)
+        key = future.obj_id
+        assert await future.get() == x * x
+        assert key in client._unconfirmed  # answered by the executor, stored just after
+        return key
+
+    key = await handed_out(3)
+    futures = await client.map("k_id", [droplet.DropletReference(key)])
+    assert not client._unconfirmed  # confirmed before the calls went out
+    assert await futures[0].get() == 9
+    key = await handed_out(4)
+    assert (await client.kvs_client.get([key]))[key] is not None
+    assert not client._unconfirmed

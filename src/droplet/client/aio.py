@@ -289,6 +289,7 @@ class AsyncDropletClient:
         self._unconfirmed: set[str] = set()
 
     async def _fetch_many(self, keys: list[str]) -> list[bytes | None]:
+        await self._confirm_stored()  # they may be direct results' keys handed out
         slots = await self._kvs.submit(*[KvsGet(k) for k in keys])
         replies: list[KvsValue] = [await self._kvs.wait(slot, self.timeout, "KvsGet")
                                    for slot in slots]
@@ -460,6 +461,7 @@ class AsyncDropletClient:
         """
         size = check_chunksize(chunksize)
         calls = [ClientCore.function_call(name, [item]) for item in map_items(iterable)]
+        await self._confirm_stored()  # its items may refer to direct results' keys
         futures = [AsyncDropletFuture(c.result_key or "", self, self.timeout) for c in calls]
         deadline = trio.current_time() + self.timeout
         accepted: builtins.list[Slot] = []
