@@ -458,3 +458,33 @@ async def test_map_and_kvs_reads_wait_for_handed_out_direct_keys(
     key = await handed_out(4)
     assert (await client.kvs_client.get([key]))[key] is not None
     assert not client._unconfirmed
+
+
+class _Failing:
+    broken = False
+
+
+def test_a_one_way_call_that_fails_unexpectedly_reaches_get() -> None:
+    from collections.abc import Sequence
+
+    from droplet.scheduler.placement import Candidate, Context, PlacementPolicy, register_policy
+
+    @register_policy
+    class Flaky(PlacementPolicy):
+        name = "flaky-test"
+
+        def choose(self, pool: Sequence[Candidate], context: Context) -> str:
+            if _Failing.broken:
+                raise RuntimeError("policy bug")
+            return pool[0].url
+
+    with droplet.LocalCluster(executors=1, placement="flaky-test") as running:
+        conn = running.connect()
+        f = conn.register(square, "u_sq")
+        assert f(3).get() == 9  # accepted: later calls of it go one-way
+        _Failing.broken = True
+        try:
+            with pytest.raises(droplet.DropletError, match="internal error.*policy bug"):
+                f(4).get(timeout=10)
+        finally:
+            _Failing.broken = False

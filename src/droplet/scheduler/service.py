@@ -575,8 +575,11 @@ class SchedulerService:
         """
         try:
             await self._call(peer, msg, 0)
-        except DropletError as exc:
+        except Exception as exc:  # a custom placement policy's bug too: the caller waits
             assert msg.result_key is not None
+            if not isinstance(exc, DropletError):
+                log.exception("call of %r failed", msg.target)
+                exc = DropletError(f"internal error: {type(exc).__name__}: {exc}")
             # In a task: this runs in the caller's reader, which must not wait on the store.
             self._nursery.start_soon(self._record_failure, "", msg.result_key,
                                      pickle.dumps(_Failure(exc)))
