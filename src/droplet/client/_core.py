@@ -55,8 +55,7 @@ class AcceptedCalls:
     without waiting, and a refusal (the DAG was deleted since, every executor
     left) reaches the caller from the future's ``get()`` instead (later calls
     of that shape too: a shape is forgotten only after MAX_ACCEPTED_SHAPES
-    others). A shape
-    the scheduler placed for a direct call counts as accepted.
+    others). A shape the scheduler placed for a direct call counts as accepted.
     Calls with a continuation always wait.
     """
 
