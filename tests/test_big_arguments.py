@@ -67,7 +67,7 @@ async def test_gathered_frames_arrive_whole(
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(get_transport(url).serve, url, echo, server)
-            async with await get_transport(url).connect(bound, client) as conn:
+            async with await get_transport(url).connect(bound, client, nursery) as conn:
 
                 async def send() -> None:  # while reading the echoes (else both stall)
                     await conn.send(Gather(pieces))  # type: ignore[arg-type]

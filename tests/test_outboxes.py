@@ -26,8 +26,8 @@ BIG = b"x" * (128 << 10)
 
 async def test_a_subscriber_that_stops_reading_does_not_stall_the_writer() -> None:
     with trio.fail_after(TIMEOUT):
-        async with droplet.open_local_cluster(1) as cluster:
-            stuck = await raw_connection(cluster.address)
+        async with droplet.open_local_cluster(1) as cluster, trio.open_nursery() as nursery:
+            stuck = await raw_connection(cluster.address, nursery)
             await stuck.send(encode_message(KvsGet("hot", None, True), 1))
             assert type(await reply_to(stuck, 1)) is KvsValue
             # From here on `stuck` never reads again.
@@ -46,8 +46,8 @@ async def test_a_subscriber_that_stops_reading_does_not_stall_the_writer() -> No
 async def test_a_reader_waiting_for_a_key_that_stops_reading_does_not_stall_the_writer(
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        async with droplet.open_local_cluster(1) as cluster:
-            stuck = await raw_connection(cluster.address)
+        async with droplet.open_local_cluster(1) as cluster, trio.open_nursery() as nursery:
+            stuck = await raw_connection(cluster.address, nursery)
             # Many waiting reads of keys the writer is about to put; never read.
             for i in range(PUTS):
                 await stuck.send(encode_message(KvsGet(f"key-{i}", 600.0), i + 1))

@@ -179,3 +179,26 @@ async def test_put_and_get_object(cloud: AsyncDropletClient) -> None:
 
 def test_every_scheme_is_covered() -> None:
     assert sorted(SCHEMES) == known_schemes()
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_the_sync_client_over_websocket(scheme: str, pem_files: dict[str, str]) -> None:
+    """``DropletConnection`` over ws:// and wss:// (its async client in a background
+    thread, where the WebSocket reader runs in that thread's nursery)."""
+    server: dict[str, Any] = {}
+    tls_ca = None
+    if scheme == "wss":
+        server = {"tls_cert": pem_files["tls_cert"], "tls_key": pem_files["tls_key"]}
+        tls_ca = pem_files["ca"]
+    with droplet.LocalCluster(1, listen=f"{scheme}://127.0.0.1:0", **server) as cluster:
+        assert cluster.address.startswith(f"{scheme}://")
+        with droplet.DropletConnection(cluster.address, timeout=TIMEOUT, tls_ca=tls_ca) as cloud:
+            cloud.register(square, "square")
+            cloud.register(incr, "incr")
+            cloud.register_dag("sq-incr", ["square", "incr"], [("square", "incr")])
+            assert cloud.call_dag("sq-incr", {"square": 3}).get(timeout=TIMEOUT) == 10
+            assert cloud.call_dag("sq-incr", {"square": 4}, direct_response=True) == 17
+            futures = [cloud.exec_func("square", [i]) for i in range(20)]
+            assert [f.get(timeout=TIMEOUT) for f in futures] == [i * i for i in range(20)]
+            cloud.put_object("k", b"\x00" * 300_000)  # a frame of many socket reads
+            assert cloud.get_object("k") == b"\x00" * 300_000

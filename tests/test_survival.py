@@ -31,9 +31,9 @@ from droplet.transports.base import Connection
 TIMEOUT = 30.0
 
 
-async def raw_connection(url: str) -> Connection:
-    """An authenticated connection driven by hand (no reader task)."""
-    conn = await get_transport(url).connect(url, TransportOptions())
+async def raw_connection(url: str, nursery: trio.Nursery) -> Connection:
+    """An authenticated connection driven by hand (no reader task of ours)."""
+    conn = await get_transport(url).connect(url, TransportOptions(), nursery)
     challenge, _, _ = decode_message(await conn.receive())
     assert type(challenge) is AuthChallenge
     await conn.send(encode_message(AuthResponse(b"", b"c" * 32)))
@@ -72,13 +72,14 @@ async def test_a_call_with_a_garbage_causal_context_is_refused_and_the_node_serv
     with trio.fail_after(TIMEOUT):
         async with cluster.client() as cloud:
             await cloud.register(lambda _, x: x, "echo")
-        conn = await raw_connection(cluster.address)
-        await conn.send(encode_message(
-            CallDag("echo", True, [], [], "CAUSAL", causal=b"\xffgarbage"), 5))
-        reply = await reply_to(conn, 5)
-        assert type(reply) is ErrorReply and reply.kind == "ProtocolError"
-        assert "causal" in reply.message
-        await conn.aclose()
+        async with trio.open_nursery() as nursery:
+            conn = await raw_connection(cluster.address, nursery)
+            await conn.send(encode_message(
+                CallDag("echo", True, [], [], "CAUSAL", causal=b"\xffgarbage"), 5))
+            reply = await reply_to(conn, 5)
+            assert type(reply) is ErrorReply and reply.kind == "ProtocolError"
+            assert "causal" in reply.message
+            await conn.aclose()
         await assert_serves(cluster)
 
 
@@ -108,10 +109,11 @@ async def test_hostile_triggers_sent_straight_to_an_executor(cluster: Any, trigg
     """Regression: ``functions.index(...)`` on a name not in the run, or the causal
     decode, raised in the executor's nursery and took the embedded cluster down."""
     with trio.fail_after(TIMEOUT):
-        for executor in cluster.node.executors:
-            conn = await raw_connection(executor.url)
-            await conn.send(encode_message(trigger))
-            await conn.aclose()
+        async with trio.open_nursery() as nursery:
+            for executor in cluster.node.executors:
+                conn = await raw_connection(executor.url, nursery)
+                await conn.send(encode_message(trigger))
+                await conn.aclose()
         await trio.sleep(0.1)  # let the executors act on it (or fail to)
         await assert_serves(cluster)
         assert len(cluster.node.executors) == 2

@@ -45,7 +45,7 @@ from .protocol.messages import (
 from .protocol.messages import decode as decode_message
 from .protocol.messages import encode as encode_message
 from .transports.base import Connection, TransportOptions
-from .transports.registry import get_transport
+from .transports.registry import get_transport, open_connection
 
 __all__ = ["DEFERRED", "Handler", "Limits", "OutboxFull", "Peer", "Slot", "connect_peer",
            "serve_peers"]
@@ -489,7 +489,7 @@ async def connect_peer(
     options = options or TransportOptions()
     transport = get_transport(url)
     with trio.move_on_after(timeout) as scope:
-        conn = await transport.connect(url, options)
+        conn = await transport.connect(url, options, nursery)
         try:
             await _client_handshake(conn, url, token)
         except BaseException as exc:
@@ -520,22 +520,19 @@ async def one_request(
     options: TransportOptions | None = None,
     timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Any:
-    """Connect, send one request, return its reply, close. No background task."""
+    """Connect, send one request, return its reply, close. No task outlives the call."""
     options = options or TransportOptions()
     with trio.move_on_after(timeout):
-        conn = await get_transport(url).connect(url, options)
-        try:
-            await _client_handshake(conn, url, token)
-            await conn.send(encode_message(msg, 1))
-            while True:
-                reply, request_id, is_reply = decode_message(await conn.receive())
-                if is_reply and request_id == 1:
-                    break
-        except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
-            raise ConnectionError(f"{url} closed the connection") from exc
-        finally:
-            with trio.CancelScope(shield=True):
-                await conn.aclose()
+        async with open_connection(url, options) as conn:
+            try:
+                await _client_handshake(conn, url, token)
+                await conn.send(encode_message(msg, 1))
+                while True:
+                    reply, request_id, is_reply = decode_message(await conn.receive())
+                    if is_reply and request_id == 1:
+                        break
+            except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
+                raise ConnectionError(f"{url} closed the connection") from exc
         if type(reply) is ErrorReply:
             raise error_from_reply(reply, url)
         return reply

@@ -87,7 +87,7 @@ class RawLink:
         self.reconnects = 0
 
     async def _open(self) -> Connection:
-        conn = await get_transport(self.url).connect(self.url, TransportOptions())
+        conn = await get_transport(self.url).connect(self.url, TransportOptions(), self.nursery)
         challenge, _, _ = decode(await conn.receive())
         assert type(challenge) is AuthChallenge
         await conn.send(encode(AuthResponse(b"", b"f" * 32)))

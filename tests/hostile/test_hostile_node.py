@@ -302,9 +302,9 @@ async def test_thousands_of_waiting_requests_on_one_connection_do_not_starve_oth
 # --------------------------------------------------------------------------- embedded
 
 
-async def _raw_inproc(url: str) -> Any:
-    """An authenticated inproc connection driven by hand (no reader task)."""
-    conn = await get_transport(url).connect(url, TransportOptions())
+async def _raw_inproc(url: str, nursery: trio.Nursery) -> Any:
+    """An authenticated inproc connection driven by hand (no reader task of ours)."""
+    conn = await get_transport(url).connect(url, TransportOptions(), nursery)
     challenge, _, _ = decode_message(await conn.receive())
     assert type(challenge) is AuthChallenge
     await conn.send(encode_message(AuthResponse(b"", b"c" * 32)))
@@ -318,10 +318,11 @@ async def test_client_hanging_up_with_a_request_pending_does_not_stop_the_node()
     raised ConnectionError out of the listener and stopped the node."""
     with trio.fail_after(TIMEOUT):
         async with droplet.open_local_cluster(1) as cluster:
-            for _ in range(3):
-                conn = await _raw_inproc(cluster.address)
-                await conn.send(encode_message(ListFunctions(None), 1))
-                await conn.aclose()
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    conn = await _raw_inproc(cluster.address, nursery)
+                    await conn.send(encode_message(ListFunctions(None), 1))
+                    await conn.aclose()
             async with cluster.client() as cloud:
                 await cloud.put_object("k", 1)
                 assert await cloud.get_object("k") == 1
@@ -337,7 +338,7 @@ async def test_silent_client_is_dropped_after_the_handshake_timeout(
         async with trio.open_nursery() as nursery:
             url = await nursery.start(partial(serve_peers, "inproc://hostile-silent",
                                               unreachable))
-            conn = await get_transport(url).connect(url, TransportOptions())
+            conn = await get_transport(url).connect(url, TransportOptions(), nursery)
             challenge, _, _ = decode_message(await conn.receive())
             assert type(challenge) is AuthChallenge
             with pytest.raises(trio.EndOfChannel):  # ...and we never answer
@@ -359,8 +360,8 @@ async def test_waiting_get_with_a_wait_json_allows_but_trio_does_not(wait: bytes
     """Regression: NaN, or an int past float range, as KvsGet.wait stopped the whole node
     (trio.move_on_after / float() raised in a task of the KVS service's nursery)."""
     with trio.fail_after(TIMEOUT):
-        async with droplet.open_local_cluster(1) as cluster:
-            conn = await _raw_inproc(cluster.address)
+        async with droplet.open_local_cluster(1) as cluster, trio.open_nursery() as nursery:
+            conn = await _raw_inproc(cluster.address, nursery)
             await conn.send(_with_header(KvsGet("absent"), b'["absent",' + wait + b",false,null]"))
             async with cluster.client() as cloud:
                 await cloud.put_object("k", 1)

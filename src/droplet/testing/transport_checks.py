@@ -39,6 +39,7 @@ __all__ = [
     "check_aclose",
     "check_big_frames",
     "check_bound_url",
+    "check_cancelled_send",
     "check_clean_close",
     "check_concurrent_senders",
     "check_connect_refused",
@@ -127,16 +128,28 @@ async def _vanish(conn: Connection) -> None:
 
 
 class _Listener:
-    """A running listener whose server-side connections the check drives itself."""
+    """A running listener whose server-side connections the check drives itself.
 
-    def __init__(self, url: str, accepted: trio.MemoryReceiveChannel[Connection]) -> None:
+    Client connections run their background tasks (if any) in ``nursery``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        accepted: trio.MemoryReceiveChannel[Connection],
+        nursery: trio.Nursery,
+    ) -> None:
         self.url = url
+        self.nursery = nursery
         self._accepted = accepted
         self._clients: list[Connection] = []
 
+    async def connect(self, options: TransportOptions) -> Connection:
+        return await get_transport(self.url).connect(self.url, options, self.nursery)
+
     async def pair(self, options: TransportOptions) -> tuple[Connection, Connection]:
         """Connect once; return (client end, server end)."""
-        client = await get_transport(self.url).connect(self.url, options)
+        client = await self.connect(options)
         self._clients.append(client)
         server = await self._accepted.receive()
         return client, server
@@ -158,7 +171,7 @@ async def _listening(base_url: str, options: TransportOptions) -> AsyncIterator[
     transport = get_transport(base_url)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(transport.serve, base_url, handler, options)
-        listener = _Listener(url, accepted_recv)
+        listener = _Listener(url, accepted_recv, nursery)
         try:
             yield listener
         finally:
@@ -212,12 +225,14 @@ async def check_order(
 async def check_send_many(
     base_url: str, options_server: TransportOptions, options_client: TransportOptions
 ) -> None:
-    """``send_many`` delivers its frames whole, in order, interleaved with ``send``."""
+    """``send_many`` delivers its frames whole, in order, interleaved with ``send``
+    (an empty ``send_many`` sends nothing)."""
     batches = [[_pattern(0, 3 * i + j, (i * 53 + j) % 2000) for j in range(3)]
                for i in range(50)]
     expected = [f for batch in batches for f in batch]
     async with _connected(base_url, options_server, options_client) as (client, server):
         async def send_all() -> None:
+            await client.send_many([])  # nothing: the stream stays in step
             for i, batch in enumerate(batches):
                 if i % 2:
                     await client.send_many(batch)
@@ -402,6 +417,51 @@ async def check_aclose(
         await client.aclose()
 
 
+async def check_cancelled_send(
+    base_url: str, options_server: TransportOptions, options_client: TransportOptions
+) -> None:
+    """A send cancelled midway never tears a frame: the peer gets whole frames only.
+
+    The client sends big frames to a peer that does not read until one blocks,
+    and cancels it (partly written, on a socket). The transport may close the
+    connection (then the peer's receive ends) or keep it in step (then a later
+    frame arrives whole), never deliver part of a frame as a frame.
+    """
+    size = min(BIG_FRAME, options_server.max_frame_size, options_client.max_frame_size)
+    big = _pattern(4, 0, size - _HEADER.size)
+    async with _connected(base_url, options_server, options_client) as (client, server):
+        with trio.move_on_after(0.2):
+            while True:
+                await client.send(big)
+        sent_after: list[bool] = []
+
+        async def send_after() -> None:
+            try:
+                await client.send(b"after")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                sent_after.append(False)
+            else:
+                sent_after.append(True)
+
+        ended = (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError,
+                 ProtocolError)
+        connection_ended = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_after)  # a connection kept in step may be full
+            while True:
+                try:
+                    got = await server.receive()
+                except ended:
+                    connection_ended = True
+                    break
+                if got == b"after":
+                    break
+                _expect(got == big, f"a cancelled send tore a frame: got {len(got)} bytes")
+        if connection_ended:
+            _expect(sent_after == [False],
+                    "the connection ended, yet a send after the cancelled one succeeded")
+
+
 async def check_bound_url(
     base_url: str, options_server: TransportOptions, options_client: TransportOptions
 ) -> None:
@@ -427,10 +487,11 @@ async def check_connect_refused(
     """Connecting where nothing listens raises droplet's ConnectionError naming the URL."""
     async with _listening(base_url, options_server) as listener:
         url = listener.url
-    exc = await _expect_raises(
-        ConnectionError, f"connecting to {url} after its listener stopped",
-        get_transport(url).connect, url, options_client,
-    )
+    async with trio.open_nursery() as nursery:
+        exc = await _expect_raises(
+            ConnectionError, f"connecting to {url} after its listener stopped",
+            get_transport(url).connect, url, options_client, nursery,
+        )
     _expect(url in str(exc), f"ConnectionError does not name {url}: {exc}")
     if parse_address(url)[2] is not None:  # a network address: say how to get a node there
         _expect(
@@ -455,14 +516,14 @@ async def check_handler_peer_gone(
     async with trio.open_nursery() as nursery:
         url = await nursery.start(get_transport(base_url).serve, base_url, handler, options_server)
         transport = get_transport(url)
-        first = await transport.connect(url, options_client)
+        first = await transport.connect(url, options_client, nursery)
         await _expect_raises(
             (trio.EndOfChannel, trio.BrokenResourceError),
             "receiving from a handler that failed",
             first.receive,
         )
         await first.aclose()
-        second = await transport.connect(url, options_client)
+        second = await transport.connect(url, options_client, nursery)
         try:
             await second.send(b"echo")
             got = await second.receive()
@@ -483,6 +544,7 @@ CHECKS: dict[str, Check] = {
     "oversize_frame": check_oversize_frame,
     "limit_incoming": check_limit_incoming,
     "aclose": check_aclose,
+    "cancelled_send": check_cancelled_send,
     "bound_url": check_bound_url,
     "connect_refused": check_connect_refused,
     "handler_peer_gone": check_handler_peer_gone,

@@ -5,6 +5,7 @@ from .base import Transport as Transport
 from .base import TransportOptions as TransportOptions
 from .registry import get_transport as get_transport
 from .registry import normalize_address as normalize_address
+from .registry import open_connection as open_connection
 from .registry import parse_address as parse_address
 from .registry import register_transport as register_transport
 
@@ -14,6 +15,7 @@ __all__ = [
     "TransportOptions",
     "get_transport",
     "normalize_address",
+    "open_connection",
     "parse_address",
     "register_transport",
 ]

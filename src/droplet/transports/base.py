@@ -21,6 +21,7 @@ class Connection(abc.ABC):
     """A bidirectional, ordered, reliable stream of whole frames (``bytes``).
 
     Contract:
+
     - ``send`` may be called from many tasks at once; frames never interleave.
       A ``send`` cancelled midway leaves the connection closed, never half-written.
     - ``receive`` is called by one task at a time (the connection's reader). It
@@ -94,7 +95,12 @@ class TransportOptions:
 
 
 class Transport(abc.ABC):
-    """One URL scheme's way to listen and connect."""
+    """One URL scheme's way to listen and connect.
+
+    ``serve`` runs each connection's background tasks in a nursery of its own,
+    per connection; ``connect`` runs them in the caller's nursery, so no task
+    outlives a nursery the caller can see (STYLE.md 9).
+    """
 
     #: URL schemes this transport serves, e.g. ``("tcp",)``.
     schemes: tuple[str, ...] = ()
@@ -116,5 +122,14 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def connect(self, url: str, options: TransportOptions) -> Connection:
-        """Open a connection to a listener at ``url``."""
+    async def connect(
+        self, url: str, options: TransportOptions, nursery: trio.Nursery
+    ) -> Connection:
+        """Open a connection to a listener at ``url``.
+
+        Tasks the connection needs in the background (the WebSocket
+        transport's reader) run in ``nursery``, which must outlive the
+        connection; ``aclose`` ends them. Transports that need none ignore it.
+        :func:`~droplet.transports.open_connection` supplies a nursery of its
+        own for a connection used within one block.
+        """

@@ -108,7 +108,9 @@ class InprocTransport(Transport):
                 del _listeners[name]
             incoming_send.close()
 
-    async def connect(self, url: str, options: TransportOptions) -> Connection:
+    async def connect(
+        self, url: str, options: TransportOptions, nursery: trio.Nursery
+    ) -> Connection:
         name = url.split("://", 1)[1].rstrip("/")
         entry = _listeners.get(name)
         if entry is None:

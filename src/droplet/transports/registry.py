@@ -6,12 +6,22 @@ only when a ``ws://`` or ``wss://`` address is first used.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
-from .base import Transport
+import trio
 
-__all__ = ["DEFAULT_PORT", "get_transport", "known_schemes", "parse_address", "register_transport"]
+from .base import Connection, Transport, TransportOptions
+
+__all__ = [
+    "DEFAULT_PORT",
+    "get_transport",
+    "known_schemes",
+    "open_connection",
+    "parse_address",
+    "register_transport",
+]
 
 DEFAULT_PORT = 5000
 
@@ -122,3 +132,32 @@ def get_transport(address: str) -> Transport:
         inst = entry
     _INSTANCES[scheme] = inst
     return inst
+
+
+@contextlib.asynccontextmanager
+async def open_connection(
+    url: str, options: TransportOptions | None = None
+) -> AsyncIterator[Connection]:
+    """Connect to ``url`` for the length of a block; closed when the block ends.
+
+    The connection's background tasks (if its transport has any) run in a
+    nursery of this context manager's own. An exception from the block (or
+    from connecting) comes out as itself, never wrapped in an ExceptionGroup:
+    it is caught inside the nursery and raised again after it closed.
+    """
+    failure: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            conn = await get_transport(url).connect(url, options or TransportOptions(), nursery)
+        except BaseException as exc:
+            failure = exc
+        else:
+            try:
+                yield conn
+            except BaseException as exc:
+                failure = exc
+            finally:
+                await conn.aclose()
+                nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure

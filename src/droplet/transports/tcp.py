@@ -214,7 +214,9 @@ class TcpTransport(Transport):
             await nursery.start(trio.serve_listeners, on_stream, stream_listeners)
             task_status.started(bound)
 
-    async def connect(self, url: str, options: TransportOptions) -> Connection:
+    async def connect(
+        self, url: str, options: TransportOptions, nursery: trio.Nursery
+    ) -> Connection:
         scheme = parse_address(url)[0]
         socket_stream, host, _ = await dial(url)
         stream: trio.abc.Stream = socket_stream
