@@ -467,6 +467,7 @@ class _Failing:
 def test_a_one_way_call_that_fails_unexpectedly_reaches_get() -> None:
     from collections.abc import Sequence
 
+    from droplet.scheduler import placement
     from droplet.scheduler.placement import Candidate, Context, PlacementPolicy, register_policy
 
     @register_policy
@@ -478,13 +479,14 @@ def test_a_one_way_call_that_fails_unexpectedly_reaches_get() -> None:
                 raise RuntimeError("policy bug")
             return pool[0].url
 
-    with droplet.LocalCluster(executors=1, placement="flaky-test") as running:
-        conn = running.connect()
-        f = conn.register(square, "u_sq")
-        assert f(3).get() == 9  # accepted: later calls of it go one-way
-        _Failing.broken = True
-        try:
+    try:
+        with droplet.LocalCluster(executors=1, placement="flaky-test") as running:
+            conn = running.connect()
+            f = conn.register(square, "u_sq")
+            assert f(3).get() == 9  # accepted: later calls of it go one-way
+            _Failing.broken = True
             with pytest.raises(droplet.DropletError, match="internal error.*policy bug"):
                 f(4).get(timeout=10)
-        finally:
-            _Failing.broken = False
+    finally:
+        _Failing.broken = False
+        placement._REGISTRY.pop("flaky-test", None)  # other tests list the policies
