@@ -7,6 +7,8 @@ pickled out of band, a function's own copy of what it receives.
 
 from __future__ import annotations
 
+import pickle
+import socket
 import ssl
 import struct
 from collections.abc import Iterator
@@ -19,9 +21,11 @@ import trustme
 import droplet
 from droplet import DropletConnection
 from droplet.client._blocking import BlockingClient
+from droplet.client._core import unwrap_result
 from droplet.cluster import open_local_cluster
 from droplet.errors import ProtocolError
 from droplet.protocol.framing import BIG_FRAME, Gather
+from droplet.protocol.messages import CallDag, DagResult
 from droplet.transports.base import Connection, TransportOptions
 from droplet.transports.registry import get_transport, parse_address
 
@@ -195,3 +199,68 @@ def test_big_arguments_over_tls_blocking(tls_ca: trustme.CA,
             cloud.register_dag("tb_echo", ["tb_id"], [])
             assert cloud.call_dag("tb_echo", {"tb_id": DATA}).get() == DATA
             assert cloud.call_dag("tb_echo", {"tb_id": DATA}, direct_response=True) == DATA
+
+
+async def test_a_malformed_argument_further_down_a_pipeline_fails_the_call() -> None:
+    """An executor looks at the next function's arguments to decide whether it
+    may run in the same segment: a malformed out-of-band value there is the
+    call's error, not a run that dies unanswered until the caller times out."""
+    def first(_: Any, x: Any) -> Any:
+        return x
+
+    def second(_: Any, x: Any, y: Any) -> Any:
+        return x, y
+
+    with trio.fail_after(60):
+        async with open_local_cluster(1) as cluster:
+            async with cluster.client() as cloud:
+                await cloud.register(first, "mal_first")
+                await cloud.register(second, "mal_second")
+                await cloud.register_dag("mal", ["mal_first", "mal_second"],
+                                         [("mal_first", "mal_second")])
+                bad = b"\x00\xff\xff\xff"  # the out-of-band form's marker, then junk
+                call = CallDag("mal", False, ["mal_first", "mal_second"],
+                               [pickle.dumps([1]), bad], direct=True)
+                reply = await cloud._scheduler.request(call, 20)
+    assert type(reply) is DagResult and reply.failed
+    with pytest.raises(droplet.FunctionError, match="out-of-band"):
+        unwrap_result(reply.value)
+
+
+# --------------------------------------------------------------------------- no sendmsg
+
+async def test_gathered_frames_without_sendmsg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where sockets have no ``sendmsg`` (Windows), big frames go out part by part."""
+    with trio.socket.socket() as sock:
+        for cls in (trio.socket.SocketType, type(sock)):
+            monkeypatch.delattr(cls, "sendmsg", raising=False)
+    url = "tcp://127.0.0.1:0"
+    pieces = [b"head", memoryview(DATA)[1:], DATA[:BIG_FRAME]]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(get_transport(url).serve, url, echo, TransportOptions())
+            async with await get_transport(url).connect(bound, TransportOptions()) as conn:
+                nursery.start_soon(conn.send, Gather(pieces))
+                got = await conn.receive()
+            nursery.cancel_scope.cancel()
+    assert got == b"".join(pieces)
+
+
+class _NoSendmsg(socket.socket):
+    __slots__ = ()
+
+    @property
+    def sendmsg(self) -> Any:  # type: ignore[override]
+        raise AttributeError("sendmsg")
+
+
+def test_blocking_client_without_sendmsg(tcp_cluster: droplet.LocalCluster) -> None:
+    with DropletConnection(tcp_cluster.address, timeout=60) as cloud:
+        backend = cloud._backend
+        assert isinstance(backend, BlockingClient)
+        cloud.register(identity, "ns_id")
+        cloud.register_dag("ns_echo", ["ns_id"], [])
+        for peer in {id(p): p for p in (backend.scheduler, backend.kvs)}.values():
+            peer._sock.__class__ = _NoSendmsg  # as on a platform without sendmsg
+        assert not hasattr(backend.scheduler._sock, "sendmsg")
+        assert cloud.call_dag("ns_echo", {"ns_id": DATA}, direct_response=True) == DATA

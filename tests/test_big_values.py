@@ -9,8 +9,10 @@ buffer only once nothing refers to it. Synchronous: no event loop.
 from __future__ import annotations
 
 import gc
+import os
 import pickle
 import struct
+import warnings
 from typing import Any
 
 import pytest
@@ -105,6 +107,24 @@ def test_big_frame_limit_is_checked_before_any_buffer_is_taken() -> None:
     assert pool.pooled_bytes == 0 and decoder.receive_buffer() is None
 
 
+def test_no_memory_for_a_big_frame_is_this_connections_protocol_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """mmap can fail (ENOMEM under strict overcommit, many frames declared at
+    once): that ends the one connection (ProtocolError, which the transports
+    and services handle), never a node's listener with a stray OSError."""
+    import errno
+    import mmap
+
+    def no_memory(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", no_memory)
+    decoder = FrameDecoder(pool=BufferPool())
+    decoder.feed(frame(BIG)[:100])
+    with pytest.raises(ProtocolError, match=f"frame of {len(BIG)} bytes"):
+        decoder.next_frame()
+
+
 def test_received_must_fit_the_frame_under_way() -> None:
     decoder = FrameDecoder(pool=BufferPool())
     with pytest.raises(ValueError):
@@ -141,6 +161,26 @@ def test_a_buffer_is_never_reused_while_a_frame_or_blob_refers_to_it() -> None:
     assert len(pool._buffers) == 2  # the second frame's buffer, free again, was reused
     del blob, third
     assert receive(decoder, other) == other and len(pool._buffers) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_does_not_write_into_its_parents_buffers() -> None:
+    """A function may fork (``multiprocessing``); the child inherits the pool.
+    Its buffers must be the child's own copies (a private mapping), or a frame
+    the child receives lands in a buffer the parent is using."""
+    pool = BufferPool()
+    buffer = pool.take(BIG_FRAME)
+    buffer[:4] = b"mine"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads around
+        pid = os.fork()
+    if pid == 0:  # the child: receives "its" frame into the buffer, and leaves
+        try:
+            buffer[:4] = b"kids"
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert buffer[:4] == b"mine"
 
 
 def test_the_pool_keeps_at_most_its_limit() -> None:
@@ -258,11 +298,45 @@ def test_numpy_arrays_travel_out_of_band() -> None:
     assert array[0] == 0
 
 
+def test_a_read_only_array_over_a_writable_one_is_still_copied() -> None:
+    """Read-only is not immutable: a read-only view's base may change later.
+    A snapshot (an executor's result) and a private copy (a local hand-off)
+    must not see that change, as a plain pickle never did."""
+    from droplet.executor.copies import private
+
+    np = pytest.importorskip("numpy")
+    base = np.zeros(OUT_OF_BAND_MIN, dtype=np.int64)
+    view = base.view()
+    view.flags.writeable = False
+    sent = dumps_value(view, snapshot=True)
+    mine = private(view)
+    base[:2] = 7  # the function that returned the view changes it afterwards
+    assert loads(memoryview(bytes(sent)).toreadonly())[0] == 0
+    assert mine[0] == 0
+
+
 def test_malformed_out_of_band_values_fail_to_unpickle() -> None:
     good = bytes(dumps_value([BIG]))
     for bad in (good[:5], good[:-1], good + b"x"):
         with pytest.raises(pickle.UnpicklingError):
             loads(bad)
+
+
+def test_a_malformed_buffer_count_is_refused_before_it_costs_memory() -> None:
+    """A header claiming 2**32 - 1 buffers is refused from the header, not after
+    reading (and keeping) a length for every 9 bytes of the value."""
+    import tracemalloc
+
+    blob = struct.pack("<BII", 0, 2**32 - 1, 0) + bytes(4 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        for bad in (blob, memoryview(blob)):
+            with pytest.raises(pickle.UnpicklingError):
+                loads(bad)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024  # unchecked: ~30 MB of tuples
 
 
 def test_mentions_searches_the_stream_only() -> None:
@@ -274,6 +348,15 @@ def test_mentions_searches_the_stream_only() -> None:
     assert not mentions(dumps_value([BIG]), b"\x00\x01\x02\x03")  # in the raw buffer only
     assert mentions(memoryview(pickle.dumps([list(range(20_000)), "needle"])), b"needle")
     assert not mentions(pickle.dumps([1]), b"needle")
+
+
+def test_mentions_of_a_malformed_value_is_a_conservative_yes() -> None:
+    """It is a pre-check (an executor's pipelining asks it before anything is
+    unpickled): it must not raise, or the run dies unanswered."""
+    good = bytes(dumps_value([BIG]))
+    for bad in (b"\x00", good[:5], good[:-1], good + b"x"):
+        assert mentions(bad, b"DropletReference")
+        assert mentions(memoryview(bad), b"DropletReference")
 
 
 # --------------------------------------------------------------------------- downstream

@@ -19,7 +19,7 @@ import threading
 import types
 from typing import Any
 
-__all__ = ["Registration", "SourceSpan", "code_version", "install", "source_of"]
+__all__ = ["Registration", "SourceSpan", "code_version", "install", "restore_lines", "source_of"]
 
 
 def code_version(code: bytes) -> str:
@@ -117,10 +117,27 @@ def _file(obj: Any, span: SourceSpan) -> None:
         known = _known.setdefault(span.filename, {})
         for offset, text in enumerate(span.lines):
             known[span.first_line + offset] = text
-        last = max(known)
-        lines = [known.get(n, "\n") for n in range(1, last + 1)]
-        # mtime None: linecache.checkcache leaves the entry alone (no file to check).
-        linecache.cache[span.filename] = (sum(map(len, lines)), None, lines, span.filename)
+        _cache_lines(span.filename, known)
+
+
+def _cache_lines(filename: str, known: dict[int, str]) -> None:
+    last = max(known)
+    lines = [known.get(n, "\n") for n in range(1, last + 1)]
+    # mtime None: linecache.checkcache leaves the entry alone (no file to check).
+    linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+
+
+def restore_lines(tb: types.TracebackType | None) -> None:
+    """Put back the shipped lines of the files in ``tb`` that linecache has lost
+    (user code, or anything else in the process, may clear it)."""
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename not in linecache.cache:
+            with _lock:
+                known = _known.get(filename)
+                if known:
+                    _cache_lines(filename, known)
+        tb = tb.tb_next
 
 
 def _functions_of(target: Any) -> list[types.FunctionType]:

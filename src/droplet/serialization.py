@@ -13,6 +13,8 @@ is. Such a value's wire form (its *out-of-band form*) is::
     u8 0 | u32 buffers | u32 stream length | per buffer: u64 length, u8 read-only
          | pickle stream | buffer | buffer ...
 
+(its integers little-endian, unlike the big-endian frame and message envelope).
+
 A plain pickle starts with the ``PROTO`` opcode (``0x80``), never ``0``, so
 :func:`loads` takes either form. On the receiving side the buffers are views
 of the received frame: a read-only one (``bytes``) is copied once into the
@@ -88,6 +90,15 @@ class _Raw:
         return self.kind, (pickle.PickleBuffer(memoryview(self.data).toreadonly()),)
 
 
+def _immutable(view: Buffer) -> bool:
+    """Whether nobody can change the bytes of ``view``: ``bytes`` or a view of
+    them (a read-only array may be a view of a writable one, changed behind it)."""
+    obj: Any = view
+    while type(obj) is memoryview:
+        obj = obj.obj
+    return type(obj) is bytes
+
+
 def _is_big_raw(value: Any) -> bool:
     kind = type(value)
     return (kind is bytes or kind is bytearray) and len(value) >= OUT_OF_BAND_MIN
@@ -120,7 +131,8 @@ def dumps_value(obj: Any, *, snapshot: bool = False) -> bytes | Gather:
     out-of-band form as a :class:`~droplet.protocol.framing.Gather` whose
     pieces are the header, the pickle stream and the buffers themselves:
     views of immutable ``bytes`` as they are, and of writable buffers (a
-    ``bytearray``, an array) too unless ``snapshot``, which copies those (once)
+    ``bytearray``, an array, even a read-only view of one) too unless
+    ``snapshot``, which copies those (once)
     for a sender that cannot promise nobody changes them before the message is
     written (an executor, whose function may keep a result it returned).
     """
@@ -134,7 +146,7 @@ def dumps_value(obj: Any, *, snapshot: bool = False) -> bytes | Gather:
         if raw.nbytes < OUT_OF_BAND_MIN:
             return True
         readonly = raw.readonly
-        buffers.append((raw if readonly or not snapshot else raw.tobytes(), readonly))
+        buffers.append((raw.tobytes() if snapshot and not _immutable(raw) else raw, readonly))
         return False
 
     target = _lift(obj, snapshot)
@@ -168,6 +180,9 @@ def _split(blob: Buffer, private: bool = True) -> tuple[memoryview, list[Buffer]
     try:
         _, count, stream_len = _HEAD.unpack_from(view)
         pos = _HEAD.size
+        if count * _BUF.size > len(view) - pos:  # before reading (and keeping) each one
+            raise pickle.UnpicklingError(
+                f"out-of-band value of {len(view)} bytes cannot hold {count} buffers")
         sizes = []
         for _ in range(count):
             sizes.append(_BUF.unpack_from(view, pos))
@@ -195,8 +210,13 @@ def loads(blob: Buffer | Gather) -> Any:
         head, stream, *buffers = blob.parts
         flags = [_BUF.unpack_from(head, _HEAD.size + i * _BUF.size)[1]
                  for i in range(len(buffers))]
-        return pickle.loads(stream, buffers=[b if readonly else bytearray(b)
-                                             for b, readonly in zip(buffers, flags, strict=True)])
+        # Shared as they are only if the value rebuilt from them cannot see a
+        # change: immutable bytes, or our own views of a bytes/bytearray (which
+        # bytes()/bytearray() copy); anything else (an array) gets its own copy.
+        return pickle.loads(stream, buffers=[
+            b if readonly and (_immutable(b) or type(getattr(b, "obj", None)) is memoryview)
+            else bytearray(b)
+            for b, readonly in zip(buffers, flags, strict=True)])
     if len(blob) and blob[0] == 0:
         stream, buffers = _split(blob)
         return pickle.loads(stream, buffers=buffers)
@@ -206,11 +226,15 @@ def loads(blob: Buffer | Gather) -> Any:
 def mentions(blob: Buffer | Gather, needle: bytes) -> bool:
     """Whether a pickled value's stream contains ``needle`` (a class name, say),
     without copying a big value to look (out-of-band buffers are raw data and
-    are not searched)."""
+    are not searched). Conservative: never raises, and a malformed value
+    "mentions" everything."""
     if isinstance(blob, Gather):
         return needle in blob.parts[1]
     if len(blob) and blob[0] == 0:
-        blob = _split(blob, private=False)[0]
+        try:
+            blob = _split(blob, private=False)[0]
+        except pickle.UnpicklingError:
+            return True  # malformed: "maybe" (loads, later, says what is wrong)
     if type(blob) is bytes:
         return needle in blob
     return re.search(re.escape(needle), blob) is not None

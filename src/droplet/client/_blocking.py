@@ -322,7 +322,8 @@ class BlockingPeer:
                     self._outgoing_bytes = 0
                 data = [*queued, *([data] if isinstance(data, bytes) else data)]
             sock = self._enter()
-            gather = not isinstance(sock, ssl.SSLSocket)  # TLS has no sendmsg
+            # TLS has no sendmsg, nor has every platform (Windows).
+            gather = not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg")
             try:
                 views = [memoryview(p) for p in ([data] if isinstance(data, bytes) else data)]
                 first = sent = 0

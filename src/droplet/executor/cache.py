@@ -114,6 +114,7 @@ class Cache:
         self._version = 0
         self.decoded = DecodedValues(max_bytes)
         self.segments = SegmentStore() if shared_memory else None
+        self._segment_failed = False  # warned once that segments cannot be written
         #: called with a key whose cached version changed or went away (the
         #: service telling worker processes; see cache_service.py).
         self.on_change: Callable[[str], None] | None = None
@@ -123,10 +124,26 @@ class Cache:
         self.evictions = 0
         self.fetches = 0
         self.updates = 0
+        if kvs is not None:
+            self._watch(kvs)
 
     def attach(self, kvs: Peer) -> None:
         """Read through ``kvs`` from now on (for a cache made before its link)."""
         self._kvs = kvs
+        self._watch(kvs)
+
+    def _watch(self, kvs: Peer) -> None:
+        on_close = getattr(kvs, "on_close", None)
+        if on_close is not None:
+            on_close.append(self._lost)
+
+    def _lost(self, kvs: Peer) -> None:
+        """The link to the store closed, and the subscriptions with it: no push
+        would tell us of a change any more, so drop everything (workers too)."""
+        if kvs is not self._kvs:
+            return
+        for key in list(self._entries):
+            self._drop(key)
 
     def _store_link(self) -> Peer:
         if self._kvs is None:
@@ -356,8 +373,14 @@ class Cache:
         if entry.segment is None:
             payload = lww_payload(entry.data)
             parts = out_of_band(payload) if payload is not None else None
-            if parts is not None:
-                entry.segment, entry.layout = self.segments.create_parts(parts), "oob"
-            else:
-                entry.segment = self.segments.create(entry.data)
+            try:
+                if parts is not None:
+                    entry.segment, entry.layout = self.segments.create_parts(parts), "oob"
+                else:
+                    entry.segment = self.segments.create(entry.data)
+            except OSError as exc:  # /dev/shm full (64 MiB in a container), gone...
+                (log.debug if self._segment_failed else log.warning)(
+                    "no shared-memory segment for %r (%s): sending its bytes", key, exc)
+                self._segment_failed = True
+                return None
         return entry.segment, entry.layout, self.segments.size_of(entry.segment)

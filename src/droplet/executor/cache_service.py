@@ -17,13 +17,16 @@ A worker's own write drops its held version at once (read your writes).
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
 from ..errors import ProtocolError
 from ..lattices import RAW, Lattice, encode_lattice
@@ -32,7 +35,7 @@ from ..rpc import Peer
 from .cache import SEGMENT_THRESHOLD, Cache, CacheStatistics, Counts
 from .oob import load_out_of_band
 from .segments import map_segment
-from .values import DecodedValues
+from .values import DecodedValues, decode_value
 
 __all__ = ["NodeCacheService", "RemoteCache"]
 
@@ -42,6 +45,8 @@ log = logging.getLogger("droplet.executor")
 WORKER_ENTRIES = 4096
 #: Bytes of small values a worker keeps (values under SEGMENT_THRESHOLD).
 WORKER_SMALL_BYTES = 64 * 1024 * 1024
+#: Seconds between attempts of a node cache to link to the store again.
+RELINK_DELAY = 0.5
 
 
 class NodeCacheService:
@@ -93,18 +98,21 @@ class NodeCacheService:
         hit = cache.misses == before and not msg.refresh
         if entry is None:
             return CacheValue(msg.key, 0, hit)
-        if cache.peek_entry(msg.key) is entry:  # held here: tell the worker of changes
+        keep = cache.peek_entry(msg.key) is entry
+        if keep:  # held here: tell the worker of changes
             self._hold(peer, msg.key)
         size = len(entry.data)
         if entry.version == msg.version:
-            return CacheValue(msg.key, entry.version, hit, size)
+            return CacheValue(msg.key, entry.version, hit, size, keep=keep)
         if size >= SEGMENT_THRESHOLD and not msg.inline:
             found = cache.segment_of(msg.key, entry)
             if found is not None:
                 name, layout, stored = found
                 return CacheValue(msg.key, entry.version, hit, stored, segment=name,
                                   layout=layout)
-        return CacheValue(msg.key, entry.version, hit, size, data=entry.data)
+        # Not kept here (too big for the cache): nothing would tell the worker
+        # of a change, so it must not keep it either.
+        return CacheValue(msg.key, entry.version, hit, size, data=entry.data, keep=keep)
 
 
 @attrs.define
@@ -141,6 +149,14 @@ class RemoteCache:
         self._segment_dir = segment_dir
         self._held: OrderedDict[str, _Held] = OrderedDict()
         self._small_bytes = 0
+        #: key -> [reads of it in flight, invalidations seen meanwhile]: a reply
+        #: that raced an invalidation (or this worker's own write) may predate
+        #: the change, so it serves that read and is not kept.
+        self._reading: dict[str, list[int]] = {}
+        # A lost link loses the invalidations too: keep nothing that could go stale.
+        on_close = getattr(node, "on_close", None)
+        if on_close is not None:
+            on_close.append(lambda _peer: self.close())
         self.decoded = DecodedValues() if decoded_bytes is None else DecodedValues(decoded_bytes)
         self.hits = 0
         self.misses = 0
@@ -161,15 +177,24 @@ class RemoteCache:
         return dict(found)
 
     def close(self) -> None:
+        for reading in self._reading.values():
+            reading[1] += 1
+        self.decoded.clear()
         for held in self._held.values():
             held.close()
         self._held.clear()
-        self.decoded.clear()
+        self._small_bytes = 0
 
     def invalidate(self, keys: list[str]) -> None:
         """The node's cache says these keys changed: drop what is held of them."""
         for key in keys:
-            self._forget(key)
+            self._invalidate(key)
+
+    def _invalidate(self, key: str) -> None:
+        reading = self._reading.get(key)
+        if reading is not None:  # a read in flight must not keep what it gets
+            reading[1] += 1
+        self._forget(key)
 
     def peek(self, key: str) -> bytes | None:
         """The held encoding of ``key`` without I/O (None when not held as one)."""
@@ -215,6 +240,9 @@ class RemoteCache:
         found, value = self.decoded.get(key, held.version)
         if found:
             return value
+        if self._held.get(key) is not held:  # served once, not kept: decode, keep nothing
+            view = held.view()
+            return load_out_of_band(view) if held.layout == "oob" else decode_value(view)
         if held.layout == "oob":  # read-only views of the node's one copy
             return self.decoded.keep(key, held.version, load_out_of_band(held.view()),
                                      held.size)
@@ -228,7 +256,7 @@ class RemoteCache:
         try:
             stored: KvsStored = await self._node.request(CachePut(key, data))
         finally:
-            self._forget(key)  # read your writes: the next read asks the node
+            self._invalidate(key)  # read your writes: the next read asks the node
         return stored.type_name
 
     async def update(self, key: str, data: bytes) -> None:
@@ -240,6 +268,18 @@ class RemoteCache:
             self.hits += 1
             self._held.move_to_end(key)
             return held
+        reading = self._reading.setdefault(key, [0, 0])
+        reading[0] += 1
+        seen = reading[1]
+        try:
+            return await self._ask(key, held, refresh, lambda: reading[1] != seen)
+        finally:
+            reading[0] -= 1
+            if not reading[0]:
+                del self._reading[key]
+
+    async def _ask(self, key: str, held: _Held | None, refresh: bool,
+                   raced: Callable[[], bool]) -> _Held | None:
         known = held.version if held is not None else 0
         reply: CacheValue = await self._node.request(CacheGet(key, known, refresh))
         if reply.hit:
@@ -250,9 +290,14 @@ class RemoteCache:
             self._forget(key)
             return None
         if held is not None and reply.version == held.version:
-            self.unchanged += 1
-            self._held.move_to_end(key)
-            return held
+            if self._held.get(key) is held and not raced() and reply.keep:
+                self.unchanged += 1
+                self._held.move_to_end(key)
+                return held
+            # Dropped while we asked: get the value itself (not kept if raced).
+            reply = await self._node.request(CacheGet(key, 0, False))
+            if reply.version == 0:
+                return None
         self.transfers += 1
         mapping = None
         if reply.segment is not None:
@@ -265,9 +310,11 @@ class RemoteCache:
                     return None
         if mapping is None and reply.data is None:
             raise ProtocolError(f"the node cache sent neither data nor a segment for {key!r}")
-        self._forget(key)
         fresh = _Held(reply.version, reply.size, reply.data, mapping,
                       reply.layout if mapping is not None else "")
+        if raced() or not reply.keep:  # may predate a change: serve it, keep nothing
+            return fresh
+        self._forget(key)
         self._held[key] = fresh
         if fresh.data is not None:
             self._small_bytes += fresh.size
@@ -275,17 +322,21 @@ class RemoteCache:
         return fresh
 
     def _forget(self, key: str) -> None:
+        self.decoded.forget(key)  # first: its arrays may be views of the mapping
         held = self._held.pop(key, None)
         if held is not None:
             if held.data is not None:
                 self._small_bytes -= held.size
             held.close()
-            self.decoded.forget(key)
 
     def _trim(self) -> None:
         while (len(self._held) > WORKER_ENTRIES or self._small_bytes > WORKER_SMALL_BYTES) \
                 and len(self._held) > 1:
             self._forget(next(iter(self._held)))
+
+
+def _set_on_close(event: trio.Event, _peer: Peer) -> None:
+    event.set()
 
 
 async def open_node_cache(nursery: Any, kvs_url: str, *, token: str | None,
@@ -294,20 +345,38 @@ async def open_node_cache(nursery: Any, kvs_url: str, *, token: str | None,
 
     It lives as long as ``nursery``: when that is cancelled its segments are removed.
     """
-    import trio
-
     from ..rpc import connect_peer
 
     cache = Cache(None, max_bytes=max_bytes, shared_memory=shared_memory)
-    link = await connect_peer(kvs_url, nursery, token=token, handler=cache.handle,
-                              options=options)
-    cache.attach(link)
 
-    async def close_on_exit() -> None:
+    async def connect() -> Peer:
+        link = await connect_peer(kvs_url, nursery, token=token, handler=cache.handle,
+                                  options=options)
+        cache.attach(link)
+        return link
+
+    link = await connect()
+
+    async def relink_and_close_on_exit() -> None:
+        # A lost link (e.g. cut by the store for a full outbox) loses the
+        # subscriptions: the cache dropped everything (Cache._lost); link again.
+        current = link
         try:
-            await trio.sleep_forever()
+            while True:
+                closed = trio.Event()
+                current.on_close.append(functools.partial(_set_on_close, closed))
+                if not current.closed:
+                    await closed.wait()
+                log.warning("the node cache lost its link to the store; linking again")
+                while True:
+                    try:
+                        current = await connect()
+                        break
+                    except Exception as exc:
+                        log.warning("the node cache cannot reach the store: %s", exc)
+                        await trio.sleep(RELINK_DELAY)
         finally:
             cache.close()
 
-    nursery.start_soon(close_on_exit)
+    nursery.start_soon(relink_and_close_on_exit)
     return cache

@@ -10,13 +10,31 @@ view of the one copy the node holds: no copy at all, in any worker.
 
 Only numpy arrays give out-of-band buffers (``bytes`` and ``bytearray`` are
 always in-band in CPython's pickle), so only values that look like numpy are
-converted; and the node process loads them with an unpickler that resolves
-nothing but numpy's array-rebuilding functions, so a stored value can never
-run other code in the node.
+converted.
+
+This is the one place a Droplet server process unpickles a user's value, an
+exception to "storage never unpickles user values": the node process of an
+all-in-one node (which also runs the store and the scheduler) does it, when a
+worker process first asks for a cached value of ``SEGMENT_THRESHOLD`` bytes or
+more that is a last-writer-wins ``put_object`` value whose pickle names
+``numpy`` in its first 64 bytes. It is loaded (importing numpy into the node on
+first use) with an unpickler that resolves no global but these, each narrowed:
+
+- ``numpy.ndarray``: only as ``_reconstruct``'s argument, never called;
+- ``_reconstruct``: only as numpy pickles an array, ``(ndarray, (0,), code)``,
+  allocating nothing (the array's state then brings its data, which numpy
+  checks against the shape);
+- ``numpy.dtype``: any dtype but one holding Python objects;
+- ``_frombuffer``: a view of bytes the pickle itself holds.
+
+No other code runs, memory grows with the pickle's size only, and a layout whose
+buffers add up to more bytes than the pickle had is refused. Anything refused,
+or failing, is kept as it is (in-band, unpickled by the worker only).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import struct
@@ -38,11 +56,45 @@ _ALLOWED = frozenset({
 _SNIFF = 64
 
 
+class _ArrayType:
+    """What ``numpy.ndarray`` resolves to here: an argument of ``_reconstruct``, never
+    a callable (called, ``ndarray(shape, dtype)`` would allocate whatever it is told)."""
+
+
+_ARRAY = _ArrayType()
+
+
+def _reconstruct(real: Any, subtype: Any, shape: Any, typecode: Any) -> Any:
+    # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') and then its
+    # state, whose data numpy checks against the shape: refuse anything else.
+    if subtype is not _ARRAY or shape != (0,):
+        raise pickle.UnpicklingError("not a numpy array's pickle (_reconstruct)")
+    import numpy
+
+    return real(numpy.ndarray, (0,), typecode)
+
+
+def _plain_dtype(*args: Any) -> Any:
+    import numpy
+
+    dtype = numpy.dtype(*args)
+    if dtype.hasobject:  # Python objects: nothing to share, and no user code here
+        raise pickle.UnpicklingError("an array of Python objects is not loaded here")
+    return dtype
+
+
 class _NumpyOnly(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
             raise pickle.UnpicklingError(f"not a numpy array: {module}.{name}")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if name == "ndarray":
+            return _ARRAY
+        if name == "_reconstruct":
+            return functools.partial(_reconstruct, found)
+        if name == "dtype":
+            return _plain_dtype
+        return found  # _frombuffer: a view of bytes the pickle itself holds
 
 
 def _pad(n: int) -> bytes:
@@ -64,8 +116,8 @@ def out_of_band(payload: bytes | memoryview) -> list[bytes | memoryview] | None:
         views = [b.raw() for b in buffers]
     except Exception:  # anything else (or a non-contiguous array): keep it in-band
         return None
-    if not views:
-        return None
+    if not views or sum(len(v) for v in views) > len(payload):
+        return None  # nothing to share, or more than the pickle held (never legitimately)
     head = _HEAD.pack(_MAGIC, len(views), len(stream))
     lengths = b"".join(_LEN.pack(len(v)) for v in views)
     parts: list[bytes | memoryview] = [head, lengths, stream]

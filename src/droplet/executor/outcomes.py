@@ -26,6 +26,7 @@ import trio
 from ..errors import FunctionError, _Failure
 from ..lattices import RAW, LWWLattice, encode_lattice
 from ..protocol.framing import Gather
+from ..registration import restore_lines
 from ..serialization import dumps, dumps_value
 
 __all__ = ["function_error", "lww", "pickle_result", "pickle_value"]
@@ -98,6 +99,7 @@ def function_error(exc: BaseException, function: str) -> FunctionError:
     message = str(exc)
     if user_tb is None and isinstance(exc, TypeError) and _ARITY.search(message):
         message = f"{message}. {HINT}"  # raised by the call itself: a missing parameter
+    restore_lines(user_tb)
     report = traceback.TracebackException(type(exc), exc, user_tb)
     _drop_plumbing(report)
     lines = list(report.format())

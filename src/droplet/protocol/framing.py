@@ -12,7 +12,7 @@ to fill, so a socket ``recv_into`` writes the bytes straight to where they
 stay (the frame is then a read-only ``memoryview`` of that buffer, and message
 blobs are views into it: no copy).
 
-The buffers are anonymous memory (``mmap``), so a peer that declares a frame
+The buffers are private anonymous memory (``mmap``), so a peer that declares a frame
 and sends little of it makes the kernel commit only the pages that arrived.
 They come from a small per-process pool (:class:`BufferPool`): touching fresh
 pages costs more than copying into warm ones on small VMs (a fresh 50 MiB
@@ -140,7 +140,7 @@ class BufferPool:
                     best = i
             if best >= 0:
                 return buffers[best]
-            fresh = mmap.mmap(-1, size)
+            fresh = _new_buffer(size)
             room = self.max_bytes - self.pooled_bytes
             if size > room:  # make room by letting go of free buffers, biggest first
                 for i in sorted(range(len(buffers)), key=lambda i: -len(buffers[i])):
@@ -153,6 +153,16 @@ class BufferPool:
             if size <= room:
                 buffers.append(fresh)
             return fresh
+
+
+#: Private anonymous memory: Python's default for ``mmap(-1, n)`` is a *shared*
+#: mapping, which a forked child (``multiprocessing`` in a function) would
+#: share with its parent, pool and all, each writing frames into the other's.
+_PRIVATE = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
+
+
+def _new_buffer(size: int) -> mmap.mmap:
+    return mmap.mmap(-1, size, **_PRIVATE)
 
 
 #: The pool every decoder of this process takes its big-frame buffers from.
@@ -271,7 +281,11 @@ class FrameDecoder:
     def _start_big(self, size: int) -> None:
         """Give the big frame whose header is at ``_pos`` a buffer; move its start there."""
         buf, start = self._buf, self._pos + HEADER_SIZE
-        self._big = self._pool.take(size)
+        try:
+            self._big = self._pool.take(size)
+        except (OSError, MemoryError) as exc:  # e.g. ENOMEM under strict overcommit
+            # This connection cannot go on; the process (and its other peers) can.
+            raise ProtocolError(f"no memory for a frame of {size} bytes: {exc}") from None
         view = self._big_view = memoryview(self._big)[:size]
         have = len(buf) - start
         view[:have] = memoryview(buf)[start:]

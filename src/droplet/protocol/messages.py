@@ -815,7 +815,9 @@ class CacheValue:
     Exactly one of: ``data`` (the encoded lattice), ``segment`` (the name of a
     shared-memory segment of ``size`` bytes holding it, laid out as
     ``layout`` says), or neither when the worker already holds ``version``.
-    ``hit``: the node had it cached.
+    ``hit``: the node had it cached. ``keep``: the worker may hold it until
+    told otherwise; False when the node keeps no copy (too big for its cache),
+    so no invalidation would ever come: serve this read only.
     """
 
     key: str
@@ -827,6 +829,7 @@ class CacheValue:
     #: how the segment holds the value: "" the encoded lattice, "oob" a
     #: protocol-5 pickle with out-of-band buffers (numpy; see executor/oob.py).
     layout: str = ""
+    keep: bool = True
 
 
 @message(44)

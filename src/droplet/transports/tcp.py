@@ -47,6 +47,8 @@ class StreamConnection(Connection):
         self._stream = stream
         #: the raw trio socket of a plain TCP stream (receive_into, sendmsg); None for TLS.
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        #: sendmsg is missing on some platforms (Windows): then parts are sent one by one.
+        self._gather = self._sock is not None and hasattr(self._sock, "sendmsg")
         self.remote_address = remote_address
         self._decoder = FrameDecoder(options.max_frame_size)
         self._send_limit = options.max_frame_size
@@ -80,7 +82,8 @@ class StreamConnection(Connection):
             try:
                 if len(parts) == 1:
                     await self._stream.send_all(parts[0])
-                elif self._sock is not None:
+                elif self._gather:
+                    assert self._sock is not None
                     with _socket_errors():
                         await _sendmsg_all(self._sock, parts)
                 else:
