@@ -337,3 +337,156 @@ async def test_draining_waits_for_direct_runs_and_is_no_longer_handed_out() -> N
             while pool.status().draining:
                 await pool.changed.wait()
         assert url not in scheduler.executor_urls
+
+
+async def test_draining_judges_direct_runs_by_a_report_after_the_leases(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A report sent before the placement leases ended may predate a run a client
+    sent just before its lease ran out: the drain waits for a later report."""
+    from types import SimpleNamespace
+
+    from droplet.latency import BUCKETS
+    from droplet.protocol.messages import ExecutorReport
+    from droplet.scheduler.reports import ClusterView
+    from droplet.scheduler.service import SchedulerService
+
+    url = "tcp://127.0.0.1:1"
+
+    def report(running: int) -> ExecutorReport:
+        return ExecutorReport(url, 2, running, 0, running, 0, 0, 0, 0, [], [], [],
+                              [0] * BUCKETS, [])
+
+    view = ClusterView()
+    view.join(url, 2)
+    ex = SimpleNamespace(url=url, reported=trio.Event())
+    scheduler = SimpleNamespace(_executors={url: ex}, view=view)
+
+    def reported(running: int) -> None:
+        view.report(report(running), trio.current_time())
+        ex.reported.set()
+        ex.reported = trio.Event()
+
+    done = trio.Event()
+
+    async def drain() -> None:
+        await SchedulerService._direct_runs_done(scheduler, ex, trio.current_time() + 2)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        reported(0)  # idle when the drain began
+        nursery.start_soon(drain)
+        await trio.sleep(2.5)  # the leases ended; a run sent just before is still going
+        assert not done.is_set()
+        reported(1)  # the next report shows it
+        await trio.sleep(0.1)
+        assert not done.is_set()
+        reported(0)
+        with trio.fail_after(1):
+            await done.wait()
+
+
+async def test_a_cached_placement_runs_code_registered_since_by_another_client(
+        direct: tuple[Any, AsyncDropletClient]) -> None:
+    running, client = direct
+    f = await client.register(square, "r_fn")
+    assert [await (await f(i)).get() for i in range(4)] == [0, 1, 4, 9]  # both executors
+    assert len(client._direct.placed("r_fn")) == 2
+    async with running.client() as other:
+        await other.register(noop, "r_fn")
+    # This client's lease still stands, with the old version: the new code runs.
+    assert len(client._direct.placed("r_fn")) == 2
+    assert [await (await f(i)).get() for i in range(4)] == [0, 1, 2, 3]
+    assert running.node.scheduler.statistics().runs_started == 0
+
+
+async def test_a_shape_called_directly_needs_no_acceptance_through_the_scheduler(
+        direct: tuple[Any, AsyncDropletClient]) -> None:
+    running, client = direct
+    f = await client.register(square, "a_sq")
+    assert await (await f(3)).get() == 9  # straight to an executor
+    # Its shape was placed, hence accepted: later calls through the scheduler
+    # (here, direct calls turned off) go one-way instead of each waiting for
+    # CallAccepted (a burst of thousands once took the old path's time).
+    assert client._core.accepted.known(ClientCore.function_call("a_sq", []))
+    client._direct.enabled = False
+    futures = [await f(i) for i in range(10)]
+    assert [await x.get() for x in futures] == [i * i for i in range(10)]
+    assert running.node.scheduler.statistics().runs_started == 10
+
+
+def test_a_posted_call_to_an_executor_gone_meanwhile_goes_through_the_scheduler(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from droplet.errors import ConnectionError as DropletConnectionError
+    from droplet.rpc import Peer
+
+    with droplet.LocalCluster(executors=2) as running:
+        conn = running.connect()
+        f = conn.register(square, "g_sq")
+        assert f(3).get() == 9  # placed: later calls are posted straight to executors
+
+        async def gone(self: Peer, *msgs: Any, oneway: Any = ()) -> Any:
+            if self.remote.startswith("inproc://") and self.remote in placed:
+                raise DropletConnectionError(f"connection to {self.remote} is closed")
+            return await real(self, *msgs, oneway=oneway)
+
+        client = conn._backend._client
+        placed = set(client._direct.placed("g_sq"))
+        real = Peer.submit
+        monkeypatch.setattr(Peer, "submit", gone)
+        assert f(4).get(timeout=10) == 16  # through the scheduler, not a ConnectionError
+        assert client._direct.placed("g_sq") == []
+        assert running.node.scheduler.statistics().runs_started == 1
+
+
+async def test_map_and_kvs_reads_wait_for_handed_out_direct_keys(
+        direct: tuple[Any, AsyncDropletClient]) -> None:
+    _, client = direct
+    f = await client.register(square, "k_sq")
+    await client.register(noop, "k_id")
+
+    async def handed_out(x: int) -> str:
+        future = await f(x)
+        key = future.obj_id
+        assert await future.get() == x * x
+        assert key in client._unconfirmed  # answered by the executor, stored just after
+        return key
+
+    key = await handed_out(3)
+    futures = await client.map("k_id", [droplet.DropletReference(key)])
+    assert not client._unconfirmed  # confirmed before the calls went out
+    assert await futures[0].get() == 9
+    key = await handed_out(4)
+    assert (await client.kvs_client.get([key]))[key] is not None
+    assert not client._unconfirmed
+
+
+class _Failing:
+    broken = False
+
+
+def test_a_one_way_call_that_fails_unexpectedly_reaches_get() -> None:
+    from collections.abc import Sequence
+
+    from droplet.scheduler import placement
+    from droplet.scheduler.placement import Candidate, Context, PlacementPolicy, register_policy
+
+    @register_policy
+    class Flaky(PlacementPolicy):
+        name = "flaky-test"
+
+        def choose(self, pool: Sequence[Candidate], context: Context) -> str:
+            if _Failing.broken:
+                raise RuntimeError("policy bug")
+            return pool[0].url
+
+    try:
+        with droplet.LocalCluster(executors=1, placement="flaky-test") as running:
+            conn = running.connect()
+            f = conn.register(square, "u_sq")
+            assert f(3).get() == 9  # accepted: later calls of it go one-way
+            _Failing.broken = True
+            with pytest.raises(droplet.DropletError, match="internal error.*policy bug"):
+                f(4).get(timeout=10)
+    finally:
+        _Failing.broken = False
+        placement._REGISTRY.pop("flaky-test", None)  # other tests list the policies

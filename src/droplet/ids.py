@@ -3,7 +3,8 @@
 ``uuid.uuid4()`` reads 16 bytes from the kernel per id; on the call path (a
 result key per call in the client, a run id per call in the scheduler) that
 was a measurable share of a no-op call on a busy machine. Instead each process
-draws one random 128-bit prefix (again after a fork) and counts.
+draws one random 80-bit prefix (again in a forked child, through
+:func:`os.register_at_fork`) and counts.
 The ids stay unguessable to anyone who does not know the prefix, like uuid4's.
 
 >>> a, b = unique_id(), unique_id()
@@ -20,19 +21,30 @@ import threading
 __all__ = ["unique_id"]
 
 _lock = threading.Lock()
-_pid = -1
 _prefix = ""
 _counter = itertools.count()
 
 
+def _new_prefix() -> None:
+    """A fresh prefix and count (first use, and in a forked child)."""
+    global _prefix, _counter, _lock
+    _lock = threading.Lock()  # a child may inherit it held by a thread it lacks
+    _prefix = ""
+    _counter = itertools.count()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_prefix)
+
+
 def unique_id() -> str:
     """32 hex digits, unique across processes and calls (thread-safe)."""
-    global _pid, _prefix, _counter
-    if _pid != os.getpid():  # first use, or a forked child: a prefix of its own
+    global _prefix
+    prefix = _prefix
+    if not prefix:  # first use here (or since a fork)
         with _lock:
-            if _pid != os.getpid():
+            if not _prefix:
                 _prefix = os.urandom(10).hex()
-                _counter = itertools.count()
-                _pid = os.getpid()
+            prefix = _prefix
     # next() on itertools.count is atomic under the GIL
-    return f"{_prefix}{next(_counter):012x}"
+    return f"{prefix}{next(_counter):012x}"

@@ -19,6 +19,7 @@ import pytest
 import droplet
 from droplet import DropletConnection, DropletReference
 from droplet.client._blocking import BlockingClient
+from droplet.client._core import ClientCore
 from droplet.testing.nodes import NodeProcess, start_node
 
 pytestmark = pytest.mark.slow
@@ -68,6 +69,8 @@ def test_calls_go_straight_to_executors_and_results_reach_the_store(
         assert seen == {ex.pid for ex in executors}  # spread over both, in turn
         assert sorted(backend(conn).direct.placed("where")) == sorted(
             ex.url for ex in executors)
+        # Placed, hence accepted: calls of it through the scheduler go one-way.
+        assert backend(conn).core.accepted.known(ClientCore.function_call("where", []))
         # The executor answered first and stored the result after: the key is
         # readable as soon as it is handed out.
         for i in range(20):
@@ -149,3 +152,47 @@ def test_dags_run_wholly_on_one_executor_and_answer_directly(
         conn.delete_dag("chain")
         with pytest.raises(droplet.DagError, match="no DAG named 'chain'"):
             conn.call_dag("chain", {"sq": 1})
+
+
+def test_a_direct_call_honours_get_timeout_and_fails_when_its_executor_dies(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, executors = cluster
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        def sleepy(_: Any, seconds: float) -> float:
+            import time
+
+            time.sleep(seconds)
+            return seconds
+
+        f = conn.register(sleepy, "sleepy")
+        assert f(0).get() == 0
+        future = f(60)
+        assert future._inner._peer is not backend(conn).kvs  # sent to an executor
+        with pytest.raises(droplet.TimeoutError):
+            future.get(timeout=0.2)
+        for ex in executors:
+            ex.kill()
+        # The connection's end is the call's error, well before the call's own timeout.
+        with pytest.raises(droplet.ConnectionError):
+            future.get(timeout=TIMEOUT - 1)
+
+
+def test_a_handed_out_key_reads_the_result_once_wait_says_done(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, _ = cluster
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        # Large results: the executor answers, then writes the key (a while after).
+        blob = conn.register(lambda _, i: bytes([i]) * 2_000_000, "blob")
+        assert len(blob(0).get()) == 2_000_000
+        for i in range(10):
+            future = blob(i)
+            key = future.obj_id  # handed out before the result arrived
+            done, _ = droplet.wait([future], timeout=TIMEOUT)
+            assert done == {future}
+            assert conn.get_object(key) == bytes([i]) * 2_000_000
+        for i in range(10):
+            future = blob(i)
+            key = future.obj_id
+            while not future.done():
+                __import__("time").sleep(0.001)
+            assert conn.get_object(key) == bytes([i]) * 2_000_000

@@ -726,7 +726,11 @@ class BlockingFuture:
         if self._slot.error is not None:
             return True
         self._take_reply(self._wait)
-        return self._blob is not None
+        if self._blob is None:
+            return False
+        if self._direct and self._pinned:  # done: its handed-out key reads the result
+            self._confirm_stored()
+        return True
 
 
 class BlockingClient:
@@ -840,6 +844,10 @@ class BlockingClient:
         except ConnectionError:
             self.direct.executor_left(peer.remote)
             return None
+        # Placed by the scheduler, so of a shape it accepts: were these calls to
+        # go through it later (direct calls off, executors unreachable), they
+        # need not wait for CallAccepted.
+        self.core.accepted.accepted(call)
         return BlockingFuture(call.result_key, self, slot, self.timeout, None, peer=peer)
 
     def map(self, name: str, items: Iterable[Any],

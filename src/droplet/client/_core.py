@@ -53,8 +53,10 @@ class AcceptedCalls:
     reply only the first time it makes a call of a given shape (target, the
     functions given arguments); once one was accepted, later ones go out
     without waiting, and a refusal (the DAG was deleted since, every executor
-    left) reaches the caller from the future's ``get()`` instead, and makes
-    the next call of that shape wait again. Calls with a continuation always wait.
+    left) reaches the caller from the future's ``get()`` instead (later calls
+    of that shape too: a shape is forgotten only after MAX_ACCEPTED_SHAPES
+    others). A shape the scheduler placed for a direct call counts as accepted.
+    Calls with a continuation always wait.
     """
 
     def __init__(self, limit: int = MAX_ACCEPTED_SHAPES) -> None:

@@ -289,6 +289,7 @@ class AsyncDropletClient:
         self._unconfirmed: set[str] = set()
 
     async def _fetch_many(self, keys: list[str]) -> list[bytes | None]:
+        await self._confirm_stored()  # they may be direct results' keys handed out
         slots = await self._kvs.submit(*[KvsGet(k) for k in keys])
         replies: list[KvsValue] = [await self._kvs.wait(slot, self.timeout, "KvsGet")
                                    for slot in slots]
@@ -439,6 +440,10 @@ class AsyncDropletClient:
         except ConnectionError:
             self._direct.executor_left(peer.remote)
             return None
+        # Placed by the scheduler, so of a shape it accepts: were these calls to
+        # go through it later (direct calls off, executors unreachable), they
+        # need not wait for CallAccepted (5000 at once would each wait for one).
+        self._core.accepted.accepted(call)
         future._direct = True
         future._watch(slot)
         return future
@@ -456,6 +461,7 @@ class AsyncDropletClient:
         """
         size = check_chunksize(chunksize)
         calls = [ClientCore.function_call(name, [item]) for item in map_items(iterable)]
+        await self._confirm_stored()  # its items may refer to direct results' keys
         futures = [AsyncDropletFuture(c.result_key or "", self, self.timeout) for c in calls]
         deadline = trio.current_time() + self.timeout
         accepted: builtins.list[Slot] = []
@@ -508,10 +514,15 @@ class AsyncDropletClient:
                 found = await self._direct.target(call.target, call.is_function)
                 triggers = found and triggers_for(call, found[1], found[0].remote)
                 if found and triggers:
-                    (slot,) = await found[0].submit(triggers[0], oneway=triggers[1:])
-                    future._direct = True
-                    future._watch(slot)
-                    return
+                    try:
+                        (slot,) = await found[0].submit(triggers[0], oneway=triggers[1:])
+                    except ConnectionError:  # it left: through the scheduler, as _submit_direct
+                        self._direct.executor_left(found[0].remote)
+                    else:
+                        self._core.accepted.accepted(call)  # see _submit_direct
+                        future._direct = True
+                        future._watch(slot)
+                        return
             await self._send_one_way(call, future)
         except Exception as exc:  # a broken connection, a call over the frame limit
             future._pinned = True  # nothing was sent: nothing to release

@@ -408,9 +408,13 @@ class SchedulerService:
         """Wait until no client may send runs to ``ex`` any more and, by its reports,
         none it was sent is still running (direct runs are not counted here)."""
         await trio.sleep_until(leases_end)
-        while self._executors.get(ex.url) is ex and self.view.running(ex.url) > 0:
+        # The last report may predate runs clients sent just before their leases
+        # ended: judge by a report that came after the leases ended, at least.
+        fresh = False
+        while self._executors.get(ex.url) is ex and (not fresh or self.view.running(ex.url) > 0):
             with trio.move_on_after(DRAIN_REPORT_WAIT):
                 await ex.reported.wait()
+            fresh = True
 
     def pool_view(self, prefix: str) -> list[tuple[str, str, int, int, int, int, int]]:
         """``(node_id, url, busy, queued, running, in flight, placed)`` of the joined
@@ -571,8 +575,11 @@ class SchedulerService:
         """
         try:
             await self._call(peer, msg, 0)
-        except DropletError as exc:
+        except Exception as exc:  # a custom placement policy's bug too: the caller waits
             assert msg.result_key is not None
+            if not isinstance(exc, DropletError):
+                log.exception("call of %r failed", msg.target)
+                exc = DropletError(f"internal error: {type(exc).__name__}: {exc}")
             # In a task: this runs in the caller's reader, which must not wait on the store.
             self._nursery.start_soon(self._record_failure, "", msg.result_key,
                                      pickle.dumps(_Failure(exc)))
