@@ -6,9 +6,8 @@ asserts a duration.
 
 from __future__ import annotations
 
-import time
+import functools
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +16,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from droplet import DropletConnection
 from droplet.status import ClusterStatus
-from droplet.testing.nodes import start_node
+from droplet.testing.nodes import poll_until, start_node
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 60.0
 
 
-def _until(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {TIMEOUT:g} s")
-        time.sleep(0.05)
+_until = functools.partial(poll_until, timeout=TIMEOUT, interval=0.05)
 
 
 def _scaling(cloud: DropletConnection) -> Any:

@@ -11,9 +11,10 @@ Socket tests: every request and ``get()`` is bounded by the connection's
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ import droplet
 from droplet import CAUSAL, NORMAL, REPEATABLE_READ, DropletConnection, DropletReference
 from droplet.errors import LatticeTypeError
 from droplet.lattices import MapLattice, MaxLattice, SetLattice
-from droplet.testing.nodes import NodeProcess, start_node
+from droplet.testing.nodes import NodeProcess, poll_until, start_node
 
 pytestmark = pytest.mark.slow
 
@@ -51,23 +52,13 @@ def executor_of(invocation_id: str) -> str:
     return invocation_id.rpartition("/")[0]
 
 
-def poll(check: Callable[[], Any], what: str) -> Any:
-    """``check()``'s first truthy result, polling within TIMEOUT."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.01)
+poll = functools.partial(poll_until, timeout=TIMEOUT, interval=0.01)
 
 
 @pytest.mark.parametrize(("level", "expected"), [(NORMAL, "new"), (REPEATABLE_READ, "old")])
 def test_overwrite_between_two_functions_of_one_run(
         cloud: DropletConnection, level: str, expected: str) -> None:
     def first(lib: Any, key: str, ready_key: str) -> tuple[Any, str]:
-        import time
 
         seen = lib.get(key)
         lib.put(ready_key, lib.getid())

@@ -6,16 +6,15 @@ process with its own cache. Socket tests: every wait is bounded.
 
 from __future__ import annotations
 
-import time
+import functools
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from droplet import DropletConnection, DropletReference
-from droplet.testing.nodes import start_node
+from droplet.testing.nodes import poll_until, start_node
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +25,7 @@ MIB = 1024 * 1024
 where = lambda lib, *args: lib.getid().rpartition("/")[0]  # noqa: E731
 
 
-def until(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {TIMEOUT:g} s")
-        time.sleep(0.05)
+until = functools.partial(poll_until, timeout=TIMEOUT, interval=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ polling loops) instead of a MockClock.
 
 from __future__ import annotations
 
+import functools
 import json
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from droplet import DropletConnection, DropletReference
 from droplet.cli import main as cli_main
-from droplet.testing.nodes import NodeProcess, start_node
+from droplet.testing.nodes import NodeProcess, poll_until, start_node
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +38,7 @@ def _metrics_url(node: NodeProcess) -> str:
     return node.wait_for_log(r"droplet metrics at (\S+)").group(1)
 
 
-def _until(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {TIMEOUT:g} s")
-        time.sleep(0.05)
+_until = functools.partial(poll_until, timeout=TIMEOUT, interval=0.05)
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -24,9 +24,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -215,3 +216,17 @@ def run_node_command(args: Sequence[str],
     """Run ``python -m droplet.node ARGS`` to completion (``--help``, bad flags)."""
     return subprocess.run([sys.executable, "-m", "droplet.node", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
+def poll_until(check: Callable[[], Any], what: str, timeout: float = 60.0,
+               interval: float = 0.05) -> Any:
+    """``check()``'s first truthy result, polled every ``interval`` seconds;
+    AssertionError naming ``what`` once ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:g} s")
+        time.sleep(interval)
