@@ -262,11 +262,11 @@ def test_sync_embedded_dag_calls_are_posted_and_refusals_reach_get() -> None:
 
 def test_blocking_peer_holds_frames_back_under_load_and_keeps_their_order(
         tcp_cluster: droplet.LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    from droplet.client import _blocking
+    from droplet.client import _blocking_peer
     from droplet.lattices import LWWLattice, encode_lattice
     from droplet.protocol.messages import KvsGet, KvsPut, KvsValue
 
-    peer = _blocking.BlockingPeer(tcp_cluster.address, token=None, timeout=10)
+    peer = _blocking_peer.BlockingPeer(tcp_cluster.address, token=None, timeout=10)
     woken: list[int] = []
     monkeypatch.setattr(peer, "_wake_writer", lambda: woken.append(1))  # no writer thread
     try:
@@ -285,7 +285,7 @@ def test_blocking_peer_holds_frames_back_under_load_and_keeps_their_order(
         assert all(peer.wait(s, 10, "KvsPut") is not None for s in slots)
         # BATCH_FRAMES held: the submitting thread writes them itself.
         many = [peer.submit(KvsGet(f"held/{i % 5}"), timeout=10, batch=True)[0]
-                for i in range(_blocking.BATCH_FRAMES)]
+                for i in range(_blocking_peer.BATCH_FRAMES)]
         assert not peer._outgoing
         assert all(peer.wait(s, 10, "KvsGet").lattice is not None for s in many)
         assert not first.done  # still waiting for its key

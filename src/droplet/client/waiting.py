@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import trio
 
 from ..errors import TimeoutError
-from ._blocking import HANDOFF_POLL, BlockingFuture, BlockingPeer, _Slot
+from ._blocking import BlockingFuture
+from ._blocking_peer import HANDOFF_POLL, BlockingPeer, _Slot
 from .aio import AsyncDropletFuture
 from .client import DropletFuture, _PortalFuture
 

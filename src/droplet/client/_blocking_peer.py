@@ -1,0 +1,572 @@
+"""One blocking socket to a node, shared by many threads: the sync client's transport.
+
+A request is written by the calling thread and its reply read by a waiting
+thread itself, with no event loop in between (see ``_blocking.py`` for why).
+
+Many threads share one socket with the *leader/follower* pattern: whichever
+waiting thread holds the read lock reads frames and hands every reply to the
+thread waiting for it; when its own reply is in, it passes the read lock on
+to another waiter. Writes take a lock, one whole batch of frames per write.
+The wire rules are the sans-IO ones everyone uses (framing, messages,
+:class:`~droplet.protocol.handshake.ClientHandshake`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import select
+import socket
+import ssl
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..errors import ConnectionError, DropletError, ProtocolError, TimeoutError
+from ..protocol.framing import (
+    BIG_FRAME,
+    DEFAULT_MAX_FRAME_SIZE,
+    Buffer,
+    FrameDecoder,
+    Payload,
+    frame,
+    frame_parts,
+)
+from ..protocol.handshake import ClientHandshake
+from ..protocol.messages import (
+    ErrorReply,
+    encode_gather,
+)
+from ..protocol.messages import decode as decode_message
+from ..protocol.messages import encode as encode_message
+from ..rpc import error_from_reply
+from ..transports.registry import parse_address
+
+RECEIVE_SIZE = 256 * 1024
+#: Buffers per ``sendmsg`` (Linux takes at most 1024).
+IOV_MAX = 512
+#: A waiting follower re-checks for a missed leader handoff this often (seconds).
+HANDOFF_POLL = 0.05
+#: Frames (or bytes) held back under load before the submitting thread writes them itself.
+BATCH_FRAMES = 64
+BATCH_BYTES = 256 * 1024
+#: alive() reads the socket (to notice a peer that hung up) at most this often.
+ALIVE_POLL = 0.005
+
+
+
+def _write_held(peer_ref: weakref.ref[BlockingPeer], wanted: threading.Event) -> None:
+    """The writer thread: writes a peer's held-back frames whenever woken.
+
+    Under load, by the time it runs several frames are waiting: one system call
+    (and one wakeup of the peer) for all of them. It holds the peer weakly.
+    """
+    while True:
+        wanted.wait()
+        wanted.clear()
+        peer = peer_ref()
+        if peer is None or peer._closing:
+            return
+        peer.flush(time.monotonic() + peer._write_timeout)
+        del peer
+
+
+class _Slot:
+    __slots__ = ("done", "error", "value", "wake", "watchers")
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()  # set when done, or when asked to take over reading
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        #: threads waiting for any of several slots (``BlockingPeer.wait_any``).
+        self.watchers: list[_AnyOf] = []
+
+    def finish(self) -> None:
+        """Mark answered (value or error already set) and wake whoever waits for it."""
+        self.done = True
+        self.wake.set()
+        watchers = self.watchers
+        if watchers:
+            for watcher in list(watchers):
+                watcher.notify()
+
+
+class _AnyOf:
+    """A wait for the first of several slots: stands in for a slot in ``_waiting``."""
+
+    __slots__ = ("done", "wake")
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.done = False
+
+    def notify(self) -> None:
+        self.done = True
+        self.wake.set()
+
+
+class BlockingPeer:
+    """Requests and replies over one socket, usable from many threads at once.
+
+    Every socket operation honours a deadline: the socket is non-blocking and
+    threads wait for it in ``select()``, so a node that accepts and never
+    answers, or stops reading, costs a caller its timeout and no more.
+    """
+
+    def __init__(self, url: str, *, token: str | None, timeout: float,
+                 ssl_context: ssl.SSLContext | None = None,
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        scheme, host, port = parse_address(url)
+        if scheme not in ("tcp", "tls") or port is None:
+            raise ValueError(f"the blocking client speaks tcp:// and tls://, not {url!r}")
+        self.remote = url
+        deadline = time.monotonic() + timeout
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise ConnectionError(
+                f"no Droplet node at {url} ({exc.strerror or exc}); "
+                "start one with `python -m droplet.node`") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if scheme == "tls":
+            try:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock = (ssl_context or ssl.create_default_context()).wrap_socket(
+                    sock, server_hostname=host)
+            except (OSError, ssl.SSLError) as exc:
+                sock.close()
+                raise ConnectionError(f"TLS handshake with {url} failed: {exc}") from exc
+        sock.setblocking(False)  # every wait is a select() with the caller's deadline
+        self._sock = sock
+        self._decoder = FrameDecoder(max_frame_size)
+        self._max = max_frame_size
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Slot] = {}
+        self._waiting: set[_Slot | _AnyOf] = set()
+        self._state = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._failure: BaseException | None = None
+        self._polled = 0.0  # when alive() last read the socket
+        #: frames held back under load (submit(batch=True)), written in order
+        #: before anything else; the writer thread writes them when woken.
+        self._outgoing: list[Buffer] = []
+        self._outgoing_bytes = 0
+        self._write_wanted = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._write_timeout = timeout
+        # Threads using the socket right now; the last one out closes it once
+        # the peer is closing (closing a descriptor another thread is in
+        # select() on is undefined: it may even be reused for another file).
+        self._users = 0
+        self._closing = False
+        self._closed_fd = False
+        try:
+            self._handshake(token, timeout, deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def _handshake(self, token: str | None, timeout: float, deadline: float) -> None:
+        hs = ClientHandshake(self.remote, token)
+        try:
+            response = hs.on_challenge(self._next_message(deadline))
+            if not self._send_all(frame(encode_message(response)), deadline):
+                raise TimeoutError("the node did not read the handshake")
+            hs.on_result(self._next_message(deadline))
+        except TimeoutError as exc:
+            raise ConnectionError(
+                f"no answer from a Droplet node at {self.remote} within {timeout:g} s; "
+                "is a Droplet node (of this scheme) running there? start one with "
+                "`python -m droplet.node`") from exc
+        except ProtocolError as exc:
+            raise ConnectionError(
+                f"{self.remote} does not speak Droplet's protocol ({exc}); is it another "
+                "service, or a node of another scheme (ws://, tls://)?") from exc
+
+    def _next_message(self, deadline: float) -> Any:
+        while (payload := self._decoder.next_frame()) is None:
+            if not self._fill(deadline):
+                raise TimeoutError(f"{self.remote} sent nothing in time")
+        return decode_message(payload)[0]
+
+    # ------------------------------------------------------------------ socket use
+
+    def _enter(self) -> socket.socket:
+        with self._state:
+            if self._closing:
+                raise ConnectionError(
+                    f"connection to {self.remote} is closed"
+                    + (f": {self._failure}" if self._failure is not None else ""))
+            self._users += 1
+        return self._sock
+
+    def _exit(self) -> None:
+        with self._state:
+            self._users -= 1
+            close = self._closing and self._users == 0 and not self._closed_fd
+            if close:
+                self._closed_fd = True
+        if close:
+            self._sock.close()
+
+    def _fill(self, deadline: float) -> bool:
+        """Read what the socket has into the decoder; False when nothing came by the deadline.
+
+        A deadline already past still polls once, without waiting.
+        """
+        sock = self._enter()
+        try:
+            while True:
+                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                    remaining = max(0.0, deadline - time.monotonic())
+                    if not select.select([sock], [], [], remaining)[0]:
+                        return False
+                # The rest of a big frame goes straight into its own buffer.
+                target = self._decoder.receive_buffer()
+                try:
+                    if target is None:
+                        data = sock.recv(RECEIVE_SIZE)
+                        got = len(data)
+                    else:
+                        got = sock.recv_into(target)
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    if time.monotonic() >= deadline:
+                        return False
+                    continue  # woken for nothing (or TLS bookkeeping): wait again
+                except OSError as exc:
+                    raise ConnectionError(f"connection to {self.remote} broke: {exc}") from exc
+                if not got:
+                    raise ConnectionError(f"{self.remote} closed the connection")
+                if target is None:
+                    self._decoder.feed(data)
+                else:
+                    self._decoder.received(got)
+                return True
+        finally:
+            self._exit()
+
+    def _send_all(self, data: bytes | list[Buffer], deadline: float) -> bool:
+        """Write ``data`` (bytes, or pieces written with gather writes) by the
+        deadline; False (nothing written) if the lock never came.
+
+        A write cut off midway leaves half a frame on the wire: the connection
+        is failed, and TimeoutError raised.
+        """
+        remaining = deadline - time.monotonic()
+        if not self._send_lock.acquire(timeout=max(0.0, remaining)):
+            return False
+        queued: list[Buffer] = []
+        try:
+            if self._outgoing:  # frames held back under load go first, in order
+                with self._state:
+                    queued, self._outgoing = self._outgoing, []
+                    self._outgoing_bytes = 0
+                data = [*queued, *([data] if isinstance(data, bytes) else data)]
+            sock = self._enter()
+            # TLS has no sendmsg, nor has every platform (Windows).
+            gather = not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg")
+            try:
+                views = [memoryview(p) for p in ([data] if isinstance(data, bytes) else data)]
+                first = sent = 0
+                while first < len(views):
+                    if not views[first].nbytes:
+                        first += 1
+                        continue
+                    try:
+                        if gather and len(views) - first > 1:
+                            n = sock.sendmsg(views[first:first + IOV_MAX])
+                        else:
+                            n = sock.send(views[first])
+                        sent += n
+                        while n:
+                            if n >= views[first].nbytes:
+                                n -= views[first].nbytes
+                                first += 1
+                            else:
+                                views[first] = views[first][n:]
+                                n = 0
+                        continue
+                    except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                        pass
+                    except OSError as exc:
+                        raise ConnectionError(
+                            f"connection to {self.remote} broke: {exc}") from exc
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not select.select([], [sock], [], remaining)[1]:
+                        if sent == 0:
+                            if queued:  # not ours to drop: they go with the next write
+                                with self._state:
+                                    self._outgoing[:0] = queued
+                                    self._outgoing_bytes += sum(map(len, queued))
+                            return False
+                        error = TimeoutError(
+                            f"{self.remote} stopped reading: a request was cut off midway, "
+                            "so the connection is closed")
+                        self._fail(error)
+                        raise error
+                return True
+            finally:
+                self._exit()
+        finally:
+            self._send_lock.release()
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, *msgs: Any, timeout: float, oneway: Sequence[Any] = (),
+               batch: bool = False) -> list[_Slot]:
+        """Send requests in one write (after the one-way ``oneway`` messages).
+
+        Each reply lands in its slot. Raises TimeoutError when the write could
+        not be made within ``timeout`` seconds.
+
+        ``batch``: while other requests on this connection await their replies
+        (under load), the frames may be held back briefly and written with
+        others, many per system call (each of which wakes the peer); they go
+        out when BATCH_FRAMES are waiting, when a thread starts waiting for a
+        reply, or when the writer thread gets to them, whichever is first.
+        """
+        if self._failure is not None:
+            raise ConnectionError(f"connection to {self.remote} is closed: {self._failure}")
+        deadline = time.monotonic() + timeout
+        slots = [_Slot() for _ in msgs]
+        with self._state:
+            ids = [next(self._ids) for _ in msgs]
+            self._pending.update(zip(ids, slots, strict=True))
+        payloads = [encode_gather(m) for m in oneway]
+        payloads += [encode_gather(m, i) for m, i in zip(msgs, ids, strict=True)]
+        pieces = self._frames(payloads)
+        if batch:
+            with self._state:
+                held = len(self._pending) > len(ids)  # others are in flight: hold back
+                if held:
+                    self._outgoing += pieces
+                    self._outgoing_bytes += sum(len(p) for p in pieces)
+                    full = (len(self._outgoing) >= BATCH_FRAMES
+                            or self._outgoing_bytes >= BATCH_BYTES)
+            if held:
+                if not full:
+                    self._wake_writer()
+                    return slots
+                pieces = []  # write what is held now, from this thread
+        try:
+            written = self._send_all(pieces, deadline)
+        except DropletError as exc:
+            self._fail(exc)
+            raise
+        if not written and batch and not pieces:  # ours stay held: the writer sends them
+            self._wake_writer()
+            return slots
+        if not written:
+            with self._state:
+                for i in ids:
+                    self._pending.pop(i, None)
+            raise TimeoutError(
+                f"could not send {type(msgs[0]).__name__ if msgs else 'a message'} to "
+                f"{self.remote} within {timeout:g} s: other requests fill the connection "
+                "and the node is not reading")
+        return slots
+
+    def _wake_writer(self) -> None:
+        """Have the writer thread (started on first use) write the held-back frames."""
+        if self._writer is None:
+            with self._state:
+                if self._writer is None and not self._closing:
+                    self._writer = threading.Thread(
+                        target=_write_held, args=(weakref.ref(self), self._write_wanted),
+                        name=f"droplet-writer-{self.remote}", daemon=True)
+                    self._writer.start()
+        self._write_wanted.set()
+
+    def flush(self, deadline: float) -> None:
+        """Write the frames held back (see ``submit(batch=True)``) by ``deadline``."""
+        if self._outgoing and self._failure is None:
+            try:
+                if not self._send_all(b"", deadline):
+                    raise TimeoutError(f"could not write to {self.remote} in time: "
+                                       "the peer is not reading")
+            except DropletError as exc:
+                self._fail(exc)
+
+    def send(self, *msgs: Any, timeout: float) -> bool:
+        """Send one-way messages in one write; False if they could not be sent in time."""
+        if self._failure is not None or not msgs:
+            return False
+        try:
+            return self._send_all(self._frames([encode_gather(m) for m in msgs]),
+                                  time.monotonic() + timeout)
+        except DropletError as exc:
+            self._fail(exc)
+            return False
+
+    def _frames(self, payloads: Sequence[Payload]) -> list[Buffer]:
+        """The pieces of one write of framed ``payloads``: one joined buffer when
+        small, else big messages' buffers as they are (no copy)."""
+        parts = [p for payload in payloads for p in frame_parts(payload, self._max)]
+        if len(parts) > 1 and sum(len(p) for p in parts) < BIG_FRAME:
+            return [b"".join(parts)]
+        return parts
+
+    def wait(self, slot: _Slot, timeout: float, what: str) -> Any:
+        """The reply in ``slot`` within ``timeout`` seconds (reading for others meanwhile)."""
+        if not self._await(slot, time.monotonic() + timeout):
+            raise TimeoutError(f"{what} to {self.remote} got no reply in {timeout:g} s")
+        if slot.error is not None:
+            raise slot.error
+        return slot.value
+
+    def wait_any(self, slots: Iterable[_Slot], timeout: float) -> bool:
+        """Wait until one of ``slots`` is answered (reading for others meanwhile).
+
+        False when ``timeout`` seconds passed first. Sleeps while another
+        thread reads, like :meth:`wait`; never spins.
+        """
+        deadline = time.monotonic() + timeout
+        target = _AnyOf()
+        watched = []
+        for slot in slots:
+            slot.watchers.append(target)
+            watched.append(slot)
+            if slot.done:
+                target.done = True
+        try:
+            return target.done or self._await(target, deadline)
+        finally:
+            for slot in watched:
+                slot.watchers.remove(target)
+
+    def _await(self, target: _Slot | _AnyOf, deadline: float) -> bool:
+        """Lead (read) or follow (sleep) until ``target`` is done; False past the deadline."""
+        if self._outgoing:  # what we wait for may be among the frames held back
+            self.flush(deadline)
+        while not target.done:
+            if self._read_lock.acquire(blocking=False):
+                try:
+                    self._lead(target, deadline)
+                finally:
+                    self._read_lock.release()
+                    self._hand_off()
+                if target.done:
+                    break
+            if time.monotonic() >= deadline:
+                return False
+            with self._state:
+                if target.done:
+                    break
+                self._waiting.add(target)
+            try:
+                target.wake.wait(min(HANDOFF_POLL, max(0.0, deadline - time.monotonic())))
+                target.wake.clear()
+            finally:
+                with self._state:
+                    self._waiting.discard(target)
+        return True
+
+    def poll(self, slot: _Slot) -> bool:
+        """Read whatever has arrived, without waiting; whether ``slot`` is answered."""
+        if self._outgoing:
+            self.flush(time.monotonic() + self._write_timeout)
+        if not slot.done and self._failure is None and self._read_lock.acquire(blocking=False):
+            try:
+                self._lead(slot, time.monotonic())
+            finally:
+                self._read_lock.release()
+                self._hand_off()
+        return slot.done
+
+    def alive(self) -> bool:
+        """Whether the connection still stands: reads what arrived (an end of file
+        too), at most every ALIVE_POLL seconds (a system call each)."""
+        now = time.monotonic()
+        if now - self._polled < ALIVE_POLL:
+            return self._failure is None
+        self._polled = now
+        if self._failure is None and self._read_lock.acquire(blocking=False):
+            try:
+                self._lead(_AnyOf(), time.monotonic())
+            finally:
+                self._read_lock.release()
+                self._hand_off()
+        return self._failure is None
+
+    def request(self, msg: Any, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        (slot,) = self.submit(msg, timeout=timeout)
+        return self.wait(slot, max(0.0, deadline - time.monotonic()), type(msg).__name__)
+
+    def _lead(self, slot: _Slot | _AnyOf, deadline: float) -> None:
+        """Read and dispatch frames until ``slot`` is answered or the deadline passes."""
+        try:
+            while not slot.done:
+                payload = self._decoder.next_frame()
+                if payload is None:
+                    if not self._fill(deadline):
+                        return
+                    continue
+                self._dispatch(payload)
+            if type(slot) is _AnyOf:  # hand over the rest of what was read, in one go
+                while (payload := self._decoder.next_frame()) is not None:
+                    self._dispatch(payload)
+        except DropletError as exc:  # ConnectionError, ProtocolError: the socket is done
+            self._fail(exc)
+
+    def _dispatch(self, payload: bytes | memoryview) -> None:
+        msg, request_id, is_reply = decode_message(payload)
+        if not is_reply:
+            return  # a node sends clients nothing but replies
+        if request_id == 0 and type(msg) is ErrorReply:  # the node hangs up, saying why
+            raise error_from_reply(msg, self.remote)
+        with self._state:
+            slot = self._pending.pop(request_id, None)
+        if slot is None:
+            return
+        if type(msg) is ErrorReply:
+            slot.error = error_from_reply(msg, self.remote)
+        else:
+            slot.value = msg
+        slot.finish()
+
+    def _hand_off(self) -> None:
+        """Ask one waiting thread to take over reading."""
+        with self._state:
+            for other in self._waiting:
+                if not other.done:
+                    other.wake.set()
+                    return
+
+    def _fail(self, error: BaseException) -> None:
+        """Fail every pending request with ``error`` and close the connection."""
+        with self._state:
+            if self._failure is None:
+                self._failure = error
+            error = self._failure
+            pending, self._pending = self._pending, {}
+        for slot in pending.values():
+            slot.error = error
+            slot.finish()
+        self.close()
+
+    def close(self) -> None:
+        """Close: wake every thread waiting on the socket; the last one out closes it."""
+        with self._state:
+            if self._failure is None:
+                self._failure = ConnectionError(f"connection to {self.remote} is closed")
+            first = not self._closing
+            self._closing = True
+            close_now = self._users == 0 and not self._closed_fd
+            if close_now:
+                self._closed_fd = True
+            pending, self._pending = self._pending, {}
+        for slot in pending.values():
+            slot.error = self._failure
+            slot.finish()
+        self._write_wanted.set()  # lets the writer thread see the peer closed
+        if first and not close_now:
+            try:  # wakes select() in other threads (readable, at end of file)
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if close_now:
+            self._sock.close()
