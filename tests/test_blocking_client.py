@@ -1,7 +1,8 @@
-"""The blocking-socket backend of DropletConnection (tcp:// addresses).
+"""The blocking-socket backend of DropletConnection (tcp://, ws:// and wss://).
 
-The cluster runs embedded (in its own thread) behind a real loopback TCP
-listener; the connection under test is driven by plain threads, no event loop.
+The cluster runs embedded (in its own thread) behind a real loopback listener
+of each scheme; the connection under test is driven by plain threads, no event
+loop. Hostile WebSocket servers: tests/test_blocking_websocket.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trustme
 
 import droplet
 from droplet import DropletConnection
@@ -25,15 +27,36 @@ from droplet.protocol.messages import encode as encode_message
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[droplet.LocalCluster]:
-    with droplet.LocalCluster(executors=2, listen="tcp://127.0.0.1:0",
-                              max_frame_size=256 * 1024) as running:
+def pem_files(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    where = tmp_path_factory.mktemp("blocking-tls")
+    issued = tls_ca.issue_cert("127.0.0.1")
+    files = {"tls_cert": where / "cert.pem", "tls_key": where / "key.pem", "ca": where / "ca.pem"}
+    files["tls_cert"].write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(files["tls_key"]))
+    tls_ca.cert_pem.write_to_path(str(files["ca"]))
+    return {name: str(path) for name, path in files.items()}
+
+
+@pytest.fixture(scope="module", params=["tcp", "ws", "wss"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[droplet.LocalCluster]:
+    scheme: str = request.param
+    tls: dict[str, str] = {}
+    if scheme == "wss":
+        pem = request.getfixturevalue("pem_files")
+        tls = {"tls_cert": pem["tls_cert"], "tls_key": pem["tls_key"]}
+    with droplet.LocalCluster(executors=2, listen=f"{scheme}://127.0.0.1:0",
+                              max_frame_size=256 * 1024, **tls) as running:
+        running.tls_ca = request.getfixturevalue("pem_files")["ca"] if tls else None  # type: ignore[attr-defined]
         yield running
+
+
+def _open(cluster: droplet.LocalCluster) -> DropletConnection:
+    return DropletConnection(cluster.address, timeout=30, tls_ca=cluster.tls_ca)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
 def cloud(cluster: droplet.LocalCluster) -> Iterator[DropletConnection]:
-    with DropletConnection(cluster.address, timeout=30) as conn:
+    with _open(cluster) as conn:
         assert isinstance(conn._backend, BlockingClient)  # the path under test
         yield conn
 
@@ -115,12 +138,12 @@ def test_timeouts_leave_the_connection_usable(cloud: DropletConnection) -> None:
 
 def test_node_hanging_up_fails_waiters_instead_of_hanging(
         cluster: droplet.LocalCluster) -> None:
-    with DropletConnection(cluster.address, timeout=30) as conn:
+    with _open(cluster) as conn:
         with pytest.raises((droplet.ProtocolError, droplet.ConnectionError)):
             conn.put_object("b_big", b"x" * (512 * 1024))  # over the node's frame limit
         with pytest.raises(droplet.ConnectionError):
             conn.get_object("b_big")
-    with DropletConnection(cluster.address, timeout=30) as conn:  # the node still serves
+    with _open(cluster) as conn:  # the node still serves
         assert conn.get_object("b_big") is None
 
 

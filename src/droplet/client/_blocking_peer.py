@@ -24,15 +24,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..errors import ConnectionError, DropletError, ProtocolError, TimeoutError
-from ..protocol.framing import (
-    BIG_FRAME,
-    DEFAULT_MAX_FRAME_SIZE,
-    Buffer,
-    FrameDecoder,
-    Payload,
-    frame,
-    frame_parts,
-)
+from ..protocol.framing import BIG_FRAME, DEFAULT_MAX_FRAME_SIZE, Buffer, Payload
 from ..protocol.handshake import ClientHandshake
 from ..protocol.messages import (
     ErrorReply,
@@ -41,7 +33,7 @@ from ..protocol.messages import (
 from ..protocol.messages import decode as decode_message
 from ..protocol.messages import encode as encode_message
 from ..rpc import error_from_reply
-from ..transports.registry import parse_address
+from ._blocking_wire import open_wire
 
 RECEIVE_SIZE = 256 * 1024
 #: Buffers per ``sendmsg`` (Linux takes at most 1024).
@@ -118,29 +110,12 @@ class BlockingPeer:
     def __init__(self, url: str, *, token: str | None, timeout: float,
                  ssl_context: ssl.SSLContext | None = None,
                  max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
-        scheme, host, port = parse_address(url)
-        if scheme not in ("tcp", "tls") or port is None:
-            raise ValueError(f"the blocking client speaks tcp:// and tls://, not {url!r}")
         self.remote = url
         deadline = time.monotonic() + timeout
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            raise ConnectionError(
-                f"no Droplet node at {url} ({exc.strerror or exc}); "
-                "start one with `python -m droplet.node`") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if scheme == "tls":
-            try:
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                sock = (ssl_context or ssl.create_default_context()).wrap_socket(
-                    sock, server_hostname=host)
-            except (OSError, ssl.SSLError) as exc:
-                sock.close()
-                raise ConnectionError(f"TLS handshake with {url} failed: {exc}") from exc
-        sock.setblocking(False)  # every wait is a select() with the caller's deadline
+        # The socket (dialled, TLS and WebSocket upgrade done) and its framing.
+        sock, self._decoder = open_wire(url, timeout=timeout, ssl_context=ssl_context,
+                                        max_frame_size=max_frame_size)
         self._sock = sock
-        self._decoder = FrameDecoder(max_frame_size)
         self._max = max_frame_size
         self._ids = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
@@ -173,7 +148,8 @@ class BlockingPeer:
         hs = ClientHandshake(self.remote, token)
         try:
             response = hs.on_challenge(self._next_message(deadline))
-            if not self._send_all(frame(encode_message(response)), deadline):
+            if not self._send_all(self._decoder.frame_parts(encode_message(response)),
+                                  deadline):
                 raise TimeoutError("the node did not read the handshake")
             hs.on_result(self._next_message(deadline))
         except TimeoutError as exc:
@@ -404,7 +380,8 @@ class BlockingPeer:
     def _frames(self, payloads: Sequence[Payload]) -> list[Buffer]:
         """The pieces of one write of framed ``payloads``: one joined buffer when
         small, else big messages' buffers as they are (no copy)."""
-        parts = [p for payload in payloads for p in frame_parts(payload, self._max)]
+        frame_parts = self._decoder.frame_parts
+        parts = [p for payload in payloads for p in frame_parts(payload)]
         if len(parts) > 1 and sum(len(p) for p in parts) < BIG_FRAME:
             return [b"".join(parts)]
         return parts
@@ -502,6 +479,8 @@ class BlockingPeer:
             while not slot.done:
                 payload = self._decoder.next_frame()
                 if payload is None:
+                    if owed := self._decoder.take_output():  # ws: pongs
+                        self._send_all(owed, time.monotonic() + self._write_timeout)
                     if not self._fill(deadline):
                         return
                     continue
@@ -536,6 +515,19 @@ class BlockingPeer:
                     other.wake.set()
                     return
 
+    def _say_goodbye(self) -> None:
+        """Send what the wire sends before hanging up (ws: a close frame), if it
+        fits the socket now and no write is midway; never waits."""
+        if not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            if not self._outgoing and (goodbye := self._decoder.goodbye()):
+                self._sock.send(goodbye)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._send_lock.release()
+
     def _fail(self, error: BaseException) -> None:
         """Fail every pending request with ``error`` and close the connection."""
         with self._state:
@@ -555,6 +547,8 @@ class BlockingPeer:
                 self._failure = ConnectionError(f"connection to {self.remote} is closed")
             first = not self._closing
             self._closing = True
+            if first and not self._closed_fd:
+                self._say_goodbye()
             close_now = self._users == 0 and not self._closed_fd
             if close_now:
                 self._closed_fd = True

@@ -9,9 +9,10 @@
 Every method is safe to call from many threads at once, over one connection.
 Two backends stand behind it:
 
-- ``tcp://`` and ``tls://``: blocking sockets driven by the calling threads
-  (:mod:`droplet.client._blocking`), with no event loop in between;
-- ``inproc://`` (a :class:`~droplet.LocalCluster`), ``ws://`` and ``wss://``: an
+- ``tcp://``, ``tls://``, ``ws://`` and ``wss://``: blocking sockets driven by
+  the calling threads (:mod:`droplet.client._blocking`), with no event loop in
+  between (WebSocket framing: :mod:`droplet.client._ws_codec`);
+- ``inproc://`` (a :class:`~droplet.LocalCluster`): an
   :class:`~droplet.client.aio.AsyncDropletClient` in a background Trio thread
   (:class:`~droplet.client._portal.Portal`).
 """
@@ -32,6 +33,7 @@ from ..status import ClusterStatus
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address, parse_address
 from ._blocking import BlockingClient
+from ._blocking_wire import SCHEMES as BLOCKING_SCHEMES
 from ._core import ClientCore, check_chunksize, check_timeout, map_items
 from ._direct import may_go_direct
 from ._portal import Portal
@@ -289,7 +291,7 @@ class DropletConnection:
         self._portal: Portal | None = None
         self._owns_portal = False
         self._closed = False
-        if _portal is None and parse_address(url)[0] in ("tcp", "tls"):
+        if _portal is None and parse_address(url)[0] in BLOCKING_SCHEMES:
             ctx = options.ssl_context if options is not None else None
             if tls_ca is not None:
                 ctx = ssl.create_default_context(cafile=tls_ca)
