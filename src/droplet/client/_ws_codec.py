@@ -103,12 +103,14 @@ class Upgrade:
     def __init__(self, url: str, host_header: str, path: str = "/") -> None:
         self.url = url
         self._key = base64.b64encode(os.urandom(16))
+        headers: list[tuple[bytes, bytes]] = [
+            (b"Host", host_header.encode()), (b"Upgrade", b"websocket"),
+            (b"Connection", b"Upgrade"), (b"Sec-WebSocket-Key", self._key),
+            (b"Sec-WebSocket-Version", b"13")]
         self._expect = base64.b64encode(hashlib.sha1(self._key + _GUID).digest())
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_UPGRADE_RESPONSE)
-        self.request = self._h11.send(h11.Request(method="GET", target=path, headers=[
-            ("Host", host_header), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", self._key), ("Sec-WebSocket-Version", "13"),
-        ])) or b""
+        self.request = self._h11.send(
+            h11.Request(method="GET", target=path, headers=headers)) or b""
 
     def _not_ws(self, why: str) -> ConnectionError:
         return ConnectionError(f"{self.url} {why}; is it a Droplet ws:// listener?")
