@@ -277,8 +277,14 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
         workers_url = await nursery.start(_serve, "tcp://127.0.0.1:0", router, token,
                                           None, limits)
         # They share this node's cache, through that listener (and /dev/shm).
+        extra: tuple[str, ...] = ("--node-cache", workers_url)
+        if parse_address(config.listen_url)[0] != "tcp":
+            # Clients send calls straight to executors only over their own scheme
+            # (client/_direct.py, same_scheme): the workers listen on the public
+            # scheme and host too, so ws:// and tls:// clients go direct as well.
+            extra = (*_worker_flags(config), *extra)
         launch = functools.partial(_supervise_worker, scheduler_url=workers_url,
-                                   config=config, extra=("--node-cache", workers_url))
+                                   config=config, extra=extra)
     minimum, maximum = config.executor_range
     policy = ScalingPolicy(minimum, maximum, up_queue=config.scale_up_queue,
                            up_after=config.scale_up_after,
