@@ -30,7 +30,7 @@ from wsproto.events import (
 import droplet
 from droplet import DropletConnection
 from droplet.client._blocking import BlockingClient
-from droplet.client._ws_codec import Upgrade, WsClientCodec, encode_frame, mask
+from droplet.client._ws_codec import Upgrade, WsClientCodec, mask
 from droplet.errors import ConnectionError, ProtocolError
 from droplet.protocol.framing import BIG_FRAME
 from droplet.protocol.handshake import VERSION, new_nonce
