@@ -1,6 +1,7 @@
 """The synchronous client's fast path: blocking sockets, no event loop.
 
-For ``tcp://`` and ``tls://`` addresses :class:`~droplet.client.client.DropletConnection`
+For ``tcp://``, ``tls://``, ``ws://`` and ``wss://`` addresses
+:class:`~droplet.client.client.DropletConnection`
 talks to the node directly from the calling thread. Going through a Trio loop
 in a background thread costs two thread handoffs per call (each a wakeup of a
 sleeping thread: hundreds of microseconds on a small VM); here the caller

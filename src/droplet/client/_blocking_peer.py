@@ -7,8 +7,10 @@ Many threads share one socket with the *leader/follower* pattern: whichever
 waiting thread holds the read lock reads frames and hands every reply to the
 thread waiting for it; when its own reply is in, it passes the read lock on
 to another waiter. Writes take a lock, one whole batch of frames per write.
-The wire rules are the sans-IO ones everyone uses (framing, messages,
-:class:`~droplet.protocol.handshake.ClientHandshake`).
+The wire rules are the sans-IO ones everyone uses (messages,
+:class:`~droplet.protocol.handshake.ClientHandshake`); the bytes become frames
+through a *wire* (``_blocking_wire.py``): the length prefix of ``tcp://`` and
+``tls://``, or WebSocket messages for ``ws://`` and ``wss://`` (``_ws_codec.py``).
 """
 
 from __future__ import annotations
