@@ -183,8 +183,8 @@ def test_every_scheme_is_covered() -> None:
 
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
 def test_the_sync_client_over_websocket(scheme: str, pem_files: dict[str, str]) -> None:
-    """``DropletConnection`` over ws:// and wss:// (its async client in a background
-    thread, where the WebSocket reader runs in that thread's nursery)."""
+    """``DropletConnection`` over ws:// and wss:// (blocking sockets, the WebSocket
+    wire of the sync client)."""
     server: dict[str, Any] = {}
     tls_ca = None
     if scheme == "wss":
