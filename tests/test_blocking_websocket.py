@@ -397,3 +397,26 @@ def test_not_a_websocket_server_is_a_connection_error(fake_node: Callable[[Behav
             DropletConnection(url, timeout=10)
         server.join(10)
     _then_a_normal_call_succeeds(fake_node(_Peer.reply_names))
+
+
+def test_a_silent_listener_fails_the_upgrade_within_the_timeout(
+        fake_node: Callable[[Behaviour], str]) -> None:
+    """A port that accepts and never answers the upgrade: a ConnectionError by the deadline."""
+    outcome: dict[str, BaseException] = {}
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}"
+
+        def connect() -> None:
+            try:
+                DropletConnection(url, timeout=0.3)
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        client = threading.Thread(target=connect, daemon=True)
+        client.start()
+        client.join(20)
+        assert not client.is_alive(), "the upgrade ignored its timeout"
+    error = outcome["error"]
+    assert isinstance(error, ConnectionError)
+    assert url in str(error) and "WebSocket handshake" in str(error)
+    _then_a_normal_call_succeeds(fake_node(_Peer.reply_names))
