@@ -127,6 +127,7 @@ class BlockingPeer:
         self._read_lock = threading.Lock()
         self._failure: BaseException | None = None
         self._polled = 0.0  # when alive() last read the socket
+        self._owed = b""  # control frames to write when no write is under way (reader only)
         #: frames held back under load (submit(batch=True)), written in order
         #: before anything else; the writer thread writes them when woken.
         self._outgoing: list[Buffer] = []
@@ -481,8 +482,8 @@ class BlockingPeer:
             while not slot.done:
                 payload = self._decoder.next_frame()
                 if payload is None:
-                    if owed := self._decoder.take_output():  # ws: pongs
-                        self._send_all(owed, time.monotonic() + self._write_timeout)
+                    if self._owed or self._decoder.has_output:  # ws: pongs
+                        self._answer_control()
                     if not self._fill(deadline):
                         return
                     continue
@@ -516,6 +517,17 @@ class BlockingPeer:
                 if not other.done:
                     other.wake.set()
                     return
+
+    def _answer_control(self) -> None:
+        """Write what the wire owes the peer (ws: pongs), unless a write is under
+        way: the reader never waits for the send lock (the writer may be waiting
+        for a peer that waits for us to read), so it tries again on its next read."""
+        owed = self._owed + self._decoder.take_output()
+        if self._send_lock.locked():
+            self._owed = owed
+        else:
+            self._owed = b""
+            self._send_all(owed, time.monotonic() + self._write_timeout)
 
     def _say_goodbye(self) -> None:
         """Send what the wire sends before hanging up (ws: a close frame), if it

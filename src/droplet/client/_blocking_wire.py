@@ -4,7 +4,8 @@
 implementation) reads and writes a socket through a *wire*: an object with
 ``FrameDecoder``'s reading interface (``feed``, ``next_frame``,
 ``receive_buffer``, ``received``), ``frame_parts(payload)`` for writing, and
-``take_output()`` / ``goodbye()`` for bytes the wire itself owes the peer.
+``has_output`` / ``take_output()`` / ``goodbye()`` for bytes the wire itself
+owes the peer.
 
 - ``tcp://`` and ``tls://``: :class:`PrefixWire`, the 4-byte length prefix;
 - ``ws://`` and ``wss://``: :class:`~droplet.client._ws_codec.WsClientCodec`,
@@ -44,10 +45,14 @@ class Wire(Protocol):
     def frame_parts(self, payload: Payload | memoryview) -> list[Buffer]: ...
     def take_output(self) -> bytes: ...
     def goodbye(self) -> bytes: ...
+    @property
+    def has_output(self) -> bool: ...
 
 
 class PrefixWire(FrameDecoder):
     """``tcp://`` framing: a 4-byte length, then the payload."""
+
+    has_output = False
 
     def frame_parts(self, payload: Payload | memoryview) -> list[Buffer]:
         return frame_parts(payload, self.max_frame_size)

@@ -223,6 +223,10 @@ class WsClientCodec:
                 f"frame of {size} bytes exceeds max_frame_size={self.max_frame_size}")
         return [encode_frame(payload)]
 
+    @property
+    def has_output(self) -> bool:
+        return bool(self._output)
+
     def take_output(self) -> bytes:
         """Control frames owed to the server (pongs, a close reply), once."""
         if not self._output:
