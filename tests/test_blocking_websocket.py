@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -101,6 +103,47 @@ def test_gathered_pieces_are_masked_in_one_buffer(with_numpy: bool,
     parts = [b"abc", bytes(range(256)) * 20 + b"q", memoryview(b"1234567"), b"\xff" * 70_001]
     (data,) = WsClientCodec("ws://x:1").frame_parts(Gather(parts))
     assert unmask_client_frame(bytes(data)) == (0x2, b"".join(parts))
+
+
+@given(messages=st.lists(st.tuples(st.binary(max_size=3000), st.integers(1, 3),
+                                   st.booleans()), max_size=8),
+       cuts=st.lists(st.integers(1, 500), min_size=1, max_size=20))
+def test_any_messages_any_splits_round_trip(messages: list[tuple[bytes, int, bool]],
+                                            cuts: list[int]) -> None:
+    """Messages in 1-3 fragments, a ping before some, cut into pieces anywhere."""
+    stream = b""
+    for data, pieces, ping in messages:
+        if ping:
+            stream += server_frame(b"p", opcode=0x9)
+        step = len(data) // pieces + 1
+        chunks = [data[i:i + step] for i in range(0, len(data), step)] or [b""]
+        for i, chunk in enumerate(chunks):
+            stream += server_frame(chunk, opcode=0x2 if i == 0 else 0x0,
+                                   fin=i == len(chunks) - 1)
+    codec = WsClientCodec("ws://x:1")
+    got: list[bytes] = []
+    pos = 0
+    for cut in cuts * (len(stream) // sum(cuts) + 1):
+        codec.feed(stream[pos:pos + cut])
+        got += drain(codec)
+        pos += cut
+        if pos >= len(stream):
+            break
+    assert got == [data for data, _, _ in messages]
+    owed = codec.take_output()  # one 7-byte pong per ping
+    pongs = [owed[i:i + 7] for i in range(0, len(owed), 7)]
+    assert [unmask_client_frame(p) for p in pongs] == [(0xA, b"p")] * sum(
+        ping for _, _, ping in messages)
+
+
+@given(st.binary(max_size=300))
+def test_garbage_is_a_droplet_error_or_more_to_read(garbage: bytes) -> None:
+    codec = WsClientCodec("ws://x:1", max_frame_size=1000)
+    codec.feed(garbage)
+    try:
+        drain(codec)
+    except (ProtocolError, ConnectionError) as exc:
+        assert "ws://x:1" in str(exc)
 
 
 def test_sending_over_the_limit_is_a_value_error() -> None:
