@@ -463,3 +463,28 @@ def test_a_silent_listener_fails_the_upgrade_within_the_timeout(
     assert isinstance(error, ConnectionError)
     assert url in str(error) and "WebSocket handshake" in str(error)
     _then_a_normal_call_succeeds(fake_node(_Peer.reply_names))
+
+
+def test_a_pong_waits_while_a_write_is_under_way(fake_node: Callable[[Behaviour], str]
+                                                 ) -> None:
+    """The reading thread never waits for the send lock to answer a ping (the
+    writer may be waiting for a server that waits for us to read): the pong
+    goes out on its next read after the write."""
+    seen: list[list[bytes]] = []
+
+    def behave(peer: _Peer, request_id: int) -> None:
+        seen.append(list(peer.pongs))
+        peer.reply_names(request_id)
+
+    url = fake_node(behave)
+    with DropletConnection(url, timeout=10) as conn:
+        peer = conn._backend.scheduler
+        peer._decoder.feed(server_frame(b"late", opcode=0x9))
+        assert peer._decoder.next_frame() is None
+        with peer._send_lock:  # a write under way
+            peer._answer_control()
+        assert peer._owed  # held back, not sent
+        assert conn.list_dags() == ["fake-dag"]  # its read sends the pong
+        assert conn.list_dags() == ["fake-dag"]
+        assert not peer._owed
+    assert seen == [[], [b"late"]]
