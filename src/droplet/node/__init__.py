@@ -278,10 +278,7 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
                                           None, limits)
         # They share this node's cache, through that listener (and /dev/shm).
         extra: tuple[str, ...] = ("--node-cache", workers_url)
-        if parse_address(config.listen_url)[0] != "tcp":
-            # Clients send calls straight to executors only over their own scheme
-            # (client/_direct.py, same_scheme): the workers listen on the public
-            # scheme and host too, so ws:// and tls:// clients go direct as well.
+        if _workers_on_public_scheme(config):
             extra = (*_worker_flags(config), *extra)
         launch = functools.partial(_supervise_worker, scheduler_url=workers_url,
                                    config=config, extra=extra)
@@ -340,6 +337,22 @@ async def _start_executor_pool(nursery: trio.Nursery, config: Config, client_opt
             f"within {EXECUTOR_JOIN_TIMEOUT:g} s; see the log above")
     pool.node = pool.url_of(running[0]) or ""
     return Node(pool.node or config.scheduler, "executor", pool=pool)
+
+
+def _workers_on_public_scheme(config: Config) -> bool:
+    """Whether an all-in-one node's workers listen on its public scheme and host.
+
+    Clients send calls straight to executors only over their own scheme
+    (client/_direct.py, same_scheme), so on ``ws://`` they do, and ``ws://``
+    clients go direct as ``tcp://`` ones do. On ``tls://`` and ``wss://`` the
+    executors would also dial each other over TLS: only with ``--tls-ca`` (to
+    verify them by) and a host a certificate can name (not 0.0.0.0 or ::).
+    """
+    scheme, host, _ = parse_address(config.listen_url)
+    if scheme == "ws":
+        return True
+    return (scheme in ("tls", "wss") and bool(config.tls_ca)
+            and host not in ("0.0.0.0", "::", ""))
 
 
 def _worker_flags(config: Config) -> list[str]:
