@@ -358,7 +358,10 @@ class TlsNodeTarget(NodeTarget):
             raise
         # NodeTarget starts the node (and calls close() if that fails).
         super().__init__(name, opts, scheme=scheme, client_options=client_options,
-                         node_args=["--tls-cert", cert_file, "--tls-key", key_file])
+                         node_args=["--tls-cert", cert_file, "--tls-key", key_file,
+                                    # executors verify each other by it, so they listen
+                                    # on this scheme and clients call them directly
+                                    "--tls-ca", self.ca_file])
 
     def _open_connection(self) -> droplet.DropletConnection:
         return droplet.DropletConnection(self.url, token=self._opts.token, tls_ca=self.ca_file)
