@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,12 +32,24 @@ __all__ = ["LocalCluster", "open_local_cluster"]
 
 _names = itertools.count(1)
 
+#: Set to ``1`` to make embedded clusters skip encoding unless told otherwise.
+SKIP_ENCODING_ENV = "DROPLET_SKIP_ENCODING"
+
+
+def skip_encoding_default(value: bool | None) -> bool:
+    """``skip_encoding`` as given, or (None) from ``DROPLET_SKIP_ENCODING``."""
+    if value is None:
+        return os.environ.get(SKIP_ENCODING_ENV, "").strip().lower() in ("1", "true", "yes")
+    if type(value) is not bool:
+        raise TypeError(f"skip_encoding must be True, False or None, not {value!r}")
+    return value
+
 
 @asynccontextmanager
 async def open_local_cluster(
     executors: int | tuple[int, int] = 2, *, placement: str = DEFAULT_POLICY,
     token: str | None = None, threads: int = 32, listen: str | None = None,
-    skip_encoding: bool = False, **settings: Any,
+    skip_encoding: bool | None = None, **settings: Any,
 ) -> AsyncIterator[RunningCluster]:
     """Run an embedded cluster for the duration of an ``async with`` block.
 
@@ -53,8 +66,10 @@ async def open_local_cluster(
         skip_encoding: messages between the cluster's services, and from
             clients in this process, cross as Python objects instead of encoded
             frames (see :mod:`droplet.protocol.parcel`): faster, with the same
-            semantics (values stay pickled and isolated). Off by default, so
-            embedded tests exercise the bytes TCP sends.
+            semantics (values stay pickled and isolated). ``None`` (the
+            default): on when the environment variable ``DROPLET_SKIP_ENCODING``
+            is ``1``, otherwise off, so embedded tests exercise the bytes TCP
+            sends (and a test suite can run both ways without changes).
         settings: any other :class:`~droplet.config.Config` field, e.g.
             ``data_dir="state"`` to keep the store on disk (default: in memory).
     """
@@ -83,7 +98,7 @@ async def _serve_cluster(executors: int | tuple[int, int], placement: str,
                          task_status: trio.TaskStatus[RunningCluster]) -> None:
     settings = dict(settings)
     listen = settings.pop("listen", None) or f"inproc://droplet-{next(_names)}"
-    skip_encoding = bool(settings.pop("skip_encoding", False))
+    skip_encoding = skip_encoding_default(settings.pop("skip_encoding", None))
     if settings.get("data_dir") is None:
         settings["data_dir"] = IN_MEMORY  # embedded clusters keep nothing unless asked
     low, high = parse_executors(executors)
@@ -132,7 +147,7 @@ class LocalCluster:
     def __init__(self, executors: int | tuple[int, int] = 2, *,
                  placement: str = DEFAULT_POLICY,
                  token: str | None = None, threads: int = 32, listen: str | None = None,
-                 skip_encoding: bool = False, **settings: Any) -> None:
+                 skip_encoding: bool | None = None, **settings: Any) -> None:
         self._portal = Portal("droplet-local-cluster")
         self._token = token
         self._connections: list[DropletConnection] = []
