@@ -154,6 +154,9 @@ class Peer:
         # the reader unpacks instead of decoding (see protocol/parcel.py).
         self._encode: Callable[..., Payload] = (
             cast(Callable[..., Payload], pack) if conn.carries_objects else encode_gather)
+        # ... and can take a posted message at once when its queue has room
+        # (``try_send``), instead of waking this peer's writer task.
+        self._try_send: Callable[[Any], bool] | None = getattr(conn, "try_send", None)
 
     @property
     def closed(self) -> bool:
@@ -226,6 +229,9 @@ class Peer:
     def _post(self, frame: Payload, on_full: str) -> None:
         if self._closed:
             raise ConnectionError(f"connection to {self.remote} is closed")
+        if (self._try_send is not None and not self._outbox
+                and not self._outbox_ready.is_set() and self._try_send(frame)):
+            return  # an in-process peer with room: handed over now, in order, no task switch
         if not self._outbox.put(frame):
             if on_full == "raise":
                 raise OutboxFull(f"{self.remote} is not keeping up: {len(self._outbox)} "

@@ -282,7 +282,9 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
         # Executors and their links to the scheduler stay in-process (inproc://),
         # whatever scheme the public address uses.
         base = f"inproc://node-{uuid.uuid4().hex[:12]}"
-        inproc_opts = TransportOptions(skip_encoding=True) if skip_encoding else None
+        # The node's frame limit holds on these links too (either way of crossing).
+        inproc_opts = TransportOptions(max_frame_size=config.max_frame_size,
+                                       skip_encoding=skip_encoding)
         workers_url: str = await nursery.start(_serve, f"{base}-workers", router, token,
                                                inproc_opts, limits)
         launch = functools.partial(_run_in_process, node, workers_url, base, config, token,

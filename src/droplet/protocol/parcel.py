@@ -36,8 +36,6 @@ __all__ = ["ENVELOPE_BYTES", "Parcel", "pack", "unpack"]
 #: binary envelope plus a typical JSON header).
 ENVELOPE_BYTES = 64
 
-_BYTES = (bytes,)
-_VIEWABLE = (bytes, memoryview)
 
 
 class Parcel:
@@ -74,13 +72,130 @@ def _own(value: Any, view_ok: bool) -> tuple[Any, int]:
             return value, value.nbytes
         data = value.tobytes()
         return data, len(data)
-    if kind is Gather:
-        data = bytes(value)
-        return data, len(data)
-    if kind is bytearray:
+    if kind is Gather or kind is bytearray:
         data = bytes(value)
         return data, len(data)
     return value, 0  # not a value: unpack's type check names it
+
+
+def _own_list(values: Any, view_ok: bool) -> tuple[Any, int]:
+    if type(values) is not list:
+        return values, 0  # unpack's type check names it
+    owned = []
+    size = 0
+    for value in values:
+        value, n = _own(value, view_ok)
+        owned.append(value)
+        size += n
+    return owned, size
+
+
+def _copy_nested(value: Any) -> Any:
+    if type(value) is not list:
+        return value
+    return [x[:] if type(x) is list else x for x in value]
+
+
+# Per message class, generated once (as attrs generates its methods): straight
+# attribute reads and type tests, no per-field function calls, which on this
+# path cost more than the encoding they replace.
+
+_TYPE_TESTS = {
+    "str": "type({v}) is str",
+    "int": "type({v}) is int",
+    "bool": "type({v}) is bool",
+    "float": "type({v}) is float or type({v}) is int",
+    "str | None": "{v} is None or type({v}) is str",
+    "int | None": "{v} is None or type({v}) is int",
+    "float | None": "{v} is None or type({v}) is float or type({v}) is int",
+    "list[str]": "type({v}) is list and all([type(x) is str for x in {v}])",
+    "list[int]": "type({v}) is list and all([type(x) is int for x in {v}])",
+    "list[list[str]]": ("type({v}) is list and all([type(x) is list and "
+                        "all([type(y) is str for y in x]) for x in {v}])"),
+    "dict[str, int]": "type({v}) is dict and all([type(x) is int for x in {v}.values()])",
+    "bytes": "type({v}) is bytes",
+    "bytes | None": "{v} is None or type({v}) is bytes",
+    "list[bytes]": "type({v}) is list and all([type(x) is bytes for x in {v}])",
+    # the same kinds in a Blob field (a big value may stay a view)
+    "view:bytes": "type({v}) is bytes or type({v}) is memoryview",
+    "view:bytes | None": "{v} is None or type({v}) is bytes or type({v}) is memoryview",
+    "view:list[bytes]": ("type({v}) is list and all([type(x) is bytes or type(x) is "
+                         "memoryview for x in {v}])"),
+}
+
+
+def _compile(schema: _Schema) -> tuple[Any, Any]:
+    """``(pack, check)`` for one message class (see :func:`pack`, :func:`unpack`)."""
+    cls = schema.cls
+    fields = list(zip(schema.names, schema.kinds, strict=True))
+    lines = ["def pack(msg, request_id=0, reply=False):", "    size = ENVELOPE_BYTES",
+             "    changed = False"]
+    always = False  # a list or dict field: always a new message with copies
+    for i, (name, kind) in enumerate(fields):
+        v = f"v{i}"
+        view = name in schema.views
+        lines.append(f"    {v} = msg.{name}")
+        if kind in ("bytes", "bytes | None"):
+            if kind == "bytes":
+                lines.append(f"    if type({v}) is bytes:")
+                lines.append(f"        size += len({v})")
+            else:
+                lines.append(f"    if {v} is None:")
+                lines.append("        pass")
+                lines.append(f"    elif type({v}) is bytes:")
+                lines.append(f"        size += len({v})")
+            lines.append("    else:")
+            lines.append(f"        {v}, n = _own({v}, {view})")
+            lines.append("        size += n")
+            lines.append("        changed = True")
+        elif kind == "list[bytes]":
+            lines.append(f"    {v}, n = _own_list({v}, {view})")
+            lines.append("    size += n")
+            always = True
+        elif kind == "list[list[str]]":
+            lines.append(f"    {v} = _copy_nested({v})")
+            always = True
+        elif kind.startswith("list["):
+            lines.append(f"    if type({v}) is list:")
+            lines.append(f"        {v} = {v}[:]")
+            always = True
+        elif kind.startswith("dict["):
+            lines.append(f"    if type({v}) is dict:")
+            lines.append(f"        {v} = {v}.copy()")
+            always = True
+    args = ", ".join(f"v{i}" for i in range(len(fields)))
+    if not always:
+        lines.append("    if not changed:")
+        lines.append("        return Parcel(msg, request_id, reply, size)")
+    lines.append(f"    return Parcel(cls({args}), request_id, reply, size)")
+    lines.append("")
+    lines.append("def check(msg):")
+    for name, kind in fields:
+        key = f"view:{kind}" if name in schema.views else kind
+        test = _TYPE_TESTS[key].format(v="v")
+        lines.append(f"    v = msg.{name}")
+        lines.append(f"    if not ({test}):")
+        lines.append(f"        return {name!r}, {kind!r}, v")
+    lines.append("    return None")
+    namespace: dict[str, Any] = {
+        "ENVELOPE_BYTES": ENVELOPE_BYTES, "Parcel": Parcel, "_own": _own,
+        "_own_list": _own_list, "_copy_nested": _copy_nested, "cls": cls,
+    }
+    exec(compile("\n".join(lines), f"<parcel {cls.__name__}>", "exec"), namespace)
+    return namespace["pack"], namespace["check"]
+
+
+_CODE: dict[type[Any], tuple[Any, Any]] = {}
+
+
+def _code(cls: type[Any]) -> tuple[Any, Any]:
+    code = _CODE.get(cls)
+    if code is None:
+        schema: _Schema | None = getattr(cls, "_schema", None)
+        if schema is None or schema.cls is not cls:
+            raise TypeError(f"{cls.__name__} is not a Droplet message")
+        code = _CODE[cls] = _compile(schema)
+    return code
 
 
 def pack(msg: Any, request_id: int = 0, reply: bool = False) -> Parcel:
@@ -89,59 +204,11 @@ def pack(msg: Any, request_id: int = 0, reply: bool = False) -> Parcel:
     Fields are copied only where they must be (see the module docstring); a
     message of immutable fields is sent as it is.
     """
-    schema: _Schema = msg._schema
-    size = 0
-    changed: dict[str, Any] | None = None
-    for _, name, kind in schema.blob_fields:
-        value = getattr(msg, name)
-        if value is None:
-            continue
-        if kind == "list[bytes]":
-            if type(value) is not list:
-                continue  # unpack's type check names it
-            owned = []
-            view_ok = name in schema.views
-            for item in value:
-                item, n = _own(item, view_ok)
-                owned.append(item)
-                size += n
-            new: Any = owned
-        else:
-            new, n = _own(value, name in schema.views)
-            size += n
-            if new is value:
-                continue
-        if changed is None:
-            changed = {}
-        changed[name] = new
-    for i, name, _ in schema.header_fields:
-        value = getattr(msg, name)
-        kind = type(value)
-        if kind is list:
-            if schema.kinds[i] == "list[list[str]]":
-                new = [list(x) if type(x) is list else x for x in value]
-            else:
-                new = list(value)
-        elif kind is dict:
-            new = dict(value)
-        else:
-            continue
-        if changed is None:
-            changed = {}
-        changed[name] = new
-    if changed is not None:
-        # A new instance: frozen attrs classes are not ours to change in place.
-        msg = _evolve(msg, schema, changed)
-    return Parcel(msg, request_id, reply, size + ENVELOPE_BYTES)
-
-
-def _evolve(msg: Any, schema: _Schema, changed: dict[str, Any]) -> Any:
-    values = [changed[name] if name in changed else getattr(msg, name)
-              for name in schema.names]
-    new = object.__new__(type(msg))
-    for name, value in zip(schema.names, values, strict=True):
-        object.__setattr__(new, name, value)
-    return new
+    code = _CODE.get(type(msg))
+    if code is None:
+        code = _code(type(msg))
+    parcel: Parcel = code[0](msg, request_id, reply)
+    return parcel
 
 
 def unpack(parcel: Parcel) -> tuple[Any, int, bool]:
@@ -152,29 +219,19 @@ def unpack(parcel: Parcel) -> tuple[Any, int, bool]:
     with those values would.
     """
     msg = parcel.msg
-    schema: _Schema | None = getattr(msg, "_schema", None)
-    if schema is None:
-        raise InvalidMessage(f"{type(msg).__name__} is not a Droplet message",
-                             parcel.request_id, parcel.reply)
-    for i, name, check in schema.header_fields:
-        value = getattr(msg, name)
-        if not check(value):
-            raise InvalidMessage(
-                f"{schema.cls.__name__}.{name} must be {schema.kinds[i]}, "
-                f"got {type(value).__name__}", parcel.request_id, parcel.reply)
-    for _, name, kind in schema.blob_fields:
-        value = getattr(msg, name)
-        allowed = _VIEWABLE if name in schema.views else _BYTES
-        if kind == "list[bytes]":
-            ok = type(value) is list and all(type(x) in allowed for x in value)
-        elif value is None:
-            ok = kind.endswith("| None")
-        else:
-            ok = type(value) in allowed
-        if not ok:
-            raise InvalidMessage(f"{schema.cls.__name__}.{name} must be {kind}, "
-                                 f"got {type(value).__name__}", parcel.request_id, parcel.reply)
-    validate = _VALIDATORS.get(type(msg))
+    cls = type(msg)
+    code = _CODE.get(cls)
+    if code is None:
+        try:
+            code = _code(cls)
+        except TypeError as exc:
+            raise InvalidMessage(str(exc), parcel.request_id, parcel.reply) from None
+    wrong = code[1](msg)
+    if wrong is not None:
+        name, kind, value = wrong
+        raise InvalidMessage(f"{cls.__name__}.{name} must be {kind}, "
+                             f"got {type(value).__name__}", parcel.request_id, parcel.reply)
+    validate = _VALIDATORS.get(cls)
     if validate is not None:
         try:
             validate(msg)
@@ -182,6 +239,6 @@ def unpack(parcel: Parcel) -> tuple[Any, int, bool]:
             raise InvalidMessage(str(exc), parcel.request_id, parcel.reply) from None
         except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
             # A check tripped over a value: still a bad value, never a crash.
-            raise InvalidMessage(f"{schema.cls.__name__}: {type(exc).__name__}: {exc}",
+            raise InvalidMessage(f"{cls.__name__}: {type(exc).__name__}: {exc}",
                                  parcel.request_id, parcel.reply) from None
     return msg, parcel.request_id, parcel.reply

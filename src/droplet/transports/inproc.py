@@ -54,17 +54,47 @@ class InprocConnection(Connection):
         if len(frame) > self._max:
             raise ValueError(f"frame of {len(frame)} bytes exceeds max_frame_size={self._max}")
         try:
+            if self.carries_objects:
+                # The fast mode does not yield to the scheduler when the queue has
+                # room (a task switch costs more than the send): it still notices
+                # a cancellation, and waits like any send when the queue is full.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    self._send.send_nowait(frame)
+                    return
+                except trio.WouldBlock:
+                    pass
             await self._send.send(frame)
         except trio.ClosedResourceError:
             raise
         except trio.BrokenResourceError:
             raise trio.BrokenResourceError(f"{self.remote_address} went away") from None
 
+    def try_send(self, frame: object) -> bool:
+        """Send without waiting, in the fast mode only: False when the frame must
+        go the slow way (the queue is full, the frame is over the limit, the
+        connection is closed, or this connection carries encoded frames), so
+        the caller's ``send`` raises what it should."""
+        if not self.carries_objects or len(frame) > self._max:  # type: ignore[arg-type]
+            return False
+        try:
+            self._send.send_nowait(frame)  # type: ignore[arg-type]
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
     def limit_incoming(self, max_frame_size: int | None) -> None:
         self._incoming_limit = self._max if max_frame_size is None else max_frame_size
 
     async def receive(self) -> bytes:
-        frame = await self._recv.receive()  # EndOfChannel when the peer closed
+        if self.carries_objects:  # as in send: no task switch when a frame is waiting
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                frame = self._recv.receive_nowait()
+            except trio.WouldBlock:
+                frame = await self._recv.receive()
+        else:
+            frame = await self._recv.receive()  # EndOfChannel when the peer closed
         if len(frame) > self._incoming_limit:
             raise ProtocolError(
                 f"{len(frame)}-byte frame exceeds the limit {self._incoming_limit}")
