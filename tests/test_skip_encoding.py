@@ -246,7 +246,7 @@ async def test_calls_go_on_while_an_executor_leaves() -> None:
         with trio.fail_after(30):
             assert [await f.get() for f in futures] == [2 * i for i in range(12)]
             while second in pool.slots:
-                await trio.sleep(0.05)
+                await pool.changed.wait()
         assert await (await fn(21)).get() == 42
 
 

@@ -273,7 +273,7 @@ class Peer:
         (the caller learns why instead of waiting out its timeout); anything else
         is logged and dropped."""
         try:
-            if type(frame) is Parcel:
+            if isinstance(frame, Parcel):
                 msg, request_id, is_reply = frame.msg, frame.request_id, frame.reply
             else:
                 msg, request_id, is_reply = decode_message(bytes(frame))
@@ -386,7 +386,7 @@ class Peer:
                 await self._say_goodbye(exc)
                 return
             try:
-                if type(frame) is Parcel:
+                if isinstance(frame, Parcel):
                     msg, request_id, is_reply = unpack(frame)
                 else:
                     msg, request_id, is_reply = decode_message(frame)
