@@ -262,3 +262,13 @@ async def test_the_nodes_own_links_never_encode(skip: bool) -> None:
         assert cloud._scheduler.conn.carries_objects is skip
         await cloud.put_object("k", 1)
         assert await cloud.get_object("k") == 1
+
+
+async def test_a_client_sending_frames_is_answered_in_frames() -> None:
+    """one_request (health checks, ``droplet status``) speaks frames over any connection."""
+    from droplet.node import cluster_info
+    from droplet.protocol.messages import ClusterInfo
+
+    async with droplet.open_local_cluster(1, skip_encoding=True) as running:
+        info = await cluster_info(running.address)
+        assert type(info) is ClusterInfo
