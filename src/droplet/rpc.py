@@ -390,9 +390,11 @@ class Peer:
                     msg, request_id, is_reply = unpack(frame)
                 else:
                     msg, request_id, is_reply = decode_message(frame)
-                    # A peer sending frames over an object-carrying connection
-                    # (a raw-frame tool, one_request) is answered in frames.
-                    self._encode = encode_gather
+                    if not is_reply:
+                        # A peer sending requests as frames over an object-carrying
+                        # connection (a raw-frame tool, one_request) is answered in
+                        # frames. (Error replies are frames either way.)
+                        self._encode = encode_gather
             except InvalidMessage as exc:
                 # Well framed, wrong values: refuse this message, keep the connection.
                 if exc.request_id and not exc.is_reply:
