@@ -71,6 +71,14 @@ def test_lists_are_copied_so_neither_end_sees_the_others_changes() -> None:
     assert got.functions == ["f", "g"] and got.edges == [["f", "g"]]
 
 
+def test_tuples_travel_as_lists_as_over_the_wire() -> None:
+    msg = _trigger(functions=("f", "g"), edges=[("f", "g")], arg_blobs=(b"a",))
+    got = unpack(pack(msg))[0]
+    assert got == decode(encode(msg))[0]
+    assert got.functions == ["f", "g"] and got.edges == [["f", "g"]]
+    assert got.arg_blobs == [b"a"]
+
+
 def test_values_that_view_someone_elses_buffer_are_copied() -> None:
     buffer = bytearray(b"abc" * 100)
     writable = memoryview(buffer)

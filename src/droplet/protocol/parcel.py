@@ -79,7 +79,7 @@ def _own(value: Any, view_ok: bool) -> tuple[Any, int]:
 
 
 def _own_list(values: Any, view_ok: bool) -> tuple[Any, int]:
-    if type(values) is not list:
+    if type(values) is not list and type(values) is not tuple:
         return values, 0  # unpack's type check names it
     owned = []
     size = 0
@@ -91,9 +91,9 @@ def _own_list(values: Any, view_ok: bool) -> tuple[Any, int]:
 
 
 def _copy_nested(value: Any) -> Any:
-    if type(value) is not list:
+    if type(value) is not list and type(value) is not tuple:
         return value
-    return [x[:] if type(x) is list else x for x in value]
+    return [list(x) if type(x) is list or type(x) is tuple else x for x in value]
 
 
 # Per message class, generated once (as attrs generates its methods): straight
@@ -158,6 +158,9 @@ def _compile(schema: _Schema) -> tuple[Any, Any]:
         elif kind.startswith("list["):
             lines.append(f"    if type({v}) is list:")
             lines.append(f"        {v} = {v}[:]")
+            # a tuple travels as a list, as JSON would carry it
+            lines.append(f"    elif type({v}) is tuple:")
+            lines.append(f"        {v} = list({v})")
             always = True
         elif kind.startswith("dict["):
             lines.append(f"    if type({v}) is dict:")
