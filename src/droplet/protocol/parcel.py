@@ -14,8 +14,11 @@ skipping the JSON header, the blob framing and the decoder. Only the
   items are immutable), so neither end can change the other's message.
 - **Validation.** :func:`unpack` checks every field's type against the class's
   annotations and runs the class's checks, as :func:`~droplet.protocol.messages.decode`
-  does: a bad value is the same :class:`~droplet.protocol.messages.InvalidMessage`
-  either way, and never reaches a service.
+  does, so a bad value never reaches a service. Values that do not fit
+  together are the same :class:`~droplet.protocol.messages.InvalidMessage`
+  either way; a field of the wrong type is one too (the request is refused,
+  the connection kept), where in a frame it is a ProtocolError that closes
+  the connection (a frame that lies about its types may lie about more).
 - **Limits.** ``len(parcel)`` is the size of its values plus the envelope, so a
   connection's ``max_frame_size`` still refuses an oversize value.
 
@@ -35,7 +38,6 @@ __all__ = ["ENVELOPE_BYTES", "Parcel", "pack", "unpack"]
 #: What ``len()`` counts for a parcel's envelope and non-value fields (the
 #: binary envelope plus a typical JSON header).
 ENVELOPE_BYTES = 64
-
 
 
 class Parcel:
