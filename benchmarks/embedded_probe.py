@@ -109,11 +109,46 @@ def probe_sync(skip: bool, n: int) -> None:
         _report(f"sync dag2 ({'objects' if skip else 'frames'})", samples, cpu)
 
 
+def probe_alternating(n: int, block: int = 100) -> None:
+    """Both modes in one Trio run, in alternating blocks: the fairest CPU comparison."""
+
+    async def main() -> None:
+        async with droplet.open_local_cluster(executors=2, skip_encoding=False) as frames, \
+                droplet.open_local_cluster(executors=2, skip_encoding=True) as objects, \
+                frames.client() as a, objects.client() as b:
+            clients = {"frames": a, "objects": b}
+            for cloud in clients.values():
+                await cloud.register(_square, "sq")
+                await cloud.register(_increment, "inc")
+                await cloud.register_dag("d", ["sq", "inc"], [("sq", "inc")])
+                for _ in range(200):
+                    await (await cloud.call_dag("d", {"sq": [3]})).get()
+            samples: dict[str, list[float]] = {mode: [] for mode in clients}
+            cpu = dict.fromkeys(clients, 0.0)
+            for _ in range(max(1, n // block)):
+                for mode, cloud in clients.items():
+                    cpu0 = time.process_time()
+                    for _ in range(block):
+                        t0 = time.perf_counter()
+                        await (await cloud.call_dag("d", {"sq": [3]})).get()
+                        samples[mode].append(time.perf_counter() - t0)
+                    cpu[mode] += time.process_time() - cpu0
+            for mode in clients:
+                _report(f"async dag2 ({mode}, alternating)", samples[mode], cpu[mode])
+
+    trio.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--calls", type=int, default=1000)
     parser.add_argument("--modes", default="frames,objects")
+    parser.add_argument("--alternate", action="store_true",
+                        help="also run both modes (async) in one process, in alternating "
+                        "blocks of 100 calls")
     args = parser.parse_args(argv)
+    if args.alternate:
+        probe_alternating(args.calls)
     for mode in args.modes.split(","):
         if mode not in ("frames", "objects"):
             parser.error(f"unknown mode {mode!r}: frames or objects")
