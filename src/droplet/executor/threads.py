@@ -70,6 +70,11 @@ class WorkerThreads:
         return self._max
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (no new jobs)."""
+        return self._closed
+
+    @property
     def busy(self) -> int:
         """Worker threads running a job now."""
         return max(0, self.threads - self._idle)
@@ -99,15 +104,7 @@ class WorkerThreads:
                 delivered[0] = True
             self._finished(token, task, result)
 
-        with self._lock:
-            self._pending += 1
-            spawn = self._pending > self._idle and len(self._threads) < self._max
-        if spawn:
-            thread = threading.Thread(target=self._work, name=f"{self._name}-"
-                                      f"{len(self._threads)}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
-        self._jobs.put((fn, args, deliver))
+        self._queue((fn, args, deliver))
 
         async def abandon_after_grace() -> None:
             await trio.sleep(self.grace)
@@ -126,6 +123,29 @@ class WorkerThreads:
                         "abandoning its thread", label or getattr(fn, "__name__", fn), self.grace)
             await trio.lowlevel.checkpoint()  # raises the pending Cancelled
             raise RuntimeError("worker thread abandoned") from None
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` for a worker thread and return at once.
+
+        Nobody waits for it: ``fn`` reports its own outcome (an executor's fast
+        lane writes the reply itself) and must not raise; if it does, the error
+        is logged. A job queued after :meth:`close` never runs.
+        """
+        if self._closed:
+            raise RuntimeError("worker threads are shut down")
+        self._queue((fn, args, None))
+
+    def _queue(self, job: tuple[Any, ...]) -> None:
+        """Queue a job, starting a worker when none is idle (up to ``max_threads``)."""
+        with self._lock:
+            self._pending += 1
+            spawn = self._pending > self._idle and len(self._threads) < self._max
+        if spawn:
+            thread = threading.Thread(target=self._work, name=f"{self._name}-"
+                                      f"{len(self._threads)}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        self._jobs.put(job)
 
     def _finished(self, token: trio.lowlevel.TrioToken, task: trio.lowlevel.Task,
                   result: outcome.Outcome[Any]) -> None:
@@ -165,6 +185,13 @@ class WorkerThreads:
             if job is None:
                 return
             fn, args, deliver = job
+            if deliver is None:  # started with start(): nobody to hand the result to
+                try:
+                    fn(*args)
+                except BaseException:
+                    log.exception("a worker thread's job failed")
+                del job, fn, args
+                continue
             result = outcome.capture(fn, *args)
             del job, fn, args
             try:
