@@ -100,7 +100,7 @@ class FastLane:
         run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
         libs = [svc._new_library(run) for _ in segment]
         svc._threads.start(self._job, t, segment, targets, libs, peer, request_id,
-                           time.perf_counter())
+                           time.perf_counter(), label=t.function)
         return True
 
     def settle(self) -> None:

@@ -218,6 +218,8 @@ class ExecutorService:
         try:
             await trio.sleep_forever()
         finally:
+            with trio.CancelScope(shield=True):  # fast-lane calls get the grace period too
+                await self._threads.finish_started()
             self._threads.close()
             if self._own_cache or isinstance(self.cache, RemoteCache):
                 self.cache.close()

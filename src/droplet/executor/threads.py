@@ -33,6 +33,8 @@ log = logging.getLogger("droplet.executor")
 #: Seconds a cancelled caller (a shutting-down executor) still waits for its
 #: running job before abandoning the thread.
 SHUTDOWN_GRACE = 5.0
+#: Seconds between looks at the jobs still running at shutdown (finish_started).
+STARTED_POLL = 0.01
 
 
 class _Abandoned(Exception):
@@ -58,6 +60,8 @@ class WorkerThreads:
         self.grace = SHUTDOWN_GRACE if grace is None else grace
         #: jobs whose caller stopped waiting after the grace period.
         self.abandoned = 0
+        #: jobs of start() running now: id -> label.
+        self._started: dict[int, str] = {}
 
     @property
     def threads(self) -> int:
@@ -124,16 +128,35 @@ class WorkerThreads:
             await trio.lowlevel.checkpoint()  # raises the pending Cancelled
             raise RuntimeError("worker thread abandoned") from None
 
-    def start(self, fn: Callable[..., Any], *args: Any) -> None:
+    def start(self, fn: Callable[..., Any], *args: Any, label: str = "") -> None:
         """Queue ``fn(*args)`` for a worker thread and return at once.
 
         Nobody waits for it: ``fn`` reports its own outcome (an executor's fast
         lane writes the reply itself) and must not raise; if it does, the error
-        is logged. A job queued after :meth:`close` never runs.
+        is logged. :meth:`finish_started` gives such jobs the same grace period
+        at shutdown as :meth:`run` gives its callers; ``label`` names the job
+        in the warning when it is abandoned.
         """
         if self._closed:
             raise RuntimeError("worker threads are shut down")
-        self._queue((fn, args, None))
+        self._queue((fn, args, label))
+
+    async def finish_started(self) -> None:
+        """At shutdown: wait up to ``grace`` seconds for the jobs of :meth:`start`
+        that are queued or running, then abandon (and name) those still running.
+
+        Polls: it runs once, when the executor stops.
+        """
+        deadline = trio.current_time() + self.grace
+        while self._started and trio.current_time() < deadline:
+            await trio.sleep(STARTED_POLL)
+        with self._lock:
+            left = list(self._started.values())
+            self._started.clear()
+        for label in left:
+            self.abandoned += 1
+            log.warning("%s is still running %g s after its executor began shutting down; "
+                        "abandoning its thread", label, self.grace)
 
     def _queue(self, job: tuple[Any, ...]) -> None:
         """Queue a job, starting a worker when none is idle (up to ``max_threads``)."""
@@ -185,11 +208,16 @@ class WorkerThreads:
             if job is None:
                 return
             fn, args, deliver = job
-            if deliver is None:  # started with start(): nobody to hand the result to
+            if type(deliver) is str:  # started with start(): nobody to hand the result to
+                with self._lock:
+                    self._started[id(job)] = deliver or getattr(fn, "__name__", repr(fn))
                 try:
                     fn(*args)
                 except BaseException:
                     log.exception("a worker thread's job failed")
+                finally:
+                    with self._lock:
+                        self._started.pop(id(job), None)
                 del job, fn, args
                 continue
             result = outcome.capture(fn, *args)
