@@ -231,27 +231,34 @@ class Peer:
         """:meth:`reply_error` through the outbox."""
         self.post_reply(request_id, _error_reply(exc))
 
+    @property
+    def thread_writes(self) -> bool:
+        """Whether :meth:`write_from_thread` can write on this connection at all."""
+        return self._thread_send is not None
+
     def write_from_thread(self, msg: Any, request_id: int = 0, reply: bool = False) -> bool:
         """From a worker thread: write ``msg`` on the connection now, no loop wakeup.
 
         Only a small message over a connection that supports it (plain TCP);
         returns False when it was not taken, and the caller sends it from the
-        loop as usual. Frames stay whole and in order with the loop's writes.
-        A reply taken here frees its request's in-flight slot. A closed
+        loop as usual. Raises ValueError for a message over ``max_frame_size``
+        (which the loop could not send either). Frames stay whole and in order
+        with the loop's writes. A reply taken here frees its request's in-flight slot. A closed
         connection takes (and drops) the message: its caller is gone.
         """
         send = self._thread_send
         if send is None or self._closed or self._token is None:
             return False
         frame = encode_gather(msg, request_id, reply=reply)
+        limit: int = self.conn.send_limit  # type: ignore[attr-defined]
+        if len(frame) > limit:
+            raise ValueError(f"frame of {len(frame)} bytes exceeds max_frame_size={limit}")
         if type(frame) is Gather:
             if len(frame) >= BIG_FRAME:
                 return False
             frame = bytes(frame)
         try:
             done = send(cast(bytes, frame))
-        except ValueError:  # over max_frame_size: the loop's path explains why
-            return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             done = 0
         if done == 2:  # tcp.REFUSED
@@ -754,6 +761,11 @@ class PeerPool:
 
     def __len__(self) -> int:
         return len(self._peers)
+
+    def peek(self, url: str) -> Peer | None:
+        """The open connection to ``url``, if there is one (never dials)."""
+        peer = self._peers.get(url)
+        return peer if peer is not None and not peer.closed else None
 
     def add(self, url: str, peer: Peer) -> None:
         self._peers[url] = peer

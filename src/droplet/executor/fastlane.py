@@ -9,12 +9,15 @@ result once and writes the reply (or the scheduler's ``RunDone`` and the
 result key) itself on the socket (:meth:`droplet.rpc.Peer.write_from_thread`).
 The loop is woken only when a write cannot complete at once.
 
-A trigger takes the fast lane when it starts a run placed wholly on this
-executor as one chain of ``def`` functions that are loaded already, at NORMAL
-consistency, without arguments that are references, multi-exec, batching,
-continuations, an output key or a deadline already past. Anything else, or a
-lane that is switched off (``ExecutorService(fast_lane=False)``), takes the
-ordinary path. Robustness is the same on both: a function that raises becomes
+A trigger takes the fast lane when the functions it starts here are one chain
+of ``def`` functions that are loaded already (a source, or a function with one
+upstream function, and the pipeline after it), whose result goes to the caller
+or to other executors already connected, at NORMAL consistency, without
+arguments that are references, multi-exec, batching, continuations, an output
+key or a deadline already past, and when the connections its results go out on
+can be written from a thread (plain TCP). Anything else, or a lane that is
+switched off (``ExecutorService(fast_lane=False)``), takes the ordinary path.
+Robustness is the same on both: a function that raises becomes
 the call's FunctionError; one that blocks holds only its own worker thread;
 the caller's timeout is its own.
 
@@ -32,13 +35,17 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from ..consistency import NORMAL
 from ..errors import DropletError, _Failure
 from ..protocol.messages import DagResult, ErrorReply, KvsPut, RunDone, Trigger
+from ..references import DropletReference
 from ..rpc import Peer
 from ..serialization import loads
+from .downstream import arguments_for
+from .multiexec import spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
 from .steps import RunContext, Step, run_sync_steps
 from .user_library import UserLibrary
@@ -72,14 +79,30 @@ class FastLane:
     def try_start(self, t: Trigger, peer: Peer | None, request_id: int) -> bool:
         """Start ``t`` in a worker thread if it qualifies; False: take the ordinary path."""
         svc = self._svc
-        if (t.source is not None or t.carried is not None or t.consistency != NORMAL
+        if (t.carried is not None or t.consistency != NORMAL or t.failed
                 or t.multiexec or t.batching or t.output_key is not None or t.scheduler
                 or svc._active >= self._max or svc._threads.closed
                 or (t.deadline is not None and time.time() > t.deadline)):
             return False
+        upstream = sum(1 for _, dst in t.edges if dst == t.function)
+        if upstream != (0 if t.source is None else 1):
+            return False  # a fan-in (or a loop): the ordinary path gathers inputs
+        # Its results are written from the worker thread: on connections that can take that.
+        if not (svc._kvs.thread_writes and svc._scheduler.thread_writes
+                and (peer is None or peer.thread_writes)):
+            return False
         segment = svc._segment(t)
-        if len(segment) != len(t.functions) or any(dst == t.function for _, dst in t.edges):
-            return False  # not one chain placed wholly here, starting at this function
+        last = segment[-1]
+        downstream = [t.placement[t.functions.index(dst)]
+                      for src, dst in t.edges if src == last]
+        if svc.url in downstream:
+            return False  # more to run here, after a fan-in or next to other branches
+        peers: list[Peer] = []
+        for url in downstream:
+            found = svc._peers.peek(url)
+            if found is None or not found.thread_writes:
+                return False  # not connected yet: the ordinary path dials
+            peers.append(found)
         targets: list[Any] = []
         for fn in segment:
             loaded = svc._loader.peek(fn, t.versions[t.functions.index(fn)])
@@ -99,7 +122,7 @@ class FastLane:
         self.calls += 1
         run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
         libs = [svc._new_library(run) for _ in segment]
-        svc._threads.start(self._job, t, segment, targets, libs, peer, request_id,
+        svc._threads.start(self._job, t, segment, targets, libs, peers, peer, request_id,
                            time.perf_counter(), label=t.function)
         return True
 
@@ -128,14 +151,25 @@ class FastLane:
     # ---------------------------------------------------------------- in a worker thread
 
     def _job(self, t: Trigger, segment: list[str], targets: list[Any],
-             libs: list[UserLibrary], peer: Peer | None, request_id: int,
+             libs: list[UserLibrary], peers: list[Peer], peer: Peer | None, request_id: int,
              started: float) -> None:
         failed = True
         elapsed = 0.0
         try:
             value, failed = self._run(t, segment, targets, libs)
             elapsed = time.perf_counter() - started
-            self._finish(t, value, failed, peer, request_id)
+            if peers:
+                self._pass_on(t, segment[-1], value, failed, peers)
+                return
+            try:
+                self._finish(t, value, failed, peer, request_id)
+            except ValueError as exc:  # the result is too big for one frame
+                # As the ordinary path does: the caller had its error reply; the
+                # run's result key (and the scheduler) get this failure instead.
+                too_big = _Failure(DropletError(
+                    f"the result of {segment[-1]!r} is too large to send: {exc}"))
+                failed = True
+                self._finish(t, too_big, True, None, 0)
         except BaseException:  # our bug, not the function's: never leave a caller waiting
             log.exception("run %s: the fast lane failed running %s", t.run_id, t.function)
             if peer is not None and request_id:
@@ -147,6 +181,15 @@ class FastLane:
     @staticmethod
     def _run(t: Trigger, segment: list[str], targets: list[Any], libs: list[UserLibrary]
              ) -> tuple[Any, bool]:
+        carried: list[Any] = []
+        if t.source is not None:  # the upstream result: a tuple splats, references resolve
+            lib = libs[0]
+            try:
+                value = loads(t.result) if t.result is not None else None
+                carried = [lib.get(a.key, a.deserialize) if isinstance(a, DropletReference)
+                           else a for a in spread(value)]
+            except Exception as exc:
+                return _Failure(function_error(exc, segment[0])), True
         steps = []
         for fn, target, lib in zip(segment, targets, libs, strict=True):
             args: list[Any] = []
@@ -156,7 +199,23 @@ class FastLane:
                 except Exception as exc:
                     return _Failure(function_error(exc, fn)), True
             steps.append(Step(fn, target, False, args, lib))
-        return run_sync_steps(steps, [])
+        return run_sync_steps(steps, carried)
+
+    def _pass_on(self, t: Trigger, last: str, value: Any, failed: bool,
+                 peers: list[Peer]) -> None:
+        """The result to the executors of the functions downstream (``_forward``'s sends)."""
+        blob = pickle_value(value)
+        downstream = [dst for src, dst in t.edges if src == last]
+        for dst, peer in zip(downstream, peers, strict=True):
+            trigger = attrs.evolve(t, function=dst, source=last, result=blob, failed=failed,
+                                   causal=None, **arguments_for(t, dst))
+            try:
+                self._write(peer, [trigger])
+            except ValueError as exc:  # too big for one frame: the error goes on instead
+                too_big = _Failure(DropletError(
+                    f"the result of {last!r} is too large to send: {exc}"))
+                self._write(peer, [attrs.evolve(trigger, result=pickle_value(too_big),
+                                                failed=True)])
 
     def _finish(self, t: Trigger, value: Any, failed: bool, peer: Peer | None,
                 request_id: int) -> None:
@@ -167,7 +226,11 @@ class FastLane:
         stored = blob if type(blob) is bytes else pickle_result(value)
         if peer is not None and request_id:  # a client's direct call: the reply first
             reply = DagResult(t.run_id, blob, failed)
-            if not peer.write_from_thread(reply, request_id, reply=True):
+            try:
+                sent = peer.write_from_thread(reply, request_id, reply=True)
+            except ValueError:  # too big: the loop's path replies with an error naming the limit
+                sent = False
+            if not sent:
                 self._soon(functools.partial(_reply, peer, request_id, reply))
             self._write(svc._kvs, [KvsPut(t.result_key, lww(stored))])
         elif t.direct:
@@ -181,7 +244,10 @@ class FastLane:
                 self._write(svc._scheduler, [done])
 
     def _write(self, peer: Peer, msgs: list[Any]) -> None:
-        """Write ``msgs`` in order from this thread; what cannot go now goes from the loop."""
+        """Write ``msgs`` in order from this thread; what cannot go now goes from the loop.
+
+        Raises ValueError, before anything is written, for a message over the
+        frame limit."""
         for i, msg in enumerate(msgs):
             if not peer.write_from_thread(msg):
                 self._soon(functools.partial(self._svc._nursery.start_soon,

@@ -33,8 +33,6 @@ log = logging.getLogger("droplet.executor")
 #: Seconds a cancelled caller (a shutting-down executor) still waits for its
 #: running job before abandoning the thread.
 SHUTDOWN_GRACE = 5.0
-#: Seconds between looks at the jobs still running at shutdown (finish_started).
-STARTED_POLL = 0.01
 
 
 class _Abandoned(Exception):
@@ -62,6 +60,8 @@ class WorkerThreads:
         self.abandoned = 0
         #: jobs of start() running now: id -> label.
         self._started: dict[int, str] = {}
+        #: set by finish_started: the event to set (in the loop) when they are all done.
+        self._all_done: tuple[trio.Event, trio.lowlevel.TrioToken] | None = None
 
     @property
     def threads(self) -> int:
@@ -145,12 +145,16 @@ class WorkerThreads:
         """At shutdown: wait up to ``grace`` seconds for the jobs of :meth:`start`
         that are queued or running, then abandon (and name) those still running.
 
-        Polls: it runs once, when the executor stops.
         """
-        deadline = trio.current_time() + self.grace
-        while self._started and trio.current_time() < deadline:
-            await trio.sleep(STARTED_POLL)
+        done = trio.Event()
         with self._lock:
+            if self._started:
+                self._all_done = (done, trio.lowlevel.current_trio_token())
+        if self._all_done is not None:
+            with trio.move_on_after(self.grace):
+                await done.wait()
+        with self._lock:
+            self._all_done = None
             left = list(self._started.values())
             self._started.clear()
         for label in left:
@@ -218,6 +222,12 @@ class WorkerThreads:
                 finally:
                     with self._lock:
                         self._started.pop(id(job), None)
+                        waiter = None if self._started else self._all_done
+                    if waiter is not None:
+                        try:
+                            waiter[1].run_sync_soon(waiter[0].set)
+                        except trio.RunFinishedError:
+                            pass
                 del job, fn, args
                 continue
             result = outcome.capture(fn, *args)

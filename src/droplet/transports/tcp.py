@@ -101,6 +101,11 @@ class StreamConnection(Connection):
         await self._write(parts)
 
     @property
+    def send_limit(self) -> int:
+        """The largest frame payload this end sends (``max_frame_size``)."""
+        return self._send_limit
+
+    @property
     def thread_writes(self) -> bool:
         """Whether :meth:`send_from_thread` can write at all (plain TCP, POSIX)."""
         return self._fd >= 0
