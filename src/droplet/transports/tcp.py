@@ -80,6 +80,8 @@ class StreamConnection(Connection):
         self._busy = False
         self._backlog: deque[Buffer] = deque()
         self._backlog_bytes = 0
+        #: the last read left the socket empty (see _read_fd).
+        self._drained = True
         # When the frame under way must be complete (set on the first wait for it).
         self._frame_deadline = math.inf
 
@@ -223,7 +225,9 @@ class StreamConnection(Connection):
         """One read into the decoder; False at the end of the stream."""
         decoder = self._decoder
         target = decoder.receive_buffer()
-        if target is None:
+        if target is None and self._fd >= 0:
+            data: bytes | bytearray = await self._read_fd()
+        elif target is None:
             data = await self._stream.receive_some(RECEIVE_SIZE)
         elif self._sock is not None:  # the bytes go where the frame will stay
             with _socket_errors():
@@ -240,6 +244,31 @@ class StreamConnection(Connection):
             self._closed = True
             self._backlog.clear()
             self._backlog_bytes = 0
+
+    async def _read_fd(self) -> bytes:
+        """One read of plain TCP: when the last read emptied the socket, wait for
+        it to be readable first (one system call and one exception fewer than
+        trying, failing and then waiting, which is what a message every now and
+        then would otherwise cost each time)."""
+        assert self._sock is not None
+        while True:
+            if self._closed:
+                await trio.lowlevel.checkpoint()
+                raise trio.ClosedResourceError("connection is closed")
+            if self._drained:
+                await trio.lowlevel.wait_readable(self._sock)
+                if self._closed:
+                    raise trio.ClosedResourceError("connection is closed")
+            try:
+                data = os.read(self._fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                self._drained = True
+                continue
+            except OSError as exc:
+                with _socket_errors():
+                    raise exc
+            self._drained = len(data) < RECEIVE_SIZE
+            return data
 
     async def _abort(self) -> None:
         self._mark_closed()
