@@ -116,6 +116,8 @@ class ExecutorStatistics:
     peers: int = 0
     #: runs clients sent here themselves, still to answer.
     direct_waiting: int = 0
+    #: triggers run on the fast lane (a worker thread from start to reply).
+    fast_calls: int = 0
 
 
 @attrs.frozen
@@ -211,7 +213,8 @@ class ExecutorService:
             mailboxes=len(self._libraries), cache_entries=cache.entries,
             cache_bytes=cache.bytes, cache_evictions=cache.evictions,
             worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
-            peers=len(self._peers), direct_waiting=len(self._callers))
+            peers=len(self._peers), direct_waiting=len(self._callers),
+            fast_calls=self.fast_lane.calls if self.fast_lane is not None else 0)
 
     async def _serve(self) -> None:
         """Own the worker threads: they exit when the service's nursery ends."""
