@@ -1,17 +1,16 @@
-"""CPU per sequential no-op call, per process: a robust figure on a shared machine.
+"""CPU per sequential no-op call, per process of a local node.
 
-    python benchmarks/cpuprobe.py [--scheme tcp|ws|...] [--executors N] [--calls N]
-                                  [-- extra node flags]
+    python benchmarks/cpuprobe.py EXECUTORS [extra node flags]
 
-Starts a node (``--listen SCHEME://127.0.0.1:PORT``), makes ``--calls``
-sequential no-op calls with the sync client and prints p50 and the CPU each
-process spent per call (from /proc, Linux only). Wall time is noisy when other
-work shares the machine; CPU per call is not.
+Starts a node (``--executors EXECUTORS``), makes 3000 sequential no-op calls
+with the blocking client and prints the p50 latency and the CPU each process
+spent per call. CPU per call is robust to other load on a shared machine,
+unlike wall time. (The lead's probe, kept here; it waits for the node to
+listen and always stops it.)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import statistics
@@ -21,8 +20,12 @@ import time
 
 import droplet
 
+CALLS = 3000
+WARMUP = 300
 
-def _cpu(pid: int) -> float:
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of every thread of ``pid``."""
     total = 0
     for task in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{task}/stat") as f:
@@ -31,64 +34,64 @@ def _cpu(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _tree(pid: int) -> list[int]:
-    out = [pid]
+def descendants(pid: int) -> list[int]:
+    found = [pid]
     children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     for child in children.stdout.split():
-        out += _tree(int(child))
-    return out
+        found += descendants(int(child))
+    return found
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scheme", default="tcp")
-    p.add_argument("--executors", default="1")
-    p.add_argument("--calls", type=int, default=3000)
-    p.add_argument("node_flags", nargs="*")
-    args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"{args.scheme}://127.0.0.1:{port}"
-    node = subprocess.Popen([sys.executable, "-m", "droplet.node", "--listen", url,
-                             "--executors", args.executors, "--data-dir", ":memory:",
-                             *args.node_flags], stderr=subprocess.DEVNULL)
+def main() -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    executors = sys.argv[1] if len(sys.argv) > 1 else "1"
+    node = subprocess.Popen([sys.executable, "-m", "droplet.node", "--listen",
+                             f"tcp://127.0.0.1:{port}", "--executors", executors,
+                             "--data-dir", ":memory:", *sys.argv[2:]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(300):
+        deadline = time.time() + 60
+        while True:
             try:
-                conn = droplet.DropletConnection(url, timeout=10)
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            except droplet.ConnectionError:
-                time.sleep(0.1)
-        else:
-            raise SystemExit(f"no node at {url}")
-        f = conn.register(lambda _, x: x, "noop")
-        for _ in range(300):
-            f(1).get()
-        pids = _tree(node.pid)
-        before = {q: _cpu(q) for q in pids}
-        mine = time.process_time()
-        lat = []
-        for _ in range(args.calls):
-            t = time.perf_counter()
-            f(1).get()
-            lat.append(time.perf_counter() - t)
-        after = {q: _cpu(q) for q in pids}
-        mine = time.process_time() - mine
-        n = args.calls
-        node_cpu = sum(after[q] - before[q] for q in pids) / n * 1e6
-        print(f"{url}: p50 {statistics.median(lat) * 1e3:.3f} ms; node cpu/call "
-              f"{node_cpu:.0f} us; client cpu/call {mine / n * 1e6:.0f} us")
-        for q in pids:
-            with open(f"/proc/{q}/cmdline") as cmd:
-                what = cmd.read().replace("\0", " ")[:90]
-            print(f"  {q}: {(after[q] - before[q]) / n * 1e6:6.0f} us/call  {what}")
-        conn.close()
+            except OSError:
+                if time.time() > deadline or node.poll() is not None:
+                    raise SystemExit("the node did not start") from None
+                time.sleep(0.2)
+        conn = droplet.DropletConnection(f"tcp://127.0.0.1:{port}")
+        try:
+            noop = conn.register(lambda lib, x: x, "noop")
+            for _ in range(WARMUP):
+                noop(1).get()
+            time.sleep(1)  # the executor workers have joined and warmed up
+            pids = descendants(node.pid)
+            before = {pid: cpu_seconds(pid) for pid in pids}
+            mine0, t0 = time.process_time(), time.perf_counter()
+            latencies = []
+            for _ in range(CALLS):
+                start = time.perf_counter()
+                noop(1).get()
+                latencies.append(time.perf_counter() - start)
+            mine1, t1 = time.process_time(), time.perf_counter()
+            after = {pid: cpu_seconds(pid) for pid in pids}
+        finally:
+            conn.close()
+        node_cpu = sum(after[p] - before[p] for p in pids)
+        print(f"p50 {statistics.median(latencies) * 1e3:.3f} ms; node cpu/call "
+              f"{node_cpu / CALLS * 1e6:.0f} us; client cpu/call "
+              f"{(mine1 - mine0) / CALLS * 1e6:.0f} us; wall/call {(t1 - t0) / CALLS * 1e6:.0f}")
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmdline = f.read().replace("\0", " ")[:90]
+            print(f"{pid} {(after[pid] - before[pid]) / CALLS * 1e6:.0f} us/call {cmdline}")
     finally:
         node.terminate()
         node.wait()
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
