@@ -207,8 +207,9 @@ async def test_embedded_calls_go_straight_to_executors(
         await client.get_object(bad.obj_id)
     with pytest.raises(droplet.RegistrationError, match="no function named 'd_nope'"):
         await client.exec_func("d_nope", [1])
-    # Only the call with a reference went through the scheduler (placed by its data).
-    assert running.node.scheduler.statistics().runs_started == 1
+    # The call with a reference went direct too, placed by its data (its own placement).
+    assert running.node.scheduler.statistics().runs_started == 0
+    assert client._direct.placed("d_sq", True, (key,))
 
 
 async def test_cached_placement_is_dropped_when_a_connection_ends(

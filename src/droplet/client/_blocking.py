@@ -54,9 +54,11 @@ from ._direct import (
     DIAL_TIMEOUT,
     DirectCalls,
     may_go_direct,
+    reference_set,
     same_scheme,
     triggers_for,
 )
+from ._map import map_direct
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 
 __all__ = ["BlockingClient", "BlockingFuture"]
@@ -206,8 +208,9 @@ class BlockingClient:
             same_scheme(url, address)
             return dial(address, min(timeout, DIAL_TIMEOUT))
 
-        def place(target: str, is_function: bool) -> CallPlaced:
-            reply: CallPlaced = self.scheduler.request(PlaceCall(target, is_function), timeout)
+        def place(target: str, is_function: bool, references: list[str]) -> CallPlaced:
+            reply: CallPlaced = self.scheduler.request(
+                PlaceCall(target, is_function, references), timeout)
             return reply
 
         #: calls sent straight to executors (placement cached from the scheduler).
@@ -284,7 +287,7 @@ class BlockingClient:
         go through the scheduler (no executor reachable, or a call of another kind)."""
         if not may_go_direct(call):
             return None
-        found = self.direct.target(call.target, call.is_function)
+        found = self.direct.target(call.target, call.is_function, reference_set(call))
         if found is None:
             return None
         peer, plan = found
@@ -309,6 +312,14 @@ class BlockingClient:
         """One call of ``name`` per item, ``chunksize`` calls (and their result reads)
         per write; every call is accepted (or the first refusal raised) before returning."""
         calls = [ClientCore.function_call(name, [item]) for item in items]
+        if not (self.direct.enabled and calls):
+            return self._map_through_scheduler(calls, chunksize)
+        left, placed = map_direct(self, calls, chunksize)
+        rest = iter(self._map_through_scheduler(left, chunksize) if left else [])
+        return [f if f is not None else next(rest) for f in placed]
+
+    def _map_through_scheduler(self, calls: builtins.list[CallDag],
+                               chunksize: int) -> builtins.list[BlockingFuture]:
         keys = [c.result_key or "" for c in calls]
         deadline = time.monotonic() + self.timeout
         same = self.kvs is self.scheduler
