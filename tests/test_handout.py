@@ -61,9 +61,14 @@ def test_references_prefer_the_executors_caching_the_most_bytes() -> None:
     assert run == RunPlacement(("e3", "e2", "e1", "e4"), 2)
 
 
-def test_references_cached_nowhere_stick_to_the_least_loaded() -> None:
+def test_references_cached_nowhere_stick_to_the_least_loaded_in_turn() -> None:
     pool = [Candidate("e1", running=2), Candidate("e2", running=1)]
     assert DataPolicy().whole_run(pool, ("cold",)) == RunPlacement(("e2", "e1"), 1)
+    # equals take turns, so cold keys spread over the nodes' caches
+    idle = [Candidate("e1"), Candidate("e2")]
+    policy = DataPolicy()
+    homes = [policy.whole_run(idle, (f"k{i}",)).executors[0] for i in range(4)]
+    assert sorted(homes) == ["e1", "e1", "e2", "e2"]
 
 
 def test_a_backed_up_executor_is_not_preferred_for_its_data() -> None:

@@ -255,8 +255,9 @@ class DataPolicy(PlacementPolicy):
                   references: Sequence[str] = ()) -> RunPlacement:
         """With references: the executors whose node caches the most bytes of them
         (among those whose queue is not over ``max_queue``) are preferred, least
-        loaded first; when none caches any, the least loaded one alone (so the
-        data gets cached in one place). The others follow as fallbacks."""
+        loaded first; when none caches any, the least loaded one alone, in turn
+        among equals (so each key gets cached in one place, and keys spread over
+        the nodes). The others follow as fallbacks."""
         if not references:
             return super().whole_run(pool)
         keys = set(references)
@@ -264,8 +265,12 @@ class DataPolicy(PlacementPolicy):
         open_ = [c for c in pool if c.queue(c.running) <= self.max_queue]
         eligible = open_ or list(pool)
         first = sorted(eligible, key=lambda c: (-scores[c.url], c.running))
-        best = scores[first[0].url] if first else 0
-        preferred = sum(1 for c in first if scores[c.url] == best) if best > 0 else 1
+        best = scores[first[0].url]
+        preferred = sum(1 for c in first if scores[c.url] == best)
+        if best == 0:  # cached nowhere: one executor, least loaded, in turn among equals
+            home = self.least_loaded(eligible, {c.url: c.running for c in eligible})
+            first.sort(key=lambda c: c.url != home)
+            preferred = 1
         chosen = {c.url for c in eligible}
         rest = sorted((c for c in pool if c.url not in chosen),
                       key=lambda c: (-scores[c.url], c.running))
