@@ -491,3 +491,35 @@ def test_a_one_way_call_that_fails_unexpectedly_reaches_get() -> None:
     finally:
         _Failing.broken = False
         placement._REGISTRY.pop("flaky-test", None)  # other tests list the policies
+
+
+async def test_async_map_goes_direct_and_survives_an_executor_leaving() -> None:
+    async with droplet.open_local_cluster(executors=2, threads=2) as running, \
+            running.client() as cloud:
+        scheduler = running.node.scheduler
+        await cloud.put_object("gate", False)
+        fn = await cloud.register(gated, "m_gated")
+        futures = await fn.map(range(12), chunksize=4)
+        placed = cloud._direct.placed("m_gated")
+        assert len(placed) == 2 and set(cloud._direct._peers) == set(placed)
+        gone = cloud._direct._peers[placed[1]]
+        await gone.aclose()  # as when its executor leaves mid-map
+        await cloud.put_object("gate", True)
+        outcomes: list[Any] = []
+        with trio.fail_after(30):  # none hangs: each gets its result or a clear error
+            for future in futures:
+                try:
+                    outcomes.append(await future.get())
+                except droplet.ConnectionError:
+                    outcomes.append("lost")
+        # the first half went to the executor still there, the second to the one gone
+        assert outcomes == [2 * i for i in range(6)] + ["lost"] * 6
+        assert placed[1] not in cloud._direct._peers
+        with trio.fail_after(30):
+            assert [await f.get() for f in await fn.map(range(4))] == [0, 2, 4, 6]
+        # references too: nothing went through the scheduler
+        refs = await fn.map([droplet.DropletReference("gate")] * 2)
+        with trio.fail_after(30):
+            assert [await f.get() for f in refs] == [2, 2]  # True * 2
+        assert cloud._direct.placed("m_gated", True, ("gate",))
+        assert scheduler.statistics().runs_started == 0
