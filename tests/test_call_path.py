@@ -521,5 +521,6 @@ async def test_async_map_goes_direct_and_survives_an_executor_leaving() -> None:
         refs = await fn.map([droplet.DropletReference("gate")] * 2)
         with trio.fail_after(30):
             assert [await f.get() for f in refs] == [2, 2]  # True * 2
-        assert cloud._direct.placed("m_gated", True, ("gate",))
+            assert await (await fn(droplet.DropletReference("gate"))).get() == 2
+        assert cloud._direct.placed("m_gated", True, ("gate",))  # cached for single calls
         assert scheduler.statistics().runs_started == 0

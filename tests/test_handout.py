@@ -83,6 +83,17 @@ def test_a_backed_up_executor_is_not_preferred_for_its_data() -> None:
     assert DataPolicy(max_queue=16).whole_run(both, ("a",)) == RunPlacement(("e1", "e2"), 1)
 
 
+def test_a_big_map_spills_past_the_executors_caching_its_data() -> None:
+    pool = [Candidate("e1", running=2, threads=4, cached={"a": MB}),
+            Candidate("e2", running=0, threads=4), Candidate("e3", running=1, threads=4)]
+    policy = DataPolicy(max_queue=16)
+    assert policy.whole_run(pool, ("a",), calls=1) == RunPlacement(("e1", "e2", "e3"), 1)
+    # e1 has room for 4 + 16 - 2 = 18 calls; 30 spill to e2 (room 20)
+    assert policy.whole_run(pool, ("a",), calls=18).preferred == 1
+    assert policy.whole_run(pool, ("a",), calls=30).preferred == 2
+    assert policy.whole_run(pool, ("a",), calls=10_000).preferred == 3
+
+
 # --------------------------------------------------------------------------- hand_out
 
 
@@ -98,6 +109,9 @@ def test_hand_out_follows_the_data_and_skips_draining_and_gpu_executors() -> Non
     assert placed == CallPlaced("f", True, ["f"], ["v1"], [], ["e1", "e2"], 2.0, 1)
     plain = hand_out(PlaceCall("f", True), one(), {"f": "v1"}, offers(), DataPolicy())
     assert plain.executors == ["e2", "e1"] and plain.preferred == 0
+    many = hand_out(PlaceCall("f", True, ["k"], 100), one(), {"f": "v1"}, offers(),
+                    DataPolicy())
+    assert many.executors == ["e1", "e2"] and many.preferred == 2
 
 
 def test_hand_out_gives_no_executors_where_the_policy_places_every_call() -> None:
@@ -123,7 +137,7 @@ def test_a_policy_handing_out_an_unknown_executor_is_refused() -> None:
         def choose(self, pool: Any, context: Context) -> str:
             return str(pool[0].url)
 
-        def whole_run(self, pool: Any, references: Any = ()) -> RunPlacement:
+        def whole_run(self, pool: Any, references: Any = (), calls: int = 1) -> RunPlacement:
             return RunPlacement(("elsewhere",))
 
     with pytest.raises(DagError, match="not among the eligible executors"):
@@ -149,8 +163,9 @@ def direct_calls(answers: dict[tuple[str, ...], CallPlaced]) -> tuple[DirectCall
     asked: list[Any] = []
     now = [0.0]
 
-    def place(target: str, is_function: bool, references: list[str]) -> CallPlaced:
-        asked.append((target, references))
+    def place(target: str, is_function: bool, references: list[str],
+              calls: int) -> CallPlaced:
+        asked.append((target, references) if calls == 1 else (target, references, calls))
         return answers[tuple(references)]
 
     calls = DirectCalls(FakePeer, place, clock=lambda: now[0])
@@ -170,6 +185,11 @@ def test_placements_are_cached_per_referenced_keys_and_prefer_the_data() -> None
     assert by_data == ["e2"] * 4  # the preferred one only
     assert asked == [("f", []), ("f", ["k"])]
     # the preferred executor leaves: its placements go, the next asks again
+    # a big map with references gets a placement of its own, not cached
+    assert [p.remote for p, _ in calls.spread("f", True, ("k",), 500)] == ["e2"]
+    assert asked[-1] == ("f", ["k"], 500)
+    assert calls.target("f", True, ("k",))[0].remote == "e2"  # type: ignore[index]
+    assert len(asked) == 3
     calls.executor_left("e2")
     assert calls.placed("f", True, ("k",)) == [] and calls.placed("f") == []
     calls.forget("f", True)
@@ -221,7 +241,7 @@ def test_map_chunks_per_executor_at_most_chunksize_in_order() -> None:
     calls.append(CallDag("f", True, ["f"], [b"x"], result_key="r", output_key="out"))
     p1, p2 = FakePeer("e1"), FakePeer("e2")
     spreads = {(): [(p1, plan(["e1", "e2"])), (p2, plan(["e1", "e2"]))], ("k",): []}
-    chunks, left = chunks_for(calls, 3, spreads.__getitem__, lambda p: p.remote)
+    chunks, left = chunks_for(calls, 3, lambda refs, _: spreads[refs], lambda p: p.remote)
     assert [(c.peer.remote, c.indices) for c in chunks] == [
         ("e1", [0, 1, 2]), ("e1", [3, 4]), ("e2", [5, 6, 7]), ("e2", [8, 9])]
     assert all(t.placement == [c.peer.remote] for c in chunks for t in c.triggers)

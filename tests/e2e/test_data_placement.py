@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from droplet import DropletConnection, DropletReference
-from droplet.protocol.messages import CallDag
+from droplet.protocol.messages import CallDag, PlaceCall
 from droplet.testing.nodes import poll_until, start_node
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,13 @@ def test_calls_with_references_go_straight_to_the_node_caching_them(cluster: str
             x for x in m if type(x) is CallDag), send(*m, **kw))[1]
         cloud.put_object("big-c", bytes(2 * MIB))
         home = fn(DropletReference("big-c")).get(timeout=TIMEOUT)
-        until(lambda: _cached_on(cloud, home, 2 * MIB), "the cache report")
+
+        def placed_by_data() -> bool:
+            # A key cached nowhere goes to the executors in turn; by data, always home.
+            return all(scheduler.request(PlaceCall("where_direct", True, ["big-c"]),
+                                         TIMEOUT).executors[0] == home for _ in range(4))
+
+        until(placed_by_data, "the cache report")
         backend.direct.placements.clear()  # ask again, now that the scheduler knows
         landed = Counter(fn(DropletReference("big-c")).get(timeout=TIMEOUT) for _ in range(10))
         assert landed == Counter({home: 10})

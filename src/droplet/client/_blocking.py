@@ -208,9 +208,10 @@ class BlockingClient:
             same_scheme(url, address)
             return dial(address, min(timeout, DIAL_TIMEOUT))
 
-        def place(target: str, is_function: bool, references: list[str]) -> CallPlaced:
+        def place(target: str, is_function: bool, references: list[str],
+                  calls: int) -> CallPlaced:
             reply: CallPlaced = self.scheduler.request(
-                PlaceCall(target, is_function, references), timeout)
+                PlaceCall(target, is_function, references, calls), timeout)
             return reply
 
         #: calls sent straight to executors (placement cached from the scheduler).

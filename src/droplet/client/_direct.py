@@ -179,7 +179,7 @@ class DirectCalls(_Cache):
     """
 
     def __init__(self, dial: Callable[[str], Any],
-                 place: Callable[[str, bool, list[str]], CallPlaced],
+                 place: Callable[[str, bool, list[str], int], CallPlaced],
                  *, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
         self._dial = dial
@@ -188,17 +188,18 @@ class DirectCalls(_Cache):
         self._lock = threading.Lock()
 
     def _placement(self, target: str, is_function: bool, references: tuple[str, ...],
-                   now: float) -> _Placed | None:
+                   now: float, calls: int = 1) -> _Placed | None:
         if not self.enabled:
             return None
-        placed = self.fresh(target, is_function, now, references)
+        placed = self.fresh(target, is_function, now, references) if calls == 1 else None
         if placed is None:
             try:
-                placed = self.store(self._place(target, is_function, list(references)), now,
-                                    references)
+                plan = self._place(target, is_function, list(references), calls)
             except ProtocolError:  # a scheduler that does not place calls for clients
                 self.enabled = False
                 return None
+            placed = (self.store(plan, now, references) if calls == 1
+                      else _Placed(plan, now + plan.lease))
         return placed
 
     def target(self, target: str, is_function: bool,
@@ -220,13 +221,17 @@ class DirectCalls(_Cache):
                 return peer, placed.plan
         return None
 
-    def spread(self, target: str, is_function: bool,
-               references: tuple[str, ...] = ()) -> list[tuple[Any, CallPlaced]]:
-        """Live connections to every preferred executor for calls of ``target`` (to
-        the first fallback reachable when none of them is), for ``map``; empty:
-        send the calls through the scheduler."""
+    def spread(self, target: str, is_function: bool, references: tuple[str, ...] = (),
+               calls: int = 1) -> list[tuple[Any, CallPlaced]]:
+        """Live connections to every preferred executor for ``calls`` calls of
+        ``target`` (to the first fallback reachable when none of them is), for
+        ``map``; empty: send the calls through the scheduler.
+
+        Many calls with references get a placement of their own, not cached: the
+        scheduler may spread them past the executors caching the data (load)."""
         now = self.clock()
-        placed = self._placement(target, is_function, references, now)
+        placed = self._placement(target, is_function, references, now,
+                                 calls if references and calls > 1 else 1)
         if placed is None:
             return []
         found: list[tuple[Any, CallPlaced]] = []
@@ -283,7 +288,7 @@ class AsyncDirectCalls(_Cache):
     """
 
     def __init__(self, dial: Callable[[str], Awaitable[Peer]],
-                 place: Callable[[str, bool, list[str]], Awaitable[CallPlaced]],
+                 place: Callable[[str, bool, list[str], int], Awaitable[CallPlaced]],
                  *, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
         self._dial = dial
@@ -299,17 +304,18 @@ class AsyncDirectCalls(_Cache):
             for url in placed.urls)
 
     async def _placement(self, target: str, is_function: bool, references: tuple[str, ...],
-                         now: float) -> _Placed | None:
+                         now: float, calls: int = 1) -> _Placed | None:
         if not self.enabled:
             return None
-        placed = self.fresh(target, is_function, now, references)
+        placed = self.fresh(target, is_function, now, references) if calls == 1 else None
         if placed is None:
             try:
-                placed = self.store(await self._place(target, is_function, list(references)),
-                                    now, references)
+                plan = await self._place(target, is_function, list(references), calls)
             except ProtocolError:
                 self.enabled = False
                 return None
+            placed = (self.store(plan, now, references) if calls == 1
+                      else _Placed(plan, now + plan.lease))
         return placed
 
     async def _peer(self, url: str, now: float) -> Peer | None:
@@ -342,11 +348,12 @@ class AsyncDirectCalls(_Cache):
                 return peer, placed.plan
         return None
 
-    async def spread(self, target: str, is_function: bool,
-                     references: tuple[str, ...] = ()) -> list[tuple[Peer, CallPlaced]]:
+    async def spread(self, target: str, is_function: bool, references: tuple[str, ...] = (),
+                     calls: int = 1) -> list[tuple[Peer, CallPlaced]]:
         """As :meth:`DirectCalls.spread`."""
         now = self.clock()
-        placed = await self._placement(target, is_function, references, now)
+        placed = await self._placement(target, is_function, references, now,
+                                       calls if references and calls > 1 else 1)
         if placed is None:
             return []
         found: list[tuple[Peer, CallPlaced]] = []

@@ -42,13 +42,14 @@ class Chunk:
 
 
 def chunks_for(calls: Sequence[CallDag], chunksize: int,
-               spread: Callable[[tuple[str, ...]], Sequence[tuple[P, CallPlaced]]],
+               spread: Callable[[tuple[str, ...], int], Sequence[tuple[P, CallPlaced]]],
                remote: Callable[[P], str]) -> tuple[list[Chunk], list[int]]:
     """The writes that send ``calls`` straight to executors, and the indices of
     the calls that must go through the scheduler instead.
 
-    ``spread(references)``: the live connections and schedule for calls naming
-    ``references`` (see :meth:`~droplet.client._direct.DirectCalls.spread`).
+    ``spread(references, count)``: the live connections and schedule for
+    ``count`` calls naming ``references`` (see
+    :meth:`~droplet.client._direct.DirectCalls.spread`).
     """
     groups: dict[tuple[str, ...], list[int]] = {}
     leftover: list[int] = []
@@ -59,7 +60,7 @@ def chunks_for(calls: Sequence[CallDag], chunksize: int,
             leftover.append(i)
     chunks: list[Chunk] = []
     for refs, indices in groups.items():
-        targets = spread(refs)
+        targets = spread(refs, len(indices))
         if not targets:
             leftover += indices
             continue
@@ -93,8 +94,8 @@ def map_direct(client: BlockingClient, calls: list[CallDag], chunksize: int
 
     direct = client.direct
 
-    def spread(refs: tuple[str, ...]) -> list[tuple[Any, CallPlaced]]:
-        return direct.spread(calls[0].target, calls[0].is_function, refs)
+    def spread(refs: tuple[str, ...], count: int) -> list[tuple[Any, CallPlaced]]:
+        return direct.spread(calls[0].target, calls[0].is_function, refs, count)
 
     chunks, leftover = chunks_for(calls, chunksize, spread, lambda peer: str(peer.remote))
     futures: list[BlockingFuture | None] = [None] * len(calls)

@@ -13,6 +13,7 @@ import os
 import ssl
 import threading
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -279,9 +280,10 @@ class AsyncDropletClient:
             return await connect_peer(url, nursery, token=token, options=options,
                                       timeout=min(timeout, DIAL_TIMEOUT))
 
-        async def place(target: str, is_function: bool, references: list[str]) -> CallPlaced:
+        async def place(target: str, is_function: bool, references: list[str],
+                        calls: int) -> CallPlaced:
             reply: CallPlaced = await scheduler.request(
-                PlaceCall(target, is_function, references), timeout)
+                PlaceCall(target, is_function, references, calls), timeout)
             return reply
 
         #: calls sent straight to executors (placement cached from the scheduler).
@@ -479,11 +481,12 @@ class AsyncDropletClient:
                           size: int) -> builtins.list[int]:
         """Send what of ``calls`` can go straight to executors (see ``_map.py``); the
         indices of those left for the scheduler."""
+        groups = Counter(reference_set(c) for c in calls if may_go_direct(c))
         spreads = {}
-        for refs in dict.fromkeys(reference_set(c) for c in calls if may_go_direct(c)):
+        for refs, count in groups.items():
             spreads[refs] = await self._direct.spread(calls[0].target, calls[0].is_function,
-                                                      refs)
-        chunks, leftover = chunks_for(calls, size, spreads.__getitem__,
+                                                      refs, count)
+        chunks, leftover = chunks_for(calls, size, lambda refs, _: spreads[refs],
                                       lambda peer: peer.remote)
         sent = False
         for chunk in chunks:

@@ -696,12 +696,14 @@ class PlaceCall:
     ``target`` is a function (``is_function``) or a DAG. Answered by
     :class:`CallPlaced`, or the error a call of it would get (no such function
     or DAG). ``references``: the keys of the call's ``DropletReference``
-    arguments (empty for none), so the placement can follow their data.
+    arguments (empty for none), so the placement can follow their data;
+    ``calls``: how many such calls the client is about to send (a ``map``).
     """
 
     target: str
     is_function: bool
     references: list[str] = attrs.Factory(list)
+    calls: int = 1
 
 
 @message(47)
@@ -954,6 +956,8 @@ MAX_REPORTED_KEYS = 4096
 def _check_place(m: PlaceCall) -> None:
     if len(m.references) > MAX_CALL_REFERENCES:
         raise ProtocolError(f"PlaceCall: more than {MAX_CALL_REFERENCES} reference keys")
+    if m.calls < 1:
+        raise ProtocolError(f"PlaceCall.calls must be at least 1, not {m.calls!r}")
 
 
 @_validator(CallPlaced)

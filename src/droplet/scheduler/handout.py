@@ -68,7 +68,7 @@ def hand_out(msg: PlaceCall, dag: Dag, functions: Mapping[str, str],
         pool = [Candidate(o.url, o.running, o.threads, o.queued, False, o.cached)
                 for o in offers if not o.gpu and not o.draining]
         if pool:
-            run = policy.whole_run(pool, tuple(dict.fromkeys(msg.references)))
+            run = policy.whole_run(pool, tuple(dict.fromkeys(msg.references)), msg.calls)
             known = {c.url for c in pool}
             if not set(run.executors) <= known or not 0 <= run.preferred <= len(run.executors):
                 raise DagError(f"placement policy {type(policy).__name__} handed out "

@@ -121,10 +121,11 @@ class PlacementPolicy(abc.ABC):
     def choose(self, pool: Sequence[Candidate], context: Context) -> str:
         """The URL, one of ``pool`` (never empty), where ``context.function`` runs."""
 
-    def whole_run(self, pool: Sequence[Candidate],
-                  references: Sequence[str] = ()) -> RunPlacement:
+    def whole_run(self, pool: Sequence[Candidate], references: Sequence[str] = (),
+                  calls: int = 1) -> RunPlacement:
         """Executors of ``pool`` a client may send a whole run to, for a call whose
-        ``DropletReference`` arguments name ``references``.
+        ``DropletReference`` arguments name ``references``; ``calls``: how many
+        such calls the client is about to send at once (a ``map``).
 
         Only asked when :attr:`whole_runs` is set. The default: every executor,
         least loaded (``Candidate.running``) first.
@@ -251,13 +252,15 @@ class DataPolicy(PlacementPolicy):
         return home if home is not None else self.least_loaded(eligible, load)
 
 
-    def whole_run(self, pool: Sequence[Candidate],
-                  references: Sequence[str] = ()) -> RunPlacement:
+    def whole_run(self, pool: Sequence[Candidate], references: Sequence[str] = (),
+                  calls: int = 1) -> RunPlacement:
         """With references: the executors whose node caches the most bytes of them
         (among those whose queue is not over ``max_queue``) are preferred, least
         loaded first; when none caches any, the least loaded one alone, in turn
         among equals (so each key gets cached in one place, and keys spread over
-        the nodes). The others follow as fallbacks."""
+        the nodes). The others follow as fallbacks. ``calls`` more than the
+        preferred executors have room for (threads plus ``max_queue``, less
+        what they run) spill over to the next ones, in that order."""
         if not references:
             return super().whole_run(pool)
         keys = set(references)
@@ -271,6 +274,13 @@ class DataPolicy(PlacementPolicy):
             home = self.least_loaded(eligible, {c.url: c.running for c in eligible})
             first.sort(key=lambda c: c.url != home)
             preferred = 1
+        room = 0
+        for c in first[:preferred]:
+            room += max(0, (c.threads or 1) + self.max_queue - c.running)
+        while calls > 1 and room < calls and preferred < len(first):  # a map: spill over
+            c = first[preferred]
+            room += max(0, (c.threads or 1) + self.max_queue - c.running)
+            preferred += 1
         chosen = {c.url for c in eligible}
         rest = sorted((c for c in pool if c.url not in chosen),
                       key=lambda c: (-scores[c.url], c.running))
