@@ -310,8 +310,10 @@ class BlockingClient:
 
     def map(self, name: str, items: Iterable[Any],
             chunksize: int) -> builtins.list[BlockingFuture]:
-        """One call of ``name`` per item, ``chunksize`` calls (and their result reads)
-        per write; every call is accepted (or the first refusal raised) before returning."""
+        """One call of ``name`` per item, at most ``chunksize`` calls per write:
+        straight to the executors where the scheduler's placement allows
+        (``_map.py``), else through the scheduler, each call with its result read,
+        every call accepted (or the first refusal raised) before returning."""
         calls = [ClientCore.function_call(name, [item]) for item in items]
         if not (self.direct.enabled and calls):
             return self._map_through_scheduler(calls, chunksize)

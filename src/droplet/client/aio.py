@@ -458,10 +458,12 @@ class AsyncDropletClient:
 
         Each item is the call's single argument (a tuple item is one argument,
         as in ``concurrent.futures.Executor.map`` with one iterable). Up to
-        ``chunksize`` calls (default 256) and their result reads go in one
-        write. Returns once the scheduler accepted every call; a refused call
-        (say, no such function) raises its error. A function that raises makes
-        only its own future's ``get()`` raise ``FunctionError``.
+        ``chunksize`` calls (default 256) go in one write: straight to the
+        executors the scheduler's placement allows, split evenly over them
+        (``_map.py``), else through the scheduler, each with its result read.
+        Returns once every call is sent (through the scheduler: accepted); a
+        refused call (say, no such function) raises its error. A function that
+        raises makes only its own future's ``get()`` raise ``FunctionError``.
         """
         size = check_chunksize(chunksize)
         every = [ClientCore.function_call(name, [item]) for item in map_items(iterable)]
