@@ -199,6 +199,9 @@ async def test_embedded_calls_go_straight_to_executors(
     key = future.obj_id
     assert await client.get_object(key) == 25
     assert await (await f(droplet.DropletReference(key))).get() == 625
+    dag_ref = await client.call_dag("d_dag", {"d_sq": droplet.DropletReference(key)})
+    assert await dag_ref.get() == 625
+    assert client._direct.placed("d_dag", False, (key,))
     failing = await client.register(lambda _: 1 / 0, "d_fail")
     bad = await failing()
     with pytest.raises(droplet.FunctionError, match="ZeroDivisionError"):
@@ -236,6 +239,10 @@ def test_sync_embedded_calls_go_straight_to_executors() -> None:
         assert [x.get() for x in futures] == [i * i for i in range(50)]
         key = futures[7].obj_id
         assert conn.get_object(key) == 49
+        # with a reference: placed for it (first call), then posted
+        by_ref = [f(droplet.DropletReference(key)) for _ in range(5)]
+        assert [x.get() for x in by_ref] == [49 * 49] * 5
+        assert [x.get() for x in f.map([droplet.DropletReference(key)] * 5)] == [49 * 49] * 5
         assert running.node.scheduler.statistics().runs_started == 0
         with pytest.raises(droplet.RegistrationError):
             conn.exec_func("s_nope", [])
@@ -250,6 +257,10 @@ def test_sync_embedded_dag_calls_are_posted_and_refusals_reach_get() -> None:
         assert conn.call_dag("t_dag", {"t_sq": 2}).get() == 4  # places it
         futures = [conn.call_dag("t_dag", {"t_sq": i}) for i in range(20)]
         assert [f.get() for f in futures] == [i * i for i in range(20)]
+        conn.put_object("t_key", 7)
+        by_ref = [conn.call_dag("t_dag", {"t_sq": droplet.DropletReference("t_key")})
+                  for _ in range(5)]
+        assert [f.get() for f in by_ref] == [49] * 5
         assert running.node.scheduler.statistics().runs_started == 0
         # Arguments for a function outside the DAG: sent one-way, refused, in get().
         with pytest.raises(droplet.DagError, match="not in DAG 't_dag'"):
