@@ -14,6 +14,7 @@ that left) go through the scheduler as before; the futures stay in item order.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -58,7 +59,7 @@ def chunks_for(calls: Sequence[CallDag], chunksize: int,
             groups.setdefault(reference_set(call), []).append(i)
         else:
             leftover.append(i)
-    chunks: list[Chunk] = []
+    per_executor: list[list[Chunk]] = []
     for refs, indices in groups.items():
         targets = spread(refs, len(indices))
         if not targets:
@@ -67,6 +68,8 @@ def chunks_for(calls: Sequence[CallDag], chunksize: int,
         for (peer, plan), (start, stop) in zip(
                 targets, spread_over(len(indices), len(targets)), strict=False):
             url = remote(peer)
+            chunks: list[Chunk] = []
+            per_executor.append(chunks)
             mine: list[int] = []
             triggers: list[Trigger] = []
             for i in indices[start:stop]:
@@ -81,7 +84,10 @@ def chunks_for(calls: Sequence[CallDag], chunksize: int,
                     mine, triggers = [], []
             if mine:
                 chunks.append(Chunk(peer, mine, triggers))
-    return chunks, sorted(leftover)
+    # Each executor's first chunk first, and so on: all start working at once.
+    ordered = [c for turn in itertools.zip_longest(*per_executor) for c in turn
+               if c is not None]
+    return ordered, sorted(leftover)
 
 
 def map_direct(client: BlockingClient, calls: list[CallDag], chunksize: int
