@@ -13,6 +13,7 @@ import pytest
 
 from droplet.client._core import ClientCore
 from droplet.client._direct import (
+    MAP_ASKS_AFTER,
     MAX_PLACEMENTS,
     DirectCalls,
     may_go_direct,
@@ -185,7 +186,9 @@ def test_placements_are_cached_per_referenced_keys_and_prefer_the_data() -> None
     assert by_data == ["e2"] * 4  # the preferred one only
     assert asked == [("f", []), ("f", ["k"])]
     # the preferred executor leaves: its placements go, the next asks again
-    # a big map with references gets a placement of its own, not cached
+    # a big map with references gets a placement of its own, not cached; a small one not
+    assert [p.remote for p, _ in calls.spread("f", True, ("k",), MAP_ASKS_AFTER)] == ["e2"]
+    assert len(asked) == 2
     assert [p.remote for p, _ in calls.spread("f", True, ("k",), 500)] == ["e2"]
     assert asked[-1] == ("f", ["k"], 500)
     assert calls.target("f", True, ("k",))[0].remote == "e2"  # type: ignore[index]

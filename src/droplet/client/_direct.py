@@ -39,7 +39,8 @@ from ..protocol.messages import CallDag, CallPlaced, Trigger
 from ..rpc import Peer
 from ..transports.registry import parse_address
 
-__all__ = ["CONFIRM_WAIT", "DIAL_TIMEOUT", "MAX_PLACEMENTS", "UNREACHABLE_RETRY",
+__all__ = ["CONFIRM_WAIT", "DIAL_TIMEOUT", "MAP_ASKS_AFTER", "MAX_PLACEMENTS",
+           "UNREACHABLE_RETRY",
            "AsyncDirectCalls", "DirectCalls", "may_go_direct", "reference_set", "same_scheme",
            "spread_over", "triggers_for"]
 
@@ -53,6 +54,11 @@ UNREACHABLE_RETRY = 30.0
 #: Placements a client caches at most (one per call shape and set of
 #: referenced keys); past it, expired ones go, then the oldest.
 MAX_PLACEMENTS = 1024
+
+#: A map of more calls than this with references asks for a placement of its
+#: own (PlaceCall.calls), which may spread it past the executors caching the
+#: data; smaller ones use the cached placement.
+MAP_ASKS_AFTER = 16
 
 #: A cached placement's key: (target, is_function, referenced keys).
 Key = tuple[str, bool, tuple[str, ...]]
@@ -227,11 +233,12 @@ class DirectCalls(_Cache):
         ``target`` (to the first fallback reachable when none of them is), for
         ``map``; empty: send the calls through the scheduler.
 
-        Many calls with references get a placement of their own, not cached: the
-        scheduler may spread them past the executors caching the data (load)."""
+        More than MAP_ASKS_AFTER calls with references get a placement of their
+        own, not cached: the scheduler may spread them past the executors
+        caching the data (load)."""
         now = self.clock()
         placed = self._placement(target, is_function, references, now,
-                                 calls if references and calls > 1 else 1)
+                                 calls if references and calls > MAP_ASKS_AFTER else 1)
         if placed is None:
             return []
         found: list[tuple[Any, CallPlaced]] = []
@@ -353,7 +360,7 @@ class AsyncDirectCalls(_Cache):
         """As :meth:`DirectCalls.spread`."""
         now = self.clock()
         placed = await self._placement(target, is_function, references, now,
-                                       calls if references and calls > 1 else 1)
+                                       calls if references and calls > MAP_ASKS_AFTER else 1)
         if placed is None:
             return []
         found: list[tuple[Peer, CallPlaced]] = []
