@@ -90,6 +90,9 @@ DEFAULT_TIMEOUT = 30.0
 CLOSE_FLUSH_TIMEOUT = 1.0
 
 
+_THREADSAFE_LOCK = threading.Lock()
+
+
 class AsyncDropletFuture:
     """The pending result of a call, stored in the KVS under ``obj_id``.
 
@@ -107,8 +110,9 @@ class AsyncDropletFuture:
         self._blob: Blob | None = None
         self._error: BaseException | None = None
         self._arrived = trio.Event()
-        #: set with ``_arrived``, for the sync facade to wait on without the event loop.
-        self.arrived_threadsafe = threading.Event()
+        # ``arrived_threadsafe``, made only when the sync facade asks (a
+        # threading.Event costs a lock and a condition per call).
+        self._threadsafe: threading.Event | None = None
         self._fetching = False
         #: called (in the loop) when a reply arrives: droplet.wait and as_completed.
         self._wakers: list[Callable[[], None]] = []
@@ -116,6 +120,20 @@ class AsyncDropletFuture:
         self._direct = False
         #: answered by that executor, which stores the result (or error) just after.
         self._stored_later = False
+
+    @property
+    def arrived_threadsafe(self) -> threading.Event:
+        """Set with ``_arrived``, for the sync facade to wait on without the event loop."""
+        event = self._threadsafe
+        if event is None:
+            with _THREADSAFE_LOCK:
+                event = self._threadsafe
+                if event is None:
+                    event = threading.Event()
+                    self._threadsafe = event  # before the check: _fetched may run now
+                    if self._arrived.is_set():
+                        event.set()
+        return event
 
     @property
     def obj_id(self) -> str:
@@ -170,7 +188,8 @@ class AsyncDropletFuture:
             self._client._unconfirmed.add(self._key)
         self._fetching = False
         self._arrived.set()
-        self.arrived_threadsafe.set()
+        if self._threadsafe is not None:
+            self._threadsafe.set()
         for wake in list(self._wakers):
             wake()
 
@@ -185,7 +204,8 @@ class AsyncDropletFuture:
     async def _rearm(self) -> None:
         """Send the result read again after the store's wait ran out."""
         self._arrived = trio.Event()
-        self.arrived_threadsafe.clear()
+        if self._threadsafe is not None:
+            self._threadsafe.clear()
         await self._start_fetch()
 
     def result_ready(self) -> Any:
@@ -209,7 +229,8 @@ class AsyncDropletFuture:
         if self._blob is None and self._error is None:
             if not self._fetching:  # the first wait expired; wait again
                 self._arrived = trio.Event()
-                self.arrived_threadsafe.clear()
+                if self._threadsafe is not None:
+                    self._threadsafe.clear()
                 await self._start_fetch()
             with trio.move_on_after(wait):
                 await self._arrived.wait()
