@@ -446,18 +446,19 @@ async def test_map_and_kvs_reads_wait_for_handed_out_direct_keys(
 
     async def handed_out(x: int) -> str:
         future = await f(x)
-        key = future.obj_id
         assert await future.get() == x * x
-        assert key in client._unconfirmed  # answered by the executor, stored just after
+        key = future.obj_id
+        # answered to this client alone: it stores the result now, acked later
+        assert [x._key for x in client._to_store] == [key]
         return key
 
     key = await handed_out(3)
     futures = await client.map("k_id", [droplet.DropletReference(key)])
-    assert not client._unconfirmed  # confirmed before the calls went out
+    assert not client._to_store and not client._storing  # stored before the calls went out
     assert await futures[0].get() == 9
     key = await handed_out(4)
     assert (await client.kvs_client.get([key]))[key] is not None
-    assert not client._unconfirmed
+    assert not client._to_store and not client._storing
 
 
 class _Failing:

@@ -724,11 +724,15 @@ class ExecutorService:
         caller = self._callers.pop(t.run_id)
         if caller is not None:  # a client's direct run: the result to it first
             caller.send(DagResult(t.run_id, pickle_value(result), failed))
+            if not t.store_result:  # the client stores it if its key is asked for
+                return
             put = KvsPut(t.result_key, lww(pickle_result(result)))
             try:  # through the outbox: under load, many results per write
                 self._kvs.post(put, on_full="raise", check_size=True)
             except OutboxFull:
                 await self._kvs.send(put)
+            return
+        if not t.store_result:  # its caller went away, and nobody else wants it
             return
         scheduler = self._scheduler if not t.scheduler else await self._peers.get(t.scheduler)
         if t.direct:
