@@ -347,3 +347,40 @@ def test_sync_embedded_obj_id_is_readable_by_others_at_once() -> None:
         key = future.obj_id
         assert other.get_object(key) == 81
         assert future.get() == 81
+
+
+# --------------------------------------------------------------------------- templates
+
+
+@pytest.mark.parametrize("arg_map", [{"a": 1}, {"a": [1, "x"], "b": [b"y" * 100]}, {}],
+                         ids=["one", "two-sources", "none"])
+def test_template_encoded_triggers_are_what_encode_writes(arg_map: dict[str, Any]) -> None:
+    """The blocking client's fast path writes exactly the triggers triggers_for makes."""
+    from droplet.client._core import ClientCore
+    from droplet.client._direct import triggers_for
+    from droplet.client._wire import TriggerTemplates
+    from droplet.protocol.messages import CallPlaced
+
+    plan = CallPlaced("d", False, ["a", "b", "c"], ["1", "2", "3"], [["a", "c"], ["b", "c"]],
+                      ["tcp://127.0.0.1:9"], 5.0)
+    templates = TriggerTemplates()
+    for _ in range(3):  # the first makes the template, later ones reuse it
+        call = ClientCore().dag_call("d", arg_map, False, "NORMAL", None, None, None)
+        encoded = templates.encode(call, plan, "tcp://127.0.0.1:9")
+        assert encoded is not None and len(encoded) == 2  # sources a and b
+        decoded = [decode(e.payload(7 if i == 0 else 0)) for i, e in enumerate(encoded)]
+        run_id = decoded[0][0].run_id
+        expected = triggers_for(call, plan, "tcp://127.0.0.1:9")
+        assert expected is not None
+        for (msg, rid, _), want, e in zip(decoded, expected, encoded, strict=True):
+            assert msg == attrs.evolve(want, run_id=run_id)
+            assert e.payload(rid) == encode(attrs.evolve(want, run_id=run_id), rid)
+        assert decoded[0][1] == 7 and decoded[1][1] == 0
+    assert len({d[0].run_id for d in decoded}) == 1
+    # big (out-of-band) arguments and references take the ordinary path
+    big = ClientCore().dag_call("d", {"a": [b"z" * 2_000_000]}, False, "NORMAL", None, None,
+                                None)
+    assert templates.encode(big, plan, "tcp://127.0.0.1:9") is None
+    ref = ClientCore().dag_call("d", {"a": [droplet.DropletReference("k")]}, False, "NORMAL",
+                                None, None, None)
+    assert templates.encode(ref, plan, "tcp://127.0.0.1:9") is None

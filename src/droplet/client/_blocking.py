@@ -64,6 +64,7 @@ from ._direct import (
     triggers_for,
 )
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
+from ._wire import TriggerTemplates
 
 __all__ = ["BlockingClient", "BlockingFuture"]
 
@@ -292,6 +293,8 @@ class BlockingClient:
         #: calls sent straight to executors (placement cached from the scheduler).
         self.direct = DirectCalls(dial_executor, place)
         self.direct.enabled = direct
+        #: their triggers, encoded from templates (see _wire.py).
+        self._templates = TriggerTemplates()
 
         self.scheduler = dial(url)
         try:
@@ -367,9 +370,11 @@ class BlockingClient:
         if found is None:
             return None
         peer, plan = found
-        triggers = triggers_for(call, plan, peer.remote)
+        triggers: builtins.list[Any] | None = self._templates.encode(call, plan, peer.remote)
         if triggers is None:
-            return None
+            triggers = triggers_for(call, plan, peer.remote)
+            if triggers is None:
+                return None
         assert call.result_key is not None
         try:  # the first source's trigger carries the request: the sink answers it
             (slot,) = peer.submit(triggers[0], timeout=self.timeout, oneway=triggers[1:],

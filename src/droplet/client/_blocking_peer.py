@@ -42,6 +42,7 @@ from ..protocol.messages import decode as decode_message
 from ..protocol.messages import encode as encode_message
 from ..rpc import error_from_reply
 from ..transports.registry import parse_address
+from ._wire import Encoded
 
 RECEIVE_SIZE = 256 * 1024
 #: Buffers per ``sendmsg`` (Linux takes at most 1024).
@@ -76,7 +77,9 @@ class _Slot:
     __slots__ = ("done", "error", "value", "wake", "watchers")
 
     def __init__(self) -> None:
-        self.wake = threading.Event()  # set when done, or when asked to take over reading
+        #: set when done, or when asked to take over reading; made only when a
+        #: thread sleeps on it (most waits read the reply themselves).
+        self.wake: threading.Event | None = None
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
@@ -86,7 +89,9 @@ class _Slot:
     def finish(self) -> None:
         """Mark answered (value or error already set) and wake whoever waits for it."""
         self.done = True
-        self.wake.set()
+        wake = self.wake  # read after done: see BlockingPeer._await
+        if wake is not None:
+            wake.set()
         watchers = self.watchers
         if watchers:
             for watcher in list(watchers):
@@ -99,12 +104,14 @@ class _AnyOf:
     __slots__ = ("done", "wake")
 
     def __init__(self) -> None:
-        self.wake = threading.Event()
+        self.wake: threading.Event | None = None  # as _Slot's
         self.done = False
 
     def notify(self) -> None:
         self.done = True
-        self.wake.set()
+        wake = self.wake
+        if wake is not None:
+            wake.set()
 
 
 class BlockingPeer:
@@ -335,8 +342,10 @@ class BlockingPeer:
         with self._state:
             ids = [next(self._ids) for _ in msgs]
             self._pending.update(zip(ids, slots, strict=True))
-        payloads = [encode_gather(m) for m in oneway]
-        payloads += [encode_gather(m, i) for m, i in zip(msgs, ids, strict=True)]
+        # An Encoded message (client/_wire.py) is encoded but for its request id.
+        payloads = [m.payload() if type(m) is Encoded else encode_gather(m) for m in oneway]
+        payloads += [m.payload(i) if type(m) is Encoded else encode_gather(m, i)
+                     for m, i in zip(msgs, ids, strict=True)]
         pieces = self._frames(payloads)
         if batch:
             with self._state:
@@ -455,10 +464,16 @@ class BlockingPeer:
             with self._state:
                 if target.done:
                     break
+                wake = target.wake
+                if wake is None:
+                    wake = target.wake = threading.Event()
                 self._waiting.add(target)
             try:
-                target.wake.wait(min(HANDOFF_POLL, max(0.0, deadline - time.monotonic())))
-                target.wake.clear()
+                # done is set before finish() looks for the event: checked again
+                # now that it exists, so a reply in between is never slept through.
+                if not target.done:
+                    wake.wait(min(HANDOFF_POLL, max(0.0, deadline - time.monotonic())))
+                    wake.clear()
             finally:
                 with self._state:
                     self._waiting.discard(target)
@@ -532,7 +547,7 @@ class BlockingPeer:
         """Ask one waiting thread to take over reading."""
         with self._state:
             for other in self._waiting:
-                if not other.done:
+                if not other.done and other.wake is not None:
                     other.wake.set()
                     return
 

@@ -2,8 +2,8 @@
 
 Through the scheduler a call crosses four connections (client -> scheduler ->
 executor -> store -> client); sent straight to an executor it crosses two
-(client -> executor -> client); the result goes to the client alone, which
-stores it under its key only if ``future.obj_id`` is read. The scheduler still owns placement and load: it hands
+(client -> executor -> client); the client alone gets the result, and it
+stores it if ``future.obj_id`` is read. The scheduler still owns placement and load: it hands
 out, per function or DAG, the executors that may run a whole call of it, least
 loaded first, with the call's schedule (:class:`~droplet.protocol.messages.CallPlaced`),
 for a short lease; the client spreads calls over them in turn and asks again
