@@ -148,6 +148,9 @@ class BlockingPeer:
         sock.setblocking(False)  # every wait is a select() with the caller's deadline
         self._sock = sock
         self._decoder = FrameDecoder(max_frame_size)
+        #: what the reading thread (one at a time: the read lock) receives into.
+        self._received = bytearray(RECEIVE_SIZE)
+        self._received_view = memoryview(self._received)
         self._max = max_frame_size
         self._ids = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
@@ -234,9 +237,8 @@ class BlockingPeer:
                 # The rest of a big frame goes straight into its own buffer.
                 target = self._decoder.receive_buffer()
                 try:
-                    if target is None:
-                        data = sock.recv(RECEIVE_SIZE)
-                        got = len(data)
+                    if target is None:  # into our buffer: no 256 KiB allocation per read
+                        got = sock.recv_into(self._received)
                     else:
                         got = sock.recv_into(target)
                 except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -248,7 +250,7 @@ class BlockingPeer:
                 if not got:
                     raise ConnectionError(f"{self.remote} closed the connection")
                 if target is None:
-                    self._decoder.feed(data)
+                    self._decoder.feed(self._received_view[:got])  # copies what came
                 else:
                     self._decoder.received(got)
                 return True
