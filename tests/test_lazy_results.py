@@ -384,3 +384,37 @@ def test_template_encoded_triggers_are_what_encode_writes(arg_map: dict[str, Any
     ref = ClientCore().dag_call("d", {"a": [droplet.DropletReference("k")]}, False, "NORMAL",
                                 None, None, None)
     assert templates.encode(ref, plan, "tcp://127.0.0.1:9") is None
+
+
+async def test_async_client_closing_with_stores_pending(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async def slow(_: Any) -> int:
+        await trio.sleep(5)
+        return 1
+
+    async with droplet.open_local_cluster(executors=1) as running:
+        kvs = running.node.kvs
+        assert kvs is not None
+        async with running.client() as cloud:
+            fn = await cloud.register(slow, "slow")
+            assert await (await fn()).get() == 1
+            future = await fn()
+            future.obj_id  # noqa: B018  # stored when it arrives, which is after close
+        await trio.sleep(10)  # the result came back to a closed client
+        assert _results(kvs) == 0
+        async with running.client() as again:
+            assert await (await again.exec_func("slow", [])).get() == 1
+
+
+def test_sync_embedded_obj_id_before_the_result_waits_for_it() -> None:
+    async def slow(_: object, x: int) -> int:
+        await trio.sleep(0.3)
+        return x + 1
+
+    with droplet.LocalCluster(executors=1) as local:
+        cloud, other = local.connect(), local.connect()
+        f = cloud.register(slow, "slow")
+        assert f(0).get() == 1
+        future = f(1)
+        key = future.obj_id  # waits for the result, then for the store's ack
+        assert other.get_object(key) == 2
