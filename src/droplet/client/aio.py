@@ -83,6 +83,8 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 30.0
+#: makes futures' arrived_threadsafe events (once each, from any thread).
+_THREADSAFE_LOCK = threading.Lock()
 #: Seconds aclose() may spend telling the store which results it can drop.
 CLOSE_FLUSH_TIMEOUT = 1.0
 
@@ -104,8 +106,9 @@ class AsyncDropletFuture:
         self._blob: Blob | None = None
         self._error: BaseException | None = None
         self._arrived = trio.Event()
-        #: set with ``_arrived``, for the sync facade to wait on without the event loop.
-        self.arrived_threadsafe = threading.Event()
+        #: set with ``_arrived``, for the sync facade to wait on without the event
+        #: loop; made on first use (pure async code never needs it).
+        self._threadsafe: threading.Event | None = None
         self._fetching = False
         #: called (in the loop) when a reply arrives: droplet.wait and as_completed.
         self._wakers: list[Callable[[], None]] = []
@@ -177,9 +180,25 @@ class AsyncDropletFuture:
             self._client._want_stored(self)
         self._fetching = False
         self._arrived.set()
-        self.arrived_threadsafe.set()
+        threadsafe = self._threadsafe  # read after _arrived is set: see arrived_threadsafe
+        if threadsafe is not None:
+            threadsafe.set()
         for wake in list(self._wakers):
             wake()
+
+    @property
+    def arrived_threadsafe(self) -> threading.Event:
+        """Set once the reply is in (as ``_arrived``), for threads outside the loop."""
+        threadsafe = self._threadsafe
+        if threadsafe is None:
+            with _THREADSAFE_LOCK:
+                threadsafe = self._threadsafe
+                if threadsafe is None:
+                    threadsafe = self._threadsafe = threading.Event()
+            # Made after _fetched may have looked for it: see for ourselves.
+            if self._arrived.is_set():
+                threadsafe.set()
+        return threadsafe
 
     def _settled(self) -> bool:
         """Whether the result or an error is in (no waiting, no I/O)."""
