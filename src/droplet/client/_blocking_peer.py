@@ -159,7 +159,7 @@ class BlockingPeer:
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._failure: BaseException | None = None
-        self._polled = 0.0  # when alive() last read the socket
+        self._polled = 0.0  # when the socket was last read (by alive() or a reader)
         #: frames held back under load (submit(batch=True)), written in order
         #: before anything else; the writer thread writes them when woken.
         self._outgoing: list[Buffer] = []
@@ -249,6 +249,7 @@ class BlockingPeer:
                     raise ConnectionError(f"connection to {self.remote} broke: {exc}") from exc
                 if not got:
                     raise ConnectionError(f"{self.remote} closed the connection")
+                self._polled = time.monotonic()  # alive now: alive() need not look soon
                 if target is None:
                     self._decoder.feed(self._received_view[:got])  # copies what came
                 else:
