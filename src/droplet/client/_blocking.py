@@ -262,8 +262,7 @@ class _StoreOnArrival(_AnyOf):
 
     def notify(self) -> None:
         future, self.future = self.future, None  # type: ignore[assignment]
-        if future is not None:
-            future._slot.watchers.remove(self)
+        if future is not None:  # (two racing calls may both put: the same value)
             future._put(wait=False)
 
 
