@@ -418,3 +418,29 @@ def test_sync_embedded_obj_id_before_the_result_waits_for_it() -> None:
         future = f(1)
         key = future.obj_id  # waits for the result, then for the store's ack
         assert other.get_object(key) == 2
+
+
+def test_what_a_client_stores_for_a_direct_call() -> None:
+    """The result, the call's error (even one that does not pickle), or nothing when
+    the executor's connection broke (nothing is known about the call)."""
+    import threading
+
+    from droplet.client._core import ClientCore, direct_result_lattice
+    from droplet.protocol.messages import KvsValue
+    from droplet.serialization import dumps_value
+
+    class Unpicklable(droplet.DropletError):
+        def __init__(self, message: str, extra: int) -> None:
+            super().__init__(message)
+            self.lock = threading.Lock()
+
+    def stored(lattice: bytes | None) -> Any:
+        assert lattice is not None
+        return ClientCore.stored_object(KvsValue("k", lattice))
+
+    assert stored(direct_result_lattice(dumps_value({"a": 1}), None)) == {"a": 1}
+    with pytest.raises(droplet.TimeoutError, match="too slow"):
+        stored(direct_result_lattice(None, droplet.TimeoutError("too slow")))
+    with pytest.raises(droplet.DropletError, match="Unpicklable: odd"):
+        stored(direct_result_lattice(None, Unpicklable("odd", 1)))
+    assert direct_result_lattice(None, droplet.ConnectionError("gone")) is None

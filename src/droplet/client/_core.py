@@ -124,8 +124,12 @@ def direct_result_lattice(blob: Blob | None, error: BaseException | None) -> byt
         return lww(bytes(blob))
     if error is None or isinstance(error, ConnectionError):
         return None
-    return lww(dumps(_Failure(error if isinstance(error, DropletError)
-                              else DropletError(f"{type(error).__name__}: {error}"))))
+    try:
+        failure = dumps(_Failure(error if isinstance(error, DropletError)
+                                 else DropletError(f"{type(error).__name__}: {error}")))
+    except Exception:  # an error that does not pickle: its message does
+        failure = dumps(_Failure(DropletError(f"{type(error).__name__}: {error}")))
+    return lww(failure)
 
 
 def result_blob(lattice: bytes) -> bytes:
