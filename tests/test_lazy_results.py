@@ -444,3 +444,24 @@ def test_what_a_client_stores_for_a_direct_call() -> None:
     with pytest.raises(droplet.DropletError, match="Unpicklable: odd"):
         stored(direct_result_lattice(None, Unpicklable("odd", 1)))
     assert direct_result_lattice(None, droplet.ConnectionError("gone")) is None
+
+
+async def test_an_executor_refuses_a_bad_store_result_and_keeps_serving() -> None:
+    from droplet.client._core import ClientCore
+    from droplet.client._direct import triggers_for
+
+    async with droplet.open_local_cluster(executors=1) as running, \
+            running.client() as cloud:
+        fn = await cloud.register(square, "sq")
+        assert await (await fn(3)).get() == 9
+        found = await cloud._direct.target("sq", True)
+        assert found is not None
+        peer, plan = found
+        call = ClientCore.function_call("sq", [4])
+        triggers = triggers_for(call, plan, peer.remote)
+        assert triggers is not None
+        bad = attrs.evolve(triggers[0], output_key="mine")  # with store_result=False
+        with trio.fail_after(10):
+            with pytest.raises(droplet.ProtocolError, match="store_result may be false only"):
+                await peer.request(bad, 5)
+        assert await (await fn(5)).get() == 25  # the same connection still serves
