@@ -385,6 +385,65 @@ async def put_throughput(client: droplet.AsyncDropletClient, ctx: Context) -> Me
     return Measured(latencies, total, n)
 
 
+def _async_functions() -> tuple[Callable[..., Any], ...]:
+    # Nested for the same reason as _remote_functions; ``async def`` functions
+    # run as trio tasks on the executor (no worker thread).
+    async def square_async(_: Any, x: Any) -> Any:
+        return x * x
+
+    async def increment_async(_: Any, x: Any) -> Any:
+        return x + 1
+
+    return square_async, increment_async
+
+
+square_async, increment_async = _async_functions()
+
+
+async def _sequential(ctx: Context, call: Callable[[], Awaitable[Any]], expect: Any
+                      ) -> Measured:
+    """Warm up, then time ``ctx.samples`` sequential awaited calls (latency rows, async)."""
+    first = await call()
+    if first != expect:
+        raise AssertionError(f"returned {first!r}, expected {expect!r}")
+    for _ in range(ctx.warmup - 1):
+        await call()
+    n = ctx.samples
+    latencies = [0] * n
+    clock = time.perf_counter_ns
+    t0 = clock()
+    for i in range(n):
+        start = clock()
+        await call()
+        latencies[i] = clock() - start
+    return Measured(latencies, clock() - t0, n)
+
+
+@throughput_case("noop-async", "no-op `async def` call with the async client: "
+                 "await (await f(1)).get() (sequential; a latency row)")
+async def noop_async(client: droplet.AsyncDropletClient, ctx: Context) -> Measured:
+    f = await client.register(increment_async, "bench-inc-async")
+
+    async def call() -> Any:
+        return await (await f(1)).get()
+
+    return await _sequential(ctx, call, 2)
+
+
+@throughput_case("dag2-async", "2-function DAG of `async def` square -> increment with the "
+                 "async client: await (await call_dag(...)).get() (sequential; a latency row)")
+async def dag2_async(client: droplet.AsyncDropletClient, ctx: Context) -> Measured:
+    names = ["bench-dag2a-0", "bench-dag2a-1"]
+    await client.register(square_async, names[0])
+    await client.register(increment_async, names[1])
+    await client.register_dag("bench-dag2-async", names, [(names[0], names[1])])
+
+    async def call() -> Any:
+        return await (await client.call_dag("bench-dag2-async", {names[0]: 3})).get()
+
+    return await _sequential(ctx, call, 10)
+
+
 @throughput_case("throughput",
                  "N concurrent no-op calls (async API): issue all exec_func, then get all")
 async def throughput(client: droplet.AsyncDropletClient, ctx: Context) -> Measured:

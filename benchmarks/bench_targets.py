@@ -116,26 +116,32 @@ class EmbeddedTarget(Target):
     name = "embedded"
     scheme = "inproc"
 
-    def __init__(self, opts: TargetOptions) -> None:
+    def __init__(self, opts: TargetOptions, *, skip_encoding: bool = False) -> None:
         super().__init__()
         self._opts = opts
+        self._skip = skip_encoding
+        if skip_encoding:
+            self.name = "embedded-objects"
         self._cluster: droplet.LocalCluster | None = None
 
     def _open_connection(self) -> droplet.DropletConnection:
         if self._cluster is None:
             self._cluster = droplet.LocalCluster(executors=self._opts.executors,
-                                                 token=self._opts.token)
+                                                 token=self._opts.token,
+                                                 skip_encoding=self._skip)
         return self._cluster.connect()
 
     @asynccontextmanager
     async def async_client(self) -> AsyncIterator[droplet.AsyncDropletClient]:
         async with droplet.open_local_cluster(executors=self._opts.executors,
-                                              token=self._opts.token) as cluster:
+                                              token=self._opts.token,
+                                              skip_encoding=self._skip) as cluster:
             async with cluster.client() as client:
                 yield client
 
     def describe(self) -> str:
-        return f"embedded: droplet.LocalCluster(executors={self._opts.executors})"
+        return (f"{self.name}: droplet.LocalCluster(executors={self._opts.executors}, "
+                f"skip_encoding={self._skip})")
 
     def close(self) -> None:
         try:
@@ -452,6 +458,8 @@ TargetFactory = Callable[[TargetOptions], Target]
 #: Targets by name, for ``--targets``.
 TARGETS: dict[str, TargetFactory] = {
     "embedded": EmbeddedTarget,
+    # inproc without the wire encoding: messages cross as objects (skip_encoding=True)
+    "embedded-objects": lambda opts: EmbeddedTarget(opts, skip_encoding=True),
     "tcp": lambda opts: NodeTarget("tcp", opts, scheme="tcp"),
     "ws": lambda opts: NodeTarget("ws", opts, scheme="ws"),
     "tls": lambda opts: TlsNodeTarget("tls", opts, scheme="tls"),

@@ -26,10 +26,18 @@ from droplet.lattices import LWWLattice, SetLattice
 # --------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(params=[False, True], ids=["frames", "objects"])
+def skip_encoding(request: pytest.FixtureRequest) -> bool:
+    """Each embedded cluster both ways: encoded frames, and message objects."""
+    value: bool = request.param
+    return value
+
+
 @pytest.fixture
-async def cluster(storage: str | None) -> AsyncIterator[Any]:
+async def cluster(storage: str | None, skip_encoding: bool) -> AsyncIterator[Any]:
     """A 2-executor cluster on each storage backend (in memory, and on Redis)."""
-    async with droplet.open_local_cluster(executors=2, storage=storage) as running:
+    async with droplet.open_local_cluster(executors=2, storage=storage,
+                                          skip_encoding=skip_encoding) as running:
         yield running
 
 
@@ -40,20 +48,23 @@ async def cloud(cluster: Any) -> AsyncIterator[AsyncDropletClient]:
 
 
 @pytest.fixture(params=["locality", "spread"])
-async def placed_cloud(request: pytest.FixtureRequest) -> AsyncIterator[AsyncDropletClient]:
+async def placed_cloud(request: pytest.FixtureRequest, skip_encoding: bool
+                       ) -> AsyncIterator[AsyncDropletClient]:
     """A client of a 2-executor cluster under each placement policy.
 
     ``spread`` makes a DAG's results cross executors; ``locality`` keeps pipelines local.
     """
-    async with droplet.open_local_cluster(executors=2, placement=request.param) as running:
+    async with droplet.open_local_cluster(executors=2, placement=request.param,
+                                          skip_encoding=skip_encoding) as running:
         async with running.client() as client:
             yield client
 
 
 @pytest.fixture
-async def single_cloud() -> AsyncIterator[AsyncDropletClient]:
+async def single_cloud(skip_encoding: bool) -> AsyncIterator[AsyncDropletClient]:
     """A client of a 1-executor cluster (every call lands on the same executor)."""
-    async with droplet.open_local_cluster(executors=1) as running:
+    async with droplet.open_local_cluster(executors=1, skip_encoding=skip_encoding
+                                          ) as running:
         async with running.client() as client:
             yield client
 

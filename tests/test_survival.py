@@ -147,12 +147,14 @@ def _join(_: Any, mutated: list[int], seen: list[int]) -> tuple[list[int], list[
 @pytest.mark.parametrize("executors", [1, 2])
 @pytest.mark.parametrize("placement", ["locality", "spread"])
 @pytest.mark.parametrize("observer", [_observe, _observe_async], ids=["sync", "async"])
+@pytest.mark.parametrize("skip", [False, True], ids=["frames", "objects"])
 async def test_each_branch_of_a_diamond_gets_its_own_copy(
-        executors: int, placement: str, observer: Any) -> None:
+        executors: int, placement: str, observer: Any, skip: bool) -> None:
     """Regression: with one executor both branches got the same object, so one
     branch saw the other's mutation; with two they did not."""
     with trio.fail_after(TIMEOUT):
-        async with droplet.open_local_cluster(executors, placement=placement) as cluster:
+        async with droplet.open_local_cluster(executors, placement=placement,
+                                              skip_encoding=skip) as cluster:
             async with cluster.client() as cloud:
                 await cloud.register(_source, "src")
                 await cloud.register(_mutate, "mutate")
@@ -183,12 +185,14 @@ def _append(_: Any, value: list[int]) -> int:
 
 
 @pytest.mark.parametrize("placement", ["locality", "spread"])
-async def test_a_pipeline_step_cannot_mutate_the_previous_steps_state(placement: str
-                                                                     ) -> None:
+@pytest.mark.parametrize("skip", [False, True], ids=["frames", "objects"])
+async def test_a_pipeline_step_cannot_mutate_the_previous_steps_state(placement: str,
+                                                                     skip: bool) -> None:
     """The local pipeline (one thread hand-off for a chain of sync functions) copies
     too: the next step cannot reach into a class instance's state."""
     with trio.fail_after(TIMEOUT):
-        async with droplet.open_local_cluster(1, placement=placement) as cluster:
+        async with droplet.open_local_cluster(1, placement=placement,
+                                              skip_encoding=skip) as cluster:
             async with cluster.client() as cloud:
                 await cloud.register((_Keeper, ()), "keeper")
                 await cloud.register(_append, "append")

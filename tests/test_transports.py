@@ -17,7 +17,9 @@ from droplet.testing.transport_checks import CHECKS, check_transport
 from droplet.transports import TransportOptions, get_transport, open_connection, parse_address
 from droplet.transports.base import Connection
 
-SCHEMES = ["inproc", "tcp", "tls", "ws", "wss"]
+# "inproc-objects": inproc with skip_encoding (message objects, no encoding),
+# so the suite runs over inproc both ways (STYLE.md 5).
+SCHEMES = ["inproc", "inproc-objects", "tcp", "tls", "ws", "wss"]
 Setup = tuple[str, TransportOptions, TransportOptions]
 
 
@@ -30,6 +32,8 @@ def setup(
     scheme: str = request.param
     if scheme == "inproc":
         return "inproc://", TransportOptions(), TransportOptions()
+    if scheme == "inproc-objects":
+        return "inproc://", TransportOptions(skip_encoding=True), TransportOptions()
     secure = scheme in ("tls", "wss")
     server = TransportOptions(ssl_context=tls_server_context if secure else None)
     client = TransportOptions(ssl_context=tls_client_context if secure else None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,11 +32,24 @@ __all__ = ["LocalCluster", "open_local_cluster"]
 
 _names = itertools.count(1)
 
+#: Set to ``1`` to make embedded clusters skip encoding unless told otherwise.
+SKIP_ENCODING_ENV = "DROPLET_SKIP_ENCODING"
+
+
+def skip_encoding_default(value: bool | None) -> bool:
+    """``skip_encoding`` as given, or (None) from ``DROPLET_SKIP_ENCODING``."""
+    if value is None:
+        return os.environ.get(SKIP_ENCODING_ENV, "").strip().lower() in ("1", "true", "yes")
+    if type(value) is not bool:
+        raise TypeError(f"skip_encoding must be True, False or None, not {value!r}")
+    return value
+
 
 @asynccontextmanager
 async def open_local_cluster(
     executors: int | tuple[int, int] = 2, *, placement: str = DEFAULT_POLICY,
-    token: str | None = None, threads: int = 32, listen: str | None = None, **settings: Any,
+    token: str | None = None, threads: int = 32, listen: str | None = None,
+    skip_encoding: bool | None = None, **settings: Any,
 ) -> AsyncIterator[RunningCluster]:
     """Run an embedded cluster for the duration of an ``async with`` block.
 
@@ -49,6 +63,13 @@ async def open_local_cluster(
         threads: worker threads per executor for sync functions.
         listen: the cluster's public address (default: a fresh ``inproc://`` name;
             e.g. ``tcp://127.0.0.1:0`` to reach it from other processes).
+        skip_encoding: messages between the cluster's services, and from
+            clients in this process, cross as Python objects instead of encoded
+            frames (see :mod:`droplet.protocol.parcel`): faster, with the same
+            semantics (values stay pickled and isolated). ``None`` (the
+            default): on when the environment variable ``DROPLET_SKIP_ENCODING``
+            is ``1``, otherwise off, so embedded tests exercise the bytes TCP
+            sends (and a test suite can run both ways without changes).
         settings: any other :class:`~droplet.config.Config` field, e.g.
             ``data_dir="state"`` to keep the store on disk (default: in memory).
     """
@@ -56,7 +77,8 @@ async def open_local_cluster(
     async with trio.open_nursery() as nursery:
         try:
             cluster = await nursery.start(_serve_cluster, executors, placement, token,
-                                          threads, dict(settings, listen=listen))
+                                          threads, dict(settings, listen=listen,
+                                                        skip_encoding=skip_encoding))
         except Exception as exc:  # could not start: re-raised below, not as a group
             failure = exc
             nursery.cancel_scope.cancel()
@@ -76,6 +98,7 @@ async def _serve_cluster(executors: int | tuple[int, int], placement: str,
                          task_status: trio.TaskStatus[RunningCluster]) -> None:
     settings = dict(settings)
     listen = settings.pop("listen", None) or f"inproc://droplet-{next(_names)}"
+    skip_encoding = skip_encoding_default(settings.pop("skip_encoding", None))
     if settings.get("data_dir") is None:
         settings["data_dir"] = IN_MEMORY  # embedded clusters keep nothing unless asked
     low, high = parse_executors(executors)
@@ -86,7 +109,8 @@ async def _serve_cluster(executors: int | tuple[int, int], placement: str,
     config.check_exposure()  # before any nursery, so the ValueError arrives bare
     async with trio.open_nursery() as nursery:
         node: Node = await nursery.start(
-            functools.partial(serve_node, config, in_process_executors=True))
+            functools.partial(serve_node, config, in_process_executors=True,
+                              skip_encoding=skip_encoding))
         task_status.started(RunningCluster(node, token))
 
 
@@ -116,19 +140,21 @@ class LocalCluster:
             or a ``"package.module:Class"`` (see :mod:`droplet.scheduler.placement`).
         token: require this cluster token of clients (default: none).
         listen: public address (default: a fresh ``inproc://`` name).
+        skip_encoding: messages cross between the cluster's services as Python
+            objects instead of encoded frames (see :func:`open_local_cluster`).
     """
 
     def __init__(self, executors: int | tuple[int, int] = 2, *,
                  placement: str = DEFAULT_POLICY,
                  token: str | None = None, threads: int = 32, listen: str | None = None,
-                 **settings: Any) -> None:
+                 skip_encoding: bool | None = None, **settings: Any) -> None:
         self._portal = Portal("droplet-local-cluster")
         self._token = token
         self._connections: list[DropletConnection] = []
         try:
             self._cluster: RunningCluster = self._portal.run(
                 self._start, executors, placement, token, threads,
-                dict(settings, listen=listen))
+                dict(settings, listen=listen, skip_encoding=skip_encoding))
         except BaseException:
             self._portal.close()
             raise

@@ -44,6 +44,7 @@ from .protocol.messages import (
 )
 from .protocol.messages import decode as decode_message
 from .protocol.messages import encode as encode_message
+from .protocol.parcel import Parcel, pack, unpack
 from .transports.base import Connection, TransportOptions
 from .transports.registry import get_transport, open_connection
 
@@ -148,6 +149,14 @@ class Peer:
         #: The largest frame this end may send, when known (connect_peer's options):
         #: ``post(..., check_size=True)`` refuses a bigger message at once.
         self.send_limit: int | None = None
+        # An inproc connection with skip_encoding carries message objects: a
+        # Parcel stands in for the frame (it has a len() for the limits) and
+        # the reader unpacks instead of decoding (see protocol/parcel.py).
+        self._encode: Callable[..., Payload] = (
+            cast(Callable[..., Payload], pack) if conn.carries_objects else encode_gather)
+        # ... and can take a posted message at once when its queue has room
+        # (``try_send``), instead of waking this peer's writer task.
+        self._try_send: Callable[[Any], bool] | None = getattr(conn, "try_send", None)
 
     @property
     def closed(self) -> bool:
@@ -155,11 +164,11 @@ class Peer:
 
     async def send(self, msg: Any) -> None:
         """Send a one-way message."""
-        await self._send(encode_gather(msg))
+        await self._send(self._encode(msg))
 
     async def send_many(self, msgs: Sequence[Any]) -> None:
         """Send several one-way messages in one write."""
-        await self._send_many([encode_gather(msg) for msg in msgs])
+        await self._send_many([self._encode(msg) for msg in msgs])
 
     async def reply(self, request_id: int, msg: Any) -> None:
         """Answer request ``request_id`` (used by handlers that returned DEFERRED).
@@ -170,7 +179,7 @@ class Peer:
             return
         try:
             try:
-                await self._send(encode_gather(msg, request_id, reply=True))
+                await self._send(self._encode(msg, request_id, reply=True))
             except ValueError as exc:
                 # The reply is over max_frame_size (checked before anything is
                 # written): tell the caller why instead of leaving it waiting.
@@ -197,7 +206,7 @@ class Peer:
         ``check_size``: a message over :attr:`send_limit` raises ValueError (as
         ``send`` would) instead of being dropped by the writer.
         """
-        encoded = encode_gather(msg)
+        encoded = self._encode(msg)
         if check_size and self.send_limit is not None and len(encoded) > self.send_limit:
             raise ValueError(f"frame of {len(encoded)} bytes exceeds "
                              f"max_frame_size={self.send_limit}")
@@ -208,7 +217,7 @@ class Peer:
         if not request_id:
             return
         try:
-            frame = encode_gather(msg, request_id, reply=True)
+            frame = self._encode(msg, request_id, reply=True)
         finally:
             self._inflight.release()
         self._post(frame, "disconnect")
@@ -220,6 +229,9 @@ class Peer:
     def _post(self, frame: Payload, on_full: str) -> None:
         if self._closed:
             raise ConnectionError(f"connection to {self.remote} is closed")
+        if (self._try_send is not None and not self._outbox
+                and not self._outbox_ready.is_set() and self._try_send(frame)):
+            return  # an in-process peer with room: handed over now, in order, no task switch
         if not self._outbox.put(frame):
             if on_full == "raise":
                 raise OutboxFull(f"{self.remote} is not keeping up: {len(self._outbox)} "
@@ -261,7 +273,10 @@ class Peer:
         (the caller learns why instead of waiting out its timeout); anything else
         is logged and dropped."""
         try:
-            msg, request_id, is_reply = decode_message(bytes(frame))
+            if isinstance(frame, Parcel):
+                msg, request_id, is_reply = frame.msg, frame.request_id, frame.reply
+            else:
+                msg, request_id, is_reply = decode_message(bytes(frame))
         except ProtocolError:  # cannot happen for frames we encoded; be safe
             is_reply, request_id, msg = False, 0, None
         log.warning("dropped a %s to %s: %s", type(msg).__name__, self.remote, exc)
@@ -294,7 +309,7 @@ class Peer:
         slot = Slot()
         self._pending[request_id] = slot
         try:
-            await self._send(encode_gather(msg, request_id))
+            await self._send(self._encode(msg, request_id))
             if timeout is None:
                 await slot.event.wait()
             else:
@@ -319,8 +334,9 @@ class Peer:
         """
         ids = [next(self._ids) for _ in msgs]
         slots = [Slot() for _ in msgs]
-        frames = [encode_gather(m) for m in oneway]
-        frames += [encode_gather(m, i) for m, i in zip(msgs, ids, strict=True)]
+        encode = self._encode
+        frames = [encode(m) for m in oneway]
+        frames += [encode(m, i) for m, i in zip(msgs, ids, strict=True)]
         self._pending.update(zip(ids, slots, strict=True))
         try:
             await self._send_many(frames)
@@ -370,7 +386,15 @@ class Peer:
                 await self._say_goodbye(exc)
                 return
             try:
-                msg, request_id, is_reply = decode_message(frame)
+                if isinstance(frame, Parcel):
+                    msg, request_id, is_reply = unpack(frame)
+                else:
+                    msg, request_id, is_reply = decode_message(frame)
+                    if not is_reply:
+                        # A peer sending requests as frames over an object-carrying
+                        # connection (a raw-frame tool, one_request) is answered in
+                        # frames. (Error replies are frames either way.)
+                        self._encode = encode_gather
             except InvalidMessage as exc:
                 # Well framed, wrong values: refuse this message, keep the connection.
                 if exc.request_id and not exc.is_reply:

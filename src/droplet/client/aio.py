@@ -83,10 +83,11 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 30.0
-#: makes futures' arrived_threadsafe events (once each, from any thread).
-_THREADSAFE_LOCK = threading.Lock()
 #: Seconds aclose() may spend telling the store which results it can drop.
 CLOSE_FLUSH_TIMEOUT = 1.0
+
+
+_THREADSAFE_LOCK = threading.Lock()
 
 
 class AsyncDropletFuture:
@@ -106,8 +107,8 @@ class AsyncDropletFuture:
         self._blob: Blob | None = None
         self._error: BaseException | None = None
         self._arrived = trio.Event()
-        #: set with ``_arrived``, for the sync facade to wait on without the event
-        #: loop; made on first use (pure async code never needs it).
+        # ``arrived_threadsafe``, made only when the sync facade asks (a
+        # threading.Event costs a lock and a condition per call).
         self._threadsafe: threading.Event | None = None
         self._fetching = False
         #: called (in the loop) when a reply arrives: droplet.wait and as_completed.
@@ -115,6 +116,20 @@ class AsyncDropletFuture:
         #: sent straight to an executor, which answers this client alone: the
         #: result is stored only once its key is handed out (``obj_id``).
         self._direct = False
+
+    @property
+    def arrived_threadsafe(self) -> threading.Event:
+        """Set with ``_arrived``, for the sync facade to wait on without the event loop."""
+        event = self._threadsafe
+        if event is None:
+            with _THREADSAFE_LOCK:
+                event = self._threadsafe
+                if event is None:
+                    event = threading.Event()
+                    self._threadsafe = event  # before the check: _fetched may run now
+                    if self._arrived.is_set():
+                        event.set()
+        return event
 
     @property
     def obj_id(self) -> str:
@@ -180,25 +195,10 @@ class AsyncDropletFuture:
             self._client._want_stored(self)
         self._fetching = False
         self._arrived.set()
-        threadsafe = self._threadsafe  # read after _arrived is set: see arrived_threadsafe
-        if threadsafe is not None:
-            threadsafe.set()
+        if self._threadsafe is not None:
+            self._threadsafe.set()
         for wake in list(self._wakers):
             wake()
-
-    @property
-    def arrived_threadsafe(self) -> threading.Event:
-        """Set once the reply is in (as ``_arrived``), for threads outside the loop."""
-        threadsafe = self._threadsafe
-        if threadsafe is None:
-            with _THREADSAFE_LOCK:
-                threadsafe = self._threadsafe
-                if threadsafe is None:
-                    threadsafe = self._threadsafe = threading.Event()
-            # Made after _fetched may have looked for it: see for ourselves.
-            if self._arrived.is_set():
-                threadsafe.set()
-        return threadsafe
 
     def _settled(self) -> bool:
         """Whether the result or an error is in (no waiting, no I/O)."""
@@ -211,7 +211,8 @@ class AsyncDropletFuture:
     async def _rearm(self) -> None:
         """Send the result read again after the store's wait ran out."""
         self._arrived = trio.Event()
-        self.arrived_threadsafe.clear()
+        if self._threadsafe is not None:
+            self._threadsafe.clear()
         await self._start_fetch()
 
     def result_ready(self) -> Any:
@@ -235,7 +236,8 @@ class AsyncDropletFuture:
         if self._blob is None and self._error is None:
             if not self._fetching:  # the first wait expired; wait again
                 self._arrived = trio.Event()
-                self.arrived_threadsafe.clear()
+                if self._threadsafe is not None:
+                    self._threadsafe.clear()
                 await self._start_fetch()
             with trio.move_on_after(wait):
                 await self._arrived.wait()

@@ -37,6 +37,7 @@ from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, GetStatistics, Hello, Statistics
 from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
 from ..scheduler.service import SchedulerService
+from ..transports.base import TransportOptions
 from ..transports.registry import parse_address
 from ._main import WATCH_PARENT_ENV
 from .pool import ExecutorPool, LocalControl, RemoteControl
@@ -129,17 +130,25 @@ async def serve_node(
     config: Config,
     *,
     in_process_executors: bool = False,
+    skip_encoding: bool = False,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one node until cancelled; ``task_status.started`` gets the ready :class:`Node`.
 
     With ``in_process_executors`` the ``all`` role runs its executors as tasks
     of this process instead of child processes (the embedded LocalCluster).
+    With ``skip_encoding`` its ``inproc://`` listeners (the public one, the
+    executors') carry message objects instead of encoded frames (see
+    :mod:`droplet.protocol.parcel`). The scheduler's and the cache's link to the
+    node's own store always does: services of one process never encode to
+    each other.
     """
     # The library refuses an exposed address without a token, as the CLI does:
     # LocalCluster(listen="tcp://0.0.0.0:0") would otherwise run anyone's code.
     config.check_exposure()
     server_opts = config.server_options()
+    if skip_encoding and parse_address(config.listen_url)[0] == "inproc":
+        server_opts.skip_encoding = True
     client_opts = config.client_options()
     limits = Limits(max_inflight=config.max_inflight)
     token = config.token
@@ -168,7 +177,7 @@ async def serve_node(
         if config.role in ("all", "scheduler"):
             if config.role == "all":
                 internal = await nursery.start(_serve, f"inproc://node-{uuid.uuid4().hex}",
-                                               router, token, server_opts, limits)
+                                               router, token, _objects(server_opts), limits)
                 kvs_peer = await connect_peer(internal, nursery, token=token)
                 kvs_url = ""  # "the address you reached me at"
             else:
@@ -188,12 +197,18 @@ async def serve_node(
                                                shared_memory=not in_process_executors)
             router.add(NodeCacheService(node.cache))
             node.url = await _start_workers(nursery, config, node, router, token, server_opts,
-                                            limits, in_process_executors)
+                                            limits, in_process_executors, skip_encoding)
         else:
             node.url = await nursery.start(_serve, config.listen_url, router, token,
                                            server_opts, limits)
         await _start_metrics(nursery, config, node)
         task_status.started(node)
+
+
+def _objects(options: TransportOptions) -> TransportOptions:
+    """``options`` for an inproc listener whose connections carry message objects."""
+    return TransportOptions(max_frame_size=options.max_frame_size,
+                            read_timeout=options.read_timeout, skip_encoding=True)
 
 
 async def _start_metrics(nursery: trio.Nursery, config: Config, node: Node) -> None:
@@ -258,7 +273,7 @@ async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,
 
 async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, router: Router,
                          token: str | None, server_opts: Any, limits: Limits,
-                         in_process: bool) -> str:
+                         in_process: bool, skip_encoding: bool = False) -> str:
     """Start the executors, wait until the minimum joined, then open the public address."""
     scheduler = node.scheduler
     assert scheduler is not None
@@ -267,10 +282,13 @@ async def _start_workers(nursery: trio.Nursery, config: Config, node: Node, rout
         # Executors and their links to the scheduler stay in-process (inproc://),
         # whatever scheme the public address uses.
         base = f"inproc://node-{uuid.uuid4().hex[:12]}"
+        # The node's frame limit holds on these links too (either way of crossing).
+        inproc_opts = TransportOptions(max_frame_size=config.max_frame_size,
+                                       skip_encoding=skip_encoding)
         workers_url: str = await nursery.start(_serve, f"{base}-workers", router, token,
-                                               None, limits)
+                                               inproc_opts, limits)
         launch = functools.partial(_run_in_process, node, workers_url, base, config, token,
-                                   limits)
+                                   limits, inproc_opts)
     else:
         # Child processes join over a loopback TCP listener of their own, whatever
         # scheme (ws, TLS) the public address uses.
@@ -353,12 +371,13 @@ def _worker_flags(config: Config) -> list[str]:
 
 
 async def _run_in_process(node: Node, scheduler_url: str, base: str, config: Config,
-                          token: str | None, limits: Limits, worker_id: str) -> None:
+                          token: str | None, limits: Limits,
+                          inproc_opts: TransportOptions | None, worker_id: str) -> None:
     """Run one executor of the embedded cluster as tasks of this process, until cancelled."""
     ex_config = attrs.evolve(config, role="executor", scheduler=scheduler_url)
     async with trio.open_nursery() as nursery:
         worker = await _start_executor(nursery, ex_config, f"{base}-executor-{worker_id}",
-                                       token, None, None, limits, node_id=worker_id,
+                                       token, inproc_opts, None, limits, node_id=worker_id,
                                        cache=node.cache)
         for ex in worker.executors:  # one executor reports the shared cache's size
             ex.reports_cache = not any(e.reports_cache for e in node.executors)

@@ -45,6 +45,7 @@ __all__ = [
     "check_connect_refused",
     "check_empty_frame",
     "check_handler_peer_gone",
+    "check_objects",
     "check_order",
     "check_oversize_frame",
     "check_transport",
@@ -92,6 +93,7 @@ def _options(base: TransportOptions, *, max_frame_size: int | None = None) -> Tr
         max_frame_size=base.max_frame_size if max_frame_size is None else max_frame_size,
         read_timeout=base.read_timeout,
         ssl_context=base.ssl_context,
+        skip_encoding=base.skip_encoding,
     )
 
 
@@ -533,6 +535,47 @@ async def check_handler_peer_gone(
         nursery.cancel_scope.cancel()
 
 
+async def check_objects(
+    base_url: str, options_server: TransportOptions, options_client: TransportOptions
+) -> None:
+    """Message objects cross only where the listener asked for them (``skip_encoding``).
+
+    A connection carries objects exactly when its listener's options say so
+    (only ``inproc://`` honours the option). Then a
+    :class:`~droplet.protocol.parcel.Parcel` arrives as the object sent, in order
+    with frames, and one whose values exceed ``max_frame_size`` is refused
+    before anything is sent, as an oversize frame is. Both ends of a
+    connection agree.
+    """
+    from ..protocol.messages import KvsPut, Ok
+    from ..protocol.parcel import pack
+
+    wants = options_server.skip_encoding and parse_address(base_url)[0] == "inproc"
+    async with _listening(base_url, _options(options_server, max_frame_size=SMALL_LIMIT)
+                          ) as listener:
+        client, server = await listener.pair(options_client)
+        _expect(client.carries_objects == wants and server.carries_objects == wants,
+                f"carries_objects is {client.carries_objects}/{server.carries_objects} "
+                f"(client/server) with skip_encoding={options_server.skip_encoding}")
+        if not wants:
+            await _round_trip(client, server, [b"frame"])
+            return
+        first = pack(KvsPut("k", b"v" * 10), 7)
+        reply = pack(Ok(), 7, reply=True)
+        await client.send(first)  # type: ignore[arg-type]
+        await client.send(b"a frame between objects")
+        got: object = await server.receive()
+        _expect(got is first, f"sent a Parcel, received {got!r}")
+        _expect(await server.receive() == b"a frame between objects",
+                "a frame after a Parcel was lost or reordered")
+        await server.send(reply)  # type: ignore[arg-type]
+        _expect(id(await client.receive()) == id(reply), "the reply Parcel did not arrive")
+        too_big = pack(KvsPut("k", b"x" * (SMALL_LIMIT + 1)))
+        await _expect_raises(ValueError, "sending a Parcel over max_frame_size",
+                             server.send, too_big)
+        await _round_trip(client, server, [b"still usable"])
+
+
 CHECKS: dict[str, Check] = {
     "order": check_order,
     "send_many": check_send_many,
@@ -548,6 +591,7 @@ CHECKS: dict[str, Check] = {
     "bound_url": check_bound_url,
     "connect_refused": check_connect_refused,
     "handler_peer_gone": check_handler_peer_gone,
+    "objects": check_objects,
 }
 
 

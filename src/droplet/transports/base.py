@@ -33,6 +33,10 @@ class Connection(abc.ABC):
 
     #: URL of the other end, for logs and error messages.
     remote_address: str = ""
+    #: True when the connection may also carry message objects
+    #: (:class:`~droplet.protocol.parcel.Parcel`) instead of encoded frames: an
+    #: ``inproc://`` connection with ``skip_encoding`` (see TransportOptions).
+    carries_objects: bool = False
 
     @abc.abstractmethod
     async def send(self, frame: bytes) -> None: ...
@@ -80,6 +84,10 @@ class TransportOptions:
         read_timeout: seconds a peer may take to finish a frame it started.
         ssl_context: server-side context for ``tls://`` / ``wss://`` listeners,
             client-side context for connecting to them.
+        skip_encoding: ``inproc://`` listeners only: their connections carry
+            messages as Python objects (:mod:`droplet.protocol.parcel`) instead
+            of encoded frames. Values stay pickled and isolated; only the
+            envelope encoding is skipped. Other transports ignore it.
     """
 
     def __init__(
@@ -88,10 +96,12 @@ class TransportOptions:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         read_timeout: float = 30.0,
         ssl_context: object | None = None,
+        skip_encoding: bool = False,
     ) -> None:
         self.max_frame_size = max_frame_size
         self.read_timeout = read_timeout
         self.ssl_context = ssl_context
+        self.skip_encoding = skip_encoding
 
 
 class Transport(abc.ABC):

@@ -1,8 +1,14 @@
 """``inproc://NAME``: connections between tasks of one Trio run, no sockets.
 
-Frames cross as the same encoded ``bytes`` the socket transports send, so an
-embedded cluster exercises exactly the codec the network does (STYLE.md,
-"same bytes everywhere"); only the kernel is skipped.
+By default frames cross as the same encoded ``bytes`` the socket transports
+send, so an embedded cluster exercises exactly the codec the network does
+(STYLE.md, "same bytes everywhere"); only the kernel is skipped.
+
+A listener started with ``TransportOptions(skip_encoding=True)`` gives its
+connections :attr:`~droplet.transports.base.Connection.carries_objects`: they
+also carry :class:`~droplet.protocol.parcel.Parcel` objects (a message, not
+its encoding), which :class:`~droplet.rpc.Peer` then sends instead of frames.
+Both kinds count against ``max_frame_size`` by ``len()``.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ __all__ = ["InprocConnection", "InprocTransport"]
 # Frames a sender may queue before it waits for the receiver (backpressure).
 QUEUE_FRAMES = 1024
 
-# name -> (owning run, channel of incoming connections, listener's max_frame_size)
+# name -> (owning run, channel of incoming connections, listener's max_frame_size,
+#          whether its connections carry objects)
 _listeners: dict[
-    str, tuple[trio.lowlevel.TrioToken, trio.MemorySendChannel[InprocConnection], int]
+    str, tuple[trio.lowlevel.TrioToken, trio.MemorySendChannel[InprocConnection], int, bool]
 ] = {}
 _names = itertools.count(1)
 
@@ -34,7 +41,9 @@ class InprocConnection(Connection):
         receive_channel: trio.MemoryReceiveChannel[bytes],
         remote_address: str,
         max_frame_size: int,
+        carries_objects: bool = False,
     ) -> None:
+        self.carries_objects = carries_objects
         self._send = send_channel
         self._recv = receive_channel
         self.remote_address = remote_address
@@ -45,17 +54,47 @@ class InprocConnection(Connection):
         if len(frame) > self._max:
             raise ValueError(f"frame of {len(frame)} bytes exceeds max_frame_size={self._max}")
         try:
+            if self.carries_objects:
+                # The fast mode does not yield to the scheduler when the queue has
+                # room (a task switch costs more than the send): it still notices
+                # a cancellation, and waits like any send when the queue is full.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    self._send.send_nowait(frame)
+                    return
+                except trio.WouldBlock:
+                    pass
             await self._send.send(frame)
         except trio.ClosedResourceError:
             raise
         except trio.BrokenResourceError:
             raise trio.BrokenResourceError(f"{self.remote_address} went away") from None
 
+    def try_send(self, frame: object) -> bool:
+        """Send without waiting, in the fast mode only: False when the frame must
+        go the slow way (the queue is full, the frame is over the limit, the
+        connection is closed, or this connection carries encoded frames), so
+        the caller's ``send`` raises what it should."""
+        if not self.carries_objects or len(frame) > self._max:  # type: ignore[arg-type]
+            return False
+        try:
+            self._send.send_nowait(frame)  # type: ignore[arg-type]
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
     def limit_incoming(self, max_frame_size: int | None) -> None:
         self._incoming_limit = self._max if max_frame_size is None else max_frame_size
 
     async def receive(self) -> bytes:
-        frame = await self._recv.receive()  # EndOfChannel when the peer closed
+        if self.carries_objects:  # as in send: no task switch when a frame is waiting
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                frame = self._recv.receive_nowait()
+            except trio.WouldBlock:
+                frame = await self._recv.receive()
+        else:
+            frame = await self._recv.receive()  # EndOfChannel when the peer closed
         if len(frame) > self._incoming_limit:
             raise ProtocolError(
                 f"{len(frame)}-byte frame exceeds the limit {self._incoming_limit}")
@@ -68,12 +107,12 @@ class InprocConnection(Connection):
 
 
 def _pair(
-    server_url: str, client_max: int, server_max: int
+    server_url: str, client_max: int, server_max: int, objects: bool = False
 ) -> tuple[InprocConnection, InprocConnection]:
     a_send, b_recv = trio.open_memory_channel[bytes](QUEUE_FRAMES)
     b_send, a_recv = trio.open_memory_channel[bytes](QUEUE_FRAMES)
-    client = InprocConnection(a_send, a_recv, server_url, client_max)
-    server = InprocConnection(b_send, b_recv, "inproc://client", server_max)
+    client = InprocConnection(a_send, a_recv, server_url, client_max, objects)
+    server = InprocConnection(b_send, b_recv, "inproc://client", server_max, objects)
     return client, server
 
 
@@ -96,6 +135,7 @@ class InprocTransport(Transport):
             trio.lowlevel.current_trio_token(),
             incoming_send,
             options.max_frame_size,
+            options.skip_encoding,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -115,13 +155,14 @@ class InprocTransport(Transport):
         entry = _listeners.get(name)
         if entry is None:
             raise ConnectionError(f"nothing listens at inproc://{name}")
-        token, incoming, server_max = entry
+        token, incoming, server_max, objects = entry
         if token is not trio.lowlevel.current_trio_token():
             raise ConnectionError(
                 f"inproc://{name} belongs to another Trio run; inproc connections only work "
                 "between tasks of the same run (use tcp:// across threads or processes)"
             )
-        client, server = _pair(f"inproc://{name}", options.max_frame_size, server_max)
+        client, server = _pair(f"inproc://{name}", options.max_frame_size, server_max,
+                               objects)
         try:
             incoming.send_nowait(server)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
