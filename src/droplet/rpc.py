@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
@@ -32,7 +33,7 @@ from . import errors
 from .errors import ConnectionError, DropletError, ProtocolError
 from .outbox import OUTBOX_BYTES, OUTBOX_MESSAGES, Outbox
 from .protocol import handshake
-from .protocol.framing import Gather, Payload
+from .protocol.framing import BIG_FRAME, Gather, Payload
 from .protocol.messages import (
     AuthChallenge,
     AuthResponse,
@@ -59,6 +60,9 @@ DEFERRED: Any = object()
 Handler = Callable[["Peer", Any, int], Awaitable[Any]]
 
 HANDSHAKE_TIMEOUT = 10.0
+#: The reader yields to other tasks at least once per this many messages it
+#: handles (a frame already buffered is read without a checkpoint).
+CHECKPOINT_EVERY = 32
 #: The largest frame a peer may send before it has authenticated (an
 #: AuthResponse is about 90 bytes).
 HANDSHAKE_MAX_FRAME = 4096
@@ -141,6 +145,16 @@ class Peer:
         self._outbox = Outbox(limits.outbox_messages, limits.outbox_bytes)
         self._outbox_ready = trio.Event()
         self._run_scope: trio.CancelScope | None = None
+        #: Worker-thread writes (write_from_thread): the connection's thread path,
+        #: the loop to wake when it must finish a write, and the requests whose
+        #: replies threads sent (their in-flight slots, freed in the loop).
+        self._thread_send: Callable[[bytes], int] | None = (
+            conn.send_from_thread if getattr(conn, "thread_writes", False)  # type: ignore[attr-defined]
+            else None)
+        self._token: trio.lowlevel.TrioToken | None = None  # set when ``run`` starts
+        self._flush_wanted = False
+        self._released: deque[None] = deque()
+        self._reader_blocked = False
         #: messages dropped, and whether this peer was cut off, for a full outbox.
         self.overflowed = False
         self.on_close: list[Callable[[Peer], None]] = []
@@ -226,6 +240,79 @@ class Peer:
         """:meth:`reply_error` through the outbox."""
         self.post_reply(request_id, _error_reply(exc))
 
+    @property
+    def thread_writes(self) -> bool:
+        """Whether :meth:`write_from_thread` can write on this connection at all."""
+        return self._thread_send is not None
+
+    def write_from_thread(self, msg: Any, request_id: int = 0, reply: bool = False) -> bool:
+        """From a worker thread: write ``msg`` on the connection now, no loop wakeup.
+
+        Only a small message over a connection that supports it (plain TCP);
+        returns False when it was not taken, and the caller sends it from the
+        loop as usual. Raises ValueError for a message over ``max_frame_size``
+        (which the loop could not send either). Frames stay whole and in order
+        with the loop's writes. A reply taken here frees its request's in-flight slot. A closed
+        connection takes (and drops) the message: its caller is gone.
+        """
+        send = self._thread_send
+        if send is None or self._closed or self._token is None:
+            return False
+        frame = encode_gather(msg, request_id, reply=reply)
+        limit: int = self.conn.send_limit  # type: ignore[attr-defined]
+        if len(frame) > limit:
+            raise ValueError(f"frame of {len(frame)} bytes exceeds max_frame_size={limit}")
+        if type(frame) is Gather:
+            if len(frame) >= BIG_FRAME:
+                return False
+            frame = bytes(frame)
+        try:
+            done = send(cast(bytes, frame))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            done = 0
+        if done == 2:  # tcp.REFUSED
+            return False
+        if done == 1:  # tcp.FLUSH: the rest waits for the loop's writer
+            self._call_soon(self._want_flush)
+        if reply and request_id:
+            self._released.append(None)
+            if self._reader_blocked:  # the reader waits for a free slot: free it now
+                self._call_soon(self._collect_released)
+        return True
+
+    def _call_soon(self, fn: Callable[[], None]) -> None:
+        assert self._token is not None
+        try:
+            self._token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            pass
+
+    def _want_flush(self) -> None:
+        self._flush_wanted = True
+        self._outbox_ready.set()
+
+    def _collect_released(self) -> None:
+        """In the loop: free the in-flight slots of replies threads sent."""
+        released = self._released
+        while released:
+            released.popleft()
+            self._inflight.release()
+
+    async def _acquire_inflight(self) -> None:
+        if self._released:
+            self._collect_released()
+        try:
+            self._inflight.acquire_nowait()  # no checkpoint: the read loop has its own
+            return
+        except trio.WouldBlock:
+            pass
+        self._reader_blocked = True
+        try:
+            self._collect_released()  # after the flag: a thread's release is not missed
+            await self._inflight.acquire()
+        finally:
+            self._reader_blocked = False
+
     def _post(self, frame: Payload, on_full: str) -> None:
         if self._closed:
             raise ConnectionError(f"connection to {self.remote} is closed")
@@ -250,6 +337,14 @@ class Peer:
         outbox = self._outbox
         while True:
             if not outbox:
+                if self._flush_wanted:  # what worker threads could not write at once
+                    self._flush_wanted = False
+                    try:
+                        await self.conn.flush()  # type: ignore[attr-defined]
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self.aclose()
+                        return
+                    continue
                 self._outbox_ready = trio.Event()
                 await self._outbox_ready.wait()
                 continue
@@ -356,6 +451,7 @@ class Peer:
 
     async def run(self) -> None:
         """The reader loop (and the outbox's writer); returns when the connection closes."""
+        self._token = trio.lowlevel.current_trio_token()
         try:
             async with trio.open_nursery() as nursery:
                 self._run_scope = nursery.cancel_scope
@@ -376,6 +472,7 @@ class Peer:
 
     async def _read_loop(self) -> None:
         conn, pending = self.conn, self._pending
+        n = 0
         while True:
             try:
                 frame = await conn.receive()
@@ -430,8 +527,11 @@ class Peer:
                         ErrorReply("ProtocolError", f"unexpected {type(msg).__name__}"),
                         request_id, reply=True))
                 continue
+            n += 1
+            if not n % CHECKPOINT_EVERY:
+                await trio.lowlevel.checkpoint()
             if request_id:
-                await self._inflight.acquire()
+                await self._acquire_inflight()
             try:
                 result = await self._handler(self, msg, request_id)
             except Exception as exc:  # a bad request never takes the node down
@@ -685,6 +785,11 @@ class PeerPool:
 
     def __len__(self) -> int:
         return len(self._peers)
+
+    def peek(self, url: str) -> Peer | None:
+        """The open connection to ``url``, if there is one (never dials)."""
+        peer = self._peers.get(url)
+        return peer if peer is not None and not peer.closed else None
 
     def add(self, url: str, peer: Peer) -> None:
         self._peers[url] = peer

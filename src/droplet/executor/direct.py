@@ -72,6 +72,9 @@ class Callers:
     def __len__(self) -> int:
         return len(self._waiting)
 
+    def __contains__(self, run_id: str) -> bool:
+        return run_id in self._waiting
+
     def add(self, run_id: str, reply: Reply, now: float) -> None:
         if run_id in self._waiting:
             raise ProtocolError(f"run {run_id!r} was already started here")

@@ -45,6 +45,11 @@ class FunctionLoader:
         """Names being loaded right now (one lock each, dropped when done)."""
         return len(self._locks)
 
+    def peek(self, name: str, version: str) -> Loaded | None:
+        """Function ``name`` at ``version`` if it is loaded already (no I/O)."""
+        loaded = self._functions.get(name)
+        return loaded if loaded is not None and loaded.version == version else None
+
     async def load(self, name: str, version: str | None) -> Loaded:
         """Function ``name`` at ``version``, fetched from the store unless loaded already.
 

@@ -11,6 +11,7 @@ DAG to the caller; the executor itself carries on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -53,6 +54,7 @@ from .copies import private
 from .direct import Callers, Reply, check_direct
 from .downstream import arguments_for
 from .fanin import FanIn
+from .fastlane import FastLane
 from .loader import FunctionLoader
 from .multiexec import MultiExec, spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
@@ -63,10 +65,11 @@ from .reports import (
     Load,
     report_periodically,
 )
+from .steps import RunContext, Step, run_sync_steps
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
-__all__ = ["ExecutorService", "ExecutorStatistics"]
+__all__ = ["ExecutorService", "ExecutorStatistics", "RunContext"]
 
 log = logging.getLogger("droplet.executor")
 
@@ -114,6 +117,8 @@ class ExecutorStatistics:
     peers: int = 0
     #: runs clients sent here themselves, still to answer.
     direct_waiting: int = 0
+    #: triggers run on the fast lane (a worker thread from start to reply).
+    fast_calls: int = 0
 
 
 @attrs.frozen
@@ -126,46 +131,6 @@ class _Input:
     #: a tuple value becomes several arguments (upstream results do; a
     #: continuation's carried result is one argument, as in Cloudburst)
     spread: bool = True
-
-
-@attrs.define
-class RunContext:
-    """Consistency state shared by the functions of one run that execute together here."""
-
-    run_id: str
-    consistency: str
-    writer: str  # vector-clock node id for CAUSAL writes: the session or the run
-    causal: CausalContext | None = None
-    pins: dict[str, bytes | None] = attrs.Factory(dict)
-
-
-@attrs.define
-class _Step:
-    """One function of a segment, ready to call."""
-
-    function: str
-    target: Any
-    is_async: bool
-    args: list[Any]
-    lib: UserLibrary
-
-
-def _run_sync_steps(steps: list[_Step], carried: list[Any]) -> tuple[Any, bool]:
-    """In a worker thread: run consecutive sync steps, each fed the previous result.
-
-    Each step gets a private copy of its input, as it would on another executor.
-    """
-    value: Any = None
-    for i, step in enumerate(steps):
-        try:
-            if i:  # the previous step's result: a tuple splats, references resolve
-                carried = [step.lib.get(a.key, a.deserialize)
-                           if isinstance(a, DropletReference) else a
-                           for a in spread(private(value))]
-            value = step.target(step.lib, *step.args, *carried)
-        except Exception as exc:
-            return _Failure(function_error(exc, step.function)), True
-    return value, False
 
 
 class ExecutorService:
@@ -183,6 +148,7 @@ class ExecutorService:
         resources: dict[str, int] | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         cache: Cache | RemoteCache | None = None,
+        fast_lane: bool = True,
     ) -> None:
         self._nursery = nursery
         self.url = url
@@ -215,9 +181,13 @@ class ExecutorService:
         self._running = 0
         #: calls, failures and latencies per function, for the next report.
         self.recorder = CallRecorder()
+        #: plain calls run in a worker thread from start to reply (fastlane.py).
+        self.fast_lane: FastLane | None = FastLane(self, MAX_INVOCATIONS) if fast_lane else None
 
     def load(self) -> Load:
         """Current load and cache figures (what the periodic report carries)."""
+        if self.fast_lane is not None:
+            self.fast_lane.settle()
         cache = self.cache.statistics()
         counts = self._counts()
         mine = self.reports_cache
@@ -232,6 +202,8 @@ class ExecutorService:
         return self._cache_counts
 
     def statistics(self) -> ExecutorStatistics:
+        if self.fast_lane is not None:
+            self.fast_lane.settle()
         cache = self.cache.statistics()
         counts = self._counts()
         return ExecutorStatistics(
@@ -242,13 +214,16 @@ class ExecutorService:
             mailboxes=len(self._libraries), cache_entries=cache.entries,
             cache_bytes=cache.bytes, cache_evictions=cache.evictions,
             worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
-            peers=len(self._peers), direct_waiting=len(self._callers))
+            peers=len(self._peers), direct_waiting=len(self._callers),
+            fast_calls=self.fast_lane.calls if self.fast_lane is not None else 0)
 
     async def _serve(self) -> None:
         """Own the worker threads: they exit when the service's nursery ends."""
         try:
             await trio.sleep_forever()
         finally:
+            with trio.CancelScope(shield=True):  # fast-lane calls get the grace period too
+                await self._threads.finish_started()
             self._threads.close()
             if self._own_cache or isinstance(self.cache, RemoteCache):
                 self.cache.close()
@@ -319,9 +294,14 @@ class ExecutorService:
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
+        fast = self.fast_lane
+        if fast is not None and fast.done:
+            fast.settle()
         if kind is Trigger:
             if request_id:  # a run a client sent here itself: answer it with the result
                 check_direct(msg, self.url)
+                if fast is not None and fast.try_start(msg, peer, request_id):
+                    return DEFERRED
                 now = time.monotonic()
                 self._callers.add(msg.run_id, Reply(peer, request_id, now), now)
                 try:
@@ -330,7 +310,8 @@ class ExecutorService:
                     self._callers.pop(msg.run_id)
                     raise
                 return DEFERRED
-            self._on_trigger(msg)
+            if fast is None or not fast.try_start(msg, None, 0):
+                self._on_trigger(msg)
         elif kind is KvsUpdate:
             await self.cache.update(msg.key, msg.lattice)
         elif kind is Mail:
@@ -494,14 +475,19 @@ class ExecutorService:
                 return
             result, failed = outcome
         sink = t if last == t.function else attrs.evolve(t, function=last)
+        # A direct caller's result is posted (no wait) and bounds its one possible
+        # wait itself: no cancel scope (~12 us) for the common case.
+        bounded = (t.run_id in self._callers and t.output_key is None
+                   and not any(src == last for src, _ in t.edges))
         try:
-            with trio.fail_after(SEND_TIMEOUT):
+            with contextlib.nullcontext() if bounded else trio.fail_after(SEND_TIMEOUT):
                 try:
                     await self._forward(sink, result, failed, run)
                 except ValueError as exc:  # the result is too big for one frame
                     too_big = _Failure(DropletError(
                         f"the result of {last!r} is too large to send: {exc}"))
-                    await self._forward(sink, too_big, True, run)
+                    with trio.fail_after(SEND_TIMEOUT):
+                        await self._forward(sink, too_big, True, run)
         except (Exception, trio.TooSlowError) as exc:
             log.warning("run %s: could not deliver result of %s: %s", t.run_id, last, exc)
 
@@ -540,7 +526,7 @@ class ExecutorService:
         libs: list[UserLibrary], run: RunContext,
     ) -> tuple[Any, bool]:
         """Run the segment's functions in order; returns ``(value, failed)``."""
-        steps: list[_Step] = []
+        steps: list[Step] = []
         for fn in segment:
             try:
                 steps.append(await self._prepare(t, fn, libs, run))
@@ -579,7 +565,7 @@ class ExecutorService:
                         return _Failure(function_error(exc, step.function)), True
                 # The thread resolves the results of steps it runs itself.
                 value, failed = await self._threads.run(
-                    _run_sync_steps, steps[i:j], carried, label=step.function)
+                    run_sync_steps, steps[i:j], carried, label=step.function)
                 if failed:
                     return value, True
                 i = j
@@ -593,11 +579,9 @@ class ExecutorService:
                 if isinstance(a, DropletReference) else a for a in args]
 
     async def _prepare(self, t: Trigger, function: str, libs: list[UserLibrary],
-                       run: RunContext) -> _Step:
+                       run: RunContext) -> Step:
         loaded = await self._loader.load(function, t.versions[t.functions.index(function)])
-        self._next_id += 1
-        lib = UserLibrary(self, f"{self.url}/{self._next_id}", run)
-        self._libraries[lib.getid()] = lib
+        lib = self._new_library(run)
         libs.append(lib)
         args: list[Any] = []
         if function in t.arg_fns:
@@ -614,7 +598,14 @@ class ExecutorService:
                         loaded.instance = await self._threads.run(
                             lambda: cls(lib, *init_args))
             target = loaded.instance.run
-        return _Step(function, target, inspect.iscoroutinefunction(target), args, lib)
+        return Step(function, target, inspect.iscoroutinefunction(target), args, lib)
+
+    def _new_library(self, run: RunContext) -> UserLibrary:
+        """A user library for one invocation, reachable by its id for mail."""
+        self._next_id += 1
+        lib = UserLibrary(self, f"{self.url}/{self._next_id}", run)
+        self._libraries[lib.getid()] = lib
+        return lib
 
     # ------------------------------------------------------------------ state
 
@@ -723,14 +714,18 @@ class ExecutorService:
             result = SessionResult(result, causal)
         caller = self._callers.pop(t.run_id)
         if caller is not None:  # a client's direct run: the result to it first
-            caller.send(DagResult(t.run_id, pickle_value(result), failed))
+            blob = pickle_value(result)
+            caller.send(DagResult(t.run_id, blob, failed))
             if not t.store_result:  # the client stores it if its key is asked for
                 return
-            put = KvsPut(t.result_key, lww(pickle_result(result)))
+            # A plain pickle serves the store as is: pickled once for both.
+            stored = blob if type(blob) is bytes else pickle_result(result)
+            put = KvsPut(t.result_key, lww(stored))
             try:  # through the outbox: under load, many results per write
                 self._kvs.post(put, on_full="raise", check_size=True)
             except OutboxFull:
-                await self._kvs.send(put)
+                with trio.fail_after(SEND_TIMEOUT):
+                    await self._kvs.send(put)
             return
         if not t.store_result:  # its caller went away, and nobody else wants it
             return

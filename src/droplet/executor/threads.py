@@ -58,6 +58,10 @@ class WorkerThreads:
         self.grace = SHUTDOWN_GRACE if grace is None else grace
         #: jobs whose caller stopped waiting after the grace period.
         self.abandoned = 0
+        #: jobs of start() running now: id -> label.
+        self._started: dict[int, str] = {}
+        #: set by finish_started: the event to set (in the loop) when they are all done.
+        self._all_done: tuple[trio.Event, trio.lowlevel.TrioToken] | None = None
 
     @property
     def threads(self) -> int:
@@ -68,6 +72,11 @@ class WorkerThreads:
     def max_threads(self) -> int:
         """The most worker threads this pool starts."""
         return self._max
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (no new jobs)."""
+        return self._closed
 
     @property
     def busy(self) -> int:
@@ -99,15 +108,7 @@ class WorkerThreads:
                 delivered[0] = True
             self._finished(token, task, result)
 
-        with self._lock:
-            self._pending += 1
-            spawn = self._pending > self._idle and len(self._threads) < self._max
-        if spawn:
-            thread = threading.Thread(target=self._work, name=f"{self._name}-"
-                                      f"{len(self._threads)}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
-        self._jobs.put((fn, args, deliver))
+        self._queue((fn, args, deliver))
 
         async def abandon_after_grace() -> None:
             await trio.sleep(self.grace)
@@ -126,6 +127,52 @@ class WorkerThreads:
                         "abandoning its thread", label or getattr(fn, "__name__", fn), self.grace)
             await trio.lowlevel.checkpoint()  # raises the pending Cancelled
             raise RuntimeError("worker thread abandoned") from None
+
+    def start(self, fn: Callable[..., Any], *args: Any, label: str = "") -> None:
+        """Queue ``fn(*args)`` for a worker thread and return at once.
+
+        Nobody waits for it: ``fn`` reports its own outcome (an executor's fast
+        lane writes the reply itself) and must not raise; if it does, the error
+        is logged. :meth:`finish_started` gives such jobs the same grace period
+        at shutdown as :meth:`run` gives its callers; ``label`` names the job
+        in the warning when it is abandoned.
+        """
+        if self._closed:
+            raise RuntimeError("worker threads are shut down")
+        self._queue((fn, args, label))
+
+    async def finish_started(self) -> None:
+        """At shutdown: wait up to ``grace`` seconds for the jobs of :meth:`start`
+        that are queued or running, then abandon (and name) those still running.
+
+        """
+        done = trio.Event()
+        with self._lock:
+            if self._started:
+                self._all_done = (done, trio.lowlevel.current_trio_token())
+        if self._all_done is not None:
+            with trio.move_on_after(self.grace):
+                await done.wait()
+        with self._lock:
+            self._all_done = None
+            left = list(self._started.values())
+            self._started.clear()
+        for label in left:
+            self.abandoned += 1
+            log.warning("%s is still running %g s after its executor began shutting down; "
+                        "abandoning its thread", label, self.grace)
+
+    def _queue(self, job: tuple[Any, ...]) -> None:
+        """Queue a job, starting a worker when none is idle (up to ``max_threads``)."""
+        with self._lock:
+            self._pending += 1
+            spawn = self._pending > self._idle and len(self._threads) < self._max
+        if spawn:
+            thread = threading.Thread(target=self._work, name=f"{self._name}-"
+                                      f"{len(self._threads)}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        self._jobs.put(job)
 
     def _finished(self, token: trio.lowlevel.TrioToken, task: trio.lowlevel.Task,
                   result: outcome.Outcome[Any]) -> None:
@@ -165,6 +212,24 @@ class WorkerThreads:
             if job is None:
                 return
             fn, args, deliver = job
+            if type(deliver) is str:  # started with start(): nobody to hand the result to
+                with self._lock:
+                    self._started[id(job)] = deliver or getattr(fn, "__name__", repr(fn))
+                try:
+                    fn(*args)
+                except BaseException:
+                    log.exception("a worker thread's job failed")
+                finally:
+                    with self._lock:
+                        self._started.pop(id(job), None)
+                        waiter = None if self._started else self._all_done
+                    if waiter is not None:
+                        try:
+                            waiter[1].run_sync_soon(waiter[0].set)
+                        except trio.RunFinishedError:
+                            pass
+                del job, fn, args
+                continue
             result = outcome.capture(fn, *args)
             del job, fn, args
             try:

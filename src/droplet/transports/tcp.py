@@ -11,13 +11,23 @@ plain TCP the rest of a big frame is received with ``recv_into`` straight into
 the buffer the decoder set aside for it (as much per call as the kernel has),
 and a :class:`~droplet.protocol.framing.Gather` payload is written with
 ``sendmsg`` from the buffers it is made of, never joined.
+
+A worker thread may write a small frame itself (:meth:`StreamConnection.send_from_thread`,
+plain TCP on POSIX): one non-blocking ``send`` on the socket when no Trio task is
+writing, so an executor's reply costs no wakeup of the event loop. A thread lock
+shared with the Trio writer keeps every frame whole and in order: while a Trio
+task writes, or bytes are still waiting, the thread's frame joins the backlog,
+which the Trio writer sends before anything newer.
 """
 
 from __future__ import annotations
 
 import errno
 import math
+import os
 import ssl
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -38,6 +48,14 @@ BIG_RECEIVE_SIZE = 4 * 1024 * 1024
 IOV_MAX = 512
 #: Seconds ``aclose`` may spend on TLS's close_notify before it just hangs up.
 CLOSE_TIMEOUT = 1.0
+#: Bytes a worker thread may leave queued for the Trio writer; past it,
+#: :meth:`StreamConnection.send_from_thread` refuses (the caller takes the loop's path).
+THREAD_BACKLOG_BYTES = 4 * 1024 * 1024
+
+#: What :meth:`StreamConnection.send_from_thread` did with a frame.
+SENT = 0  # written (or queued behind a Trio write that will send it)
+FLUSH = 1  # queued: the caller must have the loop call ``flush()``
+REFUSED = 2  # not taken: send it from the loop as usual
 
 
 class StreamConnection(Connection):
@@ -55,6 +73,15 @@ class StreamConnection(Connection):
         self._read_timeout = options.read_timeout
         self._send_lock = trio.Lock()
         self._closed = False
+        #: Worker-thread writes (see send_from_thread): the lock guards the socket's
+        #: write side, ``_busy`` (a Trio task is writing) and the backlog.
+        self._fd = self._sock.fileno() if self._sock is not None and os.name == "posix" else -1
+        self._tlock = threading.Lock()
+        self._busy = False
+        self._backlog: deque[Buffer] = deque()
+        self._backlog_bytes = 0
+        #: the last read left the socket empty (see _read_fd).
+        self._drained = True
         # When the frame under way must be complete (set on the first wait for it).
         self._frame_deadline = math.inf
 
@@ -75,24 +102,97 @@ class StreamConnection(Connection):
             parts = [b"".join(parts)]  # small frames: one write of one buffer
         await self._write(parts)
 
-    async def _write(self, parts: list[Buffer]) -> None:
-        async with self._send_lock:
+    @property
+    def send_limit(self) -> int:
+        """The largest frame payload this end sends (``max_frame_size``)."""
+        return self._send_limit
+
+    @property
+    def thread_writes(self) -> bool:
+        """Whether :meth:`send_from_thread` can write at all (plain TCP, POSIX)."""
+        return self._fd >= 0
+
+    def send_from_thread(self, data: bytes) -> int:
+        """From any thread but the loop's: write one small frame's payload.
+
+        Returns :data:`SENT` (written now, or queued behind the Trio write under
+        way, which sends it), :data:`FLUSH` (queued, perhaps in part: the caller
+        must get the loop to call :meth:`flush`) or :data:`REFUSED` (nothing
+        taken: too big, no thread path, or too much already waiting).
+        Raises ``trio.ClosedResourceError`` when the connection is closed.
+        """
+        if self._fd < 0 or len(data) >= BIG_FRAME:
+            return REFUSED
+        frame = frame_parts(data, self._send_limit)[0]  # ValueError: over the limit
+        with self._tlock:
             if self._closed:
                 raise trio.ClosedResourceError("connection is closed")
+            if self._busy or self._backlog:
+                if self._backlog_bytes + len(frame) > THREAD_BACKLOG_BYTES:
+                    return REFUSED
+                # Behind a Trio write (which drains the backlog before it ends) or
+                # behind a flush already asked for: in order either way.
+                self._backlog.append(frame)
+                self._backlog_bytes += len(frame)
+                return SENT
             try:
-                if len(parts) == 1:
-                    await self._stream.send_all(parts[0])
-                elif self._gather:
-                    assert self._sock is not None
-                    with _socket_errors():
-                        await _sendmsg_all(self._sock, parts)
-                else:
-                    for part in parts:
-                        await self._stream.send_all(part)
+                sent = os.write(self._fd, frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return REFUSED  # let the loop's write find (and report) the error
+            if sent == len(frame):
+                return SENT
+            rest = frame[sent:]
+            self._backlog.append(rest)
+            self._backlog_bytes += len(rest)
+            return FLUSH
+
+    async def flush(self) -> None:
+        """Send what worker threads left queued (after :data:`FLUSH`)."""
+        if self._backlog:
+            await self._write([])
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def _write(self, parts: list[Buffer]) -> None:
+        async with self._send_lock:
+            with self._tlock:
+                if self._closed:
+                    raise trio.ClosedResourceError("connection is closed")
+                self._busy = True
+                if self._backlog:  # threads' frames were queued first: they go first
+                    parts = [*self._backlog, *parts]
+                    self._backlog.clear()
+                    self._backlog_bytes = 0
+            try:
+                while parts:
+                    await self._write_parts(parts)
+                    with self._tlock:
+                        parts = list(self._backlog)
+                        self._backlog.clear()
+                        self._backlog_bytes = 0
+                        if not parts:
+                            self._busy = False
             except BaseException:
                 # Half a frame may be on the wire: this connection is unusable.
                 await self._abort()
                 raise
+            finally:
+                if self._busy:
+                    with self._tlock:
+                        self._busy = False
+
+    async def _write_parts(self, parts: list[Buffer]) -> None:
+        if len(parts) == 1:
+            await self._stream.send_all(parts[0])
+        elif self._gather:
+            assert self._sock is not None
+            with _socket_errors():
+                await _sendmsg_all(self._sock, parts)
+        else:
+            for part in parts:
+                await self._stream.send_all(part)
 
     async def receive(self) -> bytes | memoryview:  # type: ignore[override]
         decoder = self._decoder
@@ -125,7 +225,9 @@ class StreamConnection(Connection):
         """One read into the decoder; False at the end of the stream."""
         decoder = self._decoder
         target = decoder.receive_buffer()
-        if target is None:
+        if target is None and self._fd >= 0:
+            data: bytes | bytearray = await self._read_fd()
+        elif target is None:
             data = await self._stream.receive_some(RECEIVE_SIZE)
         elif self._sock is not None:  # the bytes go where the frame will stay
             with _socket_errors():
@@ -137,8 +239,39 @@ class StreamConnection(Connection):
         decoder.feed(data)
         return bool(data)
 
+    def _mark_closed(self) -> None:
+        with self._tlock:  # no worker thread writes to the descriptor after this
+            self._closed = True
+            self._backlog.clear()
+            self._backlog_bytes = 0
+
+    async def _read_fd(self) -> bytes:
+        """One read of plain TCP: when the last read emptied the socket, wait for
+        it to be readable first (one system call and one exception fewer than
+        trying, failing and then waiting, which is what a message every now and
+        then would otherwise cost each time)."""
+        assert self._sock is not None
+        while True:
+            if self._closed:
+                await trio.lowlevel.checkpoint()
+                raise trio.ClosedResourceError("connection is closed")
+            if self._drained:
+                await trio.lowlevel.wait_readable(self._sock)
+                if self._closed:
+                    raise trio.ClosedResourceError("connection is closed")
+            try:
+                data = os.read(self._fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                self._drained = True
+                continue
+            except OSError as exc:
+                with _socket_errors():
+                    raise exc
+            self._drained = len(data) < RECEIVE_SIZE
+            return data
+
     async def _abort(self) -> None:
-        self._closed = True
+        self._mark_closed()
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self._stream)
 
@@ -146,7 +279,7 @@ class StreamConnection(Connection):
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
-        self._closed = True
+        self._mark_closed()
         with trio.CancelScope(shield=True):
             # Bounded: TLS sends close_notify, which a peer that stopped reading
             # would otherwise make us wait for forever (and shielded at that).

@@ -1,0 +1,278 @@
+"""The executor's fast lane: a plain call runs in a worker thread from start to reply.
+
+The ordinary path costs several Trio task switches per call (a task per
+invocation, the worker thread's result back into the loop, the outbox writer
+woken by an event) at 10-15 us each on a small machine. A trigger that needs
+none of what those tasks are for skips them all: the reader hands it straight
+to a worker thread, which loads the arguments, runs the functions, pickles the
+result once and writes the reply (or the scheduler's ``RunDone`` and the
+result key) itself on the socket (:meth:`droplet.rpc.Peer.write_from_thread`).
+The loop is woken only when a write cannot complete at once.
+
+A trigger takes the fast lane when the functions it starts here are one chain
+of ``def`` functions that are loaded already (a source, or a function with one
+upstream function, and the pipeline after it), whose result goes to the caller
+or to other executors already connected, at NORMAL consistency, without
+arguments that are references, multi-exec, batching, continuations, an output
+key or a deadline already past, and when the connections its results go out on
+can be written from a thread (plain TCP). Anything else, or a lane that is
+switched off (``ExecutorService(fast_lane=False)``), takes the ordinary path.
+Robustness is the same on both: a function that raises becomes
+the call's FunctionError; one that blocks holds only its own worker thread;
+the caller's timeout is its own.
+
+Bookkeeping (counters, latency records, mailboxes) is settled in the loop, in
+batches, the next time the executor handles a message or reports its load.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..consistency import NORMAL
+from ..errors import DropletError, _Failure
+from ..protocol.messages import DagResult, ErrorReply, KvsPut, RunDone, Trigger
+from ..references import DropletReference
+from ..rpc import Peer
+from ..serialization import loads
+from .downstream import arguments_for
+from .multiexec import spread
+from .outcomes import function_error, lww, pickle_result, pickle_value
+from .steps import RunContext, Step, run_sync_steps
+from .user_library import UserLibrary
+
+if TYPE_CHECKING:
+    from .service import ExecutorService
+
+__all__ = ["FastLane"]
+
+log = logging.getLogger("droplet.executor")
+
+#: Seconds a write the loop finishes for the fast lane may take (as SEND_TIMEOUT).
+SEND_TIMEOUT = 60.0
+
+_Done = tuple[list[str], float, bool, list[UserLibrary]]
+
+
+class FastLane:
+    """Starts eligible triggers in worker threads and settles their bookkeeping."""
+
+    def __init__(self, service: ExecutorService, max_invocations: int) -> None:
+        self._svc = service
+        self._max = max_invocations
+        #: finished calls, appended by worker threads, settled in the loop.
+        self.done: deque[_Done] = deque()
+        #: calls that took the fast lane (statistics).
+        self.calls = 0
+
+    # ---------------------------------------------------------------- in the loop
+
+    def try_start(self, t: Trigger, peer: Peer | None, request_id: int) -> bool:
+        """Start ``t`` in a worker thread if it qualifies; False: take the ordinary path."""
+        svc = self._svc
+        if (t.carried is not None or t.consistency != NORMAL or t.failed
+                or t.multiexec or t.batching or t.output_key is not None or t.scheduler
+                or svc._active >= self._max or svc._threads.closed
+                or (t.deadline is not None and time.time() > t.deadline)):
+            return False
+        upstream = sum(1 for _, dst in t.edges if dst == t.function)
+        if upstream != (0 if t.source is None else 1):
+            return False  # a fan-in (or a loop): the ordinary path gathers inputs
+        # Its results are written from the worker thread: on connections that can take that.
+        if not (svc._kvs.thread_writes and svc._scheduler.thread_writes
+                and (peer is None or peer.thread_writes)):
+            return False
+        segment = svc._segment(t)
+        last = segment[-1]
+        downstream = [t.placement[t.functions.index(dst)]
+                      for src, dst in t.edges if src == last]
+        if svc.url in downstream:
+            return False  # more to run here, after a fan-in or next to other branches
+        peers: list[Peer] = []
+        for url in downstream:
+            found = svc._peers.peek(url)
+            if found is None or not found.thread_writes:
+                return False  # not connected yet: the ordinary path dials
+            peers.append(found)
+        targets: list[Any] = []
+        for fn in segment:
+            loaded = svc._loader.peek(fn, t.versions[t.functions.index(fn)])
+            if loaded is None:
+                return False
+            target = loaded.obj
+            if isinstance(target, tuple):  # (cls, init_args): once built, its run method
+                if loaded.instance is None:
+                    return False
+                target = loaded.instance.run
+            if inspect.iscoroutinefunction(target) or svc._has_references(t, fn):
+                return False
+            targets.append(target)
+        svc._active += 1
+        svc._running += len(segment)
+        svc._invocations += len(segment)
+        self.calls += 1
+        run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
+        libs = [svc._new_library(run) for _ in segment]
+        svc._threads.start(self._job, t, segment, targets, libs, peers, peer, request_id,
+                           time.perf_counter(), label=t.function)
+        return True
+
+    def settle(self) -> None:
+        """Account for the calls worker threads finished since the last time."""
+        svc, done = self._svc, self.done
+        while done:
+            segment, elapsed, failed, libs = done.popleft()
+            svc._active -= 1
+            svc._running -= len(segment)
+            if failed:
+                svc._failures += 1
+            for fn in segment:
+                svc.recorder.record(fn, elapsed, failed)
+            for lib in libs:
+                svc._libraries.pop(lib.getid(), None)
+
+    async def _send_in_loop(self, peer: Peer, msgs: Sequence[Any]) -> None:
+        try:
+            with trio.fail_after(SEND_TIMEOUT):
+                await peer.send_many(msgs)
+        except (Exception, trio.TooSlowError) as exc:
+            log.warning("could not deliver %s to %s: %s",
+                        ", ".join(type(m).__name__ for m in msgs), peer.remote, exc)
+
+    # ---------------------------------------------------------------- in a worker thread
+
+    def _job(self, t: Trigger, segment: list[str], targets: list[Any],
+             libs: list[UserLibrary], peers: list[Peer], peer: Peer | None, request_id: int,
+             started: float) -> None:
+        failed = True
+        elapsed = 0.0
+        try:
+            value, failed = self._run(t, segment, targets, libs)
+            elapsed = time.perf_counter() - started
+            if peers:
+                self._pass_on(t, segment[-1], value, failed, peers)
+                return
+            try:
+                self._finish(t, value, failed, peer, request_id)
+            except ValueError as exc:  # the result is too big for one frame
+                # As the ordinary path does: the caller had its error reply; the
+                # run's result key (and the scheduler) get this failure instead.
+                too_big = _Failure(DropletError(
+                    f"the result of {segment[-1]!r} is too large to send: {exc}"))
+                failed = True
+                self._finish(t, too_big, True, None, 0)
+        except BaseException:  # our bug, not the function's: never leave a caller waiting
+            log.exception("run %s: the fast lane failed running %s", t.run_id, t.function)
+            if peer is not None and request_id:
+                message = f"executor {self._svc.url} could not run {t.function!r}; see its log"
+                self._soon(functools.partial(_reply_error, peer, request_id, message))
+        finally:
+            self.done.append((segment, elapsed, failed, libs))
+
+    @staticmethod
+    def _run(t: Trigger, segment: list[str], targets: list[Any], libs: list[UserLibrary]
+             ) -> tuple[Any, bool]:
+        carried: list[Any] = []
+        if t.source is not None:  # the upstream result: a tuple splats, references resolve
+            lib = libs[0]
+            try:
+                value = loads(t.result) if t.result is not None else None
+                carried = [lib.get(a.key, a.deserialize) if isinstance(a, DropletReference)
+                           else a for a in spread(value)]
+            except Exception as exc:
+                return _Failure(function_error(exc, segment[0])), True
+        steps = []
+        for fn, target, lib in zip(segment, targets, libs, strict=True):
+            args: list[Any] = []
+            if fn in t.arg_fns:
+                try:
+                    args = list(loads(t.arg_blobs[t.arg_fns.index(fn)]))
+                except Exception as exc:
+                    return _Failure(function_error(exc, fn)), True
+            steps.append(Step(fn, target, False, args, lib))
+        return run_sync_steps(steps, carried)
+
+    def _pass_on(self, t: Trigger, last: str, value: Any, failed: bool,
+                 peers: list[Peer]) -> None:
+        """The result to the executors of the functions downstream (``_forward``'s sends)."""
+        blob = pickle_value(value)
+        downstream = [dst for src, dst in t.edges if src == last]
+        for dst, peer in zip(downstream, peers, strict=True):
+            trigger = attrs.evolve(t, function=dst, source=last, result=blob, failed=failed,
+                                   causal=None, **arguments_for(t, dst))
+            try:
+                self._write(peer, [trigger])
+            except ValueError as exc:  # too big for one frame: the error goes on instead
+                too_big = _Failure(DropletError(
+                    f"the result of {last!r} is too large to send: {exc}"))
+                self._write(peer, [attrs.evolve(trigger, result=pickle_value(too_big),
+                                                failed=True)])
+
+    def _finish(self, t: Trigger, value: Any, failed: bool, peer: Peer | None,
+                request_id: int) -> None:
+        """The sink's result to whoever waits for it, as ``ExecutorService._forward`` does."""
+        svc = self._svc
+        blob = pickle_value(value)
+        # A plain pickle serves the store as is: the result is pickled once.
+        stored = blob if type(blob) is bytes else pickle_result(value)
+        if peer is not None and request_id:  # a client's direct call: the reply first
+            reply = DagResult(t.run_id, blob, failed)
+            try:
+                sent = peer.write_from_thread(reply, request_id, reply=True)
+            except ValueError:  # too big: the loop's path replies with an error naming the limit
+                sent = False
+            if not sent:
+                self._soon(functools.partial(_reply, peer, request_id, reply))
+            self._write(svc._kvs, [KvsPut(t.result_key, lww(stored))])
+        elif t.direct:
+            self._write(svc._scheduler, [RunDone(t.run_id, blob, failed)])
+        else:  # the caller reads the result key once it hears the run is done
+            put, done = KvsPut(t.result_key, lww(stored)), RunDone(t.run_id, None, failed)
+            if svc._scheduler is svc._kvs:
+                self._write(svc._kvs, [put, done])
+            else:
+                self._write(svc._kvs, [put])
+                self._write(svc._scheduler, [done])
+
+    def _write(self, peer: Peer, msgs: list[Any]) -> None:
+        """Write ``msgs`` in order from this thread; what cannot go now goes from the loop.
+
+        Raises ValueError, before anything is written, for a message over the
+        frame limit."""
+        for i, msg in enumerate(msgs):
+            if not peer.write_from_thread(msg):
+                self._soon(functools.partial(self._svc._nursery.start_soon,
+                                             self._send_in_loop, peer, msgs[i:]))
+                return
+
+    def _soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the loop (a callback that must not raise: it would end the run)."""
+        def guarded() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("the fast lane's hand-over to the event loop failed")
+        try:
+            self._svc.trio_token.run_sync_soon(guarded)
+        except trio.RunFinishedError:
+            pass  # the executor is gone, and its callers' connections with it
+
+
+def _reply(peer: Peer, request_id: int, msg: Any) -> None:
+    try:
+        peer.post_reply(request_id, msg)
+    except DropletError as exc:
+        log.debug("the caller of a direct run went away: %s", exc)
+
+
+def _reply_error(peer: Peer, request_id: int, message: str) -> None:
+    _reply(peer, request_id, ErrorReply("DropletError", message))

@@ -1,0 +1,61 @@
+"""What one invocation runs with: its run's consistency state and its steps.
+
+Shared by the executor's ordinary path (a task per invocation) and its fast
+lane (a worker thread from start to reply).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ..consistency import CausalContext
+from ..errors import _Failure
+from ..references import DropletReference
+from .copies import private
+from .multiexec import spread
+from .outcomes import function_error
+from .user_library import UserLibrary
+
+__all__ = ["RunContext", "Step", "run_sync_steps"]
+
+
+@attrs.define
+class RunContext:
+    """Consistency state shared by the functions of one run that execute together here."""
+
+    run_id: str
+    consistency: str
+    writer: str  # vector-clock node id for CAUSAL writes: the session or the run
+    causal: CausalContext | None = None
+    pins: dict[str, bytes | None] = attrs.Factory(dict)
+
+
+@attrs.define
+class Step:
+    """One function of a segment, ready to call."""
+
+    function: str
+    target: Any
+    is_async: bool
+    args: list[Any]
+    lib: UserLibrary
+
+
+def run_sync_steps(steps: list[Step], carried: list[Any]) -> tuple[Any, bool]:
+    """In a worker thread: run consecutive sync steps, each fed the previous result.
+
+    Each step gets a private copy of its input, as it would on another executor.
+    """
+    value: Any = None
+    for i, step in enumerate(steps):
+        try:
+            if i:  # the previous step's result: a tuple splats, references resolve
+                carried = [step.lib.get(a.key, a.deserialize)
+                           if isinstance(a, DropletReference) else a
+                           for a in spread(private(value))]
+            value = step.target(step.lib, *step.args, *carried)
+        except Exception as exc:
+            return _Failure(function_error(exc, step.function)), True
+    return value, False
