@@ -199,6 +199,9 @@ async def test_embedded_calls_go_straight_to_executors(
     key = future.obj_id
     assert await client.get_object(key) == 25
     assert await (await f(droplet.DropletReference(key))).get() == 625
+    dag_ref = await client.call_dag("d_dag", {"d_sq": droplet.DropletReference(key)})
+    assert await dag_ref.get() == 625
+    assert client._direct.placed("d_dag", False, (key,))
     failing = await client.register(lambda _: 1 / 0, "d_fail")
     bad = await failing()
     with pytest.raises(droplet.FunctionError, match="ZeroDivisionError"):
@@ -207,8 +210,9 @@ async def test_embedded_calls_go_straight_to_executors(
         await client.get_object(bad.obj_id)
     with pytest.raises(droplet.RegistrationError, match="no function named 'd_nope'"):
         await client.exec_func("d_nope", [1])
-    # Only the call with a reference went through the scheduler (placed by its data).
-    assert running.node.scheduler.statistics().runs_started == 1
+    # The call with a reference went direct too, placed by its data (its own placement).
+    assert running.node.scheduler.statistics().runs_started == 0
+    assert client._direct.placed("d_sq", True, (key,))
 
 
 async def test_cached_placement_is_dropped_when_a_connection_ends(
@@ -235,6 +239,10 @@ def test_sync_embedded_calls_go_straight_to_executors() -> None:
         assert [x.get() for x in futures] == [i * i for i in range(50)]
         key = futures[7].obj_id
         assert conn.get_object(key) == 49
+        # with a reference: placed for it (first call), then posted
+        by_ref = [f(droplet.DropletReference(key)) for _ in range(5)]
+        assert [x.get() for x in by_ref] == [49 * 49] * 5
+        assert [x.get() for x in f.map([droplet.DropletReference(key)] * 5)] == [49 * 49] * 5
         assert running.node.scheduler.statistics().runs_started == 0
         with pytest.raises(droplet.RegistrationError):
             conn.exec_func("s_nope", [])
@@ -249,6 +257,10 @@ def test_sync_embedded_dag_calls_are_posted_and_refusals_reach_get() -> None:
         assert conn.call_dag("t_dag", {"t_sq": 2}).get() == 4  # places it
         futures = [conn.call_dag("t_dag", {"t_sq": i}) for i in range(20)]
         assert [f.get() for f in futures] == [i * i for i in range(20)]
+        conn.put_object("t_key", 7)
+        by_ref = [conn.call_dag("t_dag", {"t_sq": droplet.DropletReference("t_key")})
+                  for _ in range(5)]
+        assert [f.get() for f in by_ref] == [49] * 5
         assert running.node.scheduler.statistics().runs_started == 0
         # Arguments for a function outside the DAG: sent one-way, refused, in get().
         with pytest.raises(droplet.DagError, match="not in DAG 't_dag'"):
@@ -491,3 +503,36 @@ def test_a_one_way_call_that_fails_unexpectedly_reaches_get() -> None:
     finally:
         _Failing.broken = False
         placement._REGISTRY.pop("flaky-test", None)  # other tests list the policies
+
+
+async def test_async_map_goes_direct_and_survives_an_executor_leaving() -> None:
+    async with droplet.open_local_cluster(executors=2, threads=2) as running, \
+            running.client() as cloud:
+        scheduler = running.node.scheduler
+        await cloud.put_object("gate", False)
+        fn = await cloud.register(gated, "m_gated")
+        futures = await fn.map(range(12), chunksize=4)
+        placed = cloud._direct.placed("m_gated")
+        assert len(placed) == 2 and set(cloud._direct._peers) == set(placed)
+        gone = cloud._direct._peers[placed[1]]
+        await gone.aclose()  # as when its executor leaves mid-map
+        await cloud.put_object("gate", True)
+        outcomes: list[Any] = []
+        with trio.fail_after(30):  # none hangs: each gets its result or a clear error
+            for future in futures:
+                try:
+                    outcomes.append(await future.get())
+                except droplet.ConnectionError:
+                    outcomes.append("lost")
+        # the first half went to the executor still there, the second to the one gone
+        assert outcomes == [2 * i for i in range(6)] + ["lost"] * 6
+        assert placed[1] not in cloud._direct._peers
+        with trio.fail_after(30):
+            assert [await f.get() for f in await fn.map(range(4))] == [0, 2, 4, 6]
+        # references too: nothing went through the scheduler
+        refs = await fn.map([droplet.DropletReference("gate")] * 2)
+        with trio.fail_after(30):
+            assert [await f.get() for f in refs] == [2, 2]  # True * 2
+            assert await (await fn(droplet.DropletReference("gate"))).get() == 2
+        assert cloud._direct.placed("m_gated", True, ("gate",))  # cached for single calls
+        assert scheduler.statistics().runs_started == 0

@@ -81,7 +81,13 @@ def test_map_errors_are_per_item(cloud: DropletConnection) -> None:
             assert future.get(timeout=30) == i * 10
 
 
-def test_map_sends_chunksize_calls_per_write(cloud: DropletConnection) -> None:
+def _direct_of(cloud: DropletConnection) -> Any:
+    backend: Any = cloud._backend
+    return backend.direct if isinstance(backend, BlockingClient) else backend._client._direct
+
+
+def test_map_sends_chunksize_calls_per_write_through_the_scheduler(
+        cloud: DropletConnection) -> None:
     fn = cloud.register(lambda _, x: x + 1, "m_inc")
     writes: list[list[str]] = []
     backend: Any = cloud._backend
@@ -100,7 +106,9 @@ def test_map_sends_chunksize_calls_per_write(cloud: DropletConnection) -> None:
             writes.append([type(m).__name__ for m in msgs])
             return await asubmit(*msgs)
 
+    direct = _direct_of(cloud)
     peer.submit = counting
+    direct.enabled = False  # as against a scheduler that hands out no placements
     try:
         futures = fn.map(range(10), chunksize=4)
         # one node: each call travels with the read of its result, 4 calls -> 8 messages
@@ -112,6 +120,56 @@ def test_map_sends_chunksize_calls_per_write(cloud: DropletConnection) -> None:
         assert [len(w) for w in writes] == [512, 88]
     finally:
         del peer.submit
+        direct.enabled = True
+
+
+def test_map_goes_straight_to_the_executors_chunksize_calls_per_write(
+        cluster: droplet.LocalCluster, cloud: DropletConnection) -> None:
+    blocking = isinstance(cloud._backend, BlockingClient)
+    if blocking:
+        pytest.skip("an embedded cluster's executors listen on inproc://, which a tcp:// "
+                    "client does not dial (tcp: tests/e2e/test_direct_calls.py)")
+    fn = cloud.register(lambda _, x: x + 1, "m_inc2")
+    assert fn(0).get(timeout=30) == 1  # dials an executor
+    direct = _direct_of(cloud)
+    scheduler = cluster.node.scheduler
+    started = scheduler.statistics().runs_started
+    writes: list[tuple[str, list[str]]] = []
+
+    def counted(url: str, peer: Any) -> None:
+        submit = peer.submit
+        if blocking:
+            def counting(*msgs: Any, **kwargs: Any) -> Any:
+                writes.append((url, [type(m).__name__ for m in msgs]))
+                return submit(*msgs, **kwargs)
+            peer.submit = counting
+        else:
+            async def acounting(*msgs: Any, **kwargs: Any) -> Any:
+                writes.append((url, [type(m).__name__ for m in msgs]))
+                return await submit(*msgs, **kwargs)
+            peer.submit = acounting
+
+    fn.map([0])  # both executors dialled (map spreads over the placement)
+    peers = dict(direct._peers)
+    assert sorted(peers) == sorted(ex.url for ex in cluster.node.executors)
+    for url, peer in peers.items():
+        counted(url, peer)
+    try:
+        futures = fn.map(range(10), chunksize=4)
+        # split over the two executors (5 each), at most 4 calls per write
+        assert sorted(len(w) for _, w in writes) == [1, 1, 4, 4]
+        assert {u for u, _ in writes} == set(peers)
+        assert all(names == ["Trigger"] * len(names) for _, names in writes)
+        assert [f.get(timeout=30) for f in futures] == list(range(1, 11))
+        writes.clear()
+        futures = fn.map(range(600))  # the default chunk size is 256
+        assert sorted(len(w) for _, w in writes) == [44, 44, 256, 256]
+        assert [f.get(timeout=30) for f in futures] == list(range(1, 601))
+        # none went through the scheduler
+        assert scheduler.statistics().runs_started == started
+    finally:
+        for peer in peers.values():
+            del peer.submit
 
 
 def test_map_bad_arguments(cloud: DropletConnection) -> None:

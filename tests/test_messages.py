@@ -104,6 +104,12 @@ SAMPLES: list[Any] = [
     m.PoolReply(["ab12-w0"], ["tcp://127.0.0.1:7001"], [1], [3], [4], [4], [17]),
     m.PoolReply([], [], [], [], [], [], []),
     m.DrainExecutor("tcp://127.0.0.1:7001"),
+    m.PlaceCall("f", True),
+    m.PlaceCall("dag", False, ["big-a", "big-b"]),
+    m.PlaceCall("f", True, ["big-a"], 500),
+    m.CallPlaced("f", True, ["f"], ["v1"], [], ["tcp://e1", "tcp://e2"], 2.0),
+    m.CallPlaced("f", True, ["f"], ["v1"], [], ["tcp://e1", "tcp://e2"], 2.0, 1),
+    m.CallPlaced("dag", False, ["a", "b"], ["v1", "v2"], [["a", "b"]], [], 2.0, 0),
     m.StatusReply('{"scheduler":"s","rate_window":10.0,"executors":[],"functions":[],'
                   '"dags":["d"]}'),
 ]
@@ -414,6 +420,10 @@ def _trigger(**changes: Any) -> m.Trigger:
     (_trigger(causal=b"garbage"), "Trigger.causal"),
     (_trigger(deadline=math.inf), "Trigger.deadline"),
     (m.CallDag("f", True, ["f"], []), "1 arg_fns but 0 arg_blobs"),
+    (m.PlaceCall("f", True, ["k"] * (m.MAX_CALL_REFERENCES + 1)), "PlaceCall: more than"),
+    (m.CallPlaced("f", True, ["f"], ["v"], [], ["tcp://e"], 2.0, 2), "preferred must be 0..1"),
+    (m.PlaceCall("f", True, [], 0), "PlaceCall.calls must be at least 1"),
+    (m.CallPlaced("f", True, ["f"], ["v"], [], [], 2.0, -1), "preferred must be 0..0"),
     (m.CallDag("f", True, [], [], causal=b"\xff\x00"), "CallDag.causal"),
     (m.CallDag("f", True, [], [], timeout=-1.0), "CallDag.timeout"),
     (m.CallDag("f", True, [], [], timeout=1e300), "CallDag.timeout"),

@@ -10,10 +10,12 @@ import functools
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from droplet import DropletConnection, DropletReference
+from droplet.protocol.messages import CallDag, PlaceCall
 from droplet.testing.nodes import poll_until, start_node
 
 pytestmark = pytest.mark.slow
@@ -62,3 +64,35 @@ def test_calls_go_where_their_reference_is_cached(cluster: str) -> None:
         status = until(lambda: (s := cloud.status()) and sum(
             e.cache_hits for e in s.executors) >= 20 and s, "the hits reported")
         assert sum(e.cache_misses for e in status.executors) == 2
+
+
+def test_calls_with_references_go_straight_to_the_node_caching_them(cluster: str) -> None:
+    with DropletConnection(cluster, timeout=TIMEOUT) as cloud:
+        fn = cloud.register(where, "where_direct")
+        backend: Any = cloud._backend
+        scheduler: Any = backend.scheduler
+        calls: list[Any] = []  # the CallDags this client sends the scheduler
+        submit, send = scheduler.submit, scheduler.send
+        scheduler.submit = lambda *m, **kw: (calls.extend(
+            x for x in [*m, *kw.get("oneway", ())] if type(x) is CallDag), submit(*m, **kw))[1]
+        scheduler.send = lambda *m, **kw: (calls.extend(
+            x for x in m if type(x) is CallDag), send(*m, **kw))[1]
+        cloud.put_object("big-c", bytes(2 * MIB))
+        home = fn(DropletReference("big-c")).get(timeout=TIMEOUT)
+
+        def placed_by_data() -> bool:
+            # A key cached nowhere goes to the executors in turn; by data, always home.
+            return all(scheduler.request(PlaceCall("where_direct", True, ["big-c"]),
+                                         TIMEOUT).executors[0] == home for _ in range(4))
+
+        until(placed_by_data, "the cache report")
+        backend.direct.placements.clear()  # ask again, now that the scheduler knows
+        landed = Counter(fn(DropletReference("big-c")).get(timeout=TIMEOUT) for _ in range(10))
+        assert landed == Counter({home: 10})
+        mapped = Counter(f.get(timeout=TIMEOUT) for f in fn.map([DropletReference("big-c")] * 20))
+        assert mapped == Counter({home: 20})
+        # None went through the scheduler: each went straight to the executor
+        # the scheduler's placement (by data) named, the one caching the key first.
+        assert calls == []
+        placed = backend.direct.placed("where_direct", True, ("big-c",))
+        assert placed[0] == home

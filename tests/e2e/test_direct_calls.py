@@ -196,3 +196,86 @@ def test_a_handed_out_key_reads_the_result_once_wait_says_done(
             while not future.done():
                 __import__("time").sleep(0.001)
             assert conn.get_object(key) == bytes([i]) * 2_000_000
+
+
+def _count_calls_to_the_scheduler(conn: DropletConnection) -> list[str]:
+    """Record the CallDags this client sends the scheduler (requests and one-way)."""
+    peer: Any = backend(conn).scheduler
+    submit, send = peer.submit, peer.send
+    sent: list[str] = []
+
+    def counting_submit(*msgs: Any, **kwargs: Any) -> Any:
+        sent.extend(type(m).__name__ for m in [*msgs, *kwargs.get("oneway", ())]
+                    if type(m).__name__ == "CallDag")
+        return submit(*msgs, **kwargs)
+
+    def counting_send(*msgs: Any, **kwargs: Any) -> Any:
+        sent.extend(type(m).__name__ for m in msgs if type(m).__name__ == "CallDag")
+        return send(*msgs, **kwargs)
+
+    peer.submit, peer.send = counting_submit, counting_send
+    return sent
+
+
+def test_map_goes_straight_to_the_executors(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, executors = cluster
+    pid, _ = functions()
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        def tenfold(_: Any, x: int) -> int:
+            if x == 3:
+                raise ValueError("three is not allowed")
+            return x * 10
+
+        f = conn.register(tenfold, "tenfold")
+        where = conn.register(pid, "where")
+        sent = _count_calls_to_the_scheduler(conn)
+        # Bigger than a chunk, in order, errors per item.
+        futures = f.map(range(700), chunksize=64)
+        for i, future in enumerate(futures):
+            if i == 3:
+                with pytest.raises(droplet.FunctionError, match="three is not allowed"):
+                    future.get()
+            else:
+                assert future.get() == i * 10
+        # Spread over both executors, none through the scheduler.
+        assert {x.get() for x in where.map(range(40))} == {ex.pid for ex in executors}
+        assert sent == []
+        assert conn.get_object(futures[5].obj_id) == 50  # the key reaches the store
+        with pytest.raises(droplet.RegistrationError, match="no function named 'nope'"):
+            conn.map("nope", [1])
+        assert sent == []
+
+
+def test_map_calls_honour_get_timeout_and_none_hang_when_an_executor_leaves(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, (ex1, ex2) = cluster
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        def sleepy(_: Any, seconds: float) -> float:
+            import time
+
+            time.sleep(seconds)
+            return seconds
+
+        f = conn.register(sleepy, "sleepy")
+        assert [x.get() for x in f.map([0, 0])] == [0, 0]
+        futures = f.map([0.3] * 40, chunksize=8)  # more than the executors' threads
+        with pytest.raises(droplet.TimeoutError):
+            futures[-1].get(timeout=0.05)
+        ex2.kill()
+        # Each call gets its result or a clear error (its executor left), none hangs.
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(future.get(timeout=TIMEOUT - 1))
+            except droplet.ConnectionError as exc:
+                assert "closed" in str(exc) or "connection" in str(exc).lower()
+                outcomes.append("lost")
+        assert 0.3 in outcomes
+        node.wait_for_log(rf"executor {re.escape(ex2.url)} (disconnected|disappeared)",
+                          TIMEOUT)
+        # Later maps go to the executor still there (the placement naming ex2 went).
+        assert [x.get() for x in f.map([0] * 10)] == [0] * 10
+        assert [x.get() for x in f.map([0] * 10)] == [0] * 10
+        assert backend(conn).direct.placed("sleepy") == [ex1.url]
+        assert ex2.url not in backend(conn).direct._peers

@@ -60,9 +60,11 @@ from ._direct import (
     DIAL_TIMEOUT,
     DirectCalls,
     may_go_direct,
+    reference_set,
     same_scheme,
     triggers_for,
 )
+from ._map import map_direct
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 from ._wire import TriggerTemplates
 
@@ -285,8 +287,10 @@ class BlockingClient:
             same_scheme(url, address)
             return dial(address, min(timeout, DIAL_TIMEOUT))
 
-        def place(target: str, is_function: bool) -> CallPlaced:
-            reply: CallPlaced = self.scheduler.request(PlaceCall(target, is_function), timeout)
+        def place(target: str, is_function: bool, references: list[str],
+                  calls: int) -> CallPlaced:
+            reply: CallPlaced = self.scheduler.request(
+                PlaceCall(target, is_function, references, calls), timeout)
             return reply
 
         #: calls sent straight to executors (placement cached from the scheduler).
@@ -365,7 +369,7 @@ class BlockingClient:
         go through the scheduler (no executor reachable, or a call of another kind)."""
         if not may_go_direct(call):
             return None
-        found = self.direct.target(call.target, call.is_function)
+        found = self.direct.target(call.target, call.is_function, reference_set(call))
         if found is None:
             return None
         peer, plan = found
@@ -389,9 +393,19 @@ class BlockingClient:
 
     def map(self, name: str, items: Iterable[Any],
             chunksize: int) -> builtins.list[BlockingFuture]:
-        """One call of ``name`` per item, ``chunksize`` calls (and their result reads)
-        per write; every call is accepted (or the first refusal raised) before returning."""
+        """One call of ``name`` per item, at most ``chunksize`` calls per write:
+        straight to the executors where the scheduler's placement allows
+        (``_map.py``), else through the scheduler, each call with its result read,
+        every call accepted (or the first refusal raised) before returning."""
         calls = [ClientCore.function_call(name, [item]) for item in items]
+        if not (self.direct.enabled and calls):
+            return self._map_through_scheduler(calls, chunksize)
+        left, placed = map_direct(self, calls, chunksize)
+        rest = iter(self._map_through_scheduler(left, chunksize) if left else [])
+        return [f if f is not None else next(rest) for f in placed]
+
+    def _map_through_scheduler(self, calls: builtins.list[CallDag],
+                               chunksize: int) -> builtins.list[BlockingFuture]:
         keys = [c.result_key or "" for c in calls]
         deadline = time.monotonic() + self.timeout
         same = self.kvs is self.scheduler

@@ -4,10 +4,14 @@ Through the scheduler a call crosses four connections (client -> scheduler ->
 executor -> store -> client); sent straight to an executor it crosses two
 (client -> executor -> client); the client alone gets the result, and it
 stores it if ``future.obj_id`` is read. The scheduler still owns placement and load: it hands
-out, per function or DAG, the executors that may run a whole call of it, least
-loaded first, with the call's schedule (:class:`~droplet.protocol.messages.CallPlaced`),
-for a short lease; the client spreads calls over them in turn and asks again
-when the lease ends.
+out, per function or DAG and set of referenced keys (the call's
+``DropletReference`` arguments), the executors that may run a whole call of
+it, best first, with the call's schedule
+(:class:`~droplet.protocol.messages.CallPlaced`), for a short lease; the
+client spreads calls over them in turn (over the ``preferred`` ones only: the
+executors whose node caches the referenced data) and asks again when the
+lease ends. ``map()`` sends its calls to every executor of the placement, many
+per write.
 
 A cached placement is dropped when an executor on it leaves (its connection
 ends, or it cannot be reached), and calls go through the scheduler whenever
@@ -35,8 +39,10 @@ from ..protocol.messages import CallDag, CallPlaced, Trigger
 from ..rpc import Peer
 from ..transports.registry import parse_address
 
-__all__ = ["CONFIRM_WAIT", "DIAL_TIMEOUT", "UNREACHABLE_RETRY", "AsyncDirectCalls",
-           "DirectCalls", "may_go_direct", "same_scheme", "triggers_for"]
+__all__ = ["CONFIRM_WAIT", "DIAL_TIMEOUT", "MAP_ASKS_AFTER", "MAX_PLACEMENTS",
+           "UNREACHABLE_RETRY",
+           "AsyncDirectCalls", "DirectCalls", "may_go_direct", "reference_set", "same_scheme",
+           "spread_over", "triggers_for"]
 
 #: Seconds to connect to an executor before sending its calls through the scheduler.
 DIAL_TIMEOUT = 2.0
@@ -45,25 +51,48 @@ DIAL_TIMEOUT = 2.0
 CONFIRM_WAIT = 5.0
 #: Seconds an executor that could not be reached is not tried again.
 UNREACHABLE_RETRY = 30.0
+#: Placements a client caches at most (one per call shape and set of
+#: referenced keys); past it, expired ones go, then the oldest.
+MAX_PLACEMENTS = 1024
+
+#: A map of more calls than this with references asks for a placement of its
+#: own (PlaceCall.calls), which may spread it past the executors caching the
+#: data; smaller ones use the cached placement.
+MAP_ASKS_AFTER = 16
+
+#: A cached placement's key: (target, is_function, referenced keys).
+Key = tuple[str, bool, tuple[str, ...]]
 
 
 class _Placed:
-    __slots__ = ("expires", "plan", "turn", "urls")
+    __slots__ = ("expires", "plan", "preferred", "turn", "urls")
 
     def __init__(self, plan: CallPlaced, expires: float) -> None:
         self.plan = plan
         self.urls = list(plan.executors)
+        self.preferred = plan.preferred or len(self.urls)
         self.expires = expires
         self.turn = 0
+
+
+def reference_set(call: CallDag) -> tuple[str, ...]:
+    """The keys of ``call``'s DropletReference arguments, sorted, each once."""
+    if not call.references:
+        return ()
+    return tuple(sorted({key for keys in call.references for key in keys}))
+
+
+def spread_over(count: int, ways: int) -> list[tuple[int, int]]:
+    """``count`` items in ``ways`` contiguous runs as even as can be: (start, stop) each."""
+    ways = max(1, min(ways, count))
+    return [(count * i // ways, count * (i + 1) // ways) for i in range(ways)]
 
 
 def may_go_direct(call: CallDag) -> bool:
     """Whether ``call`` is of a kind a client may send straight to an executor."""
     return not (call.direct or call.consistency != NORMAL or call.output_key is not None
                 or call.client_id is not None or call.timeout is not None
-                or call.continuation is not None or call.result_key is None
-                # references: the scheduler places the call where their data is cached
-                or any(call.references))
+                or call.continuation is not None or call.result_key is None)
 
 
 def triggers_for(call: CallDag, plan: CallPlaced, url: str, *,
@@ -92,46 +121,60 @@ def same_scheme(client_url: str, executor_url: str) -> None:
 
 
 class _Cache:
-    """Placements by (target, is_function), and executors not to dial for a while."""
+    """Placements by (target, is_function, referenced keys), and executors not to
+    dial for a while."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self.placements: dict[tuple[str, bool], _Placed] = {}
+        self.placements: dict[Key, _Placed] = {}
         self.unreachable: dict[str, float] = {}
         #: False once the scheduler turned out not to hand out placements.
         self.enabled = True
 
-    def fresh(self, target: str, is_function: bool, now: float) -> _Placed | None:
-        placed = self.placements.get((target, is_function))
+    def fresh(self, target: str, is_function: bool, now: float,
+              references: tuple[str, ...] = ()) -> _Placed | None:
+        placed = self.placements.get((target, is_function, references))
         return placed if placed is not None and placed.expires > now else None
 
-    def store(self, plan: CallPlaced, now: float) -> _Placed:
+    def store(self, plan: CallPlaced, now: float, references: tuple[str, ...] = ()) -> _Placed:
         placed = _Placed(plan, now + plan.lease)
-        self.placements[(plan.target, plan.is_function)] = placed
+        key = (plan.target, plan.is_function, references)
+        self.placements.pop(key, None)  # to the end: the oldest go first
+        if len(self.placements) >= MAX_PLACEMENTS:
+            # list() snapshots: other threads may store meanwhile (DirectCalls)
+            for old in [k for k, p in list(self.placements.items()) if p.expires <= now]:
+                self.placements.pop(old, None)
+            for old in list(self.placements)[:len(self.placements) - MAX_PLACEMENTS + 1]:
+                self.placements.pop(old, None)
+        self.placements[key] = placed
         return placed
 
     @staticmethod
     def in_turn(placed: _Placed) -> list[str]:
-        """The placement's executors, starting with the next one in turn."""
+        """The placement's executors to try, starting with the preferred one next in
+        turn; the others (fallbacks) after the preferred, in order."""
         urls = placed.urls
         if not urls:
             return []
-        start = placed.turn % len(urls)
+        first = urls[:placed.preferred]
+        start = placed.turn % len(first)
         placed.turn += 1
-        return urls[start:] + urls[:start]
+        return first[start:] + first[:start] + urls[placed.preferred:]
 
     def drop_url(self, url: str) -> None:
         for key, placed in list(self.placements.items()):
-            if url in placed.urls:
+            if url in placed.urls:  # a reference placement too: its data may be elsewhere
                 self.placements.pop(key, None)
 
     def forget(self, target: str, is_function: bool) -> None:
-        """Drop the placement of ``target`` (this client changed or deleted it)."""
-        self.placements.pop((target, is_function), None)
+        """Drop the placements of ``target`` (this client changed or deleted it)."""
+        for key in [k for k in list(self.placements) if k[0] == target and k[1] == is_function]:
+            self.placements.pop(key, None)
 
-    def placed(self, target: str, is_function: bool = True) -> list[str]:
+    def placed(self, target: str, is_function: bool = True,
+               references: tuple[str, ...] = ()) -> list[str]:
         """The executors cached for ``target`` (empty when none are)."""
-        placed = self.placements.get((target, is_function))
+        placed = self.placements.get((target, is_function, references))
         return list(placed.urls) if placed is not None else []
 
 
@@ -144,7 +187,7 @@ class DirectCalls(_Cache):
     """
 
     def __init__(self, dial: Callable[[str], Any],
-                 place: Callable[[str, bool], CallPlaced],
+                 place: Callable[[str, bool, list[str], int], CallPlaced],
                  *, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
         self._dial = dial
@@ -152,27 +195,62 @@ class DirectCalls(_Cache):
         self._peers: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def target(self, target: str, is_function: bool) -> tuple[Any, CallPlaced] | None:
-        """A live connection to an executor for a call of ``target``, and its schedule.
+    def _placement(self, target: str, is_function: bool, references: tuple[str, ...],
+                   now: float, calls: int = 1) -> _Placed | None:
+        if not self.enabled:
+            return None
+        placed = self.fresh(target, is_function, now, references) if calls == 1 else None
+        if placed is None:
+            try:
+                plan = self._place(target, is_function, list(references), calls)
+            except ProtocolError:  # a scheduler that does not place calls for clients
+                self.enabled = False
+                return None
+            placed = (self.store(plan, now, references) if calls == 1
+                      else _Placed(plan, now + plan.lease))
+        return placed
+
+    def target(self, target: str, is_function: bool,
+               references: tuple[str, ...] = ()) -> tuple[Any, CallPlaced] | None:
+        """A live connection to an executor for a call of ``target`` whose
+        DropletReference arguments name ``references`` (see :func:`reference_set`),
+        and its schedule.
 
         None: send the call through the scheduler. Raises what the scheduler
         said about ``target`` (say, RegistrationError: no function of that name).
         """
-        if not self.enabled:
-            return None
         now = self.clock()
-        placed = self.fresh(target, is_function, now)
+        placed = self._placement(target, is_function, references, now)
         if placed is None:
-            try:
-                placed = self.store(self._place(target, is_function), now)
-            except ProtocolError:  # a scheduler that does not place calls for clients
-                self.enabled = False
-                return None
+            return None
         for url in self.in_turn(placed):
             peer = self._peer(url, now)
             if peer is not None:
                 return peer, placed.plan
         return None
+
+    def spread(self, target: str, is_function: bool, references: tuple[str, ...] = (),
+               calls: int = 1) -> list[tuple[Any, CallPlaced]]:
+        """Live connections to every preferred executor for ``calls`` calls of
+        ``target`` (to the first fallback reachable when none of them is), for
+        ``map``; empty: send the calls through the scheduler.
+
+        More than MAP_ASKS_AFTER calls with references get a placement of their
+        own, not cached: the scheduler may spread them past the executors
+        caching the data (load)."""
+        now = self.clock()
+        placed = self._placement(target, is_function, references, now,
+                                 calls if references and calls > MAP_ASKS_AFTER else 1)
+        if placed is None:
+            return []
+        found: list[tuple[Any, CallPlaced]] = []
+        for i, url in enumerate(self.in_turn(placed)):
+            if found and i >= placed.preferred:
+                break
+            peer = self._peer(url, now)
+            if peer is not None:
+                found.append((peer, placed.plan))
+        return found
 
     def _peer(self, url: str, now: float) -> Any:
         peer = self._peers.get(url)
@@ -219,49 +297,82 @@ class AsyncDirectCalls(_Cache):
     """
 
     def __init__(self, dial: Callable[[str], Awaitable[Peer]],
-                 place: Callable[[str, bool], Awaitable[CallPlaced]],
+                 place: Callable[[str, bool, list[str], int], Awaitable[CallPlaced]],
                  *, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
         self._dial = dial
         self._place = place
         self._peers: dict[str, Peer] = {}
 
-    def ready(self, target: str, is_function: bool) -> bool:
+    def ready(self, target: str, is_function: bool, references: tuple[str, ...] = ()) -> bool:
         """A fresh placement with a live connection is cached for ``target``."""
-        placed = self.fresh(target, is_function, self.clock()) if self.enabled else None
+        placed = (self.fresh(target, is_function, self.clock(), references)
+                  if self.enabled else None)
         return placed is not None and any(
             (peer := self._peers.get(url)) is not None and not peer.closed
             for url in placed.urls)
 
-    async def target(self, target: str, is_function: bool) -> tuple[Peer, CallPlaced] | None:
-        """As :meth:`DirectCalls.target`."""
+    async def _placement(self, target: str, is_function: bool, references: tuple[str, ...],
+                         now: float, calls: int = 1) -> _Placed | None:
         if not self.enabled:
             return None
-        now = self.clock()
-        placed = self.fresh(target, is_function, now)
+        placed = self.fresh(target, is_function, now, references) if calls == 1 else None
         if placed is None:
             try:
-                placed = self.store(await self._place(target, is_function), now)
+                plan = await self._place(target, is_function, list(references), calls)
             except ProtocolError:
                 self.enabled = False
                 return None
+            placed = (self.store(plan, now, references) if calls == 1
+                      else _Placed(plan, now + plan.lease))
+        return placed
+
+    async def _peer(self, url: str, now: float) -> Peer | None:
+        peer = self._peers.get(url)
+        if peer is not None and not peer.closed:
+            return peer
+        if peer is not None:
+            self.executor_left(url)
+        if self.unreachable.get(url, 0.0) > now:
+            return None
+        try:
+            peer = await self._dial(url)
+        except (DropletError, ValueError, OSError):
+            self.unreachable[url] = now + UNREACHABLE_RETRY
+            return None
+        self._peers[url] = peer
+        peer.on_close.append(functools.partial(self._closed, url))
+        return peer
+
+    async def target(self, target: str, is_function: bool,
+                     references: tuple[str, ...] = ()) -> tuple[Peer, CallPlaced] | None:
+        """As :meth:`DirectCalls.target`."""
+        now = self.clock()
+        placed = await self._placement(target, is_function, references, now)
+        if placed is None:
+            return None
         for url in self.in_turn(placed):
-            peer = self._peers.get(url)
-            if peer is not None and not peer.closed:
-                return peer, placed.plan
+            peer = await self._peer(url, now)
             if peer is not None:
-                self.executor_left(url)
-            if self.unreachable.get(url, 0.0) > now:
-                continue
-            try:
-                peer = await self._dial(url)
-            except (DropletError, ValueError, OSError):
-                self.unreachable[url] = now + UNREACHABLE_RETRY
-                continue
-            self._peers[url] = peer
-            peer.on_close.append(functools.partial(self._closed, url))
-            return peer, placed.plan
+                return peer, placed.plan
         return None
+
+    async def spread(self, target: str, is_function: bool, references: tuple[str, ...] = (),
+                     calls: int = 1) -> list[tuple[Peer, CallPlaced]]:
+        """As :meth:`DirectCalls.spread`."""
+        now = self.clock()
+        placed = await self._placement(target, is_function, references, now,
+                                       calls if references and calls > MAP_ASKS_AFTER else 1)
+        if placed is None:
+            return []
+        found: list[tuple[Peer, CallPlaced]] = []
+        for i, url in enumerate(self.in_turn(placed)):
+            if found and i >= placed.preferred:
+                break
+            peer = await self._peer(url, now)
+            if peer is not None:
+                found.append((peer, placed.plan))
+        return found
 
     def _closed(self, url: str, peer: Peer) -> None:
         if self._peers.get(url) is peer:

@@ -13,6 +13,7 @@ import os
 import ssl
 import threading
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -65,9 +66,11 @@ from ._direct import (
     DIAL_TIMEOUT,
     AsyncDirectCalls,
     may_go_direct,
+    reference_set,
     same_scheme,
     triggers_for,
 )
+from ._map import chunks_for
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 from .kvs_client import AsyncKvsClient
 
@@ -308,9 +311,10 @@ class AsyncDropletClient:
             return await connect_peer(url, nursery, token=token, options=options,
                                       timeout=min(timeout, DIAL_TIMEOUT))
 
-        async def place(target: str, is_function: bool) -> CallPlaced:
-            reply: CallPlaced = await scheduler.request(PlaceCall(target, is_function),
-                                                        timeout)
+        async def place(target: str, is_function: bool, references: list[str],
+                        calls: int) -> CallPlaced:
+            reply: CallPlaced = await scheduler.request(
+                PlaceCall(target, is_function, references, calls), timeout)
             return reply
 
         #: calls sent straight to executors (placement cached from the scheduler).
@@ -481,7 +485,7 @@ class AsyncDropletClient:
         await self._confirm_stored()
         if not may_go_direct(call):
             return None
-        found = await self._direct.target(call.target, call.is_function)
+        found = await self._direct.target(call.target, call.is_function, reference_set(call))
         if found is None:
             return None
         peer, plan = found
@@ -508,15 +512,57 @@ class AsyncDropletClient:
 
         Each item is the call's single argument (a tuple item is one argument,
         as in ``concurrent.futures.Executor.map`` with one iterable). Up to
-        ``chunksize`` calls (default 256) and their result reads go in one
-        write. Returns once the scheduler accepted every call; a refused call
-        (say, no such function) raises its error. A function that raises makes
-        only its own future's ``get()`` raise ``FunctionError``.
+        ``chunksize`` calls (default 256) go in one write: straight to the
+        executors the scheduler's placement allows, split evenly over them
+        (``_map.py``), else through the scheduler, each with its result read.
+        Returns once every call is sent (through the scheduler: accepted); a
+        refused call (say, no such function) raises its error. A function that
+        raises makes only its own future's ``get()`` raise ``FunctionError``.
         """
         size = check_chunksize(chunksize)
-        calls = [ClientCore.function_call(name, [item]) for item in map_items(iterable)]
+        every = [ClientCore.function_call(name, [item]) for item in map_items(iterable)]
         await self._confirm_stored()  # its items may refer to direct results' keys
-        futures = [AsyncDropletFuture(c.result_key or "", self, self.timeout) for c in calls]
+        all_futures = [AsyncDropletFuture(c.result_key or "", self, self.timeout)
+                       for c in every]
+        left = list(range(len(every)))
+        if self._direct.enabled and every:
+            left = await self._map_direct(every, all_futures, size)
+        calls = [every[i] for i in left]
+        futures = [all_futures[i] for i in left]
+        await self._map_through_scheduler(calls, futures, size)
+        return all_futures
+
+    async def _map_direct(self, calls: builtins.list[CallDag],
+                          futures: builtins.list[AsyncDropletFuture],
+                          size: int) -> builtins.list[int]:
+        """Send what of ``calls`` can go straight to executors (see ``_map.py``); the
+        indices of those left for the scheduler."""
+        groups = Counter(reference_set(c) for c in calls if may_go_direct(c))
+        spreads = {}
+        for refs, count in groups.items():
+            spreads[refs] = await self._direct.spread(calls[0].target, calls[0].is_function,
+                                                      refs, count)
+        chunks, leftover = chunks_for(calls, size, lambda refs, _: spreads[refs],
+                                      lambda peer: peer.remote)
+        sent = False
+        for chunk in chunks:
+            try:
+                slots = await chunk.peer.submit(*chunk.triggers)
+            except ConnectionError:  # it left: these go through the scheduler
+                self._direct.executor_left(chunk.peer.remote)
+                leftover += chunk.indices
+                continue
+            sent = True
+            for i, slot in zip(chunk.indices, slots, strict=True):
+                futures[i]._direct = True
+                futures[i]._watch(slot)
+        if sent:  # placed by the scheduler, so of a shape it accepts (see _submit_direct)
+            self._core.accepted.accepted(calls[0])
+        return sorted(leftover)
+
+    async def _map_through_scheduler(self, calls: builtins.list[CallDag],
+                                     futures: builtins.list[AsyncDropletFuture],
+                                     size: int) -> None:
         deadline = trio.current_time() + self.timeout
         accepted: builtins.list[Slot] = []
         for start in range(0, len(calls), size):
@@ -543,7 +589,6 @@ class AsyncDropletClient:
                 refusal = refusal or exc
         if refusal is not None:  # the first refusal (say, no such function)
             raise refusal
-        return futures
 
     def _future_for(self, call: CallDag, wait: float) -> AsyncDropletFuture:
         """The future of ``call`` (callable from any thread: it touches no loop state)."""
@@ -565,7 +610,8 @@ class AsyncDropletClient:
         try:
             await self._confirm_stored()
             if may_go_direct(call):
-                found = await self._direct.target(call.target, call.is_function)
+                found = await self._direct.target(call.target, call.is_function,
+                                                  reference_set(call))
                 triggers = found and triggers_for(call, found[1], found[0].remote)
                 if found and triggers:
                     try:

@@ -33,7 +33,7 @@ from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address, parse_address
 from ._blocking import BlockingClient
 from ._core import ClientCore, check_chunksize, check_timeout, map_items
-from ._direct import may_go_direct
+from ._direct import may_go_direct, reference_set
 from ._portal import Portal
 from .aio import (
     CAUSAL,
@@ -191,7 +191,8 @@ class _PortalClient:
     def exec_func(self, name: str, args: Iterable[Any]) -> _PortalFuture:
         client = self._client
         call = ClientCore.function_call(name, args)
-        if client._core.accepted.known(call) or client._direct.ready(name, True):
+        if (client._core.accepted.known(call)
+                or client._direct.ready(name, True, reference_set(call))):
             # Sent one-way, with nothing to wait for: hand it to the loop and return.
             future = client._future_for(call, client.timeout)
             self._portal.post(client._send_accepted, call, future)
@@ -226,13 +227,17 @@ class _PortalClient:
         # NORMAL without a session only: building a CAUSAL call reads the client's
         # sessions, which belong to the loop's thread.
         if (not (dry_run or direct_response) and consistency == NORMAL and client_id is None
-                and client._direct.ready(name, False)):
+                and client._direct.enabled):
             call = client._core.dag_call(name, arg_map, direct_response, consistency,
                                          output_key, client_id, timeout, continuation)
-            if may_go_direct(call):  # to the executor, posted: no wait for the loop
+            if may_go_direct(call) and client._direct.ready(name, False, reference_set(call)):
+                # to the executor, posted: no wait for the loop
                 future = client._future_for(call, client.timeout)
                 self._portal.post(client._send_accepted, call, future)
                 return _PortalFuture(future, self._portal)
+            wait = client.timeout if timeout is None else timeout
+            # Built already (its arguments pickled): sent as call_dag would send it.
+            return _PortalFuture(self._portal.run(self._send_built, call, wait), self._portal)
         result = self._portal.run(self._call_dag, *args)
         if isinstance(result, AsyncDropletFuture):
             return _PortalFuture(result, self._portal)
@@ -240,6 +245,10 @@ class _PortalClient:
 
     async def _call_dag(self, *args: Any) -> Any:
         return await self._client.call_dag(*args)
+
+    async def _send_built(self, call: CallDag, wait: float) -> AsyncDropletFuture:
+        client = self._client
+        return await client._submit_direct(call) or await client._submit(call, wait)
 
     def put_object(self, key: str, value: Any) -> bool:
         return self._portal.run(self._client.put_object, key, value)

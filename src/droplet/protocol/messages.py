@@ -703,11 +703,15 @@ class PlaceCall:
 
     ``target`` is a function (``is_function``) or a DAG. Answered by
     :class:`CallPlaced`, or the error a call of it would get (no such function
-    or DAG).
+    or DAG). ``references``: the keys of the call's ``DropletReference``
+    arguments (empty for none), so the placement can follow their data;
+    ``calls``: how many such calls the client is about to send (a ``map``).
     """
 
     target: str
     is_function: bool
+    references: list[str] = attrs.Factory(list)
+    calls: int = 1
 
 
 @message(47)
@@ -719,6 +723,9 @@ class CallPlaced:
     :class:`Trigger`. The client may send runs straight to those executors for
     ``lease`` seconds, then asks again (the scheduler owns placement and load).
     No executors: send calls of ``target`` through the scheduler.
+    ``preferred``: spread runs over the first ``preferred`` executors only (those
+    caching the call's referenced data), the others being fallbacks in order;
+    0 spreads them over all.
     """
 
     target: str
@@ -728,6 +735,7 @@ class CallPlaced:
     edges: list[list[str]]
     executors: list[str]
     lease: float
+    preferred: int = 0
 
 
 # --------------------------------------------------------------------------- executor
@@ -962,6 +970,21 @@ MAX_CALL_REFERENCES = 4096
 MAX_REPORTED_FUNCTIONS = 10_000
 #: Most cached keys (added and removed) one executor report may name.
 MAX_REPORTED_KEYS = 4096
+
+
+@_validator(PlaceCall)
+def _check_place(m: PlaceCall) -> None:
+    if len(m.references) > MAX_CALL_REFERENCES:
+        raise ProtocolError(f"PlaceCall: more than {MAX_CALL_REFERENCES} reference keys")
+    if m.calls < 1:
+        raise ProtocolError(f"PlaceCall.calls must be at least 1, not {m.calls!r}")
+
+
+@_validator(CallPlaced)
+def _check_placed(m: CallPlaced) -> None:
+    if type(m.preferred) is not int or not 0 <= m.preferred <= len(m.executors):
+        raise ProtocolError(f"CallPlaced.preferred must be 0..{len(m.executors)}, "
+                            f"not {m.preferred!r}")
 
 
 @_validator(ExecutorReport)

@@ -20,6 +20,12 @@ function. Three are built in, chosen by the scheduler's ``placement`` setting:
   parallelism).
 - ``"random"``: an executor drawn at random (a baseline for benchmarks).
 
+Clients send runs straight to executors where the policy allows it
+(:meth:`PlacementPolicy.whole_run`): the scheduler hands out, per call shape
+and set of referenced keys, the executors a whole run may go to, best first.
+``"data"`` and ``"locality"`` allow it; the others place every call at the
+scheduler.
+
 Plug in your own: subclass :class:`PlacementPolicy`, implement ``choose`` and
 either decorate it with :func:`register_policy` (then ``placement = "name"``)
 or name it as ``"package.module:ClassName"`` in the configuration.
@@ -39,8 +45,8 @@ from ..errors import DagError, DropletError
 from .dags import Dag
 
 __all__ = ["DEFAULT_POLICY", "MAX_QUEUE", "POLICIES", "Candidate", "Context", "DataPolicy",
-           "LocalityPolicy", "Placement", "PlacementPolicy", "RandomPolicy", "SpreadPolicy",
-           "check_policy_name", "policy_class", "register_policy"]
+           "LocalityPolicy", "Placement", "PlacementPolicy", "RandomPolicy", "RunPlacement",
+           "SpreadPolicy", "check_policy_name", "policy_class", "register_policy"]
 
 #: The policy a scheduler uses unless told otherwise.
 DEFAULT_POLICY = "data"
@@ -84,6 +90,17 @@ class Context:
     references: tuple[str, ...] = ()
 
 
+@attrs.frozen
+class RunPlacement:
+    """Where clients may send whole runs of one call shape themselves."""
+
+    #: executor URLs, best first (empty: every call goes through the scheduler).
+    executors: tuple[str, ...] = ()
+    #: spread runs over the first ``preferred`` only, the rest being fallbacks
+    #: in order; 0 spreads them over all.
+    preferred: int = 0
+
+
 class PlacementPolicy(abc.ABC):
     """A placement policy. Subclasses implement :meth:`choose`; keep them pure and fast.
 
@@ -93,6 +110,9 @@ class PlacementPolicy(abc.ABC):
 
     #: the name the ``placement`` setting uses for it (see :func:`register_policy`).
     name: ClassVar[str] = ""
+    #: whether clients may send whole runs to one executor (see :meth:`whole_run`);
+    #: honoured only when set on the class itself (a subclass opts in anew).
+    whole_runs: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._turn = 0
@@ -100,6 +120,17 @@ class PlacementPolicy(abc.ABC):
     @abc.abstractmethod
     def choose(self, pool: Sequence[Candidate], context: Context) -> str:
         """The URL, one of ``pool`` (never empty), where ``context.function`` runs."""
+
+    def whole_run(self, pool: Sequence[Candidate], references: Sequence[str] = (),
+                  calls: int = 1) -> RunPlacement:
+        """Executors of ``pool`` a client may send a whole run to, for a call whose
+        ``DropletReference`` arguments name ``references``; ``calls``: how many
+        such calls the client is about to send at once (a ``map``).
+
+        Only asked when :attr:`whole_runs` is set. The default: every executor,
+        least loaded (``Candidate.running``) first.
+        """
+        return RunPlacement(tuple(c.url for c in sorted(pool, key=lambda c: c.running)))
 
     def least_loaded(self, pool: Sequence[Candidate], load: Mapping[str, int]) -> str:
         """The least-loaded executor of ``pool``, round-robin among equals."""
@@ -177,6 +208,7 @@ class LocalityPolicy(PlacementPolicy):
     """Pipeline steps stay with their upstream; the rest go to the least-loaded executor."""
 
     name = "locality"
+    whole_runs = True
 
     def choose(self, pool: Sequence[Candidate], context: Context) -> str:
         home = _pipeline_home(pool, context)
@@ -198,6 +230,7 @@ class DataPolicy(PlacementPolicy):
     """Compute goes to the data (see the module docstring)."""
 
     name = "data"
+    whole_runs = True
 
     def __init__(self, max_queue: int = MAX_QUEUE) -> None:
         super().__init__()
@@ -217,6 +250,42 @@ class DataPolicy(PlacementPolicy):
                 return self.least_loaded([c for c in eligible if scores[c.url] == best], load)
         home = _pipeline_home(eligible, context)
         return home if home is not None else self.least_loaded(eligible, load)
+
+
+    def whole_run(self, pool: Sequence[Candidate], references: Sequence[str] = (),
+                  calls: int = 1) -> RunPlacement:
+        """With references: the executors whose node caches the most bytes of them
+        (among those whose queue is not over ``max_queue``) are preferred, least
+        loaded first; when none caches any, the least loaded one alone, in turn
+        among equals (so each key gets cached in one place, and keys spread over
+        the nodes). The others follow as fallbacks. ``calls`` more than the
+        preferred executors have room for (threads plus ``max_queue``, less
+        what they run) spill over to the next ones, in that order."""
+        if not references:
+            return super().whole_run(pool)
+        keys = set(references)
+        scores = {c.url: sum(c.cached.get(k, 0) for k in keys) for c in pool}
+        open_ = [c for c in pool if c.queue(c.running) <= self.max_queue]
+        eligible = open_ or list(pool)
+        first = sorted(eligible, key=lambda c: (-scores[c.url], c.running))
+        best = scores[first[0].url]
+        preferred = sum(1 for c in first if scores[c.url] == best)
+        if best == 0:  # cached nowhere: one executor, least loaded, in turn among equals
+            home = self.least_loaded(eligible, {c.url: c.running for c in eligible})
+            first.sort(key=lambda c: c.url != home)
+            preferred = 1
+        room = 0
+        for c in first[:preferred]:
+            room += max(0, (c.threads or 1) + self.max_queue - c.running)
+        while calls > 1 and room < calls and preferred < len(first):  # a map: spill over
+            c = first[preferred]
+            room += max(0, (c.threads or 1) + self.max_queue - c.running)
+            preferred += 1
+        chosen = {c.url for c in eligible}
+        rest = sorted((c for c in pool if c.url not in chosen),
+                      key=lambda c: (-scores[c.url], c.running))
+        urls = tuple(c.url for c in first + rest)
+        return RunPlacement(urls, min(preferred, len(urls)))
 
 
 @register_policy

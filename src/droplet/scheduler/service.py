@@ -67,6 +67,7 @@ from ..registration import code_version
 from ..rpc import DEFERRED, Peer
 from ..status import ClusterStatus, ScalingStatus
 from .dags import Dag, build_dag
+from .handout import PLACEMENT_LEASE, Offer, hand_out
 from .placement import DEFAULT_POLICY, Candidate, Placement
 from .registry import dag_entry, decode_registry, function_entry
 from .reports import ClusterView
@@ -80,16 +81,10 @@ RUN_TTL = 3600.0
 SWEEP_EVERY = 1024
 #: Seconds the scheduler waits for the store (registrations, recorded failures).
 KVS_TIMEOUT = 30.0
-#: Seconds a client may send a function's calls straight to the executors it
-#: was given (CallPlaced) before asking again.
-PLACEMENT_LEASE = 2.0
 #: Seconds a drained executor may take to send its last report before it is retired.
 DRAIN_REPORT_WAIT = 5.0
 #: Scale events kept of each adaptive executor node's status.
 MAX_POOL_EVENTS = 20
-#: Placement policies under which a whole run may go to one executor the
-#: client picks (CallPlaced): those that keep a pipeline on one executor.
-DIRECT_POLICIES = ("data", "locality")
 #: Most DAG calls chained by continuations in one call.
 MAX_CONTINUATIONS = 32
 
@@ -535,35 +530,16 @@ class SchedulerService:
         return CallAccepted(run_id, result_key)
 
     def _place_call(self, msg: PlaceCall) -> CallPlaced:
-        """Where a client may send runs of ``msg.target`` itself (see :class:`CallPlaced`).
-
-        A run goes wholly to one executor: executors least loaded first (the
-        load their reports gave, plus the runs placed here since). Runs that
-        need more than one executor (GPU functions, multi-exec, batching, the
-        ``spread`` policy and custom ones) are placed here, call by call: no
-        executors. Nor
-        are executors being drained.
-        """
-        probe = CallDag(msg.target, msg.is_function, [], [])
-        dag = self._dag_for(probe)
-        versions = []
-        for fn in dag.functions:
-            version = self._functions.get(fn)
-            if version is None:
-                raise DagError(f"DAG {dag.name!r} uses {fn!r}, which is no longer registered")
-            versions.append(version)
-        urls: list[str] = []
-        # "data" places a call without references as "locality" does; clients
-        # send only calls without references straight to executors.
-        if (self._placement.policy in DIRECT_POLICIES and not dag.gpu_functions
-                and not dag.multiexec and not dag.batching_functions):
-            loads = self.view.loads()
-            order = sorted((ex for ex in self._executors.values()
-                            if not ex.resources.get("gpu", 0) and not ex.draining),
-                           key=lambda ex: ex.running + loads.get(ex.url, 0))
-            urls = [ex.url for ex in order]
-        return CallPlaced(msg.target, msg.is_function, list(dag.functions), versions,
-                          [list(e) for e in dag.connections], urls, PLACEMENT_LEASE)
+        """Where a client may send runs of ``msg.target`` itself (see ``handout.py``)."""
+        dag = self._dag_for(CallDag(msg.target, msg.is_function, [], []))
+        loads = self.view.loads()
+        offers = []
+        for ex in self._executors.values():
+            threads, queued, cached = self.view.load(ex.url)
+            offers.append(Offer(ex.url, ex.running + loads.get(ex.url, 0), threads, queued,
+                                cached, gpu=ex.resources.get("gpu", 0) > 0,
+                                draining=ex.draining))
+        return hand_out(msg, dag, self._functions, offers, self._placement.impl)
 
     async def _call_oneway(self, peer: Peer, msg: CallDag) -> None:
         """A call sent without a request id: nobody waits for ``CallAccepted``.

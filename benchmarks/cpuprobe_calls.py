@@ -1,0 +1,114 @@
+"""CPU per call, per process: robust to other load on the machine (wall time is not).
+
+    python benchmarks/cpuprobe_calls.py [--executors N] [--calls N]
+                                        [--case noop|ref1k|ref10m|map]
+                                        [-- extra node flags]
+
+Starts an all-in-one node, makes sequential calls (``map``: one ``f.map`` of
+all of them, then every ``get()``) and prints the p50 (sequential cases), and
+the CPU microseconds per call of the client and of each node process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import droplet
+
+
+def _cpu(pid: int) -> float:
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _family(pid: int) -> list[int]:
+    out = [pid]
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    for child in children.stdout.split():
+        out += _family(int(child))
+    return out
+
+
+def _connect(url: str) -> droplet.DropletConnection:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return droplet.DropletConnection(url)
+        except droplet.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/cpuprobe_calls.py",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--executors", default="1")
+    p.add_argument("--calls", type=int, default=3000)
+    p.add_argument("--case", choices=("noop", "ref1k", "ref10m", "map"), default="noop")
+    p.add_argument("flags", nargs="*", help="extra node flags (after --)")
+    args = p.parse_args(argv)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    node = subprocess.Popen([sys.executable, "-m", "droplet.node", "--listen",
+                             f"tcp://127.0.0.1:{port}", "--executors", args.executors,
+                             "--data-dir", ":memory:", *args.flags], stderr=subprocess.DEVNULL)
+    try:
+        with _connect(f"tcp://127.0.0.1:{port}") as conn:
+            arg: Any = 1
+            if args.case.startswith("ref"):
+                conn.put_object("probe", b"v" * (1024 if args.case == "ref1k" else 10 << 20))
+                arg = droplet.DropletReference("probe")
+                f = conn.register(lambda _, x: len(x), "probe_len")
+            else:
+                f = conn.register(lambda _, x: x, "probe_noop")
+            for _ in range(300):
+                f(arg).get()
+            pids = _family(node.pid)
+            names = {}
+            for pid in pids:
+                with open(f"/proc/{pid}/cmdline") as f_:
+                    names[pid] = f_.read().replace("\0", " ")[:90]
+            before = {pid: _cpu(pid) for pid in pids}
+            client0, t0 = time.process_time(), time.perf_counter()
+            latencies = []
+            if args.case == "map":
+                for future in f.map([arg] * args.calls):
+                    future.get()
+            else:
+                for _ in range(args.calls):
+                    start = time.perf_counter()
+                    f(arg).get()
+                    latencies.append(time.perf_counter() - start)
+            wall = time.perf_counter() - t0
+            client = time.process_time() - client0
+            after = {pid: _cpu(pid) for pid in pids}
+    finally:
+        node.terminate()
+        node.wait()
+    n = args.calls
+    node_cpu = sum(after[pid] - before[pid] for pid in pids)
+    p50 = f"p50 {statistics.median(latencies) * 1e3:.3f} ms; " if latencies else ""
+    print(f"{args.case}: {p50}node cpu/call {node_cpu / n * 1e6:.0f} us; "
+          f"client cpu/call {client / n * 1e6:.0f} us; wall/call {wall / n * 1e6:.0f} us")
+    for pid in pids:
+        print(f"  {pid}: {(after[pid] - before[pid]) / n * 1e6:.0f} us/call  {names[pid]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

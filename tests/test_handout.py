@@ -1,0 +1,251 @@
+"""Placements handed out to clients for direct calls (issue 9): pure, with fake reports.
+
+``PlacementPolicy.whole_run`` decides where a client may send whole runs of a
+call shape with given referenced keys; ``hand_out`` turns it into the
+``CallPlaced`` answer; the client's cache keys it by the referenced keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+
+from droplet.client._core import ClientCore
+from droplet.client._direct import (
+    MAP_ASKS_AFTER,
+    MAX_PLACEMENTS,
+    DirectCalls,
+    may_go_direct,
+    reference_set,
+    spread_over,
+)
+from droplet.client._map import chunks_for
+from droplet.errors import DagError
+from droplet.protocol.messages import CallDag, CallPlaced, PlaceCall
+from droplet.references import DropletReference
+from droplet.scheduler.dags import Dag, build_dag
+from droplet.scheduler.handout import Offer, hand_out
+from droplet.scheduler.placement import (
+    Candidate,
+    Context,
+    DataPolicy,
+    LocalityPolicy,
+    PlacementPolicy,
+    RunPlacement,
+    SpreadPolicy,
+)
+
+MB = 1024 * 1024
+
+
+def one(name: str = "f") -> Dag:
+    return build_dag(name, [name], [], (), {name})
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def test_without_references_every_executor_least_loaded_first() -> None:
+    pool = [Candidate("e1", running=3), Candidate("e2", running=0), Candidate("e3", running=1)]
+    for policy in (DataPolicy(), LocalityPolicy()):
+        assert policy.whole_run(pool) == RunPlacement(("e2", "e3", "e1"), 0)
+
+
+def test_references_prefer_the_executors_caching_the_most_bytes() -> None:
+    pool = [Candidate("e1", running=0, cached={"a": MB}),
+            Candidate("e2", running=5, cached={"a": MB, "b": 10 * MB}),
+            Candidate("e3", running=1, cached={"b": 10 * MB, "a": MB}),
+            Candidate("e4", running=0)]
+    run = DataPolicy().whole_run(pool, ("a", "b"))
+    # e2 and e3 tie on bytes (both preferred, the less loaded first); the rest fall back
+    assert run == RunPlacement(("e3", "e2", "e1", "e4"), 2)
+
+
+def test_references_cached_nowhere_stick_to_the_least_loaded_in_turn() -> None:
+    pool = [Candidate("e1", running=2), Candidate("e2", running=1)]
+    assert DataPolicy().whole_run(pool, ("cold",)) == RunPlacement(("e2", "e1"), 1)
+    # equals take turns, so cold keys spread over the nodes' caches
+    idle = [Candidate("e1"), Candidate("e2")]
+    policy = DataPolicy()
+    homes = [policy.whole_run(idle, (f"k{i}",)).executors[0] for i in range(4)]
+    assert sorted(homes) == ["e1", "e1", "e2", "e2"]
+
+
+def test_a_backed_up_executor_is_not_preferred_for_its_data() -> None:
+    pool = [Candidate("e1", running=40, threads=4, queued=30, cached={"a": MB}),
+            Candidate("e2", running=0)]
+    run = DataPolicy(max_queue=16).whole_run(pool, ("a",))
+    assert run.executors[:run.preferred] == ("e2",)
+    assert run.executors == ("e2", "e1")  # still a fallback
+    # all backed up: the data decides among them all
+    both = [Candidate("e1", running=40, threads=4, queued=30, cached={"a": MB}),
+            Candidate("e2", running=40, threads=4, queued=30)]
+    assert DataPolicy(max_queue=16).whole_run(both, ("a",)) == RunPlacement(("e1", "e2"), 1)
+
+
+def test_a_big_map_spills_past_the_executors_caching_its_data() -> None:
+    pool = [Candidate("e1", running=2, threads=4, cached={"a": MB}),
+            Candidate("e2", running=0, threads=4), Candidate("e3", running=1, threads=4)]
+    policy = DataPolicy(max_queue=16)
+    assert policy.whole_run(pool, ("a",), calls=1) == RunPlacement(("e1", "e2", "e3"), 1)
+    # e1 has room for 4 + 16 - 2 = 18 calls; 30 spill to e2 (room 20)
+    assert policy.whole_run(pool, ("a",), calls=18).preferred == 1
+    assert policy.whole_run(pool, ("a",), calls=30).preferred == 2
+    assert policy.whole_run(pool, ("a",), calls=10_000).preferred == 3
+
+
+# --------------------------------------------------------------------------- hand_out
+
+
+def offers() -> list[Offer]:
+    return [Offer("e1", 2, 4, 0, {"k": 3 * MB}), Offer("e2", 0, 4, 0, {}),
+            Offer("e3", 0, 4, 0, {"k": 9 * MB}, draining=True),
+            Offer("g1", 0, 4, 0, {"k": 99 * MB}, gpu=True)]
+
+
+def test_hand_out_follows_the_data_and_skips_draining_and_gpu_executors() -> None:
+    placed = hand_out(PlaceCall("f", True, ["k", "k"]), one(), {"f": "v1"}, offers(),
+                      DataPolicy(), lease=2.0)
+    assert placed == CallPlaced("f", True, ["f"], ["v1"], [], ["e1", "e2"], 2.0, 1)
+    plain = hand_out(PlaceCall("f", True), one(), {"f": "v1"}, offers(), DataPolicy())
+    assert plain.executors == ["e2", "e1"] and plain.preferred == 0
+    many = hand_out(PlaceCall("f", True, ["k"], 100), one(), {"f": "v1"}, offers(),
+                    DataPolicy())
+    assert many.executors == ["e1", "e2"] and many.preferred == 2
+
+
+def test_hand_out_gives_no_executors_where_the_policy_places_every_call() -> None:
+    assert hand_out(PlaceCall("f", True, ["k"]), one(), {"f": "v1"}, offers(),
+                    SpreadPolicy()).executors == []
+
+    class Nearest(DataPolicy):  # a subclass of "data" that chooses otherwise
+        name: ClassVar[str] = "nearest-test"
+
+        def choose(self, pool: Any, context: Context) -> str:
+            return str(pool[-1].url)
+
+    assert hand_out(PlaceCall("f", True), one(), {"f": "v1"}, offers(),
+                    Nearest()).executors == []
+    with pytest.raises(DagError, match="no longer registered"):
+        hand_out(PlaceCall("f", True), one(), {}, offers(), DataPolicy())
+
+
+def test_a_policy_handing_out_an_unknown_executor_is_refused() -> None:
+    class Broken(PlacementPolicy):
+        whole_runs = True
+
+        def choose(self, pool: Any, context: Context) -> str:
+            return str(pool[0].url)
+
+        def whole_run(self, pool: Any, references: Any = (), calls: int = 1) -> RunPlacement:
+            return RunPlacement(("elsewhere",))
+
+    with pytest.raises(DagError, match="not among the eligible executors"):
+        hand_out(PlaceCall("f", True), one(), {"f": "v1"}, offers(), Broken())
+
+
+# --------------------------------------------------------------------------- client
+
+
+class FakePeer:
+    def __init__(self, url: str) -> None:
+        self.remote = url
+        self.closed = False
+
+    def alive(self) -> bool:
+        return not self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def direct_calls(answers: dict[tuple[str, ...], CallPlaced]) -> tuple[DirectCalls, list[Any]]:
+    asked: list[Any] = []
+    now = [0.0]
+
+    def place(target: str, is_function: bool, references: list[str],
+              calls: int) -> CallPlaced:
+        asked.append((target, references) if calls == 1 else (target, references, calls))
+        return answers[tuple(references)]
+
+    calls = DirectCalls(FakePeer, place, clock=lambda: now[0])
+    return calls, asked
+
+
+def plan(urls: list[str], preferred: int = 0) -> CallPlaced:
+    return CallPlaced("f", True, ["f"], ["v1"], [], urls, 2.0, preferred)
+
+
+def test_placements_are_cached_per_referenced_keys_and_prefer_the_data() -> None:
+    calls, asked = direct_calls({(): plan(["e1", "e2"]), ("k",): plan(["e2", "e1"], 1)})
+    plain = [calls.target("f", True)[0].remote for _ in range(4)]  # type: ignore[index]
+    assert plain == ["e1", "e2", "e1", "e2"]  # in turn over all
+    by_data = [calls.target("f", True, ("k",))[0].remote  # type: ignore[index]
+               for _ in range(4)]
+    assert by_data == ["e2"] * 4  # the preferred one only
+    assert asked == [("f", []), ("f", ["k"])]
+    # the preferred executor leaves: its placements go, the next asks again
+    # a big map with references gets a placement of its own, not cached; a small one not
+    assert [p.remote for p, _ in calls.spread("f", True, ("k",), MAP_ASKS_AFTER)] == ["e2"]
+    assert len(asked) == 2
+    assert [p.remote for p, _ in calls.spread("f", True, ("k",), 500)] == ["e2"]
+    assert asked[-1] == ("f", ["k"], 500)
+    assert calls.target("f", True, ("k",))[0].remote == "e2"  # type: ignore[index]
+    assert len(asked) == 3
+    calls.executor_left("e2")
+    assert calls.placed("f", True, ("k",)) == [] and calls.placed("f") == []
+    calls.forget("f", True)
+    assert calls.placements == {}
+
+
+def test_the_fallbacks_serve_when_the_preferred_cannot_be_dialled() -> None:
+    calls, _ = direct_calls({("k",): plan(["bad", "e1"], 1)})
+    real = calls._dial
+
+    def dial(url: str) -> Any:
+        if url == "bad":
+            raise OSError("refused")
+        return real(url)
+
+    calls._dial = dial
+    assert calls.target("f", True, ("k",))[0].remote == "e1"  # type: ignore[index]
+    assert [p.remote for p, _ in calls.spread("f", True, ("k",))] == ["e1"]
+
+
+def test_the_placement_cache_is_bounded() -> None:
+    calls, _ = direct_calls({})
+    for i in range(MAX_PLACEMENTS + 10):
+        calls.store(plan(["e1"]), 0.0, (f"k{i}",))
+    assert len(calls.placements) == MAX_PLACEMENTS
+    assert ("f", True, ("k0",)) not in calls.placements  # the oldest went first
+    assert ("f", True, (f"k{MAX_PLACEMENTS + 9}",)) in calls.placements
+
+
+def test_calls_with_references_may_go_direct_and_name_their_keys() -> None:
+    call = ClientCore.function_call("f", [DropletReference("b"), DropletReference("a"), 1])
+    assert may_go_direct(call)
+    assert reference_set(call) == ("a", "b")
+    assert reference_set(ClientCore.function_call("f", [1])) == ()
+
+
+# --------------------------------------------------------------------------- map
+
+
+def test_spread_over_splits_evenly_in_order() -> None:
+    assert spread_over(10, 2) == [(0, 5), (5, 10)]
+    assert spread_over(5, 3) == [(0, 1), (1, 3), (3, 5)]
+    assert spread_over(1, 4) == [(0, 1)]
+
+
+def test_map_chunks_per_executor_at_most_chunksize_in_order() -> None:
+    calls = [ClientCore.function_call("f", [i]) for i in range(10)]
+    calls.append(ClientCore.function_call("f", [DropletReference("k")]))
+    calls.append(CallDag("f", True, ["f"], [b"x"], result_key="r", output_key="out"))
+    p1, p2 = FakePeer("e1"), FakePeer("e2")
+    spreads = {(): [(p1, plan(["e1", "e2"])), (p2, plan(["e1", "e2"]))], ("k",): []}
+    chunks, left = chunks_for(calls, 3, lambda refs, _: spreads[refs], lambda p: p.remote)
+    assert [(c.peer.remote, c.indices) for c in chunks] == [  # the executors take turns
+        ("e1", [0, 1, 2]), ("e2", [5, 6, 7]), ("e1", [3, 4]), ("e2", [8, 9])]
+    assert all(t.placement == [c.peer.remote] for c in chunks for t in c.triggers)
+    assert left == [10, 11]  # no executor for its data; not of a kind to go direct
