@@ -69,7 +69,7 @@ def _write_held(peer_ref: weakref.ref[BlockingPeer], wanted: threading.Event) ->
         peer = peer_ref()
         if peer is None or peer._closing:
             return
-        peer.flush(time.monotonic() + peer._write_timeout)
+        peer.flush(time.monotonic() + peer._write_timeout, last_try=True)
         del peer
 
 
@@ -392,13 +392,24 @@ class BlockingPeer:
                     self._writer.start()
         self._write_wanted.set()
 
-    def flush(self, deadline: float) -> None:
-        """Write the frames held back (see ``submit(batch=True)``) by ``deadline``."""
+    def flush(self, deadline: float, *, last_try: bool = False) -> None:
+        """Write the frames held back (see ``submit(batch=True)``) by ``deadline``.
+
+        A waiter's deadline may be short (``wait_any(..., 0)`` polls): if the
+        frames cannot go by then (another thread holds the write lock, or the
+        socket is full), the writer thread takes them over with the whole write
+        timeout. Only that ``last_try`` fails the connection: the peer is then
+        really not reading.
+        """
         if self._outgoing and self._failure is None:
             try:
-                if not self._send_all(b"", deadline):
-                    raise TimeoutError(f"could not write to {self.remote} in time: "
-                                       "the peer is not reading")
+                if self._send_all(b"", deadline):
+                    return
+                if not last_try:
+                    self._wake_writer()
+                    return
+                raise TimeoutError(f"could not write to {self.remote} in time: "
+                                   "the peer is not reading")
             except DropletError as exc:
                 self._fail(exc)
 
