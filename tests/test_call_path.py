@@ -305,6 +305,31 @@ def test_blocking_peer_holds_frames_back_under_load_and_keeps_their_order(
         peer.close()
 
 
+def test_a_zero_timeout_wait_never_fails_the_connection_over_held_frames(
+        tcp_cluster: droplet.LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wait_any(..., 0) (as wait/as_completed poll each executor) while another
+    thread holds the write lock: the held frames go later, the connection stays."""
+    from droplet.client import _blocking_peer
+    from droplet.protocol.messages import KvsGet, KvsValue
+
+    peer = _blocking_peer.BlockingPeer(tcp_cluster.address, token=None, timeout=10)
+    woken: list[int] = []
+    monkeypatch.setattr(peer, "_wake_writer", lambda: woken.append(1))  # no writer thread
+    try:
+        (first,) = peer.submit(KvsGet("held/missing", 30.0), timeout=10, batch=True)
+        (held,) = peer.submit(KvsGet("held/other"), timeout=10, batch=True)
+        assert len(peer._outgoing) == 1
+        with peer._send_lock:  # as if the writer thread were writing right now
+            assert not peer.wait_any([held], 0)
+        assert peer._failure is None and woken  # handed to the writer, not failed
+        assert len(peer._outgoing) == 1
+        reply = peer.wait(held, 10, "KvsGet")
+        assert isinstance(reply, KvsValue) and reply.lattice is None
+        assert not first.done
+    finally:
+        peer.close()
+
+
 # --------------------------------------------------------------------------- draining
 
 
@@ -458,18 +483,19 @@ async def test_map_and_kvs_reads_wait_for_handed_out_direct_keys(
 
     async def handed_out(x: int) -> str:
         future = await f(x)
-        key = future.obj_id
         assert await future.get() == x * x
-        assert key in client._unconfirmed  # answered by the executor, stored just after
+        key = future.obj_id
+        # answered to this client alone: it stores the result now, acked later
+        assert [x._key for x in client._to_store] == [key]
         return key
 
     key = await handed_out(3)
     futures = await client.map("k_id", [droplet.DropletReference(key)])
-    assert not client._unconfirmed  # confirmed before the calls went out
+    assert not client._to_store and not client._storing  # stored before the calls went out
     assert await futures[0].get() == 9
     key = await handed_out(4)
     assert (await client.kvs_client.get([key]))[key] is not None
-    assert not client._unconfirmed
+    assert not client._to_store and not client._storing
 
 
 class _Failing:

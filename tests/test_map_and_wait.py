@@ -391,7 +391,10 @@ def test_dropped_map_futures_release_their_results(listen: str | None) -> None:
             futures = fn.map(range(100), chunksize=32)
             assert sorted(f.get() for f in droplet.as_completed(futures, timeout=60)) == [
                 2 * i for i in range(100)]
-            assert kvs.statistics().results == 100
+            # Through the scheduler (blocking: an embedded cluster's executors are
+            # inproc://) the executor stores each result; straight to the executor
+            # (portal) nothing is stored unless an obj_id is read (test_lazy_results.py).
+            assert kvs.statistics().results == (100 if listen else 0)
             del futures
             for _ in range(400):  # released in batches, in the background: about 20 s at most
                 gc.collect()

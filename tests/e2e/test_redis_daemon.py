@@ -48,11 +48,13 @@ def test_two_droplet_deployments_front_one_redis(tmp_path: Path, redis_url: str,
                 if reader("shared").get() == "changed":
                     break
             assert reader("shared").get() == "changed"
-            # a call's result, stored through the kvs-role node, is in Redis too
+            # a call's result whose key is handed out, stored through the
+            # kvs-role node, is in Redis too (until the connection closes)
             future = reader("shared")
             assert future.get() == "changed"
+            assert first.get_object(future.obj_id) == "changed"
+            keys = redis_server.cli("--scan", "--pattern", redis_url.split("prefix=")[1] + "*")
         assert "Redis at" in kvs.log_text()
-        keys = redis_server.cli("--scan", "--pattern", redis_url.split("prefix=")[1] + "*")
         assert "shared" in keys and "__droplet/results/" in keys
         for proc in (executor, scheduler, kvs, all_in_one):
             assert proc.stop() == 0, proc.log_text()

@@ -48,10 +48,16 @@ from ..protocol.messages import (
     StatusReply,
 )
 from ..status import ClusterStatus
-from ._blocking_peer import BlockingPeer, _Slot
-from ._core import ClientCore, check_key, check_timeout, result_blob, unwrap_result
+from ._blocking_peer import BlockingPeer, _AnyOf, _Slot
+from ._core import (
+    ClientCore,
+    check_key,
+    check_timeout,
+    direct_result_lattice,
+    result_blob,
+    unwrap_result,
+)
 from ._direct import (
-    CONFIRM_WAIT,
     DIAL_TIMEOUT,
     DirectCalls,
     may_go_direct,
@@ -61,6 +67,7 @@ from ._direct import (
 )
 from ._map import map_direct
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
+from ._wire import TriggerTemplates
 
 __all__ = ["BlockingClient", "BlockingFuture"]
 
@@ -88,9 +95,15 @@ def _flush_releases(client_ref: weakref.ref[BlockingClient], stop: threading.Eve
 class BlockingFuture:
     """A call's pending result; the read of it was sent with the call.
 
-    The result stays in the store while this future lives (or, once ``obj_id``
-    was handed out, until the connection closes): see ``_release.py``.
+    A call sent straight to an executor (``peer`` given) is answered by it
+    alone: the result is stored under its key only when ``obj_id`` is read
+    (by this client, and kept until close()), so a result whose key nobody
+    asks for costs the store nothing. The futures of calls through the
+    scheduler are :class:`_StoredFuture`: see ``_release.py``.
     """
+
+    __slots__ = ("__weakref__", "_blob", "_client", "_key", "_peer", "_pinned", "_session",
+                 "_slot", "_wait")
 
     def __init__(self, key: str, client: BlockingClient, slot: _Slot, wait: float,
                  session: str | None, peer: BlockingPeer | None = None) -> None:
@@ -100,71 +113,99 @@ class BlockingFuture:
         #: where the reply comes from: the store (a KvsValue), or for a call sent
         #: straight to an executor, that executor (a DagResult).
         self._peer = peer or client.kvs
-        self._direct = peer is not None
         self._wait = wait
         self._session = session
         self._blob: Blob | None = None
+        #: the key was handed out (or there is nothing to release).
         self._pinned = False
 
     @property
     def obj_id(self) -> str:
-        """The KVS key of the result; handing it out keeps the result until close()."""
+        """The KVS key of the result, readable by anyone (kept until close()).
+
+        For a call answered by its executor alone, this stores the result (or
+        its error) first: it waits for the result (up to the call's timeout;
+        past that, it is stored when it arrives) and for the store's ack.
+        """
         if not self._pinned:
             self._pinned = True
-            self._client.releases.pin(self._key)
-            self._confirm_stored()
+            self._store()
         return self._key
 
-    def _confirm_stored(self) -> None:
-        """A direct call's executor stores the result after answering: once this
-        future holds the result and its key was handed out, wait (briefly) until
-        the store has it, so ``get_object(obj_id)`` finds it."""
-        if (self._direct and self._pinned and self._slot.done
-                and not isinstance(self._slot.error, ConnectionError)):
-            self._direct = False
+    def _store(self) -> None:
+        """Store the result the executor sent only to us (see ``obj_id``)."""
+        slot = self._slot
+        if self._blob is None and not slot.done:
             try:
-                self._client.kvs.request(KvsGet(self._key, CONFIRM_WAIT), CONFIRM_WAIT + 5)
-            except DropletError:  # the store went away: nothing to wait for
+                self._peer.wait(slot, self._wait, "result")
+            except TimeoutError:
+                if not slot.done:  # still running: store it when it comes
+                    _StoreOnArrival(self)
+                    return
+            except DropletError:  # the call's error: stored as its result
                 pass
+        self._put(wait=True)
 
-    def __del__(self) -> None:
-        if not self._pinned:
-            self._client.releases.release(self._key)
+    def _put(self, *, wait: bool) -> None:
+        """Write the arrived result (or error) under its key; ``wait`` for the ack."""
+        slot = self._slot
+        blob = self._blob
+        if blob is None and slot.error is None:
+            blob = slot.value.value  # a DagResult
+        lattice = direct_result_lattice(blob, slot.error)
+        if lattice is None:  # the executor's connection broke: nothing to store
+            return
+        client = self._client
+        try:
+            if wait:
+                client.kvs.request(KvsPut(self._key, lattice), client.timeout)
+            else:
+                client.kvs.submit(KvsPut(self._key, lattice), timeout=client.timeout)
+        except DropletError:  # the store went away (the connection closed)
+            return
+        client.releases.pin(self._key)
 
     def _take_reply(self, remaining: float) -> None:
         """Use the answered slot: the result, its error, or a new read if the wait ran out."""
         slot = self._slot
         if slot.error is not None:
             raise slot.error
-        if type(slot.value) is DagResult:  # straight from the executor
-            self._blob = slot.value.value
+        value = slot.value
+        if type(value) is DagResult:  # straight from the executor
+            self._blob = value.value
             return
-        reply: KvsValue = slot.value
-        if reply.lattice is not None:
-            self._blob = result_blob(reply.lattice)
+        if value.lattice is not None:
+            self._blob = result_blob(value.lattice)
         elif remaining > 0:  # the store's wait ran out first: wait there again
             (self._slot,) = self._client.kvs.submit(KvsGet(self._key, remaining),
                                                     timeout=remaining)
 
     def get(self, timeout: float | None = None) -> Any:
-        wait = check_timeout(timeout, self._wait)
+        blob = self._blob
+        if blob is None:
+            blob = self._arrive(timeout)
+        return self._client.core.finish(unwrap_result(blob), self._session)
+
+    def _arrive(self, timeout: float | None) -> Blob:
+        """Wait for the result (raising the call's error, or TimeoutError)."""
+        wait = self._wait if timeout is None else check_timeout(timeout, self._wait)
         deadline = time.monotonic() + wait
         while self._blob is None:
             remaining = max(0.0, deadline - time.monotonic())
-            try:
-                self._peer.wait(self._slot, remaining, "result")
-            except TimeoutError:
-                raise TimeoutError(
-                    f"no result for {self._key} within {wait:g} s "
-                    "(pass a larger timeout to get() if the function is slow)") from None
+            slot = self._slot
+            if not slot.done:
+                try:
+                    self._peer.wait(slot, remaining, "result")
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"no result for {self._key} within {wait:g} s "
+                        "(pass a larger timeout to get() if the function is slow)") from None
             self._take_reply(max(0.0, deadline - time.monotonic()))
             if self._blob is None and deadline <= time.monotonic():
                 raise TimeoutError(
                     f"no result for {self._key} within {wait:g} s "
                     "(pass a larger timeout to get() if the function is slow)")
-        if self._direct and self._pinned:
-            self._confirm_stored()
-        return self._client.core.finish(unwrap_result(self._blob), self._session)
+        return self._blob
 
     def done(self) -> bool:
         """Whether the result (or an error) is in; reads what arrived, never waits."""
@@ -183,11 +224,49 @@ class BlockingFuture:
         if self._slot.error is not None:
             return True
         self._take_reply(self._wait)
-        if self._blob is None:
-            return False
-        if self._direct and self._pinned:  # done: its handed-out key reads the result
-            self._confirm_stored()
-        return True
+        return self._blob is not None
+
+
+class _StoredFuture(BlockingFuture):
+    """The future of a call through the scheduler, whose result the executor
+    stores: it stays while this future lives, or once ``obj_id`` was handed
+    out, until the connection closes (see ``_release.py``)."""
+
+    __slots__ = ()
+
+    @property
+    def obj_id(self) -> str:
+        """The KVS key of the result; handing it out keeps the result until close()."""
+        if not self._pinned:
+            self._pinned = True
+            self._client.releases.pin(self._key)
+        return self._key
+
+    def __del__(self) -> None:
+        if not self._pinned:
+            self._client.releases.release(self._key)
+
+
+class _StoreOnArrival(_AnyOf):
+    """Stores a direct result when it arrives (``obj_id`` gave up waiting for it).
+
+    Its slot's reader calls :meth:`notify` (it must not block that reader: the
+    put is sent without waiting for its ack)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: BlockingFuture) -> None:
+        super().__init__()
+        self.future = future
+        slot = future._slot
+        slot.watchers.append(self)
+        if slot.done:  # arrived meanwhile (a second put of the same value is harmless)
+            self.notify()
+
+    def notify(self) -> None:
+        future, self.future = self.future, None  # type: ignore[assignment]
+        if future is not None:  # (two racing calls may both put: the same value)
+            future._put(wait=False)
 
 
 class BlockingClient:
@@ -218,6 +297,8 @@ class BlockingClient:
         #: calls sent straight to executors (placement cached from the scheduler).
         self.direct = DirectCalls(dial_executor, place)
         self.direct.enabled = direct
+        #: their triggers, encoded from templates (see _wire.py).
+        self._templates = TriggerTemplates()
 
         self.scheduler = dial(url)
         try:
@@ -293,9 +374,11 @@ class BlockingClient:
         if found is None:
             return None
         peer, plan = found
-        triggers = triggers_for(call, plan, peer.remote)
+        triggers: builtins.list[Any] | None = self._templates.encode(call, plan, peer.remote)
         if triggers is None:
-            return None
+            triggers = triggers_for(call, plan, peer.remote)
+            if triggers is None:
+                return None
         assert call.result_key is not None
         try:  # the first source's trigger carries the request: the sink answers it
             (slot,) = peer.submit(triggers[0], timeout=self.timeout, oneway=triggers[1:],
@@ -343,7 +426,7 @@ class BlockingClient:
                 fetch_slots = self.kvs.submit(*fetches, timeout=remaining,
                                               oneway=self._releases_due())
             accepted += call_slots
-            futures += [BlockingFuture(f.key, self, slot, self.timeout, None)
+            futures += [_StoredFuture(f.key, self, slot, self.timeout, None)
                         for f, slot in zip(fetches, fetch_slots, strict=True)]
         refusal: DropletError | None = None
         for future, slot in zip(futures, accepted, strict=True):
@@ -374,8 +457,8 @@ class BlockingClient:
                         f"{self.timeout:g} s: the node is not reading")
                 (fetch_slot,) = self.kvs.submit(fetch, timeout=self.timeout,
                                                 oneway=self._releases_due())
-            return BlockingFuture(call.result_key, self, fetch_slot, wait,
-                                  ClientCore.session_of(call))
+            return _StoredFuture(call.result_key, self, fetch_slot, wait,
+                                 ClientCore.session_of(call))
         if self.kvs is self.scheduler:  # one node: call and result read in one write
             call_slot, fetch_slot = self.scheduler.submit(
                 call, fetch, timeout=self.timeout, oneway=self._releases_due())
@@ -383,8 +466,8 @@ class BlockingClient:
             (call_slot,) = self.scheduler.submit(call, timeout=self.timeout)
             (fetch_slot,) = self.kvs.submit(fetch, timeout=self.timeout,
                                             oneway=self._releases_due())
-        future = BlockingFuture(call.result_key, self, fetch_slot, wait,
-                                ClientCore.session_of(call))
+        future = _StoredFuture(call.result_key, self, fetch_slot, wait,
+                               ClientCore.session_of(call))
         try:
             self.scheduler.wait(call_slot, max(0.0, deadline - time.monotonic()), "CallDag")
         except BaseException:

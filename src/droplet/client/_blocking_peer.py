@@ -36,6 +36,7 @@ from ..protocol.messages import decode as decode_message
 from ..protocol.messages import encode as encode_message
 from ..rpc import error_from_reply
 from ._blocking_wire import open_wire
+from ._wire import Encoded
 
 RECEIVE_SIZE = 256 * 1024
 #: Buffers per ``sendmsg`` (Linux takes at most 1024).
@@ -62,7 +63,7 @@ def _write_held(peer_ref: weakref.ref[BlockingPeer], wanted: threading.Event) ->
         peer = peer_ref()
         if peer is None or peer._closing:
             return
-        peer.flush(time.monotonic() + peer._write_timeout)
+        peer.flush(time.monotonic() + peer._write_timeout, last_try=True)
         del peer
 
 
@@ -70,7 +71,9 @@ class _Slot:
     __slots__ = ("done", "error", "value", "wake", "watchers")
 
     def __init__(self) -> None:
-        self.wake = threading.Event()  # set when done, or when asked to take over reading
+        #: set when done, or when asked to take over reading; made only when a
+        #: thread sleeps on it (most waits read the reply themselves).
+        self.wake: threading.Event | None = None
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
@@ -80,7 +83,9 @@ class _Slot:
     def finish(self) -> None:
         """Mark answered (value or error already set) and wake whoever waits for it."""
         self.done = True
-        self.wake.set()
+        wake = self.wake  # read after done: see BlockingPeer._await
+        if wake is not None:
+            wake.set()
         watchers = self.watchers
         if watchers:
             for watcher in list(watchers):
@@ -93,12 +98,14 @@ class _AnyOf:
     __slots__ = ("done", "wake")
 
     def __init__(self) -> None:
-        self.wake = threading.Event()
+        self.wake: threading.Event | None = None  # as _Slot's
         self.done = False
 
     def notify(self) -> None:
         self.done = True
-        self.wake.set()
+        wake = self.wake
+        if wake is not None:
+            wake.set()
 
 
 class BlockingPeer:
@@ -118,6 +125,9 @@ class BlockingPeer:
         sock, self._decoder = open_wire(url, timeout=timeout, ssl_context=ssl_context,
                                         max_frame_size=max_frame_size)
         self._sock = sock
+        #: what the reading thread (one at a time: the read lock) receives into.
+        self._received = bytearray(RECEIVE_SIZE)
+        self._received_view = memoryview(self._received)
         self._max = max_frame_size
         self._ids = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
@@ -126,7 +136,7 @@ class BlockingPeer:
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._failure: BaseException | None = None
-        self._polled = 0.0  # when alive() last read the socket
+        self._polled = 0.0  # when the socket was last read (by alive() or a reader)
         self._owed = b""  # control frames to write when no write is under way (reader only)
         #: frames held back under load (submit(batch=True)), written in order
         #: before anything else; the writer thread writes them when woken.
@@ -206,9 +216,8 @@ class BlockingPeer:
                 # The rest of a big frame goes straight into its own buffer.
                 target = self._decoder.receive_buffer()
                 try:
-                    if target is None:
-                        data = sock.recv(RECEIVE_SIZE)
-                        got = len(data)
+                    if target is None:  # into our buffer: no 256 KiB allocation per read
+                        got = sock.recv_into(self._received)
                     else:
                         got = sock.recv_into(target)
                 except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -219,8 +228,9 @@ class BlockingPeer:
                     raise ConnectionError(f"connection to {self.remote} broke: {exc}") from exc
                 if not got:
                     raise ConnectionError(f"{self.remote} closed the connection")
+                self._polled = time.monotonic()  # alive now: alive() need not look soon
                 if target is None:
-                    self._decoder.feed(data)
+                    self._decoder.feed(self._received_view[:got])  # copies what came
                 else:
                     self._decoder.received(got)
                 return True
@@ -314,8 +324,10 @@ class BlockingPeer:
         with self._state:
             ids = [next(self._ids) for _ in msgs]
             self._pending.update(zip(ids, slots, strict=True))
-        payloads = [encode_gather(m) for m in oneway]
-        payloads += [encode_gather(m, i) for m, i in zip(msgs, ids, strict=True)]
+        # An Encoded message (client/_wire.py) is encoded but for its request id.
+        payloads = [m.payload() if type(m) is Encoded else encode_gather(m) for m in oneway]
+        payloads += [m.payload(i) if type(m) is Encoded else encode_gather(m, i)
+                     for m, i in zip(msgs, ids, strict=True)]
         pieces = self._frames(payloads)
         if batch:
             with self._state:
@@ -359,13 +371,24 @@ class BlockingPeer:
                     self._writer.start()
         self._write_wanted.set()
 
-    def flush(self, deadline: float) -> None:
-        """Write the frames held back (see ``submit(batch=True)``) by ``deadline``."""
+    def flush(self, deadline: float, *, last_try: bool = False) -> None:
+        """Write the frames held back (see ``submit(batch=True)``) by ``deadline``.
+
+        A waiter's deadline may be short (``wait_any(..., 0)`` polls): if the
+        frames cannot go by then (another thread holds the write lock, or the
+        socket is full), the writer thread takes them over with the whole write
+        timeout. Only that ``last_try`` fails the connection: the peer is then
+        really not reading.
+        """
         if self._outgoing and self._failure is None:
             try:
-                if not self._send_all(b"", deadline):
-                    raise TimeoutError(f"could not write to {self.remote} in time: "
-                                       "the peer is not reading")
+                if self._send_all(b"", deadline):
+                    return
+                if not last_try:
+                    self._wake_writer()
+                    return
+                raise TimeoutError(f"could not write to {self.remote} in time: "
+                                   "the peer is not reading")
             except DropletError as exc:
                 self._fail(exc)
 
@@ -435,10 +458,16 @@ class BlockingPeer:
             with self._state:
                 if target.done:
                     break
+                wake = target.wake
+                if wake is None:
+                    wake = target.wake = threading.Event()
                 self._waiting.add(target)
             try:
-                target.wake.wait(min(HANDOFF_POLL, max(0.0, deadline - time.monotonic())))
-                target.wake.clear()
+                # done is set before finish() looks for the event: checked again
+                # now that it exists, so a reply in between is never slept through.
+                if not target.done:
+                    wake.wait(min(HANDOFF_POLL, max(0.0, deadline - time.monotonic())))
+                    wake.clear()
             finally:
                 with self._state:
                     self._waiting.discard(target)
@@ -514,7 +543,7 @@ class BlockingPeer:
         """Ask one waiting thread to take over reading."""
         with self._state:
             for other in self._waiting:
-                if not other.done:
+                if not other.done and other.wake is not None:
                     other.wake.set()
                     return
 

@@ -13,7 +13,15 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..consistency import CAUSAL, CausalContext, SessionResult, check_level
-from ..errors import DagError, FunctionError, RegistrationError, _Failure
+from ..errors import (
+    ConnectionError,
+    DagError,
+    DropletError,
+    FunctionError,
+    RegistrationError,
+    _Failure,
+)
+from ..executor.outcomes import lww
 from ..executor.user_library import as_lattice, reveal_stored
 from ..ids import unique_id
 from ..kvs.keys import RESULT_PREFIX
@@ -32,7 +40,8 @@ from ..registration import Registration, source_of
 from ..scheduler.dags import check_dag_arguments
 from ..serialization import dumps, dumps_code, dumps_value, loads
 
-__all__ = ["AcceptedCalls", "ClientCore", "check_timeout", "result_blob", "unwrap_result"]
+__all__ = ["AcceptedCalls", "ClientCore", "check_timeout", "direct_result_lattice",
+           "result_blob", "unwrap_result"]
 
 
 #: CAUSAL sessions (client_ids) one client keeps contexts for.
@@ -104,6 +113,23 @@ def unwrap_result(blob: Blob) -> Any:
                 raise error from cause
         raise error
     return value
+
+
+def direct_result_lattice(blob: Blob | None, error: BaseException | None) -> bytes | None:
+    """What a client stores under a direct call's result key when the key is asked
+    for (the executor answered only the client): the result, or the call's error
+    (``get_object`` raises it, as for a stored failure); None when there is
+    nothing to store (the connection to the executor broke)."""
+    if blob is not None:
+        return lww(bytes(blob))
+    if error is None or isinstance(error, ConnectionError):
+        return None
+    try:
+        failure = dumps(_Failure(error if isinstance(error, DropletError)
+                                 else DropletError(f"{type(error).__name__}: {error}")))
+    except Exception:  # an error that does not pickle: its message does
+        failure = dumps(_Failure(DropletError(f"{type(error).__name__}: {error}")))
+    return lww(failure)
 
 
 def result_blob(lattice: bytes) -> bytes:

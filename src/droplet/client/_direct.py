@@ -2,8 +2,8 @@
 
 Through the scheduler a call crosses four connections (client -> scheduler ->
 executor -> store -> client); sent straight to an executor it crosses two
-(client -> executor -> client), and the executor writes the result key to the
-store after answering. The scheduler still owns placement and load: it hands
+(client -> executor -> client); the client alone gets the result, and it
+stores it if ``future.obj_id`` is read. The scheduler still owns placement and load: it hands
 out, per function or DAG and set of referenced keys (the call's
 ``DropletReference`` arguments), the executors that may run a whole call of
 it, best first, with the call's schedule
@@ -95,10 +95,12 @@ def may_go_direct(call: CallDag) -> bool:
                 or call.continuation is not None or call.result_key is None)
 
 
-def triggers_for(call: CallDag, plan: CallPlaced, url: str) -> list[Trigger] | None:
+def triggers_for(call: CallDag, plan: CallPlaced, url: str, *,
+                 store_result: bool = False) -> list[Trigger] | None:
     """The source triggers of ``call`` run wholly at executor ``url``, the first to
     send as the request; None when its arguments do not fit the plan (the
-    scheduler then says what is wrong)."""
+    scheduler then says what is wrong). ``store_result=False``: the executor
+    answers with the result only, the client stores it when its key is asked for."""
     if call.result_key is None or not set(call.arg_fns) <= set(plan.functions):
         return None
     run_id = unique_id()
@@ -106,7 +108,7 @@ def triggers_for(call: CallDag, plan: CallPlaced, url: str) -> list[Trigger] | N
     fed = {dst for _, dst in plan.edges}
     return [Trigger(run_id, fn, plan.functions, plan.versions, placement, plan.edges,
                     call.arg_fns, call.arg_blobs, None, None, False, call.result_key,
-                    None, False, NORMAL, None, None, "")
+                    None, False, NORMAL, None, None, "", store_result=store_result)
             for fn in plan.functions if fn not in fed]
 
 

@@ -8,6 +8,10 @@ queued here, and the client tells the store in batches (one
 after :data:`FLUSH_DELAY`). The store's ``result_ttl`` remains as the
 backstop for clients that vanish without saying so.
 
+A call sent straight to an executor is answered to this client alone and
+never stored unless its ``obj_id`` is read (the client then stores it): its
+future releases nothing.
+
 Handing out ``future.obj_id`` *pins* the result: the key may be read by
 anyone (``get_object``, a :class:`~droplet.DropletReference`), so it is kept
 until the connection closes, and released with the connection's last batch.

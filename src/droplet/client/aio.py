@@ -57,12 +57,12 @@ from ._core import (
     check_chunksize,
     check_key,
     check_timeout,
+    direct_result_lattice,
     map_items,
     result_blob,
     unwrap_result,
 )
 from ._direct import (
-    CONFIRM_WAIT,
     DIAL_TIMEOUT,
     AsyncDirectCalls,
     may_go_direct,
@@ -116,10 +116,9 @@ class AsyncDropletFuture:
         self._fetching = False
         #: called (in the loop) when a reply arrives: droplet.wait and as_completed.
         self._wakers: list[Callable[[], None]] = []
-        #: sent straight to an executor, which answers before it stores the result.
+        #: sent straight to an executor, which answers this client alone: the
+        #: result is stored only once its key is handed out (``obj_id``).
         self._direct = False
-        #: answered by that executor, which stores the result (or error) just after.
-        self._stored_later = False
 
     @property
     def arrived_threadsafe(self) -> threading.Event:
@@ -140,16 +139,31 @@ class AsyncDropletFuture:
         """The KVS key of the result; handing it out keeps the result until the client closes.
 
         Otherwise the result is released when this future is garbage-collected.
+        A call answered by its executor alone is stored by this client once
+        its key is handed out and its result is in (this client's next request
+        that may read it, such as ``get_object``, waits for that).
         """
         if not self._pinned:
             self._pinned = True
-            self._client._releases.pin(self._key)
-            if self._stored_later:  # see AsyncDropletClient._confirm_stored
-                self._client._unconfirmed.add(self._key)
+            if not self._direct:  # the executor stores it (or nothing was sent)
+                self._client._releases.pin(self._key)
+            elif self._settled():
+                self._client._want_stored(self)
+            # else: stored when it arrives (_fetched)
         return self._key
 
+    async def _stored_key(self) -> str:
+        """``obj_id`` once the result is stored: waits for the result (up to the
+        call's timeout; past that it is stored when it comes) and the store's ack."""
+        key = self.obj_id
+        if not self._settled():
+            with trio.move_on_after(self._timeout):
+                await self._arrived.wait()
+        await self._client._confirm_stored()
+        return key
+
     def __del__(self) -> None:
-        if not self._pinned:
+        if not self._pinned and not self._direct:
             self._client._releases.release(self._key)
 
     def fetch_request(self) -> KvsGet:
@@ -173,19 +187,15 @@ class AsyncDropletFuture:
                  ) -> None:
         if error is not None:
             self._error = error
-            # An executor's error reply (a result too large, say): it stores the
-            # failure too. A broken connection: it may store nothing.
-            self._stored_later = self._direct and not isinstance(error, ConnectionError)
         elif isinstance(reply, DagResult):  # straight from the executor
             self._blob = reply.value
-            self._stored_later = True
         elif reply is not None and reply.lattice is not None:
             try:
                 self._blob = result_blob(reply.lattice)
             except DropletError as exc:
                 self._error = exc
-        if self._stored_later and self._pinned:  # key handed out: see _confirm_stored
-            self._client._unconfirmed.add(self._key)
+        if self._direct and self._pinned:  # its key was handed out: store it
+            self._client._want_stored(self)
         self._fetching = False
         self._arrived.set()
         if self._threadsafe is not None:
@@ -310,8 +320,10 @@ class AsyncDropletClient:
         #: calls sent straight to executors (placement cached from the scheduler).
         self._direct = AsyncDirectCalls(dial, place)
         self._direct.enabled = direct
-        #: keys of direct results handed out (obj_id) and maybe not stored yet.
-        self._unconfirmed: set[str] = set()
+        #: direct results whose keys were handed out (obj_id), to store.
+        self._to_store: builtins.list[AsyncDropletFuture] = []
+        #: batches of those being stored (set once acknowledged).
+        self._storing: builtins.list[trio.Event] = []
 
     async def _fetch_many(self, keys: list[str]) -> list[bytes | None]:
         await self._confirm_stored()  # they may be direct results' keys handed out
@@ -431,20 +443,41 @@ class AsyncDropletClient:
     async def _exec_call(self, call: CallDag) -> AsyncDropletFuture:
         return await self._submit_direct(call) or await self._submit(call, self.timeout)
 
-    async def _confirm_stored(self) -> None:
-        """Before a request that may read them: wait until the direct results whose
-        keys were handed out (obj_id) are in the store (their executors answered
-        first and store them just after)."""
-        if not self._unconfirmed:
-            return
-        keys = list(self._unconfirmed)
-        self._unconfirmed.clear()
+    def _want_stored(self, future: AsyncDropletFuture) -> None:
+        """Store a direct result whose key was handed out (in the loop's thread)."""
+        self._to_store.append(future)
         try:
-            slots = await self._kvs.submit(*[KvsGet(k, CONFIRM_WAIT) for k in keys])
-            for slot in slots:
-                await self._kvs.wait(slot, CONFIRM_WAIT + 5, "KvsGet")
-        except DropletError:  # the store or an executor went away: nothing to wait for
+            self._nursery.start_soon(self._confirm_stored)
+        except RuntimeError:  # the client is closing: nothing more is stored
             pass
+
+    async def _confirm_stored(self) -> None:
+        """Store the direct results whose keys were handed out (obj_id): their
+        executors answered this client alone. Requests that may read them
+        (get_object, calls, map, KVS reads) wait for this first."""
+        while self._to_store or self._storing:
+            if not self._to_store:  # another task stores them: wait for its acks
+                await self._storing[0].wait()
+                continue
+            batch, self._to_store = self._to_store, []
+            done = trio.Event()
+            self._storing.append(done)
+            try:
+                puts = []
+                for future in batch:
+                    lattice = direct_result_lattice(future._blob, future._error)
+                    if lattice is not None:  # None: the executor's connection broke
+                        puts.append(KvsPut(future._key, lattice))
+                        self._releases.pin(future._key)
+                if puts:
+                    slots = await self._kvs.submit(*puts)
+                    for slot in slots:
+                        await self._kvs.wait(slot, self.timeout, "KvsPut")
+            except DropletError:  # the store went away (the client is closing)
+                pass
+            finally:
+                self._storing.remove(done)
+                done.set()
 
     async def _submit_direct(self, call: CallDag) -> AsyncDropletFuture | None:
         """Send ``call`` straight to an executor (see ``_direct.py``); None when it must

@@ -129,7 +129,10 @@ class _PortalFuture:
 
     @property
     def obj_id(self) -> str:
-        return self._inner.obj_id
+        inner = self._inner
+        if inner._pinned:
+            return inner._key
+        return self._portal.run(inner._stored_key)  # readable by anyone once it returns
 
     def get(self, timeout: float | None = None) -> Any:
         inner = self._inner

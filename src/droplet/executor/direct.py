@@ -5,7 +5,9 @@ A client holding a placement from the scheduler
 a run placed wholly on one executor itself, the first as a request. The
 executor runs it as any other run; when the sink finishes, the result goes
 back as the reply to that request (a ``DagResult``) and only then to the store
-under the run's result key, off the caller's path.
+under the run's result key, off the caller's path; or, when the trigger says
+``store_result=False`` (what clients send), only to the caller, which stores
+it itself if anyone asks for its key (``future.obj_id``).
 """
 
 from __future__ import annotations

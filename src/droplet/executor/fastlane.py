@@ -6,7 +6,8 @@ woken by an event) at 10-15 us each on a small machine. A trigger that needs
 none of what those tasks are for skips them all: the reader hands it straight
 to a worker thread, which loads the arguments, runs the functions, pickles the
 result once and writes the reply (or the scheduler's ``RunDone`` and the
-result key) itself on the socket (:meth:`droplet.rpc.Peer.write_from_thread`).
+result key, unless the trigger says ``store_result=False``: then only the
+reply) itself on the socket (:meth:`droplet.rpc.Peer.write_from_thread`).
 The loop is woken only when a write cannot complete at once.
 
 A trigger takes the fast lane when the functions it starts here are one chain
@@ -222,8 +223,6 @@ class FastLane:
         """The sink's result to whoever waits for it, as ``ExecutorService._forward`` does."""
         svc = self._svc
         blob = pickle_value(value)
-        # A plain pickle serves the store as is: the result is pickled once.
-        stored = blob if type(blob) is bytes else pickle_result(value)
         if peer is not None and request_id:  # a client's direct call: the reply first
             reply = DagResult(t.run_id, blob, failed)
             try:
@@ -232,6 +231,13 @@ class FastLane:
                 sent = False
             if not sent:
                 self._soon(functools.partial(_reply, peer, request_id, reply))
+            if not t.store_result:  # the client stores it if its key is asked for
+                return
+        elif not t.store_result:  # its caller went away, and nobody else wants it
+            return
+        # A plain pickle serves the store as is: the result is pickled once.
+        stored = blob if type(blob) is bytes else pickle_result(value)
+        if peer is not None and request_id:
             self._write(svc._kvs, [KvsPut(t.result_key, lww(stored))])
         elif t.direct:
             self._write(svc._scheduler, [RunDone(t.run_id, blob, failed)])

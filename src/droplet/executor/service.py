@@ -716,6 +716,8 @@ class ExecutorService:
         if caller is not None:  # a client's direct run: the result to it first
             blob = pickle_value(result)
             caller.send(DagResult(t.run_id, blob, failed))
+            if not t.store_result:  # the client stores it if its key is asked for
+                return
             # A plain pickle serves the store as is: pickled once for both.
             stored = blob if type(blob) is bytes else pickle_result(result)
             put = KvsPut(t.result_key, lww(stored))
@@ -724,6 +726,8 @@ class ExecutorService:
             except OutboxFull:
                 with trio.fail_after(SEND_TIMEOUT):
                     await self._kvs.send(put)
+            return
+        if not t.store_result:  # its caller went away, and nobody else wants it
             return
         scheduler = self._scheduler if not t.scheduler else await self._peers.get(t.scheduler)
         if t.direct:

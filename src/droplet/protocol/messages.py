@@ -27,7 +27,7 @@ import json
 import math
 import struct
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 
@@ -82,14 +82,16 @@ def _check(kind: str) -> Callable[[Any], bool]:
 
 
 class _Schema:
-    __slots__ = ("blob_fields", "checks", "cls", "names", "kinds", "header_fields", "tag",
-                 "views")
+    __slots__ = ("blob_fields", "checks", "cls", "names", "kinds", "header_fields",
+                 "min_fields", "tag", "views")
 
     def __init__(self, cls: type[Any], tag: int) -> None:
         self.cls = cls
         self.tag = tag
         fields = attrs.fields(cls)
         self.names = [f.name for f in fields]
+        #: an older peer may leave out the last OPTIONAL_TAIL fields (their defaults).
+        self.min_fields = len(self.names) - getattr(cls, "OPTIONAL_TAIL", 0)
         # A Blob field is a bytes field on the wire; it only decodes differently.
         self.kinds = [str(f.type).replace("Blob", "bytes") for f in fields]
         self.views = frozenset(f.name for f in fields if str(f.type) in VIEW_KINDS)
@@ -200,11 +202,17 @@ def decode(payload: bytes | memoryview) -> tuple[Any, int, bool]:
             _json_encode(header).encode("utf-8")
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"{cls.__name__}: header is not valid JSON ({exc})") from None
+    header_fields, blob_fields = schema.header_fields, schema.blob_fields
     if type(header) is not list or len(header) != len(schema.names):
-        raise ProtocolError(
-            f"{cls.__name__}: header must be a list of {len(schema.names)} fields"
-        )
-    for i, name, check in schema.header_fields:
+        if (type(header) is not list
+                or not schema.min_fields <= len(header) < len(schema.names)):
+            raise ProtocolError(
+                f"{cls.__name__}: header must be a list of {len(schema.names)} fields"
+            )
+        # an older peer's message: the fields it leaves out keep their defaults
+        header_fields = [f for f in header_fields if f[0] < len(header)]
+        blob_fields = [f for f in blob_fields if f[0] < len(header)]
+    for i, name, check in header_fields:
         if not check(header[i]):
             raise ProtocolError(
                 f"{cls.__name__}.{name} must be {schema.kinds[i]}, "
@@ -214,7 +222,7 @@ def decode(payload: bytes | memoryview) -> tuple[Any, int, bool]:
     if size >= BIG_FRAME and type(payload) is bytes:
         payload = memoryview(payload)  # big blobs as views of these (immutable) bytes
     is_view = type(payload) is memoryview
-    for i, name, kind in schema.blob_fields:
+    for i, name, kind in blob_fields:
         marker = header[i]
         keep = is_view and name in schema.views
         if kind[0] == "l":  # list[bytes], list[Blob]
@@ -784,6 +792,13 @@ class Trigger:
     batching: list[str] = attrs.Factory(list)
     #: a pickled value appended to a source function's arguments (continuations).
     carried: Blob | None = None
+    #: False: a run a client sent straight to this executor whose result goes
+    #: only to that client (in its DagResult); the executor writes no result
+    #: key (the client stores the result itself if anyone asks for the key).
+    store_result: bool = True
+
+    #: ``store_result`` came last: older clients send the trigger without it.
+    OPTIONAL_TAIL: ClassVar[int] = 1
 
 
 @message(41)
@@ -936,6 +951,11 @@ def _check_trigger(m: Trigger) -> None:
         raise ProtocolError("Trigger: a result needs a source, and a source a result")
     _check_seconds("Trigger", "deadline", m.deadline, absolute=True)
     _check_causal("Trigger", m.causal)
+    if not m.store_result and (m.direct or m.output_key is not None
+                               or m.consistency != "NORMAL" or m.scheduler):
+        raise ProtocolError("Trigger.store_result may be false only for a NORMAL run a "
+                            "client sent straight to an executor (not direct, no output "
+                            "key, no scheduler)")
 
 
 @_validator(KvsGet)
