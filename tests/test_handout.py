@@ -249,3 +249,30 @@ def test_map_chunks_per_executor_at_most_chunksize_in_order() -> None:
         ("e1", [0, 1, 2]), ("e2", [5, 6, 7]), ("e1", [3, 4]), ("e2", [8, 9])]
     assert all(t.placement == [c.peer.remote] for c in chunks for t in c.triggers)
     assert left == [10, 11]  # no executor for its data; not of a kind to go direct
+
+
+def test_calls_naming_a_key_this_client_just_wrote_go_through_the_scheduler() -> None:
+    """A direct call could overtake the store's news of the write to the caches."""
+    from droplet.client._direct import MAX_WRITTEN, WRITE_SETTLE
+
+    now = [100.0]
+    asked: list[Any] = []
+
+    def place(target: str, is_function: bool, references: list[str],
+              calls: int) -> CallPlaced:
+        asked.append(references)
+        return plan(["e1"])
+
+    calls = DirectCalls(FakePeer, place, clock=lambda: now[0])
+    calls.wrote("k")
+    assert calls.target("f", True, ("k",)) is None  # through the scheduler
+    assert calls.spread("f", True, ("a", "k"), 3) == []
+    assert asked == []
+    assert calls.target("f", True, ("other",)) is not None  # other keys still go direct
+    assert calls.target("f", True) is not None
+    now[0] += WRITE_SETTLE
+    assert calls.target("f", True, ("k",)) is not None  # the caches had time to hear
+    assert asked == [["other"], [], ["k"]]
+    for i in range(MAX_WRITTEN + 5):  # bounded: the oldest are forgotten
+        calls.wrote(f"w{i}")
+    assert len(calls.written) == MAX_WRITTEN and "w0" not in calls.written

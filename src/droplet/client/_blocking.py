@@ -509,7 +509,9 @@ class BlockingClient:
 
     # KVS
     def put_object(self, key: str, value: Any) -> bool:
-        self.kvs.request(ClientCore.put_request(key, value), self.timeout)
+        put = ClientCore.put_request(key, value)
+        self.kvs.request(put, self.timeout)
+        self.direct.wrote(put.key)  # calls naming it wait for the caches to hear (_direct.py)
         return True
 
     def get_object(self, key: str) -> Any:
@@ -527,6 +529,7 @@ class BlockingClient:
 
     def store(self, key: str, data: bytes) -> None:
         self.kvs.request(KvsPut(key, data), self.timeout)
+        self.direct.wrote(key)
 
     # cluster
     def list_dags(self) -> builtins.list[str]:

@@ -27,6 +27,7 @@ function's new code (executors load what is stored) or the deleted DAG.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -54,6 +55,11 @@ UNREACHABLE_RETRY = 30.0
 #: Placements a client caches at most (one per call shape and set of
 #: referenced keys); past it, expired ones go, then the oldest.
 MAX_PLACEMENTS = 1024
+#: Seconds after this client wrote a key during which its calls that reference
+#: that key go through the scheduler (see ``_Cache.wrote``), and how many such
+#: keys are remembered.
+WRITE_SETTLE = 1.0
+MAX_WRITTEN = 10_000
 
 #: A map of more calls than this with references asks for a placement of its
 #: own (PlaceCall.calls), which may spread it past the executors caching the
@@ -130,6 +136,33 @@ class _Cache:
         self.unreachable: dict[str, float] = {}
         #: False once the scheduler turned out not to hand out placements.
         self.enabled = True
+        #: Keys this client wrote lately (oldest first) and when.
+        self.written: dict[str, float] = {}
+
+    def wrote(self, key: str) -> None:
+        """This client wrote ``key``: for WRITE_SETTLE seconds, calls that reference
+        it go through the scheduler.
+
+        The store tells the executors' caches of a write after acknowledging it
+        to us, over its own connections: a call sent straight to an executor at
+        once could overtake that news and read the old value. Through the
+        scheduler it is one hop behind, as before calls with references went
+        direct, so a client reads its own writes.
+        """
+        written = self.written
+        written.pop(key, None)
+        written[key] = self.clock()
+        while len(written) > MAX_WRITTEN:  # the oldest first
+            try:
+                written.pop(next(iter(written)), None)
+            except (RuntimeError, StopIteration):  # another thread changed it: later
+                break
+
+    def settled(self, references: tuple[str, ...], now: float) -> bool:
+        """Whether no key of ``references`` was written by this client lately."""
+        written = self.written
+        return not written or not any(
+            now - written.get(key, -math.inf) < WRITE_SETTLE for key in references)
 
     def fresh(self, target: str, is_function: bool, now: float,
               references: tuple[str, ...] = ()) -> _Placed | None:
@@ -197,7 +230,7 @@ class DirectCalls(_Cache):
 
     def _placement(self, target: str, is_function: bool, references: tuple[str, ...],
                    now: float, calls: int = 1) -> _Placed | None:
-        if not self.enabled:
+        if not self.enabled or not self.settled(references, now):
             return None
         placed = self.fresh(target, is_function, now, references) if calls == 1 else None
         if placed is None:
@@ -306,15 +339,16 @@ class AsyncDirectCalls(_Cache):
 
     def ready(self, target: str, is_function: bool, references: tuple[str, ...] = ()) -> bool:
         """A fresh placement with a live connection is cached for ``target``."""
-        placed = (self.fresh(target, is_function, self.clock(), references)
-                  if self.enabled else None)
+        now = self.clock()
+        placed = (self.fresh(target, is_function, now, references)
+                  if self.enabled and self.settled(references, now) else None)
         return placed is not None and any(
             (peer := self._peers.get(url)) is not None and not peer.closed
             for url in placed.urls)
 
     async def _placement(self, target: str, is_function: bool, references: tuple[str, ...],
                          now: float, calls: int = 1) -> _Placed | None:
-        if not self.enabled:
+        if not self.enabled or not self.settled(references, now):
             return None
         placed = self.fresh(target, is_function, now, references) if calls == 1 else None
         if placed is None:

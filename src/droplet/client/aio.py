@@ -334,6 +334,7 @@ class AsyncDropletClient:
 
     async def _store(self, key: str, data: bytes) -> None:
         await self._kvs.request(KvsPut(key, data), self.timeout)
+        self._direct.wrote(key)
 
     @classmethod
     async def connect(
@@ -708,7 +709,9 @@ class AsyncDropletClient:
 
     async def put_object(self, key: str, value: Any) -> bool:
         """Store a value (wrapped in a last-writer-wins lattice) or merge a lattice."""
-        await self._kvs.request(ClientCore.put_request(key, value), self.timeout)
+        put = ClientCore.put_request(key, value)
+        await self._kvs.request(put, self.timeout)
+        self._direct.wrote(put.key)  # calls naming it wait for the caches to hear (_direct.py)
         return True
 
     async def get_object(self, key: str) -> Any:
