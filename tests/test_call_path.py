@@ -248,7 +248,11 @@ def test_sync_embedded_calls_go_straight_to_executors() -> None:
             conn.exec_func("s_nope", [])
 
 
-def test_sync_embedded_dag_calls_are_posted_and_refusals_reach_get() -> None:
+def test_sync_embedded_dag_calls_are_posted_and_refusals_reach_get(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Calls naming a key this client just wrote go through the scheduler for a
+    # second (tested in test_handout.py); here they are to go direct at once.
+    monkeypatch.setattr("droplet.client._direct.WRITE_SETTLE", 0.0)
     with droplet.LocalCluster(executors=2) as running:
         conn = running.connect()
         conn.register(square, "t_sq")
@@ -530,7 +534,11 @@ def test_a_one_way_call_that_fails_unexpectedly_reaches_get() -> None:
         placement._REGISTRY.pop("flaky-test", None)  # other tests list the policies
 
 
-async def test_async_map_goes_direct_and_survives_an_executor_leaving() -> None:
+async def test_async_map_goes_direct_and_survives_an_executor_leaving(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Calls naming a key this client just wrote go through the scheduler for a
+    # second (tested in test_handout.py); here they are to go direct at once.
+    monkeypatch.setattr("droplet.client._direct.WRITE_SETTLE", 0.0)
     async with droplet.open_local_cluster(executors=2, threads=2) as running, \
             running.client() as cloud:
         scheduler = running.node.scheduler

@@ -66,7 +66,11 @@ def test_calls_go_where_their_reference_is_cached(cluster: str) -> None:
         assert sum(e.cache_misses for e in status.executors) == 2
 
 
-def test_calls_with_references_go_straight_to_the_node_caching_them(cluster: str) -> None:
+def test_calls_with_references_go_straight_to_the_node_caching_them(
+        cluster: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Calls naming a key this client just wrote go through the scheduler for a
+    # second (tested in test_handout.py); here they are to go direct at once.
+    monkeypatch.setattr("droplet.client._direct.WRITE_SETTLE", 0.0)
     with DropletConnection(cluster, timeout=TIMEOUT) as cloud:
         fn = cloud.register(where, "where_direct")
         backend: Any = cloud._backend
