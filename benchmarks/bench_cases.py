@@ -39,6 +39,7 @@ from typing import Any
 import trio
 
 import droplet
+from droplet.client._direct import WRITE_SETTLE
 
 __all__ = ["CASES", "Case", "Context", "Measured", "dag_chain", "latency_case",
            "sync_throughput_case", "throughput_case"]
@@ -309,6 +310,9 @@ def _ref_row(label: str, size: int) -> None:
         conn.put_object(key, b"r" * size)
         fn = conn.register(length, "bench-length")
         ref = droplet.DropletReference(key)
+        # Steady state: calls naming a key this client has just written go through
+        # the scheduler for WRITE_SETTLE seconds (client/_direct.py).
+        time.sleep(WRITE_SETTLE)
         return lambda: fn(ref).get()
 
 
