@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import Result, environment_line, format_table, summarize  # noqa: E402
 
 import droplet  # noqa: E402
+from droplet.client._direct import WRITE_SETTLE  # noqa: E402
 from droplet.config import parse_size  # noqa: E402
 from droplet.testing.nodes import start_node  # noqa: E402
 
@@ -81,7 +82,9 @@ def measure(cloud: droplet.DropletConnection, row: str, target: str, keys: Seque
     refs = [droplet.DropletReference(k) for k in keys]
     for i in range(warmup):
         assert fn(refs[i % len(refs)]).get() == expect
-    time.sleep(0.3)  # the executors' cache reports reach the scheduler
+    # The executors' cache reports reach the scheduler, and this client's own
+    # writes settle (calls naming them go through the scheduler until then).
+    time.sleep(max(0.3, WRITE_SETTLE))
     hits0, misses0 = _hit_ratio(cloud)
     gc.collect()
     latencies = []
