@@ -1,31 +1,32 @@
-"""CPU per sequential no-op call, per process of a local node.
+"""CPU per call, per process: robust to other load on the machine (wall time is not).
 
-    python benchmarks/cpuprobe.py EXECUTORS [extra node flags]
+    python benchmarks/cpuprobe.py [--scheme tcp|ws] [--executors N] [--calls N]
+                                  [--case noop|ref1k|ref10m|map]
+                                  [-- extra node flags]
 
-Starts a node (``--executors EXECUTORS``), makes 3000 sequential no-op calls
-with the blocking client and prints the p50 latency and the CPU each process
-spent per call. CPU per call is robust to other load on a shared machine,
-unlike wall time. (The lead's probe, kept here; it waits for the node to
-listen and always stops it.)
+Starts an all-in-one node listening on ``SCHEME://127.0.0.1:PORT``, makes
+sequential calls (``map``: one ``f.map`` of all of them, then every ``get()``)
+and prints the p50 (sequential cases), and the CPU microseconds per call of the
+client and of each node process.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import droplet
-
-CALLS = 3000
-WARMUP = 300
+from droplet.client._direct import WRITE_SETTLE
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of every thread of ``pid``."""
+def _cpu(pid: int) -> float:
     total = 0
     for task in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{task}/stat") as f:
@@ -34,64 +35,85 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def descendants(pid: int) -> list[int]:
-    found = [pid]
+def _family(pid: int) -> list[int]:
+    out = [pid]
     children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     for child in children.stdout.split():
-        found += descendants(int(child))
-    return found
+        out += _family(int(child))
+    return out
 
 
-def main() -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    executors = sys.argv[1] if len(sys.argv) > 1 else "1"
-    node = subprocess.Popen([sys.executable, "-m", "droplet.node", "--listen",
-                             f"tcp://127.0.0.1:{port}", "--executors", executors,
-                             "--data-dir", ":memory:", *sys.argv[2:]],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or node.poll() is not None:
-                    raise SystemExit("the node did not start") from None
-                time.sleep(0.2)
-        conn = droplet.DropletConnection(f"tcp://127.0.0.1:{port}")
+def _connect(url: str) -> droplet.DropletConnection:
+    deadline = time.monotonic() + 60
+    while True:
         try:
-            noop = conn.register(lambda lib, x: x, "noop")
-            for _ in range(WARMUP):
-                noop(1).get()
-            time.sleep(1)  # the executor workers have joined and warmed up
-            pids = descendants(node.pid)
-            before = {pid: cpu_seconds(pid) for pid in pids}
-            mine0, t0 = time.process_time(), time.perf_counter()
+            return droplet.DropletConnection(url)
+        except droplet.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/cpuprobe.py",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--scheme", choices=("tcp", "ws"), default="tcp")
+    p.add_argument("--executors", default="1")
+    p.add_argument("--calls", type=int, default=3000)
+    p.add_argument("--case", choices=("noop", "ref1k", "ref10m", "map"), default="noop")
+    p.add_argument("flags", nargs="*", help="extra node flags (after --)")
+    args = p.parse_args(argv)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    url = f"{args.scheme}://127.0.0.1:{port}"
+    node = subprocess.Popen([sys.executable, "-m", "droplet.node", "--listen",
+                             url, "--executors", args.executors,
+                             "--data-dir", ":memory:", *args.flags], stderr=subprocess.DEVNULL)
+    try:
+        with _connect(url) as conn:
+            arg: Any = 1
+            if args.case.startswith("ref"):
+                conn.put_object("probe", b"v" * (1024 if args.case == "ref1k" else 10 << 20))
+                arg = droplet.DropletReference("probe")
+                time.sleep(WRITE_SETTLE)  # own writes settle: then calls go direct
+                f = conn.register(lambda _, x: len(x), "probe_len")
+            else:
+                f = conn.register(lambda _, x: x, "probe_noop")
+            for _ in range(300):
+                f(arg).get()
+            pids = _family(node.pid)
+            names = {}
+            for pid in pids:
+                with open(f"/proc/{pid}/cmdline") as f_:
+                    names[pid] = f_.read().replace("\0", " ")[:90]
+            before = {pid: _cpu(pid) for pid in pids}
+            client0, t0 = time.process_time(), time.perf_counter()
             latencies = []
-            for _ in range(CALLS):
-                start = time.perf_counter()
-                noop(1).get()
-                latencies.append(time.perf_counter() - start)
-            mine1, t1 = time.process_time(), time.perf_counter()
-            after = {pid: cpu_seconds(pid) for pid in pids}
-        finally:
-            conn.close()
-        node_cpu = sum(after[p] - before[p] for p in pids)
-        print(f"p50 {statistics.median(latencies) * 1e3:.3f} ms; node cpu/call "
-              f"{node_cpu / CALLS * 1e6:.0f} us; client cpu/call "
-              f"{(mine1 - mine0) / CALLS * 1e6:.0f} us; wall/call {(t1 - t0) / CALLS * 1e6:.0f}")
-        for pid in pids:
-            with open(f"/proc/{pid}/cmdline") as f:
-                cmdline = f.read().replace("\0", " ")[:90]
-            print(f"{pid} {(after[pid] - before[pid]) / CALLS * 1e6:.0f} us/call {cmdline}")
+            if args.case == "map":
+                for future in f.map([arg] * args.calls):
+                    future.get()
+            else:
+                for _ in range(args.calls):
+                    start = time.perf_counter()
+                    f(arg).get()
+                    latencies.append(time.perf_counter() - start)
+            wall = time.perf_counter() - t0
+            client = time.process_time() - client0
+            after = {pid: _cpu(pid) for pid in pids}
     finally:
         node.terminate()
         node.wait()
+    n = args.calls
+    node_cpu = sum(after[pid] - before[pid] for pid in pids)
+    p50 = f"p50 {statistics.median(latencies) * 1e3:.3f} ms; " if latencies else ""
+    print(f"{args.case}: {p50}node cpu/call {node_cpu / n * 1e6:.0f} us; "
+          f"client cpu/call {client / n * 1e6:.0f} us; wall/call {wall / n * 1e6:.0f} us")
+    for pid in pids:
+        print(f"  {pid}: {(after[pid] - before[pid]) / n * 1e6:.0f} us/call  {names[pid]}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
