@@ -35,11 +35,11 @@ from ..errors import ConnectionError, ProtocolError
 from ..protocol.framing import (
     BIG_FRAME,
     DEFAULT_MAX_FRAME_SIZE,
-    POOL,
     Buffer,
     BufferPool,
     Gather,
     Payload,
+    ReceiveBuffer,
 )
 
 __all__ = ["Upgrade", "WsClientCodec", "close_frame", "encode_frame", "mask"]
@@ -191,7 +191,7 @@ class Upgrade:
         raise self._not_ws("hung up during the WebSocket upgrade")
 
 
-class WsClientCodec:
+class WsClientCodec(ReceiveBuffer):
     """Server frames in, Droplet frames out; masked client frames for what we send.
 
     The same interface as :class:`~droplet.protocol.framing.FrameDecoder`
@@ -202,17 +202,11 @@ class WsClientCodec:
 
     def __init__(self, remote: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
                  pool: BufferPool | None = None) -> None:
+        # The big frame under way is one whole binary message.
+        super().__init__(max_frame_size, pool)
         self.remote = remote
-        self.max_frame_size = max_frame_size
-        self._pool = POOL if pool is None else pool
-        self._buf = bytearray()
-        self._pos = 0
         self._fragments: bytearray | None = None  # a fragmented message under way
         self._output: list[bytes] = []
-        # The big frame under way (one whole binary message): buffer, view, fill.
-        self._big: Any = None
-        self._big_view: memoryview | None = None
-        self._filled = 0
 
     # ------------------------------------------------------------------ sending
 
@@ -240,33 +234,6 @@ class WsClientCodec:
         return self.take_output() or close_frame(1000)
 
     # ------------------------------------------------------------------ receiving
-
-    def receive_buffer(self) -> memoryview | None:
-        view = self._big_view
-        if view is None or self._filled == len(view):
-            return None
-        return view[self._filled:]
-
-    def received(self, n: int) -> None:
-        view = self._big_view
-        if view is None or not 0 <= n <= len(view) - self._filled:
-            raise ValueError(f"received({n}) does not fit the frame under way")
-        self._filled += n
-
-    def feed(self, data: Buffer) -> None:
-        view = self._big_view
-        if view is not None and self._filled < len(view):
-            data = memoryview(data)
-            take = min(len(data), len(view) - self._filled)
-            view[self._filled:self._filled + take] = data[:take]
-            self._filled += take
-            if take == len(data):
-                return
-            data = data[take:]
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        self._buf += data
 
     def next_frame(self) -> bytes | memoryview | None:
         """The next whole binary message; None when more bytes are needed.

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from ..errors import ProtocolError
 
 __all__ = ["BIG_FRAME", "DEFAULT_MAX_FRAME_SIZE", "Buffer", "BufferPool", "FrameDecoder",
-           "Gather", "Payload", "frame", "frame_parts"]
+           "Gather", "Payload", "ReceiveBuffer", "frame", "frame_parts"]
 
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 #: Frames at least this big are received into a buffer of their own.
@@ -169,18 +169,13 @@ def _new_buffer(size: int) -> mmap.mmap:
 POOL = BufferPool()
 
 
-class FrameDecoder:
-    """Turns a byte stream into frames.
+class ReceiveBuffer:
+    """Bytes of a stream not yet taken as messages, and the one big message under
+    way, received straight into a pooled buffer of its own.
 
-    >>> d = FrameDecoder()
-    >>> d.feed(frame(b"hello") + frame(b"wor")[:5])
-    >>> d.next_frame(), d.next_frame()
-    (b'hello', None)
-    >>> d.feed(b"or"); d.next_frame()
-    b'wor'
-
-    Frames under :data:`BIG_FRAME` come out as ``bytes``; bigger ones as a
-    read-only ``memoryview`` of a buffer that belongs to that frame alone.
+    What :class:`FrameDecoder` and the sync client's WebSocket codec share: a
+    subclass parses ``_buf`` from ``_pos`` and, for a big message, sets
+    ``_big`` / ``_big_view`` (its buffer and a view of its size) and ``_filled``.
     """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
@@ -189,23 +184,10 @@ class FrameDecoder:
         self._pool = POOL if pool is None else pool
         self._buf = bytearray()
         self._pos = 0
-        # The big frame under way: its buffer, a view of it, and how much is in.
+        # The big message under way: its buffer, a view of it, and how much is in.
         self._big: mmap.mmap | None = None
         self._big_view: memoryview | None = None
         self._filled = 0
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned as a frame."""
-        staged = len(self._buf) - self._pos
-        if self._big is not None:
-            staged += HEADER_SIZE + self._filled
-        return staged
-
-    @property
-    def mid_frame(self) -> bool:
-        """True when part of a frame has arrived (used for read timeouts and EOF)."""
-        return self.buffered > 0
 
     def receive_buffer(self) -> memoryview | None:
         """Where the rest of the big frame under way goes, else ``None``.
@@ -241,6 +223,35 @@ class FrameDecoder:
             self._buf.clear()
             self._pos = 0
         self._buf += data
+
+
+
+class FrameDecoder(ReceiveBuffer):
+    """Turns a byte stream into frames.
+
+    >>> d = FrameDecoder()
+    >>> d.feed(frame(b"hello") + frame(b"wor")[:5])
+    >>> d.next_frame(), d.next_frame()
+    (b'hello', None)
+    >>> d.feed(b"or"); d.next_frame()
+    b'wor'
+
+    Frames under :data:`BIG_FRAME` come out as ``bytes``; bigger ones as a
+    read-only ``memoryview`` of a buffer that belongs to that frame alone.
+    """
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        staged = len(self._buf) - self._pos
+        if self._big is not None:
+            staged += HEADER_SIZE + self._filled
+        return staged
+
+    @property
+    def mid_frame(self) -> bool:
+        """True when part of a frame has arrived (used for read timeouts and EOF)."""
+        return self.buffered > 0
 
     def next_frame(self) -> bytes | memoryview | None:
         """Return the next complete frame, ``None`` if more bytes are needed.
