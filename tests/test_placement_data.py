@@ -99,7 +99,13 @@ def test_no_executors_and_bad_choices_are_clear_errors() -> None:
         DataPolicy(max_queue=-1)
 
 
-def test_policies_plug_in_by_name_or_path() -> None:
+def test_policies_plug_in_by_name_or_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A registry of this test's own: the policy it adds must not outlive it
+    # (test_placement.py lists the known policies in an error message).
+    from droplet.scheduler import placement
+
+    monkeypatch.setattr(placement, "_REGISTRY", dict(placement._REGISTRY))
+
     @register_policy
     class First(PlacementPolicy):
         name = "first-test"
