@@ -241,13 +241,8 @@ class WsClientCodec(ReceiveBuffer):
         Raises ProtocolError for a server that broke the rules (a text message,
         an oversize or masked frame, ...) and ConnectionError for a close frame.
         """
-        view = self._big_view
-        if view is not None:
-            if self._filled < len(view):
-                return None
-            self._big = self._big_view = None
-            self._filled = 0
-            return view.toreadonly()
+        if self._big_view is not None:
+            return self._finish_big()
         while True:
             buf, pos = self._buf, self._pos
             have = len(buf) - pos

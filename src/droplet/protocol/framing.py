@@ -209,6 +209,17 @@ class ReceiveBuffer:
             raise ValueError(f"received({n}) does not fit the frame under way")
         self._filled += n
 
+    def _finish_big(self) -> memoryview | None:
+        """The big message under way, read-only, once whole (then forgotten);
+        None while bytes of it are still to come."""
+        view = self._big_view
+        assert view is not None
+        if self._filled < len(view):
+            return None
+        self._big = self._big_view = None
+        self._filled = 0
+        return view.toreadonly()
+
     def feed(self, data: Buffer) -> None:
         view = self._big_view
         if view is not None and self._filled < len(view):
@@ -258,13 +269,8 @@ class FrameDecoder(ReceiveBuffer):
 
         Raises ProtocolError when the peer declares a frame over the limit.
         """
-        view = self._big_view
-        if view is not None:
-            if self._filled < len(view):
-                return None
-            self._big = self._big_view = None
-            self._filled = 0
-            return view.toreadonly()
+        if self._big_view is not None:
+            return self._finish_big()
         buf, pos = self._buf, self._pos
         if len(buf) - pos < HEADER_SIZE:
             return None
