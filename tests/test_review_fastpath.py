@@ -91,3 +91,38 @@ async def test_a_function_that_raises_system_exit_is_its_callers_error_over_tcp(
             client._direct.enabled = False  # through the scheduler: triggers it places
             await _exits_are_function_errors(client)
     assert sum(w.executors[0].statistics().fast_calls for w in workers) > 0
+
+
+# --------------------------------------------------------------------------- async client dials
+
+
+async def test_concurrent_first_calls_dial_each_executor_once_and_close_cleanly() -> None:
+    """Many tasks calling at once, before any executor connection exists, share one
+    connection per executor; aclose() then closes them all, so a nursery the user
+    owns (AsyncDropletClient.connect) exits instead of waiting on leaked readers."""
+    with trio.fail_after(TIMEOUT):
+        async with droplet.open_local_cluster(executors=2) as running:
+            async with trio.open_nursery() as nursery:
+                client = await AsyncDropletClient.connect(running.address, nursery,
+                                                          token=running.token)
+                dials: list[str] = []
+                dial = client._direct._dial
+
+                async def counting(url: str) -> Any:
+                    dials.append(url)
+                    return await dial(url)
+
+                client._direct._dial = counting  # type: ignore[method-assign]
+                f = await client.register(inc, "inc")
+                results: list[int] = []
+
+                async def call(i: int) -> None:
+                    results.append(await (await f(i)).get())
+
+                async with trio.open_nursery() as calls:
+                    for i in range(50):
+                        calls.start_soon(call, i)
+                assert sorted(results) == list(range(1, 51))
+                assert dials and len(dials) == len(set(dials))  # one dial per executor
+                await client.aclose()
+            # the nursery exited: nothing of the client was left running in it

@@ -33,6 +33,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
 from ..consistency import NORMAL
 from ..errors import DropletError, ProtocolError
 from ..ids import unique_id
@@ -336,6 +338,9 @@ class AsyncDirectCalls(_Cache):
         self._dial = dial
         self._place = place
         self._peers: dict[str, Peer] = {}
+        #: dials under way: concurrent first calls wait for one connection, never
+        #: open their own (a second would be left running, unclosed by aclose()).
+        self._dialing: dict[str, trio.Event] = {}
 
     def ready(self, target: str, is_function: bool, references: tuple[str, ...] = ()) -> bool:
         """A fresh placement with a live connection is cached for ``target``."""
@@ -369,14 +374,24 @@ class AsyncDirectCalls(_Cache):
             self.executor_left(url)
         if self.unreachable.get(url, 0.0) > now:
             return None
+        dialing = self._dialing.get(url)
+        if dialing is not None:  # another task dials it: use its connection
+            await dialing.wait()
+            peer = self._peers.get(url)
+            return peer if peer is not None and not peer.closed else None
+        self._dialing[url] = done = trio.Event()
         try:
             peer = await self._dial(url)
         except (DropletError, ValueError, OSError):
             self.unreachable[url] = now + UNREACHABLE_RETRY
             return None
-        self._peers[url] = peer
-        peer.on_close.append(functools.partial(self._closed, url))
-        return peer
+        else:
+            self._peers[url] = peer
+            peer.on_close.append(functools.partial(self._closed, url))
+            return peer
+        finally:
+            del self._dialing[url]
+            done.set()
 
     async def target(self, target: str, is_function: bool,
                      references: tuple[str, ...] = ()) -> tuple[Peer, CallPlaced] | None:
