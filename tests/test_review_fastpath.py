@@ -8,6 +8,7 @@ that falls back to the scheduler, a sync wait over several executors' sockets.
 from __future__ import annotations
 
 import functools
+import gc
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -126,3 +127,27 @@ async def test_concurrent_first_calls_dial_each_executor_once_and_close_cleanly(
                 assert dials and len(dials) == len(set(dials))  # one dial per executor
                 await client.aclose()
             # the nursery exited: nothing of the client was left running in it
+
+
+async def test_a_direct_call_that_falls_back_to_the_scheduler_keeps_its_result(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The executor's connection breaks as a direct call goes out: the call goes
+    through the scheduler, under the same result key, and nothing of the
+    attempt releases that key (the result stays readable by its obj_id)."""
+    async with droplet.open_local_cluster(executors=1) as running:
+        async with running.client() as client:
+            f = await client.register(inc, "inc")
+            assert await (await f(0)).get() == 1  # placement cached, executor dialled
+            ((url, peer),) = client._direct._peers.items()
+
+            async def broken(*msgs: Any, oneway: Any = ()) -> Any:
+                await peer.aclose()  # the executor hung up as the call went out
+                raise droplet.ConnectionError(f"connection to {url} broke")
+
+            peer.submit = broken  # type: ignore[method-assign]
+            future = await f(41)
+            gc.collect()
+            assert await future.get() == 42
+            key = future.obj_id
+            await trio.sleep(5)  # well past FLUSH_DELAY: released keys were sent
+            assert await client.get_object(key) == 42
