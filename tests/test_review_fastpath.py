@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import functools
 import gc
+import queue
 import sys
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -18,7 +22,7 @@ import trio
 import trio.testing
 
 import droplet
-from droplet import AsyncDropletClient
+from droplet import AsyncDropletClient, DropletConnection
 from droplet.config import Config
 from droplet.node import Node, serve_node
 
@@ -151,3 +155,92 @@ async def test_a_direct_call_that_falls_back_to_the_scheduler_keeps_its_result(
             key = future.obj_id
             await trio.sleep(5)  # well past FLUSH_DELAY: released keys were sent
             assert await client.get_object(key) == 42
+
+
+# --------------------------------------------------------------------------- sync wait
+
+
+_GATES = {i: threading.Event() for i in range(4)}
+
+
+def gate(_: Any, i: int) -> int:
+    _GATES[i].wait(TIMEOUT)
+    return i
+
+
+@contextmanager
+def _tcp_nodes_in_a_thread() -> Iterator[str]:
+    """A KVS+scheduler node and two executor nodes over loopback TCP, run by Trio
+    in a thread of their own (a sync client blocks this one): the main node's URL."""
+    ready: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            main: Node = await nursery.start(functools.partial(serve_node, Config(
+                listen="tcp://127.0.0.1:0", executors=0)))
+            for _ in range(2):
+                await nursery.start(functools.partial(serve_node, Config(
+                    role="executor", listen="tcp://127.0.0.1:0", scheduler=main.url)))
+            ready.put(main.url)
+            await trio.to_thread.run_sync(stop.wait)
+            nursery.cancel_scope.cancel()
+
+    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
+    thread.start()
+    try:
+        yield ready.get(timeout=TIMEOUT)
+    finally:
+        stop.set()
+        thread.join(TIMEOUT)
+
+
+def test_a_sync_wait_over_two_executors_sees_a_reply_another_thread_read() -> None:
+    """droplet.wait on futures of two executors' connections sleeps in select() on
+    both sockets; a reply another thread reads off one of them (that thread leads
+    the socket, waiting for its own reply) must still end the wait."""
+    for event in _GATES.values():
+        event.clear()
+    with _tcp_nodes_in_a_thread() as url, DropletConnection(url, timeout=TIMEOUT) as conn:
+        futures = conn.register(gate, "gate").map(range(4), chunksize=1)
+        by_peer: dict[Any, list[int]] = {}
+        for i, f in enumerate(futures):
+            by_peer.setdefault(f._inner._peer, []).append(i)  # type: ignore[attr-defined]
+        assert len(by_peer) == 2, "the map went straight to both executors"
+        (one, (mine, first)), (_, (second, _)) = by_peer.items()
+        other_thread: list[threading.Thread] = []
+        dispatch = one._dispatch
+
+        def slow_dispatch(payload: Any) -> None:
+            if threading.current_thread() in other_thread:
+                time.sleep(0.3)  # read off the socket, handed over a little later
+            dispatch(payload)
+
+        one._dispatch = slow_dispatch
+        leader = threading.Thread(target=futures[mine].get, daemon=True)
+        other_thread.append(leader)
+        leader.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not one._read_lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        got: dict[str, Any] = {}
+
+        def waiter() -> None:
+            got["wait"] = droplet.wait([futures[first], futures[second]],
+                                       return_when=droplet.FIRST_COMPLETED)
+
+        waiting = threading.Thread(target=waiter, daemon=True)
+        waiting.start()
+        time.sleep(0.2)  # asleep in select() by now
+        try:
+            _GATES[first].set()
+            waiting.join(10)
+            assert not waiting.is_alive(), "wait slept through a reply that was in"
+        finally:
+            for event in _GATES.values():
+                event.set()
+            leader.join(TIMEOUT)
+            waiting.join(TIMEOUT)
+        done, not_done = got["wait"]
+        assert futures[first] in done and futures[second] in not_done
+        assert [f.get() for f in futures] == [0, 1, 2, 3]
