@@ -46,6 +46,20 @@ def interrupted(_: Any, x: int) -> int:
     raise KeyboardInterrupt(f"user code raised this, not a Ctrl-C ({x})")
 
 
+class Leaver:
+    """A registered class whose constructor exits (built on the first call)."""
+
+    def __init__(self, _: Any) -> None:
+        sys.exit(5)
+
+    def run(self, _: Any, x: int) -> int:
+        return x
+
+
+def leave_batch(_: Any, xs: list[int]) -> list[int]:
+    sys.exit(6)
+
+
 # --------------------------------------------------------------------------- SystemExit
 
 
@@ -76,6 +90,16 @@ async def _exits_are_function_errors(client: AsyncDropletClient) -> None:
             await client.put_object("review-code", i)
             with pytest.raises(droplet.FunctionError, match="SystemExit|KeyboardInterrupt"):
                 await (await f(droplet.DropletReference("review-code"))).get()
+    leaver = await client.register((Leaver, ()), "leaver")
+    for i in range(3):
+        with pytest.raises(droplet.FunctionError, match="SystemExit"):
+            await (await leaver(i)).get()
+    await client.register(leave_batch, "leave_batch")
+    await client.register_dag("batch_dag", ["leave_batch"], [],
+                              batching_functions=["leave_batch"])
+    for i in range(3):
+        with pytest.raises(droplet.FunctionError, match="SystemExit"):
+            await (await client.call_dag("batch_dag", {"leave_batch": i})).get()
     # Every executor still serves.
     assert [await (await ok(i)).get() for i in range(8)] == list(range(1, 9))
 

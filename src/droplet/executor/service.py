@@ -530,7 +530,7 @@ class ExecutorService:
         for fn in segment:
             try:
                 steps.append(await self._prepare(t, fn, libs, run))
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # a class's __init__ may exit too
                 return _Failure(function_error(exc, fn)), True
         try:
             carried = await self._resolve(
