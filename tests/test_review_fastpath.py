@@ -268,3 +268,33 @@ def test_a_sync_wait_over_two_executors_sees_a_reply_another_thread_read() -> No
         done, not_done = got["wait"]
         assert futures[first] in done and futures[second] in not_done
         assert [f.get() for f in futures] == [0, 1, 2, 3]
+
+
+async def test_closing_while_an_executor_is_being_dialled_leaves_nothing_running(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """aclose() while a call dials its executor: the connection that dial opens
+    afterwards is closed too, so a nursery the user owns still exits."""
+    async with droplet.open_local_cluster(executors=1) as running:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                client = await AsyncDropletClient.connect(running.address, nursery,
+                                                          token=running.token)
+                f = await client.register(inc, "inc")
+                dialling = trio.Event()
+                dial = client._direct._dial
+
+                async def slow(url: str) -> Any:
+                    dialling.set()
+                    await trio.sleep(1)
+                    return await dial(url)
+
+                client._direct._dial = slow  # type: ignore[method-assign]
+
+                async def call() -> None:
+                    with pytest.raises(droplet.DropletError):
+                        await (await f(1)).get()
+
+                nursery.start_soon(call)
+                await dialling.wait()
+                await client.aclose()
+            # the nursery exited: the late connection was not left running in it

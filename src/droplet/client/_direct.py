@@ -341,6 +341,7 @@ class AsyncDirectCalls(_Cache):
         #: dials under way: concurrent first calls wait for one connection, never
         #: open their own (a second would be left running, unclosed by aclose()).
         self._dialing: dict[str, trio.Event] = {}
+        self._shut = False  # aclose() was called
 
     def ready(self, target: str, is_function: bool, references: tuple[str, ...] = ()) -> bool:
         """A fresh placement with a live connection is cached for ``target``."""
@@ -386,6 +387,9 @@ class AsyncDirectCalls(_Cache):
             self.unreachable[url] = now + UNREACHABLE_RETRY
             return None
         else:
+            if self._shut:  # aclose() came while dialling: it closes this one too
+                await peer.aclose()
+                return None
             self._peers[url] = peer
             peer.on_close.append(functools.partial(self._closed, url))
             return peer
@@ -432,6 +436,7 @@ class AsyncDirectCalls(_Cache):
         self.drop_url(url)
 
     async def aclose(self) -> None:
+        self._shut = True
         peers, self._peers = self._peers, {}
         self.placements.clear()
         for peer in peers.values():
