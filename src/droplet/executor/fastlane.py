@@ -50,7 +50,7 @@ from .multiexec import spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
 from .steps import RunContext, Step, run_sync_steps
 from .user_library import UserLibrary
-from .wholerun import Plan, plan_of, run_whole
+from .wholerun import WholeRun, plan_of
 
 if TYPE_CHECKING:
     from .service import ExecutorService
@@ -127,8 +127,9 @@ class FastLane:
         if targets is None:
             return False
         libs = self._begin(t, len(plan.order))
-        self._svc._threads.start(self._whole_job, t, plan, targets, libs, peer, request_id,
-                                 label=t.function)
+        run = WholeRun(t, plan, targets, libs, functools.partial(self._more, peer, request_id))
+        for _ in range(run.claimers):
+            self._svc._threads.start(self._claim, run, peer, request_id, label=t.function)
         return True
 
     def _targets(self, t: Trigger, functions: Sequence[str]) -> list[Any] | None:
@@ -211,25 +212,39 @@ class FastLane:
         finally:
             self.done.append(([(fn, elapsed, failed) for fn in segment], int(failed), libs))
 
-    def _whole_job(self, t: Trigger, plan: Plan, targets: list[Any], libs: list[UserLibrary],
-                   peer: Peer, request_id: int) -> None:
-        records: list[tuple[str, float, bool]] = []
-        failures = 1
+    def _claim(self, run: WholeRun, peer: Peer, request_id: int) -> None:
+        """A claimer of a whole run (see :class:`WholeRun`); who runs the sink answers."""
+        t = run.t
         try:
-            value, failed, failures = run_whole(t, plan, targets, libs, records)
+            outcome = run.claim()
+            if outcome is None:
+                return
+            value, failed = outcome
             try:
                 self._finish(t, value, failed, peer, request_id)
             except ValueError as exc:  # the result is too big for one frame: as in _job
                 too_big = _Failure(DropletError(
-                    f"the result of {plan.order[-1]!r} is too large to send: {exc}"))
-                failures += 0 if failed else 1
+                    f"the result of {run.plan.order[-1]!r} is too large to send: {exc}"))
+                run.failures += 0 if failed else 1
                 self._finish(t, too_big, True, None, 0)
         except BaseException:  # our bug, not the function's: never leave a caller waiting
             log.exception("run %s: the fast lane failed running %s", t.run_id, t.function)
+            if not run.over():
+                return
             message = f"executor {self._svc.url} could not run {t.function!r}; see its log"
             self._soon(functools.partial(_reply_error, peer, request_id, message))
-        finally:
-            self.done.append((records, failures, libs))
+            self.done.append((run.records, max(1, run.failures), run.libs))
+            return
+        if run.over():
+            self.done.append((run.records, run.failures, run.libs))
+
+    def _more(self, peer: Peer, request_id: int, run: WholeRun, claimers: int) -> None:
+        """From a claimer: ``claimers`` more for ``run``, started from the loop."""
+        def start() -> None:
+            for _ in range(claimers):
+                self._svc._threads.start(self._claim, run, peer, request_id,
+                                         label=run.t.function)
+        self._soon(start)
 
     @staticmethod
     def _run(t: Trigger, segment: list[str], targets: list[Any], libs: list[UserLibrary]
