@@ -9,7 +9,9 @@ over loopback TCP (the fast lane writes its reply from the worker thread).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -56,6 +58,31 @@ async def aident(_: Any, x: Any) -> Any:
     return x
 
 
+def receiver(lib: Any, key: str) -> Any:
+    """Publishes its id, then waits for a message: its sibling must run meanwhile."""
+    lib.put(key, lib.getid())
+    for _ in range(TIMEOUT * 100):
+        messages = lib.recv()
+        if messages:
+            return [data for _, data in messages]
+        time.sleep(0.01)
+    raise AssertionError("no message arrived")
+
+
+def sender(lib: Any, key: str) -> Any:
+    for _ in range(TIMEOUT * 100):
+        dest = lib.get(key)
+        if dest is not None:
+            lib.send(dest, b"ping")
+            return "sent"
+        time.sleep(0.01)
+    raise AssertionError("the receiver never published its id")
+
+
+def key_of(_: Any, key: str) -> str:
+    return key
+
+
 class _Cluster:
     def __init__(self, main: Node, workers: list[Node]) -> None:
         self.url = main.url
@@ -65,6 +92,7 @@ class _Cluster:
         return sum(getattr(ex.statistics(), field) for ex in self.executors)
 
 
+@contextlib.asynccontextmanager
 async def _cluster(executors: int, placement: str) -> AsyncIterator[_Cluster]:
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -81,7 +109,7 @@ async def _cluster(executors: int, placement: str) -> AsyncIterator[_Cluster]:
 async def one() -> AsyncIterator[_Cluster]:
     """A KVS+scheduler node and one executor node, over loopback TCP (the "data"
     placement hands out direct placements to clients)."""
-    async for c in _cluster(1, "data"):
+    async with _cluster(1, "data") as c:
         yield c
 
 
@@ -89,7 +117,7 @@ async def one() -> AsyncIterator[_Cluster]:
 async def two() -> AsyncIterator[_Cluster]:
     """A KVS+scheduler node and two executor nodes, over loopback TCP; "spread"
     placement: every call goes through the scheduler, across both executors."""
-    async for c in _cluster(2, "spread"):
+    async with _cluster(2, "spread") as c:
         yield c
 
 
@@ -165,6 +193,30 @@ async def test_inputs_are_private_copies_and_tuples_splat(one: _Cluster) -> None
                 got = await (await cloud.call_dag("diamond", {"a": [shared], "b": [shared]})).get()
                 assert got == [[7, 1], [7]]
                 assert await (await cloud.call_dag("splat", {"p": 2, "a": 5})).get() == 27
+            assert one.total("fast_calls") >= before + 4  # after the first calls warmed up
+
+
+async def test_branches_of_a_whole_run_run_concurrently(one: _Cluster) -> None:
+    """Two sources, and two branches after a fan-out, that wait for each other."""
+    with trio.fail_after(TIMEOUT):
+        async with droplet.open_client(one.url) as cloud:
+            await cloud.register(receiver, "recv")
+            await cloud.register(sender, "send")
+            await cloud.register(key_of, "key")
+            await cloud.register(both, "meet")
+            await cloud.register_dag("sources", ["recv", "send", "meet"],
+                                     [("recv", "meet"), ("send", "meet")])
+            await cloud.register_dag("fanout", ["key", "recv", "send", "meet"],
+                                     [("key", "recv"), ("key", "send"), ("recv", "meet"),
+                                      ("send", "meet")])
+            before = one.total("fast_calls")
+            for i in range(3):
+                key = f"rendezvous-{i}"
+                got = await (await cloud.call_dag("sources", {"recv": key, "send": key})
+                             ).get()
+                assert got == [[b"ping"], "sent"]
+                got = await (await cloud.call_dag("fanout", {"key": f"fan-{i}"})).get()
+                assert got == [[b"ping"], "sent"]
             assert one.total("fast_calls") >= before + 4  # after the first calls warmed up
 
 

@@ -102,8 +102,10 @@ class FastLane:
         last = segment[-1]
         downstream = [t.placement[t.functions.index(dst)]
                       for src, dst in t.edges if src == last]
-        if svc.url in downstream:
-            return False  # more to run here, after a fan-in or next to other branches
+        if svc.url in downstream:  # more to run here, after a fan-in or next to other branches
+            # A client's run (placed wholly here): all of it, as a whole run.
+            return peer is not None and request_id != 0 and self._start_whole(
+                t, peer, request_id)
         peers: list[Peer] = []
         for url in downstream:
             found = svc._peers.peek(url)
@@ -119,10 +121,10 @@ class FastLane:
         return True
 
     def _start_whole(self, t: Trigger, peer: Peer, request_id: int) -> bool:
-        """A client's direct run of a DAG with several sources, all of it in one thread."""
+        """A client's direct run of a whole DAG (a fan-in, a fan-out) in claimer threads."""
         plan = plan_of(t.functions, t.edges)
-        if plan is None:
-            return False
+        if plan is None or (not t.whole_run and sum(1 for u in plan.upstream if not u) != 1):
+            return False  # (an older client sends the other sources' triggers itself)
         targets = self._targets(t, plan.order)
         if targets is None:
             return False
