@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scheme", choices=("tcp", "ws"), default="tcp")
     p.add_argument("--executors", default="1")
     p.add_argument("--calls", type=int, default=3000)
-    p.add_argument("--case", choices=("noop", "ref1k", "ref10m", "map", "dag2", "fanin3"), default="noop")
+    p.add_argument("--case", choices=("noop", "ref1k", "ref10m", "map", "dag2", "fanin3"),
+                   default="noop")
     p.add_argument("flags", nargs="*", help="extra node flags (after --)")
     args = p.parse_args(argv)
     sock = socket.socket()
