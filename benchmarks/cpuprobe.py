@@ -8,7 +8,8 @@ Starts an all-in-one node listening on ``SCHEME://127.0.0.1:PORT``, makes
 sequential calls (``map``: one ``f.map`` of all of them, then every ``get()``)
 (``dag2``: a 2-function DAG; ``fanin3``: three no-op sources feeding one
 function) and prints the p50 and p99 (sequential cases), and the CPU microseconds per call of the
-client and of each node process.
+client and of each node process, with each process's voluntary context switches per
+call (its threads going to sleep, each later woken).
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ def _cpu(pid: int) -> float:
             fields = f.read().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def _switches(pid: int) -> int:
+    """Context switches of all of ``pid``'s threads so far (each a sleep and a wakeup)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches"):
+                    total += int(line.split()[1])
+    return total
 
 
 def _family(pid: int) -> list[int]:
@@ -109,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with open(f"/proc/{pid}/cmdline") as f_:
                     names[pid] = f_.read().replace("\0", " ")[:90]
             before = {pid: _cpu(pid) for pid in pids}
+            switches = {pid: _switches(pid) for pid in pids}
             client0, t0 = time.process_time(), time.perf_counter()
             latencies = []
             if args.case == "map":
@@ -122,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             wall = time.perf_counter() - t0
             client = time.process_time() - client0
             after = {pid: _cpu(pid) for pid in pids}
+            switches = {pid: _switches(pid) - switches[pid] for pid in pids}
     finally:
         node.terminate()
         node.wait()
@@ -135,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.case}: {p50}node cpu/call {node_cpu / n * 1e6:.0f} us; "
           f"client cpu/call {client / n * 1e6:.0f} us; wall/call {wall / n * 1e6:.0f} us")
     for pid in pids:
-        print(f"  {pid}: {(after[pid] - before[pid]) / n * 1e6:.0f} us/call  {names[pid]}")
+        print(f"  {pid}: {(after[pid] - before[pid]) / n * 1e6:.0f} us/call, "
+              f"{switches[pid] / n:.1f} sleeps/call  {names[pid]}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,7 +23,7 @@ import trio
 import droplet
 from droplet.config import Config
 from droplet.executor.service import ExecutorService
-from droplet.executor.wholerun import Plan, plan_of
+from droplet.executor.wholerun import Helpers, Plan, WholeRun, plan_of
 from droplet.node import Node, serve_node
 from droplet.protocol.messages import InvalidMessage, Trigger, decode, encode
 
@@ -287,3 +288,76 @@ def test_whole_run_is_only_for_a_clients_source_trigger(changes: dict[str, Any])
     bad = _trigger(whole_run=True, store_result=True, **changes)
     with pytest.raises(InvalidMessage, match="whole_run may be true only"):
         decode(encode(bad))
+
+
+# --------------------------------------------------------------------------- WholeRun alone
+
+
+def _whole(functions: list[str], edges: list[list[str]], targets: dict[str, Any],
+           arg_map: dict[str, list[Any]], helpers: Helpers) -> tuple[Any, bool]:
+    """Run a whole run with claimer threads of its own; the sink's outcome."""
+    from droplet.serialization import dumps
+
+    t = attrs.evolve(_trigger(), functions=functions, placement=["tcp://e:1"] * len(functions),
+                     versions=["1"] * len(functions), edges=edges, function=functions[0],
+                     arg_fns=list(arg_map), arg_blobs=[dumps(a) for a in arg_map.values()])
+    plan = plan_of(functions, edges)
+    assert plan is not None
+    outcome: list[tuple[Any, bool]] = []
+    done = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def claimer(run: WholeRun) -> None:
+        got = run.claim()
+        if got is not None:
+            outcome.append(got)
+            done.set()
+
+    def more(run: WholeRun, n: int) -> None:
+        for _ in range(n):
+            threads.append(threading.Thread(target=claimer, args=(run,), daemon=True))
+            threads[-1].start()
+
+    run = WholeRun(t, plan, [targets[fn] for fn in plan.order],
+                   [object() for _ in plan.order], more, helpers)  # type: ignore[misc]
+    more(run, 1)
+    assert done.wait(TIMEOUT)
+    for thread in threads:
+        thread.join(TIMEOUT)
+    return outcome[0]
+
+
+def test_a_whole_run_gets_more_claimers_when_a_function_waits_for_its_sibling() -> None:
+    helpers = Helpers(delay=0.001, idle=0.01)
+    met = threading.Event()
+    try:
+        # a fans out to b and c; b waits for c, which only a second claimer can run
+        value, failed = _whole(
+            ["a", "b", "c", "j"], [["a", "b"], ["a", "c"], ["b", "j"], ["c", "j"]],
+            {"a": lambda _, x: x, "b": lambda _, x: met.wait(TIMEOUT) and x + 1,
+             "c": lambda _, x: met.set() or x + 2, "j": lambda _, b, c: (b, c)},
+            {"a": [1]}, helpers)
+        assert (value, failed) == ((2, 3), False)
+        # quick functions, a fan-in: the one claimer may run them all
+        value, failed = _whole(["s0", "s1", "j"], [["s0", "j"], ["s1", "j"]],
+                               {"s0": lambda _, x: x, "s1": lambda _, x: x,
+                                "j": lambda _, a, b: a - b}, {"s0": [5], "s1": [3]}, helpers)
+        assert (value, failed) == (2, False)
+    finally:
+        helpers.close()
+
+
+def test_a_failure_in_a_whole_run_passes_on_in_connections_order() -> None:
+    helpers = Helpers(delay=0.001)
+
+    def bad(_: Any, x: Any) -> Any:
+        raise KeyError(x)
+
+    try:
+        value, failed = _whole(["s0", "s1", "s2", "j"], [["s2", "j"], ["s1", "j"], ["s0", "j"]],
+                               {"s0": bad, "s1": boom, "s2": ident, "j": add3},
+                               {"s0": ["k"], "s1": [2], "s2": [3]}, helpers)
+        assert failed
+        assert "source failed on 2" in str(value.error)  # s1 comes before s0 in the edges
+    finally:
+        helpers.close()

@@ -54,7 +54,7 @@ from .multiexec import spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
 from .steps import RunContext, Step, run_sync_steps
 from .user_library import UserLibrary
-from .wholerun import WholeRun, plan_of
+from .wholerun import Helpers, WholeRun, plan_of
 
 if TYPE_CHECKING:
     from .service import ExecutorService
@@ -81,6 +81,12 @@ class FastLane:
         self.done: deque[_Done] = deque()
         #: calls that took the fast lane (statistics).
         self.calls = 0
+        #: the watcher that asks for more claimers for whole runs (wholerun.py).
+        self.helpers = Helpers()
+
+    def close(self) -> None:
+        """The executor is going away: no more claimers are asked for."""
+        self.helpers.close()
 
     # ---------------------------------------------------------------- in the loop
 
@@ -133,9 +139,9 @@ class FastLane:
         if targets is None:
             return False
         libs = self._begin(t, len(plan.order))
-        run = WholeRun(t, plan, targets, libs, functools.partial(self._more, peer, request_id))
-        for _ in range(run.claimers):
-            self._svc._threads.start(self._claim, run, peer, request_id, label=t.function)
+        run = WholeRun(t, plan, targets, libs, functools.partial(self._more, peer, request_id),
+                       self.helpers)
+        self._svc._threads.start(self._claim, run, peer, request_id, label=t.function)
         return True
 
     def _targets(self, t: Trigger, functions: Sequence[str]) -> list[Any] | None:

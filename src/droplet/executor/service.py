@@ -225,6 +225,8 @@ class ExecutorService:
         finally:
             with trio.CancelScope(shield=True):  # fast-lane calls get the grace period too
                 await self._threads.finish_started()
+            if self.fast_lane is not None:
+                self.fast_lane.close()
             self._threads.close()
             if self._own_cache or isinstance(self.cache, RemoteCache):
                 self.cache.close()

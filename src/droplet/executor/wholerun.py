@@ -14,6 +14,7 @@ No I/O here: what the functions read goes through their user library.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -31,10 +32,17 @@ from .multiexec import spread
 from .outcomes import function_error
 from .user_library import UserLibrary
 
-__all__ = ["Plan", "WholeRun", "plan_of", "whole_run_sources"]
+__all__ = ["HELPER_DELAY", "Helpers", "Plan", "WholeRun", "plan_of", "whole_run_sources"]
 
 #: Plans kept (one per DAG shape); past it the cache starts again.
 MAX_PLANS = 256
+#: Seconds ready functions of a whole run may wait for a claimer before more
+#: are asked for (see :class:`WholeRun`), and seconds with no run to watch
+#: before the watcher's thread parks.
+HELPER_DELAY = 0.002
+WATCH_IDLE = 0.05
+
+log = logging.getLogger("droplet.executor")
 
 
 @attrs.frozen
@@ -98,23 +106,28 @@ class WholeRun:
     """One whole run in worker threads: which functions are ready, and their results.
 
     The functions of a run run concurrently, as on the ordinary path (two
-    sources may wait for each other's messages): one claimer thread per
-    source is started, and each claims ready functions until none is left,
-    going on downstream itself when its result completes a function's inputs.
-    A claimer that finds nothing to do returns at once, so with plain quick
-    functions the first claimer awake usually runs the whole run alone.
-    Whenever more functions are ready or running than there are claimers
-    (a fan-out), ``more(run, n)`` is asked for ``n`` more claimers.
+    sources may wait for each other's messages), but without paying a thread
+    wakeup per function when they are quick: one *claimer* job starts the run
+    and claims ready functions until none is left, going on downstream itself
+    when its result completes a function's inputs. While it runs a function
+    with others ready and unclaimed, the run is watched (:class:`Helpers`):
+    if they are still unclaimed a moment later (``HELPER_DELAY``), more
+    claimers are asked for (``more(run, n)``), one per function ready or
+    running beyond the claimers there are. So a function that blocks, say
+    waiting for its sibling's message, holds up its siblings for about a
+    millisecond, never for good.
     """
 
     def __init__(self, t: Trigger, plan: Plan, targets: list[Any], libs: list[UserLibrary],
-                 more: Callable[[WholeRun, int], None]) -> None:
+                 more: Callable[[WholeRun, int], None], watch: Callable[[WholeRun], None]
+                 ) -> None:
         self.t = t
         self.plan = plan
         self._targets = targets
         #: the functions' user libraries (in ``plan.order``).
         self.libs = libs
         self._more = more
+        self._watch = watch
         self._lock = threading.Lock()
         index = {fn: i for i, fn in enumerate(plan.order)}
         self._upstream = [tuple(index[src] for src in ups) for ups in plan.upstream]
@@ -126,8 +139,9 @@ class WholeRun:
         self._ready = deque(i for i, ups in enumerate(self._upstream) if not ups)
         self._results: list[tuple[Any, bool]] = [(None, False)] * len(plan.order)
         #: claimers started (or asked for) and not yet returned.
-        self.claimers = len(self._ready)
+        self.claimers = 1
         self._running = 0
+        self._watched = False
         #: ``(function, seconds, failed)`` for each function that ran.
         self.records: list[tuple[str, float, bool]] = []
         #: functions that failed or passed a failure on.
@@ -144,7 +158,10 @@ class WholeRun:
                 return None
             i = self._ready.popleft()
             self._running += 1
+            watch = self._left_waiting()
         while True:
+            if watch:
+                self._watch(self)
             value, failed = self._run_one(i)
             if i == sink:
                 return value, failed
@@ -160,11 +177,27 @@ class WholeRun:
                     return None
                 i = self._ready.popleft()
                 self._running += 1
-                wanted = self._running + len(self._ready) - self.claimers
-                if wanted > 0:
-                    self.claimers += wanted
-            if wanted > 0:
-                self._more(self, wanted)
+                watch = self._left_waiting()
+
+    def _left_waiting(self) -> bool:
+        """(Under the lock.) Whether ready functions now wait for a claimer and the
+        run is not watched yet: then it is (True: the caller tells the watcher)."""
+        if self._watched or self._running + len(self._ready) <= self.claimers:
+            return False
+        self._watched = True
+        return True
+
+    def helpers_due(self) -> int | None:
+        """For the watcher, a while after the run was watched: how many more claimers
+        to ask for now; None: the run needs watching no more."""
+        with self._lock:
+            self._watched = False
+            wanted = self._running + len(self._ready) - self.claimers
+            if not self._ready or wanted <= 0:
+                return None
+            self.claimers += wanted
+        self._more(self, wanted)
+        return wanted
 
     def over(self) -> bool:
         """True the first time only: whoever calls it first settles the run."""
@@ -189,6 +222,74 @@ class WholeRun:
             with self._lock:
                 self.failures += 1
         return value, failed
+
+
+class Helpers:
+    """The watcher of whole runs whose ready functions wait for a claimer (one thread).
+
+    A claimer that runs a function while others of its run are ready hands
+    the run here (a list append, no wakeup while the watcher is awake); every
+    ``delay`` seconds the watcher looks at the runs handed in before its last
+    look and asks for claimers for those whose functions still wait. It
+    parks after ``idle`` seconds with nothing to watch.
+    """
+
+    def __init__(self, delay: float = HELPER_DELAY, idle: float = WATCH_IDLE) -> None:
+        self.delay = delay
+        self.idle = idle
+        self._runs: list[WholeRun] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._parked = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, run: WholeRun) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._runs.append(run)
+            parked = self._parked
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name="droplet-whole-runs")
+                self._thread.start()
+        if parked:
+            self._wake.set()
+
+    def close(self) -> None:
+        """Let the watcher's thread exit (the executor is going away)."""
+        with self._lock:
+            self._closed = True
+            self._runs.clear()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        last = time.monotonic()
+        watched: list[WholeRun] = []
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                self._parked = not watched and not self._runs and now - last > self.idle
+                if self._parked:
+                    self._wake.clear()
+            if self._parked:
+                self._wake.wait()
+                last = time.monotonic()
+                continue
+            time.sleep(self.delay)
+            for run in watched:  # handed in at least ``delay`` seconds ago
+                try:
+                    run.helpers_due()
+                except Exception:  # the executor is going away (its loop is gone)
+                    log.debug("could not ask for claimers for run %s", run.t.run_id,
+                              exc_info=True)
+            with self._lock:
+                watched, self._runs = self._runs, []
+            if watched:
+                last = time.monotonic()
 
 
 def _call(t: Trigger, fn: str, ups: tuple[str, ...], inputs: list[Any], target: Any,
