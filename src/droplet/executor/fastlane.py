@@ -18,8 +18,9 @@ arguments that are references, multi-exec, batching, continuations, an output
 key or a deadline already past, and when the connections its results go out on
 can be written from a thread (plain TCP). A client's direct run of a whole
 DAG that is not one chain (a fan-in, a fan-out; placed wholly here) takes it
-too when all its functions are such: its functions run concurrently in
-claimer jobs (``wholerun.py``), and whoever runs the sink replies. Anything
+too when all its functions are such: a claimer job runs its functions, more
+claimers join when some wait (``wholerun.py``), and whoever runs the sink
+replies. Anything
 else, or a lane that is switched off (``ExecutorService(fast_lane=False)``),
 takes the ordinary path.
 Robustness is the same on both: a function that raises becomes
