@@ -66,6 +66,8 @@ log = logging.getLogger("droplet.executor")
 
 #: Seconds a write the loop finishes for the fast lane may take (as SEND_TIMEOUT).
 SEND_TIMEOUT = 60.0
+#: Functions remembered as plain ``def`` functions (past it, the memory starts again).
+MAX_PLAIN = 4096
 
 #: a finished call: ``(function, seconds, failed)`` per function that ran, how many
 #: failed, and its functions' user libraries.
@@ -84,6 +86,9 @@ class FastLane:
         self.calls = 0
         #: the watcher that asks for more claimers for whole runs (wholerun.py).
         self.helpers = Helpers()
+        #: function name -> its loaded code, once found to be a plain ``def``
+        #: function (checked again whenever the loaded code is another object).
+        self._plain: dict[str, Any] = {}
 
     def close(self) -> None:
         """The executor is going away: no more claimers are asked for."""
@@ -134,7 +139,7 @@ class FastLane:
     def _start_whole(self, t: Trigger, peer: Peer, request_id: int) -> bool:
         """A client's direct run of a whole DAG (a fan-in, a fan-out) in claimer threads."""
         plan = plan_of(t.functions, t.edges)
-        if plan is None or (not t.whole_run and sum(1 for u in plan.upstream if not u) != 1):
+        if plan is None or (not t.whole_run and plan.sources != 1):
             return False  # (an older client sends the other sources' triggers itself)
         targets = self._targets(t, plan.order)
         if targets is None:
@@ -150,16 +155,24 @@ class FastLane:
         ``def`` functions (or built instances) without references in their arguments."""
         svc = self._svc
         targets: list[Any] = []
+        plain = self._plain
         for fn in functions:
             loaded = svc._loader.peek(fn, t.versions[t.functions.index(fn)])
             if loaded is None:
                 return None
             target = loaded.obj
-            if isinstance(target, tuple):  # (cls, init_args): once built, its run method
-                if loaded.instance is None:
+            if plain.get(fn) is not target:  # not known to be a plain def function
+                if isinstance(target, tuple):  # (cls, init_args): once built, its run method
+                    if loaded.instance is None:
+                        return None
+                    target = loaded.instance.run
+                if inspect.iscoroutinefunction(target):
                     return None
-                target = loaded.instance.run
-            if inspect.iscoroutinefunction(target) or svc._has_references(t, fn):
+                if target is loaded.obj:
+                    if len(plain) >= MAX_PLAIN:
+                        plain.clear()
+                    plain[fn] = target
+            if svc._has_references(t, fn):
                 return None
             targets.append(target)
         return targets

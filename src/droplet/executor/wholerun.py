@@ -51,6 +51,21 @@ class Plan:
 
     order: tuple[str, ...]
     upstream: tuple[tuple[str, ...], ...]
+    #: the same by position in ``order``: each function's upstream and downstream ones.
+    up: tuple[tuple[int, ...], ...] = attrs.field(init=False, eq=False, repr=False)
+    down: tuple[tuple[int, ...], ...] = attrs.field(init=False, eq=False, repr=False)
+    sources: int = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        index = {fn: i for i, fn in enumerate(self.order)}
+        up = tuple(tuple(index[src] for src in ups) for ups in self.upstream)
+        down: list[list[int]] = [[] for _ in self.order]
+        for i, ups in enumerate(up):
+            for j in ups:
+                down[j].append(i)
+        object.__setattr__(self, "up", up)
+        object.__setattr__(self, "down", tuple(tuple(d) for d in down))
+        object.__setattr__(self, "sources", sum(1 for u in up if not u))
 
 
 _plans: dict[tuple[tuple[str, ...], tuple[tuple[str, ...], ...]], Plan | None] = {}
@@ -129,14 +144,10 @@ class WholeRun:
         self._more = more
         self._watch = watch
         self._lock = threading.Lock()
-        index = {fn: i for i, fn in enumerate(plan.order)}
-        self._upstream = [tuple(index[src] for src in ups) for ups in plan.upstream]
-        self._downstream: list[list[int]] = [[] for _ in plan.order]
-        for i, ups in enumerate(self._upstream):
-            for j in ups:
-                self._downstream[j].append(i)
-        self._waiting = [len(ups) for ups in self._upstream]
-        self._ready = deque(i for i, ups in enumerate(self._upstream) if not ups)
+        self._upstream = plan.up
+        self._downstream = plan.down
+        self._waiting = [len(ups) for ups in plan.up]
+        self._ready = deque(i for i, ups in enumerate(plan.up) if not ups)
         self._results: list[tuple[Any, bool]] = [(None, False)] * len(plan.order)
         #: claimers started (or asked for) and not yet returned.
         self.claimers = 1
