@@ -20,9 +20,8 @@ can be written from a thread (plain TCP). A client's direct run of a whole
 DAG that is not one chain (a fan-in, a fan-out; placed wholly here) takes it
 too when all its functions are such: a claimer job runs its functions, more
 claimers join when some wait (``wholerun.py``), and whoever runs the sink
-replies. Anything
-else, or a lane that is switched off (``ExecutorService(fast_lane=False)``),
-takes the ordinary path.
+replies. Anything else, or a lane that is switched off
+(``ExecutorService(fast_lane=False)``), takes the ordinary path.
 Robustness is the same on both: a function that raises becomes
 the call's FunctionError; one that blocks holds only its own worker thread;
 the caller's timeout is its own.
@@ -265,7 +264,8 @@ class FastLane:
             self.done.append((run.records, run.failures, run.libs))
 
     def _more(self, peer: Peer, request_id: int, run: WholeRun, claimers: int) -> None:
-        """From a claimer: ``claimers`` more for ``run``, started from the loop."""
+        """From the watcher of whole runs: ``claimers`` more for ``run``, started from
+        the loop."""
         def start() -> None:
             for _ in range(claimers):
                 self._svc._threads.start(self._claim, run, peer, request_id,
