@@ -361,3 +361,11 @@ def test_a_failure_in_a_whole_run_passes_on_in_connections_order() -> None:
         assert "source failed on 2" in str(value.error)  # s1 comes before s0 in the edges
     finally:
         helpers.close()
+
+
+async def test_a_whole_run_trigger_must_come_as_a_request(one: _Cluster) -> None:
+    ex = one.executors[0]
+    t = attrs.evolve(_trigger(), placement=[ex.url] * 3, whole_run=True)
+    with pytest.raises(droplet.ProtocolError, match="whole_run trigger must come as a request"):
+        await ex.handle(None, t, 0)  # type: ignore[arg-type]
+    assert ex.statistics().tasks == 0
