@@ -105,19 +105,26 @@ def may_go_direct(call: CallDag) -> bool:
 
 def triggers_for(call: CallDag, plan: CallPlaced, url: str, *,
                  store_result: bool = False) -> list[Trigger] | None:
-    """The source triggers of ``call`` run wholly at executor ``url``, the first to
-    send as the request; None when its arguments do not fit the plan (the
+    """The trigger of ``call`` run wholly at executor ``url``, to send as the
+    request (a list of one); None when its arguments do not fit the plan (the
     scheduler then says what is wrong). ``store_result=False``: the executor
-    answers with the result only, the client stores it when its key is asked for."""
+    answers with the result only, the client stores it when its key is asked for.
+
+    A DAG with several sources is sent as one trigger for its first source
+    marked ``whole_run``: the executor starts every source of the run from it.
+    """
     if call.result_key is None or not set(call.arg_fns) <= set(plan.functions):
         return None
     run_id = unique_id()
     placement = [url] * len(plan.functions)
     fed = {dst for _, dst in plan.edges}
-    return [Trigger(run_id, fn, plan.functions, plan.versions, placement, plan.edges,
+    sources = [fn for fn in plan.functions if fn not in fed]
+    if not sources:
+        return None
+    return [Trigger(run_id, sources[0], plan.functions, plan.versions, placement, plan.edges,
                     call.arg_fns, call.arg_blobs, None, None, False, call.result_key,
-                    None, False, NORMAL, None, None, "", store_result=store_result)
-            for fn in plan.functions if fn not in fed]
+                    None, False, NORMAL, None, None, "", store_result=store_result,
+                    whole_run=len(sources) > 1)]
 
 
 def same_scheme(client_url: str, executor_url: str) -> None:

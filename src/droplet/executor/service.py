@@ -68,6 +68,7 @@ from .reports import (
 from .steps import RunContext, Step, run_sync_steps
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
+from .wholerun import whole_run_sources
 
 __all__ = ["ExecutorService", "ExecutorStatistics", "RunContext"]
 
@@ -224,6 +225,8 @@ class ExecutorService:
         finally:
             with trio.CancelScope(shield=True):  # fast-lane calls get the grace period too
                 await self._threads.finish_started()
+            if self.fast_lane is not None:
+                self.fast_lane.close()
             self._threads.close()
             if self._own_cache or isinstance(self.cache, RemoteCache):
                 self.cache.close()
@@ -304,12 +307,19 @@ class ExecutorService:
                     return DEFERRED
                 now = time.monotonic()
                 self._callers.add(msg.run_id, Reply(peer, request_id, now), now)
-                try:
-                    self._on_trigger(msg)  # starts tasks, which run after we return
+                try:  # starts tasks, which run after we return
+                    if msg.whole_run:  # one trigger for every source of the run
+                        for t in whole_run_sources(msg):
+                            self._on_trigger(t)
+                    else:
+                        self._on_trigger(msg)
                 except BaseException:
                     self._callers.pop(msg.run_id)
                     raise
                 return DEFERRED
+            if msg.whole_run:
+                raise ProtocolError("a whole_run trigger must come as a request "
+                                    "(a client's direct call)")
             if fast is None or not fast.try_start(msg, None, 0):
                 self._on_trigger(msg)
         elif kind is KvsUpdate:

@@ -796,9 +796,14 @@ class Trigger:
     #: only to that client (in its DagResult); the executor writes no result
     #: key (the client stores the result itself if anyone asks for the key).
     store_result: bool = True
+    #: True: a client's direct run of a DAG with several sources, sent as this
+    #: one trigger (a request) for all of them: the executor starts every
+    #: source of the run (each with the arguments this trigger carries).
+    whole_run: bool = False
 
-    #: ``store_result`` came last: older clients send the trigger without it.
-    OPTIONAL_TAIL: ClassVar[int] = 1
+    #: ``store_result`` and ``whole_run`` came last: older clients send the
+    #: trigger without them.
+    OPTIONAL_TAIL: ClassVar[int] = 2
 
 
 @message(41)
@@ -956,6 +961,11 @@ def _check_trigger(m: Trigger) -> None:
         raise ProtocolError("Trigger.store_result may be false only for a NORMAL run a "
                             "client sent straight to an executor (not direct, no output "
                             "key, no scheduler)")
+    if m.whole_run and (m.source is not None or m.direct or m.scheduler
+                        or m.carried is not None):
+        raise ProtocolError("Trigger.whole_run may be true only for a source trigger a "
+                            "client sent straight to an executor (not direct, no "
+                            "scheduler, no continuation)")
 
 
 @_validator(KvsGet)
