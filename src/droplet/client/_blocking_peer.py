@@ -333,13 +333,17 @@ class BlockingPeer:
             with self._state:
                 held = len(self._pending) > len(ids)  # others are in flight: hold back
                 if held:
+                    # The writer is woken when the first frame is held: it writes
+                    # what is held by then (frames held meanwhile need no wakeup).
+                    first = not self._outgoing
                     self._outgoing += pieces
                     self._outgoing_bytes += sum(len(p) for p in pieces)
                     full = (len(self._outgoing) >= BATCH_FRAMES
                             or self._outgoing_bytes >= BATCH_BYTES)
             if held:
                 if not full:
-                    self._wake_writer()
+                    if first:
+                        self._wake_writer()
                     return slots
                 pieces = []  # write what is held now, from this thread
         try:

@@ -25,6 +25,8 @@ from typing import Any
 import outcome
 import trio
 
+from ..rpc import HeldReplies, hold_replies
+
 __all__ = ["SHUTDOWN_GRACE", "WorkerThreads"]
 
 log = logging.getLogger("droplet.executor")
@@ -50,10 +52,12 @@ class _Worker:
     """One worker thread; parked (or standing by) on its own lock, so the waker
     chooses which one wakes (the most recently parked)."""
 
-    __slots__ = ("freed", "thread", "wake")
+    __slots__ = ("freed", "held", "thread", "wake")
 
     def __init__(self) -> None:
         self.thread: threading.Thread | None = None
+        #: replies its jobs wrote while more jobs were queued (written in batches).
+        self.held = HeldReplies()
         #: its job called about_done(): counted free already.
         self.freed = False
         self.wake = threading.Lock()
@@ -283,11 +287,21 @@ class WorkerThreads:
         lock.acquire()
         while True:
             if self._standby is w:  # see HELP_AFTER
-                if jobs and self._done_count == seen:  # no progress: help
+                held = [o.held for o in self._workers if o.held]
+                if (jobs or held) and self._done_count == seen:  # no progress: help
+                    lock.release()
+                    for replies in held:  # earlier calls' replies go now
+                        replies.flush()
+                    lock.acquire()
+                    if self._standby is not w:
+                        continue
+                    if not jobs:
+                        seen = self._done_count
+                        continue
                     self._standby = None
                     self._awake += 1
                     self._free += 1
-                elif jobs and not self._closed:
+                elif (jobs or held) and not self._closed:
                     seen = self._done_count
                     lock.release()
                     w.wake.acquire(timeout=HELP_AFTER)
@@ -308,13 +322,20 @@ class WorkerThreads:
                 job = jobs.popleft()
                 self._free -= 1
                 self._busy += 1
-                if jobs and not self._free and self._standby is None:
+                more = bool(jobs)
+                if more and not self._free and self._standby is None:
                     helper = self._call_locked(standby=True)
                 else:
                     helper = None
                 lock.release()
                 if helper is not None:
                     self._rouse(helper)
+                if more:  # its reply waits for the next job's, to go in one write
+                    hold_replies(w.held)
+                else:
+                    if w.held:
+                        w.held.flush()
+                    hold_replies(None)
                 self._run_job(job)
                 del job
                 lock.acquire()
@@ -324,6 +345,11 @@ class WorkerThreads:
                     self._busy -= 1
                     self._free += 1
                 self._done_count += 1
+                continue
+            if w.held:  # nothing more to run: what it holds goes now
+                lock.release()
+                w.held.flush()
+                lock.acquire()
                 continue
             self._free -= 1
             self._awake -= 1
@@ -335,6 +361,7 @@ class WorkerThreads:
             lock.acquire()
         self._workers.remove(w)
         lock.release()
+        hold_replies(None)
 
     def _run_job(self, job: tuple[Any, ...]) -> None:
         fn, args, deliver = job
