@@ -157,3 +157,35 @@ def test_close_lets_parked_and_standby_workers_exit() -> None:
     assert threads.threads == 0
     with pytest.raises(RuntimeError):
         threads.start(done.set)
+
+
+def test_jobs_queued_from_the_loop_run_and_the_pool_outlives_the_run() -> None:
+    """From inside a Trio run, a worker is woken when the loop is about to wait
+    for I/O; the same pool used later from another run (or none) still wakes
+    its workers at once."""
+    threads = WorkerThreads(4)
+    done = [threading.Event() for _ in range(3)]
+
+    async def queue_and_wait(event: threading.Event) -> None:
+        threads.start(event.set)
+        with trio.fail_after(TIMEOUT):
+            while not event.is_set():  # noqa: ASYNC110 (a thread sets it)
+                await trio.sleep(0.001)
+
+    try:
+        trio.run(queue_and_wait, done[0])
+        trio.run(queue_and_wait, done[1])  # a new run: not the one the pool knew
+        threads.start(done[2].set)  # no run at all
+        assert done[2].wait(TIMEOUT)
+    finally:
+        threads.close()
+
+
+async def test_close_in_the_loop_stops_waking_late() -> None:
+    threads = WorkerThreads(2)
+    event = threading.Event()
+    threads.start(event.set)
+    threads.close()  # wakes what was queued, removes its instrument
+    with trio.fail_after(TIMEOUT):
+        await trio.to_thread.run_sync(event.wait, TIMEOUT)
+    assert event.is_set()
