@@ -17,6 +17,8 @@ that never returns can delay the shutdown of its executor.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -60,6 +62,44 @@ class _LoopWakes(trio.abc.Instrument):
             self._threads._rouse_deferred()
 
 
+class _Wake:
+    """A worker's wakeup: a pipe on POSIX, whose write lets go of the GIL (so the
+    woken worker need not wait for the waker to let go of it), else a lock."""
+
+    __slots__ = ("_lock", "_r", "_w")
+
+    def __init__(self) -> None:
+        if os.name == "posix":
+            self._r, self._w = os.pipe()
+            self._lock: threading.Lock | None = None
+        else:
+            self._r = self._w = -1
+            self._lock = threading.Lock()
+            self._lock.acquire()
+
+    def set(self) -> None:
+        if self._lock is not None:
+            try:
+                self._lock.release()
+            except RuntimeError:  # set already
+                pass
+        else:
+            os.write(self._w, b"!")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._lock is not None:
+            return self._lock.acquire(timeout=-1 if timeout is None else timeout)
+        if timeout is not None and not select.select([self._r], [], [], timeout)[0]:
+            return False
+        os.read(self._r, 1)
+        return True
+
+    def close(self) -> None:
+        if self._lock is None:
+            os.close(self._r)
+            os.close(self._w)
+
+
 class _Worker:
     """One worker thread; parked (or standing by) on its own lock, so the waker
     chooses which one wakes (the most recently parked)."""
@@ -72,8 +112,7 @@ class _Worker:
         self.held = HeldReplies()
         #: its job called about_done(): counted free already.
         self.freed = False
-        self.wake = threading.Lock()
-        self.wake.acquire()  # held: acquiring it again parks until released
+        self.wake = _Wake()
 
 
 class WorkerThreads:
@@ -299,7 +338,7 @@ class WorkerThreads:
                                         f"{len(self._workers) - 1}", daemon=True)
             w.thread.start()
         else:
-            w.wake.release()
+            w.wake.set()
 
     def _finished(self, token: trio.lowlevel.TrioToken, task: trio.lowlevel.Task,
                   result: outcome.Outcome[Any]) -> None:
@@ -350,7 +389,7 @@ class WorkerThreads:
                 elif (jobs or held) and not self._closed:
                     seen = self._done_count
                     lock.release()
-                    w.wake.acquire(timeout=HELP_AFTER)
+                    w.wake.wait(HELP_AFTER)
                     lock.acquire()
                     continue
                 else:
@@ -360,7 +399,7 @@ class WorkerThreads:
                     seen = -1
                     self._parked.append(w)
                     lock.release()
-                    w.wake.acquire()
+                    w.wake.wait()
                     lock.acquire()
                     continue
             # awake, between jobs (counted in _free)
@@ -403,11 +442,12 @@ class WorkerThreads:
                 break
             self._parked.append(w)
             lock.release()
-            w.wake.acquire()  # whoever wakes it counted it awake
+            w.wake.wait()  # whoever wakes it counted it awake
             lock.acquire()
         self._workers.remove(w)
         lock.release()
         hold_replies(None)
+        w.wake.close()
 
     def _run_job(self, job: tuple[Any, ...]) -> None:
         fn, args, deliver = job
@@ -455,11 +495,7 @@ class WorkerThreads:
             # each finds the queue empty (or helps drain it), then exits
             self._awake += len(waking)
             self._free += len(waking)
-            standby = self._standby
-        for w in waking:
-            w.wake.release()
-        if standby is not None:
-            try:
-                standby.wake.release()
-            except RuntimeError:  # already released: it is looking anyway
-                pass
+            if self._standby is not None:  # under the lock: it cannot have exited
+                self._standby.wake.set()
+        for w in waking:  # parked: none exits before it is woken
+            w.wake.set()
