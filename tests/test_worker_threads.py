@@ -160,9 +160,8 @@ def test_close_lets_parked_and_standby_workers_exit() -> None:
 
 
 def test_jobs_queued_from_the_loop_run_and_the_pool_outlives_the_run() -> None:
-    """From inside a Trio run, a worker is woken when the loop is about to wait
-    for I/O; the same pool used later from another run (or none) still wakes
-    its workers at once."""
+    """Jobs queued from inside a Trio run, from a later run and from no run at
+    all each get a worker."""
     threads = WorkerThreads(4)
     done = [threading.Event() for _ in range(3)]
 
@@ -181,11 +180,11 @@ def test_jobs_queued_from_the_loop_run_and_the_pool_outlives_the_run() -> None:
         threads.close()
 
 
-async def test_close_in_the_loop_stops_waking_late() -> None:
+async def test_close_in_the_loop_still_runs_what_was_queued() -> None:
     threads = WorkerThreads(2)
     event = threading.Event()
     threads.start(event.set)
-    threads.close()  # wakes what was queued, removes its instrument
+    threads.close()  # what was queued still runs
     with trio.fail_after(TIMEOUT):
         await trio.to_thread.run_sync(event.wait, TIMEOUT)
     assert event.is_set()

@@ -50,18 +50,6 @@ class _Abandoned(Exception):
     pass
 
 
-class _LoopWakes(trio.abc.Instrument):
-    """Wakes the workers that jobs queued from the event loop need, just before
-    the loop waits for I/O (and lets go of the GIL)."""
-
-    def __init__(self, threads: WorkerThreads) -> None:
-        self._threads = threads
-
-    def before_io_wait(self, timeout: float) -> None:
-        if self._threads._rouse_later:
-            self._threads._rouse_deferred()
-
-
 class _Wake:
     """A worker's wakeup: a pipe on POSIX, whose write lets go of the GIL (so the
     woken worker need not wait for the waker to let go of it), else a lock."""
@@ -136,12 +124,6 @@ class WorkerThreads:
         self._standby: _Worker | None = None
         self._done_count = 0  # jobs done (the standby's measure of progress)
         self._local = threading.local()  # .worker: the _Worker of this thread
-        #: Wakeups from the event loop wait until it is about to sleep (see
-        #: _LoopWakes): the run they belong to, and the workers to wake then.
-        self._loop: trio.lowlevel.TrioToken | None = None
-        self._loop_thread = 0
-        self._rouse_later: list[_Worker] = []
-        self._instrument: _LoopWakes | None = None
         self._closed = False
         #: finished jobs' tasks and results, waiting for the loop to take them.
         self._done: deque[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]] = deque()
@@ -283,35 +265,7 @@ class WorkerThreads:
                 return
             wake = self._call_locked(standby=self._awake > 0)
         if wake is not None:
-            if self._in_loop():
-                # From the event loop: wake it once the loop is about to sleep, when
-                # it lets go of the GIL (the worker would only wait for it before),
-                # and after every message of this read is queued.
-                self._rouse_later.append(wake)
-            else:
-                self._rouse(wake)
-
-    def _in_loop(self) -> bool:
-        """Whether the caller is the event loop that wakes workers late (installing
-        that on the first call from a Trio run)."""
-        if threading.get_ident() == self._loop_thread:
-            try:
-                return trio.lowlevel.current_trio_token() is self._loop
-            except RuntimeError:
-                return False
-        if self._loop is not None or not trio.lowlevel.in_trio_run() or self._closed:
-            return False
-        self._loop = trio.lowlevel.current_trio_token()
-        self._loop_thread = threading.get_ident()
-        self._instrument = _LoopWakes(self)
-        trio.lowlevel.add_instrument(self._instrument)
-        return True
-
-    def _rouse_deferred(self) -> None:
-        """In the loop, about to wait for I/O: wake the workers jobs were queued for."""
-        wake, self._rouse_later = self._rouse_later, []
-        for w in wake:
-            self._rouse(w)
+            self._rouse(wake)
 
     def _call_locked(self, *, standby: bool) -> _Worker | None:
         """With the lock held: the parked worker (the most recently parked: its
@@ -478,14 +432,6 @@ class WorkerThreads:
 
     def close(self) -> None:
         """Let the workers exit once the queued jobs are done (idempotent)."""
-        self._rouse_deferred()
-        if self._instrument is not None and self._in_loop():
-            try:
-                trio.lowlevel.remove_instrument(self._instrument)
-            except KeyError:
-                pass
-        self._loop = None
-        self._instrument = None
         with self._lock:
             if self._closed:
                 return
