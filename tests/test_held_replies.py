@@ -1,6 +1,6 @@
 """Replies worker threads hold back under load and write many per system call.
 
-Held replies (``rpc.HeldReplies``) must reach each caller's own request, in
+Held replies (``held_replies.HeldReplies``) must reach each caller's own request, in
 order, a failed call's error to its caller only, and never wait behind a call
 that blocks.
 """
@@ -18,10 +18,11 @@ import trio.lowlevel
 
 import droplet
 from droplet.config import Config
+from droplet.held_replies import HeldReplies, hold_replies
 from droplet.node import Node, serve_node
 from droplet.protocol.messages import DagResult, ErrorReply
 from droplet.protocol.messages import decode as decode_message
-from droplet.rpc import HeldReplies, Peer, hold_replies
+from droplet.rpc import Peer
 from droplet.transports import tcp
 from droplet.transports.base import TransportOptions
 from droplet.transports.tcp import StreamConnection

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import threading
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,6 +32,7 @@ import trio
 
 from . import errors
 from .errors import ConnectionError, DropletError, ProtocolError
+from .held_replies import HOLD_BYTES, replies_held
 from .outbox import OUTBOX_BYTES, OUTBOX_MESSAGES, Outbox
 from .protocol import handshake
 from .protocol.framing import BIG_FRAME, Gather, Payload
@@ -51,8 +51,8 @@ from .protocol.parcel import Parcel, pack, unpack
 from .transports.base import Connection, TransportOptions
 from .transports.registry import get_transport, open_connection
 
-__all__ = ["DEFERRED", "Handler", "HeldReplies", "Limits", "OutboxFull", "Peer", "Slot",
-           "connect_peer", "hold_replies", "serve_peers"]
+__all__ = ["DEFERRED", "Handler", "Limits", "OutboxFull", "Peer", "Slot", "connect_peer",
+           "serve_peers"]
 
 log = logging.getLogger("droplet.rpc")
 
@@ -68,58 +68,6 @@ CHECKPOINT_EVERY = 32
 #: The largest frame a peer may send before it has authenticated (an
 #: AuthResponse is about 90 bytes).
 HANDSHAKE_MAX_FRAME = 4096
-
-
-#: Replies a worker thread holds back at most (count, bytes) before writing them.
-HOLD_FRAMES = 64
-HOLD_BYTES = 64 * 1024
-
-_holding = threading.local()  # .replies: this thread's HeldReplies while it holds
-
-
-class HeldReplies:
-    """Replies worker threads hold back while they run more queued calls, written
-    many per system call (:meth:`flush`): one write and one wakeup of the caller
-    for a batch instead of one each. Thread-safe: another thread may flush them
-    (a worker stuck in a long call must not keep earlier calls' replies)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_peer: dict[Peer, list[bytes]] = {}
-        self._frames = 0
-        self._bytes = 0
-
-    def __bool__(self) -> bool:
-        return self._frames > 0
-
-    def add(self, peer: Peer, frame: bytes) -> None:
-        with self._lock:
-            frames = self._by_peer.get(peer)
-            if frames is None:
-                self._by_peer[peer] = [frame]
-            else:
-                frames.append(frame)
-            self._frames += 1
-            self._bytes += len(frame)
-            full = self._frames >= HOLD_FRAMES or self._bytes >= HOLD_BYTES
-        if full:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write every held reply, each connection's in one write, in order."""
-        with self._lock:
-            if not self._frames:
-                return
-            by_peer, self._by_peer = self._by_peer, {}
-            self._frames = self._bytes = 0
-        for peer, frames in by_peer.items():
-            peer._write_held(frames)
-
-
-def hold_replies(replies: HeldReplies | None) -> None:
-    """From a worker thread: hold back the replies it writes with
-    :meth:`Peer.write_from_thread` in ``replies`` (None: write them at once)."""
-    _holding.replies = replies
 
 
 class Limits:
@@ -320,7 +268,7 @@ class Peer:
             if len(frame) >= BIG_FRAME:
                 return False
             frame = bytes(frame)
-        held = getattr(_holding, "replies", None) if reply and request_id else None
+        held = replies_held() if reply and request_id else None
         if held is not None and len(frame) < HOLD_BYTES:
             held.add(self, cast(bytes, frame))
             self._released.append(None)
@@ -342,7 +290,7 @@ class Peer:
         return True
 
     def _write_held(self, frames: list[bytes]) -> None:
-        """Write replies a worker thread held back (see :class:`HeldReplies`)."""
+        """Write replies a worker thread held back (see ``held_replies.py``)."""
         if self._closed:
             return  # the caller went away: nobody to answer
         send_many = getattr(self.conn, "send_many_from_thread", None)

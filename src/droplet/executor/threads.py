@@ -27,7 +27,7 @@ from typing import Any
 import outcome
 import trio
 
-from ..rpc import HeldReplies, hold_replies
+from ..held_replies import HeldReplies, hold_replies
 
 __all__ = ["SHUTDOWN_GRACE", "WorkerThreads"]
 
