@@ -20,6 +20,7 @@ an outbox is full the peer is not reading: by default it is disconnected
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import traceback
@@ -31,6 +32,7 @@ import trio
 
 from . import errors
 from .errors import ConnectionError, DropletError, ProtocolError
+from .held_replies import HOLD_BYTES, replies_held
 from .outbox import OUTBOX_BYTES, OUTBOX_MESSAGES, Outbox
 from .protocol import handshake
 from .protocol.framing import BIG_FRAME, Gather, Payload
@@ -266,6 +268,13 @@ class Peer:
             if len(frame) >= BIG_FRAME:
                 return False
             frame = bytes(frame)
+        held = replies_held() if reply and request_id else None
+        if held is not None and len(frame) < HOLD_BYTES:
+            held.add(self, cast(bytes, frame))
+            self._released.append(None)
+            if self._reader_blocked:
+                self._call_soon(self._collect_released)
+            return True
         try:
             done = send(cast(bytes, frame))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -279,6 +288,27 @@ class Peer:
             if self._reader_blocked:  # the reader waits for a free slot: free it now
                 self._call_soon(self._collect_released)
         return True
+
+    def _write_held(self, frames: list[bytes]) -> None:
+        """Write replies a worker thread held back (see ``held_replies.py``)."""
+        if self._closed:
+            return  # the caller went away: nobody to answer
+        send_many = getattr(self.conn, "send_many_from_thread", None)
+        try:
+            done = 2 if send_many is None else send_many(frames)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        if done == 1:  # tcp.FLUSH
+            self._call_soon(self._want_flush)
+        elif done == 2:  # tcp.REFUSED: the loop's writer sends them
+            for frame in frames:
+                self._call_soon(functools.partial(self._post_held, frame))
+
+    def _post_held(self, frame: bytes) -> None:
+        try:
+            self._post(frame, "disconnect")
+        except DropletError as exc:
+            log.debug("the caller of a run went away: %s", exc)
 
     def _call_soon(self, fn: Callable[[], None]) -> None:
         assert self._token is not None

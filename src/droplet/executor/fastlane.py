@@ -318,6 +318,7 @@ class FastLane:
         blob = pickle_value(value)
         if peer is not None and request_id:  # a client's direct call: the reply first
             reply = DagResult(t.run_id, blob, failed)
+            svc._threads.about_done()  # the rest is quick: a call queued now waits for us
             try:
                 sent = peer.write_from_thread(reply, request_id, reply=True)
             except ValueError:  # too big: the loop's path replies with an error naming the limit

@@ -124,6 +124,20 @@ class StreamConnection(Connection):
         if self._fd < 0 or len(data) >= BIG_FRAME:
             return REFUSED
         frame = frame_parts(data, self._send_limit)[0]  # ValueError: over the limit
+        return self._thread_write(bytes(frame) if type(frame) is not bytes else frame)
+
+    def send_many_from_thread(self, payloads: Sequence[bytes]) -> int:
+        """:meth:`send_from_thread` for several small frames, in order, in one write
+        (one system call, one wakeup of the peer); all are taken or none."""
+        if self._fd < 0:
+            return REFUSED
+        limit = self._send_limit
+        frames = b"".join([p for data in payloads for p in frame_parts(data, limit)])
+        if len(frames) >= BIG_FRAME:
+            return REFUSED
+        return self._thread_write(frames)
+
+    def _thread_write(self, frame: bytes) -> int:
         with self._tlock:
             if self._closed:
                 raise trio.ClosedResourceError("connection is closed")
