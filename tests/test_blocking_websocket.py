@@ -31,10 +31,10 @@ from wsproto.events import (
 
 import droplet
 from droplet import DropletConnection
-from droplet.protocol import wsframes
 from droplet.client._blocking import BlockingClient
 from droplet.client._ws_codec import Upgrade, WsClientCodec, mask
 from droplet.errors import ConnectionError, ProtocolError
+from droplet.protocol import wsframes
 from droplet.protocol.framing import BIG_FRAME, Gather
 from droplet.protocol.handshake import VERSION, new_nonce
 from droplet.protocol.messages import AuthChallenge, AuthResult, ClusterInfo, Names
