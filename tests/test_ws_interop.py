@@ -136,15 +136,22 @@ class HandDriven:
             self.ws.receive_data(data or None)
 
 
+@asynccontextmanager
+async def hand_driven(url: str) -> AsyncIterator[HandDriven]:
+    """A wsproto client past its opening handshake with ``url``."""
+    _, host, port = parse_address(url)
+    assert port is not None
+    async with await trio.open_tcp_stream(host, port) as stream:
+        client = HandDriven(stream)
+        await client.send(Request(host=f"{host}:{port}", target="/"))
+        assert isinstance(await client.next_event(), AcceptConnection)
+        yield client
+
+
 async def test_fragmented_message_with_a_ping_between_fragments() -> None:
     with trio.fail_after(TIMEOUT):
         async with echo_listener("ws://127.0.0.1:0") as (url, outcomes):
-            _, host, port = parse_address(url)
-            assert port is not None
-            async with await trio.open_tcp_stream(host, port) as stream:
-                client = HandDriven(stream)
-                await client.send(Request(host=f"{host}:{port}", target="/"))
-                assert isinstance(await client.next_event(), AcceptConnection)
+            async with hand_driven(url) as client:
                 await client.send(
                     BytesMessage(b"frag", message_finished=False),
                     Ping(b"between"),
@@ -173,12 +180,7 @@ async def test_a_text_message_is_refused_with_1003() -> None:
     # close the server started, so it would leak one here.)
     with trio.fail_after(TIMEOUT):
         async with echo_listener("ws://127.0.0.1:0") as (url, outcomes):
-            _, host, port = parse_address(url)
-            assert port is not None
-            async with await trio.open_tcp_stream(host, port) as stream:
-                client = HandDriven(stream)
-                await client.send(Request(host=f"{host}:{port}", target="/"))
-                assert isinstance(await client.next_event(), AcceptConnection)
+            async with hand_driven(url) as client:
                 await client.send(TextMessage("not binary"))
                 close = await client.next_event()
                 assert isinstance(close, CloseConnection) and close.code == 1003

@@ -39,6 +39,7 @@ from .framing import (
     Gather,
     Payload,
     ReceiveBuffer,
+    with_header,
 )
 
 __all__ = ["PeerClosed", "WsCodec", "close_frame", "encode_frame", "mask", "server_frame_parts"]
@@ -159,17 +160,9 @@ def encode_frame(payload: Payload | memoryview, opcode: int = OP_BINARY,
 
 
 def server_frame_parts(payload: Payload | memoryview, opcode: int = OP_BINARY) -> list[Buffer]:
-    """An unmasked frame as pieces to write: one joined piece when small, else the
-    header and the payload's own buffers (no copy)."""
+    """An unmasked (server's) frame as pieces to write (see ``with_header``)."""
     size = len(payload) if type(payload) is not memoryview else payload.nbytes
-    head = _header(opcode, size, False)
-    if isinstance(payload, Gather):
-        if size < BIG_FRAME:
-            return [head + bytes(payload)]
-        return [head, *payload.parts]
-    if size < BIG_FRAME:
-        return [head + payload]
-    return [head, payload]
+    return with_header(_header(opcode, size, False), payload, size)
 
 
 def close_frame(code: int, reason: str = "", masked: bool = True) -> bytes:
