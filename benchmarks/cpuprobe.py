@@ -1,11 +1,12 @@
 """CPU per call, per process: robust to other load on the machine (wall time is not).
 
     python benchmarks/cpuprobe.py [--scheme tcp|ws] [--executors N] [--calls N]
-                                  [--case noop|ref1k|ref10m|map]
+                                  [--case noop|ref1k|ref10m|map|dag2|dag2-direct]
                                   [-- extra node flags]
 
 Starts an all-in-one node listening on ``SCHEME://127.0.0.1:PORT``, makes
-sequential calls (``map``: one ``f.map`` of all of them, then every ``get()``)
+sequential calls (``map``: one ``f.map`` of all of them, then every ``get()``;
+``dag2``: a square-then-increment DAG, ``dag2-direct`` with ``direct_response``)
 and prints the p50 (sequential cases), and the CPU microseconds per call of the
 client and of each node process.
 """
@@ -54,13 +55,24 @@ def _connect(url: str) -> droplet.DropletConnection:
             time.sleep(0.2)
 
 
+class _Done:
+    """A result already in, with a future's ``get``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/cpuprobe.py",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--scheme", choices=("tcp", "ws"), default="tcp")
     p.add_argument("--executors", default="1")
     p.add_argument("--calls", type=int, default=3000)
-    p.add_argument("--case", choices=("noop", "ref1k", "ref10m", "map"), default="noop")
+    p.add_argument("--case", choices=("noop", "ref1k", "ref10m", "map", "dag2", "dag2-direct"),
+                   default="noop")
     p.add_argument("flags", nargs="*", help="extra node flags (after --)")
     args = p.parse_args(argv)
     sock = socket.socket()
@@ -81,6 +93,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f = conn.register(lambda _, x: len(x), "probe_len")
             else:
                 f = conn.register(lambda _, x: x, "probe_noop")
+            if args.case.startswith("dag2"):  # square, then increment
+                conn.register(lambda _, x: x * x, "probe_square")
+                conn.register(lambda _, x: x + 1, "probe_inc")
+                conn.register_dag("probe_dag2", ["probe_square", "probe_inc"],
+                                  [("probe_square", "probe_inc")])
+                direct = args.case == "dag2-direct"
+
+                class _Dag:  # f(arg).get() runs the DAG
+                    def __call__(self, x: Any) -> Any:
+                        if direct:
+                            return _Done(conn.call_dag("probe_dag2", {"probe_square": x},
+                                                       direct_response=True))
+                        return conn.call_dag("probe_dag2", {"probe_square": x})
+
+                f = _Dag()  # type: ignore[assignment]
             for _ in range(300):
                 f(arg).get()
             pids = _family(node.pid)
