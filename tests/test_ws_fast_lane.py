@@ -163,7 +163,7 @@ async def _hang_up_reply(url: str, upgrade: bytes, wire: bytes) -> bytes:
     return received
 
 
-def _close_code(received: bytes) -> int:
+def _close_frame(received: bytes) -> tuple[int, str]:
     head, _, frames = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101 "), head
     # Skip the node's first message (its AuthChallenge), then the close frame.
@@ -174,20 +174,23 @@ def _close_code(received: bytes) -> int:
             size, start = struct.unpack_from(">H", frames, 2)[0], 4
         if opcode == 0x8:
             code: int = struct.unpack_from(">H", frames, start)[0]
-            return code
+            return code, frames[start + 2:start + size].decode()
         frames = frames[start + size:]
     raise AssertionError(f"no close frame in {received!r}")
 
 
-@pytest.mark.parametrize(("wire", "code"), [
-    (_client_frame(0x2, b"", declared=HANDSHAKE_MAX_FRAME + 1), 1009),  # over the pre-auth limit
-    (_client_frame(0x2, b"x" * (HANDSHAKE_MAX_FRAME + 1)), 1009),
-    (_client_frame(0x1, b"hello"), 1003),  # a text message
-    (b"\x7f\xff garbage \x00\x01\x02 not a frame", 1002),
-    (_client_frame(0x2, b"not a Droplet message"), 0),  # a valid frame of garbage
+@pytest.mark.parametrize(("wire", "code", "why"), [
+    # over the pre-authentication limit: refused on the declared length alone
+    (_client_frame(0x2, b"", declared=HANDSHAKE_MAX_FRAME + 1), 1009,
+     f"max_frame_size={HANDSHAKE_MAX_FRAME}"),
+    (_client_frame(0x2, b"x" * (HANDSHAKE_MAX_FRAME + 1)), 1009,
+     f"max_frame_size={HANDSHAKE_MAX_FRAME}"),
+    (_client_frame(0x1, b"hello"), 1003, "text message"),
+    (b"\x7f\xff garbage \x00\x01\x02 not a frame", 1002, "reserved bit"),
+    (_client_frame(0x2, b"not a Droplet message"), 0, ""),  # a valid frame of garbage
 ], ids=["declared-oversize", "oversize", "text", "garbage-bytes", "garbage-message"])
 async def test_hostile_bytes_at_an_executors_listener(
-        ws_cluster: _Cluster, wire: bytes, code: int) -> None:
+        ws_cluster: _Cluster, wire: bytes, code: int, why: str) -> None:
     cluster = ws_cluster
     with trio.fail_after(TIMEOUT):
         async with droplet.open_client(cluster.url, **cluster.client_args) as cloud:
@@ -196,7 +199,8 @@ async def test_hostile_bytes_at_an_executors_listener(
             for url in cluster.worker_urls:
                 received = await _hang_up_reply(url, UPGRADE, wire)
                 if code:
-                    assert _close_code(received) == code
+                    got, reason = _close_frame(received)
+                    assert got == code and why in reason
                 else:  # a frame that is not a Droplet message: refused, hung up
                     assert received.startswith(b"HTTP/1.1 101 ")
             before = cluster.fast_calls()

@@ -145,9 +145,9 @@ def encode_frame(payload: Payload | memoryview, opcode: int = OP_BINARY,
     key = os.urandom(4)
     if type(payload) is bytes and len(payload) < SMALL:  # one int XOR: ~2 us
         n = len(payload)
-        masked = (int.from_bytes(payload, "little")
-                  ^ int.from_bytes((key * (n // 4 + 1))[:n], "little")).to_bytes(n, "little")
-        return _header(opcode, n, True) + key + masked
+        body = (int.from_bytes(payload, "little")
+                ^ int.from_bytes((key * (n // 4 + 1))[:n], "little")).to_bytes(n, "little")
+        return _header(opcode, n, True) + key + body
     parts = payload.parts if isinstance(payload, Gather) else [payload]
     views = [memoryview(p).cast("B") for p in parts]
     size = sum(v.nbytes for v in views)
