@@ -21,12 +21,14 @@ Two parts, each done by what does it best:
   reached over ``ws://`` have the fast lane that ``tcp://`` has.
 
 Why not trio-websocket's frame path: measured on a 2-core VM (one sequential
-no-op call, ``benchmarks/cpuprobe.py``), the executor spent 560 us of CPU per
-call over ``ws://`` against 320 us over ``tcp://``: wsproto's parser alone was
-~53 us per message received, trio-websocket's reader a task switch and a
-memory channel per message, and its connection cannot be written from a
-thread, so ws executors had no fast lane. With this module ws costs what tcp
-costs within a few microseconds (figures in docs/discussion/websocket.rst).
+no-op call, ``benchmarks/cpuprobe.py --scheme ws|tcp``, least of three runs),
+the executor spent 540 us of CPU per call over ``ws://`` against 287 us over
+``tcp://``: wsproto's parser alone took ~35-50 us per message received (this
+codec ~9 us), trio-websocket's reader a task switch and a memory channel per
+message, and its connection cannot be written from a thread, so ws executors
+had no fast lane. With this module the executor spends 280 us per call over
+``ws://`` (p50 0.40 ms against 0.44 ms for tcp in the same window); see
+docs/discussion/architecture.rst.
 
 Droplet's rules, as for every transport:
 
@@ -178,10 +180,6 @@ class WebSocketConnection(StreamConnection):
         # How the connection ended, once it has: what receive raises (a fresh
         # exception each time) and what a send says.
         self._end: tuple[type[BaseException], str] | None = None
-
-    def limit_incoming(self, max_frame_size: int | None) -> None:
-        self._codec.max_frame_size = (
-            self._send_limit if max_frame_size is None else max_frame_size)
 
     def _frame_parts(self, data: Payload | memoryview) -> list[Buffer]:
         size = len(data) if type(data) is not memoryview else data.nbytes
