@@ -238,3 +238,16 @@ async def test_our_client_against_trio_websocket_server() -> None:
             with pytest.raises(trio.BrokenResourceError, match=r"1011 \(server says no\)"):
                 await conn.receive()
             await conn.aclose()
+
+
+async def test_a_lowered_incoming_limit_does_not_limit_what_we_send() -> None:
+    """``limit_incoming`` (the pre-authentication limit) is about what arrives."""
+    with trio.fail_after(TIMEOUT):
+        async with echo_listener("ws://127.0.0.1:0") as (url, _), \
+                trio.open_nursery() as nursery:
+            conn = await get_transport(url).connect(url, OPTIONS, nursery)
+            conn.limit_incoming(100)
+            await conn.send(b"x" * 1000)  # a client's frame, masked
+            conn.limit_incoming(None)
+            assert await conn.receive() == b"x" * 1000
+            await conn.aclose()

@@ -64,7 +64,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from ..errors import ConnectionError, ProtocolError
 from ..protocol.framing import Buffer, Payload
-from ..protocol.wsframes import PeerClosed, WsCodec, server_frame_parts
+from ..protocol.wsframes import PeerClosed, WsCodec, encode_frame, server_frame_parts
 from ._sockets import dial, open_listeners, peer_url
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 from .registry import parse_address
@@ -186,7 +186,8 @@ class WebSocketConnection(StreamConnection):
         if size > self._send_limit:
             raise ValueError(
                 f"frame of {size} bytes exceeds max_frame_size={self._send_limit}")
-        return self._codec.frame_parts(data) if self._codec.client else server_frame_parts(data)
+        # (Not the codec's frame_parts: its limit is the incoming one, maybe lowered.)
+        return [encode_frame(data)] if self._codec.client else server_frame_parts(data)
 
     async def _write(self, parts: list[Buffer]) -> None:
         if self._end is not None and not self._aclosed:
