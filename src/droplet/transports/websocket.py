@@ -189,6 +189,12 @@ class WebSocketConnection(StreamConnection):
         # (Not the codec's frame_parts: its limit is the incoming one, maybe lowered.)
         return [encode_frame(data)] if self._codec.client else server_frame_parts(data)
 
+    def send_from_thread(self, data: bytes) -> int:
+        # Nothing from a worker thread once our close frame may be on its way.
+        if self._aclosed or self._end is not None:
+            raise trio.ClosedResourceError("connection is closed")
+        return super().send_from_thread(data)
+
     async def _write(self, parts: list[Buffer]) -> None:
         if self._end is not None and not self._aclosed:
             raise trio.BrokenResourceError(self._end[1] or self._gone())
