@@ -1,15 +1,15 @@
 """CPU per call, per process: robust to other load on the machine (wall time is not).
 
     python benchmarks/cpuprobe.py [--scheme tcp|ws] [--executors N] [--calls N]
-                                  [--case noop|ref1k|ref10m|map|dag2|fanin3]
+                                  [--case noop|ref1k|ref10m|map|dag2|dag2-direct|fanin3]
                                   [-- extra node flags]
 
 Starts an all-in-one node listening on ``SCHEME://127.0.0.1:PORT``, makes
-sequential calls (``map``: one ``f.map`` of all of them, then every ``get()``)
-(``dag2``: a 2-function DAG; ``fanin3``: three no-op sources feeding one
-function) and prints the p50 and p99 (sequential cases), and the CPU microseconds per call of the
-client and of each node process, with each process's voluntary context switches per
-call (its threads going to sleep, each later woken).
+sequential calls (``map``: one ``f.map`` of all of them, then every ``get()``;
+``dag2``: a 2-function DAG, ``dag2-direct`` with ``direct_response``; ``fanin3``: three
+no-op sources feeding one function) and prints the p50 and p99 (sequential cases),
+and the CPU microseconds per call of the client and of each node process, with each
+process's voluntary context switches per call (its threads going to sleep, each later woken).
 """
 
 from __future__ import annotations
@@ -67,12 +67,25 @@ def _connect(url: str) -> droplet.DropletConnection:
             time.sleep(0.2)
 
 
+class _Done:
+    """A result already in, with a future's ``get``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value
+
+
 def _dag(conn: droplet.DropletConnection, case: str) -> Any:
     """A callable ``f(arg)`` running the DAG of ``case``, with ``.get()`` on its result."""
-    if case == "dag2":
+    if case.startswith("dag2"):
         conn.register(lambda _, x: x + 1, "probe_inc")
         conn.register_dag("probe_dag2", ["probe_noop", "probe_inc"],
                           [("probe_noop", "probe_inc")])
+        if case == "dag2-direct":  # the value itself comes back: wrap it for .get()
+            return lambda x: _Done(conn.call_dag("probe_dag2", {"probe_noop": x},
+                                                 direct_response=True))
         return lambda x: conn.call_dag("probe_dag2", {"probe_noop": x})
     sources = [f"probe_s{i}" for i in range(3)]
     for name in sources:
@@ -89,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scheme", choices=("tcp", "ws"), default="tcp")
     p.add_argument("--executors", default="1")
     p.add_argument("--calls", type=int, default=3000)
-    p.add_argument("--case", choices=("noop", "ref1k", "ref10m", "map", "dag2", "fanin3"),
+    p.add_argument("--case", choices=("noop", "ref1k", "ref10m", "map", "dag2", "dag2-direct",
+                                         "fanin3"),
                    default="noop")
     p.add_argument("flags", nargs="*", help="extra node flags (after --)")
     args = p.parse_args(argv)
@@ -111,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f = conn.register(lambda _, x: len(x), "probe_len")
             else:
                 f = conn.register(lambda _, x: x, "probe_noop")
-            if args.case in ("dag2", "fanin3"):
+            if args.case in ("dag2", "dag2-direct", "fanin3"):
                 f = _dag(conn, args.case)
             for _ in range(300):
                 f(arg).get()

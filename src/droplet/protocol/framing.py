@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from ..errors import ProtocolError
 
 __all__ = ["BIG_FRAME", "DEFAULT_MAX_FRAME_SIZE", "Buffer", "BufferPool", "FrameDecoder",
-           "Gather", "Payload", "ReceiveBuffer", "frame", "frame_parts"]
+           "Gather", "Payload", "ReceiveBuffer", "frame", "frame_parts", "with_header"]
 
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 #: Frames at least this big are received into a buffer of their own.
@@ -100,7 +100,12 @@ def frame_parts(payload: Payload | memoryview,
     size = len(payload) if type(payload) is not memoryview else payload.nbytes
     if size > max_frame_size:
         raise ValueError(f"frame of {size} bytes exceeds max_frame_size={max_frame_size}")
-    head = _LEN.pack(size)
+    return with_header(_LEN.pack(size), payload, size)
+
+
+def with_header(head: bytes, payload: Payload | memoryview, size: int) -> list[Buffer]:
+    """``head`` then ``payload`` (of ``size`` bytes) as pieces to write: one joined
+    piece when small, else the header and the payload's own buffers (no copy)."""
     if isinstance(payload, Gather):
         if size < BIG_FRAME:
             return [head + bytes(payload)]

@@ -92,12 +92,16 @@ class StreamConnection(Connection):
     #: ``send`` and ``send_many`` take :class:`~droplet.protocol.framing.Gather` payloads.
     gather_writes = True
 
+    def _frame_parts(self, data: Payload | memoryview) -> list[Buffer]:
+        """The pieces to write for one frame (a subclass may frame differently: ws)."""
+        return frame_parts(data, self._send_limit)
+
     async def send(self, data: Payload) -> None:
-        await self._write(frame_parts(data, self._send_limit))
+        await self._write(self._frame_parts(data))
 
     async def send_many(self, frames: Sequence[Payload]) -> None:
-        limit = self._send_limit
-        parts = [p for f in frames for p in frame_parts(f, limit)]
+        framed = self._frame_parts
+        parts = [p for f in frames for p in framed(f)]
         if len(parts) > 1 and sum(len(p) for p in parts) < BIG_FRAME:
             parts = [b"".join(parts)]  # small frames: one write of one buffer
         await self._write(parts)
@@ -123,7 +127,7 @@ class StreamConnection(Connection):
         """
         if self._fd < 0 or len(data) >= BIG_FRAME:
             return REFUSED
-        frame = frame_parts(data, self._send_limit)[0]  # ValueError: over the limit
+        frame = self._frame_parts(data)[0]  # ValueError: over the limit
         return self._thread_write(bytes(frame) if type(frame) is not bytes else frame)
 
     def send_many_from_thread(self, payloads: Sequence[bytes]) -> int:
@@ -131,8 +135,8 @@ class StreamConnection(Connection):
         (one system call, one wakeup of the peer); all are taken or none."""
         if self._fd < 0:
             return REFUSED
-        limit = self._send_limit
-        frames = b"".join([p for data in payloads for p in frame_parts(data, limit)])
+        framed = self._frame_parts
+        frames = b"".join([p for data in payloads for p in framed(data)])
         if len(frames) >= BIG_FRAME:
             return REFUSED
         return self._thread_write(frames)
