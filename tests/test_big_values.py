@@ -12,6 +12,7 @@ import gc
 import os
 import pickle
 import struct
+import sys
 import warnings
 from typing import Any
 
@@ -388,6 +389,45 @@ def test_retained_memory_setting() -> None:
     assert keep_freed_memory({ENV: "0"}) is False  # off: the allocator is left alone
     with pytest.raises(ValueError, match="DROPLET_RETAIN_MEMORY must be a number of bytes"):
         keep_freed_memory({ENV: "lots"})
+
+
+_ARENA_PROBE = """
+import resource, sys, threading
+from droplet.node._memory import keep_freed_memory
+assert keep_freed_memory({})
+source = memoryview(b"x" * (16 << 20))
+faults, turn, ready = [], threading.Lock(), threading.Barrier(4)
+def work():
+    mine = [bytearray(64) for _ in range(64)]  # this thread's first allocations
+    ready.wait()  # all four alive at once: glibc would give each its own arena
+    with turn:
+        for _ in range(2):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            copy = bytes(source)
+            del copy
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    ready.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(*faults)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_big_allocations_in_any_thread_reuse_freed_memory() -> None:
+    """After :func:`keep_freed_memory`, a big value freed by one worker thread is
+    the memory the next one gets, in whatever thread: page faults only the
+    first time (per-thread arenas faulted in every thread's first 16 MiB, and,
+    for bigger values, on every call)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _ARENA_PROBE], capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    faults = [int(n) for n in out]
+    assert len(faults) == 8 and faults[0] > 1000  # the first one touches fresh pages
+    assert max(faults[1:]) < 100, faults
 
 
 def test_a_node_refuses_a_bad_retained_memory_setting(
