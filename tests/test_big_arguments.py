@@ -112,10 +112,12 @@ async def test_a_big_frame_left_unfinished_times_out() -> None:
 
 # --------------------------------------------------------------------------- async client
 
-@pytest.mark.parametrize("listen", [None, "tcp://127.0.0.1:0"], ids=["inproc", "tcp"])
-async def test_big_arguments_and_results_async(listen: str | None) -> None:
+@pytest.mark.parametrize(("listen", "skip"), [(None, False), (None, True),
+                                             ("tcp://127.0.0.1:0", False)],
+                         ids=["inproc", "inproc-objects", "tcp"])
+async def test_big_arguments_and_results_async(listen: str | None, skip: bool) -> None:
     with trio.fail_after(60):
-        async with open_local_cluster(2, listen=listen) as cluster:
+        async with open_local_cluster(2, listen=listen, skip_encoding=skip) as cluster:
             async with cluster.client() as cloud:
                 await cloud.register(identity, "big_id")
                 await cloud.register(length, "big_len")
@@ -159,6 +161,31 @@ def test_big_arguments_and_results_blocking(tcp_cluster: droplet.LocalCluster) -
         assert cloud.get_object(future.obj_id) == DATA  # the result key holds it too
         cloud.put_object("bb_key", DATA)
         assert cloud.get_object("bb_key") == DATA
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["frames", "objects"])
+def test_big_arguments_embedded_blocking(skip: bool) -> None:
+    """The sync client of an embedded cluster (inproc://, both encodings): the
+    bytes arrive intact call after call, and a bytearray changed after the call
+    does not change what the function got."""
+    with droplet.LocalCluster(executors=2, skip_encoding=skip) as cluster:
+        cloud = cluster.connect(timeout=60)
+        cloud.register(identity, "eb_id")
+        cloud.register(length, "eb_len")
+        cloud.register_dag("eb_dag", ["eb_id", "eb_len"], [("eb_id", "eb_len")])
+        cloud.register_dag("eb_echo", ["eb_id"], [])
+        for i in range(4):  # frames' buffers come back to the pool between calls
+            assert cloud.call_dag("eb_dag", {"eb_id": DATA[i:]}).get() == len(DATA) - i
+        echoed = cloud.call_dag("eb_echo", {"eb_id": DATA}).get()
+        assert echoed == DATA and type(echoed) is bytes
+        mine = bytearray(DATA)
+        future = cloud.call_dag("eb_echo", {"eb_id": mine})
+        mine[0] ^= 0xFF
+        got = future.get()
+        assert got == DATA and type(got) is bytearray
+        future = cloud.exec_func("eb_id", [mine])
+        mine[0] ^= 0xFF  # back to DATA[0], after the call
+        assert future.get() == bytes([DATA[0] ^ 0xFF]) + DATA[1:]
 
 
 async def test_two_sources_and_a_sink_each_get_their_own_big_arguments() -> None:

@@ -31,6 +31,7 @@ from droplet.protocol.framing import (
     Gather,
     frame,
     frame_parts,
+    join,
 )
 from droplet.serialization import OUT_OF_BAND_MIN, dumps_value, loads, mentions
 
@@ -217,6 +218,23 @@ def trigger(**changes: Any) -> m.Trigger:
     return m.Trigger(**fields)
 
 
+def test_join_puts_a_big_gather_into_a_pooled_buffer() -> None:
+    pool = BufferPool()
+    gather = Gather([b"head", memoryview(BIG), bytearray(b"tail")])
+    joined = join(gather, pool)
+    assert type(joined) is memoryview and joined.readonly and joined == bytes(gather)
+    first = id(joined.obj)
+    assert id(join(gather, pool).obj) != first  # still referred to: another buffer
+    del joined
+    gc.collect()
+    again = join(gather, pool)
+    assert id(again.obj) == first  # released: the same (warm) buffer again
+    assert again == bytes(gather) and len(pool._buffers) == 2
+    small = Gather([b"a", memoryview(b"bc")])
+    assert join(small, pool) == b"abc" and type(join(small, pool)) is bytes
+    assert join(b"plain", pool) == b"plain"
+
+
 def test_big_blobs_are_gathered_not_joined_and_decode_as_views() -> None:
     msg = trigger(result=BIG, carried=b"c" * 100, arg_blobs=[BIG, b"small"])
     payload = m.encode_gather(msg, 7)
@@ -273,6 +291,20 @@ def test_big_bytes_leave_the_pickle_stream() -> None:
     first, second = loads(bytes(blob))
     assert first is second  # the same object twice stays one object
     assert type(first) is bytes
+
+
+def test_a_big_bytes_rebuilt_in_the_same_process_is_the_same_object() -> None:
+    """In one process (no wire), an immutable ``bytes`` needs no copy; writable
+    buffers and slices still get their own."""
+    assert loads(dumps_value(BIG)) is BIG
+    assert loads(dumps_value((BIG, 1)))[0] is BIG
+    part = loads(dumps_value([BIG[1:]]))[0]
+    assert part == BIG[1:]
+    mine = bytearray(BIG)
+    copied = loads(dumps_value(mine))
+    assert copied == mine and copied is not mine
+    received = loads(memoryview(bytes(dumps_value(BIG))).toreadonly())
+    assert received == BIG and received is not BIG
 
 
 def test_small_values_stay_plain_pickles() -> None:

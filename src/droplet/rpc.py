@@ -473,7 +473,13 @@ class Peer:
     async def _read_loop(self) -> None:
         conn, pending = self.conn, self._pending
         n = 0
+        frame: Any = None
+        msg: Any = None
+        result: Any = None
         while True:
+            # Let go of the last message before waiting for the next: a big
+            # frame's buffer goes back to the pool now, not one message later.
+            frame = msg = result = None
             try:
                 frame = await conn.receive()
             except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):

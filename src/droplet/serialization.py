@@ -99,6 +99,18 @@ def _immutable(view: Buffer) -> bool:
     return type(obj) is bytes
 
 
+def _whole_bytes(view: Buffer) -> Buffer:
+    """The ``bytes`` object ``view`` (immutable, see :func:`_immutable`) shows all
+    of, else ``view`` itself."""
+    obj: Any = view
+    while type(obj) is memoryview:
+        obj = obj.obj
+    if type(obj) is bytes and (type(view) is bytes or (
+            view.nbytes == len(obj) and view.c_contiguous)):  # type: ignore[union-attr]
+        return obj
+    return view
+
+
 def _is_big_raw(value: Any) -> bool:
     kind = type(value)
     return (kind is bytes or kind is bytearray) and len(value) >= OUT_OF_BAND_MIN
@@ -213,8 +225,11 @@ def loads(blob: Buffer | Gather) -> Any:
         # Shared as they are only if the value rebuilt from them cannot see a
         # change: immutable bytes, or our own views of a bytes/bytearray (which
         # bytes()/bytearray() copy); anything else (an array) gets its own copy.
+        # A view of a whole ``bytes`` object is handed over as that object:
+        # ``bytes(b) is b``, so a big ``bytes`` value is rebuilt without a copy.
         return pickle.loads(stream, buffers=[
-            b if readonly and (_immutable(b) or type(getattr(b, "obj", None)) is memoryview)
+            _whole_bytes(b) if readonly and _immutable(b)
+            else b if readonly and type(getattr(b, "obj", None)) is memoryview
             else bytearray(b)
             for b, readonly in zip(buffers, flags, strict=True)])
     if len(blob) and blob[0] == 0:

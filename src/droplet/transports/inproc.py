@@ -19,6 +19,7 @@ import math
 import trio
 
 from ..errors import ConnectionError, ProtocolError
+from ..protocol.framing import Gather, join
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 
 __all__ = ["InprocConnection", "InprocTransport"]
@@ -50,9 +51,15 @@ class InprocConnection(Connection):
         self._max = max_frame_size
         self._incoming_limit = max_frame_size
 
+    #: ``send`` takes :class:`~droplet.protocol.framing.Gather` payloads: a big
+    #: one is joined into a pooled buffer (see :func:`~droplet.protocol.framing.join`).
+    gather_writes = True
+
     async def send(self, frame: bytes) -> None:
         if len(frame) > self._max:
             raise ValueError(f"frame of {len(frame)} bytes exceeds max_frame_size={self._max}")
+        if isinstance(frame, Gather):  # what Peer sends big messages as
+            frame = join(frame)
         try:
             if self.carries_objects:
                 # The fast mode does not yield to the scheduler when the queue has
