@@ -188,6 +188,36 @@ def test_big_arguments_embedded_blocking(skip: bool) -> None:
         assert future.get() == bytes([DATA[0] ^ 0xFF]) + DATA[1:]
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["frames", "objects"])
+async def test_an_embedded_function_gets_the_callers_own_bytes(skip: bool) -> None:
+    """In one process a big ``bytes`` argument (nobody can change it) is handed
+    over as it is, both ways: no copy of it, and its result neither."""
+    def object_id(_: Any, x: bytes) -> int:
+        return id(x)
+
+    with trio.fail_after(60):
+        async with open_local_cluster(2, skip_encoding=skip) as cluster:
+            async with cluster.client() as cloud:
+                await cloud.register(object_id, "own_id")
+                await cloud.register(identity, "own_echo")
+                assert await (await cloud.exec_func("own_id", [DATA])).get() == id(DATA)
+                assert await (await cloud.exec_func("own_echo", [DATA])).get() is DATA
+                mine = bytearray(DATA)  # but a buffer that can change is copied
+                assert await (await cloud.exec_func("own_id", [mine])).get() != id(mine)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["frames", "objects"])
+async def test_an_embedded_argument_over_the_frame_limit_is_a_clear_error(skip: bool) -> None:
+    with trio.fail_after(60):
+        async with open_local_cluster(1, skip_encoding=skip,
+                                      max_frame_size=MIB) as cluster:
+            async with cluster.client() as cloud:
+                await cloud.register(identity, "limit_echo")
+                with pytest.raises(ProtocolError, match="exceeds the limit 1048576"):
+                    await (await cloud.exec_func("limit_echo", [DATA])).get()
+                assert await (await cloud.exec_func("limit_echo", [b"ok"])).get() == b"ok"
+
+
 async def test_two_sources_and_a_sink_each_get_their_own_big_arguments() -> None:
     def source(_: Any, x: bytes) -> int:
         return x[0]

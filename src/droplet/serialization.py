@@ -32,7 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from .protocol.framing import Buffer, Gather
+from .protocol.framing import Buffer, Gather, immutable
 
 __all__ = ["OUT_OF_BAND_MIN", "dumps", "dumps_code", "dumps_value", "loads", "mentions"]
 
@@ -90,13 +90,7 @@ class _Raw:
         return self.kind, (pickle.PickleBuffer(memoryview(self.data).toreadonly()),)
 
 
-def _immutable(view: Buffer) -> bool:
-    """Whether nobody can change the bytes of ``view``: ``bytes`` or a view of
-    them (a read-only array may be a view of a writable one, changed behind it)."""
-    obj: Any = view
-    while type(obj) is memoryview:
-        obj = obj.obj
-    return type(obj) is bytes
+_immutable = immutable
 
 
 def _whole_bytes(view: Buffer) -> Buffer:

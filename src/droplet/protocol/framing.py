@@ -38,7 +38,8 @@ from collections.abc import Sequence
 from ..errors import ProtocolError
 
 __all__ = ["BIG_FRAME", "DEFAULT_MAX_FRAME_SIZE", "Buffer", "BufferPool", "FrameDecoder",
-           "Gather", "Payload", "ReceiveBuffer", "frame", "frame_parts", "join"]
+           "Gather", "Payload", "ReceiveBuffer", "all_immutable", "frame", "frame_parts",
+           "immutable", "join"]
 
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 #: Frames at least this big are received into a buffer of their own.
@@ -79,6 +80,20 @@ class Gather:
 
 #: A frame payload to send: whole bytes, or pieces.
 Payload = bytes | Gather
+
+
+def immutable(piece: Buffer) -> bool:
+    """Whether nobody can change the bytes of ``piece``: ``bytes`` or a view of
+    them (a read-only view of a writable buffer may still change behind it)."""
+    obj: object = piece
+    while type(obj) is memoryview:
+        obj = obj.obj
+    return type(obj) is bytes
+
+
+def all_immutable(gather: Gather) -> bool:
+    """Whether every piece of ``gather`` is :func:`immutable`."""
+    return all(immutable(p) for p in gather.parts)
 
 
 def join(payload: Payload, pool: BufferPool | None = None) -> bytes | memoryview:
