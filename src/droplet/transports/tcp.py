@@ -252,6 +252,8 @@ class StreamConnection(Connection):
         (-1: nothing yet)."""
         if self._fd < 0:
             return -1
+        if self._closed:  # as _read_fd: never read a descriptor that may be reused
+            raise trio.ClosedResourceError("connection is closed")
         try:
             return os.readv(self._fd, [target])
         except (BlockingIOError, InterruptedError):
