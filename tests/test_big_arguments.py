@@ -84,6 +84,53 @@ async def test_gathered_frames_arrive_whole(
     assert type(got[0]) is memoryview and got[0].readonly
 
 
+class _CountingSocket:
+    """A trio socket that counts the reads it had to wait for (trips through the loop)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.waits = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    async def recv_into(self, *args: Any) -> int:
+        self.waits += 1
+        n: int = await self._sock.recv_into(*args)
+        return n
+
+
+async def test_a_big_tcp_frame_takes_a_few_trips_through_the_loop() -> None:
+    """16 MiB arrive in a handful of waits for the socket (SO_RCVLOWAT: woken
+    for MiBs at a time; without it, 10 to 60 here), not one per segment; and a
+    small frame after it is not held back."""
+    big = bytes(range(256)) * (16 * MIB // 256)
+    received: list[Any] = []
+    counted: list[_CountingSocket] = []
+    done = trio.Event()
+
+    async def handler(conn: Connection) -> None:
+        counter = _CountingSocket(conn._sock)  # type: ignore[attr-defined]
+        conn._sock = counter  # type: ignore[attr-defined]
+        counted.append(counter)
+        for _ in range(2):
+            received.append(await conn.receive())
+        done.set()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(get_transport("tcp").serve, "tcp://127.0.0.1:0",
+                                      handler, TransportOptions())
+            async with await get_transport("tcp").connect(url, TransportOptions(),
+                                                          nursery) as conn:
+                await conn.send(Gather([b"h", memoryview(big)]))  # type: ignore[arg-type]
+                await conn.send(b"after")
+                await done.wait()
+            nursery.cancel_scope.cancel()
+    assert received[0] == b"h" + big and received[1] == b"after"
+    assert counted[0].waits <= 8, counted[0].waits
+
+
 async def test_a_big_frame_left_unfinished_times_out() -> None:
     options = TransportOptions(read_timeout=0.2)
     send_outcome, outcomes = trio.open_memory_channel[BaseException](2)
