@@ -379,6 +379,22 @@ def test_a_servers_ping_is_answered_mid_call(fake_node: Callable[[Behaviour], st
     assert answered == [b"are you there"]
 
 
+def test_a_ping_read_with_the_answer_is_answered_before_the_next_request(
+        fake_node: Callable[[Behaviour], str]) -> None:
+    answered: list[list[bytes]] = []
+
+    def behave(peer: _Peer, request_id: int) -> None:
+        answered.append(list(peer.pongs))  # what came before this request
+        reply = BytesMessage(encode_message(Names(["fake-dag"]), request_id, reply=True))
+        peer.sock.sendall(peer.ws.send(Ping(b"ping")) + peer.ws.send(reply))  # one read
+
+    url = fake_node(behave)
+    with DropletConnection(url, timeout=10) as conn:
+        assert conn.list_dags() == ["fake-dag"]
+        assert conn.list_dags() == ["fake-dag"]
+    assert answered == [[], [b"ping"]]
+
+
 @pytest.mark.parametrize(("behave", "error", "match"), [
     (lambda p, i: p.write(TextMessage("hello")), ProtocolError, "text message"),
     (lambda p, i: p.write(BytesMessage(b"x" * 5000)), ProtocolError, "max_frame_size=4096"),

@@ -530,6 +530,8 @@ class BlockingPeer:
             if type(slot) is _AnyOf:  # hand over the rest of what was read, in one go
                 while (payload := self._decoder.next_frame()) is not None:
                     self._dispatch(payload)
+            if self._owed or self._decoder.has_output:  # a ping read with the answer
+                self._answer_control()
         except DropletError as exc:  # ConnectionError, ProtocolError: the socket is done
             self._fail(exc)
 
