@@ -49,8 +49,8 @@ from .protocol.parcel import Parcel, pack, unpack
 from .transports.base import Connection, TransportOptions
 from .transports.registry import get_transport, open_connection
 
-__all__ = ["DEFERRED", "Handler", "Limits", "OutboxFull", "Peer", "Slot", "connect_peer",
-           "serve_peers"]
+__all__ = ["DEFERRED", "NOT_NOW", "Handler", "Limits", "NowHandler", "OutboxFull", "Peer",
+           "Slot", "connect_peer", "serve_peers"]
 
 log = logging.getLogger("droplet.rpc")
 
@@ -58,6 +58,12 @@ log = logging.getLogger("droplet.rpc")
 DEFERRED: Any = object()
 
 Handler = Callable[["Peer", Any, int], Awaitable[Any]]
+#: A handler's synchronous side: serves a request at once (its reply, None for
+#: Ok, or DEFERRED), or returns :data:`NOT_NOW` to leave it to the reader.
+NowHandler = Callable[["Peer", Any, int], Any]
+
+#: Returned by a :data:`NowHandler` for a message it cannot serve without waiting.
+NOT_NOW: Any = object()
 
 HANDSHAKE_TIMEOUT = 10.0
 #: The reader yields to other tasks at least once per this many messages it
@@ -131,11 +137,15 @@ class Peer:
         *,
         limits: Limits | None = None,
         name: str = "",
+        now: NowHandler | None = None,
     ) -> None:
         self.conn = conn
         self.remote = conn.remote_address
         self.name = name or self.remote
         self._handler = handler
+        #: serves requests in the sender's task, over an in-process connection
+        #: that hands them over directly (``_take_now``).
+        self._now = now
         self._ids = itertools.count(1)
         self._pending: dict[int, Slot] = {}
         self._closed = False
@@ -452,6 +462,9 @@ class Peer:
     async def run(self) -> None:
         """The reader loop (and the outbox's writer); returns when the connection closes."""
         self._token = trio.lowlevel.current_trio_token()
+        take = getattr(self.conn, "take_directly", None) if self.conn.carries_objects else None
+        if take is not None and not self._closed:
+            take(self._take_now)
         try:
             async with trio.open_nursery() as nursery:
                 self._run_scope = nursery.cancel_scope
@@ -547,6 +560,60 @@ class Peer:
             if request_id and result is not DEFERRED:
                 await self.reply(request_id, Ok() if result is None else result)
 
+    def _take_now(self, frame: object) -> bool:
+        """An in-process sender's frame, offered while our reader waits with nothing
+        queued (``InprocConnection.take_directly``): handle it here, in the
+        sender's task, if it needs no waiting, as the reader would have: a
+        reply (its slot finished), or a request our ``now`` handler serves.
+        False: the reader gets it as usual. Never raises (it runs in the
+        sender's ``send``)."""
+        if self._closed or type(frame) is not Parcel:
+            return False
+        if frame.reply:
+            if not frame.request_id:
+                return False  # a goodbye: the reader closes the connection
+            try:
+                msg, request_id, _ = unpack(frame)
+            except InvalidMessage:
+                return False  # the reader drops it and says why
+            slot = self._pending.pop(request_id, None)
+            if slot is not None:
+                if type(msg) is ErrorReply:
+                    slot.error = error_from_reply(msg, self.remote)
+                else:
+                    slot.value = msg
+                try:
+                    slot._finish()
+                except Exception:  # a waiter's callback: never the sender's problem
+                    log.exception("a reply's callback failed")
+            return True
+        now = self._now
+        if now is None or not frame.request_id or self._handler is None:
+            return False
+        try:
+            msg, request_id, _ = unpack(frame)
+        except InvalidMessage:
+            return False  # the reader refuses it with the reason
+        try:
+            self._inflight.acquire_nowait()
+        except trio.WouldBlock:
+            return False  # at the limit: the reader waits for a free slot
+        try:
+            result = now(self, msg, request_id)
+        except Exception as exc:  # a bad request never takes the node down
+            if not isinstance(exc, DropletError):
+                log.exception("error handling %s from %s", type(msg).__name__, self.remote)
+            result = _error_reply(exc)
+        if result is NOT_NOW:
+            self._inflight.release()
+            return False
+        if result is not DEFERRED:
+            try:
+                self.post_reply(request_id, Ok() if result is None else result)
+            except DropletError as exc:  # closed, or not reading
+                log.debug("could not answer %s: %s", self.remote, exc)
+        return True
+
     async def _say_goodbye(self, exc: BaseException) -> None:
         with trio.move_on_after(1):
             try:
@@ -558,6 +625,9 @@ class Peer:
         if self._closed:
             return
         self._closed = True
+        take = getattr(self.conn, "take_directly", None)
+        if take is not None:
+            take(None)
         if self._run_scope is not None:
             self._run_scope.cancel()
         self._outbox.clear()
@@ -713,9 +783,12 @@ async def serve_peers(
     options: TransportOptions | None = None,
     limits: Limits | None = None,
     on_connect: Callable[[Peer], None] | None = None,
+    now: NowHandler | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen at ``url``; authenticate each connection, then serve it with ``handler``."""
+    """Listen at ``url``; authenticate each connection, then serve it with ``handler``
+    (and ``now``, see :data:`NowHandler`, where the transport hands messages over
+    in the sender's task)."""
     options = options or TransportOptions()
 
     async def on_connection(conn: Connection) -> None:
@@ -732,7 +805,7 @@ async def serve_peers(
             log.warning("dropped connection from %s during handshake: %s",
                         conn.remote_address, exc or type(exc).__name__)
             return
-        peer = Peer(conn, handler, limits=limits)
+        peer = Peer(conn, handler, limits=limits, now=now)
         if on_connect is not None:
             on_connect(peer)
         try:

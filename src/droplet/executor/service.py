@@ -45,7 +45,7 @@ from ..protocol.messages import (
     Trigger,
 )
 from ..references import DropletReference
-from ..rpc import DEFERRED, OutboxFull, Peer, PeerPool
+from ..rpc import DEFERRED, NOT_NOW, OutboxFull, Peer, PeerPool
 from ..serialization import dumps, loads, mentions
 from .batching import DEFAULT_MAX_BATCH, Batcher
 from .cache import Cache, Counts
@@ -135,6 +135,8 @@ class _Input:
 
 class ExecutorService:
     MESSAGES = (Trigger, Mail, KvsUpdate, CacheInvalidate, FunctionRegistered)
+    #: what it serves without waiting, in the sender's task (``handle_now``).
+    MESSAGES_NOW = (Trigger,)
 
     def __init__(
         self,
@@ -299,17 +301,7 @@ class ExecutorService:
             fast.settle()
         if kind is Trigger:
             if request_id:  # a run a client sent here itself: answer it with the result
-                check_direct(msg, self.url)
-                if fast is not None and fast.try_start(msg, peer, request_id):
-                    return DEFERRED
-                now = time.monotonic()
-                self._callers.add(msg.run_id, Reply(peer, request_id, now), now)
-                try:
-                    self._on_trigger(msg)  # starts tasks, which run after we return
-                except BaseException:
-                    self._callers.pop(msg.run_id)
-                    raise
-                return DEFERRED
+                return self._direct_run(peer, msg, request_id)
             if fast is None or not fast.try_start(msg, None, 0):
                 self._on_trigger(msg)
         elif kind is KvsUpdate:
@@ -323,6 +315,32 @@ class ExecutorService:
         else:
             raise ProtocolError(f"an executor does not serve {kind.__name__} messages")
         return None
+
+    def handle_now(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        """What ``handle`` serves without waiting, called in the sender's task over an
+        in-process connection (:data:`droplet.rpc.NowHandler`): a run a client sent
+        here itself. Anything else: NOT_NOW (the connection's reader serves it)."""
+        if type(msg) is not Trigger or not request_id:
+            return NOT_NOW
+        fast = self.fast_lane
+        if fast is not None and fast.done:
+            fast.settle()
+        return self._direct_run(peer, msg, request_id)
+
+    def _direct_run(self, peer: Peer, t: Trigger, request_id: int) -> Any:
+        """Start a run a client sent here itself; its result is the reply (DEFERRED)."""
+        check_direct(t, self.url)
+        fast = self.fast_lane
+        if fast is not None and fast.try_start(t, peer, request_id):
+            return DEFERRED
+        now = time.monotonic()
+        self._callers.add(t.run_id, Reply(peer, request_id, now), now)
+        try:
+            self._on_trigger(t)  # starts tasks, which run after we return
+        except BaseException:
+            self._callers.pop(t.run_id)
+            raise
+        return DEFERRED
 
     async def _prefetch(self, names: list[str], version: str | None = None) -> None:
         """Load functions ahead of their first call (at registration, or on joining).

@@ -9,12 +9,21 @@ connections :attr:`~droplet.transports.base.Connection.carries_objects`: they
 also carry :class:`~droplet.protocol.parcel.Parcel` objects (a message, not
 its encoding), which :class:`~droplet.rpc.Peer` then sends instead of frames.
 Both kinds count against ``max_frame_size`` by ``len()``.
+
+Such a connection may also hand a message over with no task switch at all:
+while its reader waits with nothing queued, a frame sent to it is first
+offered to the callback its owner registered with :meth:`InprocConnection.take_directly`
+(a :class:`~droplet.rpc.Peer` takes replies, and requests its handler can
+serve without waiting, there and then, in the sender's task). Anything the
+callback declines, and anything sent while a frame is queued, goes through
+the queue as before, so frames are still handled in the order they were sent.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import trio
 
@@ -49,6 +58,40 @@ class InprocConnection(Connection):
         self.remote_address = remote_address
         self._max = max_frame_size
         self._incoming_limit = max_frame_size
+        #: the other end (set by ``_pair``), whose reader a send may serve directly.
+        self._other: InprocConnection | None = None
+        #: True while this end's reader waits with nothing queued.
+        self._idle = False
+        #: takes a frame in the sender's task (see ``take_directly``), or None.
+        self._taker: Callable[[object], bool] | None = None
+        self._shut = False  # aclose() was called
+
+    def take_directly(self, taker: Callable[[object], bool] | None) -> None:
+        """Offer frames sent to this end to ``taker`` first, in the sender's task,
+        whenever this end's reader waits with nothing queued (objects mode only).
+
+        ``taker(frame)`` returns True when it handled the frame (then it is not
+        queued), False to leave it to the reader. It must not wait, and must not
+        raise: it runs inside someone else's ``send``. None stops the offers.
+        """
+        self._taker = taker if self.carries_objects else None
+
+    def _offer(self, frame: object) -> bool:
+        """Hand ``frame`` to the other end's taker, if it is waiting with an empty queue."""
+        other = self._other
+        if other is None or not other._idle or self._shut:
+            return False
+        taker = other._taker
+        if taker is None or len(frame) > other._incoming_limit:  # type: ignore[arg-type]
+            return False
+        return taker(frame)
+
+    def _queued(self) -> None:
+        """A frame went into the queue: the other end's reader takes it (and any
+        frame after it must queue behind it), so nothing is offered meanwhile."""
+        other = self._other
+        if other is not None:
+            other._idle = False
 
     async def send(self, frame: bytes) -> None:
         if len(frame) > self._max:
@@ -59,12 +102,16 @@ class InprocConnection(Connection):
                 # room (a task switch costs more than the send): it still notices
                 # a cancellation, and waits like any send when the queue is full.
                 await trio.lowlevel.checkpoint_if_cancelled()
+                if self._offer(frame):
+                    return
                 try:
                     self._send.send_nowait(frame)
+                    self._queued()
                     return
                 except trio.WouldBlock:
                     pass
             await self._send.send(frame)
+            self._queued()
         except trio.ClosedResourceError:
             raise
         except trio.BrokenResourceError:
@@ -77,10 +124,13 @@ class InprocConnection(Connection):
         the caller's ``send`` raises what it should."""
         if not self.carries_objects or len(frame) > self._max:  # type: ignore[arg-type]
             return False
+        if self._offer(frame):
+            return True
         try:
             self._send.send_nowait(frame)  # type: ignore[arg-type]
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        self._queued()
         return True
 
     def limit_incoming(self, max_frame_size: int | None) -> None:
@@ -92,7 +142,11 @@ class InprocConnection(Connection):
             try:
                 frame = self._recv.receive_nowait()
             except trio.WouldBlock:
-                frame = await self._recv.receive()
+                self._idle = True  # a sender may now hand frames to our taker
+                try:
+                    frame = await self._recv.receive()
+                finally:
+                    self._idle = False
         else:
             frame = await self._recv.receive()  # EndOfChannel when the peer closed
         if len(frame) > self._incoming_limit:
@@ -101,6 +155,9 @@ class InprocConnection(Connection):
         return frame
 
     async def aclose(self) -> None:
+        self._shut = True
+        self._taker = None
+        self._idle = False
         self._send.close()
         self._recv.close()
         await trio.lowlevel.checkpoint()
@@ -113,6 +170,7 @@ def _pair(
     b_send, a_recv = trio.open_memory_channel[bytes](QUEUE_FRAMES)
     client = InprocConnection(a_send, a_recv, server_url, client_max, objects)
     server = InprocConnection(b_send, b_recv, "inproc://client", server_max, objects)
+    client._other, server._other = server, client
     return client, server
 
 
