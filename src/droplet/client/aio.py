@@ -62,6 +62,7 @@ from ._core import (
     result_blob,
     unwrap_result,
 )
+from ._deadlines import Deadlines, Waiter
 from ._direct import (
     DIAL_TIMEOUT,
     AsyncDirectCalls,
@@ -116,6 +117,8 @@ class AsyncDropletFuture:
         self._fetching = False
         #: called (in the loop) when a reply arrives: droplet.wait and as_completed.
         self._wakers: list[Callable[[], None]] = []
+        #: tasks in get(), parked on the client's deadlines (no cancel scope each).
+        self._parked: list[Waiter] = []
         #: sent straight to an executor, which answers this client alone: the
         #: result is stored only once its key is handed out (``obj_id``).
         self._direct = False
@@ -198,6 +201,8 @@ class AsyncDropletFuture:
             self._client._want_stored(self)
         self._fetching = False
         self._arrived.set()
+        if self._parked:
+            self._client._deadlines.wake(self._parked)
         if self._threadsafe is not None:
             self._threadsafe.set()
         for wake in list(self._wakers):
@@ -242,8 +247,8 @@ class AsyncDropletFuture:
                 if self._threadsafe is not None:
                     self._threadsafe.clear()
                 await self._start_fetch()
-            with trio.move_on_after(wait):
-                await self._arrived.wait()
+            if self._blob is None and self._error is None and not self._arrived.is_set():
+                await self._client._deadlines.park(self._parked, wait)
             if self._blob is None and self._error is None:
                 raise TimeoutError(
                     f"no result for {self._key} within {wait:g} s "
@@ -303,6 +308,8 @@ class AsyncDropletClient:
         self._token = trio.lowlevel.current_trio_token()
         self._releases.on_release = self._schedule_flush
         nursery.start_soon(self._flush_releases)
+        #: the timeouts of tasks waiting in ``AsyncDropletFuture.get``.
+        self._deadlines = Deadlines(nursery)
         #: Anna-style access to the KVS: ``await kvs_client.get(keys)``, ``.put(key, lattice)``.
         self.kvs_client = AsyncKvsClient(self._fetch_many, self._store)
 
@@ -386,6 +393,7 @@ class AsyncDropletClient:
         await self._direct.aclose()
         await self._scheduler.aclose()
         await self._kvs.aclose()
+        self._deadlines.close()  # after the connections: their waiters heard why
 
     # ------------------------------------------------------------------ result lifetimes
 
