@@ -87,6 +87,10 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 30.0
+#: A call answered within its own send (an in-process executor that ran an
+#: async function at once) passes no schedule point: one in this many such
+#: calls yields to the loop's other tasks, as a connection's reader does.
+CHECKPOINT_EVERY = 32
 #: Seconds aclose() may spend telling the store which results it can drop.
 CLOSE_FLUSH_TIMEOUT = 1.0
 
@@ -310,6 +314,8 @@ class AsyncDropletClient:
         nursery.start_soon(self._flush_releases)
         #: the timeouts of tasks waiting in ``AsyncDropletFuture.get``.
         self._deadlines = Deadlines(nursery)
+        #: direct calls answered before their send returned (see _submit_direct).
+        self._answered_at_once = 0
         #: Anna-style access to the KVS: ``await kvs_client.get(keys)``, ``.put(key, lattice)``.
         self.kvs_client = AsyncKvsClient(self._fetch_many, self._store)
 
@@ -513,6 +519,10 @@ class AsyncDropletClient:
         self._core.accepted.accepted(call)
         future._direct = True
         future._watch(slot)
+        if future._settled():  # answered within the send (in-process, at once)
+            self._answered_at_once += 1
+            if not self._answered_at_once % CHECKPOINT_EVERY:
+                await trio.lowlevel.checkpoint()  # let the loop's other tasks run too
         return future
 
     async def map(self, name: str, iterable: Iterable[Any], *,

@@ -55,6 +55,7 @@ from .direct import Callers, Reply, check_direct
 from .downstream import arguments_for
 from .fanin import FanIn
 from .fastlane import FastLane
+from .inline import InlineRuns
 from .loader import FunctionLoader
 from .multiexec import MultiExec, spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
@@ -119,6 +120,8 @@ class ExecutorStatistics:
     direct_waiting: int = 0
     #: triggers run on the fast lane (a worker thread from start to reply).
     fast_calls: int = 0
+    #: direct runs of never-suspending async functions run at once (inline.py).
+    inline_calls: int = 0
 
 
 @attrs.frozen
@@ -185,6 +188,8 @@ class ExecutorService:
         self.recorder = CallRecorder()
         #: plain calls run in a worker thread from start to reply (fastlane.py).
         self.fast_lane: FastLane | None = FastLane(self, MAX_INVOCATIONS) if fast_lane else None
+        #: direct runs of async functions that never suspend, run at once (inline.py).
+        self.inline: InlineRuns | None = InlineRuns(self, MAX_INVOCATIONS) if fast_lane else None
 
     def load(self) -> Load:
         """Current load and cache figures (what the periodic report carries)."""
@@ -217,7 +222,8 @@ class ExecutorService:
             cache_bytes=cache.bytes, cache_evictions=cache.evictions,
             worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
             peers=len(self._peers), direct_waiting=len(self._callers),
-            fast_calls=self.fast_lane.calls if self.fast_lane is not None else 0)
+            fast_calls=self.fast_lane.calls if self.fast_lane is not None else 0,
+            inline_calls=self.inline.calls if self.inline is not None else 0)
 
     async def _serve(self) -> None:
         """Own the worker threads: they exit when the service's nursery ends."""
@@ -332,6 +338,8 @@ class ExecutorService:
         check_direct(t, self.url)
         fast = self.fast_lane
         if fast is not None and fast.try_start(t, peer, request_id):
+            return DEFERRED
+        if self.inline is not None and self.inline.try_run(t, peer, request_id):
             return DEFERRED
         now = time.monotonic()
         self._callers.add(t.run_id, Reply(peer, request_id, now), now)
