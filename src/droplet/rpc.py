@@ -127,6 +127,21 @@ class Slot:
         return self.value
 
 
+class ThreadSlot(Slot):
+    """A request sent from a thread other than the loop's (:meth:`Peer.submit_from_thread`):
+    its reply, or the connection's end, calls ``on_reply(value, error)`` from
+    whichever thread finishes it; its Trio event is never set."""
+
+    __slots__ = ("on_reply",)
+
+    def __init__(self, on_reply: Callable[[Any, BaseException | None], None]) -> None:
+        super().__init__()
+        self.on_reply = on_reply
+
+    def _finish(self) -> None:
+        self.on_reply(self.value, self.error)
+
+
 class Peer:
     """One end of a Droplet connection."""
 
@@ -138,6 +153,7 @@ class Peer:
         limits: Limits | None = None,
         name: str = "",
         now: NowHandler | None = None,
+        thread_now: NowHandler | None = None,
     ) -> None:
         self.conn = conn
         self.remote = conn.remote_address
@@ -146,6 +162,8 @@ class Peer:
         #: serves requests in the sender's task, over an in-process connection
         #: that hands them over directly (``_take_now``).
         self._now = now
+        #: serves requests sent from other threads (``_take_from_thread``); thread-safe.
+        self._thread_now = thread_now
         self._ids = itertools.count(1)
         self._pending: dict[int, Slot] = {}
         self._closed = False
@@ -236,14 +254,17 @@ class Peer:
                              f"max_frame_size={self.send_limit}")
         self._post(encoded, on_full)
 
-    def post_reply(self, request_id: int, msg: Any) -> None:
-        """:meth:`reply` through the outbox (the answer to a deferred request)."""
+    def post_reply(self, request_id: int, msg: Any, *, acquired: bool = True) -> None:
+        """:meth:`reply` through the outbox (the answer to a deferred request).
+
+        ``acquired=False``: the request held no in-flight slot (``thread_now``)."""
         if not request_id:
             return
         try:
             frame = self._encode(msg, request_id, reply=True)
         finally:
-            self._inflight.release()
+            if acquired:
+                self._inflight.release()
         self._post(frame, "disconnect")
 
     def post_error(self, request_id: int, exc: BaseException) -> None:
@@ -465,6 +486,7 @@ class Peer:
         take = getattr(self.conn, "take_directly", None) if self.conn.carries_objects else None
         if take is not None and not self._closed:
             take(self._take_now)
+            self.conn.take_from_threads(self._take_from_thread)  # type: ignore[attr-defined]
         try:
             async with trio.open_nursery() as nursery:
                 self._run_scope = nursery.cancel_scope
@@ -614,6 +636,75 @@ class Peer:
                 log.debug("could not answer %s: %s", self.remote, exc)
         return True
 
+    # ------------------------------------------------------------ from other threads
+
+    @property
+    def takes_from_threads(self) -> bool:
+        """Whether :meth:`submit_from_thread` may work on this connection at all."""
+        return (self.conn.carries_objects and not self._closed
+                and hasattr(self.conn, "offer_from_thread"))
+
+    def submit_from_thread(self, msg: Any,
+                           on_reply: Callable[[Any, BaseException | None], None]) -> bool:
+        """From a thread other than the loop's: send request ``msg`` to an in-process
+        peer that serves it from threads too (``thread_now``), with no wakeup of
+        the loop. ``on_reply(value, error)`` gets the reply (or the connection's
+        end), from whichever thread has it. False: not sent; send it from the loop."""
+        if not self.takes_from_threads:
+            return False
+        request_id = next(self._ids)  # itertools.count: atomic
+        self._pending[request_id] = ThreadSlot(on_reply)
+        try:
+            taken = self.conn.offer_from_thread(  # type: ignore[attr-defined]
+                pack(msg, request_id))
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
+        if not taken:
+            self._pending.pop(request_id, None)
+        return bool(taken)
+
+    def reply_from_thread(self, request_id: int, msg: Any) -> bool:
+        """From a worker thread: answer a request taken by ``thread_now`` straight to
+        its sender's thread slot. False: not delivered; reply from the loop with
+        :meth:`post_reply` ``(acquired=False)``."""
+        if self._closed:
+            return False
+        offer = getattr(self.conn, "offer_from_thread", None)
+        return offer is not None and bool(offer(pack(msg, request_id, reply=True)))
+
+    def _take_from_thread(self, frame: object) -> bool:
+        """A frame from another thread (``InprocConnection.offer_from_thread``): the
+        reply to a :class:`ThreadSlot`, or a request ``thread_now`` serves. Anything
+        else: False (its sender sends it from the loop). Never raises."""
+        if self._closed or type(frame) is not Parcel:
+            return False
+        try:
+            msg, request_id, is_reply = unpack(frame)
+        except InvalidMessage:
+            return False
+        if is_reply:
+            slot = self._pending.get(request_id)
+            if type(slot) is not ThreadSlot or self._pending.pop(request_id, None) is None:
+                return False
+            if type(msg) is ErrorReply:
+                slot.error = error_from_reply(msg, self.remote)
+            else:
+                slot.value = msg
+            try:
+                slot._finish()
+            except Exception:
+                log.exception("a reply's callback failed")
+            return True
+        now = self._thread_now
+        if now is None or not request_id:
+            return False
+        try:
+            result = now(self, msg, request_id)
+        except Exception:  # the loop's path serves it, and says what is wrong
+            return False
+        return result is DEFERRED
+
     async def _say_goodbye(self, exc: BaseException) -> None:
         with trio.move_on_after(1):
             try:
@@ -628,6 +719,7 @@ class Peer:
         take = getattr(self.conn, "take_directly", None)
         if take is not None:
             take(None)
+            self.conn.take_from_threads(None)  # type: ignore[attr-defined]
         if self._run_scope is not None:
             self._run_scope.cancel()
         self._outbox.clear()
@@ -784,6 +876,7 @@ async def serve_peers(
     limits: Limits | None = None,
     on_connect: Callable[[Peer], None] | None = None,
     now: NowHandler | None = None,
+    thread_now: NowHandler | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen at ``url``; authenticate each connection, then serve it with ``handler``
@@ -805,7 +898,7 @@ async def serve_peers(
             log.warning("dropped connection from %s during handshake: %s",
                         conn.remote_address, exc or type(exc).__name__)
             return
-        peer = Peer(conn, handler, limits=limits, now=now)
+        peer = Peer(conn, handler, limits=limits, now=now, thread_now=thread_now)
         if on_connect is not None:
             on_connect(peer)
         try:

@@ -123,6 +123,8 @@ class AsyncDropletFuture:
         self._wakers: list[Callable[[], None]] = []
         #: tasks in get(), parked on the client's deadlines (no cancel scope each).
         self._parked: list[Waiter] = []
+        #: a direct result whose key was handed out is stored once (_want_stored).
+        self._store_wanted = False
         #: sent straight to an executor, which answers this client alone: the
         #: result is stored only once its key is handed out (``obj_id``).
         self._direct = False
@@ -137,7 +139,7 @@ class AsyncDropletFuture:
                 if event is None:
                     event = threading.Event()
                     self._threadsafe = event  # before the check: _fetched may run now
-                    if self._arrived.is_set():
+                    if self._arrived.is_set() or self._settled():
                         event.set()
         return event
 
@@ -211,6 +213,23 @@ class AsyncDropletFuture:
             self._threadsafe.set()
         for wake in list(self._wakers):
             wake()
+
+    def _fetched_from_thread(self, reply: DagResult | None,
+                             error: BaseException | None) -> None:
+        """The reply, from a worker thread (``_embedded.py``): the sync caller's wait ends
+        now; the loop does the rest of ``_fetched`` (events, wakers, storing) later."""
+        if error is not None:
+            self._error = error
+        elif isinstance(reply, DagResult):
+            self._blob = reply.value
+        with _THREADSAFE_LOCK:  # pairs with arrived_threadsafe's check
+            event = self._threadsafe
+        if event is not None:
+            event.set()
+        try:
+            self._client._token.run_sync_soon(self._fetched, reply, error)
+        except trio.RunFinishedError:
+            pass  # the client's loop is gone: nobody in it waits
 
     def _settled(self) -> bool:
         """Whether the result or an error is in (no waiting, no I/O)."""
@@ -316,6 +335,9 @@ class AsyncDropletClient:
         self._deadlines = Deadlines(nursery)
         #: direct calls answered before their send returned (see _submit_direct).
         self._answered_at_once = 0
+        #: call shapes executors would not take from a caller's thread, until when
+        #: (the sync facade's ``_embedded.send_from_thread``).
+        self._declined_from_thread: dict[tuple[str, bool], float] = {}
         #: Anna-style access to the KVS: ``await kvs_client.get(keys)``, ``.put(key, lattice)``.
         self.kvs_client = AsyncKvsClient(self._fetch_many, self._store)
 
@@ -460,6 +482,9 @@ class AsyncDropletClient:
 
     def _want_stored(self, future: AsyncDropletFuture) -> None:
         """Store a direct result whose key was handed out (in the loop's thread)."""
+        if future._store_wanted:
+            return
+        future._store_wanted = True
         self._to_store.append(future)
         try:
             self._nursery.start_soon(self._confirm_stored)

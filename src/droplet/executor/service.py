@@ -67,6 +67,7 @@ from .reports import (
     report_periodically,
 )
 from .steps import RunContext, Step, run_sync_steps
+from .thread_calls import ThreadCalls
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 
@@ -122,6 +123,8 @@ class ExecutorStatistics:
     fast_calls: int = 0
     #: direct runs of never-suspending async functions run at once (inline.py).
     inline_calls: int = 0
+    #: direct runs taken from callers' threads, run by worker threads (thread_calls.py).
+    thread_calls: int = 0
 
 
 @attrs.frozen
@@ -140,6 +143,8 @@ class ExecutorService:
     MESSAGES = (Trigger, Mail, KvsUpdate, CacheInvalidate, FunctionRegistered)
     #: what it serves without waiting, in the sender's task (``handle_now``).
     MESSAGES_NOW = (Trigger,)
+    #: what it may take from a caller's thread (``handle_from_thread``).
+    MESSAGES_FROM_THREADS = (Trigger,)
 
     def __init__(
         self,
@@ -190,16 +195,31 @@ class ExecutorService:
         self.fast_lane: FastLane | None = FastLane(self, MAX_INVOCATIONS) if fast_lane else None
         #: direct runs of async functions that never suspend, run at once (inline.py).
         self.inline: InlineRuns | None = InlineRuns(self, MAX_INVOCATIONS) if fast_lane else None
+        #: direct runs sent from callers' threads, run by worker threads (thread_calls.py).
+        self.thread_calls: ThreadCalls | None = (
+            ThreadCalls(self, MAX_INVOCATIONS) if fast_lane else None)
+
+    def _settle(self) -> None:
+        """Count the runs worker threads finished on their own (fast lane, callers' threads)."""
+        if self.fast_lane is not None and self.fast_lane.done:
+            self.fast_lane.settle()
+        if self.thread_calls is not None and self.thread_calls.done:
+            self.thread_calls.settle()
+
+    @property
+    def _running_now(self) -> int:
+        """Functions running now, however they were started."""
+        threads = self.thread_calls
+        return self._running + (threads.running if threads is not None else 0)
 
     def load(self) -> Load:
         """Current load and cache figures (what the periodic report carries)."""
-        if self.fast_lane is not None:
-            self.fast_lane.settle()
+        self._settle()
         cache = self.cache.statistics()
         counts = self._counts()
         mine = self.reports_cache
         return Load(self._threads.max_threads, self._threads.busy, self._threads.queued,
-                    self._running, cache.entries if mine else 0, cache.bytes if mine else 0,
+                    self._running_now, cache.entries if mine else 0, cache.bytes if mine else 0,
                     counts.hits, counts.misses, cache.evictions if mine else 0,
                     self.cache.summary(REPORT_MIN_SIZE, REPORT_MAX_KEYS))
 
@@ -209,12 +229,11 @@ class ExecutorService:
         return self._cache_counts
 
     def statistics(self) -> ExecutorStatistics:
-        if self.fast_lane is not None:
-            self.fast_lane.settle()
+        self._settle()
         cache = self.cache.statistics()
         counts = self._counts()
         return ExecutorStatistics(
-            self.url, self._invocations, self._failures, self._running,
+            self.url, self._invocations, self._failures, self._running_now,
             len(self._loader), counts.hits, counts.misses,
             tasks=self._active, fanin_pending=len(self._fanin),
             fanin_dropped=self._fanin.dropped, multiexec_pending=len(self._multi),
@@ -223,7 +242,8 @@ class ExecutorService:
             worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
             peers=len(self._peers), direct_waiting=len(self._callers),
             fast_calls=self.fast_lane.calls if self.fast_lane is not None else 0,
-            inline_calls=self.inline.calls if self.inline is not None else 0)
+            inline_calls=self.inline.calls if self.inline is not None else 0,
+            thread_calls=self.thread_calls.calls if self.thread_calls is not None else 0)
 
     async def _serve(self) -> None:
         """Own the worker threads: they exit when the service's nursery ends."""
@@ -302,9 +322,8 @@ class ExecutorService:
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
+        self._settle()
         fast = self.fast_lane
-        if fast is not None and fast.done:
-            fast.settle()
         if kind is Trigger:
             if request_id:  # a run a client sent here itself: answer it with the result
                 return self._direct_run(peer, msg, request_id)
@@ -328,10 +347,18 @@ class ExecutorService:
         here itself. Anything else: NOT_NOW (the connection's reader serves it)."""
         if type(msg) is not Trigger or not request_id:
             return NOT_NOW
-        fast = self.fast_lane
-        if fast is not None and fast.done:
-            fast.settle()
+        self._settle()
         return self._direct_run(peer, msg, request_id)
+
+    def handle_from_thread(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        """From a caller's thread (an in-process sync client): a direct run that worker
+        threads can run start to finish (thread_calls.py), else NOT_NOW (the
+        caller's thread then hands it to the loop). Thread-safe."""
+        calls = self.thread_calls
+        if (type(msg) is Trigger and request_id and calls is not None
+                and calls.try_start(msg, peer, request_id)):
+            return DEFERRED
+        return NOT_NOW
 
     def _direct_run(self, peer: Peer, t: Trigger, request_id: int) -> Any:
         """Start a run a client sent here itself; its result is the reply (DEFERRED)."""

@@ -61,6 +61,8 @@ class Router:
         self._routes: dict[type[Any], Callable[[Peer, Any, int], Awaitable[Any]]] = {}
         #: services' synchronous sides (``handle_now``), by message class.
         self._now: dict[type[Any], Callable[[Peer, Any, int], Any]] = {}
+        #: and their thread-safe sides (``handle_from_thread``).
+        self._from_threads: dict[type[Any], Callable[[Peer, Any, int], Any]] = {}
         #: open connections accepted by this router's listeners (metrics).
         self.connections = 0
 
@@ -76,6 +78,13 @@ class Router:
             self._routes[cls] = service.handle
         for cls in getattr(service, "MESSAGES_NOW", ()):
             self._now[cls] = service.handle_now
+        for cls in getattr(service, "MESSAGES_FROM_THREADS", ()):
+            self._from_threads[cls] = service.handle_from_thread
+
+    def handle_from_thread(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        """A request from another thread, served there (thread-safe; else NOT_NOW)."""
+        route = self._from_threads.get(type(msg))
+        return NOT_NOW if route is None else route(peer, msg, request_id)
 
     def handle_now(self, peer: Peer, msg: Any, request_id: int) -> Any:
         """A request served without waiting (see :data:`droplet.rpc.NowHandler`)."""
@@ -258,7 +267,7 @@ async def _serve(url: str, router: Router, token: str | None, options: Any, limi
                  *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     await serve_peers(url, router.handle, token=token, options=options, limits=limits,
                       on_connect=router.connected, now=router.handle_now,
-                      task_status=task_status)
+                      thread_now=router.handle_from_thread, task_status=task_status)
 
 
 async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,

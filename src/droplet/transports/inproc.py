@@ -65,6 +65,8 @@ class InprocConnection(Connection):
         #: takes a frame in the sender's task (see ``take_directly``), or None.
         self._taker: Callable[[object], bool] | None = None
         self._shut = False  # aclose() was called
+        #: takes a frame sent from another thread (see ``take_from_threads``), or None.
+        self._thread_taker: Callable[[object], bool] | None = None
 
     def take_directly(self, taker: Callable[[object], bool] | None) -> None:
         """Offer frames sent to this end to ``taker`` first, in the sender's task,
@@ -75,6 +77,28 @@ class InprocConnection(Connection):
         raise: it runs inside someone else's ``send``. None stops the offers.
         """
         self._taker = taker if self.carries_objects else None
+
+    def take_from_threads(self, taker: Callable[[object], bool] | None) -> None:
+        """Let threads other than the loop's hand frames to ``taker`` (objects mode
+        only): see :meth:`offer_from_thread`. ``taker`` must be thread-safe, must not
+        raise, and returns False for a frame it leaves to the loop."""
+        self._thread_taker = taker if self.carries_objects else None
+
+    def offer_from_thread(self, frame: object) -> bool:
+        """From any thread: hand ``frame`` to the other end's thread taker now.
+
+        False when it was not taken (no taker, the frame is over the limit, the
+        connection is closed, or the taker declined): send it from the loop as
+        usual. A frame taken here passes no queue, so it keeps no order with
+        frames the loop sends (calls from threads are independent requests and
+        their replies)."""
+        other = self._other
+        if other is None or self._shut:
+            return False
+        taker = other._thread_taker
+        if taker is None or len(frame) > other._incoming_limit:  # type: ignore[arg-type]
+            return False
+        return taker(frame)
 
     def _offer(self, frame: object) -> bool:
         """Hand ``frame`` to the other end's taker, if it is waiting with an empty queue."""
@@ -157,6 +181,7 @@ class InprocConnection(Connection):
     async def aclose(self) -> None:
         self._shut = True
         self._taker = None
+        self._thread_taker = None
         self._idle = False
         self._send.close()
         self._recv.close()
