@@ -15,6 +15,7 @@ Each behaviour runs in both encodings where it exists in both.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -407,3 +408,152 @@ async def test_an_error_reply_taken_at_once_raises_its_error() -> None:
             await peer.request(KvsGet("k"), 10)
         assert not peer.closed
         nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- sync: from threads
+
+_RELEASE = threading.Event()
+
+
+def _sq(_: Any, x: int) -> int:
+    return x * x
+
+
+def _inc(_: Any, x: int) -> int:
+    return x + 1
+
+
+def _raises(_: Any, x: int) -> int:
+    raise KeyError(f"missing {x}")
+
+
+def _blocks(_: Any, x: int) -> int:
+    _RELEASE.wait(30)
+    return x
+
+
+def _uses_the_store(lib: Any, key: str, x: int) -> Any:
+    lib.put(key, x)
+    return lib.get(key)
+
+
+def _big(_: Any, n: int) -> bytes:
+    return b"x" * n
+
+
+def _thread_calls(cluster: Any) -> int:
+    return sum(ex.statistics().thread_calls for ex in cluster.node.executors)
+
+
+@BOTH
+def test_sync_calls_go_from_the_callers_thread_to_a_worker(skip: bool) -> None:
+    with droplet.LocalCluster(2, skip_encoding=skip) as cluster:
+        conn = cluster.connect()
+        conn.register(_sq, "sq")
+        conn.register(_inc, "inc")
+        conn.register_dag("d", ["sq", "inc"], [("sq", "inc")])
+        assert [conn.call_dag("d", {"sq": [i]}).get() for i in range(30)] == \
+            [i * i + 1 for i in range(30)]
+        assert conn.exec_func("sq", [6]).get() == 36
+        stats = [ex.statistics() for ex in cluster.node.executors]
+        assert sum(s.invocations for s in stats) == 2 * 30 + 1  # counted, every function
+        assert all(s.running == 0 and s.mailboxes == 0 for s in stats)
+        if skip:
+            assert _thread_calls(cluster) >= 28  # the first calls ask for a placement
+            assert all(s.invocations > 0 for s in stats)  # still spread over both
+        else:
+            assert _thread_calls(cluster) == 0  # frames: the loop sends every call
+        future = conn.call_dag("d", {"sq": [4]})
+        assert future.get() == 17
+        assert conn.get_object(future.obj_id) == 17  # the result key still works
+
+
+@BOTH
+def test_sync_errors_from_threads_are_the_calls_errors(skip: bool) -> None:
+    with droplet.LocalCluster(1, skip_encoding=skip) as cluster:
+        conn = cluster.connect()
+        conn.register(_raises, "bad")
+        conn.register(_sq, "sq")
+        for _ in range(2):  # the first asks for the placement; the second goes from here
+            with pytest.raises(droplet.FunctionError, match="missing 3"):
+                conn.exec_func("bad", [3]).get()
+        with pytest.raises(droplet.FunctionError, match="argument"):
+            conn.exec_func("sq", [1, 2]).get()
+        assert sum(ex.statistics().failures for ex in cluster.node.executors) == 3
+        assert conn.exec_func("sq", [3]).get() == 9
+
+
+def _warm_blocks(conn: Any) -> None:
+    """One call of ``blocks`` that returns at once: its placement is cached after it."""
+    _RELEASE.set()
+    assert conn.exec_func("blocks", [0]).get() == 0
+    _RELEASE.clear()
+
+
+def test_a_sync_call_from_a_thread_times_out_and_its_result_still_comes() -> None:
+    with droplet.LocalCluster(1, skip_encoding=True) as cluster:
+        conn = cluster.connect()
+        conn.register(_blocks, "blocks")
+        _warm_blocks(conn)
+        future = conn.exec_func("blocks", [7])
+        with pytest.raises(droplet.TimeoutError):
+            future.get(timeout=0.2)
+        _RELEASE.set()
+        assert future.get(timeout=30) == 7
+        assert _thread_calls(cluster) >= 1  # the blocked one went from this thread
+
+
+def test_a_sync_call_in_flight_hears_when_its_executor_connection_ends() -> None:
+    with droplet.LocalCluster(1, skip_encoding=True) as cluster:
+        conn = cluster.connect()
+        conn.register(_blocks, "blocks")
+        conn.register(_sq, "sq")
+        _warm_blocks(conn)
+        future = conn.exec_func("blocks", [1])
+        client = conn._backend._client
+        (peer,) = client._direct._peers.values()
+        conn._portal.run(peer.aclose)  # type: ignore[union-attr]
+        with pytest.raises(droplet.ConnectionError):
+            future.get(timeout=30)
+        _RELEASE.set()
+        assert conn.exec_func("sq", [5]).get() == 25  # dials the executor again
+
+
+def test_async_functions_from_a_sync_client_go_the_ordinary_way() -> None:
+    with droplet.LocalCluster(1, skip_encoding=True) as cluster:
+        conn = cluster.connect()
+        conn.register(_square, "asq")
+        assert [conn.exec_func("asq", [i]).get() for i in range(5)] == [0, 1, 4, 9, 16]
+        assert _thread_calls(cluster) == 0 and _inline_calls(cluster) >= 3
+        assert conn._backend._client._declined_from_thread  # not asked every call
+
+
+def test_functions_run_from_threads_use_the_store_and_concurrent_callers() -> None:
+    with droplet.LocalCluster(2, skip_encoding=True) as cluster:
+        conn = cluster.connect()
+        conn.register(_uses_the_store, "store")
+        conn.register(_sq, "sq")
+        assert conn.exec_func("store", ["k", 1]).get() == 1
+        assert conn.exec_func("store", ["k", 2]).get() == 2
+        results: dict[int, list[int]] = {}
+
+        def caller(n: int) -> None:
+            results[n] = [conn.exec_func("sq", [n * 100 + i]).get() for i in range(40)]
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert results == {n: [(n * 100 + i) ** 2 for i in range(40)] for n in range(4)}
+        assert _thread_calls(cluster) >= 100
+
+
+def test_a_result_too_big_for_the_connection_is_an_error_naming_the_limit() -> None:
+    with droplet.LocalCluster(1, skip_encoding=True, max_frame_size=256 * 1024) as cluster:
+        conn = cluster.connect()
+        conn.register(_big, "big")
+        assert conn.exec_func("big", [10]).get() == b"x" * 10
+        with pytest.raises(droplet.DropletError, match="too large|exceeds|max_frame_size"):
+            conn.exec_func("big", [512 * 1024]).get(timeout=30)
+        assert conn.exec_func("big", [3]).get() == b"xxx"

@@ -724,7 +724,7 @@ class Peer:
             self._run_scope.cancel()
         self._outbox.clear()
         pending, self._pending = self._pending, {}
-        for slot in pending.values():
+        for slot in list(pending.values()):  # a snapshot: threads may add (submit_from_thread)
             slot.error = self._close_reason or ConnectionError(
                 f"connection to {self.remote} closed before the reply")
             slot._finish()

@@ -37,8 +37,8 @@ def send_from_thread(client: AsyncDropletClient, call: CallDag,
     ``future`` made already) straight to an executor that runs it in a worker
     thread. False: nothing was sent; send it the ordinary way."""
     direct = client._direct
-    if not direct.enabled:
-        return False
+    if not direct.enabled or not client._scheduler.conn.carries_objects:
+        return False  # frames (or direct calls off): nothing to hand over from here
     shape = (call.target, call.is_function)
     now = time.monotonic()
     declined = client._declined_from_thread
@@ -51,21 +51,21 @@ def send_from_thread(client: AsyncDropletClient, call: CallDag,
     placed = direct.fresh(call.target, call.is_function, clock, references)
     if placed is None:
         return False
-    for url in direct.in_turn(placed):
-        peer = direct._peers.get(url)
-        if peer is None or peer.closed:
-            continue
-        if not peer.takes_from_threads:
-            return False
-        triggers = triggers_for(call, placed.plan, peer.remote)
-        if triggers is None or len(triggers) != 1:
-            return False  # several sources: the ordinary way sends them together
-        future._direct = True
-        future._fetching = True
-        if peer.submit_from_thread(triggers[0], future._fetched_from_thread):
-            return True
-        future._direct = False
-        future._fetching = False
-        declined[shape] = now + DECLINED_FOR
+    urls = direct.in_turn(placed)
+    if not urls:
         return False
+    peer = direct._peers.get(urls[0])
+    if (peer is None or peer.closed or not peer.takes_from_threads
+            or (triggers := triggers_for(call, placed.plan, peer.remote)) is None
+            or len(triggers) != 1):  # not dialled yet, frames, or several sources
+        placed.turn -= 1  # the ordinary way takes this turn (and dials, if need be)
+        return False
+    future._direct = True
+    future._fetching = True
+    if peer.submit_from_thread(triggers[0], future._fetched_from_thread):
+        return True
+    future._direct = False
+    future._fetching = False
+    placed.turn -= 1
+    declined[shape] = now + DECLINED_FOR
     return False

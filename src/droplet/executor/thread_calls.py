@@ -37,6 +37,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from ..consistency import NORMAL
 from ..errors import DropletError
 from ..protocol.messages import DagResult, ErrorReply, Trigger
@@ -134,16 +136,18 @@ class ThreadCalls:
                           t.run_id, t.function)
             reply = ErrorReply("DropletError", f"executor {self._svc.url} could not run "
                                f"{t.function!r}; see its log")
+        # Counted before the reply: whoever hears of the result sees the run done.
+        self._finished(segment, elapsed, failed, libs)
         try:
             if not peer.reply_from_thread(request_id, reply):
                 # Not taken (too big for the connection, the caller gone): the loop
                 # replies the ordinary way (an error naming the limit, or nothing).
                 self._svc.trio_token.run_sync_soon(
                     functools.partial(_reply_in_loop, peer, request_id, reply))
+        except trio.RunFinishedError:
+            pass  # the executor is gone, and its callers' connections with it
         except Exception:
             log.exception("run %s: could not answer its caller", t.run_id)
-        finally:
-            self._finished(segment, elapsed, failed, libs)
 
     def _finished(self, segment: list[str], elapsed: float, failed: bool,
                   libs: list[UserLibrary], counted: bool = True) -> None:

@@ -96,7 +96,8 @@ class InprocConnection(Connection):
         if other is None or self._shut:
             return False
         taker = other._thread_taker
-        if taker is None or len(frame) > other._incoming_limit:  # type: ignore[arg-type]
+        size = len(frame)  # type: ignore[arg-type]
+        if taker is None or size > self._max or size > other._incoming_limit:
             return False
         return taker(frame)
 
