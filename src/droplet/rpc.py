@@ -162,6 +162,8 @@ class Peer:
         #: serves requests in the sender's task, over an in-process connection
         #: that hands them over directly (``_take_now``).
         self._now = now
+        #: a frame ``_take_now`` decoded and declined, with its decoding (the reader's next).
+        self._predecoded: tuple[object, tuple[Any, int, bool]] | None = None
         #: serves requests sent from other threads (``_take_from_thread``); thread-safe.
         self._thread_now = thread_now
         self._ids = itertools.count(1)
@@ -483,7 +485,7 @@ class Peer:
     async def run(self) -> None:
         """The reader loop (and the outbox's writer); returns when the connection closes."""
         self._token = trio.lowlevel.current_trio_token()
-        take = getattr(self.conn, "take_directly", None) if self.conn.carries_objects else None
+        take = getattr(self.conn, "take_directly", None)
         if take is not None and not self._closed:
             take(self._take_now)
             self.conn.take_from_threads(self._take_from_thread)  # type: ignore[attr-defined]
@@ -518,7 +520,12 @@ class Peer:
                 await self._say_goodbye(exc)
                 return
             try:
-                if isinstance(frame, Parcel):
+                pre = self._predecoded
+                if pre is not None:
+                    self._predecoded = None
+                if pre is not None and pre[0] is frame:  # decoded when it was offered
+                    msg, request_id, is_reply = pre[1]
+                elif isinstance(frame, Parcel):
                     msg, request_id, is_reply = unpack(frame)
                 else:
                     msg, request_id, is_reply = decode_message(frame)
@@ -589,15 +596,19 @@ class Peer:
         reply (its slot finished), or a request our ``now`` handler serves.
         False: the reader gets it as usual. Never raises (it runs in the
         sender's ``send``)."""
-        if self._closed or type(frame) is not Parcel:
+        if self._closed:
             return False
-        if frame.reply:
-            if not frame.request_id:
+        decoded = self._decode_offered(frame)
+        if decoded is None:
+            return False
+        # Declined, the frame goes next into the queue of our idle reader: it
+        # takes this decoding instead of decoding the frame again.
+        self._predecoded = (frame, decoded)
+        msg, request_id, is_reply = decoded
+        if is_reply:
+            if not request_id:
                 return False  # a goodbye: the reader closes the connection
-            try:
-                msg, request_id, _ = unpack(frame)
-            except InvalidMessage:
-                return False  # the reader drops it and says why
+            self._predecoded = None
             slot = self._pending.pop(request_id, None)
             if slot is not None:
                 if type(msg) is ErrorReply:
@@ -610,12 +621,8 @@ class Peer:
                     log.exception("a reply's callback failed")
             return True
         now = self._now
-        if now is None or not frame.request_id or self._handler is None:
+        if now is None or not request_id or self._handler is None:
             return False
-        try:
-            msg, request_id, _ = unpack(frame)
-        except InvalidMessage:
-            return False  # the reader refuses it with the reason
         try:
             self._inflight.acquire_nowait()
         except trio.WouldBlock:
@@ -629,6 +636,7 @@ class Peer:
         if result is NOT_NOW:
             self._inflight.release()
             return False
+        self._predecoded = None
         if result is not DEFERRED:
             try:
                 self.post_reply(request_id, Ok() if result is None else result)
@@ -636,13 +644,34 @@ class Peer:
                 log.debug("could not answer %s: %s", self.remote, exc)
         return True
 
+    def _decode_offered(self, frame: object) -> tuple[Any, int, bool] | None:
+        """A frame offered by the connection, decoded as the reader would; None when
+        the reader must see it (bad bytes or values, whose handling it owns, or
+        frames where this connection expects parcels). Thread-safe (pure)."""
+        kind = type(frame)
+        if kind is Parcel:
+            try:
+                return unpack(cast(Parcel, frame))
+            except InvalidMessage:
+                return None
+        if kind is not bytes or self.conn.carries_objects:
+            return None
+        try:
+            return decode_message(cast(bytes, frame))
+        except ProtocolError:  # InvalidMessage too
+            return None
+
+    def _encode_offer(self, msg: Any, request_id: int, reply: bool) -> object:
+        """``msg`` as this connection carries it, whole (a parcel, or joined bytes)."""
+        frame = self._encode(msg, request_id, reply=reply)
+        return bytes(frame) if type(frame) is Gather else frame
+
     # ------------------------------------------------------------ from other threads
 
     @property
     def takes_from_threads(self) -> bool:
         """Whether :meth:`submit_from_thread` may work on this connection at all."""
-        return (self.conn.carries_objects and not self._closed
-                and hasattr(self.conn, "offer_from_thread"))
+        return not self._closed and hasattr(self.conn, "offer_from_thread")
 
     def submit_from_thread(self, msg: Any,
                            on_reply: Callable[[Any, BaseException | None], None]) -> bool:
@@ -656,7 +685,7 @@ class Peer:
         self._pending[request_id] = ThreadSlot(on_reply)
         try:
             taken = self.conn.offer_from_thread(  # type: ignore[attr-defined]
-                pack(msg, request_id))
+                self._encode_offer(msg, request_id, False))
         except BaseException:
             self._pending.pop(request_id, None)
             raise
@@ -671,18 +700,18 @@ class Peer:
         if self._closed:
             return False
         offer = getattr(self.conn, "offer_from_thread", None)
-        return offer is not None and bool(offer(pack(msg, request_id, reply=True)))
+        return offer is not None and bool(offer(self._encode_offer(msg, request_id, True)))
 
     def _take_from_thread(self, frame: object) -> bool:
         """A frame from another thread (``InprocConnection.offer_from_thread``): the
         reply to a :class:`ThreadSlot`, or a request ``thread_now`` serves. Anything
         else: False (its sender sends it from the loop). Never raises."""
-        if self._closed or type(frame) is not Parcel:
+        if self._closed:
             return False
-        try:
-            msg, request_id, is_reply = unpack(frame)
-        except InvalidMessage:
+        decoded = self._decode_offered(frame)
+        if decoded is None:
             return False
+        msg, request_id, is_reply = decoded
         if is_reply:
             slot = self._pending.get(request_id)
             if type(slot) is not ThreadSlot or self._pending.pop(request_id, None) is None:

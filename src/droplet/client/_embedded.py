@@ -37,8 +37,8 @@ def send_from_thread(client: AsyncDropletClient, call: CallDag,
     ``future`` made already) straight to an executor that runs it in a worker
     thread. False: nothing was sent; send it the ordinary way."""
     direct = client._direct
-    if not direct.enabled or not client._scheduler.conn.carries_objects:
-        return False  # frames (or direct calls off): nothing to hand over from here
+    if not direct.enabled or not hasattr(client._scheduler.conn, "offer_from_thread"):
+        return False  # not in-process (or direct calls off): nothing to hand over here
     shape = (call.target, call.is_function)
     now = time.monotonic()
     declined = client._declined_from_thread

@@ -10,7 +10,8 @@ also carry :class:`~droplet.protocol.parcel.Parcel` objects (a message, not
 its encoding), which :class:`~droplet.rpc.Peer` then sends instead of frames.
 Both kinds count against ``max_frame_size`` by ``len()``.
 
-Such a connection may also hand a message over with no task switch at all:
+Any of these connections (frames or objects) may also hand a message over
+with no task switch at all:
 while its reader waits with nothing queued, a frame sent to it is first
 offered to the callback its owner registered with :meth:`InprocConnection.take_directly`
 (a :class:`~droplet.rpc.Peer` takes replies, and requests its handler can
@@ -70,19 +71,20 @@ class InprocConnection(Connection):
 
     def take_directly(self, taker: Callable[[object], bool] | None) -> None:
         """Offer frames sent to this end to ``taker`` first, in the sender's task,
-        whenever this end's reader waits with nothing queued (objects mode only).
+        whenever this end's reader waits with nothing queued (encoded frames and,
+        in objects mode, parcels alike).
 
         ``taker(frame)`` returns True when it handled the frame (then it is not
         queued), False to leave it to the reader. It must not wait, and must not
         raise: it runs inside someone else's ``send``. None stops the offers.
         """
-        self._taker = taker if self.carries_objects else None
+        self._taker = taker
 
     def take_from_threads(self, taker: Callable[[object], bool] | None) -> None:
-        """Let threads other than the loop's hand frames to ``taker`` (objects mode
-        only): see :meth:`offer_from_thread`. ``taker`` must be thread-safe, must not
+        """Let threads other than the loop's hand frames to ``taker``: see
+        :meth:`offer_from_thread`. ``taker`` must be thread-safe, must not
         raise, and returns False for a frame it leaves to the loop."""
-        self._thread_taker = taker if self.carries_objects else None
+        self._thread_taker = taker
 
     def offer_from_thread(self, frame: object) -> bool:
         """From any thread: hand ``frame`` to the other end's thread taker now.
@@ -135,6 +137,12 @@ class InprocConnection(Connection):
                     return
                 except trio.WouldBlock:
                     pass
+            elif self._other is not None and self._other._idle:
+                # Encoded frames are handed over in the sender's task too (the same
+                # bytes, decoded by the receiver): no task switch when taken.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                if self._offer(frame):
+                    return
             await self._send.send(frame)
             self._queued()
         except trio.ClosedResourceError:
@@ -143,12 +151,14 @@ class InprocConnection(Connection):
             raise trio.BrokenResourceError(f"{self.remote_address} went away") from None
 
     def try_send(self, frame: object) -> bool:
-        """Send without waiting, in the fast mode only: False when the frame must
-        go the slow way (the queue is full, the frame is over the limit, the
-        connection is closed, or this connection carries encoded frames), so
-        the caller's ``send`` raises what it should."""
-        if not self.carries_objects or len(frame) > self._max:  # type: ignore[arg-type]
+        """Send without waiting: False when the frame must go the slow way (the
+        queue is full, the frame is over the limit, the connection is closed, or
+        it is not whole ``bytes`` on a connection of encoded frames), so the
+        caller's ``send`` raises what it should."""
+        if len(frame) > self._max:  # type: ignore[arg-type]
             return False
+        if not self.carries_objects and type(frame) is not bytes:
+            return False  # a Gather of a big message: the writer joins it
         if self._offer(frame):
             return True
         try:
@@ -162,18 +172,19 @@ class InprocConnection(Connection):
         self._incoming_limit = self._max if max_frame_size is None else max_frame_size
 
     async def receive(self) -> bytes:
-        if self.carries_objects:  # as in send: no task switch when a frame is waiting
-            await trio.lowlevel.checkpoint_if_cancelled()
+        # EndOfChannel when the peer closed.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            frame = self._recv.receive_nowait()
+        except trio.WouldBlock:
+            self._idle = True  # a sender may now hand frames to our taker
             try:
-                frame = self._recv.receive_nowait()
-            except trio.WouldBlock:
-                self._idle = True  # a sender may now hand frames to our taker
-                try:
-                    frame = await self._recv.receive()
-                finally:
-                    self._idle = False
+                frame = await self._recv.receive()
+            finally:
+                self._idle = False
         else:
-            frame = await self._recv.receive()  # EndOfChannel when the peer closed
+            if not self.carries_objects:  # as in send: no task switch in the fast mode
+                await trio.lowlevel.cancel_shielded_checkpoint()
         if len(frame) > self._incoming_limit:
             raise ProtocolError(
                 f"{len(frame)}-byte frame exceeds the limit {self._incoming_limit}")
