@@ -206,7 +206,8 @@ async def test_calls_answered_at_once_still_let_other_tasks_run() -> None:
         assert _inline_calls(cluster) >= 200
 
 
-async def test_an_embedded_call_takes_no_task_switch_in_objects_mode() -> None:
+@BOTH
+async def test_an_embedded_call_takes_no_task_switch(skip: bool) -> None:
     """Counting work, not time: a 2-function DAG answered within its own send."""
 
     class Steps(trio.abc.Instrument):
@@ -216,7 +217,7 @@ async def test_an_embedded_call_takes_no_task_switch_in_objects_mode() -> None:
         def before_task_step(self, task: trio.lowlevel.Task) -> None:
             self.steps += 1
 
-    async with droplet.open_local_cluster(2, skip_encoding=True) as cluster, \
+    async with droplet.open_local_cluster(2, skip_encoding=skip) as cluster, \
             cluster.client() as cloud:
         await cloud.register(_square, "sq")
         await cloud.register(_increment, "inc")
