@@ -522,10 +522,13 @@ class AsyncDropletClient:
     async def _submit_direct(self, call: CallDag) -> AsyncDropletFuture | None:
         """Send ``call`` straight to an executor (see ``_direct.py``); None when it must
         go through the scheduler (no executor reachable, or a call of another kind)."""
-        await self._confirm_stored()
+        if self._to_store or self._storing:
+            await self._confirm_stored()
         if not may_go_direct(call):
             return None
-        found = await self._direct.target(call.target, call.is_function, reference_set(call))
+        references = reference_set(call)
+        found = (self._direct.cached_target(call.target, call.is_function, references)
+                 or await self._direct.target(call.target, call.is_function, references))
         if found is None:
             return None
         peer, plan = found
