@@ -143,8 +143,10 @@ class InprocConnection(Connection):
                 await trio.lowlevel.checkpoint_if_cancelled()
                 if self._offer(frame):
                     return
-            await self._send.send(frame)
+            # Before the send, which may yield: by the time it returns, the
+            # reader may have taken the frame and be waiting, idle, again.
             self._queued()
+            await self._send.send(frame)
         except trio.ClosedResourceError:
             raise
         except trio.BrokenResourceError:
