@@ -84,6 +84,53 @@ async def test_gathered_frames_arrive_whole(
     assert type(got[0]) is memoryview and got[0].readonly
 
 
+class _CountingSocket:
+    """A trio socket that counts the reads it had to wait for (trips through the loop)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.waits = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    async def recv_into(self, *args: Any) -> int:
+        self.waits += 1
+        n: int = await self._sock.recv_into(*args)
+        return n
+
+
+async def test_a_big_tcp_frame_takes_a_few_trips_through_the_loop() -> None:
+    """16 MiB arrive in a handful of waits for the socket (SO_RCVLOWAT: woken
+    for MiBs at a time; without it, 10 to 60 here), not one per segment; and a
+    small frame after it is not held back."""
+    big = bytes(range(256)) * (16 * MIB // 256)
+    received: list[Any] = []
+    counted: list[_CountingSocket] = []
+    done = trio.Event()
+
+    async def handler(conn: Connection) -> None:
+        counter = _CountingSocket(conn._sock)  # type: ignore[attr-defined]
+        conn._sock = counter  # type: ignore[attr-defined]
+        counted.append(counter)
+        for _ in range(2):
+            received.append(await conn.receive())
+        done.set()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(get_transport("tcp").serve, "tcp://127.0.0.1:0",
+                                      handler, TransportOptions())
+            async with await get_transport("tcp").connect(url, TransportOptions(),
+                                                          nursery) as conn:
+                await conn.send(Gather([b"h", memoryview(big)]))  # type: ignore[arg-type]
+                await conn.send(b"after")
+                await done.wait()
+            nursery.cancel_scope.cancel()
+    assert received[0] == b"h" + big and received[1] == b"after"
+    assert counted[0].waits <= 8, counted[0].waits
+
+
 async def test_a_big_frame_left_unfinished_times_out() -> None:
     options = TransportOptions(read_timeout=0.2)
     send_outcome, outcomes = trio.open_memory_channel[BaseException](2)
@@ -112,10 +159,12 @@ async def test_a_big_frame_left_unfinished_times_out() -> None:
 
 # --------------------------------------------------------------------------- async client
 
-@pytest.mark.parametrize("listen", [None, "tcp://127.0.0.1:0"], ids=["inproc", "tcp"])
-async def test_big_arguments_and_results_async(listen: str | None) -> None:
+@pytest.mark.parametrize(("listen", "skip"), [(None, False), (None, True),
+                                             ("tcp://127.0.0.1:0", False)],
+                         ids=["inproc", "inproc-objects", "tcp"])
+async def test_big_arguments_and_results_async(listen: str | None, skip: bool) -> None:
     with trio.fail_after(60):
-        async with open_local_cluster(2, listen=listen) as cluster:
+        async with open_local_cluster(2, listen=listen, skip_encoding=skip) as cluster:
             async with cluster.client() as cloud:
                 await cloud.register(identity, "big_id")
                 await cloud.register(length, "big_len")
@@ -159,6 +208,61 @@ def test_big_arguments_and_results_blocking(tcp_cluster: droplet.LocalCluster) -
         assert cloud.get_object(future.obj_id) == DATA  # the result key holds it too
         cloud.put_object("bb_key", DATA)
         assert cloud.get_object("bb_key") == DATA
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["frames", "objects"])
+def test_big_arguments_embedded_blocking(skip: bool) -> None:
+    """The sync client of an embedded cluster (inproc://, both encodings): the
+    bytes arrive intact call after call, and a bytearray changed after the call
+    does not change what the function got."""
+    with droplet.LocalCluster(executors=2, skip_encoding=skip) as cluster:
+        cloud = cluster.connect(timeout=60)
+        cloud.register(identity, "eb_id")
+        cloud.register(length, "eb_len")
+        cloud.register_dag("eb_dag", ["eb_id", "eb_len"], [("eb_id", "eb_len")])
+        cloud.register_dag("eb_echo", ["eb_id"], [])
+        for i in range(4):  # frames' buffers come back to the pool between calls
+            assert cloud.call_dag("eb_dag", {"eb_id": DATA[i:]}).get() == len(DATA) - i
+        echoed = cloud.call_dag("eb_echo", {"eb_id": DATA}).get()
+        assert echoed == DATA and type(echoed) is bytes
+        mine = bytearray(DATA)
+        future = cloud.call_dag("eb_echo", {"eb_id": mine})
+        mine[0] ^= 0xFF
+        got = future.get()
+        assert got == DATA and type(got) is bytearray
+        future = cloud.exec_func("eb_id", [mine])
+        mine[0] ^= 0xFF  # back to DATA[0], after the call
+        assert future.get() == bytes([DATA[0] ^ 0xFF]) + DATA[1:]
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["frames", "objects"])
+async def test_an_embedded_function_gets_the_callers_own_bytes(skip: bool) -> None:
+    """In one process a big ``bytes`` argument (nobody can change it) is handed
+    over as it is, both ways: no copy of it, and its result neither."""
+    def object_id(_: Any, x: bytes) -> int:
+        return id(x)
+
+    with trio.fail_after(60):
+        async with open_local_cluster(2, skip_encoding=skip) as cluster:
+            async with cluster.client() as cloud:
+                await cloud.register(object_id, "own_id")
+                await cloud.register(identity, "own_echo")
+                assert await (await cloud.exec_func("own_id", [DATA])).get() == id(DATA)
+                assert await (await cloud.exec_func("own_echo", [DATA])).get() is DATA
+                mine = bytearray(DATA)  # but a buffer that can change is copied
+                assert await (await cloud.exec_func("own_id", [mine])).get() != id(mine)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["frames", "objects"])
+async def test_an_embedded_argument_over_the_frame_limit_is_a_clear_error(skip: bool) -> None:
+    with trio.fail_after(60):
+        async with open_local_cluster(1, skip_encoding=skip,
+                                      max_frame_size=MIB) as cluster:
+            async with cluster.client() as cloud:
+                await cloud.register(identity, "limit_echo")
+                with pytest.raises(ProtocolError, match="exceeds the limit 1048576"):
+                    await (await cloud.exec_func("limit_echo", [DATA])).get()
+                assert await (await cloud.exec_func("limit_echo", [b"ok"])).get() == b"ok"
 
 
 async def test_two_sources_and_a_sink_each_get_their_own_big_arguments() -> None:

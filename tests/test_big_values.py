@@ -12,6 +12,7 @@ import gc
 import os
 import pickle
 import struct
+import sys
 import warnings
 from typing import Any
 
@@ -30,6 +31,7 @@ from droplet.protocol.framing import (
     Gather,
     frame,
     frame_parts,
+    join,
 )
 from droplet.serialization import OUT_OF_BAND_MIN, dumps_value, loads, mentions
 
@@ -216,6 +218,23 @@ def trigger(**changes: Any) -> m.Trigger:
     return m.Trigger(**fields)
 
 
+def test_join_puts_a_big_gather_into_a_pooled_buffer() -> None:
+    pool = BufferPool()
+    gather = Gather([b"head", memoryview(BIG), bytearray(b"tail")])
+    joined = join(gather, pool)
+    assert type(joined) is memoryview and joined.readonly and joined == bytes(gather)
+    first = id(joined.obj)
+    assert id(join(gather, pool).obj) != first  # still referred to: another buffer
+    del joined
+    gc.collect()
+    again = join(gather, pool)
+    assert id(again.obj) == first  # released: the same (warm) buffer again
+    assert again == bytes(gather) and len(pool._buffers) == 2
+    small = Gather([b"a", memoryview(b"bc")])
+    assert join(small, pool) == b"abc" and type(join(small, pool)) is bytes
+    assert join(b"plain", pool) == b"plain"
+
+
 def test_big_blobs_are_gathered_not_joined_and_decode_as_views() -> None:
     msg = trigger(result=BIG, carried=b"c" * 100, arg_blobs=[BIG, b"small"])
     payload = m.encode_gather(msg, 7)
@@ -272,6 +291,20 @@ def test_big_bytes_leave_the_pickle_stream() -> None:
     first, second = loads(bytes(blob))
     assert first is second  # the same object twice stays one object
     assert type(first) is bytes
+
+
+def test_a_big_bytes_rebuilt_in_the_same_process_is_the_same_object() -> None:
+    """In one process (no wire), an immutable ``bytes`` needs no copy; writable
+    buffers and slices still get their own."""
+    assert loads(dumps_value(BIG)) is BIG
+    assert loads(dumps_value((BIG, 1)))[0] is BIG
+    part = loads(dumps_value([BIG[1:]]))[0]
+    assert part == BIG[1:]
+    mine = bytearray(BIG)
+    copied = loads(dumps_value(mine))
+    assert copied == mine and copied is not mine
+    received = loads(memoryview(bytes(dumps_value(BIG))).toreadonly())
+    assert received == BIG and received is not BIG
 
 
 def test_small_values_stay_plain_pickles() -> None:
@@ -388,6 +421,45 @@ def test_retained_memory_setting() -> None:
     assert keep_freed_memory({ENV: "0"}) is False  # off: the allocator is left alone
     with pytest.raises(ValueError, match="DROPLET_RETAIN_MEMORY must be a number of bytes"):
         keep_freed_memory({ENV: "lots"})
+
+
+_ARENA_PROBE = """
+import resource, sys, threading
+from droplet.node._memory import keep_freed_memory
+assert keep_freed_memory({})
+source = memoryview(b"x" * (16 << 20))
+faults, turn, ready = [], threading.Lock(), threading.Barrier(4)
+def work():
+    mine = [bytearray(64) for _ in range(64)]  # this thread's first allocations
+    ready.wait()  # all four alive at once: glibc would give each its own arena
+    with turn:
+        for _ in range(2):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            copy = bytes(source)
+            del copy
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    ready.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(*faults)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_big_allocations_in_any_thread_reuse_freed_memory() -> None:
+    """After :func:`keep_freed_memory`, a big value freed by one worker thread is
+    the memory the next one gets, in whatever thread: page faults only the
+    first time (per-thread arenas faulted in every thread's first 16 MiB, and,
+    for bigger values, on every call)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _ARENA_PROBE], capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    faults = [int(n) for n in out]
+    assert len(faults) == 8 and faults[0] > 1000  # the first one touches fresh pages
+    assert max(faults[1:]) < 100, faults
 
 
 def test_a_node_refuses_a_bad_retained_memory_setting(

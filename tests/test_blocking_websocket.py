@@ -31,10 +31,10 @@ from wsproto.events import (
 
 import droplet
 from droplet import DropletConnection
-from droplet.client import _ws_codec
 from droplet.client._blocking import BlockingClient
 from droplet.client._ws_codec import Upgrade, WsClientCodec, mask
 from droplet.errors import ConnectionError, ProtocolError
+from droplet.protocol import wsframes
 from droplet.protocol.framing import BIG_FRAME, Gather
 from droplet.protocol.handshake import VERSION, new_nonce
 from droplet.protocol.messages import AuthChallenge, AuthResult, ClusterInfo, Names
@@ -99,7 +99,7 @@ def test_gathered_pieces_are_masked_in_one_buffer(with_numpy: bool,
     """Pieces of odd sizes (the key's phase moves on), big and small, with and
     without numpy."""
     if not with_numpy:
-        monkeypatch.setattr(_ws_codec, "_np", False)
+        monkeypatch.setattr(wsframes, "_np", False)
     parts = [b"abc", bytes(range(256)) * 20 + b"q", memoryview(b"1234567"), b"\xff" * 70_001]
     (data,) = WsClientCodec("ws://x:1").frame_parts(Gather(parts))
     assert unmask_client_frame(bytes(data)) == (0x2, b"".join(parts))

@@ -82,12 +82,12 @@ def test_a_trigger_from_an_older_client_keeps_storing_the_result() -> None:
     frame = encode(_trigger(store_result=False))
     msg, _, _ = decode(frame)
     assert msg.store_result is False
-    # An older client's trigger has no store_result field: the old behaviour.
-    msg, _, _ = decode(_rewrite_header(frame, lambda h: h[:-1]))
+    # An older client's trigger has no store_result (nor whole_run) field: the old behaviour.
+    msg, _, _ = decode(_rewrite_header(frame, lambda h: h[:-2]))
     assert msg == _trigger()
     assert msg.store_result is True
     with pytest.raises(droplet.ProtocolError, match="header must be a list of"):
-        decode(_rewrite_header(frame, lambda h: h[:-2]))  # only the last may be left out
+        decode(_rewrite_header(frame, lambda h: h[:-3]))  # only the last two may be left out
 
 
 @pytest.mark.parametrize(("changes", "match"), [
@@ -103,7 +103,7 @@ def test_store_result_false_is_only_for_plain_client_runs(changes: dict[str, Any
 
 
 def test_store_result_must_be_a_bool() -> None:
-    bad = _rewrite_header(encode(_trigger()), lambda h: [*h[:-1], "no"])
+    bad = _rewrite_header(encode(_trigger()), lambda h: [*h[:-2], "no", h[-1]])
     with pytest.raises(droplet.ProtocolError, match=r"Trigger.store_result must be bool"):
         decode(bad)
 
@@ -367,15 +367,17 @@ def test_template_encoded_triggers_are_what_encode_writes(arg_map: dict[str, Any
     for _ in range(3):  # the first makes the template, later ones reuse it
         call = ClientCore().dag_call("d", arg_map, False, "NORMAL", None, None, None)
         encoded = templates.encode(call, plan, "tcp://127.0.0.1:9")
-        assert encoded is not None and len(encoded) == 2  # sources a and b
+        # one trigger, for source a, that starts both sources a and b
+        assert encoded is not None and len(encoded) == 1
         decoded = [decode(e.payload(7 if i == 0 else 0)) for i, e in enumerate(encoded)]
+        assert decoded[0][0].function == "a" and decoded[0][0].whole_run
         run_id = decoded[0][0].run_id
         expected = triggers_for(call, plan, "tcp://127.0.0.1:9")
         assert expected is not None
         for (msg, rid, _), want, e in zip(decoded, expected, encoded, strict=True):
             assert msg == attrs.evolve(want, run_id=run_id)
             assert e.payload(rid) == encode(attrs.evolve(want, run_id=run_id), rid)
-        assert decoded[0][1] == 7 and decoded[1][1] == 0
+        assert decoded[0][1] == 7
     assert len({d[0].run_id for d in decoded}) == 1
     # big (out-of-band) arguments and references take the ordinary path
     big = ClientCore().dag_call("d", {"a": [b"z" * 2_000_000]}, False, "NORMAL", None, None,

@@ -274,7 +274,7 @@ async def test_tls_aclose_does_not_wait_for_a_peer_that_stopped_reading(
 async def test_ws_aclose_does_not_wait_for_a_peer_that_stopped_reading(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    from droplet.transports.websocket import _open_server_side
+    from droplet.transports.websocket import _accept
 
     a, b = trio.testing.lockstep_stream_pair()
 
@@ -284,7 +284,7 @@ async def test_ws_aclose_does_not_wait_for_a_peer_that_stopped_reading(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client_that_stops_reading)
-        conn = await _open_server_side(nursery, a, "ws://peer:1", TransportOptions())
+        conn = await _accept(nursery, a, "ws://peer:1", TransportOptions())
         with trio.fail_after(60):  # virtual seconds
             await conn.aclose()  # the close frame cannot be delivered: give up, hang up
         await trio.aclose_forcefully(b)
@@ -335,30 +335,36 @@ async def read_until_closed(raw: trio.SocketStream) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("wire", "expected", "says_why"),
+    ("wire", "expected", "code"),
     [
-        (ws_frame(0x1, b"text, not binary"), "text message", True),
-        (ws_frame(0x2, b"unmasked", masked=False), "invalid WebSocket frame", False),
-        (bytes([0x83, 0x80, 0, 0, 0, 0]), "invalid WebSocket frame", False),  # reserved opcode
-        (ws_frame(0x2, b"x" * 1025), "max_frame_size", True),
+        (ws_frame(0x1, b"text, not binary"), "text message", 1003),
+        (ws_frame(0x2, b"unmasked", masked=False), "unmasked frame", 1002),
+        (bytes([0x83, 0x80, 0, 0, 0, 0]), "unknown opcode 0x3", 1002),  # reserved opcode
+        (ws_frame(0x2, b"x", fin=False) + ws_frame(0x2, b"y"), "continuation", 1002),
+        (bytes([0xC2, 0x80, 0, 0, 0, 0]), "reserved bit", 1002),  # compressed: not agreed
+        (ws_frame(0x9, b"p" * 126), "control frame", 1002),
+        (ws_frame(0x8, b"\3"), "one-byte body", 1002),
+        (ws_frame(0x8, struct.pack(">H", 1005)), "invalid code 1005", 1002),
+        (ws_frame(0x8, struct.pack(">H", 1000) + b"\xff"), "not UTF-8", 1007),
+        (ws_frame(0x2, b"x" * 1025), "max_frame_size", 1009),
         (ws_frame(0x2, b"x" * 600, fin=False) + ws_frame(0x0, b"y" * 600), "max_frame_size",
-         True),
+         1009),
+        (ws_frame(0x2, b"x" * 70_000)[:10], "max_frame_size", 1009),  # the header is enough
     ],
-    ids=["text", "unmasked", "bad-opcode", "oversize", "oversize-fragmented"],
+    ids=["text", "unmasked", "bad-opcode", "binary-inside-fragments", "rsv", "big-ping",
+         "short-close", "close-1005", "close-reason-not-utf8", "oversize",
+         "oversize-fragmented", "oversize-declared"],
 )
-async def test_ws_bad_frames_raise_protocol_error(
-    wire: bytes, expected: str, says_why: bool
-) -> None:
+async def test_ws_bad_frames_raise_protocol_error(wire: bytes, expected: str, code: int) -> None:
     with trio.fail_after(10):
         async with recording_server("ws://127.0.0.1:0", WS_OPTIONS) as (url, outcomes):
             async with await raw_ws_connect(url) as raw:
                 await raw.send_all(wire)
                 failure = await next_failure(outcomes)
-                # The server says why in a close frame (1003, 1009), then hangs up.
-                # A frame wsproto cannot parse gets no close frame: trio-websocket
-                # hangs up at once (the hand-written transport used to send 1002).
+                # The server says why in a close frame with the RFC's code, then hangs up.
                 goodbye = await read_until_closed(raw)
-                assert goodbye.startswith(b"\x88") if says_why else goodbye == b""
+                assert goodbye[:1] == b"\x88"
+                assert struct.unpack(">H", goodbye[2:4])[0] == code
             assert isinstance(failure, ProtocolError)
             assert expected in str(failure)
             await assert_still_serves(url, WS_OPTIONS)

@@ -20,6 +20,7 @@ an outbox is full the peer is not reading: by default it is disconnected
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import traceback
@@ -31,9 +32,10 @@ import trio
 
 from . import errors
 from .errors import ConnectionError, DropletError, ProtocolError
+from .held_replies import HOLD_BYTES, replies_held
 from .outbox import OUTBOX_BYTES, OUTBOX_MESSAGES, Outbox
 from .protocol import handshake
-from .protocol.framing import BIG_FRAME, Gather, Payload
+from .protocol.framing import BIG_FRAME, Gather, Payload, all_immutable
 from .protocol.messages import (
     AuthChallenge,
     AuthResponse,
@@ -142,6 +144,18 @@ class ThreadSlot(Slot):
         self.on_reply(self.value, self.error)
 
 
+def _encode_sharing(msg: Any, request_id: int = 0, reply: bool = False) -> Payload:
+    """:func:`encode_gather`, except that a big message all of whose pieces are
+    ``bytes`` (or views of ``bytes``: a big ``bytes`` argument or result) comes
+    back as a :class:`Parcel`, for a connection within one process: the frame
+    would be joined into a buffer and the value copied out of it again, where
+    the Parcel hands over the very object (nobody can change it)."""
+    frame = encode_gather(msg, request_id, reply)
+    if type(frame) is Gather and all_immutable(frame):
+        return cast(Payload, pack(msg, request_id, reply))
+    return frame
+
+
 class Peer:
     """One end of a Droplet connection."""
 
@@ -196,8 +210,11 @@ class Peer:
         # An inproc connection with skip_encoding carries message objects: a
         # Parcel stands in for the frame (it has a len() for the limits) and
         # the reader unpacks instead of decoding (see protocol/parcel.py).
+        # An encoded inproc connection hands a message whose big values nobody
+        # can change (``bytes``) over as a Parcel too: no copy in one process.
         self._encode: Callable[..., Payload] = (
-            cast(Callable[..., Payload], pack) if conn.carries_objects else encode_gather)
+            cast(Callable[..., Payload], pack) if conn.carries_objects
+            else _encode_sharing if getattr(conn, "in_process", False) else encode_gather)
         # ... and can take a posted message at once when its queue has room
         # (``try_send``), instead of waking this peer's writer task.
         self._try_send: Callable[[Any], bool] | None = getattr(conn, "try_send", None)
@@ -299,6 +316,13 @@ class Peer:
             if len(frame) >= BIG_FRAME:
                 return False
             frame = bytes(frame)
+        held = replies_held() if reply and request_id else None
+        if held is not None and len(frame) < HOLD_BYTES:
+            held.add(self, cast(bytes, frame))
+            self._released.append(None)
+            if self._reader_blocked:
+                self._call_soon(self._collect_released)
+            return True
         try:
             done = send(cast(bytes, frame))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -312,6 +336,27 @@ class Peer:
             if self._reader_blocked:  # the reader waits for a free slot: free it now
                 self._call_soon(self._collect_released)
         return True
+
+    def _write_held(self, frames: list[bytes]) -> None:
+        """Write replies a worker thread held back (see ``held_replies.py``)."""
+        if self._closed:
+            return  # the caller went away: nobody to answer
+        send_many = getattr(self.conn, "send_many_from_thread", None)
+        try:
+            done = 2 if send_many is None else send_many(frames)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        if done == 1:  # tcp.FLUSH
+            self._call_soon(self._want_flush)
+        elif done == 2:  # tcp.REFUSED: the loop's writer sends them
+            for frame in frames:
+                self._call_soon(functools.partial(self._post_held, frame))
+
+    def _post_held(self, frame: bytes) -> None:
+        try:
+            self._post(frame, "disconnect")
+        except DropletError as exc:
+            log.debug("the caller of a run went away: %s", exc)
 
     def _call_soon(self, fn: Callable[[], None]) -> None:
         assert self._token is not None
@@ -510,7 +555,13 @@ class Peer:
     async def _read_loop(self) -> None:
         conn, pending = self.conn, self._pending
         n = 0
+        frame: Any = None
+        msg: Any = None
+        result: Any = None
         while True:
+            # Let go of the last message before waiting for the next: a big
+            # frame's buffer goes back to the pool now, not one message later.
+            frame = msg = result = None
             try:
                 frame = await conn.receive()
             except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -529,7 +580,7 @@ class Peer:
                     msg, request_id, is_reply = unpack(frame)
                 else:
                     msg, request_id, is_reply = decode_message(frame)
-                    if not is_reply:
+                    if not is_reply and self.conn.carries_objects:
                         # A peer sending requests as frames over an object-carrying
                         # connection (a raw-frame tool, one_request) is answered in
                         # frames. (Error replies are frames either way.)

@@ -32,7 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from .protocol.framing import Buffer, Gather
+from .protocol.framing import Buffer, Gather, immutable
 
 __all__ = ["OUT_OF_BAND_MIN", "dumps", "dumps_code", "dumps_value", "loads", "mentions"]
 
@@ -90,13 +90,19 @@ class _Raw:
         return self.kind, (pickle.PickleBuffer(memoryview(self.data).toreadonly()),)
 
 
-def _immutable(view: Buffer) -> bool:
-    """Whether nobody can change the bytes of ``view``: ``bytes`` or a view of
-    them (a read-only array may be a view of a writable one, changed behind it)."""
+_immutable = immutable
+
+
+def _whole_bytes(view: Buffer) -> Buffer:
+    """The ``bytes`` object ``view`` (immutable, see :func:`_immutable`) shows all
+    of, else ``view`` itself."""
     obj: Any = view
     while type(obj) is memoryview:
         obj = obj.obj
-    return type(obj) is bytes
+    if type(obj) is bytes and (type(view) is bytes or (
+            view.nbytes == len(obj) and view.c_contiguous)):  # type: ignore[union-attr]
+        return obj
+    return view
 
 
 def _is_big_raw(value: Any) -> bool:
@@ -213,8 +219,11 @@ def loads(blob: Buffer | Gather) -> Any:
         # Shared as they are only if the value rebuilt from them cannot see a
         # change: immutable bytes, or our own views of a bytes/bytearray (which
         # bytes()/bytearray() copy); anything else (an array) gets its own copy.
+        # A view of a whole ``bytes`` object is handed over as that object:
+        # ``bytes(b) is b``, so a big ``bytes`` value is rebuilt without a copy.
         return pickle.loads(stream, buffers=[
-            b if readonly and (_immutable(b) or type(getattr(b, "obj", None)) is memoryview)
+            _whole_bytes(b) if readonly and _immutable(b)
+            else b if readonly and type(getattr(b, "obj", None)) is memoryview
             else bytearray(b)
             for b, readonly in zip(buffers, flags, strict=True)])
     if len(blob) and blob[0] == 0:

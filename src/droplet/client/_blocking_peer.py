@@ -46,6 +46,9 @@ HANDOFF_POLL = 0.05
 #: Frames (or bytes) held back under load before the submitting thread writes them itself.
 BATCH_FRAMES = 64
 BATCH_BYTES = 256 * 1024
+#: Seconds the writer thread lets held frames gather before writing them (a
+#: wakeup of it per write costs the submitting thread more than the wait).
+WRITER_DELAY = 0.0005
 #: alive() reads the socket (to notice a peer that hung up) at most this often.
 ALIVE_POLL = 0.005
 
@@ -59,6 +62,9 @@ def _write_held(peer_ref: weakref.ref[BlockingPeer], wanted: threading.Event) ->
     """
     while True:
         wanted.wait()
+        # Let the batch grow a little: a thread issuing calls one after another
+        # writes BATCH_FRAMES itself, and wakes this thread once per batch.
+        time.sleep(WRITER_DELAY)
         wanted.clear()
         peer = peer_ref()
         if peer is None or peer._closing:
@@ -333,13 +339,17 @@ class BlockingPeer:
             with self._state:
                 held = len(self._pending) > len(ids)  # others are in flight: hold back
                 if held:
+                    # The writer is woken when the first frame is held: it writes
+                    # what is held by then (frames held meanwhile need no wakeup).
+                    first = not self._outgoing
                     self._outgoing += pieces
                     self._outgoing_bytes += sum(len(p) for p in pieces)
                     full = (len(self._outgoing) >= BATCH_FRAMES
                             or self._outgoing_bytes >= BATCH_BYTES)
             if held:
                 if not full:
-                    self._wake_writer()
+                    if first:
+                        self._wake_writer()
                     return slots
                 pieces = []  # write what is held now, from this thread
         try:

@@ -245,10 +245,13 @@ class ClientCore:
         return RegisterFunction(name, code)
 
     @staticmethod
-    def function_call(name: str, args: Iterable[Any]) -> CallDag:
+    def function_call(name: str, args: Iterable[Any], snapshot: bool = False) -> CallDag:
+        """A one-function call; ``snapshot``: copy writable buffers now (a caller
+        whose message is written after it returns, see ``dumps_value``)."""
         listed = list(args)
         refs = reference_keys(listed)
-        return CallDag(name, True, [name], [dumps_value(listed)], result_key=new_result_key(),
+        return CallDag(name, True, [name], [dumps_value(listed, snapshot=snapshot)],
+                       result_key=new_result_key(),
                        references=[refs] if refs else [])
 
     @staticmethod
@@ -271,7 +274,8 @@ class ClientCore:
 
     def dag_call(self, name: str, arg_map: dict[str, Any], direct_response: bool,
                  consistency: str, output_key: str | None, client_id: str | None,
-                 timeout: float | None, continuation: CallDag | None = None) -> CallDag:
+                 timeout: float | None, continuation: CallDag | None = None,
+                 snapshot: bool = False) -> CallDag:
         if not isinstance(name, str) or not name:
             raise DagError(f"call_dag: the DAG name must be a non-empty string, not {name!r}")
         if not isinstance(arg_map, dict):
@@ -302,7 +306,7 @@ class ClientCore:
         except ValueError as exc:
             raise DagError(f"call_dag({name!r}): {exc}") from None
         lists = [a if isinstance(a, list) else [a] for a in arg_map.values()]
-        blobs: list[Blob] = [dumps_value(a) for a in lists]
+        blobs: list[Blob] = [dumps_value(a, snapshot=snapshot) for a in lists]
         refs = [reference_keys(a) for a in lists]
         causal = None
         if consistency == CAUSAL and client_id is not None:

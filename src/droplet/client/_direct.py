@@ -33,6 +33,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
 from ..consistency import NORMAL
 from ..errors import DropletError, ProtocolError
 from ..ids import unique_id
@@ -103,19 +105,26 @@ def may_go_direct(call: CallDag) -> bool:
 
 def triggers_for(call: CallDag, plan: CallPlaced, url: str, *,
                  store_result: bool = False) -> list[Trigger] | None:
-    """The source triggers of ``call`` run wholly at executor ``url``, the first to
-    send as the request; None when its arguments do not fit the plan (the
+    """The trigger of ``call`` run wholly at executor ``url``, to send as the
+    request (a list of one); None when its arguments do not fit the plan (the
     scheduler then says what is wrong). ``store_result=False``: the executor
-    answers with the result only, the client stores it when its key is asked for."""
+    answers with the result only, the client stores it when its key is asked for.
+
+    A DAG with several sources is sent as one trigger for its first source
+    marked ``whole_run``: the executor starts every source of the run from it.
+    """
     if call.result_key is None or not set(call.arg_fns) <= set(plan.functions):
         return None
     run_id = unique_id()
     placement = [url] * len(plan.functions)
     fed = {dst for _, dst in plan.edges}
-    return [Trigger(run_id, fn, plan.functions, plan.versions, placement, plan.edges,
+    sources = [fn for fn in plan.functions if fn not in fed]
+    if not sources:
+        return None
+    return [Trigger(run_id, sources[0], plan.functions, plan.versions, placement, plan.edges,
                     call.arg_fns, call.arg_blobs, None, None, False, call.result_key,
-                    None, False, NORMAL, None, None, "", store_result=store_result)
-            for fn in plan.functions if fn not in fed]
+                    None, False, NORMAL, None, None, "", store_result=store_result,
+                    whole_run=len(sources) > 1)]
 
 
 def same_scheme(client_url: str, executor_url: str) -> None:
@@ -336,6 +345,10 @@ class AsyncDirectCalls(_Cache):
         self._dial = dial
         self._place = place
         self._peers: dict[str, Peer] = {}
+        #: dials under way: concurrent first calls wait for one connection, never
+        #: open their own (a second would be left running, unclosed by aclose()).
+        self._dialing: dict[str, trio.Event] = {}
+        self._shut = False  # aclose() was called
 
     def ready(self, target: str, is_function: bool, references: tuple[str, ...] = ()) -> bool:
         """A fresh placement with a live connection is cached for ``target``."""
@@ -369,14 +382,27 @@ class AsyncDirectCalls(_Cache):
             self.executor_left(url)
         if self.unreachable.get(url, 0.0) > now:
             return None
+        dialing = self._dialing.get(url)
+        if dialing is not None:  # another task dials it: use its connection
+            await dialing.wait()
+            peer = self._peers.get(url)
+            return peer if peer is not None and not peer.closed else None
+        self._dialing[url] = done = trio.Event()
         try:
             peer = await self._dial(url)
         except (DropletError, ValueError, OSError):
             self.unreachable[url] = now + UNREACHABLE_RETRY
             return None
-        self._peers[url] = peer
-        peer.on_close.append(functools.partial(self._closed, url))
-        return peer
+        else:
+            if self._shut:  # aclose() came while dialling: it closes this one too
+                await peer.aclose()
+                return None
+            self._peers[url] = peer
+            peer.on_close.append(functools.partial(self._closed, url))
+            return peer
+        finally:
+            del self._dialing[url]
+            done.set()
 
     def cached_target(self, target: str, is_function: bool,
                       references: tuple[str, ...] = ()) -> tuple[Peer, CallPlaced] | None:
@@ -436,6 +462,7 @@ class AsyncDirectCalls(_Cache):
         self.drop_url(url)
 
     async def aclose(self) -> None:
+        self._shut = True
         peers, self._peers = self._peers, {}
         self.placements.clear()
         for peer in peers.values():

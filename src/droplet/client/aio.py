@@ -535,12 +535,14 @@ class AsyncDropletClient:
         triggers = triggers_for(call, plan, peer.remote)
         if triggers is None:
             return None
-        future = self._future_for(call, self.timeout)
         try:  # the first source's trigger carries the request: the sink answers it
             (slot,) = await peer.submit(triggers[0], oneway=triggers[1:])
         except ConnectionError:
             self._direct.executor_left(peer.remote)
             return None
+        # Made only now: a future dropped after a failed send would release the
+        # result key the call then gets through the scheduler.
+        future = self._future_for(call, self.timeout)
         # Placed by the scheduler, so of a shape it accepts: were these calls to
         # go through it later (direct calls off, executors unreachable), they
         # need not wait for CallAccepted (5000 at once would each wait for one).

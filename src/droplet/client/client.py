@@ -193,7 +193,9 @@ class _PortalClient:
 
     def exec_func(self, name: str, args: Iterable[Any]) -> _PortalFuture:
         client = self._client
-        call = ClientCore.function_call(name, args)
+        # snapshot: a posted call is written after we return, when the caller
+        # may already be changing a bytearray it passed.
+        call = ClientCore.function_call(name, args, snapshot=True)
         if (client._core.accepted.known(call)
                 or client._direct.ready(name, True, reference_set(call))):
             # Sent one-way, with nothing to wait for: hand it to the loop and return.
@@ -233,7 +235,8 @@ class _PortalClient:
         if (not (dry_run or direct_response) and consistency == NORMAL and client_id is None
                 and client._direct.enabled):
             call = client._core.dag_call(name, arg_map, direct_response, consistency,
-                                         output_key, client_id, timeout, continuation)
+                                         output_key, client_id, timeout, continuation,
+                                         snapshot=True)  # written after we return
             if may_go_direct(call) and client._direct.ready(name, False, reference_set(call)):
                 # to the executor, from this thread or posted: no wait for the loop
                 future = client._future_for(call, client.timeout)

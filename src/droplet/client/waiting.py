@@ -119,7 +119,10 @@ def _block(pending: Iterable[DropletFuture], deadline: float) -> None:
         if not socks:
             return
         try:
-            select.select(socks, [], [], min(remaining, HANDOFF_POLL) if portal else remaining)
+            # Not longer than HANDOFF_POLL: another thread leading one of these
+            # sockets may read our reply off it (the socket is then quiet, the
+            # reply in) and nothing would wake us (as BlockingPeer's followers).
+            select.select(socks, [], [], min(remaining, HANDOFF_POLL))
         except (OSError, ValueError):  # one was closed meanwhile: its waiters were told
             return
     if portal:

@@ -112,7 +112,7 @@ class Batcher:
                     results = await target(lib, *columns)
                 else:
                     results = await self._run_in_thread(target, lib, *columns)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() never ends the node
                 error = self._fail(exc, function)
                 for entry in batch:
                     entry.value, entry.failed = _Failure(error), True

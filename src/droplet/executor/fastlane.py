@@ -16,8 +16,12 @@ upstream function, and the pipeline after it), whose result goes to the caller
 or to other executors already connected, at NORMAL consistency, without
 arguments that are references, multi-exec, batching, continuations, an output
 key or a deadline already past, and when the connections its results go out on
-can be written from a thread (plain TCP). Anything else, or a lane that is
-switched off (``ExecutorService(fast_lane=False)``), takes the ordinary path.
+can be written from a thread (plain TCP). A client's direct run of a whole
+DAG that is not one chain (a fan-in, a fan-out; placed wholly here) takes it
+too when all its functions are such: a claimer job runs its functions, more
+claimers join when some wait (``wholerun.py``), and whoever runs the sink
+replies. Anything else, or a lane that is switched off
+(``ExecutorService(fast_lane=False)``), takes the ordinary path.
 Robustness is the same on both: a function that raises becomes
 the call's FunctionError; one that blocks holds only its own worker thread;
 the caller's timeout is its own.
@@ -50,6 +54,7 @@ from .multiexec import spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
 from .steps import RunContext, Step, run_sync_steps
 from .user_library import UserLibrary
+from .wholerun import Helpers, WholeRun, plan_of
 
 if TYPE_CHECKING:
     from .service import ExecutorService
@@ -60,8 +65,12 @@ log = logging.getLogger("droplet.executor")
 
 #: Seconds a write the loop finishes for the fast lane may take (as SEND_TIMEOUT).
 SEND_TIMEOUT = 60.0
+#: Functions remembered as plain ``def`` functions (past it, the memory starts again).
+MAX_PLAIN = 4096
 
-_Done = tuple[list[str], float, bool, list[UserLibrary]]
+#: a finished call: ``(function, seconds, failed)`` per function that ran, how many
+#: failed, and its functions' user libraries.
+_Done = tuple[list[tuple[str, float, bool]], int, list[UserLibrary]]
 
 
 class FastLane:
@@ -74,6 +83,15 @@ class FastLane:
         self.done: deque[_Done] = deque()
         #: calls that took the fast lane (statistics).
         self.calls = 0
+        #: the watcher that asks for more claimers for whole runs (wholerun.py).
+        self.helpers = Helpers()
+        #: function name -> its loaded code, once found to be a plain ``def``
+        #: function (checked again whenever the loaded code is another object).
+        self._plain: dict[str, Any] = {}
+
+    def close(self) -> None:
+        """The executor is going away: no more claimers are asked for."""
+        self.helpers.close()
 
     # ---------------------------------------------------------------- in the loop
 
@@ -85,58 +103,98 @@ class FastLane:
                 or svc._active >= self._max or svc._threads.closed
                 or (t.deadline is not None and time.time() > t.deadline)):
             return False
-        upstream = sum(1 for _, dst in t.edges if dst == t.function)
-        if upstream != (0 if t.source is None else 1):
-            return False  # a fan-in (or a loop): the ordinary path gathers inputs
         # Its results are written from the worker thread: on connections that can take that.
         if not (svc._kvs.thread_writes and svc._scheduler.thread_writes
                 and (peer is None or peer.thread_writes)):
             return False
+        if t.whole_run:
+            return peer is not None and request_id != 0 and self._start_whole(
+                t, peer, request_id)
+        upstream = sum(1 for _, dst in t.edges if dst == t.function)
+        if upstream != (0 if t.source is None else 1):
+            return False  # a fan-in (or a loop): the ordinary path gathers inputs
         segment = svc._segment(t)
         last = segment[-1]
         downstream = [t.placement[t.functions.index(dst)]
                       for src, dst in t.edges if src == last]
-        if svc.url in downstream:
-            return False  # more to run here, after a fan-in or next to other branches
+        if svc.url in downstream:  # more to run here, after a fan-in or next to other branches
+            # A client's run (placed wholly here): all of it, as a whole run.
+            return peer is not None and request_id != 0 and self._start_whole(
+                t, peer, request_id)
         peers: list[Peer] = []
         for url in downstream:
             found = svc._peers.peek(url)
             if found is None or not found.thread_writes:
                 return False  # not connected yet: the ordinary path dials
             peers.append(found)
-        targets: list[Any] = []
-        for fn in segment:
-            loaded = svc._loader.peek(fn, t.versions[t.functions.index(fn)])
-            if loaded is None:
-                return False
-            target = loaded.obj
-            if isinstance(target, tuple):  # (cls, init_args): once built, its run method
-                if loaded.instance is None:
-                    return False
-                target = loaded.instance.run
-            if inspect.iscoroutinefunction(target) or svc._has_references(t, fn):
-                return False
-            targets.append(target)
-        svc._active += 1
-        svc._running += len(segment)
-        svc._invocations += len(segment)
-        self.calls += 1
-        run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
-        libs = [svc._new_library(run) for _ in segment]
+        targets = self._targets(t, segment)
+        if targets is None:
+            return False
+        libs = self._begin(t, len(segment))
         svc._threads.start(self._job, t, segment, targets, libs, peers, peer, request_id,
                            time.perf_counter(), label=t.function)
         return True
+
+    def _start_whole(self, t: Trigger, peer: Peer, request_id: int) -> bool:
+        """A client's direct run of a whole DAG (a fan-in, a fan-out) in claimer threads."""
+        plan = plan_of(t.functions, t.edges)
+        if plan is None or (not t.whole_run and plan.sources != 1):
+            return False  # (an older client sends the other sources' triggers itself)
+        targets = self._targets(t, plan.order)
+        if targets is None:
+            return False
+        libs = self._begin(t, len(plan.order))
+        run = WholeRun(t, plan, targets, libs, functools.partial(self._more, peer, request_id),
+                       self.helpers)
+        self._svc._threads.start(self._claim, run, peer, request_id, label=t.function)
+        return True
+
+    def _targets(self, t: Trigger, functions: Sequence[str]) -> list[Any] | None:
+        """What to call for each of ``functions``; None unless all are loaded plain
+        ``def`` functions (or built instances) without references in their arguments."""
+        svc = self._svc
+        targets: list[Any] = []
+        plain = self._plain
+        for fn in functions:
+            loaded = svc._loader.peek(fn, t.versions[t.functions.index(fn)])
+            if loaded is None:
+                return None
+            target = loaded.obj
+            if plain.get(fn) is not target:  # not known to be a plain def function
+                if isinstance(target, tuple):  # (cls, init_args): once built, its run method
+                    if loaded.instance is None:
+                        return None
+                    target = loaded.instance.run
+                if inspect.iscoroutinefunction(target):
+                    return None
+                if target is loaded.obj:
+                    if len(plain) >= MAX_PLAIN:
+                        plain.clear()
+                    plain[fn] = target
+            if svc._has_references(t, fn):
+                return None
+            targets.append(target)
+        return targets
+
+    def _begin(self, t: Trigger, functions: int) -> list[UserLibrary]:
+        """Count a call of ``functions`` functions as started; their user libraries."""
+        svc = self._svc
+        svc._active += 1
+        svc._running += functions
+        svc._invocations += functions
+        self.calls += 1
+        run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
+        return [svc._new_library(run) for _ in range(functions)]
 
     def settle(self) -> None:
         """Account for the calls worker threads finished since the last time."""
         svc, done = self._svc, self.done
         while done:
-            segment, elapsed, failed, libs = done.popleft()
+            records, failures, libs = done.popleft()
             svc._active -= 1
-            svc._running -= len(segment)
-            if failed:
-                svc._failures += 1
-            for fn in segment:
+            svc._running -= len(libs)
+            svc._failures += failures
+            for fn, elapsed, failed in records:
                 svc.recorder.record(fn, elapsed, failed)
             for lib in libs:
                 svc._libraries.pop(lib.getid(), None)
@@ -177,7 +235,42 @@ class FastLane:
                 message = f"executor {self._svc.url} could not run {t.function!r}; see its log"
                 self._soon(functools.partial(_reply_error, peer, request_id, message))
         finally:
-            self.done.append((segment, elapsed, failed, libs))
+            self.done.append(([(fn, elapsed, failed) for fn in segment], int(failed), libs))
+
+    def _claim(self, run: WholeRun, peer: Peer, request_id: int) -> None:
+        """A claimer of a whole run (see :class:`WholeRun`); who runs the sink answers."""
+        t = run.t
+        try:
+            outcome = run.claim()
+            if outcome is None:
+                return
+            value, failed = outcome
+            try:
+                self._finish(t, value, failed, peer, request_id)
+            except ValueError as exc:  # the result is too big for one frame: as in _job
+                too_big = _Failure(DropletError(
+                    f"the result of {run.plan.order[-1]!r} is too large to send: {exc}"))
+                run.failures += 0 if failed else 1
+                self._finish(t, too_big, True, None, 0)
+        except BaseException:  # our bug, not the function's: never leave a caller waiting
+            log.exception("run %s: the fast lane failed running %s", t.run_id, t.function)
+            if not run.over():
+                return
+            message = f"executor {self._svc.url} could not run {t.function!r}; see its log"
+            self._soon(functools.partial(_reply_error, peer, request_id, message))
+            self.done.append((run.records, max(1, run.failures), run.libs))
+            return
+        if run.over():
+            self.done.append((run.records, run.failures, run.libs))
+
+    def _more(self, peer: Peer, request_id: int, run: WholeRun, claimers: int) -> None:
+        """From the watcher of whole runs: ``claimers`` more for ``run``, started from
+        the loop."""
+        def start() -> None:
+            for _ in range(claimers):
+                self._svc._threads.start(self._claim, run, peer, request_id,
+                                         label=run.t.function)
+        self._soon(start)
 
     @staticmethod
     def _run(t: Trigger, segment: list[str], targets: list[Any], libs: list[UserLibrary]
@@ -225,6 +318,7 @@ class FastLane:
         blob = pickle_value(value)
         if peer is not None and request_id:  # a client's direct call: the reply first
             reply = DagResult(t.run_id, blob, failed)
+            svc._threads.about_done()  # the rest is quick: a call queued now waits for us
             try:
                 sent = peer.write_from_thread(reply, request_id, reply=True)
             except ValueError:  # too big: the loop's path replies with an error naming the limit

@@ -107,6 +107,7 @@ class InlineRuns:
         if (t.source is not None or t.carried is not None or t.consistency != NORMAL
                 or t.failed or t.multiexec or t.batching or t.output_key is not None
                 or t.scheduler or t.deadline is not None or t.store_result or t.direct
+                or t.whole_run
                 or svc._active >= self._max):
             return False
         segment = svc._segment(t)

@@ -70,6 +70,7 @@ from .steps import RunContext, Step, run_sync_steps
 from .thread_calls import ThreadCalls
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
+from .wholerun import whole_run_sources
 
 __all__ = ["ExecutorService", "ExecutorStatistics", "RunContext"]
 
@@ -252,6 +253,8 @@ class ExecutorService:
         finally:
             with trio.CancelScope(shield=True):  # fast-lane calls get the grace period too
                 await self._threads.finish_started()
+            if self.fast_lane is not None:
+                self.fast_lane.close()
             self._threads.close()
             if self._own_cache or isinstance(self.cache, RemoteCache):
                 self.cache.close()
@@ -327,6 +330,9 @@ class ExecutorService:
         if kind is Trigger:
             if request_id:  # a run a client sent here itself: answer it with the result
                 return self._direct_run(peer, msg, request_id)
+            if msg.whole_run:
+                raise ProtocolError("a whole_run trigger must come as a request "
+                                    "(a client's direct call)")
             if fast is None or not fast.try_start(msg, None, 0):
                 self._on_trigger(msg)
         elif kind is KvsUpdate:
@@ -370,8 +376,12 @@ class ExecutorService:
             return DEFERRED
         now = time.monotonic()
         self._callers.add(t.run_id, Reply(peer, request_id, now), now)
-        try:
-            self._on_trigger(t)  # starts tasks, which run after we return
+        try:  # starts tasks, which run after we return
+            if t.whole_run:  # one trigger for every source of the run
+                for source in whole_run_sources(t):
+                    self._on_trigger(source)
+            else:
+                self._on_trigger(t)
         except BaseException:
             self._callers.pop(t.run_id)
             raise
@@ -470,7 +480,7 @@ class ExecutorService:
         """
         try:
             await self._invoke_segment(t, inputs, overloaded)
-        except Exception:
+        except (Exception, SystemExit):  # e.g. user code's sys.exit() while being loaded
             log.exception("run %s: invoking %s failed", t.run_id, t.function)
             caller = self._callers.pop(t.run_id)
             if caller is not None:  # never leave a client waiting
@@ -583,7 +593,7 @@ class ExecutorService:
         for fn in segment:
             try:
                 steps.append(await self._prepare(t, fn, libs, run))
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # a class's __init__ may exit too
                 return _Failure(function_error(exc, fn)), True
         try:
             carried = await self._resolve(
@@ -604,7 +614,7 @@ class ExecutorService:
                     if i:
                         carried = await self._resolve(spread(private(value)), run)
                     value = await step.target(step.lib, *step.args, *carried)
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:  # sys.exit() never ends the node
                     return _Failure(function_error(exc, step.function)), True
                 i += 1
             else:

@@ -56,6 +56,7 @@ def run_sync_steps(steps: list[Step], carried: list[Any]) -> tuple[Any, bool]:
                            if isinstance(a, DropletReference) else a
                            for a in spread(private(value))]
             value = step.target(step.lib, *step.args, *carried)
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit() too: in a worker thread it is the
+            # function's own error (no Ctrl-C or cancellation is delivered here)
             return _Failure(function_error(exc, step.function)), True
     return value, False

@@ -81,6 +81,7 @@ class ThreadCalls:
         if (t.source is not None or t.carried is not None or t.consistency != NORMAL
                 or t.failed or t.multiexec or t.batching or t.output_key is not None
                 or t.scheduler or t.deadline is not None or t.store_result or t.direct
+                or t.whole_run
                 or svc._threads.closed
                 or svc._active + self.active >= self._max):
             return False

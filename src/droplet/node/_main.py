@@ -168,14 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level.upper(),
         format=f"%(asctime)s {config.role}[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
-    if os.environ.get(WATCH_PARENT_ENV) == "stdin":
-        watch_parent()
     try:
-        if config.role == "executor":  # big arguments: a copy, not page faults (_memory.py)
+        # Big arguments: a copy, not page faults (_memory.py); before any thread starts.
+        if config.role == "executor":
             keep_freed_memory()
     except ValueError as exc:
         print(f"droplet.node: {exc}", file=sys.stderr)
         return 2
+    if os.environ.get(WATCH_PARENT_ENV) == "stdin":
+        watch_parent()
     if config.insecure and not config.token:
         log.warning("--insecure: accepting unauthenticated connections on %s; anyone who "
                     "can reach it can run code on this machine", config.listen_url)

@@ -38,7 +38,8 @@ from collections.abc import Sequence
 from ..errors import ProtocolError
 
 __all__ = ["BIG_FRAME", "DEFAULT_MAX_FRAME_SIZE", "Buffer", "BufferPool", "FrameDecoder",
-           "Gather", "Payload", "ReceiveBuffer", "frame", "frame_parts"]
+           "Gather", "Payload", "ReceiveBuffer", "all_immutable", "frame", "frame_parts",
+           "immutable", "join", "with_header"]
 
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 #: Frames at least this big are received into a buffer of their own.
@@ -81,6 +82,44 @@ class Gather:
 Payload = bytes | Gather
 
 
+def immutable(piece: Buffer) -> bool:
+    """Whether nobody can change the bytes of ``piece``: ``bytes`` or a view of
+    them (a read-only view of a writable buffer may still change behind it)."""
+    obj: object = piece
+    while type(obj) is memoryview:
+        obj = obj.obj
+    return type(obj) is bytes
+
+
+def all_immutable(gather: Gather) -> bool:
+    """Whether every piece of ``gather`` is :func:`immutable`."""
+    return all(immutable(p) for p in gather.parts)
+
+
+def join(payload: Payload, pool: BufferPool | None = None) -> bytes | memoryview:
+    """``payload`` in one piece, for a transport that takes whole frames only.
+
+    A big :class:`Gather` is copied into a pooled buffer (warm memory, used
+    again once nothing refers to it) and comes back as a read-only view of it,
+    what a socket's receiving side hands out; ``bytes(gather)`` would be a
+    fresh allocation, which glibc maps page by page for every big frame
+    (several times the cost of the copy). Anything else is returned as it is.
+    """
+    if not isinstance(payload, Gather):
+        return payload
+    size = payload.nbytes
+    if size < BIG_FRAME:
+        return b"".join(payload.parts)
+    buffer = (POOL if pool is None else pool).take(size)
+    view = memoryview(buffer)[:size]
+    pos = 0
+    for part in payload.parts:
+        n = part.nbytes if type(part) is memoryview else len(part)
+        view[pos:pos + n] = part
+        pos += n
+    return view.toreadonly()
+
+
 def frame(payload: bytes, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
     """Prefix ``payload`` with its length. Raises ``ValueError`` if it is too big to send."""
     if len(payload) > max_frame_size:
@@ -100,7 +139,12 @@ def frame_parts(payload: Payload | memoryview,
     size = len(payload) if type(payload) is not memoryview else payload.nbytes
     if size > max_frame_size:
         raise ValueError(f"frame of {size} bytes exceeds max_frame_size={max_frame_size}")
-    head = _LEN.pack(size)
+    return with_header(_LEN.pack(size), payload, size)
+
+
+def with_header(head: bytes, payload: Payload | memoryview, size: int) -> list[Buffer]:
+    """``head`` then ``payload`` (of ``size`` bytes) as pieces to write: one joined
+    piece when small, else the header and the payload's own buffers (no copy)."""
     if isinstance(payload, Gather):
         if size < BIG_FRAME:
             return [head + bytes(payload)]

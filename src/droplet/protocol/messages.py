@@ -81,9 +81,43 @@ def _check(kind: str) -> Callable[[Any], bool]:
     }[kind]
 
 
+#: The type test of each header field kind, as an expression on ``v`` (see
+#: :func:`_compile_checks`); the same tests as :func:`_check`, inlined.
+_CHECK_EXPR = {
+    "str": "type(v) is str",
+    "int": "type(v) is int",
+    "bool": "type(v) is bool",
+    "float": "type(v) is float or type(v) is int",
+    "str | None": "v is None or type(v) is str",
+    "int | None": "v is None or type(v) is int",
+    "float | None": "v is None or type(v) is float or type(v) is int",
+    "list[str]": "type(v) is list and _STR.issuperset(map(type, v))",
+    "list[int]": "type(v) is list and _INT.issuperset(map(type, v))",
+    "list[list[str]]": "type(v) is list and all(type(x) is list and "
+                       "_STR.issuperset(map(type, x)) for x in v)",
+    "dict[str, int]": "type(v) is dict and _INT.issuperset(map(type, v.values()))",
+}
+
+
+def _compile_checks(fields: list[tuple[int, str, Callable[[Any], bool]]],
+                    kinds: list[str]) -> Callable[[list[Any]], int]:
+    """One function testing every header field of a full-length header, inline:
+    the index of the first field of the wrong type, or -1. (A call per field
+    costs more than the tests on a small machine, and every message pays it.)"""
+    lines = ["def check(h):"]
+    for i, _, _ in fields:
+        lines += [f"    v = h[{i}]", f"    if not ({_CHECK_EXPR[kinds[i]]}):",
+                  f"        return {i}"]
+    lines.append("    return -1")
+    namespace: dict[str, Any] = {"_STR": frozenset({str}), "_INT": frozenset({int})}
+    exec("\n".join(lines), namespace)  # noqa: S102 - our own field kinds, no input
+    check: Callable[[list[Any]], int] = namespace["check"]
+    return check
+
+
 class _Schema:
-    __slots__ = ("blob_fields", "checks", "cls", "names", "kinds", "header_fields",
-                 "min_fields", "tag", "views")
+    __slots__ = ("blob_fields", "check_all", "checks", "cls", "names", "kinds",
+                 "header_fields", "min_fields", "tag", "views")
 
     def __init__(self, cls: type[Any], tag: int) -> None:
         self.cls = cls
@@ -104,6 +138,7 @@ class _Schema:
             (i, name, kind)
             for i, (name, kind) in enumerate(zip(self.names, self.kinds, strict=True))
             if kind in _BLOB_KINDS]
+        self.check_all = _compile_checks(self.header_fields, self.kinds)
 
 
 def message(tag: int) -> Callable[[type[T]], type[T]]:
@@ -202,22 +237,28 @@ def decode(payload: bytes | memoryview) -> tuple[Any, int, bool]:
             _json_encode(header).encode("utf-8")
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"{cls.__name__}: header is not valid JSON ({exc})") from None
-    header_fields, blob_fields = schema.header_fields, schema.blob_fields
-    if type(header) is not list or len(header) != len(schema.names):
+    blob_fields = schema.blob_fields
+    if type(header) is list and len(header) == len(schema.names):
+        bad = schema.check_all(header)
+        if bad >= 0:
+            raise ProtocolError(
+                f"{cls.__name__}.{schema.names[bad]} must be {schema.kinds[bad]}, "
+                f"got {type(header[bad]).__name__}"
+            )
+    else:
         if (type(header) is not list
                 or not schema.min_fields <= len(header) < len(schema.names)):
             raise ProtocolError(
                 f"{cls.__name__}: header must be a list of {len(schema.names)} fields"
             )
         # an older peer's message: the fields it leaves out keep their defaults
-        header_fields = [f for f in header_fields if f[0] < len(header)]
         blob_fields = [f for f in blob_fields if f[0] < len(header)]
-    for i, name, check in header_fields:
-        if not check(header[i]):
-            raise ProtocolError(
-                f"{cls.__name__}.{name} must be {schema.kinds[i]}, "
-                f"got {type(header[i]).__name__}"
-            )
+        for i, name, check in schema.header_fields:
+            if i < len(header) and not check(header[i]):
+                raise ProtocolError(
+                    f"{cls.__name__}.{name} must be {schema.kinds[i]}, "
+                    f"got {type(header[i]).__name__}"
+                )
     pos = end
     if size >= BIG_FRAME and type(payload) is bytes:
         payload = memoryview(payload)  # big blobs as views of these (immutable) bytes
@@ -796,9 +837,14 @@ class Trigger:
     #: only to that client (in its DagResult); the executor writes no result
     #: key (the client stores the result itself if anyone asks for the key).
     store_result: bool = True
+    #: True: a client's direct run of a DAG with several sources, sent as this
+    #: one trigger (a request) for all of them: the executor starts every
+    #: source of the run (each with the arguments this trigger carries).
+    whole_run: bool = False
 
-    #: ``store_result`` came last: older clients send the trigger without it.
-    OPTIONAL_TAIL: ClassVar[int] = 1
+    #: ``store_result`` and ``whole_run`` came last: older clients send the
+    #: trigger without them.
+    OPTIONAL_TAIL: ClassVar[int] = 2
 
 
 @message(41)
@@ -956,6 +1002,11 @@ def _check_trigger(m: Trigger) -> None:
         raise ProtocolError("Trigger.store_result may be false only for a NORMAL run a "
                             "client sent straight to an executor (not direct, no output "
                             "key, no scheduler)")
+    if m.whole_run and (m.source is not None or m.direct or m.scheduler
+                        or m.carried is not None):
+        raise ProtocolError("Trigger.whole_run may be true only for a source trigger a "
+                            "client sent straight to an executor (not direct, no "
+                            "scheduler, no continuation)")
 
 
 @_validator(KvsGet)

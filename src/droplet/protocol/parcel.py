@@ -10,8 +10,12 @@ skipping the JSON header, the blob framing and the decoder. Only the
   :class:`~droplet.protocol.framing.Gather` of a pickle's out-of-band buffers,
   a writable ``memoryview``) is copied into ``bytes`` here, as a socket would
   copy it, so a caller changing its object after the call never changes what
-  the function receives. List and dict fields are copied (shallowly; their
-  items are immutable), so neither end can change the other's message.
+  the function receives. A ``Gather`` whose pieces are all ``bytes`` (or views
+  of ``bytes``: a big ``bytes`` argument's out-of-band form) is passed as it
+  is: nobody can change it, and a ``bytes`` value is then rebuilt as the very
+  same object (:func:`~droplet.serialization.loads`), no copy at all. List and
+  dict fields are copied (shallowly; their items are immutable), so neither end
+  can change the other's message.
 - **Validation.** :func:`unpack` checks every field's type against the class's
   annotations and runs the class's checks, as :func:`~droplet.protocol.messages.decode`
   does, so a bad value never reaches a service. Values that do not fit
@@ -30,7 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ProtocolError
-from .framing import Gather
+from .framing import Gather, all_immutable
 from .messages import _VALIDATORS, InvalidMessage, _Schema
 
 __all__ = ["ENVELOPE_BYTES", "Parcel", "pack", "unpack"]
@@ -74,7 +78,12 @@ def _own(value: Any, view_ok: bool) -> tuple[Any, int]:
             return value, value.nbytes
         data = value.tobytes()
         return data, len(data)
-    if kind is Gather or kind is bytearray:
+    if kind is Gather:
+        if view_ok and all_immutable(value):  # pickle + views of bytes: nothing can change
+            return value, value.nbytes
+        data = bytes(value)
+        return data, len(data)
+    if kind is bytearray:
         data = bytes(value)
         return data, len(data)
     return value, 0  # not a value: unpack's type check names it
@@ -119,10 +128,11 @@ _TYPE_TESTS = {
     "bytes | None": "{v} is None or type({v}) is bytes",
     "list[bytes]": "type({v}) is list and all([type(x) is bytes for x in {v}])",
     # the same kinds in a Blob field (a big value may stay a view)
-    "view:bytes": "type({v}) is bytes or type({v}) is memoryview",
-    "view:bytes | None": "{v} is None or type({v}) is bytes or type({v}) is memoryview",
+    "view:bytes": "type({v}) is bytes or type({v}) is memoryview or type({v}) is Gather",
+    "view:bytes | None": ("{v} is None or type({v}) is bytes or type({v}) is memoryview "
+                          "or type({v}) is Gather"),
     "view:list[bytes]": ("type({v}) is list and all([type(x) is bytes or type(x) is "
-                         "memoryview for x in {v}])"),
+                         "memoryview or type(x) is Gather for x in {v}])"),
 }
 
 
@@ -184,7 +194,7 @@ def _compile(schema: _Schema) -> tuple[Any, Any]:
     lines.append("    return None")
     namespace: dict[str, Any] = {
         "ENVELOPE_BYTES": ENVELOPE_BYTES, "Parcel": Parcel, "_own": _own,
-        "_own_list": _own_list, "_copy_nested": _copy_nested, "cls": cls,
+        "_own_list": _own_list, "_copy_nested": _copy_nested, "cls": cls, "Gather": Gather,
     }
     exec(compile("\n".join(lines), f"<parcel {cls.__name__}>", "exec"), namespace)
     return namespace["pack"], namespace["check"]

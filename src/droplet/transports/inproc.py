@@ -2,7 +2,12 @@
 
 By default frames cross as the same encoded ``bytes`` the socket transports
 send, so an embedded cluster exercises exactly the codec the network does
-(STYLE.md, "same bytes everywhere"); only the kernel is skipped.
+(STYLE.md, "same bytes everywhere"); only the kernel is skipped. Two
+exceptions for big messages: one in pieces is joined into a pooled buffer
+(warm memory, as a socket's receiver uses), and one whose big values nobody
+can change (``bytes`` arguments and results) crosses as a
+:class:`~droplet.protocol.parcel.Parcel`, so the function gets the very
+``bytes`` object instead of two copies of it.
 
 A listener started with ``TransportOptions(skip_encoding=True)`` gives its
 connections :attr:`~droplet.transports.base.Connection.carries_objects`: they
@@ -29,6 +34,7 @@ from collections.abc import Callable
 import trio
 
 from ..errors import ConnectionError, ProtocolError
+from ..protocol.framing import Gather, join
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 
 __all__ = ["InprocConnection", "InprocTransport"]
@@ -120,9 +126,18 @@ class InprocConnection(Connection):
         if other is not None:
             other._idle = False
 
+    #: ``send`` takes :class:`~droplet.protocol.framing.Gather` payloads: a big
+    #: one is joined into a pooled buffer (see :func:`~droplet.protocol.framing.join`).
+    gather_writes = True
+    #: Both ends are in this process: :class:`~droplet.rpc.Peer` sends a big
+    #: message of immutable values as a Parcel even without ``carries_objects``.
+    in_process = True
+
     async def send(self, frame: bytes) -> None:
         if len(frame) > self._max:
             raise ValueError(f"frame of {len(frame)} bytes exceeds max_frame_size={self._max}")
+        if isinstance(frame, Gather):  # what Peer sends big messages as
+            frame = join(frame)
         try:
             if self.carries_objects:
                 # The fast mode does not yield to the scheduler when the queue has

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import socket as _socket
 import ssl
 import threading
 from collections import deque
@@ -65,6 +66,7 @@ class StreamConnection(Connection):
         self._stream = stream
         #: the raw trio socket of a plain TCP stream (receive_into, sendmsg); None for TLS.
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._lowat = 1  # SO_RCVLOWAT in force (-1: cannot be set)
         #: sendmsg is missing on some platforms (Windows): then parts are sent one by one.
         self._gather = self._sock is not None and hasattr(self._sock, "sendmsg")
         self.remote_address = remote_address
@@ -92,12 +94,16 @@ class StreamConnection(Connection):
     #: ``send`` and ``send_many`` take :class:`~droplet.protocol.framing.Gather` payloads.
     gather_writes = True
 
+    def _frame_parts(self, data: Payload | memoryview) -> list[Buffer]:
+        """The pieces to write for one frame (a subclass may frame differently: ws)."""
+        return frame_parts(data, self._send_limit)
+
     async def send(self, data: Payload) -> None:
-        await self._write(frame_parts(data, self._send_limit))
+        await self._write(self._frame_parts(data))
 
     async def send_many(self, frames: Sequence[Payload]) -> None:
-        limit = self._send_limit
-        parts = [p for f in frames for p in frame_parts(f, limit)]
+        framed = self._frame_parts
+        parts = [p for f in frames for p in framed(f)]
         if len(parts) > 1 and sum(len(p) for p in parts) < BIG_FRAME:
             parts = [b"".join(parts)]  # small frames: one write of one buffer
         await self._write(parts)
@@ -123,7 +129,21 @@ class StreamConnection(Connection):
         """
         if self._fd < 0 or len(data) >= BIG_FRAME:
             return REFUSED
-        frame = frame_parts(data, self._send_limit)[0]  # ValueError: over the limit
+        frame = self._frame_parts(data)[0]  # ValueError: over the limit
+        return self._thread_write(bytes(frame) if type(frame) is not bytes else frame)
+
+    def send_many_from_thread(self, payloads: Sequence[bytes]) -> int:
+        """:meth:`send_from_thread` for several small frames, in order, in one write
+        (one system call, one wakeup of the peer); all are taken or none."""
+        if self._fd < 0:
+            return REFUSED
+        framed = self._frame_parts
+        frames = b"".join([p for data in payloads for p in framed(data)])
+        if len(frames) >= BIG_FRAME:
+            return REFUSED
+        return self._thread_write(frames)
+
+    def _thread_write(self, frame: bytes) -> int:
         with self._tlock:
             if self._closed:
                 raise trio.ClosedResourceError("connection is closed")
@@ -231,13 +251,44 @@ class StreamConnection(Connection):
             data = await self._stream.receive_some(RECEIVE_SIZE)
         elif self._sock is not None:  # the bytes go where the frame will stay
             with _socket_errors():
-                n = await self._sock.recv_into(target)
+                n = self._sock_recv_now(target)
+                if n < 0:  # nothing there yet: wait for a big piece of it
+                    self._set_lowat(min(len(target), BIG_RECEIVE_SIZE))
+                    try:
+                        n = await self._sock.recv_into(target)
+                    finally:
+                        self._set_lowat(1)
             decoder.received(n)
             return n > 0
         else:
             data = await self._stream.receive_some(min(len(target), BIG_RECEIVE_SIZE))
         decoder.feed(data)
         return bool(data)
+
+    def _sock_recv_now(self, target: memoryview) -> int:
+        """What is already there of a big frame, without a trip through the loop
+        (-1: nothing yet)."""
+        if self._fd < 0:
+            return -1
+        if self._closed:  # as _read_fd: never read a descriptor that may be reused
+            raise trio.ClosedResourceError("connection is closed")
+        try:
+            return os.readv(self._fd, [target])
+        except (BlockingIOError, InterruptedError):
+            return -1
+
+    def _set_lowat(self, size: int) -> None:
+        """Wake this reader only once ``size`` bytes are there (``SO_RCVLOWAT``):
+        a big frame arrives in a few big reads instead of one per segment the
+        sender's kernel happens to push (each read a trip through the loop)."""
+        if self._lowat == size or self._sock is None:
+            return
+        try:
+            self._sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVLOWAT, size)
+        except OSError:
+            self._lowat = -1  # not supported here: read as it comes
+            return
+        self._lowat = size
 
     def _mark_closed(self) -> None:
         with self._tlock:  # no worker thread writes to the descriptor after this

@@ -4,183 +4,125 @@ For peers that can only reach us through HTTP infrastructure (browsers,
 proxies, load balancers). Each Droplet frame travels as one binary WebSocket
 message, so WebSocket's own framing replaces the length prefix of ``tcp://``.
 
-trio-websocket does the WebSocket work: the HTTP upgrade, reassembly of
-fragmented messages, answering pings, the closing handshake and its size limit
-(``max_message_size``). Its connection needs a background reader task, which
-runs in the nursery ``Transport.connect`` is given (on a listener, in one
-nursery per connection). What stays here are Droplet's own rules:
+Two parts, each done by what does it best:
+
+- **The opening handshake** (the HTTP upgrade, both ends) is trio-websocket's
+  (``wrap_server_stream`` / ``wrap_client_stream``), over a stream that hands
+  it the bytes up to the end of the HTTP head and nothing after: whatever
+  follows is kept for the frame codec, and trio-websocket's reader task, which
+  then waits for bytes it will never get, is cancelled. The connection needs no
+  background task after that.
+- **The frames** are :class:`~droplet.protocol.wsframes.WsCodec`'s (the codec
+  the blocking client uses too), driven by :class:`WebSocketConnection`, a
+  :class:`~droplet.transports.tcp.StreamConnection` with WebSocket framing: the
+  caller's ``receive`` parses frames straight off the socket, big messages go
+  into a buffer of their own (``recv_into``), writes are gathered, and a worker
+  thread may write a small frame itself (``send_from_thread``), so executors
+  reached over ``ws://`` have the fast lane that ``tcp://`` has.
+
+Why not trio-websocket's frame path: measured on a 2-core VM (one sequential
+no-op call, ``benchmarks/cpuprobe.py --scheme ws|tcp``, least of three runs),
+the executor spent 540 us of CPU per call over ``ws://`` against 287 us over
+``tcp://``: wsproto's parser alone took ~35-50 us per message received (this
+codec ~9 us), trio-websocket's reader a task switch and a memory channel per
+message, and its connection cannot be written from a thread, so ws executors
+had no fast lane. With this module the executor spends 280 us per call over
+``ws://`` (p50 0.40 ms against 0.44 ms for tcp in the same window); see
+docs/discussion/architecture.rst.
+
+Droplet's rules, as for every transport:
 
 - binary messages only: a text message is a :class:`~droplet.ProtocolError`
   naming it, and the connection closes with code 1003;
 - ``max_frame_size`` both ways, and the lower pre-authentication limit of
-  ``limit_incoming``. A listener's reader reads nothing past the HTTP upgrade
-  until the handler asks for its first frame, by which time that limit is set,
-  and a whole message over the current limit is refused even if it was read
-  before, so an unauthenticated peer cannot make us hold more than one socket
-  read (``RECEIVE_SIZE``) plus a 4 KiB frame;
+  ``limit_incoming``, checked on the declared length before anything is set
+  aside (fragments of one message count together); nothing past the upgrade is
+  read before the handler first calls ``receive``, so the limit is in place;
 - a message whose first bytes arrived must be complete within ``read_timeout``
   (slowloris), and so must the TLS and HTTP opening handshakes;
+- pings are answered, the closing handshake is answered and started (bounded by
+  ``CLOSE_TIMEOUT``, shielded: a peer that stopped reading cannot keep us from
+  hanging up), a peer that breaks RFC 6455 gets the close code it earned;
 - errors in Droplet's terms: ``ConnectionError`` naming the address (and the
   fix) for a failed dial, TLS handshake or upgrade; ``EndOfChannel`` for a clean
-  close (codes 1000, 1001, 1005), ``BrokenResourceError`` for any other end,
-  ``ProtocolError`` for a peer that broke the rules;
-- bounded, shielded ``aclose``: a peer that stopped reading cannot keep us
-  from hanging up.
+  close (codes 1000, 1001, 1005), ``BrokenResourceError`` for any other end
+  (a close code with its reason, or no close frame at all), ``ProtocolError``
+  for a peer that broke the rules.
 
 No extensions are negotiated (no compression, so no decompression bombs).
-trio-websocket exposes no setter for the incoming size limit nor a way to see
-that a message is partly received, so :class:`_Adapter` touches its private
-``_max_message_size``, ``_message_size`` and ``_wsproto`` attributes, and
-:func:`_deliver_eagerly` wraps its ``_send_channel`` (one scheduler pass less
-per message); the dependency is pinned to the 0.12 series and the
-conformance suite's ``limit_incoming`` and the stalled-frame tests fail if
-they move.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn, cast
 
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, ConnectionRejected
-from wsproto.connection import ConnectionState
 
 from ..errors import ConnectionError, ProtocolError
+from ..protocol.framing import Buffer, Payload
+from ..protocol.wsframes import PeerClosed, WsCodec, encode_frame, server_frame_parts
 from ._sockets import dial, open_listeners, peer_url
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 from .registry import parse_address
+from .tcp import StreamConnection
 
-__all__ = ["MESSAGE_QUEUE_SIZE", "RECEIVE_SIZE", "WebSocketConnection", "WebSocketTransport"]
+__all__ = ["CLOSE_TIMEOUT", "WebSocketConnection", "WebSocketTransport"]
 
 log = logging.getLogger(__name__)
 
-#: Bytes asked of the socket per read (trio-websocket's default is 4 KiB: 16
-#: reads, and 16 trips through wsproto, for a 64 KiB frame).
-RECEIVE_SIZE = 256 * 1024
-#: Whole messages the reader may queue ahead of ``receive`` (trio-websocket's
-#: default is 1). Each may be ``max_frame_size`` long, so a connection whose
-#: consumer lags holds up to ``(MESSAGE_QUEUE_SIZE + 1) * max_frame_size``
-#: (the +1: the message the reader is assembling); while the queue is full the
-#: reader answers no ping or close. Two let a close frame that follows a
-#: frame or two be answered before they are read; latency does not change
-#: with it (every message still wakes the consumer once).
-MESSAGE_QUEUE_SIZE = 2
-#: Seconds ``aclose`` may spend on the closing handshake before it just hangs up.
+#: Seconds ``aclose`` (or a refusal) may spend sending a close frame before it just hangs up.
 CLOSE_TIMEOUT = 1.0
-
-_CLEAN_CODES = frozenset({1000, 1001, 1005})
-_ABNORMAL = 1006  # no close frame: the TCP connection just ended
-_UNSUPPORTED_DATA = 1003
-_MESSAGE_TOO_BIG = 1009
 
 
 class _HandshakeFailed(Exception):
     """The WebSocket opening handshake did not complete (the reason is the message)."""
 
 
-class _Adapter(trio.abc.Stream):
-    """The byte stream trio-websocket sees: the socket (or TLS) stream, plus three jobs.
+class _HeadOnly(trio.abc.Stream):
+    """The stream trio-websocket runs the opening handshake over.
 
-    - It holds the reader before each read until ``release()`` (a listener's
-      connection stays unread until its handler first receives).
-    - It enforces the per-message deadline: while a message is partly in,
-      reads must bring the rest before ``read_timeout`` runs out.
-    - ``hold_writes(n)`` gathers the next ``n`` writes into the one after them,
-      so ``send_many`` costs one system call.
+    Reads pass through until the HTTP head (request or response) is complete;
+    the bytes after it are kept in :attr:`rest` for the frame codec and later
+    reads wait forever (until trio-websocket's reader is cancelled). A client
+    whose upgrade was refused reads on, so trio-websocket can report the refusal.
     """
 
-    def __init__(self, inner: trio.abc.Stream, read_timeout: float) -> None:
+    def __init__(self, inner: trio.abc.Stream, client: bool) -> None:
         self.inner = inner
-        self.ws: trio_websocket.WebSocketConnection | None = None
-        self._read_timeout = read_timeout
-        self._deadline = math.inf
-        self.timed_out = False
-        self._gate: trio.Event | None = None
-        self._held_writes = 0
-        self._pending: list[bytes] = []
-        self.write_failure: BaseException | None = None  # a write that failed midway
-
-    # ------------------------------------------------------ trio-websocket's private state
-
-    def message_started(self) -> bool:
-        ws = self.ws
-        return ws is not None and bool(ws._message_size)
-
-    def set_incoming_limit(self, limit: int) -> None:
-        assert self.ws is not None
-        self.ws._max_message_size = limit
-
-    def parse_failed(self) -> bool:
-        """wsproto turns a frame it cannot parse into a close event of its own
-        making and stays OPEN; a peer's close frame moves it out of OPEN."""
-        ws = self.ws
-        return ws is not None and ws._wsproto.state is ConnectionState.OPEN
-
-    # ------------------------------------------------------------------ reads
-
-    def hold(self) -> None:
-        self._gate = trio.Event()
-
-    def release(self) -> None:
-        if self._gate is not None:
-            self._gate.set()
+        self._client = client
+        self._head = bytearray()
+        self._done = False  # the head is in: no more reads
+        self._passing = False  # a refusal: every read passes
+        self.rest = b""
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._gate is not None and not self._gate.is_set():
-            await self._gate.wait()
-        if not self.message_started():
-            self._deadline = math.inf
-            return await self.inner.receive_some(max_bytes)
-        if self._deadline == math.inf:
-            # The deadline covers the whole message, not each read (trickling).
-            self._deadline = trio.current_time() + self._read_timeout
-        with trio.move_on_at(self._deadline):
-            return await self.inner.receive_some(max_bytes)
-        self.timed_out = True
-        raise trio.BrokenResourceError("frame unfinished past read_timeout")
-
-    # ------------------------------------------------------------------ writes
-
-    def hold_writes(self, count: int) -> None:
-        """Hold ``count`` more writes (a ``send_many`` of ``count + 1`` messages).
-
-        Counts add up, so concurrent ``send_many`` calls (or a pong the reader
-        writes meanwhile) interleave whole messages, in lock order, and the
-        last write of the last of them always finds nothing held: every call
-        adds one hold fewer than it writes.
-        """
-        self._held_writes += count
-
-    def drop_held_writes(self) -> None:
-        self._held_writes = 0
-        self._pending.clear()
+        if self._done:
+            await trio.sleep_forever()
+        data = await self.inner.receive_some(max_bytes)
+        if self._passing:
+            return data
+        seen = len(self._head)
+        self._head += data  # bounded: h11 refuses a head over 16 KiB
+        end = self._head.find(b"\r\n\r\n", max(0, seen - 3))
+        if end < 0:
+            return data
+        if self._client and not self._head.startswith(b"HTTP/1.1 101 "):
+            self._passing = True  # trio-websocket reads the refusal's body
+            self._head = bytearray()
+            return data
+        self._done = True
+        cut = end + 4
+        self.rest = bytes(self._head[cut:])
+        passed = bytes(self._head[seen:cut])
+        self._head = bytearray()
+        return passed
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._held_writes:
-            # trio-websocket writes under its own lock, one message at a time;
-            # a held write only appends, and the next unheld one sends it all.
-            self._held_writes -= 1
-            self._pending.append(bytes(data))
-            return
-        if self._pending:
-            self._pending.append(bytes(data))
-            data = b"".join(self._pending)
-            self._pending.clear()
-        try:
-            await self.inner.send_all(data)
-        except BaseException as exc:
-            # Part of a message may be on the wire (a cancelled write): the
-            # connection is unusable, so close it rather than let it be reused.
-            self.drop_held_writes()
-            if self.write_failure is None:
-                self.write_failure = exc
-            await trio.aclose_forcefully(self.inner)
-            raise
+        await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -189,35 +131,13 @@ class _Adapter(trio.abc.Stream):
         await self.inner.aclose()
 
 
-class _EagerSend:
-    """trio-websocket's reader hands messages to ``receive`` through this: a
-    message goes into the queue without a pass through the scheduler when
-    there is room (``MemorySendChannel.send`` always yields once first)."""
-
-    def __init__(self, inner: trio.MemorySendChannel[Any]) -> None:
-        self.inner = inner
-
-    async def send(self, value: Any) -> None:
-        try:
-            self.inner.send_nowait(value)
-        except trio.WouldBlock:
-            await self.inner.send(value)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-def _deliver_eagerly(ws: trio_websocket.WebSocketConnection) -> None:
-    ws._send_channel = cast(Any, _EagerSend(ws._send_channel))
-
-
 class _ReaderHost:
     """Stands in for the nursery trio-websocket starts its reader task in.
 
     The reader runs in the real nursery, but contained: its cancel scope is
-    ours (``aclose`` ends it), and an exception it raises (a refused upgrade)
-    is kept for the handshake to report instead of crashing the nursery, which
-    belongs to the caller (a client's, a node's).
+    ours (the handshake's end cancels it), and an exception it raises (a refused
+    upgrade) is kept for the handshake to report instead of crashing the
+    nursery, which belongs to the caller (a client's, a node's).
     """
 
     def __init__(self, nursery: trio.Nursery) -> None:
@@ -228,7 +148,7 @@ class _ReaderHost:
 
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object,
                    name: object = None) -> None:
-        self._nursery.start_soon(self._run, fn, *args, name=name or "websocket reader")
+        self._nursery.start_soon(self._run, fn, *args, name=name or "websocket handshake")
 
     async def _run(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         try:
@@ -236,245 +156,188 @@ class _ReaderHost:
                 await fn(*args)
         except Exception as exc:
             self.failure = exc
-            log.debug("websocket reader ended: %r", exc)
+            log.debug("websocket handshake reader ended: %r", exc)
         finally:
             if self.handshake_scope is not None:
                 self.handshake_scope.cancel()  # the reader ended before the upgrade did
 
 
-class WebSocketConnection(Connection):
-    """Droplet frames as binary messages over an open trio-websocket connection."""
+class WebSocketConnection(StreamConnection):
+    """Droplet frames as binary WebSocket messages over a stream past its upgrade.
 
-    def __init__(
-        self,
-        ws: trio_websocket.WebSocketConnection,
-        stream: _Adapter,
-        reader: _ReaderHost,
-        remote_address: str,
-        options: TransportOptions,
-    ) -> None:
-        self._ws = ws
-        self._stream = stream  # the byte stream (the conformance suite's _vanish cuts it)
-        self._reader = reader
-        self.remote_address = remote_address
-        self.max_frame_size = options.max_frame_size
-        self._incoming_limit = options.max_frame_size
-        self._read_timeout = options.read_timeout
-        self._closed = False  # aclose() was called
+    ``client``: this end opened the connection (it masks what it sends).
+    ``rest``: bytes that arrived right after the HTTP head.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, remote_address: str,
+                 options: TransportOptions, *, client: bool, rest: bytes = b"") -> None:
+        super().__init__(stream, remote_address, options)
+        self._codec = WsCodec(remote_address, options.max_frame_size, client=client)
+        self._decoder = self._codec  # type: ignore[assignment]
+        if rest:
+            self._codec.feed(rest)
+        self._aclosed = False  # aclose() was called
         # How the connection ended, once it has: what receive raises (a fresh
         # exception each time) and what a send says.
         self._end: tuple[type[BaseException], str] | None = None
 
-    def limit_incoming(self, max_frame_size: int | None) -> None:
-        limit = self.max_frame_size if max_frame_size is None else max_frame_size
-        self._incoming_limit = limit
-        self._stream.set_incoming_limit(limit)
+    def _frame_parts(self, data: Payload | memoryview) -> list[Buffer]:
+        size = len(data) if type(data) is not memoryview else data.nbytes
+        if size > self._send_limit:
+            raise ValueError(
+                f"frame of {size} bytes exceeds max_frame_size={self._send_limit}")
+        # (Not the codec's frame_parts: its limit is the incoming one, maybe lowered.)
+        return [encode_frame(data)] if self._codec.client else server_frame_parts(data)
 
-    async def send(self, frame: bytes) -> None:
-        await self.send_many((frame,))
+    def send_from_thread(self, data: bytes) -> int:
+        # Nothing from a worker thread once our close frame may be on its way.
+        if self._aclosed or self._end is not None:
+            raise trio.ClosedResourceError("connection is closed")
+        return super().send_from_thread(data)
 
-    async def send_many(self, frames: Sequence[bytes]) -> None:
-        for frame in frames:
-            if len(frame) > self.max_frame_size:
-                raise ValueError(
-                    f"frame of {len(frame)} bytes exceeds max_frame_size={self.max_frame_size}"
-                )
-        if self._closed:
+    def send_many_from_thread(self, payloads: Sequence[bytes]) -> int:
+        if self._aclosed or self._end is not None:  # as send_from_thread
+            raise trio.ClosedResourceError("connection is closed")
+        return super().send_many_from_thread(payloads)
+
+    async def _write(self, parts: list[Buffer]) -> None:
+        if self._end is not None and not self._aclosed:
+            raise trio.BrokenResourceError(self._end[1] or self._gone())
+        await super()._write(parts)
+
+    async def _read_more(self) -> bool:
+        if self._codec.has_output:  # a pong owed while we wait for more
+            await super()._write([self._codec.take_output()])
+        return await super()._read_more()
+
+    async def receive(self) -> bytes | memoryview:  # type: ignore[override]
+        if self._aclosed:
+            await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("connection is closed")
         if self._end is not None:
-            raise trio.BrokenResourceError(self._end[1] or self._gone())
-        if not frames:
             await trio.lowlevel.checkpoint()
-            return
-        # No lock of our own: trio-websocket writes each message under its
-        # lock, and the adapter closes the stream if a write is cancelled midway.
-        self._stream.hold_writes(len(frames) - 1)
+            raise self._raise_end()
         try:
-            for frame in frames:
-                await self._ws.send_message(frame if type(frame) is bytes else bytes(frame))
-        except ConnectionClosed as exc:
-            self._stream.drop_held_writes()
-            if self._closed:
-                raise trio.ClosedResourceError("connection is closed") from None
-            raise trio.BrokenResourceError(self._why_closed(exc)) from None
-        except BaseException:
-            self._stream.drop_held_writes()
+            frame = await super().receive()
+        except PeerClosed as exc:
+            await self._end_with(trio.EndOfChannel if exc.clean else trio.BrokenResourceError,
+                                 "" if exc.clean else str(exc))
+            raise self._raise_end() from None
+        except ProtocolError as exc:  # its close frame (if any) is owed
+            await self._end_with(ProtocolError, str(exc))
             raise
-
-    async def receive(self) -> bytes:
-        if self._closed:
-            raise trio.ClosedResourceError("connection is closed")
-        self._stream.release()
-        try:
-            message = await self._ws.get_message()
-        except ConnectionClosed as exc:
-            if self._closed:
+        except trio.EndOfChannel:
+            await self._end_with(trio.BrokenResourceError,
+                                 f"{self.remote_address} went away without a close frame")
+            raise self._raise_end() from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._aclosed:
                 raise trio.ClosedResourceError("connection is closed") from None
-            raise await self._ended(exc) from None
-        if isinstance(message, str):
-            await self._fail(
-                _UNSUPPORTED_DATA,
-                f"{self.remote_address} sent a text message; "
-                "Droplet frames travel as binary messages",
-            )
-        if len(message) > self._incoming_limit:  # read before limit_incoming lowered it
-            await self._fail(_MESSAGE_TOO_BIG, self._too_big())
-        return message
+            raise
+        if self._codec.has_output:  # a pong answers before anything we send next
+            await super()._write([self._codec.take_output()])
+        return frame
 
     async def aclose(self) -> None:
-        if self._closed:
+        if self._aclosed:
             await trio.lowlevel.checkpoint()
             return
-        self._closed = True
-        await self._hang_up(1000, None)
+        self._aclosed = True
+        if self._end is None and not self._closed:
+            await self._say_goodbye(self._codec.close(1000))
+        await super().aclose()
 
     # ------------------------------------------------------------------ internals
-
-    def _too_big(self) -> str:
-        return f"{self.remote_address} sent a frame over max_frame_size={self._incoming_limit}"
 
     def _gone(self) -> str:
         return f"{self.remote_address} closed the connection"
 
-    def _why_closed(self, exc: ConnectionClosed) -> str:
-        if self._end is not None:
-            return self._end[1] or self._gone()
-        reason = exc.reason
-        if reason is None or reason.code == _ABNORMAL:
-            return f"{self.remote_address} went away without a close frame"
-        why = f" ({reason.reason})" if reason.reason else ""
-        return f"{self.remote_address} closed the connection with code {reason.code}{why}"
-
-    def _classify(self, exc: ConnectionClosed) -> tuple[type[BaseException], str]:
-        """How a connection trio-websocket saw end ends for us (the first time)."""
-        reason = exc.reason
-        code = None if reason is None else reason.code
-        why = "" if reason is None else reason.reason
-        write_failure = self._stream.write_failure
-        if write_failure is not None:
-            what = ("was cancelled" if isinstance(write_failure, trio.Cancelled)
-                    else f"failed ({write_failure})")
-            return trio.BrokenResourceError, (
-                f"a send to {self.remote_address} {what} midway; the connection was closed")
-        if self._stream.timed_out:
-            return ProtocolError, (f"{self.remote_address} left a frame unfinished for "
-                                   f"{self._read_timeout:g} s")
-        if code == _MESSAGE_TOO_BIG:
-            return ProtocolError, f"{self._too_big()} ({why})"
-        if code is not None and code != _ABNORMAL and self._stream.parse_failed():
-            return ProtocolError, f"{self.remote_address} sent an invalid WebSocket frame: {why}"
-        if code == _ABNORMAL and self._stream.message_started():
-            return ProtocolError, f"{self.remote_address} closed the connection mid-frame"
-        if code in _CLEAN_CODES:
-            return trio.EndOfChannel, ""
-        return trio.BrokenResourceError, self._why_closed(exc)
-
-    async def _ended(self, exc: ConnectionClosed) -> BaseException:
-        """The exception ``receive`` raises for a connection trio-websocket saw end.
-
-        The first time, the stream is closed too: the closing handshake (if
-        any) is over, and a peer that ends a connection is owed no more bytes.
-        """
-        if self._end is None:
-            self._end = self._classify(exc)
-            await self._abort()
+    def _raise_end(self) -> BaseException:
+        assert self._end is not None
         cls, message = self._end
         return cls(message) if message else cls()
 
-    async def _fail(self, code: int, message: str) -> NoReturn:
-        """The peer broke Droplet's rules: tell it why, hang up, raise ProtocolError."""
-        self._end = (ProtocolError, message)
-        await self._hang_up(code, message[:120])
-        raise ProtocolError(message)
+    async def _end_with(self, cls: type[BaseException], message: str) -> None:
+        """The connection ended (the peer closed or broke the rules): send the close
+        frame owed, if any, and hang up; ``receive`` raises ``cls(message)`` from now on."""
+        owed = self._codec.take_output()
+        if owed and not self._closed:
+            await self._say_goodbye(owed)
+        self._end = (cls, message)
+        await self._abort()
 
-    async def _hang_up(self, code: int, reason: str | None) -> None:
-        """Run the closing handshake if possible, then close the stream and stop the reader.
-
-        Shielded and bounded by CLOSE_TIMEOUT: a peer that stopped reading (or a
-        sender stuck behind it holding the lock) cannot keep us from closing.
-        """
-        self._stream.release()  # the reader must see the peer's close reply
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                try:
-                    await self._ws.aclose(code, reason)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
-            await trio.aclose_forcefully(self._stream.inner)
-        self._reader.scope.cancel()
-
-    async def _abort(self) -> None:
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(self._stream.inner)
-        self._reader.scope.cancel()
+    async def _say_goodbye(self, close: bytes) -> None:
+        """Send a close frame, shielded and bounded: a peer that stopped reading
+        (or a sender stuck behind it) cannot keep us from hanging up."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await super()._write([close])
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
 
 # ---------------------------------------------------------------------- handshakes
 
 
-async def _open_client_side(
+async def _handshake(
+    nursery: trio.Nursery, stream: trio.abc.Stream, client: bool,
+    upgrade: Callable[[_ReaderHost, _HeadOnly], Awaitable[object]],
+) -> bytes:
+    """Run trio-websocket's side of the upgrade (``upgrade``) over ``stream``.
+
+    Returns the bytes that came after the HTTP head; raises _HandshakeFailed.
+    Its reader task runs in ``nursery`` and is cancelled before this returns.
+    """
+    head = _HeadOnly(stream, client)
+    reader = _ReaderHost(nursery)
+    try:
+        with trio.CancelScope() as scope:
+            reader.handshake_scope = scope
+            await upgrade(reader, head)
+        reader.handshake_scope = None
+        if scope.cancelled_caught:
+            failure = reader.failure
+            if not client:
+                raise _HandshakeFailed(f"not a WebSocket upgrade ({failure or 'hung up'})")
+            if isinstance(failure, ConnectionRejected):
+                raise _HandshakeFailed(f"refused the WebSocket upgrade (HTTP "
+                                       f"{failure.status_code}); is it a Droplet ws:// listener?")
+            raise _HandshakeFailed(
+                f"answered the WebSocket handshake with something else, or hung up "
+                f"({failure or 'no upgrade'}); is it a Droplet ws:// listener?")
+    except ConnectionClosed as exc:
+        raise _HandshakeFailed(f"hung up during the WebSocket upgrade ({exc})") from None
+    finally:
+        reader.scope.cancel()  # the frames are ours from here
+    return head.rest
+
+
+async def _accept(
+    nursery: trio.Nursery, stream: trio.abc.Stream, remote: str, options: TransportOptions,
+) -> WebSocketConnection:
+    """The server's side of the upgrade over ``stream``, then its connection."""
+    async def upgrade(reader: _ReaderHost, head: _HeadOnly) -> None:
+        request = await trio_websocket.wrap_server_stream(reader, head)  # type: ignore[arg-type]
+        await request.accept()
+
+    rest = await _handshake(nursery, stream, False, upgrade)
+    return WebSocketConnection(stream, remote, options, client=False, rest=rest)
+
+
+async def _connect(
     nursery: trio.Nursery, stream: trio.abc.Stream, url: str, host_header: str,
     options: TransportOptions,
 ) -> WebSocketConnection:
-    """Run the client's upgrade over ``stream``; the reader runs in ``nursery``."""
-    adapter = _Adapter(stream, options.read_timeout)
-    reader = _ReaderHost(nursery)
-    try:
-        with trio.CancelScope() as handshake:
-            reader.handshake_scope = handshake
-            ws = await trio_websocket.wrap_client_stream(
-                cast(Any, reader), cast(Any, adapter), host_header, "/",
-                message_queue_size=MESSAGE_QUEUE_SIZE,
-                max_message_size=options.max_frame_size,
-                receive_buffer_size=RECEIVE_SIZE,
-            )
-        reader.handshake_scope = None
-        if handshake.cancelled_caught:
-            failure = reader.failure
-            if isinstance(failure, ConnectionRejected):
-                raise _HandshakeFailed(
-                    f"{url} refused the WebSocket upgrade (HTTP {failure.status_code}); "
-                    "is it a Droplet ws:// listener?")
-            raise _HandshakeFailed(
-                f"{url} answered the WebSocket handshake with something else, or hung up "
-                f"({failure or 'no upgrade'}); is it a Droplet ws:// listener?")
-    except BaseException:
-        reader.scope.cancel()
-        raise
-    adapter.ws = ws
-    _deliver_eagerly(ws)
-    return WebSocketConnection(ws, adapter, reader, url, options)
+    """The client's side of the upgrade over ``stream``, then its connection."""
+    async def upgrade(reader: _ReaderHost, head: _HeadOnly) -> None:
+        await trio_websocket.wrap_client_stream(
+            reader, head, host_header, "/")  # type: ignore[arg-type]
 
-
-async def _open_server_side(
-    nursery: trio.Nursery, stream: trio.abc.Stream, remote: str, options: TransportOptions,
-) -> WebSocketConnection:
-    """Accept the upgrade over ``stream``; the reader runs in ``nursery``."""
-    adapter = _Adapter(stream, options.read_timeout)
-    reader = _ReaderHost(nursery)
     try:
-        with trio.CancelScope() as handshake:
-            reader.handshake_scope = handshake
-            request = await trio_websocket.wrap_server_stream(
-                cast(Any, reader), adapter,
-                message_queue_size=MESSAGE_QUEUE_SIZE,
-                max_message_size=options.max_frame_size,
-                receive_buffer_size=RECEIVE_SIZE,
-            )
-            adapter.hold()  # nothing past the upgrade is read before the handler asks
-            ws = await request.accept()
-        reader.handshake_scope = None
-        if handshake.cancelled_caught:
-            raise _HandshakeFailed(f"not a WebSocket upgrade ({reader.failure or 'hung up'})")
-    except ConnectionClosed as exc:
-        reader.scope.cancel()
-        raise _HandshakeFailed(f"hung up during the WebSocket upgrade ({exc})") from None
-    except BaseException:
-        reader.scope.cancel()
-        raise
-    adapter.ws = ws
-    _deliver_eagerly(ws)
-    return WebSocketConnection(ws, adapter, reader, remote, options)
+        rest = await _handshake(nursery, stream, True, upgrade)
+    except _HandshakeFailed as exc:
+        raise _HandshakeFailed(f"{url} {exc}") from None
+    return WebSocketConnection(stream, url, options, client=True, rest=rest)
 
 
 class WebSocketTransport(Transport):
@@ -494,13 +357,12 @@ class WebSocketTransport(Transport):
             url, options, tls=scheme == "wss", https_compatible=True)
 
         async def on_stream(stream: trio.abc.Stream) -> None:
-            async with trio.open_nursery() as nursery:  # this connection's reader
+            async with trio.open_nursery() as nursery:  # the handshake's reader
                 try:
                     with trio.fail_after(options.read_timeout):
                         if isinstance(stream, trio.SSLStream):
                             await stream.do_handshake()
-                        conn = await _open_server_side(
-                            nursery, stream, peer_url(scheme, stream), options)
+                        conn = await _accept(nursery, stream, peer_url(scheme, stream), options)
                 except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError,
                         _HandshakeFailed) as exc:
                     log.debug("dropped a connection before its WebSocket upgrade: %s", exc)
@@ -509,12 +371,12 @@ class WebSocketTransport(Transport):
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
-                try:
-                    await handler(conn)
-                except trio.BrokenResourceError:
-                    pass  # the peer went away
-                finally:
-                    await conn.aclose()
+            try:
+                await handler(conn)
+            except trio.BrokenResourceError:
+                pass  # the peer went away
+            finally:
+                await conn.aclose()
 
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, on_stream, stream_listeners)
@@ -542,7 +404,7 @@ class WebSocketTransport(Transport):
                             f"TLS handshake with {url} failed: {exc.__cause__ or exc}"
                         ) from exc
                 shown = f"[{host}]" if ":" in host else host
-                return await _open_client_side(nursery, stream, url, f"{shown}:{port}", options)
+                return await _connect(nursery, stream, url, f"{shown}:{port}", options)
         except trio.TooSlowError as exc:
             await trio.aclose_forcefully(stream)
             raise ConnectionError(
