@@ -51,8 +51,8 @@ from .protocol.parcel import Parcel, pack, unpack
 from .transports.base import Connection, TransportOptions
 from .transports.registry import get_transport, open_connection
 
-__all__ = ["DEFERRED", "Handler", "Limits", "OutboxFull", "Peer", "Slot", "connect_peer",
-           "serve_peers"]
+__all__ = ["DEFERRED", "NOT_NOW", "Handler", "Limits", "NowHandler", "OutboxFull", "Peer",
+           "Slot", "connect_peer", "serve_peers"]
 
 log = logging.getLogger("droplet.rpc")
 
@@ -60,6 +60,12 @@ log = logging.getLogger("droplet.rpc")
 DEFERRED: Any = object()
 
 Handler = Callable[["Peer", Any, int], Awaitable[Any]]
+#: A handler's synchronous side: serves a request at once (its reply, None for
+#: Ok, or DEFERRED), or returns :data:`NOT_NOW` to leave it to the reader.
+NowHandler = Callable[["Peer", Any, int], Any]
+
+#: Returned by a :data:`NowHandler` for a message it cannot serve without waiting.
+NOT_NOW: Any = object()
 
 HANDSHAKE_TIMEOUT = 10.0
 #: The reader yields to other tasks at least once per this many messages it
@@ -123,6 +129,21 @@ class Slot:
         return self.value
 
 
+class ThreadSlot(Slot):
+    """A request sent from a thread other than the loop's (:meth:`Peer.submit_from_thread`):
+    its reply, or the connection's end, calls ``on_reply(value, error)`` from
+    whichever thread finishes it; its Trio event is never set."""
+
+    __slots__ = ("on_reply",)
+
+    def __init__(self, on_reply: Callable[[Any, BaseException | None], None]) -> None:
+        super().__init__()
+        self.on_reply = on_reply
+
+    def _finish(self) -> None:
+        self.on_reply(self.value, self.error)
+
+
 def _encode_sharing(msg: Any, request_id: int = 0, reply: bool = False) -> Payload:
     """:func:`encode_gather`, except that a big message all of whose pieces are
     ``bytes`` (or views of ``bytes``: a big ``bytes`` argument or result) comes
@@ -145,11 +166,20 @@ class Peer:
         *,
         limits: Limits | None = None,
         name: str = "",
+        now: NowHandler | None = None,
+        thread_now: NowHandler | None = None,
     ) -> None:
         self.conn = conn
         self.remote = conn.remote_address
         self.name = name or self.remote
         self._handler = handler
+        #: serves requests in the sender's task, over an in-process connection
+        #: that hands them over directly (``_take_now``).
+        self._now = now
+        #: a frame ``_take_now`` decoded and declined, with its decoding (the reader's next).
+        self._predecoded: tuple[object, tuple[Any, int, bool]] | None = None
+        #: serves requests sent from other threads (``_take_from_thread``); thread-safe.
+        self._thread_now = thread_now
         self._ids = itertools.count(1)
         self._pending: dict[int, Slot] = {}
         self._closed = False
@@ -243,14 +273,17 @@ class Peer:
                              f"max_frame_size={self.send_limit}")
         self._post(encoded, on_full)
 
-    def post_reply(self, request_id: int, msg: Any) -> None:
-        """:meth:`reply` through the outbox (the answer to a deferred request)."""
+    def post_reply(self, request_id: int, msg: Any, *, acquired: bool = True) -> None:
+        """:meth:`reply` through the outbox (the answer to a deferred request).
+
+        ``acquired=False``: the request held no in-flight slot (``thread_now``)."""
         if not request_id:
             return
         try:
             frame = self._encode(msg, request_id, reply=True)
         finally:
-            self._inflight.release()
+            if acquired:
+                self._inflight.release()
         self._post(frame, "disconnect")
 
     def post_error(self, request_id: int, exc: BaseException) -> None:
@@ -497,6 +530,10 @@ class Peer:
     async def run(self) -> None:
         """The reader loop (and the outbox's writer); returns when the connection closes."""
         self._token = trio.lowlevel.current_trio_token()
+        take = getattr(self.conn, "take_directly", None)
+        if take is not None and not self._closed:
+            take(self._take_now)
+            self.conn.take_from_threads(self._take_from_thread)  # type: ignore[attr-defined]
         try:
             async with trio.open_nursery() as nursery:
                 self._run_scope = nursery.cancel_scope
@@ -534,7 +571,12 @@ class Peer:
                 await self._say_goodbye(exc)
                 return
             try:
-                if isinstance(frame, Parcel):
+                pre = self._predecoded
+                if pre is not None:
+                    self._predecoded = None
+                if pre is not None and pre[0] is frame:  # decoded when it was offered
+                    msg, request_id, is_reply = pre[1]
+                elif isinstance(frame, Parcel):
                     msg, request_id, is_reply = unpack(frame)
                 else:
                     msg, request_id, is_reply = decode_message(frame)
@@ -598,6 +640,151 @@ class Peer:
             if request_id and result is not DEFERRED:
                 await self.reply(request_id, Ok() if result is None else result)
 
+    def _take_now(self, frame: object) -> bool:
+        """An in-process sender's frame, offered while our reader waits with nothing
+        queued (``InprocConnection.take_directly``): handle it here, in the
+        sender's task, if it needs no waiting, as the reader would have: a
+        reply (its slot finished), or a request our ``now`` handler serves.
+        False: the reader gets it as usual. Never raises (it runs in the
+        sender's ``send``)."""
+        if self._closed:
+            return False
+        decoded = self._decode_offered(frame)
+        if decoded is None:
+            return False
+        # Declined, the frame goes next into the queue of our idle reader: it
+        # takes this decoding instead of decoding the frame again.
+        self._predecoded = (frame, decoded)
+        msg, request_id, is_reply = decoded
+        if is_reply:
+            if not request_id:
+                return False  # a goodbye: the reader closes the connection
+            self._predecoded = None
+            slot = self._pending.pop(request_id, None)
+            if slot is not None:
+                if type(msg) is ErrorReply:
+                    slot.error = error_from_reply(msg, self.remote)
+                else:
+                    slot.value = msg
+                try:
+                    slot._finish()
+                except Exception:  # a waiter's callback: never the sender's problem
+                    log.exception("a reply's callback failed")
+            return True
+        now = self._now
+        if now is None or not request_id or self._handler is None:
+            return False
+        try:
+            self._inflight.acquire_nowait()
+        except trio.WouldBlock:
+            return False  # at the limit: the reader waits for a free slot
+        try:
+            result = now(self, msg, request_id)
+        except Exception as exc:  # a bad request never takes the node down
+            if not isinstance(exc, DropletError):
+                log.exception("error handling %s from %s", type(msg).__name__, self.remote)
+            result = _error_reply(exc)
+        if result is NOT_NOW:
+            self._inflight.release()
+            return False
+        self._predecoded = None
+        if result is not DEFERRED:
+            try:
+                self.post_reply(request_id, Ok() if result is None else result)
+            except DropletError as exc:  # closed, or not reading
+                log.debug("could not answer %s: %s", self.remote, exc)
+        return True
+
+    def _decode_offered(self, frame: object) -> tuple[Any, int, bool] | None:
+        """A frame offered by the connection, decoded as the reader would; None when
+        the reader must see it (bad bytes or values, whose handling it owns, or
+        frames where this connection expects parcels). Thread-safe (pure)."""
+        kind = type(frame)
+        if kind is Parcel:
+            try:
+                return unpack(cast(Parcel, frame))
+            except InvalidMessage:
+                return None
+        if kind is not bytes or self.conn.carries_objects:
+            return None
+        try:
+            return decode_message(cast(bytes, frame))
+        except ProtocolError:  # InvalidMessage too
+            return None
+
+    def _encode_offer(self, msg: Any, request_id: int, reply: bool) -> object:
+        """``msg`` as this connection carries it, whole (a parcel, or joined bytes)."""
+        frame = self._encode(msg, request_id, reply=reply)
+        return bytes(frame) if type(frame) is Gather else frame
+
+    # ------------------------------------------------------------ from other threads
+
+    @property
+    def takes_from_threads(self) -> bool:
+        """Whether :meth:`submit_from_thread` may work on this connection at all."""
+        return not self._closed and hasattr(self.conn, "offer_from_thread")
+
+    def submit_from_thread(self, msg: Any,
+                           on_reply: Callable[[Any, BaseException | None], None]) -> bool:
+        """From a thread other than the loop's: send request ``msg`` to an in-process
+        peer that serves it from threads too (``thread_now``), with no wakeup of
+        the loop. ``on_reply(value, error)`` gets the reply (or the connection's
+        end), from whichever thread has it. False: not sent; send it from the loop."""
+        if not self.takes_from_threads:
+            return False
+        request_id = next(self._ids)  # itertools.count: atomic
+        self._pending[request_id] = ThreadSlot(on_reply)
+        try:
+            taken = self.conn.offer_from_thread(  # type: ignore[attr-defined]
+                self._encode_offer(msg, request_id, False))
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
+        if not taken:
+            self._pending.pop(request_id, None)
+        return bool(taken)
+
+    def reply_from_thread(self, request_id: int, msg: Any) -> bool:
+        """From a worker thread: answer a request taken by ``thread_now`` straight to
+        its sender's thread slot. False: not delivered; reply from the loop with
+        :meth:`post_reply` ``(acquired=False)``."""
+        if self._closed:
+            return False
+        offer = getattr(self.conn, "offer_from_thread", None)
+        return offer is not None and bool(offer(self._encode_offer(msg, request_id, True)))
+
+    def _take_from_thread(self, frame: object) -> bool:
+        """A frame from another thread (``InprocConnection.offer_from_thread``): the
+        reply to a :class:`ThreadSlot`, or a request ``thread_now`` serves. Anything
+        else: False (its sender sends it from the loop). Never raises."""
+        if self._closed:
+            return False
+        decoded = self._decode_offered(frame)
+        if decoded is None:
+            return False
+        msg, request_id, is_reply = decoded
+        if is_reply:
+            slot = self._pending.get(request_id)
+            if type(slot) is not ThreadSlot or self._pending.pop(request_id, None) is None:
+                return False
+            if type(msg) is ErrorReply:
+                slot.error = error_from_reply(msg, self.remote)
+            else:
+                slot.value = msg
+            try:
+                slot._finish()
+            except Exception:
+                log.exception("a reply's callback failed")
+            return True
+        now = self._thread_now
+        if now is None or not request_id:
+            return False
+        try:
+            result = now(self, msg, request_id)
+        except Exception:  # the loop's path serves it, and says what is wrong
+            return False
+        return result is DEFERRED
+
     async def _say_goodbye(self, exc: BaseException) -> None:
         with trio.move_on_after(1):
             try:
@@ -609,11 +796,15 @@ class Peer:
         if self._closed:
             return
         self._closed = True
+        take = getattr(self.conn, "take_directly", None)
+        if take is not None:
+            take(None)
+            self.conn.take_from_threads(None)  # type: ignore[attr-defined]
         if self._run_scope is not None:
             self._run_scope.cancel()
         self._outbox.clear()
         pending, self._pending = self._pending, {}
-        for slot in pending.values():
+        for slot in list(pending.values()):  # a snapshot: threads may add (submit_from_thread)
             slot.error = self._close_reason or ConnectionError(
                 f"connection to {self.remote} closed before the reply")
             slot._finish()
@@ -764,9 +955,13 @@ async def serve_peers(
     options: TransportOptions | None = None,
     limits: Limits | None = None,
     on_connect: Callable[[Peer], None] | None = None,
+    now: NowHandler | None = None,
+    thread_now: NowHandler | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen at ``url``; authenticate each connection, then serve it with ``handler``."""
+    """Listen at ``url``; authenticate each connection, then serve it with ``handler``
+    (and ``now``, see :data:`NowHandler`, where the transport hands messages over
+    in the sender's task)."""
     options = options or TransportOptions()
 
     async def on_connection(conn: Connection) -> None:
@@ -783,7 +978,7 @@ async def serve_peers(
             log.warning("dropped connection from %s during handshake: %s",
                         conn.remote_address, exc or type(exc).__name__)
             return
-        peer = Peer(conn, handler, limits=limits)
+        peer = Peer(conn, handler, limits=limits, now=now, thread_now=thread_now)
         if on_connect is not None:
             on_connect(peer)
         try:

@@ -404,6 +404,25 @@ class AsyncDirectCalls(_Cache):
             del self._dialing[url]
             done.set()
 
+    def cached_target(self, target: str, is_function: bool,
+                      references: tuple[str, ...] = ()) -> tuple[Peer, CallPlaced] | None:
+        """:meth:`target` when it needs no I/O (a fresh placement whose executor next
+        in turn is connected); else None, leaving the turn to :meth:`target`."""
+        now = self.clock()
+        if not self.enabled or not self.settled(references, now):
+            return None
+        placed = self.fresh(target, is_function, now, references)
+        if placed is None:
+            return None
+        urls = placed.urls[:placed.preferred]
+        if not urls:
+            return None
+        peer = self._peers.get(urls[placed.turn % len(urls)])
+        if peer is None or peer.closed:
+            return None
+        placed.turn += 1
+        return peer, placed.plan
+
     async def target(self, target: str, is_function: bool,
                      references: tuple[str, ...] = ()) -> tuple[Peer, CallPlaced] | None:
         """As :meth:`DirectCalls.target`."""

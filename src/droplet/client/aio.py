@@ -62,6 +62,7 @@ from ._core import (
     result_blob,
     unwrap_result,
 )
+from ._deadlines import Deadlines, Waiter
 from ._direct import (
     DIAL_TIMEOUT,
     AsyncDirectCalls,
@@ -86,6 +87,10 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 30.0
+#: A call answered within its own send (an in-process executor that ran an
+#: async function at once) passes no schedule point: one in this many such
+#: calls yields to the loop's other tasks, as a connection's reader does.
+CHECKPOINT_EVERY = 32
 #: Seconds aclose() may spend telling the store which results it can drop.
 CLOSE_FLUSH_TIMEOUT = 1.0
 
@@ -116,6 +121,10 @@ class AsyncDropletFuture:
         self._fetching = False
         #: called (in the loop) when a reply arrives: droplet.wait and as_completed.
         self._wakers: list[Callable[[], None]] = []
+        #: tasks in get(), parked on the client's deadlines (no cancel scope each).
+        self._parked: list[Waiter] = []
+        #: a direct result whose key was handed out is stored once (_want_stored).
+        self._store_wanted = False
         #: sent straight to an executor, which answers this client alone: the
         #: result is stored only once its key is handed out (``obj_id``).
         self._direct = False
@@ -130,7 +139,7 @@ class AsyncDropletFuture:
                 if event is None:
                     event = threading.Event()
                     self._threadsafe = event  # before the check: _fetched may run now
-                    if self._arrived.is_set():
+                    if self._arrived.is_set() or self._settled():
                         event.set()
         return event
 
@@ -198,10 +207,29 @@ class AsyncDropletFuture:
             self._client._want_stored(self)
         self._fetching = False
         self._arrived.set()
+        if self._parked:
+            self._client._deadlines.wake(self._parked)
         if self._threadsafe is not None:
             self._threadsafe.set()
         for wake in list(self._wakers):
             wake()
+
+    def _fetched_from_thread(self, reply: DagResult | None,
+                             error: BaseException | None) -> None:
+        """The reply, from a worker thread (``_embedded.py``): the sync caller's wait ends
+        now; the loop does the rest of ``_fetched`` (events, wakers, storing) later."""
+        if error is not None:
+            self._error = error
+        elif isinstance(reply, DagResult):
+            self._blob = reply.value
+        with _THREADSAFE_LOCK:  # pairs with arrived_threadsafe's check
+            event = self._threadsafe
+        if event is not None:
+            event.set()
+        try:
+            self._client._token.run_sync_soon(self._fetched, reply, error)
+        except trio.RunFinishedError:
+            pass  # the client's loop is gone: nobody in it waits
 
     def _settled(self) -> bool:
         """Whether the result or an error is in (no waiting, no I/O)."""
@@ -242,8 +270,8 @@ class AsyncDropletFuture:
                 if self._threadsafe is not None:
                     self._threadsafe.clear()
                 await self._start_fetch()
-            with trio.move_on_after(wait):
-                await self._arrived.wait()
+            if self._blob is None and self._error is None and not self._arrived.is_set():
+                await self._client._deadlines.park(self._parked, wait)
             if self._blob is None and self._error is None:
                 raise TimeoutError(
                     f"no result for {self._key} within {wait:g} s "
@@ -303,6 +331,13 @@ class AsyncDropletClient:
         self._token = trio.lowlevel.current_trio_token()
         self._releases.on_release = self._schedule_flush
         nursery.start_soon(self._flush_releases)
+        #: the timeouts of tasks waiting in ``AsyncDropletFuture.get``.
+        self._deadlines = Deadlines(nursery)
+        #: direct calls answered before their send returned (see _submit_direct).
+        self._answered_at_once = 0
+        #: call shapes executors would not take from a caller's thread, until when
+        #: (the sync facade's ``_embedded.send_from_thread``).
+        self._declined_from_thread: dict[tuple[str, bool], float] = {}
         #: Anna-style access to the KVS: ``await kvs_client.get(keys)``, ``.put(key, lattice)``.
         self.kvs_client = AsyncKvsClient(self._fetch_many, self._store)
 
@@ -386,6 +421,7 @@ class AsyncDropletClient:
         await self._direct.aclose()
         await self._scheduler.aclose()
         await self._kvs.aclose()
+        self._deadlines.close()  # after the connections: their waiters heard why
 
     # ------------------------------------------------------------------ result lifetimes
 
@@ -446,6 +482,9 @@ class AsyncDropletClient:
 
     def _want_stored(self, future: AsyncDropletFuture) -> None:
         """Store a direct result whose key was handed out (in the loop's thread)."""
+        if future._store_wanted:
+            return
+        future._store_wanted = True
         self._to_store.append(future)
         try:
             self._nursery.start_soon(self._confirm_stored)
@@ -483,10 +522,13 @@ class AsyncDropletClient:
     async def _submit_direct(self, call: CallDag) -> AsyncDropletFuture | None:
         """Send ``call`` straight to an executor (see ``_direct.py``); None when it must
         go through the scheduler (no executor reachable, or a call of another kind)."""
-        await self._confirm_stored()
+        if self._to_store or self._storing:
+            await self._confirm_stored()
         if not may_go_direct(call):
             return None
-        found = await self._direct.target(call.target, call.is_function, reference_set(call))
+        references = reference_set(call)
+        found = (self._direct.cached_target(call.target, call.is_function, references)
+                 or await self._direct.target(call.target, call.is_function, references))
         if found is None:
             return None
         peer, plan = found
@@ -507,6 +549,10 @@ class AsyncDropletClient:
         self._core.accepted.accepted(call)
         future._direct = True
         future._watch(slot)
+        if future._settled():  # answered within the send (in-process, at once)
+            self._answered_at_once += 1
+            if not self._answered_at_once % CHECKPOINT_EVERY:
+                await trio.lowlevel.checkpoint()  # let the loop's other tasks run too
         return future
 
     async def map(self, name: str, iterable: Iterable[Any], *,

@@ -36,6 +36,7 @@ from ._blocking import BlockingClient
 from ._blocking_wire import SCHEMES as BLOCKING_SCHEMES
 from ._core import ClientCore, check_chunksize, check_timeout, map_items
 from ._direct import may_go_direct, reference_set
+from ._embedded import send_from_thread
 from ._portal import Portal
 from .aio import (
     CAUSAL,
@@ -199,7 +200,8 @@ class _PortalClient:
                 or client._direct.ready(name, True, reference_set(call))):
             # Sent one-way, with nothing to wait for: hand it to the loop and return.
             future = client._future_for(call, client.timeout)
-            self._portal.post(client._send_accepted, call, future)
+            if not (may_go_direct(call) and send_from_thread(client, call, future)):
+                self._portal.post(client._send_accepted, call, future)
             return _PortalFuture(future, self._portal)
         return _PortalFuture(self._portal.run(client._exec_call, call), self._portal)
 
@@ -236,9 +238,10 @@ class _PortalClient:
                                          output_key, client_id, timeout, continuation,
                                          snapshot=True)  # written after we return
             if may_go_direct(call) and client._direct.ready(name, False, reference_set(call)):
-                # to the executor, posted: no wait for the loop
+                # to the executor, from this thread or posted: no wait for the loop
                 future = client._future_for(call, client.timeout)
-                self._portal.post(client._send_accepted, call, future)
+                if not send_from_thread(client, call, future):
+                    self._portal.post(client._send_accepted, call, future)
                 return _PortalFuture(future, self._portal)
             wait = client.timeout if timeout is None else timeout
             # Built already (its arguments pickled): sent as call_dag would send it.

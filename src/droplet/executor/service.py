@@ -45,7 +45,7 @@ from ..protocol.messages import (
     Trigger,
 )
 from ..references import DropletReference
-from ..rpc import DEFERRED, OutboxFull, Peer, PeerPool
+from ..rpc import DEFERRED, NOT_NOW, OutboxFull, Peer, PeerPool
 from ..serialization import dumps, loads, mentions
 from .batching import DEFAULT_MAX_BATCH, Batcher
 from .cache import Cache, Counts
@@ -55,6 +55,7 @@ from .direct import Callers, Reply, check_direct
 from .downstream import arguments_for
 from .fanin import FanIn
 from .fastlane import FastLane
+from .inline import InlineRuns
 from .loader import FunctionLoader
 from .multiexec import MultiExec, spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
@@ -66,6 +67,7 @@ from .reports import (
     report_periodically,
 )
 from .steps import RunContext, Step, run_sync_steps
+from .thread_calls import ThreadCalls
 from .threads import WorkerThreads
 from .user_library import UserLibrary, as_lattice, reveal_stored
 from .wholerun import whole_run_sources
@@ -120,6 +122,10 @@ class ExecutorStatistics:
     direct_waiting: int = 0
     #: triggers run on the fast lane (a worker thread from start to reply).
     fast_calls: int = 0
+    #: direct runs of never-suspending async functions run at once (inline.py).
+    inline_calls: int = 0
+    #: direct runs taken from callers' threads, run by worker threads (thread_calls.py).
+    thread_calls: int = 0
 
 
 @attrs.frozen
@@ -136,6 +142,10 @@ class _Input:
 
 class ExecutorService:
     MESSAGES = (Trigger, Mail, KvsUpdate, CacheInvalidate, FunctionRegistered)
+    #: what it serves without waiting, in the sender's task (``handle_now``).
+    MESSAGES_NOW = (Trigger,)
+    #: what it may take from a caller's thread (``handle_from_thread``).
+    MESSAGES_FROM_THREADS = (Trigger,)
 
     def __init__(
         self,
@@ -184,16 +194,33 @@ class ExecutorService:
         self.recorder = CallRecorder()
         #: plain calls run in a worker thread from start to reply (fastlane.py).
         self.fast_lane: FastLane | None = FastLane(self, MAX_INVOCATIONS) if fast_lane else None
+        #: direct runs of async functions that never suspend, run at once (inline.py).
+        self.inline: InlineRuns | None = InlineRuns(self, MAX_INVOCATIONS) if fast_lane else None
+        #: direct runs sent from callers' threads, run by worker threads (thread_calls.py).
+        self.thread_calls: ThreadCalls | None = (
+            ThreadCalls(self, MAX_INVOCATIONS) if fast_lane else None)
+
+    def _settle(self) -> None:
+        """Count the runs worker threads finished on their own (fast lane, callers' threads)."""
+        if self.fast_lane is not None and self.fast_lane.done:
+            self.fast_lane.settle()
+        if self.thread_calls is not None and self.thread_calls.done:
+            self.thread_calls.settle()
+
+    @property
+    def _running_now(self) -> int:
+        """Functions running now, however they were started."""
+        threads = self.thread_calls
+        return self._running + (threads.running if threads is not None else 0)
 
     def load(self) -> Load:
         """Current load and cache figures (what the periodic report carries)."""
-        if self.fast_lane is not None:
-            self.fast_lane.settle()
+        self._settle()
         cache = self.cache.statistics()
         counts = self._counts()
         mine = self.reports_cache
         return Load(self._threads.max_threads, self._threads.busy, self._threads.queued,
-                    self._running, cache.entries if mine else 0, cache.bytes if mine else 0,
+                    self._running_now, cache.entries if mine else 0, cache.bytes if mine else 0,
                     counts.hits, counts.misses, cache.evictions if mine else 0,
                     self.cache.summary(REPORT_MIN_SIZE, REPORT_MAX_KEYS))
 
@@ -203,12 +230,11 @@ class ExecutorService:
         return self._cache_counts
 
     def statistics(self) -> ExecutorStatistics:
-        if self.fast_lane is not None:
-            self.fast_lane.settle()
+        self._settle()
         cache = self.cache.statistics()
         counts = self._counts()
         return ExecutorStatistics(
-            self.url, self._invocations, self._failures, self._running,
+            self.url, self._invocations, self._failures, self._running_now,
             len(self._loader), counts.hits, counts.misses,
             tasks=self._active, fanin_pending=len(self._fanin),
             fanin_dropped=self._fanin.dropped, multiexec_pending=len(self._multi),
@@ -216,7 +242,9 @@ class ExecutorService:
             cache_bytes=cache.bytes, cache_evictions=cache.evictions,
             worker_threads=self._threads.threads, abandoned_threads=self._threads.abandoned,
             peers=len(self._peers), direct_waiting=len(self._callers),
-            fast_calls=self.fast_lane.calls if self.fast_lane is not None else 0)
+            fast_calls=self.fast_lane.calls if self.fast_lane is not None else 0,
+            inline_calls=self.inline.calls if self.inline is not None else 0,
+            thread_calls=self.thread_calls.calls if self.thread_calls is not None else 0)
 
     async def _serve(self) -> None:
         """Own the worker threads: they exit when the service's nursery ends."""
@@ -297,26 +325,11 @@ class ExecutorService:
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         kind = type(msg)
+        self._settle()
         fast = self.fast_lane
-        if fast is not None and fast.done:
-            fast.settle()
         if kind is Trigger:
             if request_id:  # a run a client sent here itself: answer it with the result
-                check_direct(msg, self.url)
-                if fast is not None and fast.try_start(msg, peer, request_id):
-                    return DEFERRED
-                now = time.monotonic()
-                self._callers.add(msg.run_id, Reply(peer, request_id, now), now)
-                try:  # starts tasks, which run after we return
-                    if msg.whole_run:  # one trigger for every source of the run
-                        for t in whole_run_sources(msg):
-                            self._on_trigger(t)
-                    else:
-                        self._on_trigger(msg)
-                except BaseException:
-                    self._callers.pop(msg.run_id)
-                    raise
-                return DEFERRED
+                return self._direct_run(peer, msg, request_id)
             if msg.whole_run:
                 raise ProtocolError("a whole_run trigger must come as a request "
                                     "(a client's direct call)")
@@ -333,6 +346,46 @@ class ExecutorService:
         else:
             raise ProtocolError(f"an executor does not serve {kind.__name__} messages")
         return None
+
+    def handle_now(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        """What ``handle`` serves without waiting, called in the sender's task over an
+        in-process connection (:data:`droplet.rpc.NowHandler`): a run a client sent
+        here itself. Anything else: NOT_NOW (the connection's reader serves it)."""
+        if type(msg) is not Trigger or not request_id:
+            return NOT_NOW
+        self._settle()
+        return self._direct_run(peer, msg, request_id)
+
+    def handle_from_thread(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        """From a caller's thread (an in-process sync client): a direct run that worker
+        threads can run start to finish (thread_calls.py), else NOT_NOW (the
+        caller's thread then hands it to the loop). Thread-safe."""
+        calls = self.thread_calls
+        if (type(msg) is Trigger and request_id and calls is not None
+                and calls.try_start(msg, peer, request_id)):
+            return DEFERRED
+        return NOT_NOW
+
+    def _direct_run(self, peer: Peer, t: Trigger, request_id: int) -> Any:
+        """Start a run a client sent here itself; its result is the reply (DEFERRED)."""
+        check_direct(t, self.url)
+        fast = self.fast_lane
+        if fast is not None and fast.try_start(t, peer, request_id):
+            return DEFERRED
+        if self.inline is not None and self.inline.try_run(t, peer, request_id):
+            return DEFERRED
+        now = time.monotonic()
+        self._callers.add(t.run_id, Reply(peer, request_id, now), now)
+        try:  # starts tasks, which run after we return
+            if t.whole_run:  # one trigger for every source of the run
+                for source in whole_run_sources(t):
+                    self._on_trigger(source)
+            else:
+                self._on_trigger(t)
+        except BaseException:
+            self._callers.pop(t.run_id)
+            raise
+        return DEFERRED
 
     async def _prefetch(self, names: list[str], version: str | None = None) -> None:
         """Load functions ahead of their first call (at registration, or on joining).

@@ -35,7 +35,7 @@ from ..kvs.backends.durable import DurableBackend
 from ..kvs.keys import RESULT_PREFIX
 from ..kvs.service import KvsService
 from ..protocol.messages import ClusterInfo, GetStatistics, Hello, Statistics
-from ..rpc import Limits, Peer, connect_peer, one_request, serve_peers
+from ..rpc import NOT_NOW, Limits, Peer, connect_peer, one_request, serve_peers
 from ..scheduler.service import SchedulerService
 from ..transports.base import TransportOptions
 from ..transports.registry import parse_address
@@ -59,6 +59,10 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: dict[type[Any], Callable[[Peer, Any, int], Awaitable[Any]]] = {}
+        #: services' synchronous sides (``handle_now``), by message class.
+        self._now: dict[type[Any], Callable[[Peer, Any, int], Any]] = {}
+        #: and their thread-safe sides (``handle_from_thread``).
+        self._from_threads: dict[type[Any], Callable[[Peer, Any, int], Any]] = {}
         #: open connections accepted by this router's listeners (metrics).
         self.connections = 0
 
@@ -72,6 +76,20 @@ class Router:
     def add(self, service: Any) -> None:
         for cls in service.MESSAGES:
             self._routes[cls] = service.handle
+        for cls in getattr(service, "MESSAGES_NOW", ()):
+            self._now[cls] = service.handle_now
+        for cls in getattr(service, "MESSAGES_FROM_THREADS", ()):
+            self._from_threads[cls] = service.handle_from_thread
+
+    def handle_from_thread(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        """A request from another thread, served there (thread-safe; else NOT_NOW)."""
+        route = self._from_threads.get(type(msg))
+        return NOT_NOW if route is None else route(peer, msg, request_id)
+
+    def handle_now(self, peer: Peer, msg: Any, request_id: int) -> Any:
+        """A request served without waiting (see :data:`droplet.rpc.NowHandler`)."""
+        route = self._now.get(type(msg))
+        return NOT_NOW if route is None else route(peer, msg, request_id)
 
     async def handle(self, peer: Peer, msg: Any, request_id: int) -> Any:
         route = self._routes.get(type(msg))
@@ -248,7 +266,8 @@ def open_backend(config: Config) -> StorageBackend:
 async def _serve(url: str, router: Router, token: str | None, options: Any, limits: Limits,
                  *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     await serve_peers(url, router.handle, token=token, options=options, limits=limits,
-                      on_connect=router.connected, task_status=task_status)
+                      on_connect=router.connected, now=router.handle_now,
+                      thread_now=router.handle_from_thread, task_status=task_status)
 
 
 async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,

@@ -14,12 +14,22 @@ connections :attr:`~droplet.transports.base.Connection.carries_objects`: they
 also carry :class:`~droplet.protocol.parcel.Parcel` objects (a message, not
 its encoding), which :class:`~droplet.rpc.Peer` then sends instead of frames.
 Both kinds count against ``max_frame_size`` by ``len()``.
+
+Any of these connections (frames or objects) may also hand a message over
+with no task switch at all:
+while its reader waits with nothing queued, a frame sent to it is first
+offered to the callback its owner registered with :meth:`InprocConnection.take_directly`
+(a :class:`~droplet.rpc.Peer` takes replies, and requests its handler can
+serve without waiting, there and then, in the sender's task). Anything the
+callback declines, and anything sent while a frame is queued, goes through
+the queue as before, so frames are still handled in the order they were sent.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import trio
 
@@ -55,6 +65,66 @@ class InprocConnection(Connection):
         self.remote_address = remote_address
         self._max = max_frame_size
         self._incoming_limit = max_frame_size
+        #: the other end (set by ``_pair``), whose reader a send may serve directly.
+        self._other: InprocConnection | None = None
+        #: True while this end's reader waits with nothing queued.
+        self._idle = False
+        #: takes a frame in the sender's task (see ``take_directly``), or None.
+        self._taker: Callable[[object], bool] | None = None
+        self._shut = False  # aclose() was called
+        #: takes a frame sent from another thread (see ``take_from_threads``), or None.
+        self._thread_taker: Callable[[object], bool] | None = None
+
+    def take_directly(self, taker: Callable[[object], bool] | None) -> None:
+        """Offer frames sent to this end to ``taker`` first, in the sender's task,
+        whenever this end's reader waits with nothing queued (encoded frames and,
+        in objects mode, parcels alike).
+
+        ``taker(frame)`` returns True when it handled the frame (then it is not
+        queued), False to leave it to the reader. It must not wait, and must not
+        raise: it runs inside someone else's ``send``. None stops the offers.
+        """
+        self._taker = taker
+
+    def take_from_threads(self, taker: Callable[[object], bool] | None) -> None:
+        """Let threads other than the loop's hand frames to ``taker``: see
+        :meth:`offer_from_thread`. ``taker`` must be thread-safe, must not
+        raise, and returns False for a frame it leaves to the loop."""
+        self._thread_taker = taker
+
+    def offer_from_thread(self, frame: object) -> bool:
+        """From any thread: hand ``frame`` to the other end's thread taker now.
+
+        False when it was not taken (no taker, the frame is over the limit, the
+        connection is closed, or the taker declined): send it from the loop as
+        usual. A frame taken here passes no queue, so it keeps no order with
+        frames the loop sends (calls from threads are independent requests and
+        their replies)."""
+        other = self._other
+        if other is None or self._shut:
+            return False
+        taker = other._thread_taker
+        size = len(frame)  # type: ignore[arg-type]
+        if taker is None or size > self._max or size > other._incoming_limit:
+            return False
+        return taker(frame)
+
+    def _offer(self, frame: object) -> bool:
+        """Hand ``frame`` to the other end's taker, if it is waiting with an empty queue."""
+        other = self._other
+        if other is None or not other._idle or self._shut:
+            return False
+        taker = other._taker
+        if taker is None or len(frame) > other._incoming_limit:  # type: ignore[arg-type]
+            return False
+        return taker(frame)
+
+    def _queued(self) -> None:
+        """A frame went into the queue: the other end's reader takes it (and any
+        frame after it must queue behind it), so nothing is offered meanwhile."""
+        other = self._other
+        if other is not None:
+            other._idle = False
 
     #: ``send`` takes :class:`~droplet.protocol.framing.Gather` payloads: a big
     #: one is joined into a pooled buffer (see :func:`~droplet.protocol.framing.join`).
@@ -74,11 +144,23 @@ class InprocConnection(Connection):
                 # room (a task switch costs more than the send): it still notices
                 # a cancellation, and waits like any send when the queue is full.
                 await trio.lowlevel.checkpoint_if_cancelled()
+                if self._offer(frame):
+                    return
                 try:
                     self._send.send_nowait(frame)
+                    self._queued()
                     return
                 except trio.WouldBlock:
                     pass
+            elif self._other is not None and self._other._idle:
+                # Encoded frames are handed over in the sender's task too (the same
+                # bytes, decoded by the receiver): no task switch when taken.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                if self._offer(frame):
+                    return
+            # Before the send, which may yield: by the time it returns, the
+            # reader may have taken the frame and be waiting, idle, again.
+            self._queued()
             await self._send.send(frame)
         except trio.ClosedResourceError:
             raise
@@ -86,36 +168,50 @@ class InprocConnection(Connection):
             raise trio.BrokenResourceError(f"{self.remote_address} went away") from None
 
     def try_send(self, frame: object) -> bool:
-        """Send without waiting, in the fast mode only: False when the frame must
-        go the slow way (the queue is full, the frame is over the limit, the
-        connection is closed, or this connection carries encoded frames), so
-        the caller's ``send`` raises what it should."""
-        if not self.carries_objects or len(frame) > self._max:  # type: ignore[arg-type]
+        """Send without waiting: False when the frame must go the slow way (the
+        queue is full, the frame is over the limit, the connection is closed, or
+        it is not whole ``bytes`` on a connection of encoded frames), so the
+        caller's ``send`` raises what it should."""
+        if len(frame) > self._max:  # type: ignore[arg-type]
             return False
+        if not self.carries_objects and type(frame) is not bytes:
+            return False  # a Gather of a big message: the writer joins it
+        if self._offer(frame):
+            return True
         try:
             self._send.send_nowait(frame)  # type: ignore[arg-type]
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        self._queued()
         return True
 
     def limit_incoming(self, max_frame_size: int | None) -> None:
         self._incoming_limit = self._max if max_frame_size is None else max_frame_size
 
     async def receive(self) -> bytes:
-        if self.carries_objects:  # as in send: no task switch when a frame is waiting
-            await trio.lowlevel.checkpoint_if_cancelled()
+        # EndOfChannel when the peer closed.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            frame = self._recv.receive_nowait()
+        except trio.WouldBlock:
+            self._idle = True  # a sender may now hand frames to our taker
             try:
-                frame = self._recv.receive_nowait()
-            except trio.WouldBlock:
                 frame = await self._recv.receive()
+            finally:
+                self._idle = False
         else:
-            frame = await self._recv.receive()  # EndOfChannel when the peer closed
+            if not self.carries_objects:  # as in send: no task switch in the fast mode
+                await trio.lowlevel.cancel_shielded_checkpoint()
         if len(frame) > self._incoming_limit:
             raise ProtocolError(
                 f"{len(frame)}-byte frame exceeds the limit {self._incoming_limit}")
         return frame
 
     async def aclose(self) -> None:
+        self._shut = True
+        self._taker = None
+        self._thread_taker = None
+        self._idle = False
         self._send.close()
         self._recv.close()
         await trio.lowlevel.checkpoint()
@@ -128,6 +224,7 @@ def _pair(
     b_send, a_recv = trio.open_memory_channel[bytes](QUEUE_FRAMES)
     client = InprocConnection(a_send, a_recv, server_url, client_max, objects)
     server = InprocConnection(b_send, b_recv, "inproc://client", server_max, objects)
+    client._other, server._other = server, client
     return client, server
 
 

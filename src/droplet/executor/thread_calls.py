@@ -1,0 +1,184 @@
+"""Direct runs sent from a caller's thread, run by a worker thread, no event loop between.
+
+A synchronous client of an embedded cluster (:class:`~droplet.LocalCluster`)
+lives in the caller's thread, and its cluster's event loop in another. The
+ordinary way, a call wakes the loop's thread, which wakes a worker thread,
+which wakes the loop again with the result, which wakes the caller: four
+thread wakeups (70-300 us each on a small machine). Over an in-process
+connection that carries objects, the caller's thread may instead hand the
+trigger straight to the executor (``InprocConnection.offer_from_thread``,
+``Peer.submit_from_thread``): when it qualifies, :meth:`ThreadCalls.try_start`
+(still in the caller's thread) queues it for a worker thread, which runs the
+functions, pickles the result and hands the reply straight back to the
+caller's thread (``Peer.reply_from_thread``). Two wakeups, none of the loop.
+
+What qualifies is what the fast lane takes from a client (see ``fastlane.py``)
+and more narrowly: a direct run's source trigger whose whole run is one
+pipeline of loaded ``def`` functions on this executor, without reference
+arguments, at NORMAL consistency, no multi-exec, batching, continuation,
+output key or deadline, and a result for the caller only
+(``store_result=False``). Anything else goes the ordinary way (the caller's
+thread hands it to the loop).
+
+Nothing here touches the executor's loop-side state from a foreign thread:
+the running gauges are this object's own (under a lock), and what the loop
+keeps (invocation, failure and latency counts, mailboxes) is settled in the
+loop in batches (:meth:`settle`), as the fast lane does.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..consistency import NORMAL
+from ..errors import DropletError
+from ..protocol.messages import DagResult, ErrorReply, Trigger
+from ..rpc import Peer
+from .direct import check_direct
+from .fastlane import FastLane
+from .outcomes import pickle_value
+from .steps import RunContext
+from .user_library import UserLibrary
+
+if TYPE_CHECKING:
+    from .service import ExecutorService
+
+__all__ = ["ThreadCalls"]
+
+log = logging.getLogger("droplet.executor")
+
+_Done = tuple[list[str], float, bool, list[UserLibrary]]
+
+
+class ThreadCalls:
+    """Starts eligible direct runs from callers' threads; settles them in the loop."""
+
+    def __init__(self, service: ExecutorService, max_invocations: int) -> None:
+        self._svc = service
+        self._max = max_invocations
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        #: runs started here and not finished: runs, and functions running.
+        self.active = 0
+        self.running = 0
+        #: finished runs, settled in the loop.
+        self.done: deque[_Done] = deque()
+        #: runs started this way (statistics; updated in the loop).
+        self.calls = 0
+
+    def try_start(self, t: Trigger, peer: Peer, request_id: int) -> bool:
+        """From a caller's thread: queue ``t`` for a worker thread if it qualifies."""
+        svc = self._svc
+        if (t.source is not None or t.carried is not None or t.consistency != NORMAL
+                or t.failed or t.multiexec or t.batching or t.output_key is not None
+                or t.scheduler or t.deadline is not None or t.store_result or t.direct
+                or t.whole_run
+                or svc._threads.closed
+                or svc._active + self.active >= self._max):
+            return False
+        try:
+            check_direct(t, svc.url)
+        except DropletError:
+            return False  # the loop's path refuses it, saying why
+        segment = svc._segment(t)
+        last = segment[-1]
+        if any(src == last for src, _ in t.edges):
+            return False  # the run goes on after this pipeline
+        targets: list[Any] = []
+        for fn in segment:
+            loaded = svc._loader.peek(fn, t.versions[t.functions.index(fn)])
+            if loaded is None:
+                return False
+            target = loaded.obj
+            if isinstance(target, tuple):  # (cls, init_args): once built, its run method
+                if loaded.instance is None:
+                    return False
+                target = loaded.instance.run
+            if inspect.iscoroutinefunction(target) or svc._has_references(t, fn):
+                return False
+            targets.append(target)
+        run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
+        libs = []
+        for _ in segment:  # reachable by id for mail, as the loop's libraries are
+            lib = UserLibrary(svc, f"{svc.url}/t{next(self._ids)}", run)
+            svc._libraries[lib.getid()] = lib  # one dict store: atomic
+            libs.append(lib)
+        with self._lock:
+            self.active += 1
+            self.running += len(segment)
+        try:
+            svc._threads.start(self._job, t, segment, targets, libs, peer, request_id,
+                               time.perf_counter(), label=t.function)
+        except RuntimeError:  # the pool shut down meanwhile: the loop's path says so
+            self._finished(segment, 0.0, False, libs, counted=False)
+            return False
+        return True
+
+    def _job(self, t: Trigger, segment: list[str], targets: list[Any],
+             libs: list[UserLibrary], peer: Peer, request_id: int, started: float) -> None:
+        """In a worker thread: run the pipeline, answer the caller's thread."""
+        failed = True
+        elapsed = 0.0
+        try:
+            value, failed = FastLane._run(t, segment, targets, libs)
+            elapsed = time.perf_counter() - started
+            reply: Any = DagResult(t.run_id, pickle_value(value), failed)
+        except BaseException:  # our bug, not the function's: never leave a caller waiting
+            log.exception("run %s: running %s from a caller's thread failed",
+                          t.run_id, t.function)
+            reply = ErrorReply("DropletError", f"executor {self._svc.url} could not run "
+                               f"{t.function!r}; see its log")
+        # Counted before the reply: whoever hears of the result sees the run done.
+        self._finished(segment, elapsed, failed, libs)
+        try:
+            if not peer.reply_from_thread(request_id, reply):
+                # Not taken (too big for the connection, the caller gone): the loop
+                # replies the ordinary way (an error naming the limit, or nothing).
+                self._svc.trio_token.run_sync_soon(
+                    functools.partial(_reply_in_loop, peer, request_id, reply))
+        except trio.RunFinishedError:
+            pass  # the executor is gone, and its callers' connections with it
+        except Exception:
+            log.exception("run %s: could not answer its caller", t.run_id)
+
+    def _finished(self, segment: list[str], elapsed: float, failed: bool,
+                  libs: list[UserLibrary], counted: bool = True) -> None:
+        with self._lock:
+            self.active -= 1
+            self.running -= len(segment)
+        self.done.append((segment if counted else [], elapsed, failed, libs))
+
+    def settle(self) -> None:
+        """In the loop: count what finished since the last time."""
+        svc, done = self._svc, self.done
+        while done:
+            segment, elapsed, failed, libs = done.popleft()
+            for lib in libs:
+                svc._libraries.pop(lib.getid(), None)
+            if not segment:
+                continue
+            self.calls += 1
+            svc._invocations += len(segment)
+            if failed:
+                svc._failures += 1
+            for fn in segment:
+                svc.recorder.record(fn, elapsed, failed)
+
+
+def _reply_in_loop(peer: Peer, request_id: int, msg: Any) -> None:
+    try:
+        peer.post_reply(request_id, msg, acquired=False)
+    except DropletError as exc:
+        log.debug("the caller of a direct run went away: %s", exc)
+    except Exception:
+        log.exception("could not answer %s", peer.remote)
+
