@@ -374,8 +374,8 @@ class TlsNodeTarget(NodeTarget):
 
     async def _probe(self) -> None:
         # cluster_info() has no TLS options; the same one request, trusting our CA.
+        from droplet.links import one_request
         from droplet.protocol.messages import Hello
-        from droplet.rpc import one_request
         await one_request(self.url, Hello("probe", "probe"), token=self._opts.token,
                           options=self.client_options, timeout=2.0)
 

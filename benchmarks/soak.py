@@ -28,8 +28,8 @@ from typing import Any
 import trio
 
 import droplet
+from droplet.links import one_request
 from droplet.protocol.messages import GetStatistics, Statistics
-from droplet.rpc import one_request
 from droplet.testing.nodes import start_node
 
 

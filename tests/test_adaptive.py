@@ -160,8 +160,8 @@ async def test_fixed_executors_report_no_scaling() -> None:
 
 async def test_pool_messages_answer_and_refuse_bad_requests() -> None:
     from droplet.errors import ProtocolError
+    from droplet.links import connect_peer
     from droplet.protocol.messages import BoolReply, DrainExecutor, PoolQuery, PoolReply
-    from droplet.rpc import connect_peer
 
     async with open_local_cluster((1, 2), **MANUAL) as cluster, \
             trio.open_nursery() as nursery:
@@ -236,6 +236,7 @@ async def test_a_link_drains_only_the_executors_of_its_own_pool() -> None:
     """DrainExecutor and PoolQuery are a node's requests about its own workers: another
     link (a client, say) can neither drain nor claim the executors of others."""
     from droplet.errors import ProtocolError
+    from droplet.links import connect_peer
     from droplet.protocol.messages import (
         BoolReply,
         DrainExecutor,
@@ -245,7 +246,6 @@ async def test_a_link_drains_only_the_executors_of_its_own_pool() -> None:
         PoolQuery,
         PoolReply,
     )
-    from droplet.rpc import connect_peer
 
     async with open_local_cluster((1, 2), **MANUAL) as cluster, \
             trio.open_nursery() as nursery:

@@ -157,8 +157,8 @@ async def test_table_sizes_stay_bounded_over_many_calls(
 
 async def test_every_node_process_reports_its_table_sizes() -> None:
     """GetStatistics: what the soak benchmark samples from each process."""
+    from droplet.links import one_request
     from droplet.protocol.messages import GetStatistics, Statistics
-    from droplet.rpc import one_request
 
     with trio.fail_after(30):
         async with droplet.open_local_cluster(1) as cluster:

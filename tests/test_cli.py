@@ -14,8 +14,8 @@ import trio
 
 import droplet
 from droplet.cli import main as cli_main
+from droplet.links import serve_peers
 from droplet.node._main import main as node_main
-from droplet.rpc import serve_peers
 from droplet.testing.nodes import free_port
 
 

@@ -228,7 +228,7 @@ async def durable_service(path: Path, *, result_ttl: float = 600.0, **options: A
     from functools import partial
 
     from droplet.kvs.service import KvsService
-    from droplet.rpc import connect_peer, serve_peers
+    from droplet.links import connect_peer, serve_peers
 
     backend = DurableBackend(path, **options)
     async with trio.open_nursery() as nursery:

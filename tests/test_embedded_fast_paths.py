@@ -24,8 +24,9 @@ import trio.testing
 
 import droplet
 from droplet.executor.inline import never_suspends
+from droplet.links import connect_peer, serve_peers
 from droplet.protocol.messages import ErrorReply, KvsGet, KvsValue, Ok
-from droplet.rpc import DEFERRED, NOT_NOW, Limits, Peer, connect_peer, serve_peers
+from droplet.rpc import DEFERRED, NOT_NOW, Limits, Peer
 from droplet.transports.base import TransportOptions
 
 BOTH = pytest.mark.parametrize("skip", [False, True], ids=["frames", "objects"])

@@ -24,6 +24,7 @@ from droplet.lattices import (
     decode_lattice,
     encode_lattice,
 )
+from droplet.links import connect_peer, serve_peers
 from droplet.protocol.messages import (
     KvsGet,
     KvsPut,
@@ -33,7 +34,7 @@ from droplet.protocol.messages import (
     KvsValue,
     Ok,
 )
-from droplet.rpc import Peer, connect_peer, serve_peers
+from droplet.rpc import Peer
 
 
 def lww(ts: int, value: bytes, writer: str = "w") -> bytes:

@@ -20,8 +20,9 @@ import trio.testing
 from droplet.kvs.backends import BackendStatistics, ChangeHandler, MemoryBackend, StorageBackend
 from droplet.kvs.service import KvsService
 from droplet.lattices import RAW, LWWLattice, SetLattice, decode_lattice, encode_lattice
+from droplet.links import connect_peer, serve_peers
 from droplet.protocol.messages import KvsGet, KvsPut, KvsStored, KvsUpdate, KvsValue
-from droplet.rpc import Peer, connect_peer, serve_peers
+from droplet.rpc import Peer
 
 
 def lww(ts: int, value: bytes) -> bytes:

@@ -18,8 +18,8 @@ from droplet.executor.cache_service import NodeCacheService, RemoteCache
 from droplet.executor.segments import SegmentStore, map_segment
 from droplet.executor.values import DecodedValues, decode_value, lww_payload
 from droplet.lattices import RAW, LWWLattice, encode_lattice
+from droplet.links import connect_peer, serve_peers
 from droplet.protocol.messages import CacheInvalidate, CacheValue, decode, encode
-from droplet.rpc import connect_peer, serve_peers
 
 TIMEOUT = 30
 KIB = 1024

@@ -42,8 +42,9 @@ from droplet.lattices import (
     decode_lattice,
     encode_lattice,
 )
+from droplet.links import connect_peer, serve_peers
 from droplet.protocol.messages import KvsGet, KvsPut, KvsStored, KvsUpdate, KvsValue
-from droplet.rpc import Peer, connect_peer, serve_peers
+from droplet.rpc import Peer
 from droplet.testing.redis_servers import RedisServer, start_redis
 
 pytestmark = pytest.mark.slow  # starts redis-server processes

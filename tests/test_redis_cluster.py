@@ -20,8 +20,9 @@ from droplet.kvs.backends.redis import RedisBackend
 from droplet.kvs.backends.redis.resp import key_slot
 from droplet.kvs.service import KvsService
 from droplet.lattices import RAW, LWWLattice, SetLattice, decode_lattice, encode_lattice
+from droplet.links import connect_peer, serve_peers
 from droplet.protocol.messages import KvsGet, KvsPut, KvsUpdate
-from droplet.rpc import Peer, connect_peer, serve_peers
+from droplet.rpc import Peer
 from droplet.testing.redis_servers import RedisServer, redis_available, start_redis_cluster
 
 pytestmark = pytest.mark.slow  # starts redis-server processes

@@ -18,6 +18,7 @@ import trio.testing
 
 import droplet
 from droplet import errors
+from droplet.links import connect_peer, one_request, serve_peers
 from droplet.protocol.messages import (
     BoolReply,
     FunctionExists,
@@ -28,7 +29,7 @@ from droplet.protocol.messages import (
     Ok,
 )
 from droplet.protocol.messages import encode as encode_message
-from droplet.rpc import DEFERRED, Limits, Peer, connect_peer, one_request, serve_peers
+from droplet.rpc import DEFERRED, Limits, Peer
 from droplet.transports import TransportOptions, get_transport
 
 _names = itertools.count(1)

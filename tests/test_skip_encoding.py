@@ -21,6 +21,7 @@ import trio.testing
 
 import droplet
 from droplet.cluster import skip_encoding_default
+from droplet.links import connect_peer
 from droplet.protocol.framing import Gather
 from droplet.protocol.messages import (
     ErrorReply,
@@ -33,7 +34,6 @@ from droplet.protocol.messages import (
     encode,
 )
 from droplet.protocol.parcel import ENVELOPE_BYTES, Parcel, pack, unpack
-from droplet.rpc import connect_peer
 
 # --------------------------------------------------------------------------- the pure part
 

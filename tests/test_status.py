@@ -17,8 +17,8 @@ import droplet
 from droplet.cli import main as cli_main
 from droplet.errors import ProtocolError
 from droplet.latency import BUCKETS
+from droplet.links import connect_peer
 from droplet.protocol.messages import ExecutorReport
-from droplet.rpc import connect_peer
 
 
 async def _calls_reported(cloud: Any, name: str, calls: int) -> droplet.ClusterStatus:

@@ -21,8 +21,8 @@ import trustme
 import droplet
 from droplet import DropletConnection
 from droplet.config import Config
+from droplet.links import HANDSHAKE_MAX_FRAME
 from droplet.node import Node, serve_node
-from droplet.rpc import HANDSHAKE_MAX_FRAME
 from droplet.transports import parse_address
 
 TIMEOUT = 30

@@ -16,8 +16,8 @@ import trio
 
 from droplet import DropletConnection, DropletReference
 from droplet.executor.segments import segment_dir
+from droplet.links import one_request
 from droplet.protocol.messages import GetStatistics, Statistics
-from droplet.rpc import one_request
 from droplet.testing.nodes import NodeProcess, start_node
 
 pytestmark = pytest.mark.slow

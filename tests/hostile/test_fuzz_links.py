@@ -27,6 +27,7 @@ import trio
 import droplet
 from droplet.config import Config
 from droplet.errors import ProtocolError
+from droplet.links import connect_peer, serve_peers
 from droplet.node import _start_executor
 from droplet.protocol.messages import (
     AuthChallenge,
@@ -47,7 +48,7 @@ from droplet.protocol.messages import (
     decode,
     encode,
 )
-from droplet.rpc import Limits, Peer, connect_peer, serve_peers
+from droplet.rpc import Limits, Peer
 from droplet.serialization import dumps
 from droplet.testing.nodes import NodeProcess, start_node
 from droplet.transports import TransportOptions, get_transport

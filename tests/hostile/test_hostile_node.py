@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import droplet
+from droplet.links import HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, serve_peers
 from droplet.protocol import messages
 from droplet.protocol.framing import frame
 from droplet.protocol.messages import (
@@ -43,7 +44,6 @@ from droplet.protocol.messages import (
 )
 from droplet.protocol.messages import decode as decode_message
 from droplet.protocol.messages import encode as encode_message
-from droplet.rpc import HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, serve_peers
 from droplet.testing.nodes import NodeProcess
 from droplet.transports import TransportOptions, get_transport
 

@@ -27,6 +27,7 @@ from ..errors import (
     DropletError,
     TimeoutError,
 )
+from ..links import connect_peer
 from ..protocol.messages import (
     Blob,
     BoolReply,
@@ -48,7 +49,7 @@ from ..protocol.messages import (
     PlaceCall,
     StatusReply,
 )
-from ..rpc import Peer, Slot, connect_peer
+from ..rpc import Peer, Slot
 from ..status import ClusterStatus
 from ..transports.base import TransportOptions
 from ..transports.registry import normalize_address

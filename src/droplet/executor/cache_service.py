@@ -345,7 +345,7 @@ async def open_node_cache(nursery: Any, kvs_url: str, *, token: str | None,
 
     It lives as long as ``nursery``: when that is cancelled its segments are removed.
     """
-    from ..rpc import connect_peer
+    from ..links import connect_peer
 
     cache = Cache(None, max_bytes=max_bytes, shared_memory=shared_memory)
 

@@ -26,6 +26,7 @@ import trio
 from ..consistency import CAUSAL, CONSISTENCY_LEVELS, REPEATABLE_READ, CausalContext, SessionResult
 from ..errors import DropletError, ProtocolError, TimeoutError, _Failure
 from ..lattices import RAW, Lattice, decode_lattice
+from ..links import PeerPool
 from ..protocol.messages import (
     Blob,
     CacheInvalidate,
@@ -45,7 +46,7 @@ from ..protocol.messages import (
     Trigger,
 )
 from ..references import DropletReference
-from ..rpc import DEFERRED, NOT_NOW, OutboxFull, Peer, PeerPool
+from ..rpc import DEFERRED, NOT_NOW, OutboxFull, Peer
 from ..serialization import dumps, loads, mentions
 from .batching import DEFAULT_MAX_BATCH, Batcher
 from .cache import Cache, Counts
@@ -280,7 +281,7 @@ class ExecutorService:
         ``node_cache``: the URL of the node process whose cache this worker
         process uses (``--node-cache``). Neither: a cache of its own.
         """
-        from ..rpc import connect_peer
+        from ..links import connect_peer
 
         holder: list[ExecutorService] = []
 

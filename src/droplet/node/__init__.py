@@ -34,8 +34,9 @@ from ..kvs.backends import MemoryBackend, StorageBackend
 from ..kvs.backends.durable import DurableBackend
 from ..kvs.keys import RESULT_PREFIX
 from ..kvs.service import KvsService
+from ..links import connect_peer, one_request, serve_peers
 from ..protocol.messages import ClusterInfo, GetStatistics, Hello, Statistics
-from ..rpc import NOT_NOW, Limits, Peer, connect_peer, one_request, serve_peers
+from ..rpc import NOT_NOW, Limits, Peer
 from ..scheduler.service import SchedulerService
 from ..transports.base import TransportOptions
 from ..transports.registry import parse_address
