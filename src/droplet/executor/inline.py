@@ -31,6 +31,7 @@ import functools
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..consistency import NORMAL
@@ -78,6 +79,26 @@ def never_suspends(target: Any) -> bool:
         return False
 
 
+
+def loaded_targets(svc: ExecutorService, t: Trigger, segment: list[str],
+                   accept: Callable[[Any], bool]) -> list[Any] | None:
+    """What to call for each function of ``segment``: None unless each is loaded
+    (a class's instance built), ``accept``-ed, and takes no references in ``t``."""
+    targets: list[Any] = []
+    for fn in segment:
+        loaded = svc._loader.peek(fn, t.versions[t.functions.index(fn)])
+        if loaded is None:
+            return None
+        target = loaded.obj
+        if isinstance(target, tuple):  # (cls, init_args): once built, its run method
+            if loaded.instance is None:
+                return None
+            target = loaded.instance.run
+        if not accept(target) or svc._has_references(t, fn):
+            return None
+        targets.append(target)
+    return targets
+
 class _Suspended(RuntimeError):
     pass
 
@@ -114,19 +135,9 @@ class InlineRuns:
         last = segment[-1]
         if any(src == last for src, _ in t.edges):
             return False  # the run goes on after this pipeline
-        targets: list[Any] = []
-        for fn in segment:
-            loaded = svc._loader.peek(fn, t.versions[t.functions.index(fn)])
-            if loaded is None:
-                return False
-            target = loaded.obj
-            if isinstance(target, tuple):  # (cls, init_args): once built, its run method
-                if loaded.instance is None:
-                    return False
-                target = loaded.instance.run
-            if not never_suspends(target) or svc._has_references(t, fn):
-                return False
-            targets.append(target)
+        targets = loaded_targets(svc, t, segment, never_suspends)
+        if targets is None:
+            return False
         svc._active += 1
         svc._running += len(segment)
         svc._invocations += len(segment)

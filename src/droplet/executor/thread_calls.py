@@ -45,6 +45,7 @@ from ..protocol.messages import DagResult, ErrorReply, Trigger
 from ..rpc import Peer
 from .direct import check_direct
 from .fastlane import FastLane
+from .inline import loaded_targets
 from .outcomes import pickle_value
 from .steps import RunContext
 from .user_library import UserLibrary
@@ -58,6 +59,11 @@ log = logging.getLogger("droplet.executor")
 
 _Done = tuple[list[str], float, bool, list[UserLibrary]]
 
+
+
+def _plain(target: Any) -> bool:
+    """A function a worker thread can run (not ``async def``)."""
+    return not inspect.iscoroutinefunction(target)
 
 class ThreadCalls:
     """Starts eligible direct runs from callers' threads; settles them in the loop."""
@@ -93,19 +99,9 @@ class ThreadCalls:
         last = segment[-1]
         if any(src == last for src, _ in t.edges):
             return False  # the run goes on after this pipeline
-        targets: list[Any] = []
-        for fn in segment:
-            loaded = svc._loader.peek(fn, t.versions[t.functions.index(fn)])
-            if loaded is None:
-                return False
-            target = loaded.obj
-            if isinstance(target, tuple):  # (cls, init_args): once built, its run method
-                if loaded.instance is None:
-                    return False
-                target = loaded.instance.run
-            if inspect.iscoroutinefunction(target) or svc._has_references(t, fn):
-                return False
-            targets.append(target)
+        targets = loaded_targets(svc, t, segment, _plain)
+        if targets is None:
+            return False
         run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
         libs = []
         for _ in segment:  # reachable by id for mail, as the loop's libraries are
