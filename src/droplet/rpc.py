@@ -544,6 +544,17 @@ class Peer:
         finally:
             await self.aclose()
 
+    def _answer(self, slot: Slot, msg: Any) -> None:
+        """Finish ``slot`` with the reply ``msg`` (an ErrorReply: its error)."""
+        if type(msg) is ErrorReply:
+            slot.error = error_from_reply(msg, self.remote)
+        else:
+            slot.value = msg
+        try:
+            slot._finish()
+        except Exception:  # a waiter's callback: never the reader's or sender's problem
+            log.exception("a reply's callback failed")
+
     async def _read_loop(self) -> None:
         conn, pending = self.conn, self._pending
         n = 0
@@ -598,11 +609,7 @@ class Peer:
                     return
                 slot = pending.pop(request_id, None)
                 if slot is not None:
-                    if type(msg) is ErrorReply:
-                        slot.error = error_from_reply(msg, self.remote)
-                    else:
-                        slot.value = msg
-                    slot._finish()
+                    self._answer(slot, msg)
                 continue
             if self._handler is None:
                 log.warning("%s sent %s, which this endpoint does not serve",
@@ -654,14 +661,7 @@ class Peer:
             self._predecoded = None
             slot = self._pending.pop(request_id, None)
             if slot is not None:
-                if type(msg) is ErrorReply:
-                    slot.error = error_from_reply(msg, self.remote)
-                else:
-                    slot.value = msg
-                try:
-                    slot._finish()
-                except Exception:  # a waiter's callback: never the sender's problem
-                    log.exception("a reply's callback failed")
+                self._answer(slot, msg)
             return True
         now = self._now
         if now is None or not request_id or self._handler is None:
@@ -759,14 +759,7 @@ class Peer:
             slot = self._pending.get(request_id)
             if type(slot) is not ThreadSlot or self._pending.pop(request_id, None) is None:
                 return False
-            if type(msg) is ErrorReply:
-                slot.error = error_from_reply(msg, self.remote)
-            else:
-                slot.value = msg
-            try:
-                slot._finish()
-            except Exception:
-                log.exception("a reply's callback failed")
+            self._answer(slot, msg)
             return True
         now = self._thread_now
         if now is None or not request_id:

@@ -80,6 +80,15 @@ def never_suspends(target: Any) -> bool:
 
 
 
+def plain_client_run(t: Trigger) -> bool:
+    """Whether ``t`` is a client's plain direct run: a source at NORMAL consistency
+    with no deadline, output key, stored result, multiexec, batching or scheduler."""
+    return not (t.source is not None or t.carried is not None or t.consistency != NORMAL
+                or t.failed or t.multiexec or t.batching or t.output_key is not None
+                or t.scheduler or t.deadline is not None or t.store_result or t.direct
+                or t.whole_run)
+
+
 def loaded_targets(svc: ExecutorService, t: Trigger, segment: list[str],
                    accept: Callable[[Any], bool]) -> list[Any] | None:
     """What to call for each function of ``segment``: None unless each is loaded
@@ -125,11 +134,7 @@ class InlineRuns:
     def try_run(self, t: Trigger, peer: Peer, request_id: int) -> bool:
         """Run ``t`` now if it qualifies (then its reply is posted); False: the ordinary path."""
         svc = self._svc
-        if (t.source is not None or t.carried is not None or t.consistency != NORMAL
-                or t.failed or t.multiexec or t.batching or t.output_key is not None
-                or t.scheduler or t.deadline is not None or t.store_result or t.direct
-                or t.whole_run
-                or svc._active >= self._max):
+        if not plain_client_run(t) or svc._active >= self._max:
             return False
         segment = svc._segment(t)
         last = segment[-1]

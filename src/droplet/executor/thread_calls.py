@@ -39,13 +39,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..consistency import NORMAL
 from ..errors import DropletError
 from ..protocol.messages import DagResult, ErrorReply, Trigger
 from ..rpc import Peer
 from .direct import check_direct
 from .fastlane import FastLane
-from .inline import loaded_targets
+from .inline import loaded_targets, plain_client_run
 from .outcomes import pickle_value
 from .steps import RunContext
 from .user_library import UserLibrary
@@ -84,11 +83,7 @@ class ThreadCalls:
     def try_start(self, t: Trigger, peer: Peer, request_id: int) -> bool:
         """From a caller's thread: queue ``t`` for a worker thread if it qualifies."""
         svc = self._svc
-        if (t.source is not None or t.carried is not None or t.consistency != NORMAL
-                or t.failed or t.multiexec or t.batching or t.output_key is not None
-                or t.scheduler or t.deadline is not None or t.store_result or t.direct
-                or t.whole_run
-                or svc._threads.closed
+        if (not plain_client_run(t) or svc._threads.closed
                 or svc._active + self.active >= self._max):
             return False
         try:
