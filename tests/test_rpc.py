@@ -274,6 +274,21 @@ async def test_wrong_field_types_close_the_connection_and_server_keeps_serving()
         await fresh.aclose()
 
 
+async def test_an_invalid_reply_fails_its_request_at_once_and_the_link_stays() -> None:
+    async def odd(peer: Peer, msg: Any, request_id: int) -> Any:
+        if isinstance(msg, ListFunctions) and msg.prefix == "odd":
+            return KvsGet("k", wait=float("nan"))  # well framed, but no valid message
+        return await echo(peer, msg, request_id)
+
+    async with serving(odd) as url, trio.open_nursery() as nursery:
+        peer = await connect_peer(url, nursery)
+        with trio.fail_after(5):  # not the request's (absent) timeout: at once
+            with pytest.raises(droplet.ProtocolError, match=r"invalid reply: .*NaN"):
+                await peer.request(ListFunctions("odd"))
+        assert await peer.request(ListFunctions("x")) == Names(["x", "echo"])
+        await peer.aclose()
+
+
 # --------------------------------------------------------------------------- handshake
 
 

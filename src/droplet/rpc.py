@@ -593,6 +593,10 @@ class Peer:
                 if exc.request_id and not exc.is_reply:
                     await self._send(encode_message(
                         ErrorReply("ProtocolError", str(exc)), exc.request_id, reply=True))
+                elif exc.request_id and (slot := pending.pop(exc.request_id, None)) is not None:
+                    # A reply we cannot read: its request fails now, saying why.
+                    slot.error = ProtocolError(f"{self.remote} sent an invalid reply: {exc}")
+                    slot._finish()
                 else:
                     log.warning("dropped a message from %s: %s", self.remote, exc)
                 continue
