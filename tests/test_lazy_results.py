@@ -423,8 +423,8 @@ def test_sync_embedded_obj_id_before_the_result_waits_for_it() -> None:
 
 
 def test_what_a_client_stores_for_a_direct_call() -> None:
-    """The result, the call's error (even one that does not pickle), or nothing when
-    the executor's connection broke (nothing is known about the call)."""
+    """The result, or the call's error (even one that does not pickle, or the
+    executor's connection breaking)."""
     import threading
 
     from droplet.client._core import ClientCore, direct_result_lattice
@@ -445,7 +445,25 @@ def test_what_a_client_stores_for_a_direct_call() -> None:
         stored(direct_result_lattice(None, droplet.TimeoutError("too slow")))
     with pytest.raises(droplet.DropletError, match="Unpicklable: odd"):
         stored(direct_result_lattice(None, Unpicklable("odd", 1)))
-    assert direct_result_lattice(None, droplet.ConnectionError("gone")) is None
+    # The executor's connection broke: the reader learns so, as through the scheduler.
+    with pytest.raises(droplet.ConnectionError, match="gone"):
+        stored(direct_result_lattice(None, droplet.ConnectionError("gone")))
+    assert direct_result_lattice(None, None) is None  # nothing yet
+
+
+def test_a_direct_result_too_big_to_store_is_stored_as_a_failure_saying_so() -> None:
+    from droplet.client._core import ClientCore, direct_result_lattice, result_put
+    from droplet.protocol.messages import KvsValue
+    from droplet.serialization import dumps_value
+
+    lattice = direct_result_lattice(dumps_value(b"x" * 9000), None)
+    assert lattice is not None
+    assert result_put("k", lattice, None).lattice == lattice  # no limit known
+    assert result_put("k", lattice, 1 << 20).lattice == lattice  # far below the limit
+    put = result_put("k", lattice, len(lattice) + 8)  # the reply fit; the write does not
+    with pytest.raises(droplet.DropletError,
+                       match=r"the result under 'k' could not be stored: .*max_frame_size="):
+        ClientCore.stored_object(KvsValue("k", put.lattice))
 
 
 async def test_an_executor_refuses_a_bad_store_result_and_keeps_serving() -> None:

@@ -175,6 +175,9 @@ def test_a_direct_call_honours_get_timeout_and_fails_when_its_executor_dies(
         # The connection's end is the call's error, well before the call's own timeout.
         with pytest.raises(droplet.ConnectionError):
             future.get(timeout=TIMEOUT - 1)
+        # ...and what its key holds: the error, never a silent None.
+        with pytest.raises(droplet.ConnectionError):
+            conn.get_object(future.obj_id)
 
 
 def test_a_handed_out_key_reads_the_result_once_wait_says_done(

@@ -55,6 +55,7 @@ from ._core import (
     check_timeout,
     direct_result_lattice,
     result_blob,
+    result_put,
     unwrap_result,
 )
 from ._direct import (
@@ -152,15 +153,16 @@ class BlockingFuture:
         blob = self._blob
         if blob is None and slot.error is None:
             blob = slot.value.value  # a DagResult
-        lattice = direct_result_lattice(blob, slot.error)
-        if lattice is None:  # the executor's connection broke: nothing to store
-            return
         client = self._client
+        lattice = direct_result_lattice(blob, slot.error)
+        if lattice is None or client.closing:  # closing: its results are released
+            return
         try:
+            put = result_put(self._key, lattice, client.kvs.max_frame_size)
             if wait:
-                client.kvs.request(KvsPut(self._key, lattice), client.timeout)
+                client.kvs.request(put, client.timeout)
             else:
-                client.kvs.submit(KvsPut(self._key, lattice), timeout=client.timeout)
+                client.kvs.submit(put, timeout=client.timeout)
         except DropletError:  # the store went away (the connection closed)
             return
         client.releases.pin(self._key)
@@ -279,6 +281,8 @@ class BlockingClient:
         self.timeout = timeout
         self.core = ClientCore()
         self.releases = Releases()
+        #: True once close() began: nothing more is stored for this client.
+        self.closing = False
 
         def dial(address: str, connect_timeout: float = timeout) -> BlockingPeer:
             return BlockingPeer(address, token=token, timeout=connect_timeout,
@@ -316,6 +320,7 @@ class BlockingClient:
         self._flusher = flusher
 
     def close(self) -> None:
+        self.closing = True  # direct results are no longer stored (see _put)
         self._stop_flusher.set()
         if self._flusher is not threading.current_thread():
             self._flusher.join()

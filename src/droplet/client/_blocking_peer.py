@@ -510,6 +510,11 @@ class BlockingPeer:
                 self._hand_off()
         return self._failure is None
 
+    @property
+    def max_frame_size(self) -> int:
+        """The largest frame this connection sends."""
+        return self._max
+
     def request(self, msg: Any, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         (slot,) = self.submit(msg, timeout=timeout)

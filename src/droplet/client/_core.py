@@ -14,7 +14,6 @@ from typing import Any
 
 from ..consistency import CAUSAL, CausalContext, SessionResult, check_level
 from ..errors import (
-    ConnectionError,
     DagError,
     DropletError,
     FunctionError,
@@ -33,6 +32,7 @@ from ..protocol.messages import (
     KvsValue,
     RegisterDag,
     RegisterFunction,
+    encode_gather,
 )
 from ..protocol.messages import encode as encode_message
 from ..references import DropletReference
@@ -40,7 +40,7 @@ from ..registration import Registration, source_of
 from ..scheduler.dags import check_dag_arguments
 from ..serialization import dumps, dumps_code, dumps_value, loads
 
-__all__ = ["AcceptedCalls", "ClientCore", "check_timeout", "direct_result_lattice",
+__all__ = ["AcceptedCalls", "ClientCore", "check_timeout", "direct_result_lattice", "result_put",
            "result_blob", "unwrap_result"]
 
 
@@ -118,11 +118,12 @@ def unwrap_result(blob: Blob) -> Any:
 def direct_result_lattice(blob: Blob | None, error: BaseException | None) -> bytes | None:
     """What a client stores under a direct call's result key when the key is asked
     for (the executor answered only the client): the result, or the call's error
-    (``get_object`` raises it, as for a stored failure); None when there is
-    nothing to store (the connection to the executor broke)."""
+    (``get_object`` raises it, as for a stored failure), including a broken
+    connection to the executor (as the scheduler stores for an executor that
+    disappeared); None when there is nothing (yet) to store."""
     if blob is not None:
         return lww(bytes(blob))
-    if error is None or isinstance(error, ConnectionError):
+    if error is None:
         return None
     try:
         failure = dumps(_Failure(error if isinstance(error, DropletError)
@@ -130,6 +131,20 @@ def direct_result_lattice(blob: Blob | None, error: BaseException | None) -> byt
     except Exception:  # an error that does not pickle: its message does
         failure = dumps(_Failure(DropletError(f"{type(error).__name__}: {error}")))
     return lww(failure)
+
+
+def result_put(key: str, lattice: bytes, limit: int | None) -> KvsPut:
+    """The write of a direct result: in its place, a failure saying why, when the
+    write would exceed the store connection's frame limit (a result that just
+    fit its reply frame, which carries less around it)."""
+    put = KvsPut(key, lattice)
+    if limit is not None and len(lattice) > limit - 4096 and len(encode_gather(put)) > limit:
+        failure = direct_result_lattice(None, DropletError(
+            f"the result under {key!r} could not be stored: {len(lattice)} bytes, over "
+            f"max_frame_size={limit}"))
+        assert failure is not None
+        put = KvsPut(key, failure)
+    return put
 
 
 def result_blob(lattice: bytes) -> bytes:

@@ -61,6 +61,7 @@ from ._core import (
     direct_result_lattice,
     map_items,
     result_blob,
+    result_put,
     unwrap_result,
 )
 from ._deadlines import Deadlines, Waiter
@@ -358,6 +359,8 @@ class AsyncDropletClient:
         self._direct.enabled = direct
         #: direct results whose keys were handed out (obj_id), to store.
         self._to_store: builtins.list[AsyncDropletFuture] = []
+        #: True once aclose() began: nothing more is stored for this client.
+        self._closing = False
         #: batches of those being stored (set once acknowledged).
         self._storing: builtins.list[trio.Event] = []
 
@@ -409,6 +412,7 @@ class AsyncDropletClient:
         return cls(scheduler, kvs, url, timeout, nursery, token=token, options=options)
 
     async def aclose(self) -> None:
+        self._closing = True
         keys = self._releases.take_all()
         if keys and not self._kvs.closed:
             with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
@@ -507,8 +511,8 @@ class AsyncDropletClient:
                 puts = []
                 for future in batch:
                     lattice = direct_result_lattice(future._blob, future._error)
-                    if lattice is not None:  # None: the executor's connection broke
-                        puts.append(KvsPut(future._key, lattice))
+                    if lattice is not None and not self._closing:
+                        puts.append(result_put(future._key, lattice, self._kvs.send_limit))
                         self._releases.pin(future._key)
                 if puts:
                     slots = await self._kvs.submit(*puts)
