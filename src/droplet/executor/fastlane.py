@@ -52,7 +52,7 @@ from ..serialization import loads
 from .downstream import arguments_for
 from .multiexec import spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
-from .steps import RunContext, Step, run_sync_steps
+from .steps import RunContext, build_steps, run_sync_steps
 from .user_library import UserLibrary
 from .wholerun import Helpers, WholeRun, plan_of
 
@@ -284,15 +284,9 @@ class FastLane:
                            else a for a in spread(value)]
             except Exception as exc:
                 return _Failure(function_error(exc, segment[0])), True
-        steps = []
-        for fn, target, lib in zip(segment, targets, libs, strict=True):
-            args: list[Any] = []
-            if fn in t.arg_fns:
-                try:
-                    args = list(loads(t.arg_blobs[t.arg_fns.index(fn)]))
-                except Exception as exc:
-                    return _Failure(function_error(exc, fn)), True
-            steps.append(Step(fn, target, False, args, lib))
+        steps = build_steps(t, segment, targets, libs, False)
+        if isinstance(steps, _Failure):
+            return steps, True
         return run_sync_steps(steps, carried)
 
     def _pass_on(self, t: Trigger, last: str, value: Any, failed: bool,

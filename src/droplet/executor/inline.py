@@ -39,11 +39,10 @@ from ..errors import DropletError, _Failure
 from ..protocol.messages import DagResult, Trigger
 from ..references import DropletReference
 from ..rpc import Peer
-from ..serialization import loads
 from .copies import private
 from .multiexec import spread
 from .outcomes import function_error, pickle_value
-from .steps import RunContext, Step
+from .steps import RunContext, Step, build_steps
 from .user_library import UserLibrary
 
 if TYPE_CHECKING:
@@ -87,6 +86,18 @@ def plain_client_run(t: Trigger) -> bool:
                 or t.failed or t.multiexec or t.batching or t.output_key is not None
                 or t.scheduler or t.deadline is not None or t.store_result or t.direct
                 or t.whole_run)
+
+
+def whole_pipeline(svc: ExecutorService, t: Trigger, accept: Callable[[Any], bool]
+                   ) -> tuple[list[str], list[Any]] | None:
+    """``t``'s pipeline here and what to call for each step, when the run ends
+    with it (nothing downstream) and :func:`loaded_targets` finds them all."""
+    segment = svc._segment(t)
+    last = segment[-1]
+    if any(src == last for src, _ in t.edges):
+        return None  # the run goes on after this pipeline
+    targets = loaded_targets(svc, t, segment, accept)
+    return None if targets is None else (segment, targets)
 
 
 def loaded_targets(svc: ExecutorService, t: Trigger, segment: list[str],
@@ -136,31 +147,21 @@ class InlineRuns:
         svc = self._svc
         if not plain_client_run(t) or svc._active >= self._max:
             return False
-        segment = svc._segment(t)
-        last = segment[-1]
-        if any(src == last for src, _ in t.edges):
-            return False  # the run goes on after this pipeline
-        targets = loaded_targets(svc, t, segment, never_suspends)
-        if targets is None:
+        found = whole_pipeline(svc, t, never_suspends)
+        if found is None:
             return False
+        segment, targets = found
         svc._active += 1
         svc._running += len(segment)
         svc._invocations += len(segment)
         self.calls += 1
         run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
         libs = [svc._new_library(run) for _ in segment]
-        steps: list[Step] = []
         started = time.perf_counter()
-        for fn, target, lib in zip(segment, targets, libs, strict=True):
-            args: list[Any] = []
-            if fn in t.arg_fns:
-                try:
-                    args = list(loads(t.arg_blobs[t.arg_fns.index(fn)]))
-                except Exception as exc:
-                    self._finish(t, segment, libs, peer, request_id, started,
-                                 _Failure(function_error(exc, fn)), True)
-                    return True
-            steps.append(Step(fn, target, True, args, lib))
+        steps = build_steps(t, segment, targets, libs, True)
+        if isinstance(steps, _Failure):
+            self._finish(t, segment, libs, peer, request_id, started, steps, True)
+            return True
         self._go_on(t, segment, steps, 0, [], run, libs, peer, request_id, started)
         return True
 

@@ -13,6 +13,7 @@ import attrs
 from ..consistency import CausalContext
 from ..errors import _Failure
 from ..references import DropletReference
+from ..serialization import loads
 from .copies import private
 from .multiexec import spread
 from .outcomes import function_error
@@ -41,6 +42,22 @@ class Step:
     is_async: bool
     args: list[Any]
     lib: UserLibrary
+
+
+def build_steps(t: Any, segment: list[str], targets: list[Any], libs: list[UserLibrary],
+                is_async: bool) -> list[Step] | _Failure:
+    """The steps of ``segment`` (a Trigger's pipeline), each with its own unpickled
+    arguments; the failure of the first whose arguments do not unpickle."""
+    steps = []
+    for fn, target, lib in zip(segment, targets, libs, strict=True):
+        args: list[Any] = []
+        if fn in t.arg_fns:
+            try:
+                args = list(loads(t.arg_blobs[t.arg_fns.index(fn)]))
+            except Exception as exc:
+                return _Failure(function_error(exc, fn))
+        steps.append(Step(fn, target, is_async, args, lib))
+    return steps
 
 
 def run_sync_steps(steps: list[Step], carried: list[Any]) -> tuple[Any, bool]:

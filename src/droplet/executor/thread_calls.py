@@ -44,7 +44,7 @@ from ..protocol.messages import DagResult, ErrorReply, Trigger
 from ..rpc import Peer
 from .direct import check_direct
 from .fastlane import FastLane
-from .inline import loaded_targets, plain_client_run
+from .inline import plain_client_run, whole_pipeline
 from .outcomes import pickle_value
 from .steps import RunContext
 from .user_library import UserLibrary
@@ -90,13 +90,10 @@ class ThreadCalls:
             check_direct(t, svc.url)
         except DropletError:
             return False  # the loop's path refuses it, saying why
-        segment = svc._segment(t)
-        last = segment[-1]
-        if any(src == last for src, _ in t.edges):
-            return False  # the run goes on after this pipeline
-        targets = loaded_targets(svc, t, segment, _plain)
-        if targets is None:
+        found = whole_pipeline(svc, t, _plain)
+        if found is None:
             return False
+        segment, targets = found
         run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
         libs = []
         for _ in segment:  # reachable by id for mail, as the loop's libraries are
