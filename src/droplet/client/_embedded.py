@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from ..executor.thread_calls import take_claim
 from ..protocol.messages import CallDag
 from ._direct import reference_set, triggers_for
 
@@ -62,7 +63,9 @@ def send_from_thread(client: AsyncDropletClient, call: CallDag,
         return False
     future._direct = True
     future._fetching = True
+    take_claim()  # nothing stale
     if peer.submit_from_thread(triggers[0], future._fetched_from_thread):
+        future._claim = take_claim()  # get() may run it in this thread
         return True
     future._direct = False
     future._fetching = False

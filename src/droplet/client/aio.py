@@ -27,6 +27,7 @@ from ..errors import (
     DropletError,
     TimeoutError,
 )
+from ..executor.thread_calls import Claim
 from ..links import connect_peer
 from ..protocol.messages import (
     Blob,
@@ -130,6 +131,9 @@ class AsyncDropletFuture:
         #: sent straight to an executor, which answers this client alone: the
         #: result is stored only once its key is handed out (``obj_id``).
         self._direct = False
+        #: queued from the sync caller's thread for a worker thread, which that
+        #: thread may run itself when it waits for it (``run_claimed``).
+        self._claim: Claim | None = None
 
     @property
     def arrived_threadsafe(self) -> threading.Event:
@@ -232,6 +236,15 @@ class AsyncDropletFuture:
             self._client._token.run_sync_soon(self._fetched, reply, error)
         except trio.RunFinishedError:
             pass  # the client's loop is gone: nobody in it waits
+
+    def run_claimed(self, timeout: float) -> None:
+        """From the sync caller's thread, about to wait up to ``timeout`` seconds:
+        run the call here if it was queued for a worker thread that has not
+        started it, and it is known to be quick (see ``executor/thread_calls.py``)."""
+        claim = self._claim
+        if claim is not None:
+            self._claim = None
+            claim.run_here(timeout)
 
     def _settled(self) -> bool:
         """Whether the result or an error is in (no waiting, no I/O)."""

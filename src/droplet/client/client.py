@@ -139,6 +139,7 @@ class _PortalFuture:
         inner = self._inner
         wait = check_timeout(timeout, inner._timeout)
         deadline = time.monotonic() + wait
+        inner.run_claimed(wait)  # an embedded call no worker thread started: run it here
         # Wait here for the read the client sent with the call, not in the loop's thread.
         if self._wait_arrival(deadline):
             try:

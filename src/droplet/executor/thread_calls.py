@@ -20,6 +20,17 @@ output key or deadline, and a result for the caller only
 (``store_result=False``). Anything else goes the ordinary way (the caller's
 thread hands it to the loop).
 
+A caller's thread that waits for such a run (``future.get()``) may run it
+itself when no worker thread has started it yet (:class:`Claim`): then the
+call costs no thread wakeup at all on its way. A blocking function would keep
+the caller past its ``get(timeout=...)``, so the caller only runs calls whose
+functions are known to return quickly: every one of them has run this way at
+least :data:`QUICK_RUNS` times, never taking longer than :data:`QUICK_SECONDS`,
+and the caller's timeout is at least :data:`HERE_MIN_TIMEOUT`. Anything else
+(a new function, one that was ever slow, a short timeout) waits for its
+worker thread, so its timeout holds exactly. Either way the worker thread is
+woken when the call is queued, so a call nobody waits for still runs.
+
 Nothing here touches the executor's loop-side state from a foreign thread:
 the running gauges are this object's own (under a lock), and what the loop
 keeps (invocation, failure and latency counts, mailboxes) is settled in the
@@ -32,6 +43,7 @@ import functools
 import inspect
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -52,11 +64,85 @@ from .user_library import UserLibrary
 if TYPE_CHECKING:
     from .service import ExecutorService
 
-__all__ = ["ThreadCalls"]
+__all__ = ["HERE_MIN_TIMEOUT", "QUICK_RUNS", "QUICK_SECONDS", "Claim", "ThreadCalls",
+           "take_claim"]
 
 log = logging.getLogger("droplet.executor")
 
 _Done = tuple[list[str], float, bool, list[UserLibrary]]
+
+#: A caller's thread runs a call itself only when each of its functions ran from
+#: a caller's thread at least this many times, never longer than QUICK_SECONDS...
+QUICK_RUNS = 3
+QUICK_SECONDS = 0.002
+#: ... and the caller waits for it at least this long (a shorter timeout is
+#: always waited out in the caller's thread, exactly).
+HERE_MIN_TIMEOUT = 1.0
+#: Seconds a worker thread leaves a quick run to its caller (who usually waits for
+#: it at once) before it runs the run itself.
+LEAVE_TO_CALLER = 0.001
+
+#: The Claim of the run the current thread queued last (see take_claim).
+_queued = threading.local()
+
+
+class Claim:
+    """A run queued for a worker thread that its caller may run instead.
+
+    Whoever takes it first runs it: a worker thread (:meth:`by_worker`), or the
+    caller's thread waiting for its result (:meth:`run_here`). ``quick``: its
+    functions are known to return quickly (see the module docstring).
+    """
+
+    __slots__ = ("_job", "_owner", "_queued", "_taken", "quick")
+
+    def __init__(self, owner: ThreadCalls, job: functools.partial[None], quick: bool) -> None:
+        self._owner = owner
+        self._job: functools.partial[None] | None = job
+        self._taken = threading.Lock()
+        self.quick = quick
+        self._queued = time.perf_counter()
+
+    def _take(self) -> functools.partial[None] | None:
+        if not self._taken.acquire(False):
+            return None
+        job, self._job = self._job, None
+        return job
+
+    def by_worker(self) -> None:
+        """In a worker thread: run it, unless its caller took it. A quick one is left
+        to its caller for LEAVE_TO_CALLER seconds after it was queued: the caller
+        waiting for it runs it with no thread wakeup on its way."""
+        if self.quick and not self._taken.locked():
+            wait = self._queued + LEAVE_TO_CALLER - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        job = self._take()
+        if job is not None:
+            job()
+
+    def run_here(self, timeout: float) -> bool:
+        """In the caller's thread, about to wait up to ``timeout`` seconds for the
+        result: run it now if it is quick and no worker took it. True: it ran
+        here (its reply has been delivered)."""
+        if not self.quick or timeout < HERE_MIN_TIMEOUT:
+            return False
+        job = self._take()
+        if job is None:
+            return False
+        owner = self._owner
+        with owner._lock:
+            owner.ran_here += 1
+        job()
+        return True
+
+
+def take_claim() -> Claim | None:
+    """The Claim of the run this thread's last offer queued (once), if any."""
+    claim: Claim | None = getattr(_queued, "claim", None)
+    if claim is not None:
+        _queued.claim = None
+    return claim
 
 
 
@@ -79,6 +165,18 @@ class ThreadCalls:
         self.done: deque[_Done] = deque()
         #: runs started this way (statistics; updated in the loop).
         self.calls = 0
+        #: runs their callers' threads ran themselves (Claim.run_here).
+        self.ran_here = 0
+        #: per function: (runs from callers' threads, slowest run's seconds).
+        self._timings: dict[str, tuple[int, float]] = {}
+
+    def _quick(self, segment: list[str]) -> bool:
+        timings = self._timings
+        for fn in segment:
+            runs, slowest = timings.get(fn, (0, 0.0))
+            if runs < QUICK_RUNS or slowest > QUICK_SECONDS:
+                return False
+        return True
 
     def try_start(self, t: Trigger, peer: Peer, request_id: int) -> bool:
         """From a caller's thread: queue ``t`` for a worker thread if it qualifies."""
@@ -103,22 +201,28 @@ class ThreadCalls:
         with self._lock:
             self.active += 1
             self.running += len(segment)
+        claim = Claim(self, functools.partial(self._job, t, segment, targets, libs, peer,
+                                        request_id, time.perf_counter()),
+                      self._quick(segment))
         try:
-            svc._threads.start(self._job, t, segment, targets, libs, peer, request_id,
-                               time.perf_counter(), label=t.function)
+            svc._threads.start(claim.by_worker, label=t.function)
         except RuntimeError:  # the pool shut down meanwhile: the loop's path says so
             self._finished(segment, 0.0, False, libs, counted=False)
             return False
+        _queued.claim = claim
         return True
 
     def _job(self, t: Trigger, segment: list[str], targets: list[Any],
              libs: list[UserLibrary], peer: Peer, request_id: int, started: float) -> None:
-        """In a worker thread: run the pipeline, answer the caller's thread."""
+        """In a worker thread (or the caller's: Claim.run_here): run the pipeline,
+        answer the caller's thread."""
         failed = True
-        elapsed = 0.0
+        elapsed, ran = 0.0, math.inf  # a run that did not finish is never quick
+        began = time.perf_counter()
         try:
             value, failed = FastLane._run(t, segment, targets, libs)
-            elapsed = time.perf_counter() - started
+            done = time.perf_counter()
+            elapsed, ran = done - started, done - began
             reply: Any = DagResult(t.run_id, pickle_value(value), failed)
         except BaseException:  # our bug, not the function's: never leave a caller waiting
             log.exception("run %s: running %s from a caller's thread failed",
@@ -126,7 +230,7 @@ class ThreadCalls:
             reply = ErrorReply("DropletError", f"executor {self._svc.url} could not run "
                                f"{t.function!r}; see its log")
         # Counted before the reply: whoever hears of the result sees the run done.
-        self._finished(segment, elapsed, failed, libs)
+        self._finished(segment, elapsed, failed, libs, ran=ran)
         try:
             if not peer.reply_from_thread(request_id, reply):
                 # Not taken (too big for the connection, the caller gone): the loop
@@ -139,10 +243,15 @@ class ThreadCalls:
             log.exception("run %s: could not answer its caller", t.run_id)
 
     def _finished(self, segment: list[str], elapsed: float, failed: bool,
-                  libs: list[UserLibrary], counted: bool = True) -> None:
+                  libs: list[UserLibrary], counted: bool = True, ran: float = 0.0) -> None:
         with self._lock:
             self.active -= 1
             self.running -= len(segment)
+            if counted:
+                timings = self._timings
+                for fn in segment:
+                    runs, slowest = timings.get(fn, (0, 0.0))
+                    timings[fn] = (runs + 1, max(slowest, ran))
         self.done.append((segment if counted else [], elapsed, failed, libs))
 
     def settle(self) -> None:
