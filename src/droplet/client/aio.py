@@ -28,6 +28,7 @@ from ..errors import (
     TimeoutError,
 )
 from ..executor.thread_calls import Claim
+from ..ids import unique_id
 from ..links import connect_peer
 from ..protocol.messages import (
     Blob,
@@ -94,6 +95,8 @@ DEFAULT_TIMEOUT = 30.0
 #: async function at once) passes no schedule point: one in this many such
 #: calls yields to the loop's other tasks, as a connection's reader does.
 CHECKPOINT_EVERY = 32
+#: DAG runs prepared on executors' lanes a client remembers (one per placement).
+MAX_LANES = 256
 #: Seconds aclose() may spend telling the store which results it can drop.
 CLOSE_FLUSH_TIMEOUT = 1.0
 
@@ -209,6 +212,14 @@ class AsyncDropletFuture:
                 self._blob = result_blob(reply.lattice)
             except DropletError as exc:
                 self._error = exc
+        self._arrive()
+
+    def _delivered(self, blob: Blob, failed: bool) -> None:
+        """The pickled result, from an executor's lane (``executor/inline.py``)."""
+        self._blob = blob
+        self._arrive()
+
+    def _arrive(self) -> None:
         if self._direct and self._pinned:  # its key was handed out: store it
             self._client._want_stored(self)
         self._fetching = False
@@ -370,6 +381,9 @@ class AsyncDropletClient:
         #: calls sent straight to executors (placement cached from the scheduler).
         self._direct = AsyncDirectCalls(dial, place)
         self._direct.enabled = direct
+        #: runs prepared on in-process executors' lanes:
+        #: (id(plan), executor url) -> (plan, lane, prepared).
+        self._lanes: dict[tuple[int, str], tuple[CallPlaced, Any, Any]] = {}
         #: direct results whose keys were handed out (obj_id), to store.
         self._to_store: builtins.list[AsyncDropletFuture] = []
         #: True once aclose() began: nothing more is stored for this client.
@@ -550,6 +564,15 @@ class AsyncDropletClient:
         if found is None:
             return None
         peer, plan = found
+        lane_of = getattr(peer.conn, "lane", None)
+        if lane_of is not None and (lane := lane_of()) is not None:
+            future = self._run_on_lane(lane, call, plan, peer.remote)
+            if future is not None:
+                if future._settled():  # answered at once, as below
+                    self._answered_at_once += 1
+                    if not self._answered_at_once % CHECKPOINT_EVERY:
+                        await trio.lowlevel.checkpoint()
+                return future
         triggers = triggers_for(call, plan, peer.remote)
         if triggers is None:
             return None
@@ -571,6 +594,35 @@ class AsyncDropletClient:
             self._answered_at_once += 1
             if not self._answered_at_once % CHECKPOINT_EVERY:
                 await trio.lowlevel.checkpoint()  # let the loop's other tasks run too
+        return future
+
+    def _run_on_lane(self, lane: Any, call: CallDag, plan: CallPlaced,
+                     url: str) -> AsyncDropletFuture | None:
+        """Start ``call`` through the lane of an executor in this Trio run
+        (``executor/inline.py``): its DAG's run is prepared there once per
+        placement, then each call hands over only its id and arguments. None:
+        send it the ordinary way."""
+        lanes = self._lanes
+        key = (id(plan), url)
+        entry = lanes.get(key)
+        if entry is None or entry[0] is not plan or entry[1] is not lane:
+            triggers = triggers_for(call, plan, url)
+            prepared = lane.prepare(triggers[0]) if triggers and len(triggers) == 1 else None
+            if len(lanes) >= MAX_LANES:
+                lanes.clear()  # placements come and go with their leases
+            entry = lanes[key] = (plan, lane, prepared)
+        prepared = entry[2]
+        if prepared is None:
+            return None
+        assert call.result_key is not None
+        future = AsyncDropletFuture(call.result_key, self, self.timeout)
+        future._direct = True  # answered to this client alone, as over the connection
+        future._fetching = True
+        if not prepared.run(unique_id(), call.arg_fns, call.arg_blobs, future._delivered):
+            if prepared.stale:
+                lanes.pop(key, None)
+            return None
+        self._core.accepted.accepted(call)  # see _submit_direct
         return future
 
     async def map(self, name: str, iterable: Iterable[Any], *,

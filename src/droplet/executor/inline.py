@@ -22,6 +22,18 @@ downstream function, no fan-in, multi-exec, batching, continuation, output
 key or deadline), functions loaded already and without reference arguments,
 and a result that goes to the client only (``store_result=False``, what
 clients send). The executor is not over its invocation limit.
+
+Over an in-process connection that carries objects (``skip_encoding``), the
+executor also offers the connection a :class:`Lane`: a client in the same
+Trio run prepares a DAG's run there once (a template trigger, validated as the
+connection would validate it, with the pipeline and its loaded functions
+looked up), and then starts each call of it with :meth:`Prepared.run`,
+giving only what changes per call (run id and pickled arguments): no trigger
+is built, copied or checked per call, no request id, slot or reply message.
+Everything else stays: the connection's in-flight limit, the executor's
+invocation limit, its counters, a function reloaded (a new version) or a
+closed connection sending calls the ordinary way, references in arguments
+(those calls go the ordinary way too), and the result pickled for the client.
 """
 
 from __future__ import annotations
@@ -31,24 +43,34 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
 
 from ..consistency import NORMAL
 from ..errors import DropletError, _Failure
-from ..protocol.messages import DagResult, Trigger
+from ..protocol.framing import Gather
+from ..protocol.messages import DagResult, InvalidMessage, Trigger
+from ..protocol.parcel import pack, unpack
 from ..references import DropletReference
 from ..rpc import Peer
+from ..serialization import loads, mentions
 from .copies import private
+from .direct import check_direct
 from .multiexec import spread
 from .outcomes import function_error, pickle_value
-from .steps import RunContext, Step, build_steps
+from .steps import RunContext, Step
 from .user_library import UserLibrary
 
 if TYPE_CHECKING:
     from .service import ExecutorService
 
-__all__ = ["InlineRuns", "never_suspends"]
+__all__ = ["InlineRuns", "Lane", "Prepared", "never_suspends"]
+
+#: What a finished run's pickled result (and whether it failed) is handed to.
+Deliver = Callable[[Any, bool], None]
 
 log = logging.getLogger("droplet.executor")
 
@@ -133,14 +155,40 @@ def _step(coro: Any) -> Any:
     raise _Suspended("an async function suspended where it was known not to")
 
 
+class _Reply:
+    """Delivers a run's result as the reply to a request on ``peer``."""
+
+    __slots__ = ("peer", "request_id", "run_id", "url")
+
+    def __init__(self, peer: Peer, request_id: int, run_id: str, url: str) -> None:
+        self.peer = peer
+        self.request_id = request_id
+        self.run_id = run_id
+        self.url = url
+
+    def __call__(self, blob: Any, failed: bool) -> None:
+        try:
+            self.peer.post_reply(self.request_id, DagResult(self.run_id, blob, failed))
+        except DropletError as exc:
+            log.debug("the caller of a direct run went away: %s", exc)
+        except Exception:  # our bug: the caller must still hear something
+            log.exception("run %s: replying to its caller failed", self.run_id)
+            try:
+                self.peer.post_error(self.request_id, DropletError(
+                    f"executor {self.url} could not answer run {self.run_id}; see its log"))
+            except DropletError:
+                pass
+
+
 class InlineRuns:
-    """Runs eligible direct triggers at once (``try_run``)."""
+    """Runs eligible direct triggers at once (``try_run``, and lanes' ``Prepared.run``)."""
 
     def __init__(self, service: ExecutorService, max_invocations: int) -> None:
         self._svc = service
         self._max = max_invocations
-        #: runs done this way (statistics).
+        #: runs done this way (statistics), and of those, runs started through a lane.
         self.calls = 0
+        self.lane_calls = 0
 
     def try_run(self, t: Trigger, peer: Peer, request_id: int) -> bool:
         """Run ``t`` now if it qualifies (then its reply is posted); False: the ordinary path."""
@@ -151,23 +199,42 @@ class InlineRuns:
         if found is None:
             return False
         segment, targets = found
+        conn = peer.conn
+        if conn.carries_objects and not getattr(conn, "has_lane", True):
+            conn.offer_lane(Lane(self, peer))  # type: ignore[attr-defined]
+        self.start(t.run_id, t.client_id, segment, targets, t.arg_fns, t.arg_blobs,
+                   _Reply(peer, request_id, t.run_id, svc.url))
+        return True
+
+    def start(self, run_id: str, client_id: str | None, segment: list[str],
+              targets: list[Any], arg_fns: Sequence[str], arg_blobs: Sequence[Any],
+              deliver: Deliver) -> None:
+        """Run ``segment`` (``targets``) now with the run's pickled arguments;
+        its pickled result (or failure) goes to ``deliver``."""
+        svc = self._svc
         svc._active += 1
         svc._running += len(segment)
         svc._invocations += len(segment)
         self.calls += 1
-        run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
+        run = RunContext(run_id, NORMAL, client_id or f"run-{run_id}")
         libs = [svc._new_library(run) for _ in segment]
         started = time.perf_counter()
-        steps = build_steps(t, segment, targets, libs, True)
-        if isinstance(steps, _Failure):
-            self._finish(t, segment, libs, peer, request_id, started, steps, True)
-            return True
-        self._go_on(t, segment, steps, 0, [], run, libs, peer, request_id, started)
-        return True
+        steps = []
+        for fn, target, lib in zip(segment, targets, libs, strict=True):
+            args: list[Any] = []
+            if fn in arg_fns:
+                try:
+                    args = list(loads(arg_blobs[arg_fns.index(fn)]))
+                except Exception as exc:
+                    self._finish(segment, libs, started,
+                                 _Failure(function_error(exc, fn)), True, deliver)
+                    return
+            steps.append(Step(fn, target, True, args, lib))
+        self._go_on(segment, steps, 0, [], run, libs, started, deliver)
 
-    def _go_on(self, t: Trigger, segment: list[str], steps: list[Step], i: int,
-               carried: list[Any], run: RunContext, libs: list[UserLibrary], peer: Peer,
-               request_id: int, started: float) -> None:
+    def _go_on(self, segment: list[str], steps: list[Step], i: int, carried: list[Any],
+               run: RunContext, libs: list[UserLibrary], started: float,
+               deliver: Deliver) -> None:
         """Run ``steps[i:]`` now; a reference needing I/O hands the rest to a task."""
         svc = self._svc
         value: Any = None
@@ -176,8 +243,8 @@ class InlineRuns:
             try:
                 value = _step(step.target(step.lib, *step.args, *carried))
             except Exception as exc:
-                self._finish(t, segment, libs, peer, request_id, started,
-                             _Failure(function_error(exc, step.function)), True)
+                self._finish(segment, libs, started,
+                             _Failure(function_error(exc, step.function)), True, deliver)
                 return
             i += 1
             if i == len(steps):
@@ -185,22 +252,22 @@ class InlineRuns:
             try:
                 carried = spread(private(value))
             except Exception as exc:
-                self._finish(t, segment, libs, peer, request_id, started,
-                             _Failure(function_error(exc, step.function)), True)
+                self._finish(segment, libs, started,
+                             _Failure(function_error(exc, step.function)), True, deliver)
                 return
             if any(isinstance(a, DropletReference) for a in carried):
                 try:
                     resolved = self._resolve_now(carried, run)
                 except Exception as exc:
-                    self._finish(t, segment, libs, peer, request_id, started,
-                                 _Failure(function_error(exc, step.function)), True)
+                    self._finish(segment, libs, started,
+                                 _Failure(function_error(exc, step.function)), True, deliver)
                     return
                 if resolved is None:  # the cache cannot answer at once: in a task
-                    svc._nursery.start_soon(self._go_on_later, t, segment, steps, i,
-                                            carried, run, libs, peer, request_id, started)
+                    svc._nursery.start_soon(self._go_on_later, segment, steps, i,
+                                            carried, run, libs, started, deliver)
                     return
                 carried = resolved
-        self._finish(t, segment, libs, peer, request_id, started, value, False)
+        self._finish(segment, libs, started, value, False, deliver)
 
     def _resolve_now(self, args: list[Any], run: RunContext) -> list[Any] | None:
         out = []
@@ -213,19 +280,19 @@ class InlineRuns:
             out.append(a)
         return out
 
-    async def _go_on_later(self, t: Trigger, segment: list[str], steps: list[Step], i: int,
+    async def _go_on_later(self, segment: list[str], steps: list[Step], i: int,
                            carried: list[Any], run: RunContext, libs: list[UserLibrary],
-                           peer: Peer, request_id: int, started: float) -> None:
+                           started: float, deliver: Deliver) -> None:
         try:
             carried = await self._svc._resolve(carried, run)
         except Exception as exc:
-            self._finish(t, segment, libs, peer, request_id, started,
-                         _Failure(function_error(exc, steps[i].function)), True)
+            self._finish(segment, libs, started,
+                         _Failure(function_error(exc, steps[i].function)), True, deliver)
             return
-        self._go_on(t, segment, steps, i, carried, run, libs, peer, request_id, started)
+        self._go_on(segment, steps, i, carried, run, libs, started, deliver)
 
-    def _finish(self, t: Trigger, segment: list[str], libs: list[UserLibrary], peer: Peer,
-                request_id: int, started: float, result: Any, failed: bool) -> None:
+    def _finish(self, segment: list[str], libs: list[UserLibrary], started: float,
+                result: Any, failed: bool, deliver: Deliver) -> None:
         """The ordinary path's bookkeeping, then the result to the caller."""
         svc = self._svc
         svc._active -= 1
@@ -237,14 +304,99 @@ class InlineRuns:
         elapsed = time.perf_counter() - started
         for fn in segment:
             svc.recorder.record(fn, elapsed, failed)
+        deliver(pickle_value(result), failed)
+
+
+class Lane:
+    """Direct runs from a client in this Trio run, started without messages.
+
+    Offered to an in-process connection that carries objects
+    (``InprocConnection.offer_lane``) by the executor behind it; see the
+    module docstring. Every method runs in the loop's thread and never waits.
+    """
+
+    def __init__(self, runs: InlineRuns, peer: Peer) -> None:
+        self._runs = runs
+        #: the executor's end of the connection (its in-flight limit, whether closed).
+        self._peer = peer
+
+    def prepare(self, t: Trigger) -> Prepared | None:
+        """A run of ``t``'s DAG (``t`` being one call of it, its arguments aside)
+        that :meth:`Prepared.run` starts per call; None when such runs do not
+        qualify (they go the ordinary way)."""
+        runs = self._runs
+        svc = runs._svc
+        try:  # validated as the connection would validate the trigger, and a copy
+            t = unpack(pack(attrs.evolve(t, arg_fns=[], arg_blobs=[])))[0]
+            check_direct(t, svc.url)
+        except (InvalidMessage, DropletError):
+            return None
+        if not plain_client_run(t):
+            return None
+        found = whole_pipeline(svc, t, never_suspends)
+        if found is None:
+            return None
+        segment, targets = found
+        loaded = [svc._loader.peek(fn, t.versions[t.functions.index(fn)]) for fn in segment]
+        return Prepared(self, t.client_id, frozenset(t.functions), segment, targets, loaded)
+
+
+class Prepared:
+    """One DAG's runs through a :class:`Lane` (see :meth:`Lane.prepare`)."""
+
+    __slots__ = ("_client_id", "_functions", "_lane", "_loaded", "_segment", "_targets",
+                 "stale")
+
+    def __init__(self, lane: Lane, client_id: str | None, functions: frozenset[str],
+                 segment: list[str], targets: list[Any], loaded: list[Any]) -> None:
+        self._lane = lane
+        self._client_id = client_id
+        self._functions = functions
+        self._segment = segment
+        self._targets = targets
+        self._loaded = loaded
+        #: True once a function was loaded again (another version): prepare anew.
+        self.stale = False
+
+    def run(self, run_id: str, arg_fns: list[str], arg_blobs: list[Any],
+            deliver: Deliver) -> bool:
+        """Start one run now with these pickled arguments; its pickled result goes to
+        ``deliver`` (at once, unless a result carries a reference the cache must
+        fetch). False: not started (send it the ordinary way, which also says
+        what is wrong with it)."""
+        lane = self._lane
+        runs = lane._runs
+        svc = runs._svc
+        peer = lane._peer
+        if peer.closed or svc._active >= runs._max or self.stale:
+            return False
+        loader = svc._loader
+        for fn, loaded in zip(self._segment, self._loaded, strict=True):
+            if loader.peek(fn, loaded.version) is not loaded:
+                self.stale = True
+                return False
+        if len(arg_fns) != len(arg_blobs):
+            return False
+        functions = self._functions
+        for fn, blob in zip(arg_fns, arg_blobs, strict=True):
+            if (type(fn) is not str or fn not in functions
+                    or (type(blob) is not bytes and type(blob) is not Gather)
+                    or mentions(blob, b"DropletReference")):
+                return False  # the ordinary path reads references (or names the error)
+        inflight = peer._inflight
         try:
-            peer.post_reply(request_id, DagResult(t.run_id, pickle_value(result), failed))
-        except DropletError as exc:
-            log.debug("the caller of a direct run went away: %s", exc)
-        except Exception:  # our bug: the caller must still hear something
-            log.exception("run %s: replying to its caller failed", t.run_id)
-            try:
-                peer.post_error(request_id, DropletError(
-                    f"executor {svc.url} could not answer run {t.run_id}; see its log"))
-            except DropletError:
-                pass
+            inflight.acquire_nowait()  # the connection's in-flight limit holds
+        except trio.WouldBlock:
+            return False
+        runs.lane_calls += 1
+        runs.start(run_id, self._client_id, self._segment, self._targets, arg_fns,
+                   arg_blobs, functools.partial(_released, inflight, deliver))
+        return True
+
+
+def _released(inflight: trio.Semaphore, deliver: Deliver, blob: Any, failed: bool) -> None:
+    inflight.release()
+    try:
+        deliver(blob, failed)
+    except Exception:  # the client's side: never the executor's problem
+        log.exception("a lane's caller could not take its result")

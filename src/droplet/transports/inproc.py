@@ -23,6 +23,12 @@ offered to the callback its owner registered with :meth:`InprocConnection.take_d
 serve without waiting, there and then, in the sender's task). Anything the
 callback declines, and anything sent while a frame is queued, goes through
 the queue as before, so frames are still handled in the order they were sent.
+
+A connection that carries objects may also have a *lane*: an object the
+service behind one end offers (:meth:`InprocConnection.offer_lane`) for the
+other end to call directly, with no message at all (an executor's
+:class:`~droplet.executor.inline.Lane`). :meth:`InprocConnection.lane` returns
+it while both ends are open.
 """
 
 from __future__ import annotations
@@ -74,6 +80,27 @@ class InprocConnection(Connection):
         self._shut = False  # aclose() was called
         #: takes a frame sent from another thread (see ``take_from_threads``), or None.
         self._thread_taker: Callable[[object], bool] | None = None
+        #: what the service behind this end offers the other end to call directly.
+        self._lane: object | None = None
+
+    @property
+    def has_lane(self) -> bool:
+        """Whether this end offers a lane already (see :meth:`offer_lane`)."""
+        return self._lane is not None
+
+    def offer_lane(self, lane: object) -> None:
+        """Let the other end call ``lane`` directly instead of sending messages
+        (objects connections only: an encoded one keeps to its frames)."""
+        if self.carries_objects and not self._shut:
+            self._lane = lane
+
+    def lane(self) -> object | None:
+        """What the other end's service offers to be called directly, or None
+        (none offered, frames, or either end closed)."""
+        other = self._other
+        if other is None or self._shut or other._shut:
+            return None
+        return other._lane
 
     def take_directly(self, taker: Callable[[object], bool] | None) -> None:
         """Offer frames sent to this end to ``taker`` first, in the sender's task,
@@ -211,6 +238,7 @@ class InprocConnection(Connection):
         self._shut = True
         self._taker = None
         self._thread_taker = None
+        self._lane = None
         self._idle = False
         self._send.close()
         self._recv.close()
