@@ -129,6 +129,8 @@ class AsyncDropletFuture:
         self._wakers: list[Callable[[], None]] = []
         #: tasks in get(), parked on the client's deadlines (no cancel scope each).
         self._parked: list[Waiter] = []
+        #: a task in the loop waited for it in get() (a reply from a thread wakes the loop).
+        self._watched = False
         #: a direct result whose key was handed out is stored once (_want_stored).
         self._store_wanted = False
         #: sent straight to an executor, which answers this client alone: the
@@ -234,7 +236,10 @@ class AsyncDropletFuture:
     def _fetched_from_thread(self, reply: DagResult | None,
                              error: BaseException | None) -> None:
         """The reply, from a worker thread (``_embedded.py``): the sync caller's wait ends
-        now; the loop does the rest of ``_fetched`` (events, wakers, storing) later."""
+        now; the loop does the rest of ``_fetched`` (events, wakers, storing) later,
+        and only if something in it waits for this future (a task in ``get()``,
+        ``droplet.wait``'s wakers, a key handed out to store): otherwise the
+        result is all there is to it, and the loop is not woken at all."""
         if error is not None:
             self._error = error
         elif isinstance(reply, DagResult):
@@ -243,6 +248,10 @@ class AsyncDropletFuture:
             event = self._threadsafe
         if event is not None:
             event.set()
+        # Read after the result was written, as the loop writes these before it
+        # looks for the result: either it sees the result, or we see it waits.
+        if not (self._pinned or self._watched or self._parked or self._wakers):
+            return  # nothing in the loop waits for it: no wakeup of the loop at all
         try:
             self._client._token.run_sync_soon(self._fetched, reply, error)
         except trio.RunFinishedError:
@@ -297,7 +306,9 @@ class AsyncDropletFuture:
                     self._threadsafe.clear()
                 await self._start_fetch()
             if self._blob is None and self._error is None and not self._arrived.is_set():
-                await self._client._deadlines.park(self._parked, wait)
+                self._watched = True  # before the look below: see _fetched_from_thread
+                if self._blob is None and self._error is None:
+                    await self._client._deadlines.park(self._parked, wait)
             if self._blob is None and self._error is None:
                 raise TimeoutError(
                     f"no result for {self._key} within {wait:g} s "

@@ -141,7 +141,7 @@ class _PortalFuture:
         deadline = time.monotonic() + wait
         inner.run_claimed(wait)  # an embedded call no worker thread started: run it here
         # Wait here for the read the client sent with the call, not in the loop's thread.
-        if self._wait_arrival(deadline):
+        if inner._settled() or self._wait_arrival(deadline):
             try:
                 return inner.result_ready()
             except TimeoutError:

@@ -24,12 +24,16 @@ A caller's thread that waits for such a run (``future.get()``) may run it
 itself when no worker thread has started it yet (:class:`Claim`): then the
 call costs no thread wakeup at all on its way. A blocking function would keep
 the caller past its ``get(timeout=...)``, so the caller only runs calls whose
-functions are known to return quickly: every one of them has run this way at
-least :data:`QUICK_RUNS` times, never taking longer than :data:`QUICK_SECONDS`,
-and the caller's timeout is at least :data:`HERE_MIN_TIMEOUT`. Anything else
-(a new function, one that was ever slow, a short timeout) waits for its
-worker thread, so its timeout holds exactly. Either way the worker thread is
-woken when the call is queued, so a call nobody waits for still runs.
+functions are known to return quickly: each one's last :data:`QUICK_RUNS`
+runs from callers' threads (on this executor) all took under
+:data:`QUICK_SECONDS`, and the caller's timeout is at least
+:data:`HERE_MIN_TIMEOUT`. Anything else (a new function, one slow lately, a
+short timeout) waits for its worker thread, so its timeout holds exactly.
+The price of the rule: a function that was quick QUICK_RUNS times in a row
+and then blocks makes that one ``get()`` return when it finishes, past its
+timeout (with the right result). A worker thread is still woken when the
+call is queued, and leaves a quick call to its caller for
+:data:`LEAVE_TO_CALLER` seconds only, so a call nobody waits for still runs.
 
 Nothing here touches the executor's loop-side state from a foreign thread:
 the running gauges are this object's own (under a lock), and what the loop
@@ -64,23 +68,24 @@ from .user_library import UserLibrary
 if TYPE_CHECKING:
     from .service import ExecutorService
 
-__all__ = ["HERE_MIN_TIMEOUT", "QUICK_RUNS", "QUICK_SECONDS", "Claim", "ThreadCalls",
+__all__ = ["HERE_MIN_TIMEOUT", "LEAVE_TO_CALLER", "QUICK_RUNS", "QUICK_SECONDS", "Claim",
+           "ThreadCalls",
            "take_claim"]
 
 log = logging.getLogger("droplet.executor")
 
 _Done = tuple[list[str], float, bool, list[UserLibrary]]
 
-#: A caller's thread runs a call itself only when each of its functions ran from
-#: a caller's thread at least this many times, never longer than QUICK_SECONDS...
-QUICK_RUNS = 3
-QUICK_SECONDS = 0.002
+#: A caller's thread runs a call itself only when each of its functions' last
+#: QUICK_RUNS runs from callers' threads took under QUICK_SECONDS each...
+QUICK_RUNS = 16
+QUICK_SECONDS = 0.005
 #: ... and the caller waits for it at least this long (a shorter timeout is
 #: always waited out in the caller's thread, exactly).
 HERE_MIN_TIMEOUT = 1.0
 #: Seconds a worker thread leaves a quick run to its caller (who usually waits for
 #: it at once) before it runs the run itself.
-LEAVE_TO_CALLER = 0.001
+LEAVE_TO_CALLER = 0.002
 
 #: The Claim of the run the current thread queued last (see take_claim).
 _queued = threading.local()
@@ -167,16 +172,12 @@ class ThreadCalls:
         self.calls = 0
         #: runs their callers' threads ran themselves (Claim.run_here).
         self.ran_here = 0
-        #: per function: (runs from callers' threads, slowest run's seconds).
-        self._timings: dict[str, tuple[int, float]] = {}
+        #: per function: its latest runs from callers' threads in a row that were quick.
+        self._streaks: dict[str, int] = {}
 
     def _quick(self, segment: list[str]) -> bool:
-        timings = self._timings
-        for fn in segment:
-            runs, slowest = timings.get(fn, (0, 0.0))
-            if runs < QUICK_RUNS or slowest > QUICK_SECONDS:
-                return False
-        return True
+        streaks = self._streaks
+        return all(streaks.get(fn, 0) >= QUICK_RUNS for fn in segment)
 
     def try_start(self, t: Trigger, peer: Peer, request_id: int) -> bool:
         """From a caller's thread: queue ``t`` for a worker thread if it qualifies."""
@@ -248,10 +249,10 @@ class ThreadCalls:
             self.active -= 1
             self.running -= len(segment)
             if counted:
-                timings = self._timings
+                streaks = self._streaks
+                quick = ran < QUICK_SECONDS
                 for fn in segment:
-                    runs, slowest = timings.get(fn, (0, 0.0))
-                    timings[fn] = (runs + 1, max(slowest, ran))
+                    streaks[fn] = streaks.get(fn, 0) + 1 if quick else 0
         self.done.append((segment if counted else [], elapsed, failed, libs))
 
     def settle(self) -> None:
