@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import droplet
 from droplet.client._direct import triggers_for
@@ -187,6 +188,62 @@ async def test_a_lane_declines_what_it_must_not_run() -> None:
         await peer.aclose()
         assert peer.conn.lane() is None
         assert not prepared.run("r7", call.arg_fns, call.arg_blobs, deliver)
+
+
+async def _awaits(lib: Any, x: int) -> int:
+    await trio.lowlevel.checkpoint()
+    return x - 1
+
+
+async def _awaits_and_fails(lib: Any, x: int) -> int:
+    await trio.lowlevel.checkpoint()
+    raise KeyError(x)
+
+
+async def _forever(_: Any, x: int) -> None:
+    if x:
+        await trio.sleep_forever()
+
+
+async def test_functions_that_await_run_in_one_task_through_a_lane() -> None:
+    async with droplet.open_local_cluster(2, skip_encoding=True) as cluster, \
+            cluster.client() as cloud:
+        await cloud.register(_awaits, "aw")
+        await cloud.register(_square, "sq")
+        await cloud.register(_awaits_and_fails, "bad")
+        await cloud.register_dag("d", ["sq", "aw"], [("sq", "aw")])
+        await cloud.register_dag("e", ["aw", "bad"], [("aw", "bad")])
+        results = [await (await cloud.call_dag("d", {"sq": [i]})).get() for i in range(20)]
+        assert results == [i * i - 1 for i in range(20)]
+        assert _lane_calls(cluster) >= 15
+        for i in range(4):
+            with pytest.raises(droplet.FunctionError, match="KeyError"):
+                await (await cloud.call_dag("e", {"aw": [i]})).get()
+        future = await cloud.call_dag("d", {"sq": [3]})
+        assert await future.get() == 8
+        assert await cloud.get_object(future.obj_id) == 8
+        stats = [ex.statistics() for ex in cluster.node.executors]
+        assert sum(s.invocations for s in stats) == 2 * 25
+        assert sum(s.failures for s in stats) == 4
+        assert all(s.running == 0 and s.tasks == 0 for s in stats)
+
+
+async def test_a_lane_task_times_out_in_virtual_time_and_hears_its_executor_stop(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with droplet.open_local_cluster(1, skip_encoding=True) as cluster:
+        async with cluster.client() as cloud:
+            await cloud.register(_forever, "forever")
+            for _ in range(3):
+                assert await (await cloud.exec_func("forever", [0])).get() is None
+            before = _lane_calls(cluster)
+            future = await cloud.exec_func("forever", [1])
+            assert _lane_calls(cluster) == before + 1
+            with pytest.raises(droplet.TimeoutError):
+                await future.get(timeout=5)
+            (ex,) = cluster.node.executors
+            assert ex.statistics().tasks == 1
+    with pytest.raises(droplet.DropletError, match="stopped before"):
+        await future.get()
 
 
 # --------------------------------------------------------------------------- claims

@@ -34,6 +34,15 @@ Everything else stays: the connection's in-flight limit, the executor's
 invocation limit, its counters, a function reloaded (a new version) or a
 closed connection sending calls the ordinary way, references in arguments
 (those calls go the ordinary way too), and the result pickled for the client.
+
+A lane also takes DAGs of ``async def`` functions that may suspend: such a
+run cannot finish where it is started, so it becomes one task in the
+executor's nursery (as on the ordinary path, minus the trigger and reply
+messages), which awaits each function in turn. A run still going when the
+executor stops is answered with an error saying so. (Stepping such a
+coroutine in the caller's task first and handing it to a task only once it
+suspends is not done: by then it may have entered cancel scopes or parked
+itself on the caller's task, which cannot move to another task.)
 """
 
 from __future__ import annotations
@@ -99,6 +108,10 @@ def never_suspends(target: Any) -> bool:
     except Exception:  # an unreadable code object: take the ordinary path
         return False
 
+
+
+def _is_async(target: Any) -> bool:
+    return inspect.iscoroutinefunction(target)
 
 
 def plain_client_run(t: Trigger) -> bool:
@@ -193,15 +206,16 @@ class InlineRuns:
     def try_run(self, t: Trigger, peer: Peer, request_id: int) -> bool:
         """Run ``t`` now if it qualifies (then its reply is posted); False: the ordinary path."""
         svc = self._svc
+        conn = peer.conn
+        if conn.carries_objects and not getattr(conn, "has_lane", True):
+            # a client's direct run over objects: its next calls may take the lane
+            conn.offer_lane(Lane(self, peer))  # type: ignore[attr-defined]
         if not plain_client_run(t) or svc._active >= self._max:
             return False
         found = whole_pipeline(svc, t, never_suspends)
         if found is None:
             return False
         segment, targets = found
-        conn = peer.conn
-        if conn.carries_objects and not getattr(conn, "has_lane", True):
-            conn.offer_lane(Lane(self, peer))  # type: ignore[attr-defined]
         self.start(t.run_id, t.client_id, segment, targets, t.arg_fns, t.arg_blobs,
                    _Reply(peer, request_id, t.run_id, svc.url))
         return True
@@ -291,6 +305,49 @@ class InlineRuns:
             return
         self._go_on(segment, steps, i, carried, run, libs, started, deliver)
 
+    def start_task(self, run_id: str, client_id: str | None, segment: list[str],
+                   targets: list[Any], arg_fns: Sequence[str], arg_blobs: Sequence[Any],
+                   deliver: Deliver) -> None:
+        """As :meth:`start`, for ``async def`` functions that may suspend: the run
+        is one task in the executor's nursery."""
+        svc = self._svc
+        svc._active += 1
+        svc._running += len(segment)
+        svc._invocations += len(segment)
+        self.calls += 1
+        run = RunContext(run_id, NORMAL, client_id or f"run-{run_id}")
+        libs = [svc._new_library(run) for _ in segment]
+        try:
+            svc._nursery.start_soon(self._run_task, run_id, segment, targets, arg_fns,
+                                    arg_blobs, run, libs, time.perf_counter(), deliver)
+        except RuntimeError:  # the executor is stopping
+            self._finish(segment, libs, time.perf_counter(), _Failure(DropletError(
+                f"executor {svc.url} is stopping; the run did not start")), True, deliver)
+
+    async def _run_task(self, run_id: str, segment: list[str], targets: list[Any],
+                        arg_fns: Sequence[str], arg_blobs: Sequence[Any], run: RunContext,
+                        libs: list[UserLibrary], started: float, deliver: Deliver) -> None:
+        svc = self._svc
+        value: Any = None
+        carried: list[Any] = []
+        try:
+            for i, (fn, target, lib) in enumerate(zip(segment, targets, libs, strict=True)):
+                try:
+                    args = (list(loads(arg_blobs[arg_fns.index(fn)])) if fn in arg_fns
+                            else [])
+                    if i:
+                        carried = await svc._resolve(spread(private(value)), run)
+                    value = await target(lib, *args, *carried)
+                except (Exception, SystemExit) as exc:  # sys.exit() never ends the node
+                    self._finish(segment, libs, started, _Failure(function_error(exc, fn)),
+                                 True, deliver)
+                    return
+        except BaseException:  # cancelled: the executor is stopping
+            self._finish(segment, libs, started, _Failure(DropletError(
+                f"executor {svc.url} stopped before run {run_id} finished")), True, deliver)
+            raise
+        self._finish(segment, libs, started, value, False, deliver)
+
     def _finish(self, segment: list[str], libs: list[UserLibrary], started: float,
                 result: Any, failed: bool, deliver: Deliver) -> None:
         """The ordinary path's bookkeeping, then the result to the caller."""
@@ -333,23 +390,31 @@ class Lane:
             return None
         if not plain_client_run(t):
             return None
+        at_once = True
         found = whole_pipeline(svc, t, never_suspends)
         if found is None:
-            return None
+            at_once = False
+            found = whole_pipeline(svc, t, _is_async)
+            if found is None:
+                return None
         segment, targets = found
         loaded = [svc._loader.peek(fn, t.versions[t.functions.index(fn)]) for fn in segment]
-        return Prepared(self, t.client_id, frozenset(t.functions), segment, targets, loaded)
+        return Prepared(self, t.client_id, frozenset(t.functions), segment, targets, loaded,
+                        at_once)
 
 
 class Prepared:
     """One DAG's runs through a :class:`Lane` (see :meth:`Lane.prepare`)."""
 
     __slots__ = ("_client_id", "_functions", "_lane", "_loaded", "_segment", "_targets",
-                 "stale")
+                 "at_once", "stale")
 
     def __init__(self, lane: Lane, client_id: str | None, functions: frozenset[str],
-                 segment: list[str], targets: list[Any], loaded: list[Any]) -> None:
+                 segment: list[str], targets: list[Any], loaded: list[Any],
+                 at_once: bool = True) -> None:
         self._lane = lane
+        #: its functions never suspend: each run finishes where it is started.
+        self.at_once = at_once
         self._client_id = client_id
         self._functions = functions
         self._segment = segment
@@ -389,8 +454,9 @@ class Prepared:
         except trio.WouldBlock:
             return False
         runs.lane_calls += 1
-        runs.start(run_id, self._client_id, self._segment, self._targets, arg_fns,
-                   arg_blobs, functools.partial(_released, inflight, deliver))
+        start = runs.start if self.at_once else runs.start_task
+        start(run_id, self._client_id, self._segment, self._targets, arg_fns, arg_blobs,
+              functools.partial(_released, inflight, deliver))
         return True
 
 
