@@ -222,9 +222,12 @@ class InlineRuns:
 
     def start(self, run_id: str, client_id: str | None, segment: list[str],
               targets: list[Any], arg_fns: Sequence[str], arg_blobs: Sequence[Any],
-              deliver: Deliver) -> None:
-        """Run ``segment`` (``targets``) now with the run's pickled arguments;
-        its pickled result (or failure) goes to ``deliver``."""
+              deliver: Deliver, at_once: bool = True) -> None:
+        """Run ``segment`` (``targets``) with the run's pickled arguments (each
+        function's unpickled now, so the caller may change what it passed as
+        soon as this returns); its pickled result (or failure) goes to
+        ``deliver``. ``at_once``: the functions never suspend, and run now;
+        else they may, and run in one task in the executor's nursery."""
         svc = self._svc
         svc._active += 1
         svc._running += len(segment)
@@ -244,7 +247,16 @@ class InlineRuns:
                                  _Failure(function_error(exc, fn)), True, deliver)
                     return
             steps.append(Step(fn, target, True, args, lib))
-        self._go_on(segment, steps, 0, [], run, libs, started, deliver)
+        if at_once:
+            self._go_on(segment, steps, 0, [], run, libs, started, deliver)
+            return
+        try:
+            svc._nursery.start_soon(self._run_task, run_id, segment, steps, run, libs,
+                                    started, deliver)
+        except RuntimeError:  # the executor is stopping
+            self._finish(segment, libs, started, _Failure(DropletError(
+                f"executor {svc.url} is stopping; run {run_id} did not start")), True,
+                deliver)
 
     def _go_on(self, segment: list[str], steps: list[Step], i: int, carried: list[Any],
                run: RunContext, libs: list[UserLibrary], started: float,
@@ -305,42 +317,22 @@ class InlineRuns:
             return
         self._go_on(segment, steps, i, carried, run, libs, started, deliver)
 
-    def start_task(self, run_id: str, client_id: str | None, segment: list[str],
-                   targets: list[Any], arg_fns: Sequence[str], arg_blobs: Sequence[Any],
-                   deliver: Deliver) -> None:
-        """As :meth:`start`, for ``async def`` functions that may suspend: the run
-        is one task in the executor's nursery."""
-        svc = self._svc
-        svc._active += 1
-        svc._running += len(segment)
-        svc._invocations += len(segment)
-        self.calls += 1
-        run = RunContext(run_id, NORMAL, client_id or f"run-{run_id}")
-        libs = [svc._new_library(run) for _ in segment]
-        try:
-            svc._nursery.start_soon(self._run_task, run_id, segment, targets, arg_fns,
-                                    arg_blobs, run, libs, time.perf_counter(), deliver)
-        except RuntimeError:  # the executor is stopping
-            self._finish(segment, libs, time.perf_counter(), _Failure(DropletError(
-                f"executor {svc.url} is stopping; the run did not start")), True, deliver)
-
-    async def _run_task(self, run_id: str, segment: list[str], targets: list[Any],
-                        arg_fns: Sequence[str], arg_blobs: Sequence[Any], run: RunContext,
-                        libs: list[UserLibrary], started: float, deliver: Deliver) -> None:
+    async def _run_task(self, run_id: str, segment: list[str], steps: list[Step],
+                        run: RunContext, libs: list[UserLibrary], started: float,
+                        deliver: Deliver) -> None:
+        """The run of functions that may suspend, awaited in turn (see ``start``)."""
         svc = self._svc
         value: Any = None
         carried: list[Any] = []
         try:
-            for i, (fn, target, lib) in enumerate(zip(segment, targets, libs, strict=True)):
+            for i, step in enumerate(steps):
                 try:
-                    args = (list(loads(arg_blobs[arg_fns.index(fn)])) if fn in arg_fns
-                            else [])
                     if i:
                         carried = await svc._resolve(spread(private(value)), run)
-                    value = await target(lib, *args, *carried)
+                    value = await step.target(step.lib, *step.args, *carried)
                 except (Exception, SystemExit) as exc:  # sys.exit() never ends the node
-                    self._finish(segment, libs, started, _Failure(function_error(exc, fn)),
-                                 True, deliver)
+                    self._finish(segment, libs, started,
+                                 _Failure(function_error(exc, step.function)), True, deliver)
                     return
         except BaseException:  # cancelled: the executor is stopping
             self._finish(segment, libs, started, _Failure(DropletError(
@@ -454,9 +446,8 @@ class Prepared:
         except trio.WouldBlock:
             return False
         runs.lane_calls += 1
-        start = runs.start if self.at_once else runs.start_task
-        start(run_id, self._client_id, self._segment, self._targets, arg_fns, arg_blobs,
-              functools.partial(_released, inflight, deliver))
+        runs.start(run_id, self._client_id, self._segment, self._targets, arg_fns, arg_blobs,
+                   functools.partial(_released, inflight, deliver), self.at_once)
         return True
 
 
