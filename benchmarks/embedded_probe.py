@@ -7,7 +7,8 @@ For each mode (``frames``: the default encoded inproc://; ``objects``:
 ``async def`` functions with the async client inside one ``trio.run``, and the
 same DAG of plain functions with the sync ``LocalCluster`` client, and prints
 p50 latency, CPU microseconds per call (this process, every thread) and, for
-the async client, Trio task steps and scheduler batches per call. CPU and step
+the async client, Trio task steps and scheduler batches per call; then the
+async DAG again with a first function that awaits (a task per run). CPU and step
 counts hold up on a busy machine where wall-clock latency does not.
 """
 
@@ -44,6 +45,11 @@ async def _square(_: Any, x: int) -> int:
 
 async def _increment(_: Any, x: int) -> int:
     return x + 1
+
+
+async def _square_awaits(_: Any, x: int) -> int:
+    await trio.lowlevel.checkpoint()  # may suspend: the run is a task of the executor
+    return x * x
 
 
 def _square_sync(_: Any, x: int) -> int:
@@ -86,6 +92,19 @@ def probe_async(skip: bool, n: int) -> None:
             total = sum(steps.steps.values())
             _report(f"async dag2 ({'objects' if skip else 'frames'})", samples, cpu,
                     f"  task steps/call {total / n:4.1f}  batches/call {steps.batches / n:3.1f}")
+            # The same DAG whose first function awaits (a task per run).
+            await cloud.register(_square_awaits, "sqa")
+            await cloud.register_dag("da", ["sqa", "inc"], [("sqa", "inc")])
+            for _ in range(200):
+                await (await cloud.call_dag("da", {"sqa": [3]})).get()
+            cpu0 = time.process_time()
+            for i in range(n):
+                t0 = time.perf_counter()
+                result = await (await cloud.call_dag("da", {"sqa": [3]})).get()
+                samples[i] = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0
+            assert result == 10
+            _report(f"async dag2 awaiting ({'objects' if skip else 'frames'})", samples, cpu)
 
     trio.run(main)
 

@@ -11,6 +11,11 @@ in a worker thread from start to finish (``executor/thread_calls.py``)
 answers the caller's thread directly, and the loop only catches up on the
 bookkeeping later, off the caller's path. Anything else returns False and
 the call goes the ordinary way.
+
+The executor leaves the caller a :class:`~droplet.executor.thread_calls.Claim`
+on the run it queued (the future keeps it): when the caller's ``get()``
+comes before any worker thread started the run, and its functions are known
+to be quick, the caller's thread runs it itself (``AsyncDropletFuture.run_claimed``).
 """
 
 from __future__ import annotations
