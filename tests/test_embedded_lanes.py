@@ -279,7 +279,8 @@ def _warm(conn: Any, name: str, arg: Any) -> None:
 @BOTH
 def test_a_sync_caller_runs_a_quick_call_itself(skip: bool,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(thread_calls, "LEAVE_TO_CALLER", 60.0)  # the caller always wins
+    # The caller always wins (it waits at once), and workers do not sleep for long.
+    monkeypatch.setattr(thread_calls, "LEAVE_TO_CALLER", 0.5)
     me = threading.current_thread().name
     with droplet.LocalCluster(1, skip_encoding=skip) as cluster:
         conn = cluster.connect()
@@ -316,14 +317,14 @@ def test_a_function_slow_lately_or_a_short_timeout_waits_for_its_worker(
         conn = cluster.connect()
         conn.register(_sleepy, "sleepy")
         _warm(conn, "sleepy", 0.0)
-        monkeypatch.setattr(thread_calls, "LEAVE_TO_CALLER", 60.0)
+        monkeypatch.setattr(thread_calls, "LEAVE_TO_CALLER", 0.5)
         assert conn.exec_func("sleepy", [0.0]).get() == me
         # One slow run: the next ones go to a worker again, however short.
         assert conn.exec_func("sleepy", [0.02]).get() == me
         monkeypatch.setattr(thread_calls, "LEAVE_TO_CALLER", 0.0)
         assert conn.exec_func("sleepy", [0.0]).get() != me
         _warm(conn, "sleepy", 0.0)  # quick again after QUICK_RUNS quick runs in a row
-        monkeypatch.setattr(thread_calls, "LEAVE_TO_CALLER", 60.0)
+        monkeypatch.setattr(thread_calls, "LEAVE_TO_CALLER", 0.5)
         assert conn.exec_func("sleepy", [0.0]).get() == me
         # A timeout under HERE_MIN_TIMEOUT is waited out in this thread, exactly
         # (LEAVE_TO_CALLER 0: else the worker would leave it to us, and it timed out).

@@ -99,33 +99,31 @@ class Claim:
     functions are known to return quickly (see the module docstring).
     """
 
-    __slots__ = ("_job", "_owner", "_pending", "_queued", "_taken", "quick")
+    __slots__ = ("_job", "_owner", "_queued", "_taken", "quick")
 
     def __init__(self, owner: ThreadCalls, job: functools.partial[None], quick: bool) -> None:
         self._owner = owner
         self._job: functools.partial[None] | None = job
         self._taken = threading.Lock()
-        #: held until the run is taken: a worker leaving it to the caller waits on it.
-        self._pending = threading.Lock()
-        self._pending.acquire()
         self.quick = quick
         self._queued = time.perf_counter()
 
     def _take(self) -> functools.partial[None] | None:
         if not self._taken.acquire(False):
             return None
-        self._pending.release()  # a worker waiting for the caller to take it stops waiting
         job, self._job = self._job, None
         return job
 
     def by_worker(self) -> None:
         """In a worker thread: run it, unless its caller took it. A quick one is left
         to its caller for LEAVE_TO_CALLER seconds after it was queued: the caller
-        waiting for it runs it with no thread wakeup on its way."""
+        waiting for it runs it with no thread wakeup on its way. (The worker sleeps
+        those seconds out even once the caller took it: it then finds the jobs
+        queued meanwhile, taken too, all at once, instead of waking per job.)"""
         if self.quick and not self._taken.locked():
             wait = self._queued + LEAVE_TO_CALLER - time.perf_counter()
             if wait > 0:
-                self._pending.acquire(timeout=wait)
+                time.sleep(wait)
         job = self._take()
         if job is not None:
             job()
