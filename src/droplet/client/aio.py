@@ -460,6 +460,7 @@ class AsyncDropletClient:
                 except DropletError:
                     pass  # the store went away: nothing to release
         self._releases.on_release = None
+        self._lanes.clear()
         self._flush_wanted.set()  # lets the flusher see the client closed
         await self._direct.aclose()
         await self._scheduler.aclose()

@@ -132,7 +132,10 @@ class Claim:
         """In the caller's thread, about to wait up to ``timeout`` seconds for the
         result: run it now if it is quick and no worker took it. True: it ran
         here (its reply has been delivered)."""
-        if not self.quick or timeout < HERE_MIN_TIMEOUT:
+        if not self.quick:
+            return False
+        if timeout < HERE_MIN_TIMEOUT:
+            self.quick = False  # ours to wait out: a worker need not leave it to us
             return False
         job = self._take()
         if job is None:
