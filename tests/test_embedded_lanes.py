@@ -359,6 +359,23 @@ def test_a_quick_call_nobody_waits_for_still_runs() -> None:
         assert conn.get_object(key) == 7
 
 
+def test_the_keeper_of_quick_calls_ends_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(thread_calls, "KEEPER_IDLE", 0.05)
+    with droplet.LocalCluster(1, skip_encoding=True) as cluster:
+        conn = cluster.connect()
+        conn.register(_where, "where")
+        _warm(conn, "where", 0)
+        futures = [conn.exec_func("where", [i]) for i in range(3)]  # kept, then handed on
+        (ex,) = cluster.node.executors
+        keeper = ex.thread_calls._keeper
+        assert [f.get()[1] for f in futures] == [0, 1, 2]
+        deadline = time.monotonic() + 20
+        while keeper._thread is not None:
+            assert time.monotonic() < deadline, "the keeper thread never ended"
+            time.sleep(0.01)
+        assert conn.exec_func("where", [5]).get()[1] == 5  # a new keeper when needed
+
+
 def test_sync_wait_sees_results_run_in_the_callers_thread() -> None:
     with droplet.LocalCluster(2, skip_encoding=False) as cluster:
         conn = cluster.connect()

@@ -32,8 +32,9 @@ short timeout) waits for its worker thread, so its timeout holds exactly.
 The price of the rule: a function that was quick QUICK_RUNS times in a row
 and then blocks makes that one ``get()`` return when it finishes, past its
 timeout (with the right result). A worker thread is still woken when the
-call is queued, and leaves a quick call to its caller for
-:data:`LEAVE_TO_CALLER` seconds only, so a call nobody waits for still runs.
+call is queued, except a quick one, which is left to its caller for
+:data:`LEAVE_TO_CALLER` seconds only (see :class:`_Keeper`), so a call nobody
+waits for still runs.
 
 Nothing here touches the executor's loop-side state from a foreign thread:
 the running gauges are this object's own (under a lock), and what the loop
@@ -51,6 +52,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -83,9 +85,11 @@ QUICK_SECONDS = 0.005
 #: ... and the caller waits for it at least this long (a shorter timeout is
 #: always waited out in the caller's thread, exactly).
 HERE_MIN_TIMEOUT = 1.0
-#: Seconds a worker thread leaves a quick run to its caller (who usually waits for
-#: it at once) before it runs the run itself.
+#: Seconds a quick run is left to its caller (who usually waits for it at once)
+#: before a worker thread runs it.
 LEAVE_TO_CALLER = 0.002
+#: Seconds without quick runs after which the thread keeping them ends.
+KEEPER_IDLE = 1.0
 
 #: The Claim of the run the current thread queued last (see take_claim).
 _queued = threading.local()
@@ -114,16 +118,12 @@ class Claim:
         job, self._job = self._job, None
         return job
 
+    @property
+    def taken(self) -> bool:
+        return self._taken.locked()
+
     def by_worker(self) -> None:
-        """In a worker thread: run it, unless its caller took it. A quick one is left
-        to its caller for LEAVE_TO_CALLER seconds after it was queued: the caller
-        waiting for it runs it with no thread wakeup on its way. (The worker sleeps
-        those seconds out even once the caller took it: it then finds the jobs
-        queued meanwhile, taken too, all at once, instead of waking per job.)"""
-        if self.quick and not self._taken.locked():
-            wait = self._queued + LEAVE_TO_CALLER - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
+        """In a worker thread: run it, unless its caller took it."""
         job = self._take()
         if job is not None:
             job()
@@ -135,7 +135,7 @@ class Claim:
         if not self.quick:
             return False
         if timeout < HERE_MIN_TIMEOUT:
-            self.quick = False  # ours to wait out: a worker need not leave it to us
+            self._owner._keeper.hand_over(self)  # ours to wait out: a worker runs it now
             return False
         job = self._take()
         if job is None:
@@ -145,6 +145,65 @@ class Claim:
             owner.ran_here += 1
         job()
         return True
+
+
+class _Keeper:
+    """Holds quick runs for their callers, and hands those not taken within
+    LEAVE_TO_CALLER seconds to the worker threads.
+
+    Queuing a run with the worker threads would wake one per call (a write to
+    its pipe from the caller's thread, which then competes with the caller for
+    the GIL), only for it to find the run taken. The keeper is one thread per
+    executor that wakes once per LEAVE_TO_CALLER while runs come in (seeing
+    to all of them at once), and only the first run after a pause wakes it;
+    it ends after KEEPER_IDLE seconds without runs.
+    """
+
+    def __init__(self, start: Callable[[Claim], None], name: str) -> None:
+        self._start = start
+        self._name = name
+        self._cond = threading.Condition(threading.Lock())
+        self._claims: deque[Claim] = deque()
+        self._thread: threading.Thread | None = None
+        self._parked = False  # waiting with no run to see to: adding one must wake it
+
+    def add(self, claim: Claim) -> None:
+        with self._cond:
+            self._claims.append(claim)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._keep, name=self._name,
+                                                daemon=True)
+                self._thread.start()
+            elif self._parked:
+                self._parked = False
+                self._cond.notify()
+
+    def hand_over(self, claim: Claim) -> None:
+        """``claim`` is not its caller's to run: to a worker thread now (once)."""
+        if not claim.taken:
+            self._start(claim)
+
+    def _keep(self) -> None:
+        cond, claims = self._cond, self._claims
+        while True:
+            due: list[Claim] = []
+            with cond:
+                if not claims:
+                    self._parked = True
+                    cond.wait(KEEPER_IDLE)
+                    if not claims:  # idle: end (the next run starts another)
+                        self._thread = None
+                        self._parked = False
+                        return
+                    self._parked = False
+                now = time.perf_counter()
+                while claims and claims[0]._queued + LEAVE_TO_CALLER <= now:
+                    due.append(claims.popleft())
+                if not due:
+                    cond.wait(claims[0]._queued + LEAVE_TO_CALLER - now)
+                    continue
+            for claim in due:
+                self.hand_over(claim)
 
 
 def take_claim() -> Claim | None:
@@ -179,6 +238,7 @@ class ThreadCalls:
         self.ran_here = 0
         #: per function: its latest runs from callers' threads in a row that were quick.
         self._streaks: dict[str, int] = {}
+        self._keeper = _Keeper(self._to_worker, f"{service.url}-keeper")
 
     def _quick(self, segment: list[str]) -> bool:
         streaks = self._streaks
@@ -208,15 +268,26 @@ class ThreadCalls:
             self.active += 1
             self.running += len(segment)
         claim = Claim(self, functools.partial(self._job, t, segment, targets, libs, peer,
-                                        request_id, time.perf_counter()),
+                                              request_id, time.perf_counter()),
                       self._quick(segment))
-        try:
-            svc._threads.start(claim.by_worker, label=t.function)
-        except RuntimeError:  # the pool shut down meanwhile: the loop's path says so
-            self._finished(segment, 0.0, False, libs, counted=False)
-            return False
+        if claim.quick:  # left to its caller for a moment (see _Keeper)
+            self._keeper.add(claim)
+        else:
+            try:
+                svc._threads.start(claim.by_worker, label=t.function)
+            except RuntimeError:  # the pool shut down meanwhile: the loop's path says so
+                self._finished(segment, 0.0, False, libs, counted=False)
+                return False
         _queued.claim = claim
         return True
+
+    def _to_worker(self, claim: Claim) -> None:
+        """A quick run its caller did not take: to a worker thread (or, once the
+        workers are shut down, run here: its caller must still hear)."""
+        try:
+            self._svc._threads.start(claim.by_worker, label="a call left to its caller")
+        except RuntimeError:
+            claim.by_worker()
 
     def _job(self, t: Trigger, segment: list[str], targets: list[Any],
              libs: list[UserLibrary], peer: Peer, request_id: int, started: float) -> None:
