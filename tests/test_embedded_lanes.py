@@ -246,6 +246,22 @@ async def test_a_lane_task_times_out_in_virtual_time_and_hears_its_executor_stop
         await future.get()
 
 
+def test_a_sync_client_sends_async_functions_through_lanes_too() -> None:
+    with droplet.LocalCluster(2, skip_encoding=True) as cluster:
+        conn = cluster.connect()
+        conn.register(_square, "sq")
+        conn.register(_awaits, "aw")
+        conn.register_dag("d", ["sq", "aw"], [("sq", "aw")])
+        assert [conn.call_dag("d", {"sq": [i]}).get() for i in range(10)] == \
+            [i * i - 1 for i in range(10)]
+        assert conn.exec_func("sq", [3]).get() == 9
+        assert conn.exec_func("sq", [4]).get() == 16
+        assert _lane_calls(cluster) >= 8
+        future = conn.call_dag("d", {"sq": [5]})
+        assert future.get() == 24
+        assert conn.get_object(future.obj_id) == 24
+
+
 # --------------------------------------------------------------------------- claims
 
 

@@ -608,12 +608,13 @@ class AsyncDropletClient:
                 await trio.lowlevel.checkpoint()  # let the loop's other tasks run too
         return future
 
-    def _run_on_lane(self, lane: Any, call: CallDag, plan: CallPlaced,
-                     url: str) -> AsyncDropletFuture | None:
+    def _run_on_lane(self, lane: Any, call: CallDag, plan: CallPlaced, url: str,
+                     future: AsyncDropletFuture | None = None) -> AsyncDropletFuture | None:
         """Start ``call`` through the lane of an executor in this Trio run
         (``executor/inline.py``): its DAG's run is prepared there once per
         placement, then each call hands over only its id and arguments. None:
-        send it the ordinary way."""
+        send it the ordinary way. ``future``: the call's, made already (the
+        sync facade's); else one is made."""
         lanes = self._lanes
         key = (id(plan), url)
         entry = lanes.get(key)
@@ -627,10 +628,12 @@ class AsyncDropletClient:
         if prepared is None:
             return None
         assert call.result_key is not None
-        future = AsyncDropletFuture(call.result_key, self, self.timeout)
+        if future is None:
+            future = AsyncDropletFuture(call.result_key, self, self.timeout)
         future._direct = True  # answered to this client alone, as over the connection
         future._fetching = True
         if not prepared.run(unique_id(), call.arg_fns, call.arg_blobs, future._delivered):
+            future._direct = future._fetching = False
             if prepared.stale:
                 lanes.pop(key, None)
             return None
@@ -743,6 +746,11 @@ class AsyncDropletClient:
             if may_go_direct(call):
                 found = await self._direct.target(call.target, call.is_function,
                                                   reference_set(call))
+                lane_of = found and getattr(found[0].conn, "lane", None)
+                if (found and lane_of and (lane := lane_of()) is not None
+                        and self._run_on_lane(lane, call, found[1], found[0].remote,
+                                              future) is not None):
+                    return
                 triggers = found and triggers_for(call, found[1], found[0].remote)
                 if found and triggers:
                     try:
