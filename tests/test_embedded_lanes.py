@@ -356,6 +356,29 @@ def _remember(lib: Any, key: str, x: int) -> int:
     return x
 
 
+def _remember_where(lib: Any, key: str, x: int) -> tuple[str, Any]:
+    import threading as _threading
+
+    lib.put(key, x)
+    return _threading.current_thread().name, lib.get(key)
+
+
+def test_a_quick_call_run_in_the_callers_thread_uses_the_store(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(thread_calls, "LEAVE_TO_CALLER", 0.5)
+    me = threading.current_thread().name
+    with droplet.LocalCluster(1, skip_encoding=True) as cluster:
+        conn = cluster.connect()
+        conn.register(_remember_where, "rw")
+        for i in range(thread_calls.QUICK_RUNS + 3):
+            conn.exec_func("rw", ["warm", i]).get()
+        if _ran_here(cluster):  # quick: the store's round trips took under 5 ms each
+            assert conn.exec_func("rw", ["k", 3]).get() == (me, 3)
+            assert conn.get_object("k") == 3
+        else:  # a busy machine: the calls were never quick, and ran in workers
+            assert conn.exec_func("rw", ["k", 3]).get()[1] == 3
+
+
 def test_a_quick_call_nobody_waits_for_still_runs() -> None:
     with droplet.LocalCluster(1, skip_encoding=True) as cluster:
         conn = cluster.connect()

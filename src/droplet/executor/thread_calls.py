@@ -134,8 +134,10 @@ class Claim:
         here (its reply has been delivered)."""
         if not self.quick:
             return False
-        if timeout < HERE_MIN_TIMEOUT:
-            self._owner._keeper.hand_over(self)  # ours to wait out: a worker runs it now
+        if timeout < HERE_MIN_TIMEOUT or trio.lowlevel.in_trio_run():
+            # Ours to wait out, or a thread running a Trio loop of its own (where a
+            # function's blocking ``lib.get`` would refuse to run): a worker runs it now.
+            self._owner._keeper.hand_over(self)
             return False
         job = self._take()
         if job is None:
