@@ -398,6 +398,27 @@ def test_a_quick_call_nobody_waits_for_still_runs() -> None:
         assert conn.get_object(key) == 7
 
 
+def test_a_caller_running_a_trio_loop_leaves_its_calls_to_workers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(thread_calls, "LEAVE_TO_CALLER", 0.5)
+    me = threading.current_thread().name
+    with droplet.LocalCluster(1, skip_encoding=True) as cluster:
+        conn = cluster.connect()
+        conn.register(_remember_where, "rw")
+        for i in range(thread_calls.QUICK_RUNS + 3):
+            conn.exec_func("rw", ["warm", i]).get()
+        ran = _ran_here(cluster)
+
+        async def blocking_call_inside_a_loop() -> tuple[str, Any]:
+            # (blocks this loop: only to show where the function runs)
+            result: tuple[str, Any] = conn.exec_func("rw", ["k", 4]).get()
+            return result
+
+        where, value = trio.run(blocking_call_inside_a_loop)
+        assert value == 4 and where != me  # its lib.get could not have run here
+        assert _ran_here(cluster) == ran
+
+
 def test_the_keeper_of_quick_calls_ends_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(thread_calls, "KEEPER_IDLE", 0.05)
     with droplet.LocalCluster(1, skip_encoding=True) as cluster:
