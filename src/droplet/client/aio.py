@@ -28,7 +28,6 @@ from ..errors import (
     TimeoutError,
 )
 from ..executor.thread_calls import Claim
-from ..ids import unique_id
 from ..links import connect_peer
 from ..protocol.messages import (
     Blob,
@@ -75,6 +74,7 @@ from ._direct import (
     same_scheme,
     triggers_for,
 )
+from ._lanes import Lanes, lane_of
 from ._map import chunks_for
 from ._release import FLUSH_DELAY, MAX_BATCH, Releases
 from .kvs_client import AsyncKvsClient
@@ -95,8 +95,6 @@ DEFAULT_TIMEOUT = 30.0
 #: async function at once) passes no schedule point: one in this many such
 #: calls yields to the loop's other tasks, as a connection's reader does.
 CHECKPOINT_EVERY = 32
-#: DAG runs prepared on executors' lanes a client remembers (one per placement).
-MAX_LANES = 256
 #: Seconds aclose() may spend telling the store which results it can drop.
 CLOSE_FLUSH_TIMEOUT = 1.0
 
@@ -392,9 +390,8 @@ class AsyncDropletClient:
         #: calls sent straight to executors (placement cached from the scheduler).
         self._direct = AsyncDirectCalls(dial, place)
         self._direct.enabled = direct
-        #: runs prepared on in-process executors' lanes:
-        #: (id(plan), executor url) -> (plan, lane, prepared).
-        self._lanes: dict[tuple[int, str], tuple[CallPlaced, Any, Any]] = {}
+        #: runs prepared on the lanes of executors in this Trio run (_lanes.py).
+        self._lanes = Lanes()
         #: direct results whose keys were handed out (obj_id), to store.
         self._to_store: builtins.list[AsyncDropletFuture] = []
         #: True once aclose() began: nothing more is stored for this client.
@@ -576,15 +573,17 @@ class AsyncDropletClient:
         if found is None:
             return None
         peer, plan = found
-        lane_of = getattr(peer.conn, "lane", None)
-        if lane_of is not None and (lane := lane_of()) is not None:
-            future = self._run_on_lane(lane, call, plan, peer.remote)
-            if future is not None:
+        lane = lane_of(peer)
+        if lane is not None:  # an executor in this Trio run: no message at all
+            future = self._future_for(call, self.timeout)
+            if self._lanes.start(lane, peer.remote, call, plan, future):
+                self._core.accepted.accepted(call)  # see below
                 if future._settled():  # answered at once, as below
                     self._answered_at_once += 1
                     if not self._answered_at_once % CHECKPOINT_EVERY:
                         await trio.lowlevel.checkpoint()
                 return future
+            future._pinned = True  # not sent: its key goes with the call, another way
         triggers = triggers_for(call, plan, peer.remote)
         if triggers is None:
             return None
@@ -606,38 +605,6 @@ class AsyncDropletClient:
             self._answered_at_once += 1
             if not self._answered_at_once % CHECKPOINT_EVERY:
                 await trio.lowlevel.checkpoint()  # let the loop's other tasks run too
-        return future
-
-    def _run_on_lane(self, lane: Any, call: CallDag, plan: CallPlaced, url: str,
-                     future: AsyncDropletFuture | None = None) -> AsyncDropletFuture | None:
-        """Start ``call`` through the lane of an executor in this Trio run
-        (``executor/inline.py``): its DAG's run is prepared there once per
-        placement, then each call hands over only its id and arguments. None:
-        send it the ordinary way. ``future``: the call's, made already (the
-        sync facade's); else one is made."""
-        lanes = self._lanes
-        key = (id(plan), url)
-        entry = lanes.get(key)
-        if entry is None or entry[0] is not plan or entry[1] is not lane:
-            triggers = triggers_for(call, plan, url)
-            prepared = lane.prepare(triggers[0]) if triggers and len(triggers) == 1 else None
-            if len(lanes) >= MAX_LANES:
-                lanes.clear()  # placements come and go with their leases
-            entry = lanes[key] = (plan, lane, prepared)
-        prepared = entry[2]
-        if prepared is None:
-            return None
-        assert call.result_key is not None
-        if future is None:
-            future = AsyncDropletFuture(call.result_key, self, self.timeout)
-        future._direct = True  # answered to this client alone, as over the connection
-        future._fetching = True
-        if not prepared.run(unique_id(), call.arg_fns, call.arg_blobs, future._delivered):
-            future._direct = future._fetching = False
-            if prepared.stale:
-                lanes.pop(key, None)
-            return None
-        self._core.accepted.accepted(call)  # see _submit_direct
         return future
 
     async def map(self, name: str, iterable: Iterable[Any], *,
@@ -746,10 +713,10 @@ class AsyncDropletClient:
             if may_go_direct(call):
                 found = await self._direct.target(call.target, call.is_function,
                                                   reference_set(call))
-                lane_of = found and getattr(found[0].conn, "lane", None)
-                if (found and lane_of and (lane := lane_of()) is not None
-                        and self._run_on_lane(lane, call, found[1], found[0].remote,
-                                              future) is not None):
+                lane = found and lane_of(found[0])
+                if found and lane is not None and self._lanes.start(
+                        lane, found[0].remote, call, found[1], future):
+                    self._core.accepted.accepted(call)  # see _submit_direct
                     return
                 triggers = found and triggers_for(call, found[1], found[0].remote)
                 if found and triggers:
