@@ -283,6 +283,12 @@ def _where(_: Any, x: int) -> tuple[str, int]:
     return _threading.current_thread().name, x
 
 
+def _where_again(_: Any, x: int) -> tuple[str, str, int]:
+    import threading as _threading
+
+    return "again", _threading.current_thread().name, x
+
+
 def _sleepy(_: Any, seconds: float) -> str:
     import threading as _threading
     import time as _time
@@ -320,6 +326,14 @@ def test_a_sync_caller_runs_a_quick_call_itself(skip: bool,
         assert [conn.exec_func("where", [i]).get() for i in range(5)] == \
             [(me, i) for i in range(5)]
         assert _ran_here(cluster) == ran + 5
+        # Registered again (another version), it must prove itself quick again.
+        conn.register(_where_again, "where")
+        assert all(conn.exec_func("where", [i]).get() != ("again", me, i) for i in range(5))
+        assert conn.exec_func("where", [0]).get()[0] == "again"
+        _warm(conn, "where", 0)
+        assert conn.exec_func("where", [8]).get() == ("again", me, 8)
+        conn.register(_where, "where")
+        _warm(conn, "where", 0)
         future = conn.exec_func("where", [9])
         assert future.get() == (me, 9)
         assert conn.get_object(future.obj_id) == (me, 9)
@@ -329,7 +343,7 @@ def test_a_sync_caller_runs_a_quick_call_itself(skip: bool,
         assert _ran_here(cluster) > 6
         (ex,) = cluster.node.executors
         stats = cluster._portal.run(_read_stats, ex)
-        assert stats.invocations == 2 * (thread_calls.QUICK_RUNS + 3) + 6
+        assert stats.invocations == 4 * (thread_calls.QUICK_RUNS + 3) + 13
         assert stats.failures == thread_calls.QUICK_RUNS + 3
         assert stats.running == 0
 

@@ -25,7 +25,7 @@ itself when no worker thread has started it yet (:class:`Claim`): then the
 call costs no thread wakeup at all on its way. A blocking function would keep
 the caller past its ``get(timeout=...)``, so the caller only runs calls whose
 functions are known to return quickly: each one's last :data:`QUICK_RUNS`
-runs from callers' threads (on this executor) all took under
+runs from callers' threads (on this executor, of its current version) all took under
 :data:`QUICK_SECONDS`, and the caller's timeout is at least
 :data:`HERE_MIN_TIMEOUT`. Anything else (a new function, one slow lately, a
 short timeout) waits for its worker thread, so its timeout holds exactly.
@@ -238,13 +238,18 @@ class ThreadCalls:
         self.calls = 0
         #: runs their callers' threads ran themselves (Claim.run_here).
         self.ran_here = 0
-        #: per function: its latest runs from callers' threads in a row that were quick.
-        self._streaks: dict[str, int] = {}
+        #: per function and version (registered again, it proves itself again):
+        #: its latest runs from callers' threads in a row that were quick.
+        self._streaks: dict[tuple[str, str], int] = {}
         self._keeper = _Keeper(self._to_worker, f"{service.url}-keeper")
 
-    def _quick(self, segment: list[str]) -> bool:
+    def _quick(self, keys: list[tuple[str, str]]) -> bool:
         streaks = self._streaks
-        return all(streaks.get(fn, 0) >= QUICK_RUNS for fn in segment)
+        return all(streaks.get(key, 0) >= QUICK_RUNS for key in keys)
+
+    @staticmethod
+    def _keys(t: Trigger, segment: list[str]) -> list[tuple[str, str]]:
+        return [(fn, t.versions[t.functions.index(fn)]) for fn in segment]
 
     def try_start(self, t: Trigger, peer: Peer, request_id: int) -> bool:
         """From a caller's thread: queue ``t`` for a worker thread if it qualifies."""
@@ -271,7 +276,7 @@ class ThreadCalls:
             self.running += len(segment)
         claim = Claim(self, functools.partial(self._job, t, segment, targets, libs, peer,
                                               request_id, time.perf_counter()),
-                      self._quick(segment))
+                      self._quick(self._keys(t, segment)))
         if claim.quick:  # left to its caller for a moment (see _Keeper)
             self._keeper.add(claim)
         else:
@@ -309,7 +314,7 @@ class ThreadCalls:
             reply = ErrorReply("DropletError", f"executor {self._svc.url} could not run "
                                f"{t.function!r}; see its log")
         # Counted before the reply: whoever hears of the result sees the run done.
-        self._finished(segment, elapsed, failed, libs, ran=ran)
+        self._finished(segment, elapsed, failed, libs, ran=ran, keys=self._keys(t, segment))
         try:
             if not peer.reply_from_thread(request_id, reply):
                 # Not taken (too big for the connection, the caller gone): the loop
@@ -322,15 +327,16 @@ class ThreadCalls:
             log.exception("run %s: could not answer its caller", t.run_id)
 
     def _finished(self, segment: list[str], elapsed: float, failed: bool,
-                  libs: list[UserLibrary], counted: bool = True, ran: float = 0.0) -> None:
+                  libs: list[UserLibrary], counted: bool = True, ran: float = 0.0,
+                  keys: list[tuple[str, str]] | None = None) -> None:
         with self._lock:
             self.active -= 1
             self.running -= len(segment)
-            if counted:
+            if keys:
                 streaks = self._streaks
                 quick = ran < QUICK_SECONDS
-                for fn in segment:
-                    streaks[fn] = streaks.get(fn, 0) + 1 if quick else 0
+                for key in keys:
+                    streaks[key] = streaks.get(key, 0) + 1 if quick else 0
         self.done.append((segment if counted else [], elapsed, failed, libs))
 
     def settle(self) -> None:
