@@ -203,7 +203,7 @@ class ExecutorService:
 
     def _settle(self) -> None:
         """Count the runs worker threads finished on their own (fast lane, callers' threads)."""
-        if self.fast_lane is not None and self.fast_lane.done:
+        if self.fast_lane is not None and (self.fast_lane.done or self.fast_lane.begun):
             self.fast_lane.settle()
         if self.thread_calls is not None and self.thread_calls.done:
             self.thread_calls.settle()
@@ -366,6 +366,32 @@ class ExecutorService:
                 and calls.try_start(msg, peer, request_id)):
             return DEFERRED
         return NOT_NOW
+
+    @property
+    def messages_in_reader(self) -> tuple[type[Any], ...]:
+        """What it serves in a connection's reader thread (``handle_in_reader``):
+        triggers, when the fast lane is on."""
+        return (Trigger,) if self.fast_lane is not None else ()
+
+    def handle_in_reader(self, peer: Peer, msg: Any, request_id: int,
+                         inline: bool) -> bool | Callable[[], None]:
+        """From the reader thread of a plain TCP connection (a client's, another
+        executor's): a trigger the fast lane takes, run in that thread when
+        ``inline`` (the callable returned), else queued for a worker thread;
+        False: the read loop serves it, as ``handle`` (see
+        :data:`droplet.rpc.ReaderHandler`). Thread-safe."""
+        fast = self.fast_lane
+        if fast is None or type(msg) is not Trigger:
+            return False
+        if request_id:  # a client's direct run
+            try:
+                check_direct(msg, self.url)
+            except DropletError:
+                return False  # the loop's path refuses it, saying why
+            return fast.start_from_reader(msg, peer, request_id, inline)
+        if msg.whole_run:
+            return False
+        return fast.start_from_reader(msg, None, 0, inline)
 
     def _direct_run(self, peer: Peer, t: Trigger, request_id: int) -> Any:
         """Start a run a client sent here itself; its result is the reply (DEFERRED)."""

@@ -39,6 +39,7 @@ from ..protocol.framing import BIG_FRAME, Buffer, FrameDecoder, Payload, frame_p
 from ._sockets import dial, open_listeners, peer_url
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 from .registry import parse_address
+from .threadread import Abort, Offer, ThreadReader
 
 __all__ = ["StreamConnection", "TcpTransport"]
 
@@ -86,6 +87,8 @@ class StreamConnection(Connection):
         self._drained = True
         # When the frame under way must be complete (set on the first wait for it).
         self._frame_deadline = math.inf
+        #: the thread that reads this connection, once :meth:`read_in_thread` started it.
+        self._reader: ThreadReader | None = None
 
     def limit_incoming(self, max_frame_size: int | None) -> None:
         self._decoder.max_frame_size = (
@@ -214,7 +217,31 @@ class StreamConnection(Connection):
             for part in parts:
                 await self._stream.send_all(part)
 
+    @property
+    def thread_reads(self) -> bool:
+        """Whether :meth:`read_in_thread` can work here (plain TCP, POSIX)."""
+        return self._fd >= 0
+
+    def read_in_thread(self, offer: Offer, token: trio.lowlevel.TrioToken) -> bool:
+        """From now on a thread reads this connection and offers each frame to
+        ``offer`` (see :mod:`droplet.transports.threadread`); :meth:`receive`
+        returns the frames it does not take, in order. Call it only from the
+        connection's reader, between two ``receive`` calls (after the handshake).
+        False: not started (no thread path, or too many reader threads already)."""
+        if not self.thread_reads or self._closed or self._reader is not None:
+            return False
+        self._reader = ThreadReader.start(self._fd, self._decoder, self._read_timeout,
+                                          self.remote_address, offer, token)
+        return self._reader is not None
+
     async def receive(self) -> bytes | memoryview:  # type: ignore[override]
+        if self._reader is not None:
+            try:
+                frame: bytes | memoryview = await self._reader.receive()
+            except Abort as exc:  # a frame left unfinished: as below
+                await self._abort()
+                raise exc.error from None
+            return frame
         decoder = self._decoder
         while True:
             payload = decoder.next_frame()
@@ -292,9 +319,16 @@ class StreamConnection(Connection):
 
     def _mark_closed(self) -> None:
         with self._tlock:  # no worker thread writes to the descriptor after this
-            self._closed = True
+            was_closed, self._closed = self._closed, True
             self._backlog.clear()
             self._backlog_bytes = 0
+        if self._reader is not None and not was_closed:
+            self._reader.close()
+            try:  # wakes the reader thread's poll (it reads a duplicate descriptor)
+                assert self._sock is not None
+                self._sock.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     async def _read_fd(self) -> bytes:
         """One read of plain TCP: when the last read emptied the socket, wait for
