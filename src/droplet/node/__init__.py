@@ -66,6 +66,7 @@ class Router:
         self._from_threads: dict[type[Any], Callable[[Peer, Any, int], Any]] = {}
         #: and what they serve in a connection's reader thread (``handle_in_reader``).
         self._in_reader: dict[type[Any], ReaderHandler] = {}
+        self._reader_services: list[Any] = []
         #: open connections accepted by this router's listeners (metrics).
         self.connections = 0
 
@@ -83,13 +84,18 @@ class Router:
             self._now[cls] = service.handle_now
         for cls in getattr(service, "MESSAGES_FROM_THREADS", ()):
             self._from_threads[cls] = service.handle_from_thread
-        for cls in getattr(service, "messages_in_reader", ()):
-            self._in_reader[cls] = service.handle_in_reader
+        if hasattr(service, "messages_in_reader"):
+            self._reader_services.append(service)
 
     def in_reader(self) -> ReaderHandler | None:
         """What serves messages in a connection's reader thread; None when no service
-        serves any there (the connection then needs no reader thread)."""
-        return self.handle_in_reader if self._in_reader else None
+        serves any there now (the connection then needs no reader thread)."""
+        routes = {cls: service.handle_in_reader for service in self._reader_services
+                  for cls in service.messages_in_reader}
+        if not routes:
+            return None
+        self._in_reader = routes
+        return self.handle_in_reader
 
     def handle_in_reader(self, peer: Peer, msg: Any, request_id: int,
                          inline: bool) -> bool | Callable[[], None]:
