@@ -36,6 +36,7 @@ import functools
 import inspect
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ from ..serialization import loads
 from .downstream import arguments_for
 from .multiexec import spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
+from .reports import CallRecorder
 from .steps import RunContext, build_steps, run_sync_steps
 from .user_library import UserLibrary
 from .wholerun import Helpers, WholeRun, plan_of
@@ -82,9 +84,16 @@ class FastLane:
         self._max = max_invocations
         #: finished calls, appended by worker threads, settled in the loop.
         self.done: deque[_Done] = deque()
-        #: calls started from a connection's reader thread (their function counts),
-        #: counted in the loop (settle), as ``done`` is.
-        self.begun: deque[int] = deque()
+        #: Calls started from a connection's reader thread: counted by the threads
+        #: themselves under ``_tlock`` (no per-call work for the loop, which only
+        #: adds the totals up in ``settle``): running now, and finished since.
+        self._tlock = threading.Lock()
+        self.t_active = 0
+        self.t_running = 0
+        self._t_calls = 0
+        self._t_invocations = 0
+        self._t_failures = 0
+        self._t_recorder = CallRecorder()
         self._ids = itertools.count(1)  # their user libraries' ids
         #: calls that took the fast lane (statistics).
         self.calls = 0
@@ -123,7 +132,11 @@ class FastLane:
         try:
             self._svc._threads.start(*job[1:], label=t.function)
         except RuntimeError:  # the pool shut down meanwhile: the loop's path says so
-            self.done.append(([], 0, libs))
+            for lib in libs:
+                self._svc._libraries.pop(lib.getid(), None)
+            with self._tlock:
+                self.t_active -= 1
+                self.t_running -= len(libs)
             return False
         return True
 
@@ -132,7 +145,7 @@ class FastLane:
         """The job that runs ``t`` (its user libraries, then the function and its
         arguments), counted as started, if ``t`` qualifies; None otherwise."""
         svc = self._svc
-        active = svc._active + len(self.begun) if threaded else svc._active
+        active = svc._active + self.t_active
         if (t.carried is not None or t.consistency != NORMAL or t.failed
                 or t.multiexec or t.batching or t.output_key is not None or t.scheduler
                 or active >= self._max or svc._threads.closed
@@ -217,12 +230,14 @@ class FastLane:
         svc = self._svc
         run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
         if threaded:
-            libs = []
+            libs = _ThreadLibs()
             for _ in range(functions):  # reachable by id for mail, as the loop's are
                 lib = UserLibrary(svc, f"{svc.url}/r{next(self._ids)}", run)
                 svc._libraries[lib.getid()] = lib  # one dict store: atomic
                 libs.append(lib)
-            self.begun.append(functions)
+            with self._tlock:
+                self.t_active += 1
+                self.t_running += functions
             return libs
         svc._active += 1
         svc._running += functions
@@ -232,13 +247,17 @@ class FastLane:
 
     def settle(self) -> None:
         """Account for the calls worker threads finished since the last time."""
-        svc, done, begun = self._svc, self.done, self.begun
-        while begun:  # (first: a call is counted started before it is counted done)
-            functions = begun.popleft()
-            svc._active += 1
-            svc._running += functions
-            svc._invocations += functions
-            self.calls += 1
+        svc, done = self._svc, self.done
+        if self._t_calls:
+            with self._tlock:
+                calls, self._t_calls = self._t_calls, 0
+                invocations, self._t_invocations = self._t_invocations, 0
+                failures, self._t_failures = self._t_failures, 0
+                recorder, self._t_recorder = self._t_recorder, CallRecorder()
+            self.calls += calls
+            svc._invocations += invocations
+            svc._failures += failures
+            svc.recorder.merge(recorder)
         while done:
             records, failures, libs = done.popleft()
             svc._active -= 1
@@ -285,7 +304,7 @@ class FastLane:
                 message = f"executor {self._svc.url} could not run {t.function!r}; see its log"
                 self._soon(functools.partial(_reply_error, peer, request_id, message))
         finally:
-            self.done.append(([(fn, elapsed, failed) for fn in segment], int(failed), libs))
+            self._done(([(fn, elapsed, failed) for fn in segment], int(failed), libs))
 
     def _claim(self, run: WholeRun, peer: Peer, request_id: int) -> None:
         """A claimer of a whole run (see :class:`WholeRun`); who runs the sink answers."""
@@ -308,10 +327,29 @@ class FastLane:
                 return
             message = f"executor {self._svc.url} could not run {t.function!r}; see its log"
             self._soon(functools.partial(_reply_error, peer, request_id, message))
-            self.done.append((run.records, max(1, run.failures), run.libs))
+            self._done((run.records, max(1, run.failures), run.libs))
             return
         if run.over():
-            self.done.append((run.records, run.failures, run.libs))
+            self._done((run.records, run.failures, run.libs))
+
+    def _done(self, record: _Done) -> None:
+        """A call finished: settled in the loop, or here for a call a reader thread
+        started (under the lock; the loop only adds up the totals)."""
+        records, failures, libs = record
+        if type(libs) is not _ThreadLibs:
+            self.done.append(record)
+            return
+        libraries = self._svc._libraries
+        for lib in libs:
+            libraries.pop(lib.getid(), None)
+        with self._tlock:
+            self.t_active -= 1
+            self.t_running -= len(libs)
+            self._t_calls += 1
+            self._t_invocations += len(libs)
+            self._t_failures += failures
+            for fn, elapsed, failed in records:
+                self._t_recorder.record(fn, elapsed, failed)
 
     def _more(self, peer: Peer, request_id: int, run: WholeRun, claimers: int) -> None:
         """From the watcher of whole runs: ``claimers`` more for ``run``, started from
@@ -409,6 +447,10 @@ class FastLane:
             self._svc.trio_token.run_sync_soon(guarded)
         except trio.RunFinishedError:
             pass  # the executor is gone, and its callers' connections with it
+
+
+class _ThreadLibs(list[UserLibrary]):
+    """The user libraries of a call a reader thread started (its threads count it)."""
 
 
 def _reply(peer: Peer, request_id: int, msg: Any) -> None:

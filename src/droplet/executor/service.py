@@ -203,7 +203,7 @@ class ExecutorService:
 
     def _settle(self) -> None:
         """Count the runs worker threads finished on their own (fast lane, callers' threads)."""
-        if self.fast_lane is not None and (self.fast_lane.done or self.fast_lane.begun):
+        if self.fast_lane is not None:
             self.fast_lane.settle()
         if self.thread_calls is not None and self.thread_calls.done:
             self.thread_calls.settle()
@@ -211,8 +211,9 @@ class ExecutorService:
     @property
     def _running_now(self) -> int:
         """Functions running now, however they were started."""
-        threads = self.thread_calls
-        return self._running + (threads.running if threads is not None else 0)
+        threads, fast = self.thread_calls, self.fast_lane
+        return (self._running + (threads.running if threads is not None else 0)
+                + (fast.t_running if fast is not None else 0))
 
     def load(self) -> Load:
         """Current load and cache figures (what the periodic report carries)."""
@@ -237,7 +238,8 @@ class ExecutorService:
         return ExecutorStatistics(
             self.url, self._invocations, self._failures, self._running_now,
             len(self._loader), counts.hits, counts.misses,
-            tasks=self._active, fanin_pending=len(self._fanin),
+            tasks=self._active + (self.fast_lane.t_active if self.fast_lane else 0),
+            fanin_pending=len(self._fanin),
             fanin_dropped=self._fanin.dropped, multiexec_pending=len(self._multi),
             mailboxes=len(self._libraries), cache_entries=cache.entries,
             cache_bytes=cache.bytes, cache_evictions=cache.evictions,

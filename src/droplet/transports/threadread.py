@@ -61,6 +61,8 @@ WATCH_IDLE = 0.05
 #: Threads still running a callable after handing over the reader role, at most;
 #: past it, the owner is told not to run inline (it queues for its workers).
 MAX_STUCK = 32
+#: Seconds a thread that handed over the reader role stands by to take it again.
+SPARE_IDLE = 60.0
 #: Frames waiting for the Trio side at most; the thread stops reading meanwhile.
 INBOX_FRAMES = 256
 RECEIVE_SIZE = 256 * 1024
@@ -107,6 +109,8 @@ class ThreadReader:
         self._closed = False
         self._drained = True
         self._deadline = math.inf
+        #: a thread that handed over the reader role, standing by (see ``_thread``).
+        self._spare: _Spare | None = None
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
 
@@ -129,8 +133,28 @@ class ThreadReader:
         return reader
 
     def _spawn(self, role: int) -> None:
-        threading.Thread(target=self._loop, args=(role,), daemon=True,
+        threading.Thread(target=self._thread, args=(role,), daemon=True,
                          name=f"droplet-reader {self._remote}").start()
+
+    def _thread(self, role: int) -> None:
+        """A reader thread: holds the reader role, and once it handed that over (its
+        run took long), stands by to take it back at the next handover (one spare
+        per connection: a handover then costs a wakeup, not a new thread)."""
+        while True:
+            if not self._loop(role):
+                return
+            spare = _Spare()
+            with self._lock:
+                if self._spare is not None or self._closed:
+                    return
+                self._spare = spare
+            spare.event.wait(SPARE_IDLE)
+            with self._lock:
+                if self._spare is spare:
+                    self._spare = None
+                if spare.role is None:
+                    return
+                role = spare.role
 
     # ------------------------------------------------------------------ Trio side
 
@@ -167,6 +191,9 @@ class ThreadReader:
         with self._lock:
             self._closed = True
             self._space.notify_all()
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.event.set()  # with no role: it exits
 
     # ------------------------------------------------------------------ the thread
 
@@ -181,7 +208,9 @@ class ThreadReader:
         except trio.RunFinishedError:
             pass
 
-    def _loop(self, role: int) -> None:
+    def _loop(self, role: int) -> bool:
+        """Read as the holder of ``role``; True once the role was handed over (and this
+        thread's run returned), False when the reading ended."""
         global _stuck
         try:
             while True:
@@ -190,17 +219,17 @@ class ThreadReader:
                            and self._role == role):
                         self._space.wait()  # backpressure: the Trio side is behind
                     if self._role != role:
-                        return
+                        return False
                     if self._closed:
                         self._end_locked()
-                        return
+                        return False
                 try:
                     frame = self._next_frame()
                 except BaseException as exc:
                     with self._lock:
                         self._end_locked()
                     self._push(exc)
-                    return
+                    return False
                 with _count_lock:
                     inline = _stuck < MAX_STUCK
                 inline = inline and not self._decoder.buffered and not self._readable()
@@ -231,13 +260,14 @@ class ThreadReader:
                         continue
                 with _count_lock:  # handed over (see _due): this thread's part is done
                     _stuck -= 1
-                return
+                return True
         except BaseException:  # our bug: the Trio side must not wait forever
             log.exception("the reader thread of %s failed", self._remote)
             with self._lock:
                 if self._role == role:
                     self._end_locked()
             self._push(trio.BrokenResourceError("the connection's reader thread failed"))
+            return False
 
     def _end_locked(self) -> None:
         """The role holder stops reading for good (with the lock held)."""
@@ -261,7 +291,13 @@ class ThreadReader:
             role = self._role
             with _count_lock:
                 _stuck += 1
-        self._spawn(role)
+            spare, self._spare = self._spare, None
+            if spare is not None:
+                spare.role = role
+        if spare is not None:
+            spare.event.set()
+        else:
+            self._spawn(role)
 
     def _readable(self) -> bool:
         """Whether bytes are waiting on the socket now (without reading them)."""
@@ -323,6 +359,14 @@ class ThreadReader:
                 self._drained = True
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
+class _Spare:
+    __slots__ = ("event", "role")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.role: int | None = None
 
 
 class _Watcher:
