@@ -746,6 +746,9 @@ class Peer:
                 if self._borrowed >= self._max_borrowed:
                     return False  # at the limit: the read loop waits for a slot
                 self._borrowed += 1
+                # Earlier requests still unanswered: a pipelining caller, whose
+                # calls go to the workers (which write their replies in batches).
+                inline = inline and self._borrowed == 1
         try:
             taken = handler(self, msg, request_id, inline)
         except Exception:
