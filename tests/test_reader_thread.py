@@ -24,6 +24,7 @@ from droplet.node import Node, serve_node
 from droplet.protocol.framing import frame
 from droplet.protocol.messages import ErrorReply
 from droplet.protocol.messages import decode as decode_message
+from droplet.testing.transport_checks import CHECKS
 from droplet.transports import threadread
 from droplet.transports.base import TransportOptions
 from droplet.transports.tcp import StreamConnection, TcpTransport
@@ -176,6 +177,38 @@ async def test_only_so_many_connections_get_a_reader_thread(
         for s in (far_one, far_two, far_three):
             await s.aclose()
         await _until(lambda: not _reader_threads())
+
+
+#: checks in which no connection receives anything.
+NO_RECEIVE = {"connect_refused"}
+
+
+@pytest.fixture
+def threaded_tcp(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Every plain-TCP connection is read by a thread (taking nothing) from its
+    first ``receive`` on; the list says which got one."""
+    original = StreamConnection.receive
+    started: list[bool] = []
+
+    async def receive(self: StreamConnection) -> bytes | memoryview:
+        if self.thread_reads and not getattr(self, "_tried_thread", False):
+            self._tried_thread = True  # type: ignore[attr-defined]
+            started.append(self.read_in_thread(lambda f, inline: False,
+                                               trio.lowlevel.current_trio_token()))
+        return await original(self)
+
+    monkeypatch.setattr(StreamConnection, "receive", receive)
+    return started
+
+
+@pytest.mark.parametrize("check", list(CHECKS))
+async def test_the_transport_conformance_suite_with_reader_threads(
+        threaded_tcp: list[bool], check: str) -> None:
+    with trio.fail_after(10):
+        await CHECKS[check]("tcp://127.0.0.1:0", TransportOptions(), TransportOptions())
+    await _until(lambda: not _reader_threads())
+    if check not in NO_RECEIVE:
+        assert any(threaded_tcp), "no connection was read by a thread"
 
 
 # --------------------------------------------------------------------------- an executor
