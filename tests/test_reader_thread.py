@@ -116,6 +116,39 @@ async def test_a_long_inline_run_hands_the_reading_to_another_thread() -> None:
         await far.aclose()
 
 
+async def test_a_handed_over_reader_that_runs_long_is_handed_over_again() -> None:
+    """The first long run ends while the thread that took over runs a long one
+    of its own: that one is handed over too (its mark is not the first's to clear)."""
+    conn, far = await _pair()
+    events = {b"1": threading.Event(), b"2": threading.Event()}
+    running: list[bytes] = []
+
+    def offer(f: Any, inline: bool) -> bool | Callable[[], None]:
+        name = bytes(f)
+        if name.startswith(b"block"):
+            def run() -> None:
+                running.append(name)
+                events[name[-1:]].wait(TIMEOUT)
+            return run
+        if name.startswith(b"set"):
+            events[name[-1:]].set()
+            return True
+        return False
+
+    with trio.fail_after(TIMEOUT):
+        assert conn.read_in_thread(offer, trio.lowlevel.current_trio_token())
+        await far.send_all(frame(b"block1"))
+        await _until(lambda: running == [b"block1"])
+        await far.send_all(frame(b"set1") + frame(b"block2"))
+        await _until(lambda: running == [b"block1", b"block2"])
+        await far.send_all(frame(b"set2") + frame(b"after"))
+        assert bytes(await conn.receive()) == b"after"
+        assert events[b"2"].is_set()
+        await conn.aclose()
+        await _until(lambda: not _reader_threads())
+        await far.aclose()
+
+
 async def test_a_frame_over_the_limit_is_the_loops_protocol_error() -> None:
     conn, far = await _pair(max_frame_size=1000)
     with trio.fail_after(TIMEOUT):

@@ -255,9 +255,10 @@ class ThreadReader:
                     log.exception("a call run in a reader thread failed")
                 del taken
                 with self._lock:
-                    self._inline = None
                     if self._role == role:
+                        self._inline = None
                         continue
+                    # (else ``_inline`` is the new holder's now, if anything)
                 with _count_lock:  # handed over (see _due): this thread's part is done
                     _stuck -= 1
                 return True
@@ -296,8 +297,23 @@ class ThreadReader:
                 spare.role = role
         if spare is not None:
             spare.event.set()
-        else:
+            return
+        try:
             self._spawn(role)
+        except BaseException:  # no thread to be had: the role stays with its holder
+            with self._lock:
+                ended = False
+                if self._role == role:
+                    if self._inline is not None and self._inline[0] == role - 1:
+                        self._role -= 1  # its holder reads on once its run returns
+                        with _count_lock:
+                            _stuck -= 1
+                    else:  # (it gave up the role meanwhile: nobody is left to read)
+                        self._end_locked()
+                        ended = True
+            if ended:
+                self._push(trio.BrokenResourceError("no thread to read the connection"))
+            raise
 
     def _readable(self) -> bool:
         """Whether bytes are waiting on the socket now (without reading them)."""
