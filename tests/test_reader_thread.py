@@ -357,6 +357,52 @@ async def test_mail_between_calls_on_one_connection(one: _One) -> None:
                 assert await waiting.get() == [b"ping"]
 
 
+_RUNNING = [0, 0]  # running now, most at once
+_COUNT_LOCK = threading.Lock()
+
+
+def counted(_: Any, x: Any) -> Any:
+    with _COUNT_LOCK:
+        _RUNNING[0] += 1
+        _RUNNING[1] = max(_RUNNING[1], _RUNNING[0])
+    try:
+        _GATE.wait(TIMEOUT)
+    finally:
+        with _COUNT_LOCK:
+            _RUNNING[0] -= 1
+    return x
+
+
+async def test_max_inflight_holds_for_calls_a_reader_thread_takes() -> None:
+    """A caller at ``max_inflight`` requests in service waits for a slot, whether
+    its calls were taken by the reader thread or by the read loop."""
+    _GATE.clear()
+    _RUNNING[:] = [0, 0]
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                main: Node = await nursery.start(functools.partial(serve_node, Config(
+                    listen="tcp://127.0.0.1:0", executors=0)))
+                await nursery.start(functools.partial(serve_node, Config(
+                    role="executor", listen="tcp://127.0.0.1:0", scheduler=main.url,
+                    max_inflight=2)))
+                async with droplet.open_client(main.url) as cloud:
+                    f = await cloud.register(counted, "counted")
+                    _GATE.set()
+                    assert await (await f(-1)).get() == -1  # warm
+                    _GATE.clear()
+                    _RUNNING[:] = [0, 0]
+                    futures = [await f(i) for i in range(5)]
+                    await _until(lambda: _RUNNING[0] == 2)
+                    await trio.sleep(0.1)  # more would have started by now
+                    assert _RUNNING[1] == 2
+                    _GATE.set()
+                    assert [await fut.get() for fut in futures] == list(range(5))
+                nursery.cancel_scope.cancel()
+    finally:
+        _GATE.set()
+
+
 async def _raw_executor_connection(one: _One) -> Any:
     conn = await TcpTransport().connect(one.executor_url, TransportOptions(), None)  # type: ignore[arg-type]
     await _client_handshake(conn, one.executor_url, None)

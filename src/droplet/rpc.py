@@ -192,8 +192,9 @@ class Peer:
         #: in-flight slots the reader thread took without the semaphore (which only
         #: the loop may touch): the next releases pay them back first.
         self._borrowed = 0
-        self._max_borrowed = limits.max_inflight
         self._slot_lock = threading.Lock()
+        #: set when a slot may have come free (the read loop waits for it at the limit).
+        self._slot_freed = trio.Event()
         self._outbox = Outbox(limits.outbox_messages, limits.outbox_bytes)
         self._outbox_ready = trio.Event()
         self._run_scope: trio.CancelScope | None = None
@@ -347,8 +348,8 @@ class Peer:
         with self._slot_lock:
             if self._borrowed:
                 self._borrowed -= 1
-                return
-        self._released.append(None)
+            else:
+                self._released.append(None)
         if self._reader_blocked:  # the reader waits for a free slot: free it now
             self._call_soon(self._collect_released)
 
@@ -359,8 +360,10 @@ class Peer:
             with self._slot_lock:
                 if self._borrowed:
                     self._borrowed -= 1
+                    self._slot_freed.set()
                     return
         self._inflight.release()
+        self._slot_freed.set()
 
     def _write_held(self, frames: list[bytes]) -> None:
         """Write replies a worker thread held back (see ``held_replies.py``)."""
@@ -400,19 +403,27 @@ class Peer:
         while released:
             released.popleft()
             self._release_slot()
+        self._slot_freed.set()
 
     async def _acquire_inflight(self) -> None:
+        """An in-flight slot for a request the read loop serves. The slots the
+        reader thread borrowed (``_take_in_reader``) count too: one is free when
+        the semaphore holds more than they."""
         if self._released:
             self._collect_released()
-        try:
-            self._inflight.acquire_nowait()  # no checkpoint: the read loop has its own
+        inflight = self._inflight
+        if inflight.value > self._borrowed:
+            inflight.acquire_nowait()  # no checkpoint: the read loop has its own
             return
-        except trio.WouldBlock:
-            pass
         self._reader_blocked = True
         try:
-            self._collect_released()  # after the flag: a thread's release is not missed
-            await self._inflight.acquire()
+            while True:
+                self._collect_released()  # after the flag: a thread's release is not missed
+                if inflight.value > self._borrowed:
+                    inflight.acquire_nowait()
+                    return
+                self._slot_freed = trio.Event()
+                await self._slot_freed.wait()
         finally:
             self._reader_blocked = False
 
@@ -718,6 +729,7 @@ class Peer:
             result = _error_reply(exc)
         if result is NOT_NOW:
             self._inflight.release()
+            self._slot_freed.set()
             return False
         self._predecoded = None
         if result is not DEFERRED:
@@ -743,7 +755,7 @@ class Peer:
             return False
         if request_id:
             with self._slot_lock:  # the request's in-flight slot, borrowed
-                if self._borrowed >= self._max_borrowed:
+                if self._inflight.value <= self._borrowed:
                     return False  # at the limit: the read loop waits for a slot
                 self._borrowed += 1
                 # Earlier requests still unanswered: a pipelining caller, whose
