@@ -230,9 +230,10 @@ class ThreadReader:
                         self._end_locked()
                     self._push(exc)
                     return False
-                with _count_lock:
-                    inline = _stuck < MAX_STUCK
-                inline = inline and not self._decoder.buffered and not self._readable()
+                # Run it here only when nothing else is waiting (the last read left
+                # the socket empty), and not too many threads are held up already.
+                inline = (self._drained and not self._decoder.buffered
+                          and _stuck < MAX_STUCK)
                 try:
                     taken = self._offer(frame, inline)
                 except Exception:
@@ -314,10 +315,6 @@ class ThreadReader:
             if ended:
                 self._push(trio.BrokenResourceError("no thread to read the connection"))
             raise
-
-    def _readable(self) -> bool:
-        """Whether bytes are waiting on the socket now (without reading them)."""
-        return bool(self._poll.poll(0))
 
     def _next_frame(self) -> Any:
         decoder = self._decoder
