@@ -28,6 +28,13 @@ the caller's timeout is its own.
 
 Bookkeeping (counters, latency records, mailboxes) is settled in the loop, in
 batches, the next time the executor handles a message or reports its load.
+
+On a plain-TCP connection read by a thread of its own (``transports/threadread.py``)
+the lane starts from that thread (:meth:`FastLane.start_from_reader`): a call
+with nothing else waiting runs right there, in the reader thread (one thread
+wakeup per call, none of the loop), others go to the worker threads as above.
+Such calls count themselves under a lock as they finish; the loop only adds up
+the totals.
 """
 
 from __future__ import annotations
