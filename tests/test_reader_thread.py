@@ -25,7 +25,7 @@ from droplet.protocol.framing import frame
 from droplet.protocol.messages import ErrorReply
 from droplet.protocol.messages import decode as decode_message
 from droplet.testing.transport_checks import CHECKS
-from droplet.transports import threadread
+from droplet.transports import tcp, threadread
 from droplet.transports.base import TransportOptions
 from droplet.transports.tcp import StreamConnection, TcpTransport
 
@@ -77,6 +77,35 @@ async def test_frames_not_taken_reach_the_loop_in_order() -> None:
             await conn.receive()
         await conn.aclose()
         await _until(lambda: not _reader_threads())
+
+
+async def test_a_thread_that_takes_nothing_gives_the_reading_back_and_tries_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tcp, "THREAD_RETRY_AFTER", 20)
+    conn, far = await _pair()
+    offered: list[bytes] = []
+
+    def offer(f: Any, inline: bool) -> bool:
+        offered.append(bytes(f))
+        return bytes(f).startswith(b"take")
+
+    with trio.fail_after(TIMEOUT):
+        assert conn.read_in_thread(offer, trio.lowlevel.current_trio_token())
+        frames = [b"loop%d" % i for i in range(threadread.HAND_BACK_AFTER + 10)]
+        await far.send_all(b"".join(frame(f) for f in frames))
+        assert [bytes(await conn.receive()) for _ in frames] == frames  # all, in order
+        assert conn._reader is None  # given back after HAND_BACK_AFTER declined frames
+        assert offered == frames[:threadread.HAND_BACK_AFTER]
+        await _until(lambda: not _reader_threads())
+        # 20 frames on Trio later, a thread reads again (and takes what it can).
+        later = [b"trio%d" % i for i in range(19)] + [b"again", b"take me", b"last"]
+        await far.send_all(b"".join(frame(f) for f in later))
+        got = [bytes(await conn.receive()) for _ in range(len(later) - 1)]
+        assert got == [f for f in later if f != b"take me"]
+        assert conn._reader is not None and offered[-2:] == [b"take me", b"last"]
+        await conn.aclose()
+        await _until(lambda: not _reader_threads())
+        await far.aclose()
 
 
 async def test_a_long_inline_run_hands_the_reading_to_another_thread() -> None:

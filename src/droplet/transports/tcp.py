@@ -39,7 +39,7 @@ from ..protocol.framing import BIG_FRAME, Buffer, FrameDecoder, Payload, frame_p
 from ._sockets import dial, open_listeners, peer_url
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 from .registry import parse_address
-from .threadread import Abort, Offer, ThreadReader
+from .threadread import HANDED_BACK, Abort, Offer, ThreadReader
 
 __all__ = ["StreamConnection", "TcpTransport"]
 
@@ -53,6 +53,10 @@ CLOSE_TIMEOUT = 1.0
 #: Bytes a worker thread may leave queued for the Trio writer; past it,
 #: :meth:`StreamConnection.send_from_thread` refuses (the caller takes the loop's path).
 THREAD_BACKLOG_BYTES = 4 * 1024 * 1024
+
+#: Frames read on Trio after a reader thread gave the reading back before a
+#: thread is tried again (see :meth:`StreamConnection.read_in_thread`).
+THREAD_RETRY_AFTER = 256
 
 #: What :meth:`StreamConnection.send_from_thread` did with a frame.
 SENT = 0  # written (or queued behind a Trio write that will send it)
@@ -89,6 +93,10 @@ class StreamConnection(Connection):
         self._frame_deadline = math.inf
         #: the thread that reads this connection, once :meth:`read_in_thread` started it.
         self._reader: ThreadReader | None = None
+        #: after it gave the reading back: what to start it again with, and the
+        #: frames to read on Trio first.
+        self._thread_offer: tuple[Offer, trio.lowlevel.TrioToken] | None = None
+        self._thread_retry = 0
 
     def limit_incoming(self, max_frame_size: int | None) -> None:
         self._decoder.max_frame_size = (
@@ -227,12 +235,18 @@ class StreamConnection(Connection):
         ``offer`` (see :mod:`droplet.transports.threadread`); :meth:`receive`
         returns the frames it does not take, in order. Call it only from the
         connection's reader, between two ``receive`` calls (after the handshake).
-        False: not started (no thread path, or too many reader threads already)."""
+        False: not started (no thread path, or too many reader threads already:
+        then ``receive`` tries again after :data:`THREAD_RETRY_AFTER` frames, as it
+        does after a thread that found nothing to take gave the reading back)."""
         if not self.thread_reads or self._closed or self._reader is not None:
             return False
+        self._thread_offer = (offer, token)
         self._reader = ThreadReader.start(self._fd, self._decoder, self._read_timeout,
                                           self.remote_address, offer, token)
-        return self._reader is not None
+        if self._reader is None:  # too many already: try again later
+            self._thread_retry = THREAD_RETRY_AFTER
+            return False
+        return True
 
     async def receive(self) -> bytes | memoryview:  # type: ignore[override]
         if self._reader is not None:
@@ -241,7 +255,17 @@ class StreamConnection(Connection):
             except Abort as exc:  # a frame left unfinished: as below
                 await self._abort()
                 raise exc.error from None
-            return frame
+            if frame is not HANDED_BACK:
+                return frame
+            # The thread found nothing to take and gave the reading back (the
+            # decoder is ours again); it gets another go after a while.
+            self._reader = None
+            self._drained = False
+            self._thread_retry = THREAD_RETRY_AFTER
+        elif self._thread_retry and self._thread_offer is not None:
+            self._thread_retry -= 1
+            if not self._thread_retry and self.read_in_thread(*self._thread_offer):
+                return await self.receive()
         decoder = self._decoder
         while True:
             payload = decoder.next_frame()

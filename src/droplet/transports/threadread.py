@@ -26,7 +26,9 @@ the stream is ``EndOfChannel``. The thread reads a duplicate of the socket's
 descriptor, which it alone closes, so it never reads a descriptor number that
 was closed and reused; :meth:`close` (the connection closing) shuts the socket
 down, which wakes the thread, and it exits. At most :data:`MAX_READERS`
-connections per process are read this way; others stay on Trio.
+connections per process are read this way; others stay on Trio. A connection
+whose frames the offer keeps declining (:data:`HAND_BACK_AFTER` in a row) is
+given back to Trio; the connection tries a thread again later.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import trio
 from ..errors import ProtocolError
 from ..protocol.framing import FrameDecoder
 
-__all__ = ["MAX_READERS", "TAKEOVER_AFTER", "Abort", "Offer", "ThreadReader"]
+__all__ = ["HANDED_BACK", "MAX_READERS", "TAKEOVER_AFTER", "Abort", "Offer", "ThreadReader"]
 
 log = logging.getLogger("droplet.transports")
 
@@ -61,6 +63,12 @@ WATCH_IDLE = 0.05
 #: Threads still running a callable after handing over the reader role, at most;
 #: past it, the owner is told not to run inline (it queues for its workers).
 MAX_STUCK = 32
+#: Frames in a row not taken after which the thread gives the reading back to Trio
+#: (a connection whose calls all take the ordinary path: async functions, say).
+HAND_BACK_AFTER = 16
+#: What :meth:`ThreadReader.receive` returns once the thread gave the reading back:
+#: the decoder (with whatever it holds) is the connection's again.
+HANDED_BACK: Any = object()
 #: Seconds a thread that handed over the reader role stands by to take it again.
 SPARE_IDLE = 60.0
 #: Frames waiting for the Trio side at most; the thread stops reading meanwhile.
@@ -212,6 +220,7 @@ class ThreadReader:
         """Read as the holder of ``role``; True once the role was handed over (and this
         thread's run returned), False when the reading ended."""
         global _stuck
+        misses = 0  # frames in a row not taken
         try:
             while True:
                 with self._lock:
@@ -240,8 +249,17 @@ class ThreadReader:
                     log.exception("a reader thread's offer failed; the loop handles it")
                     taken = False
                 if taken is False:
+                    misses += 1
+                    if misses >= HAND_BACK_AFTER:  # nothing for this thread to do
+                        with self._lock:
+                            if self._role == role:
+                                self._end_locked()
+                        self._push(frame)
+                        self._push(HANDED_BACK)
+                        return False
                     self._push(frame)
                     continue
+                misses = 0
                 if taken is True:
                     continue
                 del frame
@@ -275,6 +293,9 @@ class ThreadReader:
         """The role holder stops reading for good (with the lock held)."""
         global _readers
         self._role = -1
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.event.set()  # with no role: it exits
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
