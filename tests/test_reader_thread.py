@@ -7,6 +7,7 @@ Socket tests: each runs under a ``trio.fail_after`` guard, on loopback.
 from __future__ import annotations
 
 import functools
+import logging
 import struct
 import threading
 import time
@@ -19,6 +20,7 @@ import trio
 import droplet
 from droplet.config import Config
 from droplet.errors import ProtocolError
+from droplet.executor import threads as worker_threads
 from droplet.links import _client_handshake
 from droplet.node import Node, serve_node
 from droplet.protocol.framing import frame
@@ -489,10 +491,15 @@ async def test_a_half_frame_to_a_threaded_connection_times_out(one: _One) -> Non
             assert (await (await f(1)).get())[0] == 1
 
 
-async def test_shutdown_with_a_call_still_running_in_a_reader_thread() -> None:
+async def test_shutdown_with_a_call_still_running_in_a_reader_thread(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The executor shuts down; a call still running in a reader thread gets the
+    grace period a worker's gets, then is named (and its thread left to end)."""
+    monkeypatch.setattr(worker_threads, "SHUTDOWN_GRACE", 0.3)
     _GATE.clear()
     try:
-        with trio.fail_after(TIMEOUT):
+        with trio.fail_after(TIMEOUT), caplog.at_level(logging.WARNING,
+                                                       logger="droplet.executor"):
             async with trio.open_nursery() as nursery:
                 main: Node = await nursery.start(functools.partial(serve_node, Config(
                     listen="tcp://127.0.0.1:0", executors=0)))
@@ -504,6 +511,7 @@ async def test_shutdown_with_a_call_still_running_in_a_reader_thread() -> None:
                     await _until(lambda: bool(_reader_threads()))
                     await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()  # the executor goes, its call still running
+            assert "gated is still running 0.3 s" in caplog.text
             _GATE.set()
             await _until(lambda: not _reader_threads())
     finally:

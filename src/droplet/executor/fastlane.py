@@ -134,8 +134,9 @@ class FastLane:
         if job is None:
             return False
         libs, fn, args = job[0], job[1], job[2:]
-        if inline:
-            return functools.partial(fn, *args)
+        if inline:  # (counted among the jobs the shutdown waits for, as in a worker)
+            return functools.partial(self._svc._threads.run_here, fn, *args,
+                                     label=t.function)
         try:
             self._svc._threads.start(*job[1:], label=t.function)
         except RuntimeError:  # the pool shut down meanwhile: the loop's path says so
