@@ -355,6 +355,36 @@ async def test_a_call_runs_in_the_connections_reader_thread(one: _One) -> None:
             assert one.executor.statistics().fast_calls >= 20
 
 
+def named(_: Any, x: Any) -> tuple[Any, str]:
+    return x, threading.current_thread().name
+
+
+def tagged(_: Any, x: Any, first: str) -> tuple[Any, str, str]:
+    return x, first, threading.current_thread().name  # (a tuple result splats)
+
+
+async def test_a_dag_across_two_executors_runs_in_their_reader_threads() -> None:
+    """The second function's trigger comes over the first executor's connection
+    to the second, whose reader thread runs it."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            main: Node = await nursery.start(functools.partial(serve_node, Config(
+                listen="tcp://127.0.0.1:0", executors=0, placement="spread")))
+            workers = [await nursery.start(functools.partial(serve_node, Config(
+                role="executor", listen="tcp://127.0.0.1:0", scheduler=main.url)))
+                for _ in range(2)]
+            async with droplet.open_client(main.url) as cloud:
+                await cloud.register(named, "named")
+                await cloud.register(tagged, "tagged")
+                await cloud.register_dag("nt", ["named", "tagged"], [("named", "tagged")])
+                results = [await (await cloud.call_dag("nt", {"named": i})).get()
+                           for i in range(20)]
+            assert [r[0] for r in results] == list(range(20))
+            assert any(r[2].startswith("droplet-reader ") for r in results)
+            assert all(w.executors[0].statistics().fast_calls > 0 for w in workers)
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_blocked_call_does_not_block_the_next_on_its_connection(one: _One) -> None:
     _GATE.clear()
     try:
