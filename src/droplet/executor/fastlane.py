@@ -99,6 +99,7 @@ class FastLane:
         self.t_running = 0
         self._t_calls = 0
         self._t_invocations = 0
+        self._t_unsettled = False
         self._t_failures = 0
         self._t_recorder = CallRecorder()
         self._ids = itertools.count(1)  # their user libraries' ids
@@ -145,6 +146,8 @@ class FastLane:
             with self._tlock:
                 self.t_active -= 1
                 self.t_running -= len(libs)
+                self._t_calls -= 1
+                self._t_invocations -= len(libs)
             return False
         return True
 
@@ -243,9 +246,12 @@ class FastLane:
                 lib = UserLibrary(svc, f"{svc.url}/r{next(self._ids)}", run)
                 svc._libraries[lib.getid()] = lib  # one dict store: atomic
                 libs.append(lib)
-            with self._tlock:
+            with self._tlock:  # counted as started now, as below (before any reply)
                 self.t_active += 1
                 self.t_running += functions
+                self._t_calls += 1
+                self._t_invocations += functions
+                self._t_unsettled = True
             return libs
         svc._active += 1
         svc._running += functions
@@ -256,8 +262,9 @@ class FastLane:
     def settle(self) -> None:
         """Account for the calls worker threads finished since the last time."""
         svc, done = self._svc, self.done
-        if self._t_calls:
+        if self._t_unsettled:
             with self._tlock:
+                self._t_unsettled = False
                 calls, self._t_calls = self._t_calls, 0
                 invocations, self._t_invocations = self._t_invocations, 0
                 failures, self._t_failures = self._t_failures, 0
@@ -353,9 +360,8 @@ class FastLane:
         with self._tlock:
             self.t_active -= 1
             self.t_running -= len(libs)
-            self._t_calls += 1
-            self._t_invocations += len(libs)
             self._t_failures += failures
+            self._t_unsettled = True
             for fn, elapsed, failed in records:
                 self._t_recorder.record(fn, elapsed, failed)
 
