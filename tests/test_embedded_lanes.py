@@ -348,6 +348,31 @@ def test_a_sync_caller_runs_a_quick_call_itself(skip: bool,
         assert stats.running == 0
 
 
+def _ctrl_c(_: Any, x: int) -> int:
+    if x:
+        raise KeyboardInterrupt  # as the signal handler does in the main thread
+    return x
+
+
+def test_ctrl_c_in_a_call_the_caller_runs_interrupts_the_caller(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(thread_calls, "LEAVE_TO_CALLER", 0.5)
+    assert threading.current_thread() is threading.main_thread()
+    with droplet.LocalCluster(1) as cluster:
+        conn = cluster.connect()
+        conn.register(_ctrl_c, "ctrl_c")
+        _warm(conn, "ctrl_c", 0)
+        ran = _ran_here(cluster)
+        future = conn.exec_func("ctrl_c", [1])
+        with pytest.raises(KeyboardInterrupt):
+            future.get()
+        assert _ran_here(cluster) == ran + 1
+        # The call itself failed (nothing waits for it forever), and the node serves on.
+        with pytest.raises(droplet.FunctionError, match="KeyboardInterrupt"):
+            future.get(timeout=5)
+        assert conn.exec_func("ctrl_c", [0]).get() == 0
+
+
 async def _read_stats(ex: Any) -> Any:
     return ex.statistics()
 

@@ -6,6 +6,7 @@ lane (a worker thread from start to reply).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import attrs
@@ -60,6 +61,15 @@ def build_steps(t: Any, segment: list[str], targets: list[Any], libs: list[UserL
     return steps
 
 
+class _Interrupted(threading.local):
+    """Set in the thread whose run of a user function a Ctrl-C interrupted."""
+
+    set = False
+
+
+interrupted = _Interrupted()
+
+
 def run_sync_steps(steps: list[Step], carried: list[Any]) -> tuple[Any, bool]:
     """In a worker thread: run consecutive sync steps, each fed the previous result.
 
@@ -74,6 +84,11 @@ def run_sync_steps(steps: list[Step], carried: list[Any]) -> tuple[Any, bool]:
                            for a in spread(private(value))]
             value = step.target(step.lib, *step.args, *carried)
         except BaseException as exc:  # sys.exit() too: in a worker thread it is the
-            # function's own error (no Ctrl-C or cancellation is delivered here)
+            # function's own error (no Ctrl-C or cancellation is delivered there)
+            if type(exc) is KeyboardInterrupt and threading.current_thread() is \
+                    threading.main_thread():
+                # A caller's own thread ran it (Claim.run_here) and the user pressed
+                # Ctrl-C: the call fails, and the caller gets the interrupt after.
+                interrupted.set = True
             return _Failure(function_error(exc, step.function)), True
     return value, False

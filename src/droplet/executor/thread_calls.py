@@ -64,7 +64,7 @@ from .direct import check_direct
 from .fastlane import FastLane
 from .inline import plain_client_run, whole_pipeline
 from .outcomes import pickle_value
-from .steps import RunContext
+from .steps import RunContext, interrupted
 from .user_library import UserLibrary
 
 if TYPE_CHECKING:
@@ -146,6 +146,9 @@ class Claim:
         with owner._lock:
             owner.ran_here += 1
         job()
+        if interrupted.set:  # Ctrl-C during the function: its call failed, the caller stops
+            interrupted.set = False
+            raise KeyboardInterrupt
         return True
 
 
