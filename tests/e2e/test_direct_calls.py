@@ -9,6 +9,7 @@ calls themselves, and the result keys still reach the store.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import droplet
 from droplet import DropletConnection, DropletReference
 from droplet.client._blocking import BlockingClient
+from droplet.client._blocking_peer import ALIVE_POLL
 from droplet.client._core import ClientCore
 from droplet.testing.nodes import NodeProcess, start_node
 
@@ -120,6 +122,9 @@ def test_cached_placement_is_dropped_when_an_executor_leaves(
         ex2.kill()
         node.wait_for_log(rf"executor {re.escape(ex2.url)} (disconnected|disappeared)",
                           TIMEOUT)
+        # A connection read less than ALIVE_POLL ago counts as alive without a
+        # look: a call sent within it would be the call in flight that fails.
+        time.sleep(10 * ALIVE_POLL)
         # Every call after it left runs (on the executor still there), none fails:
         # one after another, and several at once (which would use both: the
         # placement naming ex2 goes when a call finds its connection ended).

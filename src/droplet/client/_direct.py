@@ -350,6 +350,23 @@ class DirectCalls(_Cache):
                 found.append((peer, placed.plan))
         return found
 
+    def quick(self, target: str, is_function: bool) -> tuple[Any, CallPlaced] | None:
+        """:meth:`target` for a call without references, when it needs no I/O: a fresh
+        placement cached, and a live connection to the executor it chooses
+        (else None: ask :meth:`target`, which dials or asks the scheduler)."""
+        placed = self.placements.get((target, is_function, ()))
+        if placed is None or placed.expires <= self.clock() or not self.enabled:
+            return None
+        urls = placed.urls
+        if not urls:
+            return None
+        url = urls[self.choose(placed)] if placed.preferred != 1 else urls[0]
+        peer = self._peers.get(url)
+        if peer is None or not peer.alive():
+            return None
+        placed.last = url
+        return peer, placed.plan
+
     def _peer(self, url: str, now: float) -> Any:
         peer = self._peers.get(url)
         if peer is not None:
