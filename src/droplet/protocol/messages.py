@@ -24,6 +24,7 @@ reaches a service.
 from __future__ import annotations
 
 import json
+import json.scanner
 import math
 import struct
 from collections.abc import Callable
@@ -42,6 +43,10 @@ _ENVELOPE = struct.Struct(">BBII")
 _U32 = struct.Struct(">I")
 _json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _json_decode = json.JSONDecoder().decode
+#: The decoder's own scanner (C): a header as our encoder writes it (no
+#: whitespace around it) is read with no Python frames in between; anything
+#: else goes through ``_json_decode``, which says what is wrong.
+_json_scan = json.scanner.make_scanner(json.JSONDecoder())
 
 MESSAGES: dict[int, type[Any]] = {}
 T = TypeVar("T")
@@ -230,7 +235,12 @@ def decode(payload: bytes | memoryview) -> tuple[Any, int, bool]:
         raise ProtocolError(f"{cls.__name__}: header length {head_len} exceeds the frame")
     try:
         text = str(payload[pos:end], "utf-8")
-        header = _json_decode(text)
+        try:
+            header, stop = _json_scan(text, 0)
+        except StopIteration:
+            stop = -1
+        if stop != len(text):  # whitespace around it, or not JSON: the full decoder
+            header = _json_decode(text)
         if "\\u" in text:
             # A "\udXXX" escape can smuggle a lone surrogate into a str, which no
             # reply could carry back (encode would raise): refuse it here.
