@@ -24,7 +24,6 @@ reaches a service.
 from __future__ import annotations
 
 import json
-import json.scanner
 import math
 import struct
 from collections.abc import Callable
@@ -42,11 +41,12 @@ FLAG_REPLY = 0x01
 _ENVELOPE = struct.Struct(">BBII")
 _U32 = struct.Struct(">I")
 _json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_json_decode = json.JSONDecoder().decode
+_json_decoder = json.JSONDecoder()
+_json_decode = _json_decoder.decode
 #: The decoder's own scanner (C): a header as our encoder writes it (no
 #: whitespace around it) is read with no Python frames in between; anything
 #: else goes through ``_json_decode``, which says what is wrong.
-_json_scan = json.scanner.make_scanner(json.JSONDecoder())
+_json_scan: Callable[[str, int], tuple[Any, int]] = _json_decoder.scan_once
 
 MESSAGES: dict[int, type[Any]] = {}
 T = TypeVar("T")
