@@ -46,7 +46,7 @@ _json_decode = _json_decoder.decode
 #: The decoder's own scanner (C): a header as our encoder writes it (no
 #: whitespace around it) is read with no Python frames in between; anything
 #: else goes through ``_json_decode``, which says what is wrong.
-_json_scan: Callable[[str, int], tuple[Any, int]] = _json_decoder.scan_once
+_json_scan: Callable[[str, int], tuple[Any, int]] = getattr(_json_decoder, "scan_once")  # noqa: B009 - not in the stubs
 
 MESSAGES: dict[int, type[Any]] = {}
 T = TypeVar("T")
