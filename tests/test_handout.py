@@ -391,3 +391,16 @@ async def test_the_async_client_sticks_and_spreads_the_same_way() -> None:
     assert calls.cached_target("f", True)[0].remote == "e1"  # type: ignore[index]
     assert [p.remote for p, _ in await calls.spread("f", True, (), 10)] == ["e1", "e2"]
     await calls.aclose()
+
+
+def test_registering_a_function_again_drops_the_placements_of_dags_running_it() -> None:
+    """A DAG's schedule names the code version of each function: it is asked again."""
+    calls, _ = direct_calls({})
+    dag = CallPlaced("d", False, ["f", "g"], ["v1", "v1"], [["f", "g"]], ["e1"], 2.0)
+    calls.store(dag, 0.0)
+    calls.store(CallPlaced("other", False, ["h"], ["v1"], [], ["e1"], 2.0), 0.0)
+    calls.store(plan(["e1"]), 0.0)
+    calls.forget("g", True)
+    assert set(calls.placements) == {("f", True, ()), ("other", False, ())}
+    calls.forget("f", True)
+    assert set(calls.placements) == {("other", False, ())}

@@ -197,15 +197,11 @@ class BlockingFuture:
         wait = self._wait if timeout is None else check_timeout(timeout, self._wait)
         deadline = time.monotonic() + wait
         while self._blob is None:
-            remaining = max(0.0, deadline - time.monotonic())
             slot = self._slot
-            if not slot.done:
-                try:
-                    self._peer.wait(slot, remaining, "result")
-                except TimeoutError:
-                    raise TimeoutError(
-                        f"no result for {self._key} within {wait:g} s "
-                        "(pass a larger timeout to get() if the function is slow)") from None
+            if not slot.done and not self._peer._await(slot, deadline):
+                raise TimeoutError(
+                    f"no result for {self._key} within {wait:g} s "
+                    "(pass a larger timeout to get() if the function is slow)")
             self._take_reply(max(0.0, deadline - time.monotonic()))
             if self._blob is None and deadline <= time.monotonic():
                 raise TimeoutError(

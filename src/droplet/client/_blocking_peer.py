@@ -133,6 +133,7 @@ class BlockingPeer:
         #: frames are a 4-byte length and the payload (tcp://, tls://).
         self._prefixed = type(self._decoder) is PrefixWire
         self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
         #: what the reading thread (one at a time: the read lock) receives into.
         self._received = bytearray(RECEIVE_SIZE)
         self._received_view = memoryview(self._received)
@@ -217,7 +218,7 @@ class BlockingPeer:
         sock = self._enter()
         try:
             while True:
-                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                if not (self._tls and sock.pending()):  # type: ignore[attr-defined]
                     remaining = max(0.0, deadline - time.monotonic())
                     if not select.select([sock], [], [], remaining)[0]:
                         return False
@@ -284,7 +285,7 @@ class BlockingPeer:
                     views = [memoryview(p) for p in ([data] if isinstance(data, bytes)
                                                      else data)]
                 # TLS has no sendmsg, nor has every platform (Windows).
-                gather = not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg")
+                gather = not self._tls and hasattr(sock, "sendmsg")
                 while first < len(views):
                     if not views[first].nbytes:
                         first += 1

@@ -263,9 +263,13 @@ class _Cache:
                 self.placements.pop(key, None)
 
     def forget(self, target: str, is_function: bool) -> None:
-        """Drop the placements of ``target`` (this client changed or deleted it)."""
-        for key in [k for k in list(self.placements) if k[0] == target and k[1] == is_function]:
-            self.placements.pop(key, None)
+        """Drop the placements of ``target`` (this client changed or deleted it); for a
+        function, those of the DAGs running it too (their schedules name the code
+        version each function runs at)."""
+        for key, placed in list(self.placements.items()):
+            if (key[0] == target and key[1] == is_function) or (
+                    is_function and target in placed.plan.functions):
+                self.placements.pop(key, None)
 
     def placed(self, target: str, is_function: bool = True,
                references: tuple[str, ...] = ()) -> list[str]:
