@@ -367,7 +367,7 @@ class BlockingClient:
         return reply.names
 
     def exec_func(self, name: str, args: Iterable[Any]) -> BlockingFuture:
-        if self.direct.enabled and type(args) is list:
+        if self.direct.enabled and type(args) is list and type(name) is str:
             blob = plain_args(args)
             if blob is not None:  # no CallDag needed unless it must go the long way
                 call_id = unique_id()
@@ -540,7 +540,7 @@ class BlockingClient:
                  continuation: CallDag | None = None) -> Any:
         if (not (direct_response or dry_run) and output_key is None and client_id is None
                 and timeout is None and continuation is None and consistency == NORMAL
-                and self.direct.enabled and type(arg_map) is dict):
+                and self.direct.enabled and type(arg_map) is dict and type(name) is str):
             future = self._call_dag_plain(name, arg_map)
             if future is not None:
                 return future
