@@ -95,6 +95,11 @@ async def test_scale_down_drains_calls_in_flight_and_places_none_there() -> None
         url = scheduler.executor_url(second)
         assert url is not None
         futures = [await fn(i) for i in range(4)]  # spread over both executors
+        # A call returns its future before the scheduler has placed it: wait
+        # until all four are placed, so the load read below is final.
+        with trio.fail_after(30):
+            while sum(scheduler.executor_load(u)[1] for u in scheduler.executor_urls) < 4:
+                await trio.sleep(0.01)
         in_flight, placed = scheduler.executor_load(url)
         assert in_flight >= 1
         pool.scale_down(second)
