@@ -457,3 +457,19 @@ def test_a_header_with_anything_after_the_json_is_refused(head: bytes) -> None:
     payload = m._ENVELOPE.pack(27, 1, 3, len(head)) + head + struct.pack(">I", 1) + b"v"
     with pytest.raises(ProtocolError, match="not valid JSON"):
         decode(payload)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda s: type(s).__name__)
+def test_the_header_is_the_json_the_standard_encoder_writes(msg: Any) -> None:
+    """encode_gather's cached C encoder writes byte for byte what json.dumps does."""
+    payload = encode(msg, 9, True)
+    _, _, _, size = m._ENVELOPE.unpack_from(payload)
+    header = json.loads(payload[m._ENVELOPE.size:m._ENVELOPE.size + size])
+    assert payload[m._ENVELOPE.size:m._ENVELOPE.size + size] == json.dumps(
+        header, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_a_header_value_json_cannot_write_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        encode(m.DeleteDag(object()))  # type: ignore[arg-type]
+    assert decode(encode(m.DeleteDag("d"))) == (m.DeleteDag("d"), 0, False)  # still fine
