@@ -379,3 +379,31 @@ def test_the_async_client_sticks_and_spreads_too(
             assert {x.get() for x in [f() for _ in range(10)]} == everyone
     finally:
         portal.close()
+
+
+def test_direct_response_calls_go_straight_to_an_executor_too(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, executors = cluster
+    pid, _ = functions()
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        conn.register(pid, "pid_d")
+        conn.register(lambda _, x: x + 1, "inc_d")
+        conn.register(lambda _, x: 1 / 0, "boom_d")
+        conn.register_dag("d", ["pid_d", "inc_d"], [("pid_d", "inc_d")])
+        conn.register_dag("bad", ["inc_d", "boom_d"], [("inc_d", "boom_d")])
+        assert conn.call_dag("d", {"pid_d": 1}, direct_response=True) - 1 in {
+            ex.pid for ex in executors}
+        sent = _count_calls_to_the_scheduler(conn)
+        # Plain arguments (the fast way) and others (a set: the ordinary way).
+        results = [conn.call_dag("d", {"pid_d": 1}, direct_response=True) for _ in range(5)]
+        results += [conn.call_dag("d", {"pid_d": {1}}, direct_response=True)]
+        assert len(set(results)) == 1 and results[0] - 1 in {ex.pid for ex in executors}
+        with pytest.raises(droplet.FunctionError, match="ZeroDivisionError"):
+            conn.call_dag("bad", {"inc_d": 1}, direct_response=True)
+        assert sent == []  # none through the scheduler
+        # With a timeout (or another consistency level): through the scheduler, as before.
+        assert conn.call_dag("d", {"pid_d": 1}, direct_response=True, timeout=TIMEOUT) - 1 in {
+            ex.pid for ex in executors}
+        assert sent == ["CallDag"]
+        with pytest.raises(droplet.DagError, match="not in DAG 'd'"):
+            conn.call_dag("d", {"nope": 1}, direct_response=True)
