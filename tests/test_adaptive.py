@@ -97,9 +97,12 @@ async def test_scale_down_drains_calls_in_flight_and_places_none_there() -> None
         futures = [await fn(i) for i in range(4)]  # spread over both executors
         # A call returns its future before the scheduler has placed it: wait
         # until all four are placed, so the load read below is final.
-        with trio.fail_after(30):
-            while sum(scheduler.executor_load(u)[1] for u in scheduler.executor_urls) < 4:  # noqa: ASYNC110 - no event for it
-                await trio.sleep(0.01)
+        for _ in range(3000):  # 30 s
+            if sum(scheduler.executor_load(u)[1] for u in scheduler.executor_urls) >= 4:
+                break
+            await trio.sleep(0.01)
+        else:
+            raise AssertionError("the scheduler placed fewer than 4 calls in 30 s")
         in_flight, placed = scheduler.executor_load(url)
         assert in_flight >= 1
         pool.scale_down(second)

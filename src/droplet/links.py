@@ -20,7 +20,7 @@ from .protocol import handshake
 from .protocol.messages import AuthChallenge, AuthResponse, AuthResult, ErrorReply
 from .protocol.messages import decode as decode_message
 from .protocol.messages import encode as encode_message
-from .rpc import Handler, Limits, NowHandler, Peer, error_from_reply
+from .rpc import Handler, Limits, NowHandler, Peer, ReaderHandler, error_from_reply
 from .transports.base import Connection, TransportOptions
 from .transports.registry import get_transport, open_connection
 
@@ -153,11 +153,15 @@ async def serve_peers(
     on_connect: Callable[[Peer], None] | None = None,
     now: NowHandler | None = None,
     thread_now: NowHandler | None = None,
+    in_reader: Callable[[], ReaderHandler | None] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen at ``url``; authenticate each connection, then serve it with ``handler``
     (and ``now``, see :data:`NowHandler`, where the transport hands messages over
-    in the sender's task)."""
+    in the sender's task). ``in_reader()``, asked once per connection once it is
+    authenticated: the :data:`~droplet.rpc.ReaderHandler` that serves messages in
+    the connection's own reader thread, where the transport has one (plain TCP),
+    or None (the read loop serves everything)."""
     options = options or TransportOptions()
 
     async def on_connection(conn: Connection) -> None:
@@ -174,7 +178,8 @@ async def serve_peers(
             log.warning("dropped connection from %s during handshake: %s",
                         conn.remote_address, exc or type(exc).__name__)
             return
-        peer = Peer(conn, handler, limits=limits, now=now, thread_now=thread_now)
+        peer = Peer(conn, handler, limits=limits, now=now, thread_now=thread_now,
+                    in_reader=in_reader() if in_reader is not None else None)
         if on_connect is not None:
             on_connect(peer)
         try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import threading
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,7 +49,7 @@ from .protocol.parcel import Parcel, pack, unpack
 from .transports.base import Connection
 
 __all__ = ["DEFERRED", "NOT_NOW", "Handler", "Limits", "NowHandler", "OutboxFull", "Peer",
-           "Slot", "error_from_reply"]
+           "ReaderHandler", "Slot", "error_from_reply"]
 
 log = logging.getLogger("droplet.rpc")
 
@@ -62,6 +63,13 @@ NowHandler = Callable[["Peer", Any, int], Any]
 
 #: Returned by a :data:`NowHandler` for a message it cannot serve without waiting.
 NOT_NOW: Any = object()
+
+#: A service's side for a connection read by a thread (``transports/threadread.py``):
+#: ``(peer, msg, request_id, inline)`` from the reader thread, for a request or
+#: one-way message it may serve there (thread-safe): False leaves it to the
+#: read loop, True means taken (answered from a thread), and a callable is run
+#: in the reader thread (only when ``inline``; it answers the request).
+ReaderHandler = Callable[["Peer", Any, int, bool], "bool | Callable[[], None]"]
 
 #: The reader yields to other tasks at least once per this many messages it
 #: handles (a frame already buffered is read without a checkpoint).
@@ -160,6 +168,7 @@ class Peer:
         name: str = "",
         now: NowHandler | None = None,
         thread_now: NowHandler | None = None,
+        in_reader: ReaderHandler | None = None,
     ) -> None:
         self.conn = conn
         self.remote = conn.remote_address
@@ -178,6 +187,14 @@ class Peer:
         self._close_reason: DropletError | None = None
         limits = limits or Limits()
         self._inflight = trio.Semaphore(limits.max_inflight)
+        #: serves frames in the connection's reader thread, if it gets one (``run``).
+        self._in_reader = in_reader
+        #: in-flight slots the reader thread took without the semaphore (which only
+        #: the loop may touch): the next releases pay them back first.
+        self._borrowed = 0
+        self._slot_lock = threading.Lock()
+        #: set when a slot may have come free (the read loop waits for it at the limit).
+        self._slot_freed = trio.Event()
         self._outbox = Outbox(limits.outbox_messages, limits.outbox_bytes)
         self._outbox_ready = trio.Event()
         self._run_scope: trio.CancelScope | None = None
@@ -240,7 +257,7 @@ class Peer:
                     ErrorReply("DropletError", f"{type(msg).__name__} reply too large: {exc}"),
                     request_id, reply=True))
         finally:
-            self._inflight.release()
+            self._release_slot()
 
     async def reply_error(self, request_id: int, exc: BaseException) -> None:
         await self.reply(request_id, _error_reply(exc))
@@ -275,7 +292,7 @@ class Peer:
             frame = self._encode(msg, request_id, reply=True)
         finally:
             if acquired:
-                self._inflight.release()
+                self._release_slot()
         self._post(frame, "disconnect")
 
     def post_error(self, request_id: int, exc: BaseException) -> None:
@@ -311,9 +328,7 @@ class Peer:
         held = replies_held() if reply and request_id else None
         if held is not None and len(frame) < HOLD_BYTES:
             held.add(self, cast(bytes, frame))
-            self._released.append(None)
-            if self._reader_blocked:
-                self._call_soon(self._collect_released)
+            self._thread_released()
             return True
         try:
             done = send(cast(bytes, frame))
@@ -324,10 +339,31 @@ class Peer:
         if done == 1:  # tcp.FLUSH: the rest waits for the loop's writer
             self._call_soon(self._want_flush)
         if reply and request_id:
-            self._released.append(None)
-            if self._reader_blocked:  # the reader waits for a free slot: free it now
-                self._call_soon(self._collect_released)
+            self._thread_released()
         return True
+
+    def _thread_released(self) -> None:
+        """From a thread: a reply went out; its in-flight slot is free (for the loop
+        to release, unless it pays back what the reader thread borrowed)."""
+        with self._slot_lock:
+            if self._borrowed:
+                self._borrowed -= 1
+            else:
+                self._released.append(None)
+        if self._reader_blocked:  # the reader waits for a free slot: free it now
+            self._call_soon(self._collect_released)
+
+    def _release_slot(self) -> None:
+        """In the loop: a request's slot is free (a slot the reader thread borrowed
+        is paid back first)."""
+        if self._borrowed:
+            with self._slot_lock:
+                if self._borrowed:
+                    self._borrowed -= 1
+                    self._slot_freed.set()
+                    return
+        self._inflight.release()
+        self._slot_freed.set()
 
     def _write_held(self, frames: list[bytes]) -> None:
         """Write replies a worker thread held back (see ``held_replies.py``)."""
@@ -366,20 +402,28 @@ class Peer:
         released = self._released
         while released:
             released.popleft()
-            self._inflight.release()
+            self._release_slot()
+        self._slot_freed.set()
 
     async def _acquire_inflight(self) -> None:
+        """An in-flight slot for a request the read loop serves. The slots the
+        reader thread borrowed (``_take_in_reader``) count too: one is free when
+        the semaphore holds more than they."""
         if self._released:
             self._collect_released()
-        try:
-            self._inflight.acquire_nowait()  # no checkpoint: the read loop has its own
+        inflight = self._inflight
+        if inflight.value > self._borrowed:
+            inflight.acquire_nowait()  # no checkpoint: the read loop has its own
             return
-        except trio.WouldBlock:
-            pass
         self._reader_blocked = True
         try:
-            self._collect_released()  # after the flag: a thread's release is not missed
-            await self._inflight.acquire()
+            while True:
+                self._collect_released()  # after the flag: a thread's release is not missed
+                if inflight.value > self._borrowed:
+                    inflight.acquire_nowait()
+                    return
+                self._slot_freed = trio.Event()
+                await self._slot_freed.wait()
         finally:
             self._reader_blocked = False
 
@@ -526,6 +570,9 @@ class Peer:
         if take is not None and not self._closed:
             take(self._take_now)
             self.conn.take_from_threads(self._take_from_thread)  # type: ignore[attr-defined]
+        if (self._in_reader is not None and not self._closed
+                and getattr(self.conn, "thread_reads", False)):
+            self.conn.read_in_thread(self._take_in_reader, self._token)  # type: ignore[attr-defined]
         try:
             async with trio.open_nursery() as nursery:
                 self._run_scope = nursery.cancel_scope
@@ -682,6 +729,7 @@ class Peer:
             result = _error_reply(exc)
         if result is NOT_NOW:
             self._inflight.release()
+            self._slot_freed.set()
             return False
         self._predecoded = None
         if result is not DEFERRED:
@@ -690,6 +738,38 @@ class Peer:
             except DropletError as exc:  # closed, or not reading
                 log.debug("could not answer %s: %s", self.remote, exc)
         return True
+
+    def _take_in_reader(self, frame: object, inline: bool) -> bool | Callable[[], None]:
+        """In the connection's reader thread (``transports/threadread.py``): a request
+        or one-way message the ``in_reader`` handler serves there (see
+        :data:`ReaderHandler`); False: the read loop gets the frame, as usual
+        (replies, bad bytes, everything else). Never raises."""
+        handler = self._in_reader
+        if self._closed or handler is None:
+            return False
+        decoded = self._decode_offered(frame)
+        if decoded is None:
+            return False
+        msg, request_id, is_reply = decoded
+        if is_reply:
+            return False
+        if request_id:
+            with self._slot_lock:  # the request's in-flight slot, borrowed
+                if self._inflight.value <= self._borrowed:
+                    return False  # at the limit: the read loop waits for a slot
+                self._borrowed += 1
+                # Earlier requests still unanswered: a pipelining caller, whose
+                # calls go to the workers (which write their replies in batches).
+                inline = inline and self._borrowed == 1
+        try:
+            taken = handler(self, msg, request_id, inline)
+        except Exception:
+            log.exception("error handling %s from %s in its reader thread",
+                          type(msg).__name__, self.remote)
+            taken = False
+        if taken is False and request_id:
+            self._thread_released()  # (the slot goes back, whoever paid it meanwhile)
+        return taken
 
     def _decode_offered(self, frame: object) -> tuple[Any, int, bool] | None:
         """A frame offered by the connection, decoded as the reader would; None when

@@ -28,13 +28,22 @@ the caller's timeout is its own.
 
 Bookkeeping (counters, latency records, mailboxes) is settled in the loop, in
 batches, the next time the executor handles a message or reports its load.
+
+On a plain-TCP connection read by a thread of its own (``transports/threadread.py``)
+the lane starts from that thread (:meth:`FastLane.start_from_reader`): a call
+with nothing else waiting runs right there, in the reader thread (one thread
+wakeup per call, none of the loop), others go to the worker threads as above.
+Such calls count themselves under a lock as they finish; the loop only adds up
+the totals.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -52,6 +61,7 @@ from ..serialization import loads
 from .downstream import arguments_for
 from .multiexec import spread
 from .outcomes import function_error, lww, pickle_result, pickle_value
+from .reports import CallRecorder
 from .steps import RunContext, build_steps, run_sync_steps
 from .user_library import UserLibrary
 from .wholerun import Helpers, WholeRun, plan_of
@@ -81,6 +91,18 @@ class FastLane:
         self._max = max_invocations
         #: finished calls, appended by worker threads, settled in the loop.
         self.done: deque[_Done] = deque()
+        #: Calls started from a connection's reader thread: counted by the threads
+        #: themselves under ``_tlock`` (no per-call work for the loop, which only
+        #: adds the totals up in ``settle``): running now, and finished since.
+        self._tlock = threading.Lock()
+        self.t_active = 0
+        self.t_running = 0
+        self._t_calls = 0
+        self._t_invocations = 0
+        self._t_unsettled = False
+        self._t_failures = 0
+        self._t_recorder = CallRecorder()
+        self._ids = itertools.count(1)  # their user libraries' ids
         #: calls that took the fast lane (statistics).
         self.calls = 0
         #: the watcher that asks for more claimers for whole runs (wholerun.py).
@@ -97,57 +119,93 @@ class FastLane:
 
     def try_start(self, t: Trigger, peer: Peer | None, request_id: int) -> bool:
         """Start ``t`` in a worker thread if it qualifies; False: take the ordinary path."""
+        job = self._prepare(t, peer, request_id, False)
+        if job is None:
+            return False
+        self._svc._threads.start(*job[1:], label=t.function)
+        return True
+
+    def start_from_reader(self, t: Trigger, peer: Peer | None, request_id: int,
+                          inline: bool) -> bool | Callable[[], None]:
+        """From a connection's reader thread (``transports/threadread.py``): ``t``'s
+        run, to run in that thread when ``inline`` (the run, a callable), else
+        queued for a worker thread (True), if it qualifies; False: the loop's path.
+        Thread-safe: nothing of the loop's state is changed here (see ``begun``)."""
+        job = self._prepare(t, peer, request_id, True)
+        if job is None:
+            return False
+        libs, fn, args = job[0], job[1], job[2:]
+        if inline:  # (counted among the jobs the shutdown waits for, as in a worker)
+            return functools.partial(self._svc._threads.run_here, fn, *args,
+                                     label=t.function)
+        try:
+            self._svc._threads.start(*job[1:], label=t.function)
+        except RuntimeError:  # the pool shut down meanwhile: the loop's path says so
+            for lib in libs:
+                self._svc._libraries.pop(lib.getid(), None)
+            with self._tlock:
+                self.t_active -= 1
+                self.t_running -= len(libs)
+                self._t_calls -= 1
+                self._t_invocations -= len(libs)
+            return False
+        return True
+
+    def _prepare(self, t: Trigger, peer: Peer | None, request_id: int, threaded: bool
+                 ) -> tuple[Any, ...] | None:
+        """The job that runs ``t`` (its user libraries, then the function and its
+        arguments), counted as started, if ``t`` qualifies; None otherwise."""
         svc = self._svc
+        active = svc._active + self.t_active
         if (t.carried is not None or t.consistency != NORMAL or t.failed
                 or t.multiexec or t.batching or t.output_key is not None or t.scheduler
-                or svc._active >= self._max or svc._threads.closed
+                or active >= self._max or svc._threads.closed
                 or (t.deadline is not None and time.time() > t.deadline)):
-            return False
+            return None
         # Its results are written from the worker thread: on connections that can take that.
         if not (svc._kvs.thread_writes and svc._scheduler.thread_writes
                 and (peer is None or peer.thread_writes)):
-            return False
+            return None
         if t.whole_run:
-            return peer is not None and request_id != 0 and self._start_whole(
-                t, peer, request_id)
+            return None if peer is None or not request_id else self._prepare_whole(
+                t, peer, request_id, threaded)
         upstream = sum(1 for _, dst in t.edges if dst == t.function)
         if upstream != (0 if t.source is None else 1):
-            return False  # a fan-in (or a loop): the ordinary path gathers inputs
+            return None  # a fan-in (or a loop): the ordinary path gathers inputs
         segment = svc._segment(t)
         last = segment[-1]
         downstream = [t.placement[t.functions.index(dst)]
                       for src, dst in t.edges if src == last]
         if svc.url in downstream:  # more to run here, after a fan-in or next to other branches
             # A client's run (placed wholly here): all of it, as a whole run.
-            return peer is not None and request_id != 0 and self._start_whole(
-                t, peer, request_id)
+            return None if peer is None or not request_id else self._prepare_whole(
+                t, peer, request_id, threaded)
         peers: list[Peer] = []
         for url in downstream:
             found = svc._peers.peek(url)
             if found is None or not found.thread_writes:
-                return False  # not connected yet: the ordinary path dials
+                return None  # not connected yet: the ordinary path dials
             peers.append(found)
         targets = self._targets(t, segment)
         if targets is None:
-            return False
-        libs = self._begin(t, len(segment))
-        svc._threads.start(self._job, t, segment, targets, libs, peers, peer, request_id,
-                           time.perf_counter(), label=t.function)
-        return True
+            return None
+        libs = self._begin(t, len(segment), threaded)
+        return (libs, self._job, t, segment, targets, libs, peers, peer, request_id,
+                time.perf_counter())
 
-    def _start_whole(self, t: Trigger, peer: Peer, request_id: int) -> bool:
+    def _prepare_whole(self, t: Trigger, peer: Peer, request_id: int, threaded: bool
+                       ) -> tuple[Any, ...] | None:
         """A client's direct run of a whole DAG (a fan-in, a fan-out) in claimer threads."""
         plan = plan_of(t.functions, t.edges)
         if plan is None or (not t.whole_run and plan.sources != 1):
-            return False  # (an older client sends the other sources' triggers itself)
+            return None  # (an older client sends the other sources' triggers itself)
         targets = self._targets(t, plan.order)
         if targets is None:
-            return False
-        libs = self._begin(t, len(plan.order))
+            return None
+        libs = self._begin(t, len(plan.order), threaded)
         run = WholeRun(t, plan, targets, libs, functools.partial(self._more, peer, request_id),
                        self.helpers)
-        self._svc._threads.start(self._claim, run, peer, request_id, label=t.function)
-        return True
+        return (libs, self._claim, run, peer, request_id)
 
     def _targets(self, t: Trigger, functions: Sequence[str]) -> list[Any] | None:
         """What to call for each of ``functions``; None unless all are loaded plain
@@ -176,19 +234,45 @@ class FastLane:
             targets.append(target)
         return targets
 
-    def _begin(self, t: Trigger, functions: int) -> list[UserLibrary]:
-        """Count a call of ``functions`` functions as started; their user libraries."""
+    def _begin(self, t: Trigger, functions: int, threaded: bool = False) -> list[UserLibrary]:
+        """Count a call of ``functions`` functions as started; their user libraries.
+
+        ``threaded``: from a thread other than the loop's, which counts it later."""
         svc = self._svc
+        run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
+        if threaded:
+            libs = _ThreadLibs()
+            for _ in range(functions):  # reachable by id for mail, as the loop's are
+                lib = UserLibrary(svc, f"{svc.url}/r{next(self._ids)}", run)
+                svc._libraries[lib.getid()] = lib  # one dict store: atomic
+                libs.append(lib)
+            with self._tlock:  # counted as started now, as below (before any reply)
+                self.t_active += 1
+                self.t_running += functions
+                self._t_calls += 1
+                self._t_invocations += functions
+                self._t_unsettled = True
+            return libs
         svc._active += 1
         svc._running += functions
         svc._invocations += functions
         self.calls += 1
-        run = RunContext(t.run_id, t.consistency, t.client_id or f"run-{t.run_id}")
         return [svc._new_library(run) for _ in range(functions)]
 
     def settle(self) -> None:
         """Account for the calls worker threads finished since the last time."""
         svc, done = self._svc, self.done
+        if self._t_unsettled:
+            with self._tlock:
+                self._t_unsettled = False
+                calls, self._t_calls = self._t_calls, 0
+                invocations, self._t_invocations = self._t_invocations, 0
+                failures, self._t_failures = self._t_failures, 0
+                recorder, self._t_recorder = self._t_recorder, CallRecorder()
+            self.calls += calls
+            svc._invocations += invocations
+            svc._failures += failures
+            svc.recorder.merge(recorder)
         while done:
             records, failures, libs = done.popleft()
             svc._active -= 1
@@ -235,7 +319,7 @@ class FastLane:
                 message = f"executor {self._svc.url} could not run {t.function!r}; see its log"
                 self._soon(functools.partial(_reply_error, peer, request_id, message))
         finally:
-            self.done.append(([(fn, elapsed, failed) for fn in segment], int(failed), libs))
+            self._done(([(fn, elapsed, failed) for fn in segment], int(failed), libs))
 
     def _claim(self, run: WholeRun, peer: Peer, request_id: int) -> None:
         """A claimer of a whole run (see :class:`WholeRun`); who runs the sink answers."""
@@ -258,10 +342,28 @@ class FastLane:
                 return
             message = f"executor {self._svc.url} could not run {t.function!r}; see its log"
             self._soon(functools.partial(_reply_error, peer, request_id, message))
-            self.done.append((run.records, max(1, run.failures), run.libs))
+            self._done((run.records, max(1, run.failures), run.libs))
             return
         if run.over():
-            self.done.append((run.records, run.failures, run.libs))
+            self._done((run.records, run.failures, run.libs))
+
+    def _done(self, record: _Done) -> None:
+        """A call finished: settled in the loop, or here for a call a reader thread
+        started (under the lock; the loop only adds up the totals)."""
+        records, failures, libs = record
+        if type(libs) is not _ThreadLibs:
+            self.done.append(record)
+            return
+        libraries = self._svc._libraries
+        for lib in libs:
+            libraries.pop(lib.getid(), None)
+        with self._tlock:
+            self.t_active -= 1
+            self.t_running -= len(libs)
+            self._t_failures += failures
+            self._t_unsettled = True
+            for fn, elapsed, failed in records:
+                self._t_recorder.record(fn, elapsed, failed)
 
     def _more(self, peer: Peer, request_id: int, run: WholeRun, claimers: int) -> None:
         """From the watcher of whole runs: ``claimers`` more for ``run``, started from
@@ -359,6 +461,10 @@ class FastLane:
             self._svc.trio_token.run_sync_soon(guarded)
         except trio.RunFinishedError:
             pass  # the executor is gone, and its callers' connections with it
+
+
+class _ThreadLibs(list[UserLibrary]):
+    """The user libraries of a call a reader thread started (its threads count it)."""
 
 
 def _reply(peer: Peer, request_id: int, msg: Any) -> None:

@@ -55,6 +55,18 @@ class CallRecorder:
         counts.latency_us += max(0, round(seconds * 1e6))
         counts.buckets[bucket_of(seconds)] += 1
 
+    def merge(self, other: CallRecorder) -> None:
+        """Add ``other``'s counts to these (``other`` is not used afterwards)."""
+        for function, theirs in other._counts.items():
+            mine = self._counts.get(function)
+            if mine is None:
+                self._counts[function] = theirs
+                continue
+            mine.calls += theirs.calls
+            mine.failures += theirs.failures
+            mine.latency_us += theirs.latency_us
+            mine.buckets = [a + b for a, b in zip(mine.buckets, theirs.buckets, strict=True)]
+
     def take(self) -> tuple[list[str], list[int], list[int], list[int], list[int]]:
         """``(functions, calls, failures, latency buckets (flat), latency_us)``; resets."""
         counts, self._counts = self._counts, {}

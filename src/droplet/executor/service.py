@@ -203,7 +203,7 @@ class ExecutorService:
 
     def _settle(self) -> None:
         """Count the runs worker threads finished on their own (fast lane, callers' threads)."""
-        if self.fast_lane is not None and self.fast_lane.done:
+        if self.fast_lane is not None:
             self.fast_lane.settle()
         if self.thread_calls is not None and self.thread_calls.done:
             self.thread_calls.settle()
@@ -211,8 +211,9 @@ class ExecutorService:
     @property
     def _running_now(self) -> int:
         """Functions running now, however they were started."""
-        threads = self.thread_calls
-        return self._running + (threads.running if threads is not None else 0)
+        threads, fast = self.thread_calls, self.fast_lane
+        return (self._running + (threads.running if threads is not None else 0)
+                + (fast.t_running if fast is not None else 0))
 
     def load(self) -> Load:
         """Current load and cache figures (what the periodic report carries)."""
@@ -237,7 +238,8 @@ class ExecutorService:
         return ExecutorStatistics(
             self.url, self._invocations, self._failures, self._running_now,
             len(self._loader), counts.hits, counts.misses,
-            tasks=self._active, fanin_pending=len(self._fanin),
+            tasks=self._active + (self.fast_lane.t_active if self.fast_lane else 0),
+            fanin_pending=len(self._fanin),
             fanin_dropped=self._fanin.dropped, multiexec_pending=len(self._multi),
             mailboxes=len(self._libraries), cache_entries=cache.entries,
             cache_bytes=cache.bytes, cache_evictions=cache.evictions,
@@ -366,6 +368,32 @@ class ExecutorService:
                 and calls.try_start(msg, peer, request_id)):
             return DEFERRED
         return NOT_NOW
+
+    @property
+    def messages_in_reader(self) -> tuple[type[Any], ...]:
+        """What it serves in a connection's reader thread (``handle_in_reader``):
+        triggers, when the fast lane is on."""
+        return (Trigger,) if self.fast_lane is not None else ()
+
+    def handle_in_reader(self, peer: Peer, msg: Any, request_id: int,
+                         inline: bool) -> bool | Callable[[], None]:
+        """From the reader thread of a plain TCP connection (a client's, another
+        executor's): a trigger the fast lane takes, run in that thread when
+        ``inline`` (the callable returned), else queued for a worker thread;
+        False: the read loop serves it, as ``handle`` (see
+        :data:`droplet.rpc.ReaderHandler`). Thread-safe."""
+        fast = self.fast_lane
+        if fast is None or type(msg) is not Trigger:
+            return False
+        if request_id:  # a client's direct run
+            try:
+                check_direct(msg, self.url)
+            except DropletError:
+                return False  # the loop's path refuses it, saying why
+            return fast.start_from_reader(msg, peer, request_id, inline)
+        if msg.whole_run:
+            return False
+        return fast.start_from_reader(msg, None, 0, inline)
 
     def _direct_run(self, peer: Peer, t: Trigger, request_id: int) -> Any:
         """Start a run a client sent here itself; its result is the reply (DEFERRED)."""

@@ -403,24 +403,34 @@ class WorkerThreads:
         hold_replies(None)
         w.wake.close()
 
+    def run_here(self, fn: Callable[..., Any], *args: Any, label: str = "") -> None:
+        """Run ``fn(*args)`` in the calling thread (not one of the pool's) as a job of
+        :meth:`start` would run: its errors logged, and counted among the jobs
+        :meth:`finish_started` waits for (and names) at shutdown."""
+        self._run_started((fn, args, label))
+
+    def _run_started(self, job: tuple[Any, ...]) -> None:
+        fn, args, label = job
+        with self._lock:
+            self._started[id(job)] = label or getattr(fn, "__name__", repr(fn))
+        try:
+            fn(*args)
+        except BaseException:
+            log.exception("a worker thread's job failed")
+        finally:
+            with self._lock:
+                self._started.pop(id(job), None)
+                waiter = None if self._started else self._all_done
+            if waiter is not None:
+                try:
+                    waiter[1].run_sync_soon(waiter[0].set)
+                except trio.RunFinishedError:
+                    pass
+
     def _run_job(self, job: tuple[Any, ...]) -> None:
         fn, args, deliver = job
         if type(deliver) is str:  # started with start(): nobody to hand the result to
-            with self._lock:
-                self._started[id(job)] = deliver or getattr(fn, "__name__", repr(fn))
-            try:
-                fn(*args)
-            except BaseException:
-                log.exception("a worker thread's job failed")
-            finally:
-                with self._lock:
-                    self._started.pop(id(job), None)
-                    waiter = None if self._started else self._all_done
-                if waiter is not None:
-                    try:
-                        waiter[1].run_sync_soon(waiter[0].set)
-                    except trio.RunFinishedError:
-                        pass
+            self._run_started(job)
             return
         result = outcome.capture(fn, *args)
         del job, fn, args

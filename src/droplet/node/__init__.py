@@ -36,7 +36,7 @@ from ..kvs.keys import RESULT_PREFIX
 from ..kvs.service import KvsService
 from ..links import connect_peer, one_request, serve_peers
 from ..protocol.messages import ClusterInfo, GetStatistics, Hello, Statistics
-from ..rpc import NOT_NOW, Limits, Peer
+from ..rpc import NOT_NOW, Limits, Peer, ReaderHandler
 from ..scheduler.service import SchedulerService
 from ..transports.base import TransportOptions
 from ..transports.registry import parse_address
@@ -64,6 +64,9 @@ class Router:
         self._now: dict[type[Any], Callable[[Peer, Any, int], Any]] = {}
         #: and their thread-safe sides (``handle_from_thread``).
         self._from_threads: dict[type[Any], Callable[[Peer, Any, int], Any]] = {}
+        #: and what they serve in a connection's reader thread (``handle_in_reader``).
+        self._in_reader: dict[type[Any], ReaderHandler] = {}
+        self._reader_services: list[Any] = []
         #: open connections accepted by this router's listeners (metrics).
         self.connections = 0
 
@@ -81,6 +84,24 @@ class Router:
             self._now[cls] = service.handle_now
         for cls in getattr(service, "MESSAGES_FROM_THREADS", ()):
             self._from_threads[cls] = service.handle_from_thread
+        if hasattr(service, "messages_in_reader"):
+            self._reader_services.append(service)
+
+    def in_reader(self) -> ReaderHandler | None:
+        """What serves messages in a connection's reader thread; None when no service
+        serves any there now (the connection then needs no reader thread)."""
+        routes = {cls: service.handle_in_reader for service in self._reader_services
+                  for cls in service.messages_in_reader}
+        if not routes:
+            return None
+        self._in_reader = routes
+        return self.handle_in_reader
+
+    def handle_in_reader(self, peer: Peer, msg: Any, request_id: int,
+                         inline: bool) -> bool | Callable[[], None]:
+        """A message in a connection's reader thread (see :data:`droplet.rpc.ReaderHandler`)."""
+        route = self._in_reader.get(type(msg))
+        return False if route is None else route(peer, msg, request_id, inline)
 
     def handle_from_thread(self, peer: Peer, msg: Any, request_id: int) -> Any:
         """A request from another thread, served there (thread-safe; else NOT_NOW)."""
@@ -268,7 +289,8 @@ async def _serve(url: str, router: Router, token: str | None, options: Any, limi
                  *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     await serve_peers(url, router.handle, token=token, options=options, limits=limits,
                       on_connect=router.connected, now=router.handle_now,
-                      thread_now=router.handle_from_thread, task_status=task_status)
+                      thread_now=router.handle_from_thread, in_reader=router.in_reader,
+                      task_status=task_status)
 
 
 async def _start_executor(nursery: trio.Nursery, config: Config, listen: str,

@@ -39,6 +39,7 @@ from ..protocol.framing import BIG_FRAME, Buffer, FrameDecoder, Payload, frame_p
 from ._sockets import dial, open_listeners, peer_url
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 from .registry import parse_address
+from .threadread import HANDED_BACK, Abort, Offer, ThreadReader
 
 __all__ = ["StreamConnection", "TcpTransport"]
 
@@ -52,6 +53,10 @@ CLOSE_TIMEOUT = 1.0
 #: Bytes a worker thread may leave queued for the Trio writer; past it,
 #: :meth:`StreamConnection.send_from_thread` refuses (the caller takes the loop's path).
 THREAD_BACKLOG_BYTES = 4 * 1024 * 1024
+
+#: Frames read on Trio after a reader thread gave the reading back before a
+#: thread is tried again (see :meth:`StreamConnection.read_in_thread`).
+THREAD_RETRY_AFTER = 256
 
 #: What :meth:`StreamConnection.send_from_thread` did with a frame.
 SENT = 0  # written (or queued behind a Trio write that will send it)
@@ -86,6 +91,12 @@ class StreamConnection(Connection):
         self._drained = True
         # When the frame under way must be complete (set on the first wait for it).
         self._frame_deadline = math.inf
+        #: the thread that reads this connection, once :meth:`read_in_thread` started it.
+        self._reader: ThreadReader | None = None
+        #: after it gave the reading back: what to start it again with, and the
+        #: frames to read on Trio first.
+        self._thread_offer: tuple[Offer, trio.lowlevel.TrioToken] | None = None
+        self._thread_retry = 0
 
     def limit_incoming(self, max_frame_size: int | None) -> None:
         self._decoder.max_frame_size = (
@@ -214,7 +225,47 @@ class StreamConnection(Connection):
             for part in parts:
                 await self._stream.send_all(part)
 
+    @property
+    def thread_reads(self) -> bool:
+        """Whether :meth:`read_in_thread` can work here (plain TCP, POSIX)."""
+        return self._fd >= 0
+
+    def read_in_thread(self, offer: Offer, token: trio.lowlevel.TrioToken) -> bool:
+        """From now on a thread reads this connection and offers each frame to
+        ``offer`` (see :mod:`droplet.transports.threadread`); :meth:`receive`
+        returns the frames it does not take, in order. Call it only from the
+        connection's reader, between two ``receive`` calls (after the handshake).
+        False: not started (no thread path, or too many reader threads already:
+        then ``receive`` tries again after :data:`THREAD_RETRY_AFTER` frames, as it
+        does after a thread that found nothing to take gave the reading back)."""
+        if not self.thread_reads or self._closed or self._reader is not None:
+            return False
+        self._thread_offer = (offer, token)
+        self._reader = ThreadReader.start(self._fd, self._decoder, self._read_timeout,
+                                          self.remote_address, offer, token)
+        if self._reader is None:  # too many already: try again later
+            self._thread_retry = THREAD_RETRY_AFTER
+            return False
+        return True
+
     async def receive(self) -> bytes | memoryview:  # type: ignore[override]
+        if self._reader is not None:
+            try:
+                frame: bytes | memoryview = await self._reader.receive()
+            except Abort as exc:  # a frame left unfinished: as below
+                await self._abort()
+                raise exc.error from None
+            if frame is not HANDED_BACK:
+                return frame
+            # The thread found nothing to take and gave the reading back (the
+            # decoder is ours again); it gets another go after a while.
+            self._reader = None
+            self._drained = False
+            self._thread_retry = THREAD_RETRY_AFTER
+        elif self._thread_retry and self._thread_offer is not None:
+            self._thread_retry -= 1
+            if not self._thread_retry and self.read_in_thread(*self._thread_offer):
+                return await self.receive()
         decoder = self._decoder
         while True:
             payload = decoder.next_frame()
@@ -292,9 +343,16 @@ class StreamConnection(Connection):
 
     def _mark_closed(self) -> None:
         with self._tlock:  # no worker thread writes to the descriptor after this
-            self._closed = True
+            was_closed, self._closed = self._closed, True
             self._backlog.clear()
             self._backlog_bytes = 0
+        if self._reader is not None and not was_closed:
+            self._reader.close()
+            try:  # wakes the reader thread's poll (it reads a duplicate descriptor)
+                assert self._sock is not None
+                self._sock.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     async def _read_fd(self) -> bytes:
         """One read of plain TCP: when the last read emptied the socket, wait for

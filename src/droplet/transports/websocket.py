@@ -189,6 +189,12 @@ class WebSocketConnection(StreamConnection):
         # (Not the codec's frame_parts: its limit is the incoming one, maybe lowered.)
         return [encode_frame(data)] if self._codec.client else server_frame_parts(data)
 
+    #: Not read by a thread (tcp.StreamConnection.read_in_thread): pings, pongs and
+    #: close frames are answered from the loop.
+    @property
+    def thread_reads(self) -> bool:
+        return False
+
     def send_from_thread(self, data: bytes) -> int:
         # Nothing from a worker thread once our close frame may be on its way.
         if self._aclosed or self._end is not None:
