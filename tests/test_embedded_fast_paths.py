@@ -477,7 +477,9 @@ def test_sync_calls_go_from_the_callers_thread_to_a_worker(skip: bool) -> None:
         assert sum(s.invocations for s in stats) == 2 * 30 + 1  # counted, every function
         assert all(s.running == 0 and s.mailboxes == 0 for s in stats)
         assert _thread_calls(cluster) >= 28  # the first calls ask for a placement
-        assert all(s.invocations > 0 for s in stats)  # still spread over both
+        # One after another: they stay on one executor (least outstanding, with
+        # affinity: _direct.py); the first went through the scheduler.
+        assert max(s.invocations for s in stats) >= 2 * 29
         future = conn.call_dag("d", {"sq": [4]})
         assert future.get() == 17
         assert conn.get_object(future.obj_id) == 17  # the result key still works

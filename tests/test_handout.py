@@ -152,6 +152,12 @@ class FakePeer:
     def __init__(self, url: str) -> None:
         self.remote = url
         self.closed = False
+        #: requests in flight on it, by id (as BlockingPeer and rpc.Peer keep them).
+        self._pending: dict[int, object] = {}
+
+    def busy(self, calls: int) -> None:
+        """Have ``calls`` requests in flight on this connection."""
+        self._pending = dict.fromkeys(range(calls), object())
 
     def alive(self) -> bool:
         return not self.closed
@@ -180,7 +186,7 @@ def plan(urls: list[str], preferred: int = 0) -> CallPlaced:
 def test_placements_are_cached_per_referenced_keys_and_prefer_the_data() -> None:
     calls, asked = direct_calls({(): plan(["e1", "e2"]), ("k",): plan(["e2", "e1"], 1)})
     plain = [calls.target("f", True)[0].remote for _ in range(4)]  # type: ignore[index]
-    assert plain == ["e1", "e2", "e1", "e2"]  # in turn over all
+    assert plain == ["e1"] * 4  # one after another (none in flight): they stay on one
     by_data = [calls.target("f", True, ("k",))[0].remote  # type: ignore[index]
                for _ in range(4)]
     assert by_data == ["e2"] * 4  # the preferred one only
@@ -197,6 +203,75 @@ def test_placements_are_cached_per_referenced_keys_and_prefer_the_data() -> None
     assert calls.placed("f", True, ("k",)) == [] and calls.placed("f") == []
     calls.forget("f", True)
     assert calls.placements == {}
+
+
+def test_calls_go_to_the_least_busy_preferred_executor_and_stick_on_a_tie() -> None:
+    """Least outstanding with affinity: sequential calls stay on one executor (its
+    threads stay warm), concurrent ones spread; fallbacks only when unreachable."""
+    calls, asked = direct_calls({(): plan(["e1", "e2", "e3"], 2)})
+
+    def pick() -> str:
+        found = calls.target("f", True)
+        assert found is not None
+        return str(found[0].remote)
+
+    assert [pick() for _ in range(3)] == ["e1"] * 3  # nothing in flight: the first, kept
+    peers = calls._peers
+    peers["e1"].busy(1)  # a call in flight on e1: the next goes to the idle one
+    assert pick() == "e2"
+    assert [pick() for _ in range(3)] == ["e2"] * 3  # and stays there (sequential again)
+    peers["e2"].busy(1)  # one each: a tie goes to the one used last
+    assert pick() == "e2"
+    peers["e2"].busy(2)
+    assert pick() == "e1"  # fewer in flight wins over affinity
+    peers["e1"].busy(0)
+    peers["e2"].busy(0)
+    assert pick() == "e1"  # idle again: the last one keeps them
+    assert "e3" not in peers  # a fallback, never preferred: not even dialled
+    # Concurrent calls (each still in flight when the next is made) spread evenly.
+    peers["e1"].busy(0)
+    seen = []
+    for _ in range(6):
+        url = pick()
+        seen.append(url)
+        peers[url].busy(len(peers[url]._pending) + 1)
+    assert sorted(seen) == ["e1"] * 3 + ["e2"] * 3
+    # A renewed lease keeps the executor used last.
+    for peer in peers.values():
+        peer.busy(0)
+    last = pick()
+    other = "e2" if last == "e1" else "e1"
+    peers[last].busy(1)
+    assert pick() == other and calls.placements[("f", True, ())].last == other
+    peers[last].busy(0)
+    calls.store(plan(["e1", "e2", "e3"], 2), 0.0)
+    assert pick() == other
+    assert len(asked) == 1
+
+
+def test_spread_puts_the_least_busy_first_and_leaves_the_affinity_alone() -> None:
+    calls, _ = direct_calls({(): plan(["e1", "e2"])})
+    assert calls.target("f", True)[0].remote == "e1"  # type: ignore[index]
+    calls._peers["e1"].busy(3)
+    assert [p.remote for p, _ in calls.spread("f", True, (), 10)] == ["e2", "e1"]
+    assert calls.placements[("f", True, ())].last == "e1"
+    calls._peers["e1"].busy(0)
+    assert [p.remote for p, _ in calls.spread("f", True, (), 10)] == ["e1", "e2"]
+
+
+def test_an_unreachable_choice_is_not_the_one_used_last() -> None:
+    calls, _ = direct_calls({(): plan(["bad", "e1"])})
+    real = calls._dial
+
+    def dial(url: str) -> Any:
+        if url == "bad":
+            raise OSError("refused")
+        return real(url)
+
+    calls._dial = dial
+    assert calls.target("f", True)[0].remote == "e1"  # type: ignore[index]
+    assert calls.placements[("f", True, ())].last == "e1"
+    assert calls.target("f", True)[0].remote == "e1"  # type: ignore[index]
 
 
 def test_the_fallbacks_serve_when_the_preferred_cannot_be_dialled() -> None:
@@ -276,3 +351,56 @@ def test_calls_naming_a_key_this_client_just_wrote_go_through_the_scheduler() ->
     for i in range(MAX_WRITTEN + 5):  # bounded: the oldest are forgotten
         calls.wrote(f"w{i}")
     assert len(calls.written) == MAX_WRITTEN and "w0" not in calls.written
+
+
+class FakeAsyncPeer(FakePeer):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.on_close: list[Any] = []
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_the_async_client_sticks_and_spreads_the_same_way() -> None:
+    from droplet.client._direct import AsyncDirectCalls
+
+    async def dial(url: str) -> Any:
+        return FakeAsyncPeer(url)
+
+    async def place(target: str, is_function: bool, references: list[str],
+                    calls: int) -> CallPlaced:
+        return plan(["e1", "e2"])
+
+    calls = AsyncDirectCalls(dial, place, clock=lambda: 0.0)
+    assert calls.cached_target("f", True) is None  # nothing cached: target() asks
+    found = await calls.target("f", True)
+    assert found is not None and found[0].remote == "e1"
+    # Sequential (nothing in flight): every call to e1, without I/O.
+    assert [calls.cached_target("f", True)[0].remote  # type: ignore[index]
+            for _ in range(3)] == ["e1"] * 3
+    peers: Any = calls._peers
+    peers["e1"].busy(1)
+    # e2's turn, but it is not dialled yet: target() dials it, and it is kept.
+    assert calls.cached_target("f", True) is None
+    found = await calls.target("f", True)
+    assert found is not None and found[0].remote == "e2"
+    peers["e1"].busy(0)
+    assert calls.cached_target("f", True)[0].remote == "e2"  # type: ignore[index]
+    peers["e2"].busy(2)
+    assert calls.cached_target("f", True)[0].remote == "e1"  # type: ignore[index]
+    assert [p.remote for p, _ in await calls.spread("f", True, (), 10)] == ["e1", "e2"]
+    await calls.aclose()
+
+
+def test_registering_a_function_again_drops_the_placements_of_dags_running_it() -> None:
+    """A DAG's schedule names the code version of each function: it is asked again."""
+    calls, _ = direct_calls({})
+    dag = CallPlaced("d", False, ["f", "g"], ["v1", "v1"], [["f", "g"]], ["e1"], 2.0)
+    calls.store(dag, 0.0)
+    calls.store(CallPlaced("other", False, ["h"], ["v1"], [], ["e1"], 2.0), 0.0)
+    calls.store(plan(["e1"]), 0.0)
+    calls.forget("g", True)
+    assert set(calls.placements) == {("f", True, ()), ("other", False, ())}
+    calls.forget("f", True)
+    assert set(calls.placements) == {("other", False, ())}

@@ -437,3 +437,39 @@ def test_field_values_that_do_not_fit_together_are_refused_at_decode(
     with pytest.raises(m.InvalidMessage, match=re.escape(complaint)) as info:
         decode(encode(msg, 7))
     assert info.value.request_id == 7 and not info.value.is_reply
+
+
+@pytest.mark.parametrize("around", [(b" ", b""), (b"", b"\n "), (b"\t", b" ")])
+def test_a_header_with_whitespace_around_it_still_decodes(around: tuple[bytes, bytes]) -> None:
+    """Our encoder writes none, but JSON allows it: the full decoder reads it."""
+    msg = m.DagResult("run", b"value", False)
+    payload = encode(msg, 3, True)
+    tag, flags, rid, size = m._ENVELOPE.unpack_from(payload)
+    start = m._ENVELOPE.size
+    head = around[0] + payload[start:start + size] + around[1]
+    assert decode(m._ENVELOPE.pack(tag, flags, rid, len(head)) + head
+                  + payload[start + size:]) == (msg, 3, True)
+
+
+@pytest.mark.parametrize("head", [b'["run",0,false]]', b'["run",0,false] x', b"x", b"",
+                                  b'["run",0,'])
+def test_a_header_with_anything_after_the_json_is_refused(head: bytes) -> None:
+    payload = m._ENVELOPE.pack(27, 1, 3, len(head)) + head + struct.pack(">I", 1) + b"v"
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        decode(payload)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda s: type(s).__name__)
+def test_the_header_is_the_json_the_standard_encoder_writes(msg: Any) -> None:
+    """encode_gather's cached C encoder writes byte for byte what json.dumps does."""
+    payload = encode(msg, 9, True)
+    _, _, _, size = m._ENVELOPE.unpack_from(payload)
+    header = json.loads(payload[m._ENVELOPE.size:m._ENVELOPE.size + size])
+    assert payload[m._ENVELOPE.size:m._ENVELOPE.size + size] == json.dumps(
+        header, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_a_header_value_json_cannot_write_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        encode(m.DeleteDag(object()))  # type: ignore[arg-type]
+    assert decode(encode(m.DeleteDag("d"))) == (m.DeleteDag("d"), 0, False)  # still fine

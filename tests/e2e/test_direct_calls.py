@@ -9,6 +9,7 @@ calls themselves, and the result keys still reach the store.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import droplet
 from droplet import DropletConnection, DropletReference
 from droplet.client._blocking import BlockingClient
+from droplet.client._blocking_peer import ALIVE_POLL
 from droplet.client._core import ClientCore
 from droplet.testing.nodes import NodeProcess, start_node
 
@@ -65,8 +67,10 @@ def test_calls_go_straight_to_executors_and_results_reach_the_store(
     pid, read = functions()
     with DropletConnection(node.url, timeout=TIMEOUT) as conn:
         f = conn.register(pid, "where")
-        seen = {f(i).get() for i in range(10)}
-        assert seen == {ex.pid for ex in executors}  # spread over both, in turn
+        # One after another: every call on one executor (its threads stay warm)...
+        assert len({f(i).get() for i in range(10)}) == 1
+        # ...several in flight at once: spread over both.
+        assert {x.get() for x in [f(i) for i in range(10)]} == {ex.pid for ex in executors}
         assert sorted(backend(conn).direct.placed("where")) == sorted(
             ex.url for ex in executors)
         # Placed, hence accepted: calls of it through the scheduler go one-way.
@@ -112,14 +116,20 @@ def test_cached_placement_is_dropped_when_an_executor_leaves(
     pid, _ = functions()
     with DropletConnection(node.url, timeout=TIMEOUT) as conn:
         f = conn.register(pid, "where")
-        assert {f().get() for _ in range(6)} == {ex1.pid, ex2.pid}
+        assert {x.get() for x in [f() for _ in range(6)]} == {ex1.pid, ex2.pid}
         direct = backend(conn).direct
         assert ex2.url in direct.placed("where")
         ex2.kill()
         node.wait_for_log(rf"executor {re.escape(ex2.url)} (disconnected|disappeared)",
                           TIMEOUT)
-        # Every call after it left runs (on the executor still there), none fails.
+        # A connection read less than ALIVE_POLL ago counts as alive without a
+        # look: a call sent within it would be the call in flight that fails.
+        time.sleep(10 * ALIVE_POLL)
+        # Every call after it left runs (on the executor still there), none fails:
+        # one after another, and several at once (which would use both: the
+        # placement naming ex2 goes when a call finds its connection ended).
         assert [f().get() for _ in range(10)] == [ex1.pid] * 10
+        assert [x.get() for x in [f() for _ in range(10)]] == [ex1.pid] * 10
         assert direct.placed("where") == [ex1.url]
         assert ex2.url not in direct._peers
 
@@ -141,8 +151,11 @@ def test_dags_run_wholly_on_one_executor_and_answer_directly(
             future = conn.call_dag("chain", {"sq": i})
             assert future.get() == i * i + 1
             assert conn.get_object(future.obj_id) == i * i + 1
-        # A fan-in sent to one executor runs there whole: both sources, one process.
+        # A fan-in sent to one executor runs there whole: both sources, one process;
+        # one run after another on the same executor, concurrent runs on both.
         seen = [conn.call_dag("fan", {}).get() for _ in range(6)]
+        assert len({tuple(s) for s in seen}) == 1
+        seen = [x.get() for x in [conn.call_dag("fan", {}) for _ in range(6)]]
         assert {tuple(s) for s in seen} == {(ex.pid, ex.pid) for ex in executors}
         assert len(backend(conn).direct.placed("fan", False)) == 2
         # Arguments for a function outside the DAG: the scheduler's error, at once.
@@ -282,3 +295,115 @@ def test_map_calls_honour_get_timeout_and_none_hang_when_an_executor_leaves(
         assert [x.get() for x in f.map([0] * 10)] == [0] * 10
         assert backend(conn).direct.placed("sleepy") == [ex1.url]
         assert ex2.url not in backend(conn).direct._peers
+
+
+def test_sequential_calls_stay_on_one_executor_and_concurrent_ones_spread(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    """Least outstanding with affinity (``_direct.py``): a call goes to the preferred
+    executor with the fewest calls of this client in flight, on a tie the one
+    used last."""
+    import threading
+
+    node, executors = cluster
+    pid, _ = functions()
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        f = conn.register(pid, "where")
+        first = f().get()
+        assert [f().get() for _ in range(20)] == [first] * 20
+        conn.register_dag("one", ["where"], [])
+        dag_first = conn.call_dag("one", {}).get()
+        assert [conn.call_dag("one", {}).get() for _ in range(10)] == [dag_first] * 10
+        # A call still running on one executor: the next goes to the other one,
+        # and the calls after it stay there.
+        def sleepy(_: Any, seconds: float) -> int:
+            import os
+            import time
+
+            time.sleep(seconds)
+            return os.getpid()
+
+        slow = conn.register(sleepy, "sleepy")
+        pinned = slow(0).get()
+        busy = slow(5)
+        others = [slow(0).get() for _ in range(5)]
+        assert len(set(others)) == 1 and others[0] != pinned
+        assert busy.get() == pinned
+        # Four threads calling one after another: both executors serve them.
+        seen: set[int] = set()
+
+        def caller() -> None:
+            for _ in range(5):
+                seen.add(slow(0.05).get())
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert seen == {ex.pid for ex in executors}
+        # map still spreads over every executor.
+        assert {x.get() for x in f.map(range(40))} == {ex.pid for ex in executors}
+
+
+@pytest.mark.parametrize("facade", [False, True])
+def test_the_async_client_sticks_and_spreads_too(
+        cluster: tuple[NodeProcess, list[NodeProcess]], facade: bool) -> None:
+    """The async client (and the sync facade over it) choose executors the same way."""
+    import trio
+
+    from droplet.client._portal import Portal
+    from droplet.client.aio import open_client
+
+    node, executors = cluster
+    pid, _ = functions()
+    everyone = {ex.pid for ex in executors}
+
+    async def main() -> None:
+        with trio.fail_after(TIMEOUT * 2):
+            async with open_client(node.url, timeout=TIMEOUT) as client:
+                f = await client.register(pid, "where_async")
+                first = await (await f()).get()
+                assert [await (await f()).get() for _ in range(15)] == [first] * 15
+                futures = [await f() for _ in range(10)]
+                assert {await x.get() for x in futures} == everyone
+
+    if not facade:
+        trio.run(main)
+        return
+    portal = Portal("test-facade")
+    try:
+        with DropletConnection(node.url, timeout=TIMEOUT, _portal=portal) as conn:
+            f = conn.register(pid, "where_facade")
+            first = f().get()
+            assert [f().get() for _ in range(15)] == [first] * 15
+            assert {x.get() for x in [f() for _ in range(10)]} == everyone
+    finally:
+        portal.close()
+
+
+def test_direct_response_calls_go_straight_to_an_executor_too(
+        cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    node, executors = cluster
+    pid, _ = functions()
+    with DropletConnection(node.url, timeout=TIMEOUT) as conn:
+        conn.register(pid, "pid_d")
+        conn.register(lambda _, x: x + 1, "inc_d")
+        conn.register(lambda _, x: 1 / 0, "boom_d")
+        conn.register_dag("d", ["pid_d", "inc_d"], [("pid_d", "inc_d")])
+        conn.register_dag("bad", ["inc_d", "boom_d"], [("inc_d", "boom_d")])
+        assert conn.call_dag("d", {"pid_d": 1}, direct_response=True) - 1 in {
+            ex.pid for ex in executors}
+        sent = _count_calls_to_the_scheduler(conn)
+        # Plain arguments (the fast way) and others (a set: the ordinary way).
+        results = [conn.call_dag("d", {"pid_d": 1}, direct_response=True) for _ in range(5)]
+        results += [conn.call_dag("d", {"pid_d": {1}}, direct_response=True)]
+        assert len(set(results)) == 1 and results[0] - 1 in {ex.pid for ex in executors}
+        with pytest.raises(droplet.FunctionError, match="ZeroDivisionError"):
+            conn.call_dag("bad", {"inc_d": 1}, direct_response=True)
+        assert sent == []  # none through the scheduler
+        # With a timeout (or another consistency level): through the scheduler, as before.
+        assert conn.call_dag("d", {"pid_d": 1}, direct_response=True, timeout=TIMEOUT) - 1 in {
+            ex.pid for ex in executors}
+        assert sent == ["CallDag"]
+        with pytest.raises(droplet.DagError, match="not in DAG 'd'"):
+            conn.call_dag("d", {"nope": 1}, direct_response=True)

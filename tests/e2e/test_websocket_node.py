@@ -38,7 +38,7 @@ def test_ws_calls_go_straight_to_ws_executors(node: NodeProcess) -> None:
         assert isinstance(backend, BlockingClient)
         f = conn.register(pid, "ws_where")
         conn.register(lambda _, x: x + 1, "ws_inc")
-        seen = {f(i).get() for i in range(10)}
+        seen = {x.get() for x in [f(i) for i in range(10)]}  # concurrent: spread
         placed = backend.direct.placed("ws_where")
         assert len(placed) == 2 and all(url.startswith("ws://") for url in placed)
         assert len(seen) == 2 and node.pid not in seen  # both worker processes answered

@@ -35,7 +35,7 @@ from ..protocol.messages import (
 from ..protocol.messages import decode as decode_message
 from ..protocol.messages import encode as encode_message
 from ..rpc import error_from_reply
-from ._blocking_wire import open_wire
+from ._blocking_wire import PrefixWire, open_wire
 from ._wire import Encoded
 
 RECEIVE_SIZE = 256 * 1024
@@ -130,7 +130,10 @@ class BlockingPeer:
         # The socket (dialled, TLS and WebSocket upgrade done) and its framing.
         sock, self._decoder = open_wire(url, timeout=timeout, ssl_context=ssl_context,
                                         max_frame_size=max_frame_size)
+        #: frames are a 4-byte length and the payload (tcp://, tls://).
+        self._prefixed = type(self._decoder) is PrefixWire
         self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
         #: what the reading thread (one at a time: the read lock) receives into.
         self._received = bytearray(RECEIVE_SIZE)
         self._received_view = memoryview(self._received)
@@ -215,7 +218,7 @@ class BlockingPeer:
         sock = self._enter()
         try:
             while True:
-                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                if not (self._tls and sock.pending()):  # type: ignore[attr-defined]
                     remaining = max(0.0, deadline - time.monotonic())
                     if not select.select([sock], [], [], remaining)[0]:
                         return False
@@ -250,9 +253,10 @@ class BlockingPeer:
         A write cut off midway leaves half a frame on the wire: the connection
         is failed, and TimeoutError raised.
         """
-        remaining = deadline - time.monotonic()
-        if not self._send_lock.acquire(timeout=max(0.0, remaining)):
-            return False
+        if not self._send_lock.acquire(blocking=False):
+            remaining = deadline - time.monotonic()
+            if not self._send_lock.acquire(timeout=max(0.0, remaining)):
+                return False
         queued: list[Buffer] = []
         try:
             if self._outgoing:  # frames held back under load go first, in order
@@ -261,11 +265,27 @@ class BlockingPeer:
                     self._outgoing_bytes = 0
                 data = [*queued, *([data] if isinstance(data, bytes) else data)]
             sock = self._enter()
-            # TLS has no sendmsg, nor has every platform (Windows).
-            gather = not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg")
             try:
-                views = [memoryview(p) for p in ([data] if isinstance(data, bytes) else data)]
                 first = sent = 0
+                if type(data) is list and len(data) == 1 and type(data[0]) is bytes:
+                    data = data[0]  # one joined frame: the usual request
+                if type(data) is bytes and data:
+                    # One piece: tried at once, the general loop below for the rest.
+                    try:
+                        sent = sock.send(data)
+                    except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                        pass
+                    except OSError as exc:
+                        raise ConnectionError(
+                            f"connection to {self.remote} broke: {exc}") from exc
+                    if sent == len(data):
+                        return True
+                    views = [memoryview(data)[sent:]]
+                else:
+                    views = [memoryview(p) for p in ([data] if isinstance(data, bytes)
+                                                     else data)]
+                # TLS has no sendmsg, nor has every platform (Windows).
+                gather = not self._tls and hasattr(sock, "sendmsg")
                 while first < len(views):
                     if not views[first].nbytes:
                         first += 1
@@ -334,7 +354,58 @@ class BlockingPeer:
         payloads = [m.payload() if type(m) is Encoded else encode_gather(m) for m in oneway]
         payloads += [m.payload(i) if type(m) is Encoded else encode_gather(m, i)
                      for m, i in zip(msgs, ids, strict=True)]
-        pieces = self._frames(payloads)
+        self._write(self._frames(payloads), ids, deadline, timeout, batch,
+                    type(msgs[0]).__name__ if msgs else "a message")
+        return slots
+
+    def submit_encoded(self, msg: Encoded, *, timeout: float, batch: bool = False) -> _Slot:
+        """:meth:`submit` of one request encoded but for its request id
+        (``client/_wire.py``): on a length-prefixed wire, the frame is one join,
+        and the state lock is taken once (to note the request, and to see
+        whether others are in flight: ``batch``)."""
+        if self._failure is not None:
+            raise ConnectionError(f"connection to {self.remote} is closed: {self._failure}")
+        slot = _Slot()
+        request_id = next(self._ids)  # atomic under the GIL
+        if self._prefixed and msg.size() <= self._max:
+            frame = msg.framed(request_id)
+        else:
+            frame = b"".join(self._frames([msg.payload(request_id)]))
+        held = first = False
+        with self._state:
+            pending = self._pending
+            pending[request_id] = slot
+            if batch and len(pending) > 1:  # others are in flight: hold back (see submit)
+                first = not self._outgoing
+                self._outgoing.append(frame)
+                self._outgoing_bytes += len(frame)
+                held = (len(self._outgoing) < BATCH_FRAMES
+                        and self._outgoing_bytes < BATCH_BYTES)
+                if not held:
+                    frame = b""  # full: write what is held now, from this thread
+        if held:
+            if first:
+                self._wake_writer()
+            return slot
+        try:
+            written = self._send_all(frame, time.monotonic() + timeout)
+        except DropletError as exc:
+            self._fail(exc)
+            raise
+        if not written:
+            if not frame:  # ours stay held: the writer sends them
+                self._wake_writer()
+                return slot
+            with self._state:
+                self._pending.pop(request_id, None)
+            raise TimeoutError(
+                f"could not send Trigger to {self.remote} within {timeout:g} s: other "
+                "requests fill the connection and the node is not reading")
+        return slot
+
+    def _write(self, pieces: list[Buffer], ids: list[int], deadline: float, timeout: float,
+               batch: bool, what: str) -> None:
+        """Write the frames of the requests ``ids`` (see :meth:`submit`), or hold them."""
         if batch:
             with self._state:
                 held = len(self._pending) > len(ids)  # others are in flight: hold back
@@ -350,7 +421,7 @@ class BlockingPeer:
                 if not full:
                     if first:
                         self._wake_writer()
-                    return slots
+                    return
                 pieces = []  # write what is held now, from this thread
         try:
             written = self._send_all(pieces, deadline)
@@ -359,16 +430,14 @@ class BlockingPeer:
             raise
         if not written and batch and not pieces:  # ours stay held: the writer sends them
             self._wake_writer()
-            return slots
+            return
         if not written:
             with self._state:
                 for i in ids:
                     self._pending.pop(i, None)
             raise TimeoutError(
-                f"could not send {type(msgs[0]).__name__ if msgs else 'a message'} to "
-                f"{self.remote} within {timeout:g} s: other requests fill the connection "
-                "and the node is not reading")
-        return slots
+                f"could not send {what} to {self.remote} within {timeout:g} s: other "
+                "requests fill the connection and the node is not reading")
 
     def _wake_writer(self) -> None:
         """Have the writer thread (started on first use) write the held-back frames."""
@@ -558,6 +627,8 @@ class BlockingPeer:
 
     def _hand_off(self) -> None:
         """Ask one waiting thread to take over reading."""
+        if not self._waiting:  # (one that comes meanwhile polls: HANDOFF_POLL)
+            return
         with self._state:
             for other in self._waiting:
                 if not other.done and other.wake is not None:

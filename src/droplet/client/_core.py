@@ -8,6 +8,7 @@ unwrapping results) live here once.
 
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -38,10 +39,10 @@ from ..protocol.messages import encode as encode_message
 from ..references import DropletReference
 from ..registration import Registration, source_of
 from ..scheduler.dags import check_dag_arguments
-from ..serialization import dumps, dumps_code, dumps_value, loads
+from ..serialization import OUT_OF_BAND_MIN, dumps, dumps_code, dumps_value, loads
 
-__all__ = ["AcceptedCalls", "ClientCore", "check_timeout", "direct_result_lattice", "result_put",
-           "result_blob", "unwrap_result"]
+__all__ = ["AcceptedCalls", "ClientCore", "check_timeout", "direct_result_lattice",
+           "plain_args", "result_blob", "result_put", "unwrap_result"]
 
 
 #: CAUSAL sessions (client_ids) one client keeps contexts for.
@@ -84,8 +85,11 @@ class AcceptedCalls:
         return shape is not None and shape in self._shapes
 
     def accepted(self, call: CallDag) -> None:
-        shape = self.shape(call)
-        if shape is None:
+        self.accepted_shape(self.shape(call))
+
+    def accepted_shape(self, shape: tuple[Any, ...] | None) -> None:
+        """A call of ``shape`` (see :meth:`shape`) was accepted (or placed)."""
+        if shape is None or shape in self._shapes:
             return
         self._shapes[shape] = None
         if len(self._shapes) > self.limit:
@@ -98,6 +102,24 @@ class AcceptedCalls:
         shape = self.shape(call)
         if shape is not None:
             self._shapes.pop(shape, None)
+
+#: Argument types that plain pickle writes exactly as :func:`dumps_value` does
+#: (no big buffer to take out of band, no code).
+_PLAIN = frozenset({int, float, str, bool, type(None)})
+
+
+def plain_args(args: list[Any]) -> bytes | None:
+    """``dumps_value(args)`` for a list of plain values (ints, floats, bools, None,
+    strings, and bytes too small to go out of band) at the cost of one
+    ``pickle.dumps``; None for anything else (say, a DropletReference): use
+    :meth:`ClientCore.function_call`."""
+    for arg in args:
+        kind = type(arg)
+        if kind not in _PLAIN and (kind is not bytes or len(arg) >= OUT_OF_BAND_MIN):
+            return None
+    data = pickle.dumps(args, protocol=5)
+    return None if b"__main__" in data else data
+
 
 def unwrap_result(blob: Blob) -> Any:
     """A stored result value, raising the error if the call failed."""

@@ -8,10 +8,16 @@ out, per function or DAG and set of referenced keys (the call's
 ``DropletReference`` arguments), the executors that may run a whole call of
 it, best first, with the call's schedule
 (:class:`~droplet.protocol.messages.CallPlaced`), for a short lease; the
-client spreads calls over them in turn (over the ``preferred`` ones only: the
-executors whose node caches the referenced data) and asks again when the
-lease ends. ``map()`` sends its calls to every executor of the placement, many
-per write.
+client sends each call to one of the ``preferred`` ones (the executors whose
+node caches the referenced data) and asks again when the lease ends.
+
+Which preferred executor: the one with the fewest calls of this client in
+flight on it, and on a tie the one this client used last (*least outstanding,
+with affinity*). Calls made one after another so stay on one executor, whose
+threads are still warm from the previous call (a sleeping thread's wakeup
+costs more than the call itself on a small machine), while calls made
+concurrently spread over all of them. ``map()`` sends its calls to every
+preferred executor of the placement, least loaded first, many per write.
 
 A cached placement is dropped when an executor on it leaves (its connection
 ends, or it cannot be reached), and calls go through the scheduler whenever
@@ -73,14 +79,23 @@ Key = tuple[str, bool, tuple[str, ...]]
 
 
 class _Placed:
-    __slots__ = ("expires", "plan", "preferred", "turn", "urls")
+    __slots__ = ("expires", "last", "plan", "preferred", "turn", "urls")
 
-    def __init__(self, plan: CallPlaced, expires: float) -> None:
+    def __init__(self, plan: CallPlaced, expires: float, last: str | None = None) -> None:
         self.plan = plan
         self.urls = list(plan.executors)
         self.preferred = plan.preferred or len(self.urls)
         self.expires = expires
+        #: the executor this client sent the last call of this placement to.
+        self.last = last
+        #: kept for callers that step it back (unused by the choice itself).
         self.turn = 0
+
+
+def outstanding(peer: Any) -> int:
+    """The requests this client has in flight on ``peer`` (a BlockingPeer or an
+    rpc Peer: both keep their unanswered requests in ``_pending``)."""
+    return len(peer._pending)
 
 
 def reference_set(call: CallDag) -> tuple[str, ...]:
@@ -142,6 +157,8 @@ class _Cache:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.placements: dict[Key, _Placed] = {}
+        #: connections to executors, by URL (see the subclasses).
+        self._peers: dict[str, Any] = {}
         self.unreachable: dict[str, float] = {}
         #: False once the scheduler turned out not to hand out placements.
         self.enabled = True
@@ -179,9 +196,11 @@ class _Cache:
         return placed if placed is not None and placed.expires > now else None
 
     def store(self, plan: CallPlaced, now: float, references: tuple[str, ...] = ()) -> _Placed:
-        placed = _Placed(plan, now + plan.lease)
         key = (plan.target, plan.is_function, references)
-        self.placements.pop(key, None)  # to the end: the oldest go first
+        old_placed = self.placements.pop(key, None)  # to the end: the oldest go first
+        # A renewed lease keeps the executor used last (sequential calls stay there).
+        placed = _Placed(plan, now + plan.lease,
+                         old_placed.last if old_placed is not None else None)
         if len(self.placements) >= MAX_PLACEMENTS:
             # list() snapshots: other threads may store meanwhile (DirectCalls)
             for old in [k for k, p in list(self.placements.items()) if p.expires <= now]:
@@ -191,17 +210,52 @@ class _Cache:
         self.placements[key] = placed
         return placed
 
-    @staticmethod
-    def in_turn(placed: _Placed) -> list[str]:
-        """The placement's executors to try, starting with the preferred one next in
-        turn; the others (fallbacks) after the preferred, in order."""
+    def choose(self, placed: _Placed) -> int:
+        """The index in ``placed.urls`` of the executor for the next call: the
+        preferred one with the fewest calls of this client in flight, on a tie
+        the one used last (else the first in the scheduler's order)."""
+        urls = placed.urls
+        count = min(placed.preferred, len(urls))
+        if count <= 1:
+            return 0
+        peers = self._peers
+        last = placed.last
+        best, best_load = 0, -1
+        for i in range(count):
+            url = urls[i]
+            peer = peers.get(url)
+            load = outstanding(peer) if peer is not None else 0
+            if best_load < 0 or load < best_load or (load == best_load and url == last):
+                best, best_load = i, load
+        return best
+
+    def in_turn(self, placed: _Placed) -> list[str]:
+        """The placement's executors to try, best first (:meth:`choose`), then the
+        other preferred ones, then the others (fallbacks), in order. The first is
+        remembered as used last (the caller updates ``placed.last`` when it ends
+        up using another one: the first could not be reached)."""
         urls = placed.urls
         if not urls:
             return []
-        first = urls[:placed.preferred]
-        start = placed.turn % len(first)
-        placed.turn += 1
-        return first[start:] + first[:start] + urls[placed.preferred:]
+        best = self.choose(placed)
+        placed.last = urls[best]
+        if best == 0:
+            return list(urls)
+        return [urls[best], *urls[:best], *urls[best + 1:]]
+
+    def least_loaded(self, placed: _Placed) -> list[str]:
+        """The placement's preferred executors, fewest calls of this client in
+        flight first (in the scheduler's order on ties), then the others; for
+        ``spread`` (it does not change the executor used last)."""
+        urls = placed.urls
+        peers = self._peers
+
+        def load(url: str) -> int:
+            peer = peers.get(url)
+            return outstanding(peer) if peer is not None else 0
+
+        first = sorted(urls[:placed.preferred], key=load)  # stable: order on ties
+        return first + urls[placed.preferred:]
 
     def drop_url(self, url: str) -> None:
         for key, placed in list(self.placements.items()):
@@ -209,9 +263,13 @@ class _Cache:
                 self.placements.pop(key, None)
 
     def forget(self, target: str, is_function: bool) -> None:
-        """Drop the placements of ``target`` (this client changed or deleted it)."""
-        for key in [k for k in list(self.placements) if k[0] == target and k[1] == is_function]:
-            self.placements.pop(key, None)
+        """Drop the placements of ``target`` (this client changed or deleted it); for a
+        function, those of the DAGs running it too (their schedules name the code
+        version each function runs at)."""
+        for key, placed in list(self.placements.items()):
+            if (key[0] == target and key[1] == is_function) or (
+                    is_function and target in placed.plan.functions):
+                self.placements.pop(key, None)
 
     def placed(self, target: str, is_function: bool = True,
                references: tuple[str, ...] = ()) -> list[str]:
@@ -265,9 +323,11 @@ class DirectCalls(_Cache):
         placed = self._placement(target, is_function, references, now)
         if placed is None:
             return None
-        for url in self.in_turn(placed):
+        for i, url in enumerate(self.in_turn(placed)):
             peer = self._peer(url, now)
             if peer is not None:
+                if i:
+                    placed.last = url
                 return peer, placed.plan
         return None
 
@@ -286,13 +346,30 @@ class DirectCalls(_Cache):
         if placed is None:
             return []
         found: list[tuple[Any, CallPlaced]] = []
-        for i, url in enumerate(self.in_turn(placed)):
+        for i, url in enumerate(self.least_loaded(placed)):
             if found and i >= placed.preferred:
                 break
             peer = self._peer(url, now)
             if peer is not None:
                 found.append((peer, placed.plan))
         return found
+
+    def quick(self, target: str, is_function: bool) -> tuple[Any, CallPlaced] | None:
+        """:meth:`target` for a call without references, when it needs no I/O: a fresh
+        placement cached, and a live connection to the executor it chooses
+        (else None: ask :meth:`target`, which dials or asks the scheduler)."""
+        placed = self.placements.get((target, is_function, ()))
+        if placed is None or placed.expires <= self.clock() or not self.enabled:
+            return None
+        urls = placed.urls
+        if not urls:
+            return None
+        url = urls[self.choose(placed)] if placed.preferred != 1 else urls[0]
+        peer = self._peers.get(url)
+        if peer is None or not peer.alive():
+            return None
+        placed.last = url
+        return peer, placed.plan
 
     def _peer(self, url: str, now: float) -> Any:
         peer = self._peers.get(url)
@@ -406,21 +483,21 @@ class AsyncDirectCalls(_Cache):
 
     def cached_target(self, target: str, is_function: bool,
                       references: tuple[str, ...] = ()) -> tuple[Peer, CallPlaced] | None:
-        """:meth:`target` when it needs no I/O (a fresh placement whose executor next
-        in turn is connected); else None, leaving the turn to :meth:`target`."""
+        """:meth:`target` when it needs no I/O (a fresh placement whose chosen
+        executor is connected); else None, leaving the choice to :meth:`target`."""
         now = self.clock()
         if not self.enabled or not self.settled(references, now):
             return None
         placed = self.fresh(target, is_function, now, references)
         if placed is None:
             return None
-        urls = placed.urls[:placed.preferred]
-        if not urls:
+        if not placed.urls:
             return None
-        peer = self._peers.get(urls[placed.turn % len(urls)])
+        url = placed.urls[self.choose(placed)]
+        peer = self._peers.get(url)
         if peer is None or peer.closed:
             return None
-        placed.turn += 1
+        placed.last = url
         return peer, placed.plan
 
     async def target(self, target: str, is_function: bool,
@@ -430,9 +507,11 @@ class AsyncDirectCalls(_Cache):
         placed = await self._placement(target, is_function, references, now)
         if placed is None:
             return None
-        for url in self.in_turn(placed):
+        for i, url in enumerate(self.in_turn(placed)):
             peer = await self._peer(url, now)
             if peer is not None:
+                if i:
+                    placed.last = url
                 return peer, placed.plan
         return None
 
@@ -445,7 +524,7 @@ class AsyncDirectCalls(_Cache):
         if placed is None:
             return []
         found: list[tuple[Peer, CallPlaced]] = []
-        for i, url in enumerate(self.in_turn(placed)):
+        for i, url in enumerate(self.least_loaded(placed)):
             if found and i >= placed.preferred:
                 break
             peer = await self._peer(url, now)

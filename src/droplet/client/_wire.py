@@ -14,6 +14,12 @@ what :func:`~droplet.protocol.messages.encode_gather` writes
 
 Calls with big arguments (pickled out of band) or references take the
 ordinary path.
+
+:meth:`TriggerTemplates.encode_parts` does the same from a call's parts, with
+no :class:`~droplet.protocol.messages.CallDag` built: the blocking client's
+plain calls (``_blocking.py``) pay for neither the message object nor its
+checks; a ``tcp://`` or ``tls://`` frame is then joined once, length prefix
+included (:meth:`Encoded.framed`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..ids import unique_id
-from ..protocol.framing import BIG_FRAME
+from ..protocol.framing import BIG_FRAME, HEADER_SIZE
 from ..protocol.messages import (
     _ENVELOPE,
     _U32,
@@ -32,7 +38,7 @@ from ..protocol.messages import (
 )
 from ._direct import triggers_for
 
-__all__ = ["Encoded", "TriggerTemplates"]
+__all__ = ["Encoded", "TriggerTemplates", "json_key"]
 
 #: Stand-in result key while encoding a template (no real key looks like it).
 _KEY = "\x01droplet-template-key\x01"
@@ -54,6 +60,25 @@ class Encoded:
         head = self.head
         return b"".join((_ENVELOPE.pack(self.tag, 0, request_id, len(head)), head,
                          self.blobs))
+
+    def size(self) -> int:
+        """The payload's length in bytes."""
+        return _ENVELOPE.size + len(self.head) + len(self.blobs)
+
+    def framed(self, request_id: int) -> bytes:
+        """The whole ``tcp://`` frame: the 4-byte length, then :meth:`payload`."""
+        head = self.head
+        blobs = self.blobs
+        return b"".join((_U32.pack(_ENVELOPE.size + len(head) + len(blobs)),
+                         _ENVELOPE.pack(self.tag, 0, request_id, len(head)), head, blobs))
+
+
+assert HEADER_SIZE == _U32.size  # the tcp:// length prefix is a big-endian u32
+
+
+def json_key(key: str) -> bytes:
+    """``key`` as the JSON string a header holds."""
+    return _json_encode(key).encode()
 
 
 class _Template:
@@ -92,7 +117,7 @@ class TriggerTemplates:
     """Encoded source triggers of direct calls, by placement, executor and arguments."""
 
     def __init__(self) -> None:
-        #: (id of the placement, executor, functions given arguments) -> the
+        #: (id of the placement, executor, *functions given arguments) -> the
         #: placement (it is the key while it lives) and its templates.
         self._templates: dict[tuple[Any, ...],
                               tuple[CallPlaced, list[_Template] | None]] = {}
@@ -100,9 +125,17 @@ class TriggerTemplates:
     def encode(self, call: CallDag, plan: CallPlaced, url: str) -> list[Encoded] | None:
         """The encoded source triggers of ``call`` at ``url`` (the first one is sent
         as the request); None: build them with ``triggers_for`` instead."""
-        blobs = call.arg_blobs
         if call.references or call.result_key is None:
             return None
+        return self.encode_parts(call.target, call.is_function, call.arg_fns, call.arg_blobs,
+                                 json_key(call.result_key), unique_id(), plan, url)
+
+    def encode_parts(self, target: str, is_function: bool, arg_fns: list[str],
+                     blobs: list[Any], key_json: bytes, run_id: str, plan: CallPlaced,
+                     url: str) -> list[Encoded] | None:
+        """:meth:`encode` of a call without references given by its parts: the
+        result key as its JSON string (:func:`json_key`), and the run id (hex
+        digits). None: build the call and take the ordinary path."""
         size = 0
         for blob in blobs:
             if type(blob) is not bytes:
@@ -110,31 +143,36 @@ class TriggerTemplates:
             size += len(blob)
         if size >= BIG_FRAME:
             return None
-        shape = (id(plan), url, tuple(call.arg_fns))
+        shape = (id(plan), url, *arg_fns)
         found = self._templates.get(shape)
         if found is not None and found[0] is plan:
             templates = found[1]
         else:
-            templates = self._make(call, plan, url)
+            templates = self._make(target, is_function, arg_fns, blobs, plan, url)
             if len(self._templates) >= MAX_TEMPLATES:
                 self._templates.clear()
             self._templates[shape] = (plan, templates)
         if not templates:
             return None
-        run = f'"{unique_id()}"'.encode()
-        key = _json_encode(call.result_key).encode()
-        parts: list[bytes] = []
-        for blob in blobs:
-            assert type(blob) is bytes  # checked above
-            parts += (_U32.pack(len(blob)), blob)
-        tail = b"".join(parts)
-        return [Encoded(t.tag, b"".join((t.before_run, run, t.before_key, key, t.after_key)),
-                        tail) for t in templates]
+        run = b'"%s"' % run_id.encode()
+        if len(blobs) == 1:
+            tail = _U32.pack(len(blobs[0])) + blobs[0]
+        else:
+            parts: list[bytes] = []
+            for blob in blobs:
+                parts += (_U32.pack(len(blob)), blob)
+            tail = b"".join(parts)
+        if len(templates) == 1:
+            t = templates[0]
+            return [Encoded(t.tag, b"".join((t.before_run, run, t.before_key, key_json,
+                                             t.after_key)), tail)]
+        return [Encoded(t.tag, b"".join((t.before_run, run, t.before_key, key_json,
+                                         t.after_key)), tail) for t in templates]
 
     @staticmethod
-    def _make(call: CallDag, plan: CallPlaced, url: str) -> list[_Template] | None:
-        stand_in = CallDag(call.target, call.is_function, call.arg_fns, call.arg_blobs,
-                           result_key=_KEY)
+    def _make(target: str, is_function: bool, arg_fns: list[str], blobs: list[Any],
+              plan: CallPlaced, url: str) -> list[_Template] | None:
+        stand_in = CallDag(target, is_function, list(arg_fns), blobs, result_key=_KEY)
         triggers = triggers_for(stand_in, plan, url)
         if not triggers:
             return None

@@ -23,8 +23,10 @@ reaches a service.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 import struct
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -40,8 +42,26 @@ __all__ = ["FLAG_REPLY", "MESSAGES", "Blob", "InvalidMessage", "decode", "encode
 FLAG_REPLY = 0x01
 _ENVELOPE = struct.Struct(">BBII")
 _U32 = struct.Struct(">I")
-_json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_json_decode = json.JSONDecoder().decode
+def _join_chunks(chunks: Callable[[Any, int], Any], header: Any) -> str:
+    return "".join(chunks(header, 0))
+
+
+_json_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_json_encode = _json_encoder.encode
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+#: A header's JSON text: what ``_json_encode`` runs inside, made once instead of
+#: per call (no circular-reference markers: a header is lists of plain values).
+_json_header: Callable[[Any], str] = _json_encode
+if _c_make_encoder is not None:
+    _header_chunks = _c_make_encoder(None, _json_encoder.default, json.encoder.encode_basestring,
+                                     None, ":", ",", False, False, True)
+    _json_header = functools.partial(_join_chunks, _header_chunks)
+_json_decoder = json.JSONDecoder()
+_json_decode = _json_decoder.decode
+#: The decoder's own scanner (C): a header as our encoder writes it (no
+#: whitespace around it) is read with no Python frames in between; anything
+#: else goes through ``_json_decode``, which says what is wrong.
+_json_scan: Callable[[str, int], tuple[Any, int]] = getattr(_json_decoder, "scan_once")  # noqa: B009 - not in the stubs
 
 MESSAGES: dict[int, type[Any]] = {}
 T = TypeVar("T")
@@ -116,8 +136,8 @@ def _compile_checks(fields: list[tuple[int, str, Callable[[Any], bool]]],
 
 
 class _Schema:
-    __slots__ = ("blob_fields", "check_all", "checks", "cls", "names", "kinds",
-                 "header_fields", "min_fields", "tag", "views")
+    __slots__ = ("blob_at", "blob_fields", "check_all", "checks", "cls", "kinds", "names",
+                 "header_fields", "min_fields", "tag", "values", "views")
 
     def __init__(self, cls: type[Any], tag: int) -> None:
         self.cls = cls
@@ -139,6 +159,24 @@ class _Schema:
             for i, (name, kind) in enumerate(zip(self.names, self.kinds, strict=True))
             if kind in _BLOB_KINDS]
         self.check_all = _compile_checks(self.header_fields, self.kinds)
+        #: the blob fields' kinds by index (encode)
+        self.blob_at = {i: kind for i, _, kind in self.blob_fields}
+        #: a message's field values, in order, as a tuple (one C call)
+        self.values: Callable[[Any], tuple[Any, ...]]
+        if len(self.names) > 1:
+            self.values = operator.attrgetter(*self.names)
+        elif self.names:
+            self.values = functools.partial(_one_value, self.names[0])
+        else:
+            self.values = _no_values
+
+
+def _one_value(name: str, msg: Any) -> tuple[Any, ...]:
+    return (getattr(msg, name),)
+
+
+def _no_values(msg: Any) -> tuple[Any, ...]:
+    return ()
 
 
 def message(tag: int) -> Callable[[type[T]], type[T]]:
@@ -169,11 +207,12 @@ def encode_gather(msg: Any, request_id: int = 0, reply: bool = False) -> Payload
     buffers) or a ``memoryview``; either is written as it is.
     """
     schema: _Schema = msg._schema
-    values = [getattr(msg, name) for name in schema.names]
-    header: list[Any] = []
+    values = schema.values(msg)
+    header: Any = values  # a tuple is a JSON array too
     blobs: list[Buffer | Gather] = []
     if schema.blob_fields:
-        blob_at = {i: kind for i, _, kind in schema.blob_fields}
+        blob_at = schema.blob_at
+        header = []
         for i, value in enumerate(values):
             kind = blob_at.get(i)
             if kind is None:
@@ -186,9 +225,7 @@ def encode_gather(msg: Any, request_id: int = 0, reply: bool = False) -> Payload
             else:
                 header.append(0)
                 blobs.append(value)
-    else:
-        header = values
-    head = _json_encode(header).encode("utf-8")
+    head = _json_header(header).encode("utf-8")
     parts: list[Buffer] = [
         _ENVELOPE.pack(schema.tag, FLAG_REPLY if reply else 0, request_id, len(head)), head]
     size = 0
@@ -230,7 +267,12 @@ def decode(payload: bytes | memoryview) -> tuple[Any, int, bool]:
         raise ProtocolError(f"{cls.__name__}: header length {head_len} exceeds the frame")
     try:
         text = str(payload[pos:end], "utf-8")
-        header = _json_decode(text)
+        try:
+            header, stop = _json_scan(text, 0)
+        except StopIteration:
+            stop = -1
+        if stop != len(text):  # whitespace around it, or not JSON: the full decoder
+            header = _json_decode(text)
         if "\\u" in text:
             # A "\udXXX" escape can smuggle a lone surrogate into a str, which no
             # reply could carry back (encode would raise): refuse it here.
