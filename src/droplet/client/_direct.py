@@ -79,7 +79,7 @@ Key = tuple[str, bool, tuple[str, ...]]
 
 
 class _Placed:
-    __slots__ = ("expires", "last", "plan", "preferred", "turn", "urls")
+    __slots__ = ("expires", "last", "plan", "preferred", "urls")
 
     def __init__(self, plan: CallPlaced, expires: float, last: str | None = None) -> None:
         self.plan = plan
@@ -88,8 +88,6 @@ class _Placed:
         self.expires = expires
         #: the executor this client sent the last call of this placement to.
         self.last = last
-        #: kept for callers that step it back (unused by the choice itself).
-        self.turn = 0
 
 
 def outstanding(peer: Any) -> int:

@@ -64,7 +64,6 @@ def send_from_thread(client: AsyncDropletClient, call: CallDag,
     if (peer is None or peer.closed or not peer.takes_from_threads
             or (triggers := triggers_for(call, placed.plan, peer.remote)) is None
             or len(triggers) != 1):  # not dialled yet, frames, or several sources
-        placed.turn -= 1  # the ordinary way takes this turn (and dials, if need be)
         return False
     future._direct = True
     future._fetching = True
@@ -74,6 +73,5 @@ def send_from_thread(client: AsyncDropletClient, call: CallDag,
         return True
     future._direct = False
     future._fetching = False
-    placed.turn -= 1
     declined[shape] = now + DECLINED_FOR
     return False
