@@ -499,3 +499,28 @@ def test_sync_wait_sees_results_run_in_the_callers_thread() -> None:
         ordered = [f.get()[1] for f in droplet.as_completed(
             [conn.exec_func("where", [i]) for i in range(5)], timeout=30)]
         assert sorted(ordered) == list(range(5))
+
+
+async def _sleeps(_: Any, x: int) -> int:
+    if x:
+        await trio.sleep(x)
+    return x
+
+
+async def test_a_lane_run_finishing_frees_its_slot_for_a_request_waiting_at_the_limit(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # max_inflight=1: a lane run holds the connection's only slot, so the next call
+    # goes the ordinary way, and the executor's reader waits for that slot. The
+    # lane run finishing must wake it (not leave the call waiting for ever).
+    async with droplet.open_local_cluster(1, skip_encoding=True, max_inflight=1) as cluster, \
+            cluster.client() as cloud:
+        await cloud.register(_sleeps, "sleeps")
+        for _ in range(3):
+            assert await (await cloud.exec_func("sleeps", [0])).get() == 0
+        before = _lane_calls(cluster)
+        first = await cloud.exec_func("sleeps", [1])
+        assert _lane_calls(cluster) == before + 1
+        second = await cloud.exec_func("sleeps", [0])
+        assert _lane_calls(cluster) == before + 1  # at the limit: the ordinary way
+        assert await first.get(timeout=30) == 1
+        assert await second.get(timeout=30) == 0

@@ -447,12 +447,13 @@ class Prepared:
             return False
         runs.lane_calls += 1
         runs.start(run_id, self._client_id, self._segment, self._targets, arg_fns, arg_blobs,
-                   functools.partial(_released, inflight, deliver), self.at_once)
+                   functools.partial(_released, peer, deliver), self.at_once)
         return True
 
 
-def _released(inflight: trio.Semaphore, deliver: Deliver, blob: Any, failed: bool) -> None:
-    inflight.release()
+def _released(peer: Peer, deliver: Deliver, blob: Any, failed: bool) -> None:
+    # Through the peer: its reader may wait at the limit for this slot (woken so).
+    peer._release_slot()
     try:
         deliver(blob, failed)
     except Exception:  # the client's side: never the executor's problem
