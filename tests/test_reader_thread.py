@@ -566,3 +566,38 @@ async def test_no_reader_thread_without_the_fast_lane(one: _One) -> None:
                 assert len(_reader_threads()) == before
     finally:
         ex.fast_lane = lane
+
+
+async def test_calls_running_from_reader_threads_count_towards_the_invocation_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The executor's invocation limit counts the fast-lane calls reader threads
+    started: a call past it on the ordinary path is refused as overloaded."""
+    from droplet.executor import service as executor_service
+
+    monkeypatch.setattr(executor_service, "MAX_INVOCATIONS", 2)
+    _GATE.clear()
+    _RUNNING[:] = [0, 0]
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                main: Node = await nursery.start(functools.partial(serve_node, Config(
+                    listen="tcp://127.0.0.1:0", executors=0)))
+                worker: Node = await nursery.start(functools.partial(serve_node, Config(
+                    role="executor", listen="tcp://127.0.0.1:0", scheduler=main.url)))
+                async with droplet.open_client(main.url) as cloud:
+                    f = await cloud.register(counted, "counted")
+                    _GATE.set()
+                    assert await (await f(-1)).get() == -1  # warm: placed, loaded
+                    _GATE.clear()
+                    futures = [await f(i) for i in range(2)]
+                    await _until(lambda: _RUNNING[0] == 2)
+                    assert worker.executors[0].fast_lane.t_active == 2  # type: ignore[union-attr]
+                    third = await f(2)
+                    with pytest.raises(droplet.DropletError, match="overloaded"):
+                        await third.get(timeout=5)  # (not run: it would wait for the gate)
+                    assert _RUNNING[1] == 2
+                    _GATE.set()
+                    assert [await fut.get() for fut in futures] == [0, 1]
+                nursery.cancel_scope.cancel()
+    finally:
+        _GATE.set()

@@ -476,7 +476,10 @@ class ExecutorService(RunState):
             self._start(t, inputs)
 
     def _start(self, t: Trigger, inputs: list[_Input]) -> None:
-        overloaded = self._active >= MAX_INVOCATIONS
+        # (the fast-lane calls reader threads started count too: they run here as well)
+        fast = self.fast_lane
+        overloaded = (self._active + (fast.t_active if fast is not None else 0)
+                      >= MAX_INVOCATIONS)
         self._active += 1
         self._nursery.start_soon(self._invoke, t, inputs, overloaded)
 
