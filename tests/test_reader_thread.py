@@ -601,3 +601,57 @@ async def test_calls_running_from_reader_threads_count_towards_the_invocation_li
                 nursery.cancel_scope.cancel()
     finally:
         _GATE.set()
+
+
+class _RacySlots:
+    """A Peer's in-flight semaphore whose ``acquire_nowait`` first lets another
+    thread run ``between()`` (a reader thread's offer, at the worst moment)."""
+
+    def __init__(self, inner: trio.Semaphore, between: Callable[[], None]) -> None:
+        self._inner = inner
+        self._between = between
+
+    @property
+    def value(self) -> int:
+        return self._inner.value
+
+    def acquire_nowait(self) -> None:
+        racer = threading.Thread(target=self._between)
+        racer.start()
+        racer.join(0.5)  # (blocked on the Peer's slot lock: it goes on afterwards)
+        self._inner.acquire_nowait()
+
+    def release(self) -> None:
+        self._inner.release()
+
+
+async def test_the_read_loop_and_a_reader_thread_never_both_take_the_last_slot() -> None:
+    """``max_inflight``: the read loop's check for a free slot and its taking of it
+    are one step for the reader thread, which borrows slots meanwhile."""
+    from droplet.protocol.messages import ListFunctions
+    from droplet.protocol.messages import encode as encode_message
+    from droplet.rpc import Limits, Peer
+
+    conn, far = await _pair()
+    offered: list[Any] = []
+
+    async def handler(peer: Peer, msg: Any, request_id: int) -> Any:
+        return None
+
+    def in_reader(peer: Peer, msg: Any, request_id: int, inline: bool) -> bool:
+        return True  # taken: answered later, from a thread
+
+    with trio.fail_after(TIMEOUT):
+        peer = Peer(conn, handler, limits=Limits(max_inflight=1), in_reader=in_reader)
+        request = encode_message(ListFunctions(), 7)
+        inner = peer._inflight
+        peer._inflight = _RacySlots(  # type: ignore[assignment]
+            inner, lambda: offered.append(peer._take_in_reader(request, False)))
+        await peer._acquire_inflight()  # the loop takes the only slot
+        while not offered:  # noqa: ASYNC110 (a thread to wait for)
+            await trio.sleep(0.01)
+        in_service = (1 - inner.value) + peer._borrowed
+        assert offered == [False]  # at the limit: the read loop gets it, in order
+        assert in_service == 1
+        await conn.aclose()
+        await far.aclose()

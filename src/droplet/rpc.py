@@ -412,16 +412,19 @@ class Peer:
         if self._released:
             self._collect_released()
         inflight = self._inflight
-        if inflight.value > self._borrowed:
-            inflight.acquire_nowait()  # no checkpoint: the read loop has its own
-            return
+        # Under the lock: the reader thread borrows no slot between check and take.
+        with self._slot_lock:
+            if inflight.value > self._borrowed:
+                inflight.acquire_nowait()  # no checkpoint: the read loop has its own
+                return
         self._reader_blocked = True
         try:
             while True:
                 self._collect_released()  # after the flag: a thread's release is not missed
-                if inflight.value > self._borrowed:
-                    inflight.acquire_nowait()
-                    return
+                with self._slot_lock:
+                    if inflight.value > self._borrowed:
+                        inflight.acquire_nowait()
+                        return
                 self._slot_freed = trio.Event()
                 await self._slot_freed.wait()
         finally:
