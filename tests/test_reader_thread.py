@@ -655,3 +655,36 @@ async def test_the_read_loop_and_a_reader_thread_never_both_take_the_last_slot()
         assert in_service == 1
         await conn.aclose()
         await far.aclose()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "threadread.ThreadReader._thread: a thread whose long run was handed over stands by "
+    "as a spare even when the reading already ended (the new holder gave it back to "
+    "Trio: role -1); nobody hands it a role or closes it, so it lingers SPARE_IDLE (60 s)"))
+async def test_no_reader_thread_lingers_after_the_reading_was_given_back() -> None:
+    conn, far = await _pair()
+    release = threading.Event()
+    ran: list[str] = []
+
+    def blocked() -> None:
+        ran.append(threading.current_thread().name)
+        release.wait(TIMEOUT)
+
+    def offer(f: Any, inline: bool) -> bool | Callable[[], None]:
+        return blocked if bytes(f) == b"block" else False
+
+    with trio.fail_after(TIMEOUT):
+        assert conn.read_in_thread(offer, trio.lowlevel.current_trio_token())
+        await far.send_all(frame(b"block"))
+        await _until(lambda: bool(ran) and len(_reader_threads()) == 2)  # taken over
+        frames = [b"loop%d" % i for i in range(threadread.HAND_BACK_AFTER)]
+        await far.send_all(b"".join(frame(f) for f in frames))
+        assert [bytes(await conn.receive()) for _ in frames] == frames
+        await far.send_all(frame(b"on trio"))
+        assert bytes(await conn.receive()) == b"on trio"
+        assert conn._reader is None  # given back to Trio
+        release.set()  # the first thread's run returns
+    with trio.fail_after(5):  # (SPARE_IDLE is 60 s)
+        await _until(lambda: not _reader_threads())
+    await conn.aclose()
+    await far.aclose()
