@@ -665,6 +665,7 @@ async def test_no_reader_thread_lingers_after_the_reading_was_given_back() -> No
     conn, far = await _pair()
     release = threading.Event()
     ran: list[str] = []
+    reader: threadread.ThreadReader | None = None
 
     def blocked() -> None:
         ran.append(threading.current_thread().name)
@@ -673,18 +674,24 @@ async def test_no_reader_thread_lingers_after_the_reading_was_given_back() -> No
     def offer(f: Any, inline: bool) -> bool | Callable[[], None]:
         return blocked if bytes(f) == b"block" else False
 
-    with trio.fail_after(TIMEOUT):
-        assert conn.read_in_thread(offer, trio.lowlevel.current_trio_token())
-        await far.send_all(frame(b"block"))
-        await _until(lambda: bool(ran) and len(_reader_threads()) == 2)  # taken over
-        frames = [b"loop%d" % i for i in range(threadread.HAND_BACK_AFTER)]
-        await far.send_all(b"".join(frame(f) for f in frames))
-        assert [bytes(await conn.receive()) for _ in frames] == frames
-        await far.send_all(frame(b"on trio"))
-        assert bytes(await conn.receive()) == b"on trio"
-        assert conn._reader is None  # given back to Trio
-        release.set()  # the first thread's run returns
-    with trio.fail_after(5):  # (SPARE_IDLE is 60 s)
-        await _until(lambda: not _reader_threads())
-    await conn.aclose()
-    await far.aclose()
+    try:
+        with trio.fail_after(TIMEOUT):
+            assert conn.read_in_thread(offer, trio.lowlevel.current_trio_token())
+            reader = conn._reader
+            await far.send_all(frame(b"block"))
+            await _until(lambda: bool(ran) and len(_reader_threads()) == 2)  # taken over
+            frames = [b"loop%d" % i for i in range(threadread.HAND_BACK_AFTER)]
+            await far.send_all(b"".join(frame(f) for f in frames))
+            assert [bytes(await conn.receive()) for _ in frames] == frames
+            await far.send_all(frame(b"on trio"))
+            assert bytes(await conn.receive()) == b"on trio"
+            assert conn._reader is None  # given back to Trio
+            release.set()  # the first thread's run returns
+        with trio.fail_after(5):  # (SPARE_IDLE is 60 s)
+            await _until(lambda: not _reader_threads())
+    finally:
+        release.set()
+        if reader is not None:
+            reader.close()  # (ends the lingering spare: later tests count reader threads)
+        await conn.aclose()
+        await far.aclose()
