@@ -524,3 +524,26 @@ async def test_a_lane_run_finishing_frees_its_slot_for_a_request_waiting_at_the_
         assert _lane_calls(cluster) == before + 1  # at the limit: the ordinary way
         assert await first.get(timeout=30) == 1
         assert await second.get(timeout=30) == 0
+
+
+async def _exits(_: Any, x: int) -> int:
+    if x:
+        raise SystemExit(x)  # as sys.exit(x), with no await before it
+    return x
+
+
+@BOTH
+async def test_sys_exit_in_a_function_run_at_once_is_its_calls_error(skip: bool) -> None:
+    """As on the ordinary path, ``sys.exit()`` in a function is that call's
+    FunctionError: it never reaches the caller's task (run at once, or through
+    a lane) nor ends the executor."""
+    async with droplet.open_local_cluster(1, skip_encoding=skip) as cluster, \
+            cluster.client() as cloud:
+        await cloud.register(_exits, "exits")
+        for i in range(6):
+            assert await (await cloud.exec_func("exits", [0])).get() == 0
+            with pytest.raises(droplet.FunctionError, match="SystemExit"):
+                await (await cloud.exec_func("exits", [i + 1])).get()
+        assert await (await cloud.exec_func("exits", [0])).get() == 0
+        (ex,) = cluster.node.executors
+        assert ex.statistics().tasks == 0

@@ -268,7 +268,7 @@ class InlineRuns:
             step = steps[i]
             try:
                 value = _step(step.target(step.lib, *step.args, *carried))
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() never ends the node
                 self._finish(segment, libs, started,
                              _Failure(function_error(exc, step.function)), True, deliver)
                 return
