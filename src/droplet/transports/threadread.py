@@ -97,9 +97,11 @@ class ThreadReader:
     """Reads one connection's frames in a thread; see the module's docstring."""
 
     def __init__(self, fd: int, decoder: FrameDecoder, read_timeout: float, remote: str,
-                 offer: Offer, token: trio.lowlevel.TrioToken) -> None:
+                 offer: Offer, token: trio.lowlevel.TrioToken,
+                 owed: Callable[[], None] | None = None) -> None:
         self._fd = fd  # a duplicate: this reader's own
         self._decoder = decoder
+        self._owed = owed
         self._read_timeout = read_timeout
         self._remote = remote
         self._offer = offer
@@ -124,15 +126,22 @@ class ThreadReader:
 
     @classmethod
     def start(cls, fd: int, decoder: FrameDecoder, read_timeout: float, remote: str,
-              offer: Offer, token: trio.lowlevel.TrioToken) -> ThreadReader | None:
-        """A reader thread for ``fd`` (not closed by it); None past :data:`MAX_READERS`."""
+              offer: Offer, token: trio.lowlevel.TrioToken,
+              owed: Callable[[], None] | None = None) -> ThreadReader | None:
+        """A reader thread for ``fd`` (not closed by it); None past :data:`MAX_READERS`.
+
+        ``owed``: for a decoder that owes the peer answers of its own (a WebSocket
+        codec's pongs: ``has_output``), called in the thread whenever it does, after
+        the decoder parsed what came in and before the frame is offered or the
+        thread waits for more bytes (so the answer goes out before anything the
+        frame's handling sends)."""
         global _readers
         with _count_lock:
             if _readers >= MAX_READERS:
                 return None
             _readers += 1
         try:
-            reader = cls(os.dup(fd), decoder, read_timeout, remote, offer, token)
+            reader = cls(os.dup(fd), decoder, read_timeout, remote, offer, token, owed)
             reader._spawn(0)
         except BaseException:
             with _count_lock:
@@ -339,8 +348,11 @@ class ThreadReader:
 
     def _next_frame(self) -> Any:
         decoder = self._decoder
+        owed = self._owed
         while True:
             frame = decoder.next_frame()  # ProtocolError: a frame over the limit
+            if owed is not None and decoder.has_output:  # type: ignore[attr-defined]
+                owed()  # (a pong: before the frame is handled, or we wait)
             if frame is not None:
                 self._deadline = math.inf
                 return frame
