@@ -1,4 +1,5 @@
-"""Reading a plain TCP connection in a thread of its own (an executor's callers).
+"""Reading a plain TCP or plain ``ws://`` connection in a thread of its own
+(an executor's callers).
 
 On the ordinary path every frame costs the event loop an ``epoll`` wait, a
 re-arm and a reschedule of the reader task, and a call that a worker thread
@@ -22,7 +23,12 @@ reader role; the old one exits when its callable returns.
 The rules of the Trio path hold: a frame over the limit or garbage is an error
 for the Trio side to raise (a goodbye, then the connection closes); a frame
 left unfinished for ``read_timeout`` seconds aborts the connection; the end of
-the stream is ``EndOfChannel``. The thread reads a duplicate of the socket's
+the stream is ``EndOfChannel``. A decoder that owes the peer answers of its
+own (the WebSocket codec's pongs, ``has_output``) has them written from the
+thread by the connection (``owed``), before the frame that came with them is
+offered; a close frame or a refusal is an error the Trio side raises like any
+other (where the WebSocket connection sends the close frame owed and hangs
+up). The thread reads a duplicate of the socket's
 descriptor, which it alone closes, so it never reads a descriptor number that
 was closed and reused; :meth:`close` (the connection closing) shuts the socket
 down, which wakes the thread, and it exits. At most :data:`MAX_READERS`

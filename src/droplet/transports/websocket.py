@@ -17,8 +17,16 @@ Two parts, each done by what does it best:
   :class:`~droplet.transports.tcp.StreamConnection` with WebSocket framing: the
   caller's ``receive`` parses frames straight off the socket, big messages go
   into a buffer of their own (``recv_into``), writes are gathered, and a worker
-  thread may write a small frame itself (``send_from_thread``), so executors
-  reached over ``ws://`` have the fast lane that ``tcp://`` has.
+  thread may write a small frame itself (``send_from_thread``), and an
+  executor's plain ``ws://`` connections are read by a thread of their own
+  (``read_in_thread``, see :mod:`droplet.transports.threadread`), so executors
+  reached over ``ws://`` have the fast lane and the reader thread that
+  ``tcp://`` has. That thread writes the pongs the codec owes (with the
+  connection's locked thread write, in order with every other write; what the
+  socket will not take at once the loop's writer sends); a close frame, a
+  broken rule, the slowloris timeout or the end of the stream come to
+  ``receive`` as exceptions, which end the connection as on the loop. ``wss://``
+  stays on the loop (TLS records need it).
 
 Why not trio-websocket's frame path: measured on a 2-core VM (one sequential
 no-op call, ``benchmarks/cpuprobe.py --scheme ws|tcp``, least of three runs),
