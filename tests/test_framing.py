@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from droplet.errors import ProtocolError
-from droplet.protocol import messages, values
+from droplet.protocol import encoding, messages, values
 from droplet.protocol.framing import HEADER_SIZE, FrameDecoder, frame
 
 LEN = struct.Struct(">I")
@@ -283,7 +283,7 @@ def test_messages_round_trip(msg: Any, request_id: int, reply: bool) -> None:
     try:
         back = messages.decode(payload)
     except messages.InvalidMessage as exc:
-        assert type(msg) in messages._VALIDATORS
+        assert type(msg) in encoding._VALIDATORS
         assert (exc.request_id, exc.is_reply) == (request_id, reply)
     else:
         assert back == (msg, request_id, reply)

@@ -27,7 +27,7 @@ from droplet.config import Config
 from droplet.kvs.keys import RESULT_PREFIX
 from droplet.kvs.service import KvsService
 from droplet.node import serve_node
-from droplet.protocol import messages as m
+from droplet.protocol import encoding as wire
 from droplet.protocol.messages import InvalidMessage, Trigger, decode, encode
 
 TIMEOUT = 20.0
@@ -71,11 +71,11 @@ def _trigger(**changes: Any) -> Trigger:
 
 
 def _rewrite_header(frame: bytes, change: Callable[[list[Any]], list[Any]]) -> bytes:
-    tag, flags, rid, head_len = m._ENVELOPE.unpack_from(frame)
-    start = m._ENVELOPE.size
-    header = change(m._json_decode(frame[start:start + head_len].decode()))
-    head = m._json_encode(header).encode()
-    return m._ENVELOPE.pack(tag, flags, rid, len(head)) + head + frame[start + head_len:]
+    tag, flags, rid, head_len = wire._ENVELOPE.unpack_from(frame)
+    start = wire._ENVELOPE.size
+    header = change(wire._json_decode(frame[start:start + head_len].decode()))
+    head = wire._json_encode(header).encode()
+    return wire._ENVELOPE.pack(tag, flags, rid, len(head)) + head + frame[start + head_len:]
 
 
 def test_a_trigger_from_an_older_client_keeps_storing_the_result() -> None:

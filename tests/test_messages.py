@@ -16,6 +16,7 @@ import pytest
 
 from droplet.errors import ProtocolError
 from droplet.latency import BUCKETS
+from droplet.protocol import encoding as wire
 from droplet.protocol import messages as m
 from droplet.protocol import values
 from droplet.protocol.messages import MESSAGES, decode, encode
@@ -131,7 +132,7 @@ def generated_samples() -> list[Any]:
         samples.append(cls(*[None if k.endswith("| None") else FILLED[k] for k in kinds]))
     # Filled with arbitrary values, these do not fit together: see the
     # InvalidMessage tests at the end (hand-written samples above cover them).
-    return [s for s in samples if type(s) not in m._VALIDATORS]
+    return [s for s in samples if type(s) not in wire._VALIDATORS]
 
 
 SAMPLES += generated_samples()
@@ -444,17 +445,17 @@ def test_a_header_with_whitespace_around_it_still_decodes(around: tuple[bytes, b
     """Our encoder writes none, but JSON allows it: the full decoder reads it."""
     msg = m.DagResult("run", b"value", False)
     payload = encode(msg, 3, True)
-    tag, flags, rid, size = m._ENVELOPE.unpack_from(payload)
-    start = m._ENVELOPE.size
+    tag, flags, rid, size = wire._ENVELOPE.unpack_from(payload)
+    start = wire._ENVELOPE.size
     head = around[0] + payload[start:start + size] + around[1]
-    assert decode(m._ENVELOPE.pack(tag, flags, rid, len(head)) + head
+    assert decode(wire._ENVELOPE.pack(tag, flags, rid, len(head)) + head
                   + payload[start + size:]) == (msg, 3, True)
 
 
 @pytest.mark.parametrize("head", [b'["run",0,false]]', b'["run",0,false] x', b"x", b"",
                                   b'["run",0,'])
 def test_a_header_with_anything_after_the_json_is_refused(head: bytes) -> None:
-    payload = m._ENVELOPE.pack(27, 1, 3, len(head)) + head + struct.pack(">I", 1) + b"v"
+    payload = wire._ENVELOPE.pack(27, 1, 3, len(head)) + head + struct.pack(">I", 1) + b"v"
     with pytest.raises(ProtocolError, match="not valid JSON"):
         decode(payload)
 
@@ -463,9 +464,9 @@ def test_a_header_with_anything_after_the_json_is_refused(head: bytes) -> None:
 def test_the_header_is_the_json_the_standard_encoder_writes(msg: Any) -> None:
     """encode_gather's cached C encoder writes byte for byte what json.dumps does."""
     payload = encode(msg, 9, True)
-    _, _, _, size = m._ENVELOPE.unpack_from(payload)
-    header = json.loads(payload[m._ENVELOPE.size:m._ENVELOPE.size + size])
-    assert payload[m._ENVELOPE.size:m._ENVELOPE.size + size] == json.dumps(
+    _, _, _, size = wire._ENVELOPE.unpack_from(payload)
+    header = json.loads(payload[wire._ENVELOPE.size:wire._ENVELOPE.size + size])
+    assert payload[wire._ENVELOPE.size:wire._ENVELOPE.size + size] == json.dumps(
         header, separators=(",", ":"), ensure_ascii=False).encode()
 
 

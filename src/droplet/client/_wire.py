@@ -27,15 +27,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..ids import unique_id
+from ..protocol.encoding import _ENVELOPE, _U32, _json_encode
 from ..protocol.framing import BIG_FRAME, HEADER_SIZE
-from ..protocol.messages import (
-    _ENVELOPE,
-    _U32,
-    CallDag,
-    CallPlaced,
-    _json_encode,
-    encode_gather,
-)
+from ..protocol.messages import CallDag, CallPlaced, encode_gather
 from ._direct import triggers_for
 
 __all__ = ["Encoded", "TriggerTemplates", "json_key"]

@@ -34,8 +34,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ProtocolError
+from .encoding import _VALIDATORS, InvalidMessage, _Schema
 from .framing import Gather, all_immutable
-from .messages import _VALIDATORS, InvalidMessage, _Schema
 
 __all__ = ["ENVELOPE_BYTES", "Parcel", "pack", "unpack"]
 
