@@ -23,7 +23,7 @@ from droplet.config import Config
 from droplet.errors import ProtocolError
 from droplet.node import Node, serve_node
 from droplet.protocol.wsframes import OP_CLOSE, OP_PING, OP_PONG, encode_frame
-from droplet.transports import tcp
+from droplet.transports import tcp, threadread
 from droplet.transports.base import TransportOptions
 from droplet.transports.websocket import WebSocketConnection
 
@@ -130,6 +130,25 @@ async def test_frames_not_taken_reach_the_loop_in_order() -> None:
         await conn.aclose()
         assert await far.close_code() == (1000, "")
         await _until(lambda: not _reader_threads())
+        await far.stream.aclose()
+
+
+async def test_after_the_thread_gives_the_reading_back_the_loop_answers_pings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tcp, "THREAD_RETRY_AFTER", 1000)
+    conn, far = await _pair()
+    with trio.fail_after(TIMEOUT):
+        _start(conn)  # (takes nothing: gives the reading back after a few frames)
+        frames = [b"m%d" % i for i in range(threadread.HAND_BACK_AFTER + 2)]
+        await far.stream.send_all(b"".join(_masked(f) for f in frames))
+        assert [bytes(await conn.receive()) for _ in frames] == frames
+        assert conn._reader is None
+        await _until(lambda: not _reader_threads())
+        await far.stream.send_all(_masked(b"loop?", OP_PING) + _masked(b"after"))
+        assert bytes(await conn.receive()) == b"after"
+        assert await far.frame() == (OP_PONG, b"loop?")  # written by receive, on the loop
+        await conn.aclose()
+        assert await far.close_code() == (1000, "")
         await far.stream.aclose()
 
 
