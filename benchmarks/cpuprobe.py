@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -54,6 +54,17 @@ def _family(pid: int) -> list[int]:
     for child in children.stdout.split():
         out += _family(int(child))
     return out
+
+
+def _node_url(node: subprocess.Popen[str]) -> str:
+    """The URL the all-in-one node says it listens on (its executors say theirs too);
+    the rest of its output is drained in the background."""
+    assert node.stdout is not None
+    for line in node.stdout:
+        if " all node listening on " in line:
+            threading.Thread(target=node.stdout.read, daemon=True).start()
+            return line.split(" listening on ", 1)[1].split()[0]
+    raise SystemExit(f"the node exited ({node.wait()}) before it listened")
 
 
 def _connect(url: str) -> droplet.DropletConnection:
@@ -107,14 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    default="noop")
     p.add_argument("flags", nargs="*", help="extra node flags (after --)")
     args = p.parse_args(argv)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    url = f"{args.scheme}://127.0.0.1:{port}"
+    # Port 0: the node picks a free port and says which (a port picked here and
+    # released could be taken by one of its executors meanwhile).
     node = subprocess.Popen([sys.executable, "-m", "droplet.node", "--listen",
-                             url, "--executors", args.executors,
-                             "--data-dir", ":memory:", *args.flags], stderr=subprocess.DEVNULL)
+                             f"{args.scheme}://127.0.0.1:0", "--executors", args.executors,
+                             "--data-dir", ":memory:", *args.flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = _node_url(node)
     try:
         with _connect(url) as conn:
             arg: Any = 1

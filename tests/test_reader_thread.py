@@ -249,7 +249,7 @@ NO_RECEIVE = {"connect_refused"}
 
 @pytest.fixture
 def threaded_tcp(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Every plain-TCP connection is read by a thread (taking nothing) from its
+    """Every plain-TCP (or plain ws) connection is read by a thread (taking nothing) from its
     first ``receive`` on; the list says which got one."""
     original = StreamConnection.receive
     started: list[bool] = []
@@ -265,11 +265,13 @@ def threaded_tcp(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return started
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "ws"])
 @pytest.mark.parametrize("check", list(CHECKS))
 async def test_the_transport_conformance_suite_with_reader_threads(
-        threaded_tcp: list[bool], check: str) -> None:
+        threaded_tcp: list[bool], check: str, scheme: str) -> None:
+    """Plain TCP and plain WebSocket connections (both ends), read by threads."""
     with trio.fail_after(10):
-        await CHECKS[check]("tcp://127.0.0.1:0", TransportOptions(), TransportOptions())
+        await CHECKS[check](f"{scheme}://127.0.0.1:0", TransportOptions(), TransportOptions())
     await _until(lambda: not _reader_threads())
     if check not in NO_RECEIVE:
         assert any(threaded_tcp), "no connection was read by a thread"

@@ -11,7 +11,9 @@ refuses masked server frames.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -36,8 +38,40 @@ from wsproto.events import (
 
 from droplet.errors import ProtocolError
 from droplet.transports import Connection, TransportOptions, get_transport, parse_address
+from droplet.transports.tcp import StreamConnection
 
 TIMEOUT = 10
+
+
+@pytest.fixture(autouse=True, params=["loop", "thread"])
+def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every test twice: our connections read by the loop, and (plain ``ws://``)
+    by a reader thread from their first ``receive`` on (``read_in_thread``, as an
+    executor's are), which then answers the pings and close frames. (A plain
+    fixture: its teardown runs after the test's Trio run, threads may still end.)"""
+    if request.param == "loop":
+        yield "loop"
+        return
+    original = StreamConnection.receive
+    started: list[bool] = []
+
+    async def receive(self: StreamConnection) -> bytes | memoryview:
+        if self.thread_reads and not getattr(self, "_tried_thread", False):
+            self._tried_thread = True  # type: ignore[attr-defined]
+            started.append(self.read_in_thread(lambda f, inline: False,
+                                               trio.lowlevel.current_trio_token()))
+        return await original(self)
+
+    monkeypatch.setattr(StreamConnection, "receive", receive)
+    yield "thread"
+    if "wss" not in request.node.name:
+        assert any(started), "no connection was read by a thread"
+    deadline = time.monotonic() + TIMEOUT
+    while any(t.name.startswith("droplet-reader ") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a reader thread did not end"
+        time.sleep(0.01)
+
+
 OPTIONS = TransportOptions(max_frame_size=4 * 1024 * 1024)
 #: Messages of every header size: empty, 7-bit, 16-bit and 64-bit lengths, and
 #: one big enough to be received into a buffer of its own (then unmasked there).

@@ -160,7 +160,7 @@ async def serve_peers(
     (and ``now``, see :data:`NowHandler`, where the transport hands messages over
     in the sender's task). ``in_reader()``, asked once per connection once it is
     authenticated: the :data:`~droplet.rpc.ReaderHandler` that serves messages in
-    the connection's own reader thread, where the transport has one (plain TCP),
+    the connection's own reader thread, where the transport has one (plain TCP and ws),
     or None (the read loop serves everything)."""
     options = options or TransportOptions()
 

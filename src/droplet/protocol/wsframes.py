@@ -233,6 +233,17 @@ class WsCodec(ReceiveBuffer):
     # ------------------------------------------------------------------ receiving
 
     @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a message (a reader thread runs a
+        call inline only when nothing else is waiting: see ``transports/threadread``)."""
+        staged = len(self._buf) - self._pos
+        if self._big_view is not None:
+            staged += self._filled
+        if self._fragments is not None:
+            staged += len(self._fragments)
+        return staged
+
+    @property
     def mid_frame(self) -> bool:
         """True when part of a message has arrived (for read timeouts and EOF)."""
         return (len(self._buf) > self._pos or self._big_view is not None

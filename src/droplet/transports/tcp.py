@@ -29,7 +29,7 @@ import socket as _socket
 import ssl
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import trio
@@ -85,6 +85,8 @@ class StreamConnection(Connection):
         self._fd = self._sock.fileno() if self._sock is not None and os.name == "posix" else -1
         self._tlock = threading.Lock()
         self._busy = False
+        #: no thread may write any more (a subclass's closing handshake is under way).
+        self._threads_done = False
         self._backlog: deque[Buffer] = deque()
         self._backlog_bytes = 0
         #: the last read left the socket empty (see _read_fd).
@@ -154,12 +156,15 @@ class StreamConnection(Connection):
             return REFUSED
         return self._thread_write(frames)
 
-    def _thread_write(self, frame: bytes) -> int:
+    def _thread_write(self, frame: bytes, control: bool = False) -> int:
+        """``control``: a few bytes the protocol owes the peer (a WebSocket pong),
+        never refused for the backlog's size (a later frame must not pass them)."""
         with self._tlock:
-            if self._closed:
+            if self._closed or self._threads_done:
                 raise trio.ClosedResourceError("connection is closed")
             if self._busy or self._backlog:
-                if self._backlog_bytes + len(frame) > THREAD_BACKLOG_BYTES:
+                if (self._backlog_bytes + len(frame) > THREAD_BACKLOG_BYTES
+                        and not control):
                     return REFUSED
                 # Behind a Trio write (which drains the backlog before it ends) or
                 # behind a flush already asked for: in order either way.
@@ -242,11 +247,17 @@ class StreamConnection(Connection):
             return False
         self._thread_offer = (offer, token)
         self._reader = ThreadReader.start(self._fd, self._decoder, self._read_timeout,
-                                          self.remote_address, offer, token)
+                                          self.remote_address, offer, token,
+                                          self._owed_in_thread())
         if self._reader is None:  # too many already: try again later
             self._thread_retry = THREAD_RETRY_AFTER
             return False
         return True
+
+    def _owed_in_thread(self) -> Callable[[], None] | None:
+        """What the reader thread calls when the decoder owes the peer an answer
+        (``ThreadReader``'s ``owed``; WebSocket's pongs): none here."""
+        return None
 
     async def receive(self) -> bytes | memoryview:  # type: ignore[override]
         if self._reader is not None:

@@ -1,4 +1,5 @@
-"""Reading a plain TCP connection in a thread of its own (an executor's callers).
+"""Reading a plain TCP or plain ``ws://`` connection in a thread of its own
+(an executor's callers).
 
 On the ordinary path every frame costs the event loop an ``epoll`` wait, a
 re-arm and a reschedule of the reader task, and a call that a worker thread
@@ -22,7 +23,12 @@ reader role; the old one exits when its callable returns.
 The rules of the Trio path hold: a frame over the limit or garbage is an error
 for the Trio side to raise (a goodbye, then the connection closes); a frame
 left unfinished for ``read_timeout`` seconds aborts the connection; the end of
-the stream is ``EndOfChannel``. The thread reads a duplicate of the socket's
+the stream is ``EndOfChannel``. A decoder that owes the peer answers of its
+own (the WebSocket codec's pongs, ``has_output``) has them written from the
+thread by the connection (``owed``), before the frame that came with them is
+offered; a close frame or a refusal is an error the Trio side raises like any
+other (where the WebSocket connection sends the close frame owed and hangs
+up). The thread reads a duplicate of the socket's
 descriptor, which it alone closes, so it never reads a descriptor number that
 was closed and reused; :meth:`close` (the connection closing) shuts the socket
 down, which wakes the thread, and it exits. At most :data:`MAX_READERS`
@@ -97,9 +103,11 @@ class ThreadReader:
     """Reads one connection's frames in a thread; see the module's docstring."""
 
     def __init__(self, fd: int, decoder: FrameDecoder, read_timeout: float, remote: str,
-                 offer: Offer, token: trio.lowlevel.TrioToken) -> None:
+                 offer: Offer, token: trio.lowlevel.TrioToken,
+                 owed: Callable[[], None] | None = None) -> None:
         self._fd = fd  # a duplicate: this reader's own
         self._decoder = decoder
+        self._owed = owed
         self._read_timeout = read_timeout
         self._remote = remote
         self._offer = offer
@@ -124,15 +132,22 @@ class ThreadReader:
 
     @classmethod
     def start(cls, fd: int, decoder: FrameDecoder, read_timeout: float, remote: str,
-              offer: Offer, token: trio.lowlevel.TrioToken) -> ThreadReader | None:
-        """A reader thread for ``fd`` (not closed by it); None past :data:`MAX_READERS`."""
+              offer: Offer, token: trio.lowlevel.TrioToken,
+              owed: Callable[[], None] | None = None) -> ThreadReader | None:
+        """A reader thread for ``fd`` (not closed by it); None past :data:`MAX_READERS`.
+
+        ``owed``: for a decoder that owes the peer answers of its own (a WebSocket
+        codec's pongs: ``has_output``), called in the thread whenever it does, after
+        the decoder parsed what came in and before the frame is offered or the
+        thread waits for more bytes (so the answer goes out before anything the
+        frame's handling sends)."""
         global _readers
         with _count_lock:
             if _readers >= MAX_READERS:
                 return None
             _readers += 1
         try:
-            reader = cls(os.dup(fd), decoder, read_timeout, remote, offer, token)
+            reader = cls(os.dup(fd), decoder, read_timeout, remote, offer, token, owed)
             reader._spawn(0)
         except BaseException:
             with _count_lock:
@@ -339,8 +354,11 @@ class ThreadReader:
 
     def _next_frame(self) -> Any:
         decoder = self._decoder
+        owed = self._owed
         while True:
             frame = decoder.next_frame()  # ProtocolError: a frame over the limit
+            if owed is not None and decoder.has_output:  # type: ignore[attr-defined]
+                owed()  # (a pong: before the frame is handled, or we wait)
             if frame is not None:
                 self._deadline = math.inf
                 return frame

@@ -17,8 +17,16 @@ Two parts, each done by what does it best:
   :class:`~droplet.transports.tcp.StreamConnection` with WebSocket framing: the
   caller's ``receive`` parses frames straight off the socket, big messages go
   into a buffer of their own (``recv_into``), writes are gathered, and a worker
-  thread may write a small frame itself (``send_from_thread``), so executors
-  reached over ``ws://`` have the fast lane that ``tcp://`` has.
+  thread may write a small frame itself (``send_from_thread``), and an
+  executor's plain ``ws://`` connections are read by a thread of their own
+  (``read_in_thread``, see :mod:`droplet.transports.threadread`), so executors
+  reached over ``ws://`` have the fast lane and the reader thread that
+  ``tcp://`` has. That thread writes the pongs the codec owes (with the
+  connection's locked thread write, in order with every other write; what the
+  socket will not take at once the loop's writer sends); a close frame, a
+  broken rule, the slowloris timeout or the end of the stream come to
+  ``receive`` as exceptions, which end the connection as on the loop. ``wss://``
+  stays on the loop (TLS records need it).
 
 Why not trio-websocket's frame path: measured on a 2-core VM (one sequential
 no-op call, ``benchmarks/cpuprobe.py --scheme ws|tcp``, least of three runs),
@@ -68,7 +76,7 @@ from ..protocol.wsframes import PeerClosed, WsCodec, encode_frame, server_frame_
 from ._sockets import dial, open_listeners, peer_url
 from .base import Connection, ConnectionHandler, Transport, TransportOptions
 from .registry import parse_address
-from .tcp import StreamConnection
+from .tcp import FLUSH, StreamConnection
 
 __all__ = ["CLOSE_TIMEOUT", "WebSocketConnection", "WebSocketTransport"]
 
@@ -189,11 +197,42 @@ class WebSocketConnection(StreamConnection):
         # (Not the codec's frame_parts: its limit is the incoming one, maybe lowered.)
         return [encode_frame(data)] if self._codec.client else server_frame_parts(data)
 
-    #: Not read by a thread (tcp.StreamConnection.read_in_thread): pings, pongs and
-    #: close frames are answered from the loop.
-    @property
-    def thread_reads(self) -> bool:
-        return False
+    # Read by a thread (``read_in_thread``, plain ``ws://`` on POSIX, as ``tcp://``):
+    # the thread writes the pongs the codec owes itself (``_owed_in_thread``); a
+    # close frame, a broken rule, a timeout or the end of the stream reach
+    # ``receive`` as the exception they are, which ends the connection as below.
+
+    def _owed_in_thread(self) -> Callable[[], None] | None:
+        return self._send_owed
+
+    def _send_owed(self) -> None:
+        """In the reader thread: the pongs owed, written now (in order with every
+        other write; the loop's writer sends what the socket would not take)."""
+        out = self._codec.take_output()
+        if not out:
+            return
+        try:
+            done = self._thread_write(out, control=True)
+        except trio.ClosedResourceError:
+            return  # closing: our close frame is (or was) on its way instead
+        if done == FLUSH and self._thread_offer is not None:
+            try:
+                self._thread_offer[1].run_sync_soon(
+                    trio.lowlevel.spawn_system_task, self._flush_owed)
+            except trio.RunFinishedError:
+                pass
+        # (REFUSED: the socket failed; the reader finds out and ends the connection)
+
+    async def _flush_owed(self) -> None:
+        try:
+            await self.flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the connection ended (and _write aborted it)
+
+    def _no_more_thread_writes(self) -> None:
+        """Our close frame goes next: nothing from a thread after it."""
+        with self._tlock:
+            self._threads_done = True
 
     def send_from_thread(self, data: bytes) -> int:
         # Nothing from a worker thread once our close frame may be on its way.
@@ -240,7 +279,8 @@ class WebSocketConnection(StreamConnection):
             if self._aclosed:
                 raise trio.ClosedResourceError("connection is closed") from None
             raise
-        if self._codec.has_output:  # a pong answers before anything we send next
+        # A pong answers before anything we send next (a reader thread writes its own).
+        if self._reader is None and self._codec.has_output:
             await super()._write([self._codec.take_output()])
         return frame
 
@@ -249,6 +289,7 @@ class WebSocketConnection(StreamConnection):
             await trio.lowlevel.checkpoint()
             return
         self._aclosed = True
+        self._no_more_thread_writes()
         if self._end is None and not self._closed:
             await self._say_goodbye(self._codec.close(1000))
         await super().aclose()
@@ -266,7 +307,8 @@ class WebSocketConnection(StreamConnection):
     async def _end_with(self, cls: type[BaseException], message: str) -> None:
         """The connection ended (the peer closed or broke the rules): send the close
         frame owed, if any, and hang up; ``receive`` raises ``cls(message)`` from now on."""
-        owed = self._codec.take_output()
+        self._no_more_thread_writes()
+        owed = self._codec.take_output()  # (the reader thread, if any, has ended)
         if owed and not self._closed:
             await self._say_goodbye(owed)
         self._end = (cls, message)
