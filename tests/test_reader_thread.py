@@ -659,10 +659,6 @@ async def test_the_read_loop_and_a_reader_thread_never_both_take_the_last_slot()
         await far.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "threadread.ThreadReader._thread: a thread whose long run was handed over stands by "
-    "as a spare even when the reading already ended (the new holder gave it back to "
-    "Trio: role -1); nobody hands it a role or closes it, so it lingers SPARE_IDLE (60 s)"))
 async def test_no_reader_thread_lingers_after_the_reading_was_given_back() -> None:
     conn, far = await _pair()
     release = threading.Event()

@@ -168,8 +168,8 @@ class ThreadReader:
                 return
             spare = _Spare()
             with self._lock:
-                if self._spare is not None or self._closed:
-                    return
+                if self._spare is not None or self._closed or self._role < 0:
+                    return  # (role < 0: the reading went back to Trio or ended meanwhile)
                 self._spare = spare
             spare.event.wait(SPARE_IDLE)
             with self._lock:
