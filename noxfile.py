@@ -50,15 +50,16 @@ def docs(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Latency benchmarks (benchmarks/run.py); arguments after ``--`` go to it."""
-    # trustme: the tls/wss targets make a throw-away CA and node certificate.
-    session.install(".", "trustme")
+    # trustme: the tls/wss targets make a throw-away CA and node certificate;
+    # [fast]: numpy, which masks big ws:// frames (a recommended install measured).
+    session.install(".[fast]", "trustme")
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 
 @nox.session(name="bench-peers", python=PYTHON)
 def bench_peers(session: nox.Session) -> None:
     """Droplet beside Ray and Dask distributed (benchmarks/peers.py); args after ``--``."""
-    session.install(".", "trustme", "ray==2.60.0", "dask[distributed]")
+    session.install(".[fast]", "trustme", "ray==2.60.0", "dask[distributed]")
     session.run("python", "benchmarks/peers.py", *session.posargs)
 
 
