@@ -19,26 +19,13 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from test_embedded_fast_paths import BOTH, _fails, _increment, _square
 
 import droplet
 from droplet.client._direct import triggers_for
 from droplet.executor import thread_calls
 from droplet.executor.inline import Lane
 from droplet.executor.loader import Loaded
-
-BOTH = pytest.mark.parametrize("skip", [False, True], ids=["frames", "objects"])
-
-
-async def _square(_: Any, x: int) -> int:
-    return x * x
-
-
-async def _increment(_: Any, x: int) -> int:
-    return x + 1
-
-
-async def _fails(_: Any, x: int) -> int:
-    raise ValueError(f"no good: {x}")
 
 
 async def _reference_to(_: Any, key: str) -> droplet.DropletReference:
@@ -305,9 +292,9 @@ def _ran_here(cluster: droplet.LocalCluster) -> int:
     return sum(ex.thread_calls.ran_here for ex in cluster.node.executors)
 
 
-def _warm(conn: Any, name: str, arg: Any) -> None:
+def _warm(conn: Any, name: str, *args: Any) -> None:
     for _ in range(thread_calls.QUICK_RUNS + 3):  # the first asks for a placement
-        conn.exec_func(name, [arg]).get()
+        conn.exec_func(name, list(args)).get()
 
 
 @BOTH
@@ -421,8 +408,7 @@ def test_a_quick_call_run_in_the_callers_thread_uses_the_store(
     with droplet.LocalCluster(1, skip_encoding=True) as cluster:
         conn = cluster.connect()
         conn.register(_remember_where, "rw")
-        for i in range(thread_calls.QUICK_RUNS + 3):
-            conn.exec_func("rw", ["warm", i]).get()
+        _warm(conn, "rw", "warm", 0)
         if _ran_here(cluster):  # quick: the store's round trips took under 5 ms each
             assert conn.exec_func("rw", ["k", 3]).get() == (me, 3)
             assert conn.get_object("k") == 3
@@ -434,8 +420,7 @@ def test_a_quick_call_nobody_waits_for_still_runs() -> None:
     with droplet.LocalCluster(1, skip_encoding=True) as cluster:
         conn = cluster.connect()
         conn.register(_remember, "remember")
-        for i in range(thread_calls.QUICK_RUNS + 3):
-            conn.exec_func("remember", ["warm", i]).get()
+        _warm(conn, "remember", "warm", 0)
         future = conn.exec_func("remember", ["k", 42])  # no get(): a worker runs it
         deadline = time.monotonic() + 20
         while conn.get_object("k") != 42:
@@ -456,8 +441,7 @@ def test_a_caller_running_a_trio_loop_leaves_its_calls_to_workers(
     with droplet.LocalCluster(1, skip_encoding=True) as cluster:
         conn = cluster.connect()
         conn.register(_remember_where, "rw")
-        for i in range(thread_calls.QUICK_RUNS + 3):
-            conn.exec_func("rw", ["warm", i]).get()
+        _warm(conn, "rw", "warm", 0)
         ran = _ran_here(cluster)
 
         async def blocking_call_inside_a_loop() -> tuple[str, Any]:
